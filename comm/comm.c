@@ -1,0 +1,100 @@
+/* comm.c: the typed collective wrappers (byte/time accounting per phase) and the
+ * single-process communicator. The MPI one is in comm_mpi.c. */
+#include "comm.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static void single_barrier(void *ctx) { (void)ctx; }
+static void single_allreduce_f32(void *ctx, float *buf, size_t n) { (void)ctx; (void)buf; (void)n; }
+static void single_allreduce_f64(void *ctx, double *buf, size_t n) { (void)ctx; (void)buf; (void)n; }
+static void single_bcast(void *ctx, void *buf, size_t n, int root) { (void)ctx; (void)buf; (void)n; (void)root; }
+static void single_gather(void *ctx, const void *send, void *recv, size_t n, int root) {
+    (void)ctx; (void)root;
+    if (recv != send) memmove(recv, send, n);
+}
+static void single_allgather(void *ctx, const void *send, void *recv, size_t n) {
+    (void)ctx;
+    if (recv != send) memmove(recv, send, n);
+}
+static void single_abort(void *ctx, int code) { (void)ctx; exit(code); }
+
+static const CommOps single_ops = {
+    .name = "single",
+    .barrier = single_barrier,
+    .allreduce_sum_f32 = single_allreduce_f32,
+    .allreduce_sum_f64 = single_allreduce_f64,
+    .allreduce_max_f64 = single_allreduce_f64,
+    .bcast_bytes = single_bcast,
+    .gather_bytes = single_gather,
+    .allgather_bytes = single_allgather,
+    .abort = single_abort,
+};
+
+Status comm_single_init(Comm *c) {
+    memset(c, 0, sizeof *c);
+    c->ops = &single_ops;
+    c->rank = 0; c->size = 1; c->local_rank = 0; c->local_size = 1;
+    return status_ok();
+}
+
+static inline void account(Comm *c, int phase, size_t bytes, double t0) {
+    if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
+    c->stats.bytes[phase] += bytes;
+    c->stats.calls[phase] += 1;
+    c->stats.seconds[phase] += time_now() - t0;
+}
+
+void comm_barrier(Comm *c) { c->ops->barrier(c->ctx); }
+
+/* bytes counted as this rank's contribution (n * 4); ring algorithms send ~2(P-1)/P of it */
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
+    account(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, t0);
+}
+
+void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->allreduce_sum_f64(c->ctx, buf, n_elems);
+    account(c, COMM_PHASE_OTHER, c->size > 1 ? n_elems * sizeof(double) : 0, t0);
+}
+
+void comm_allreduce_max_f64(Comm *c, double *buf, size_t n_elems) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->allreduce_max_f64(c->ctx, buf, n_elems);
+    account(c, COMM_PHASE_OTHER, c->size > 1 ? n_elems * sizeof(double) : 0, t0);
+}
+
+void comm_bcast_bytes(Comm *c, void *buf, size_t n_bytes, int root) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->bcast_bytes(c->ctx, buf, n_bytes, root);
+    account(c, COMM_PHASE_OTHER, (c->size > 1 && c->rank == root) ? n_bytes : 0, t0);
+}
+
+void comm_gather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int root) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->gather_bytes(c->ctx, send, recv, n_bytes, root);
+    else if (recv != send) memmove(recv, send, n_bytes);
+    account(c, COMM_PHASE_OTHER, (c->size > 1 && c->rank != root) ? n_bytes : 0, t0);
+}
+
+void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->allgather_bytes(c->ctx, send, recv, n_bytes);
+    else if (recv != send) memmove(recv, send, n_bytes);
+    account(c, COMM_PHASE_OTHER, c->size > 1 ? n_bytes * (size_t)(c->size - 1) : 0, t0);
+}
+
+void comm_abort(Comm *c, int code) {
+    fflush(stdout);
+    fflush(stderr);
+    if (c && c->ops) c->ops->abort(c->ctx, code);
+    exit(code);
+}
+
+void comm_free(Comm *c) {
+    if (!c) return;
+    if (c->ctx) free(c->ctx);
+    memset(c, 0, sizeof *c);
+}

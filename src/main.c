@@ -1,0 +1,166 @@
+/* main.c: the dcmoe command line: train, eval, config, version. Every subcommand runs
+ * under MPI (a plain `dcmoe ...` is a one-rank job); fatal errors end every rank. */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm.h"
+#include "config.h"
+#include "config_build.h"
+#include "train.h"
+#include "util.h"
+
+static void usage_main(void) {
+    printf("dcmoe %s: a Mixture-of-Experts trainer with dynamic expert clustering\n\n"
+           "usage: dcmoe <command> [options]   (run under mpirun -n P for data parallelism)\n\n"
+           "commands:\n"
+           "  train CONFIG.yaml   train a model (see `dcmoe train --help`)\n"
+           "  eval CONFIG.yaml    evaluate a run's checkpoint (see `dcmoe eval --help`)\n"
+           "  config [CONFIG]     print the resolved config, or --reference for every key\n"
+           "  version             print version and build facts\n", DCMOE_VERSION);
+}
+
+static void usage_train(void) {
+    printf("usage: dcmoe train CONFIG.yaml [--set key.path=value]... [--resume] [--print-config] [--quiet]\n\n"
+           "  --set k=v        override one key (repeatable), e.g. --set moe.top_k=1\n"
+           "  --resume         continue the run (out_dir/name) from its newest complete checkpoint;\n"
+           "                   the continuation is bitwise identical to an uninterrupted run\n"
+           "  --print-config   print the resolved config and exit\n"
+           "  --quiet          no per-step progress lines\n"
+           "  --stop-at N      checkpoint and stop after step N (continue later with --resume)\n"
+           "Outputs in run.out_dir/run.name: metrics.h5, vocab.txt, ckpt/step_*/\n");
+}
+
+static void usage_eval(void) {
+    printf("usage: dcmoe eval CONFIG.yaml [--set k=v]... [--checkpoint DIR] [--split valid|test]\n\n"
+           "Evaluates the newest complete checkpoint of the run (or DIR) and prints loss and\n"
+           "perplexity (language modelling) or the task metric (classification).\n");
+}
+
+static void usage_config(void) {
+    printf("usage: dcmoe config [CONFIG.yaml] [--set k=v]...   print the resolved config\n"
+           "       dcmoe config --reference                      Markdown table of every key\n");
+}
+
+/* fatal error on every rank: message from rank 0 (or any rank if it is the only one failing) */
+static int fail(Comm *comm, Status st) {
+    fprintf(stderr, "dcmoe: error: %s\n", st.msg);
+    fflush(stderr);
+    if (comm->size > 1) comm_abort(comm, 2);
+    MPI_Finalize();
+    return 2;
+}
+
+typedef struct Args {
+    const char *config;
+    const char *sets[64];
+    int n_sets;
+    int resume, print_config, quiet, reference, help;
+    const char *checkpoint, *split;
+    long stop_at;
+} Args;
+
+static Status parse_args(int argc, char **argv, Args *a) {
+    memset(a, 0, sizeof *a);
+    a->split = "valid";
+    for (int i = 2; i < argc; i++) {
+        const char *s = argv[i];
+        if (!strcmp(s, "--help") || !strcmp(s, "-h")) a->help = 1;
+        else if (!strcmp(s, "--resume")) a->resume = 1;
+        else if (!strcmp(s, "--print-config")) a->print_config = 1;
+        else if (!strcmp(s, "--quiet")) a->quiet = 1;
+        else if (!strcmp(s, "--reference")) a->reference = 1;
+        else if (!strcmp(s, "--stop-at")) {
+            if (i + 1 >= argc) return status_errorf("%s needs a value", s);
+            char *end;
+            a->stop_at = strtol(argv[++i], &end, 10);
+            if (*end || a->stop_at <= 0) return status_errorf("--stop-at %s: expected a positive step count", argv[i]);
+        }
+        else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split")) {
+            if (i + 1 >= argc) return status_errorf("%s needs a value", s);
+            const char *v = argv[++i];
+            if (!strcmp(s, "--set")) {
+                if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
+                a->sets[a->n_sets++] = v;
+            } else if (!strcmp(s, "--checkpoint")) a->checkpoint = v;
+            else a->split = v;
+        } else if (!strncmp(s, "--set=", 6)) {
+            if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
+            a->sets[a->n_sets++] = s + 6;
+        } else if (s[0] == '-') return status_errorf("unknown option %s (see --help)", s);
+        else if (!a->config) a->config = s;
+        else return status_errorf("unexpected argument %s (one config file only)", s);
+    }
+    return status_ok();
+}
+
+static Status load_config(const Args *a, Config *cfg) {
+    config_defaults(cfg);
+    if (a->config) TRY(config_load_file(cfg, a->config));
+    for (int i = 0; i < a->n_sets; i++) TRY(config_set(cfg, a->sets[i]));
+    return config_validate(cfg);
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    Comm comm;
+    Status st = comm_mpi_init(&comm);
+    if (!STATUS_OK(st)) { fprintf(stderr, "dcmoe: error: %s\n", st.msg); MPI_Finalize(); return 2; }
+    if (comm.rank != 0) { /* only rank 0 talks to people */ }
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        if (comm.rank == 0) usage_main();
+        MPI_Finalize();
+        return argc < 2 ? 1 : 0;
+    }
+    const char *cmd = argv[1];
+    Args a;
+    int rc = 0;
+    if (!strcmp(cmd, "version")) {
+        if (comm.rank == 0) {
+            printf("dcmoe %s\ngit revision: %s\ncuda backend: %s\n", DCMOE_VERSION, DCMOE_GIT_REVISION,
+                   HAVE_CUDA ? "built" : "not built");
+        }
+        MPI_Finalize();
+        return 0;
+    }
+    st = parse_args(argc, argv, &a);
+    if (!STATUS_OK(st)) return fail(&comm, st);
+    Config cfg;
+    if (!strcmp(cmd, "train")) {
+        if (a.help) { if (comm.rank == 0) usage_train(); MPI_Finalize(); return 0; }
+        if (!a.config) return fail(&comm, status_errorf("train: missing CONFIG.yaml (see dcmoe train --help)"));
+        st = load_config(&a, &cfg);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+        if (a.print_config) {
+            if (comm.rank == 0) { char *y = config_to_yaml(&cfg); fputs(y, stdout); free(y); }
+            MPI_Finalize();
+            return 0;
+        }
+        TrainOptions opt = {.resume = a.resume != 0, .quiet = a.quiet != 0, .stop_at = a.stop_at, .config_path = a.config};
+        TrainResult res;
+        st = train_run(&cfg, &opt, &comm, &res);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+    } else if (!strcmp(cmd, "eval")) {
+        if (a.help) { if (comm.rank == 0) usage_eval(); MPI_Finalize(); return 0; }
+        if (!a.config) return fail(&comm, status_errorf("eval: missing CONFIG.yaml (see dcmoe eval --help)"));
+        st = load_config(&a, &cfg);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+        st = eval_run(&cfg, a.checkpoint, a.split, &comm);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+    } else if (!strcmp(cmd, "config")) {
+        if (a.help) { if (comm.rank == 0) usage_config(); MPI_Finalize(); return 0; }
+        if (a.reference) {
+            if (comm.rank == 0) { char *md = config_reference_markdown(); fputs(md, stdout); free(md); }
+        } else {
+            st = load_config(&a, &cfg);
+            if (!STATUS_OK(st)) return fail(&comm, st);
+            if (comm.rank == 0) { char *y = config_to_yaml(&cfg); fputs(y, stdout); free(y); }
+        }
+    } else {
+        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, version)\n", cmd);
+        rc = 2;
+    }
+    MPI_Finalize();
+    return rc;
+}

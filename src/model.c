@@ -1,0 +1,365 @@
+/* model.c: parameter table, initialisation, forward and backward of the transformer.
+ * Legend: B T D H V F L E C N = batch (this rank), seq, d_model, heads, vocab, FFN width,
+ * layers, experts, classes, tokens (B*T). Matrices are [in, out]: y = x W. */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const param_kind_names[PARAM_N_KINDS] = {
+    "embedding", "attention", "norm", "dense_ffn", "router", "expert", "head"};
+
+static int layer_is_moe(const Config *c, int l) {
+    return c->moe.kind != MOE_KIND_DENSE && (l % c->moe.every) == 0;
+}
+
+static ParamTensor *add_tensor(Model *m, const char *name, int kind, int cat, int n_dims,
+                               int d0, int d1, int d2, float std, int one) {
+    ASSERTF(m->n_tensors < MODEL_MAX_TENSORS, "too many parameter tensors (max %d)", MODEL_MAX_TENSORS);
+    ParamTensor *t = &m->tensors[m->n_tensors++];
+    memset(t, 0, sizeof *t);
+    str_fmt(t->name, sizeof t->name, "%s", name);
+    t->kind = kind; t->cat = cat; t->n_dims = n_dims;
+    t->dims[0] = d0; t->dims[1] = d1; t->dims[2] = d2;
+    t->n = (size_t)d0 * (n_dims > 1 ? d1 : 1) * (n_dims > 2 ? d2 : 1);
+    t->offset = m->n_cat[cat];
+    m->n_cat[cat] += (t->n + 15) & ~(size_t)15;   /* 64-byte aligned views */
+    t->decay = n_dims >= 2;
+    t->init_std = std;
+    t->init_one = one;
+    return t;
+}
+
+/* the parameter table, in a fixed order (init, checkpoints and the reference test use it) */
+static void plan_params(Model *m) {
+    const Config *c = &m->cfg;
+    int D = m->D, V = m->V, T = m->T, L = m->L;
+    float std = (float)c->model.init_std, std_out = (float)(c->model.init_std / sqrt(2.0 * L));
+    char nm[64];
+    add_tensor(m, "wte", PARAM_EMBED, PCAT_DENSE, 2, V, D, 0, std, 0);
+    add_tensor(m, "wpe", PARAM_EMBED, PCAT_DENSE, 2, T, D, 0, std, 0);
+    for (int l = 0; l < L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        str_fmt(nm, sizeof nm, "h.%d.ln1.w", l); add_tensor(m, nm, PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 1);
+        str_fmt(nm, sizeof nm, "h.%d.ln1.b", l); add_tensor(m, nm, PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 0);
+        str_fmt(nm, sizeof nm, "h.%d.attn.qkv", l); add_tensor(m, nm, PARAM_ATTN, PCAT_DENSE, 2, D, 3 * D, 0, std, 0);
+        str_fmt(nm, sizeof nm, "h.%d.attn.proj", l); add_tensor(m, nm, PARAM_ATTN, PCAT_DENSE, 2, D, D, 0, std_out, 0);
+        str_fmt(nm, sizeof nm, "h.%d.ln2.w", l); add_tensor(m, nm, PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 1);
+        str_fmt(nm, sizeof nm, "h.%d.ln2.b", l); add_tensor(m, nm, PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 0);
+        if (f->kind == MOE_KIND_DENSE) {
+            str_fmt(nm, sizeof nm, "h.%d.ffn.w1", l); add_tensor(m, nm, PARAM_DENSE_FFN, PCAT_DENSE, 2, D, f->F1, 0, std, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.w2", l); add_tensor(m, nm, PARAM_DENSE_FFN, PCAT_DENSE, 2, f->F, D, 0, std_out, 0);
+        } else {
+            str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w1", l); add_tensor(m, nm, PARAM_EXPERT, PCAT_EXPERT, 3, f->E, D, f->F1, std, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w2", l); add_tensor(m, nm, PARAM_EXPERT, PCAT_EXPERT, 3, f->E, f->F, D, std_out, 0);
+        }
+    }
+    add_tensor(m, "lnf.w", PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 1);
+    add_tensor(m, "lnf.b", PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 0);
+    if (m->task == TASK_CLASSIFY) add_tensor(m, "cls.w", PARAM_HEAD, PCAT_DENSE, 2, D, m->C, 0, std, 0);
+}
+
+/* bind the views of one parameter-shaped set (params or grads) in table order */
+static float *view_next(const Model *m, float *base[PCAT_N], int *i) {
+    const ParamTensor *t = &m->tensors[(*i)++];
+    return base[t->cat] + t->offset;
+}
+
+static void bind_views(Model *m, float *base[PCAT_N], ModelParams *v) {
+    int i = 0;
+#define NEXT() view_next(m, base, &i)
+    v->wte = NEXT();
+    v->wpe = NEXT();
+    for (int l = 0; l < m->L; l++) {
+        LayerParams *lp = &v->layers[l];
+        lp->ln1_w = NEXT(); lp->ln1_b = NEXT();
+        lp->qkv = NEXT(); lp->proj = NEXT();
+        lp->ln2_w = NEXT(); lp->ln2_b = NEXT();
+        if (m->ffn[l].kind == MOE_KIND_DENSE) {
+            lp->ffn.router = NULL;
+            lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT();
+        } else {
+            lp->ffn.router = NEXT();
+            lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT();
+        }
+    }
+    v->lnf_w = NEXT();
+    v->lnf_b = NEXT();
+    v->cls_w = m->task == TASK_CLASSIFY ? NEXT() : NULL;
+#undef NEXT
+    ASSERT(i == m->n_tensors);
+}
+
+static void *balloc(Model *m, size_t bytes) {
+    m->act_bytes += bytes;
+    return m->be->ops->alloc(m->be->ctx, bytes);
+}
+
+Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, int B_max,
+                  const Backend *be, Comm *comm) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->be = be;
+    m->comm = comm;
+    m->V = vocab_size; m->T = cfg->model.seq_len; m->D = cfg->model.d_model;
+    m->H = cfg->model.n_head; m->L = cfg->model.n_layer; m->task = cfg->model.task;
+    m->C = n_classes; m->B_max = B_max;
+    if (m->D % m->H != 0) return status_errorf("model.n_head=%d does not divide model.d_model=%d", m->H, m->D);
+    if (m->task == TASK_CLASSIFY && m->C < 2) return status_errorf("classification needs >= 2 classes (got %d)", m->C);
+    int act = cfg->model.activation == ACT_SWIGLU ? ACT_KIND_SWIGLU : ACT_KIND_GELU;
+    m->ffn = xcalloc(sizeof(MoeLayer) * m->L);
+    for (int l = 0; l < m->L; l++) {
+        if (layer_is_moe(cfg, l)) moe_layer_setup(&m->ffn[l], &cfg->moe, cfg->moe.kind == MOE_KIND_CLUSTERED ? MOE_KIND_STANDARD : cfg->moe.kind, m->D, cfg->moe.d_ff_expert, act);
+        else moe_layer_setup(&m->ffn[l], &cfg->moe, MOE_KIND_DENSE, m->D, config_d_ff_dense(cfg), act);
+    }
+    plan_params(m);
+    for (int c = 0; c < PCAT_N; c++) {
+        size_t bytes = sizeof(float) * (m->n_cat[c] ? m->n_cat[c] : 1);
+        m->params[c] = be->ops->alloc(be->ctx, bytes);
+        m->grads[c] = be->ops->alloc(be->ctx, bytes);
+        m->adam_m[c] = be->ops->alloc(be->ctx, bytes);
+        m->adam_v[c] = be->ops->alloc(be->ctx, bytes);
+    }
+    m->p.layers = xcalloc(sizeof(LayerParams) * m->L);
+    m->g.layers = xcalloc(sizeof(LayerParams) * m->L);
+    bind_views(m, m->params, &m->p);
+    bind_views(m, m->grads, &m->g);
+
+    /* activations for B_max sequences */
+    int B = B_max, T = m->T, D = m->D, H = m->H, N = B * T, L = m->L;
+    m->tokens = balloc(m, sizeof(int32_t) * N);
+    m->targets = balloc(m, sizeof(int32_t) * N);
+    m->lengths = balloc(m, sizeof(int32_t) * B);
+    m->res = xcalloc(sizeof(float *) * (L + 1));
+    for (int l = 0; l <= L; l++) m->res[l] = balloc(m, sizeof(float) * N * D);
+    m->acts = xcalloc(sizeof(LayerActs) * L);
+    for (int l = 0; l < L; l++) {
+        LayerActs *a = &m->acts[l];
+        a->ln1 = balloc(m, sizeof(float) * N * D);
+        a->ln1_mean = balloc(m, sizeof(float) * N);
+        a->ln1_rstd = balloc(m, sizeof(float) * N);
+        a->qkv = balloc(m, sizeof(float) * N * 3 * D);
+        a->att = balloc(m, sizeof(float) * (size_t)B * H * T * T);
+        a->atty = balloc(m, sizeof(float) * N * D);
+        a->res_mid = balloc(m, sizeof(float) * N * D);
+        a->ln2 = balloc(m, sizeof(float) * N * D);
+        a->ln2_mean = balloc(m, sizeof(float) * N);
+        a->ln2_rstd = balloc(m, sizeof(float) * N);
+        TRY(moe_state_init(&a->moe, &m->ffn[l], be, N));
+    }
+    m->lnf = balloc(m, sizeof(float) * N * D);
+    m->lnf_mean = balloc(m, sizeof(float) * N);
+    m->lnf_rstd = balloc(m, sizeof(float) * N);
+    size_t n_logits = m->task == TASK_LM ? (size_t)N * m->V : (size_t)B * m->C;
+    m->logits = balloc(m, sizeof(float) * n_logits);
+    m->losses = balloc(m, sizeof(float) * (N > B ? N : B));
+    m->pooled = balloc(m, sizeof(float) * B * D);
+    m->d_a = balloc(m, sizeof(float) * N * D);
+    m->d_b = balloc(m, sizeof(float) * N * D);
+    m->d_c = balloc(m, sizeof(float) * N * D);
+    m->dqkv = balloc(m, sizeof(float) * N * 3 * D);
+    m->datt = balloc(m, sizeof(float) * (size_t)B * H * T * T);
+    m->dpooled = balloc(m, sizeof(float) * B * D);
+    return status_ok();
+}
+
+void model_free(Model *m) {
+    if (!m || !m->be) { if (m) memset(m, 0, sizeof *m); return; }
+    const Backend *be = m->be;
+#define BF(p) do { if (p) be->ops->free(be->ctx, p); } while (0)
+    for (int c = 0; c < PCAT_N; c++) { BF(m->params[c]); BF(m->grads[c]); BF(m->adam_m[c]); BF(m->adam_v[c]); }
+    BF(m->tokens); BF(m->targets); BF(m->lengths);
+    if (m->res) for (int l = 0; l <= m->L; l++) BF(m->res[l]);
+    if (m->acts) for (int l = 0; l < m->L; l++) {
+        LayerActs *a = &m->acts[l];
+        BF(a->ln1); BF(a->ln1_mean); BF(a->ln1_rstd); BF(a->qkv); BF(a->att); BF(a->atty);
+        BF(a->res_mid); BF(a->ln2); BF(a->ln2_mean); BF(a->ln2_rstd);
+        moe_state_free(&a->moe, be);
+    }
+    BF(m->lnf); BF(m->lnf_mean); BF(m->lnf_rstd); BF(m->logits); BF(m->losses); BF(m->pooled);
+    BF(m->d_a); BF(m->d_b); BF(m->d_c); BF(m->dqkv); BF(m->datt); BF(m->dpooled);
+#undef BF
+    xfree(m->res); xfree(m->acts); xfree(m->ffn); xfree(m->p.layers); xfree(m->g.layers);
+    memset(m, 0, sizeof *m);
+}
+
+void model_init_params(Model *m) {
+    Rng r;
+    rng_init(&r, (uint64_t)m->cfg.run.seed, 0, RNG_INIT);
+    for (int c = 0; c < PCAT_N; c++) {
+        size_t n = m->n_cat[c] ? m->n_cat[c] : 1;
+        float *host = xcalloc(sizeof(float) * n);
+        for (int i = 0; i < m->n_tensors; i++) {
+            const ParamTensor *t = &m->tensors[i];
+            if (t->cat != c) continue;
+            float *dst = host + t->offset;
+            for (size_t j = 0; j < t->n; j++)
+                dst[j] = t->init_one ? 1.0f : (t->init_std > 0 ? t->init_std * rng_normal(&r) : 0.0f);
+        }
+        m->be->ops->from_host(m->be->ctx, m->params[c], host, sizeof(float) * n);
+        m->be->ops->zero(m->be->ctx, m->adam_m[c], sizeof(float) * n);
+        m->be->ops->zero(m->be->ctx, m->adam_v[c], sizeof(float) * n);
+        xfree(host);
+    }
+}
+
+size_t model_n_params(const Model *m) {
+    size_t n = 0;
+    for (int i = 0; i < m->n_tensors; i++) n += m->tensors[i].n;
+    return n;
+}
+
+void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *total, double *active) {
+    for (int k = 0; k < PARAM_N_KINDS; k++) by_kind[k] = 0;
+    double act = 0, tot = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        by_kind[t->kind] += (double)t->n;
+        tot += (double)t->n;
+        if (t->kind == PARAM_EXPERT) act += (double)t->n / t->dims[0] * m->cfg.moe.top_k;
+        else act += (double)t->n;
+    }
+    *total = tot;
+    *active = act;
+}
+
+double model_flops_per_token(const Model *m) {
+    /* forward matmul FLOPs per token: 2 * (qkv + proj + active FFN + router) + attention
+     * (2 * 2 * T/2 * D causal average) + LM head; training = 3x forward */
+    double D = m->D, T = m->T, f = 0;
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *ff = &m->ffn[l];
+        f += 2.0 * (D * 3 * D + D * D);
+        f += 2.0 * T * D;                              /* QK^T and PV, causal half of 2*2*T*D */
+        f += 2.0 * ff->k * (D * ff->F1 + ff->F * D);
+        if (ff->kind != MOE_KIND_DENSE) f += 2.0 * D * ff->E;
+    }
+    if (m->task == TASK_LM) f += 2.0 * D * m->V;
+    return 3.0 * f;
+}
+
+double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, const int32_t *lengths,
+                     int B, long n_global) {
+    ASSERTF(B <= m->B_max, "batch of %d sequences > capacity %d", B, m->B_max);
+    const Backend *be = m->be;
+    void *cx = be->ctx;
+    const BackendOps *op = be->ops;
+    int T = m->T, D = m->D, H = m->H, N = B * T;
+    m->B = B;
+    op->from_host(cx, m->tokens, inputs, sizeof(int32_t) * N);
+    if (m->task == TASK_LM) op->from_host(cx, m->targets, targets, sizeof(int32_t) * N);
+    else {
+        op->from_host(cx, m->targets, targets, sizeof(int32_t) * B);
+        op->from_host(cx, m->lengths, lengths, sizeof(int32_t) * B);
+    }
+    op->embed_forward(cx, m->res[0], m->tokens, m->p.wte, m->p.wpe, B, T, D);
+    m->aux_loss = 0;
+    m->z_loss = 0;
+    for (int l = 0; l < m->L; l++) {
+        const LayerParams *lp = &m->p.layers[l];
+        LayerActs *a = &m->acts[l];
+        op->layernorm_forward(cx, a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], lp->ln1_w, lp->ln1_b, N, D);
+        op->gemm(cx, false, false, N, 3 * D, D, 1.0f, a->ln1, D, lp->qkv, 3 * D, 0.0f, a->qkv, 3 * D);
+        op->attention_forward(cx, a->atty, a->att, a->qkv, B, T, D, H);
+        op->copy(cx, a->res_mid, m->res[l], sizeof(float) * N * D);
+        op->gemm(cx, false, false, N, D, D, 1.0f, a->atty, D, lp->proj, D, 1.0f, a->res_mid, D);
+        op->layernorm_forward(cx, a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, lp->ln2_w, lp->ln2_b, N, D);
+        /* FFN output into d_a (scratch), then residual */
+        moe_forward(&m->ffn[l], be, m->comm, &lp->ffn, &a->moe, m->d_a, a->ln2, N,
+                    m->task == TASK_LM ? n_global : n_global * T);
+        op->copy(cx, m->res[l + 1], a->res_mid, sizeof(float) * N * D);
+        op->axpy(cx, m->res[l + 1], m->d_a, 1.0f, (size_t)N * D);
+        m->aux_loss += a->moe.stats.aux_loss;
+        m->z_loss += a->moe.stats.z_loss;
+    }
+    op->layernorm_forward(cx, m->lnf, m->lnf_mean, m->lnf_rstd, m->res[m->L], m->p.lnf_w, m->p.lnf_b, N, D);
+    int n_rows, n_cols;
+    if (m->task == TASK_LM) {
+        /* logits [N,V] = lnf [N,D] wte^T */
+        op->gemm(cx, false, true, N, m->V, D, 1.0f, m->lnf, D, m->p.wte, D, 0.0f, m->logits, m->V);
+        n_rows = N; n_cols = m->V;
+    } else {
+        op->pool_forward(cx, m->cfg.model.pooling == POOL_LAST ? POOL_KIND_LAST : POOL_KIND_MEAN,
+                         m->pooled, m->lnf, m->lengths, B, T, D);
+        op->gemm(cx, false, false, B, m->C, D, 1.0f, m->pooled, D, m->p.cls_w, m->C, 0.0f, m->logits, m->C);
+        n_rows = B; n_cols = m->C;
+    }
+    op->xent_forward(cx, m->losses, m->logits, m->targets, n_rows, n_cols);
+    float *host = xmalloc(sizeof(float) * n_rows);
+    op->to_host(cx, host, m->losses, sizeof(float) * n_rows);
+    double sum = 0;
+    int n_t = 0;
+    const int32_t *tg = targets;
+    for (int i = 0; i < n_rows; i++) if (tg[i] >= 0) { sum += host[i]; n_t++; }
+    xfree(host);
+    m->loss_sum = sum;
+    m->n_targets_local = n_t;
+    return sum / (double)n_global + m->aux_loss + m->z_loss;
+}
+
+void model_predictions(const Model *m, int32_t *pred) {
+    int B = m->B, C = m->C;
+    float *host = xmalloc(sizeof(float) * B * C);
+    m->be->ops->to_host(m->be->ctx, host, m->logits, sizeof(float) * B * C);
+    for (int b = 0; b < B; b++) {
+        int best = 0;
+        for (int c = 1; c < C; c++) if (host[b * C + c] > host[b * C + best]) best = c;
+        pred[b] = best;
+    }
+    xfree(host);
+}
+
+void model_zero_grad(Model *m) {
+    for (int c = 0; c < PCAT_N; c++)
+        m->be->ops->zero(m->be->ctx, m->grads[c], sizeof(float) * (m->n_cat[c] ? m->n_cat[c] : 1));
+}
+
+void model_backward(Model *m, long n_global) {
+    const Backend *be = m->be;
+    void *cx = be->ctx;
+    const BackendOps *op = be->ops;
+    int B = m->B, T = m->T, D = m->D, H = m->H, N = B * T;
+    float *dres = m->d_a, *dmid = m->d_b, *dtmp = m->d_c;
+    float scale = (float)(1.0 / (double)n_global);
+    op->zero(cx, dtmp, sizeof(float) * N * D);
+    if (m->task == TASK_LM) {
+        op->xent_backward(cx, m->logits, m->logits, m->targets, scale, N, m->V);
+        /* dwte [V,D] += dlogits^T lnf;  dlnf [N,D] = dlogits wte */
+        op->gemm(cx, true, false, m->V, D, N, 1.0f, m->logits, m->V, m->lnf, D, 1.0f, m->g.wte, D);
+        op->gemm(cx, false, false, N, D, m->V, 1.0f, m->logits, m->V, m->p.wte, D, 0.0f, dtmp, D);
+    } else {
+        op->xent_backward(cx, m->logits, m->logits, m->targets, scale, B, m->C);
+        op->gemm(cx, true, false, D, m->C, B, 1.0f, m->pooled, D, m->logits, m->C, 1.0f, m->g.cls_w, m->C);
+        op->gemm(cx, false, true, B, D, m->C, 1.0f, m->logits, m->C, m->p.cls_w, m->C, 0.0f, m->dpooled, D);
+        op->pool_backward(cx, m->cfg.model.pooling == POOL_LAST ? POOL_KIND_LAST : POOL_KIND_MEAN,
+                          dtmp, m->dpooled, m->lengths, B, T, D);
+    }
+    op->zero(cx, dres, sizeof(float) * N * D);
+    op->layernorm_backward(cx, dres, m->g.lnf_w, m->g.lnf_b, dtmp, m->res[m->L], m->p.lnf_w,
+                           m->lnf_mean, m->lnf_rstd, N, D);
+    long n_tok = m->task == TASK_LM ? n_global : n_global * T;
+    for (int l = m->L - 1; l >= 0; l--) {
+        const LayerParams *lp = &m->p.layers[l];
+        LayerParams *gp = &m->g.layers[l];
+        LayerActs *a = &m->acts[l];
+        /* res[l+1] = res_mid + ffn(ln2(res_mid)) */
+        op->copy(cx, dmid, dres, sizeof(float) * N * D);
+        op->zero(cx, dtmp, sizeof(float) * N * D);
+        moe_backward(&m->ffn[l], be, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2, n_tok);
+        op->layernorm_backward(cx, dmid, gp->ln2_w, gp->ln2_b, dtmp, a->res_mid, lp->ln2_w,
+                               a->ln2_mean, a->ln2_rstd, N, D);
+        /* res_mid = res[l] + atty proj */
+        op->gemm(cx, true, false, D, D, N, 1.0f, a->atty, D, dmid, D, 1.0f, gp->proj, D);
+        op->gemm(cx, false, true, N, D, D, 1.0f, dmid, D, lp->proj, D, 0.0f, dtmp, D);
+        op->zero(cx, m->dqkv, sizeof(float) * N * 3 * D);
+        op->attention_backward(cx, m->dqkv, m->datt, dtmp, a->qkv, a->att, B, T, D, H);
+        op->gemm(cx, true, false, D, 3 * D, N, 1.0f, a->ln1, D, m->dqkv, 3 * D, 1.0f, gp->qkv, 3 * D);
+        op->gemm(cx, false, true, N, D, 3 * D, 1.0f, m->dqkv, 3 * D, lp->qkv, 3 * D, 0.0f, dtmp, D);
+        op->copy(cx, dres, dmid, sizeof(float) * N * D);
+        op->layernorm_backward(cx, dres, gp->ln1_w, gp->ln1_b, dtmp, m->res[l], lp->ln1_w,
+                               a->ln1_mean, a->ln1_rstd, N, D);
+    }
+    op->embed_backward(cx, m->g.wte, m->g.wpe, dres, m->tokens, B, T, D);
+}

@@ -1,0 +1,116 @@
+/* model: the pre-LN decoder-only transformer (token + position embeddings, causal multi-head
+ * attention, LayerNorm, FFN = dense or MoE per layer, tied LM head; or a sequence
+ * classification head), forward and backward by hand, with every parameter in one
+ * allocation per category (dense, expert) and tensors as views (llm.c style).
+ * Does not: run the optimizer loop or talk to the data (train.c does); owns its parameter,
+ * gradient, optimizer-state and activation memory.
+ *
+ * Legend: B T D H V F L E C N = batch (this rank), seq, d_model, heads, vocab, FFN width,
+ * layers, experts, classes, tokens (B*T). Matrices are [in, out] row-major: y = x W. */
+#ifndef DCMOE_MODEL_H
+#define DCMOE_MODEL_H
+
+#include <stdint.h>
+#include "backend.h"
+#include "comm.h"
+#include "config.h"
+#include "moe.h"
+
+enum ParamKind { PARAM_EMBED = 0, PARAM_ATTN = 1, PARAM_NORM = 2, PARAM_DENSE_FFN = 3,
+                 PARAM_ROUTER = 4, PARAM_EXPERT = 5, PARAM_HEAD = 6, PARAM_N_KINDS = 7 };
+enum ParamCat { PCAT_DENSE = 0, PCAT_EXPERT = 1, PCAT_N = 2 };
+extern const char *const param_kind_names[PARAM_N_KINDS];
+
+#define MODEL_MAX_TENSORS 512
+
+typedef struct ParamTensor {
+    char name[64];           /* e.g. "h.3.ffn.w1" */
+    int kind;                /* enum ParamKind */
+    int cat;                 /* enum ParamCat */
+    int n_dims;
+    int dims[3];
+    size_t n;                /* elements */
+    size_t offset;           /* elements into the category allocation */
+    int decay;               /* weight decay applies (matrices) */
+    float init_std;          /* normal init std; 0 with init_one for LayerNorm weights */
+    int init_one;
+} ParamTensor;
+
+typedef struct LayerParams {
+    float *ln1_w, *ln1_b;    /* [D] */
+    float *qkv;              /* [D, 3D] */
+    float *proj;             /* [D, D] */
+    float *ln2_w, *ln2_b;    /* [D] */
+    MoeParams ffn;
+} LayerParams;
+
+typedef struct ModelParams {
+    float *wte;              /* [V, D] (tied LM head) */
+    float *wpe;              /* [T, D] */
+    LayerParams *layers;     /* [L] */
+    float *lnf_w, *lnf_b;    /* [D] */
+    float *cls_w;            /* [D, C] classification head (task classify) */
+} ModelParams;
+
+typedef struct LayerActs {
+    float *ln1, *ln1_mean, *ln1_rstd;   /* [N,D] [N] [N] */
+    float *qkv;                         /* [N,3D] */
+    float *att;                         /* [B,H,T,T] */
+    float *atty;                        /* [N,D] */
+    float *res_mid;                     /* [N,D] */
+    float *ln2, *ln2_mean, *ln2_rstd;   /* [N,D] [N] [N] */
+    MoeState moe;
+} LayerActs;
+
+typedef struct Model {
+    Config cfg;
+    const Backend *be;
+    Comm *comm;
+    int V, T, D, H, L, C, task;
+    int B_max;                          /* activation capacity (sequences on this rank) */
+    MoeLayer *ffn;                      /* [L] layer kinds (dense or MoE per moe.every) */
+    int n_tensors;
+    ParamTensor tensors[MODEL_MAX_TENSORS];
+    size_t n_cat[PCAT_N];               /* elements per category */
+    float *params[PCAT_N], *grads[PCAT_N], *adam_m[PCAT_N], *adam_v[PCAT_N];
+    ModelParams p, g;                   /* views into params / grads */
+    /* activations */
+    int32_t *tokens;                    /* [N] device copy of the inputs */
+    int32_t *targets;                   /* [N] */
+    int32_t *lengths;                   /* [B] */
+    float **res;                        /* [L+1] each [N,D]: residual stream into layer l */
+    LayerActs *acts;                    /* [L] */
+    float *lnf, *lnf_mean, *lnf_rstd;   /* [N,D] [N] [N] */
+    float *logits;                      /* [N,V] (LM) or [B,C] (classify); dlogits in place */
+    float *losses;                      /* [N] */
+    float *pooled;                      /* [B,D] */
+    float *d_a, *d_b, *d_c, *dqkv, *datt, *dpooled;  /* backward scratch */
+    /* last forward */
+    int B, n_targets_local;
+    double loss_sum;                    /* local sum of token (or example) losses */
+    double aux_loss, z_loss;            /* summed over layers, global */
+    size_t act_bytes;
+} Model;
+
+Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, int B_max,
+                  const Backend *be, Comm *comm);
+void model_free(Model *m);
+/* deterministic init from cfg->run.seed (identical on every rank) */
+void model_init_params(Model *m);
+size_t model_n_params(const Model *m);
+/* parameters by kind (total) and active per token (top-k experts only) */
+void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *total, double *active);
+/* FLOPs of one training step (forward+backward = 3x forward) per token, matmuls only */
+double model_flops_per_token(const Model *m);
+
+/* LM: inputs/targets [B,T] (target < 0 = ignored). CLS: inputs [B,T], lengths [B],
+ * labels [B] passed as targets. n_global = targets in the global batch (loss normaliser).
+ * Returns the global-mean loss contribution of this rank's tokens plus aux losses. */
+double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, const int32_t *lengths,
+                     int B, long n_global);
+/* classification: argmax predictions of the last forward [B] */
+void model_predictions(const Model *m, int32_t *pred);
+void model_zero_grad(Model *m);
+void model_backward(Model *m, long n_global);
+
+#endif

@@ -1,0 +1,80 @@
+/* moe: the FFN layer shared by every model kind: a dense FFN (one expert, no router) or a
+ * standard MoE (softmax top-k router, Switch aux loss, router z-loss, capacity with overflow
+ * through the residual, dropless option). Forward saves what backward needs in MoeState.
+ * Routing decisions are made on the host from the router logits; capacity and the aux loss
+ * use the GLOBAL batch (per-expert counts are gathered over the data-parallel ranks), so the
+ * routing does not depend on how the batch is split over ranks.
+ * Does not: own parameters (views into the model's allocations) or communicate gradients.
+ *
+ * Legend: N D F F1 E k M = tokens on this rank, d_model, expert width, F or 2F (SwiGLU),
+ * experts, top-k, routed entries (<= N*k). */
+#ifndef DCMOE_MOE_H
+#define DCMOE_MOE_H
+
+#include <stdint.h>
+#include "backend.h"
+#include "comm.h"
+#include "config.h"
+
+typedef struct MoeParams {
+    float *router;   /* [D, E], NULL for a dense FFN */
+    float *w1;       /* [E, D, F1] */
+    float *w2;       /* [E, F, D] */
+} MoeParams;
+
+typedef struct MoeStats {        /* of the last forward, global over ranks */
+    double aux_loss;             /* alpha * E * sum f_i P_i (0 if dense) */
+    double z_loss;               /* beta * mean lse^2 */
+    double *counts;              /* [E] tokens kept per expert (after capacity) */
+    double *counts_routed;       /* [E] token-expert pairs routed (before capacity) */
+    double dropped_frac;         /* dropped pairs / routed pairs */
+    long capacity;               /* per-expert capacity used (-1 = dropless) */
+} MoeStats;
+
+typedef struct MoeState {
+    int n_max;                   /* token capacity of the buffers */
+    int N;                       /* tokens in the last forward */
+    int M;                       /* routed entries kept */
+    /* routing (host) */
+    float *logits;               /* [N, E] */
+    float *probs;                /* [N, E] */
+    int32_t *topk_expert;        /* [N, k] */
+    float *topk_gate;            /* [N, k] gates (renormalised if configured) */
+    int32_t *pos;                /* [N, k] row in the gathered buffers, -1 = dropped */
+    int32_t *entry_token;        /* [M] token of each gathered row (sorted by expert) */
+    float *entry_gate;           /* [M] */
+    int32_t *expert_off;         /* [E + 1] */
+    /* activations */
+    float *xg;                   /* [M, D] gathered inputs (NULL for dense: x is used) */
+    float *h;                    /* [M, F1] */
+    float *a;                    /* [M, F] */
+    float *yg;                   /* [M, D] */
+    /* backward scratch */
+    float *dyg, *da, *dh, *dxg;  /* [M,D] [M,F] [M,F1] [M,D] */
+    void *priv;                  /* routing scratch private to moe.c */
+    float *dlogits;              /* [N, E] */
+    MoeStats stats;
+} MoeState;
+
+typedef struct MoeLayer {
+    int kind;                    /* enum MoeKind */
+    int D, F, F1, E, k, act;
+    MoeConfig cfg;
+} MoeLayer;
+
+void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);
+/* parameter counts */
+size_t moe_n_router(const MoeLayer *ml);
+size_t moe_n_expert_params(const MoeLayer *ml);   /* all experts */
+Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max);
+void moe_state_free(MoeState *st, const Backend *be);
+
+/* out[N,D] = FFN(x[N,D]) (overwrite). n_global = tokens in the global batch. */
+void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
+                 MoeState *st, float *out, const float *x, int N, long n_global);
+/* dx[N,D] += , grads += ; dloss_scale scales the aux/z-loss terms' gradients
+ * (1 for the mean-normalised losses as defined) */
+void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+                  MoeState *st, float *dx, const float *dout, const float *x, long n_global);
+
+#endif

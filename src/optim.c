@@ -1,0 +1,46 @@
+/* optim.c: schedule, gradient reduction, clipping and AdamW. */
+#include "optim.h"
+
+#include <math.h>
+
+double optim_lr(const TrainConfig *tc, long step) {
+    double lr = tc->lr, floor_lr = tc->lr * tc->min_lr_frac;
+    if (tc->warmup_steps > 0 && step < tc->warmup_steps)
+        return lr * (double)(step + 1) / (double)tc->warmup_steps;
+    long decay = tc->steps - tc->warmup_steps;
+    if (decay <= 0) return lr;
+    double prog = (double)(step - tc->warmup_steps) / (double)decay;
+    if (prog > 1) prog = 1;
+    return floor_lr + 0.5 * (lr - floor_lr) * (1.0 + cos(M_PI * prog));
+}
+
+void optim_reduce_grads(Model *m) {
+    for (int c = 0; c < PCAT_N; c++)
+        if (m->n_cat[c]) comm_allreduce_sum_f32(m->comm, m->grads[c], m->n_cat[c], COMM_PHASE_ALLREDUCE);
+}
+
+double optim_grad_norm(const Model *m) {
+    double ss = 0;
+    for (int c = 0; c < PCAT_N; c++)
+        if (m->n_cat[c]) ss += m->be->ops->sumsq(m->be->ctx, m->grads[c], m->n_cat[c]);
+    return sqrt(ss);
+}
+
+double optim_step(Model *m, long step, double lr) {
+    const TrainConfig *tc = &m->cfg.train;
+    double norm = optim_grad_norm(m);
+    if (tc->grad_clip > 0 && norm > tc->grad_clip) {
+        float s = (float)(tc->grad_clip / (norm + 1e-6));
+        for (int c = 0; c < PCAT_N; c++)
+            if (m->n_cat[c]) m->be->ops->scale(m->be->ctx, m->grads[c], s, m->n_cat[c]);
+    }
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        int c = t->cat;
+        m->be->ops->adamw(m->be->ctx, m->params[c] + t->offset, m->grads[c] + t->offset,
+                          m->adam_m[c] + t->offset, m->adam_v[c] + t->offset, t->n, (float)lr,
+                          (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
+                          t->decay ? (float)tc->weight_decay : 0.0f, (int)(step + 1));
+    }
+    return norm;
+}

@@ -1,0 +1,528 @@
+/* train.c: the training loop, evaluation, metrics logging, checkpoint/resume.
+ * Data parallelism: the global batch of B sequences is the same for every rank count
+ * (data.h draws sequence j of step s from (seed, s, j)); rank r runs sequences
+ * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
+#include "train.h"
+
+#include <math.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "config_build.h"
+#include "data.h"
+#include "h5log.h"
+#include "metrics.h"
+#include "model.h"
+#include "optim.h"
+
+static volatile sig_atomic_t g_stop_signal = 0;
+static void on_signal(int sig) { g_stop_signal = sig; }
+
+void train_run_dir(const Config *cfg, char *dst, size_t cap) {
+    str_fmt(dst, cap, "%s/%s", cfg->run.out_dir, cfg->run.name);
+}
+
+double train_measure_sgemm_peak(const void *backend) {
+    const Backend *be = backend;
+    int n = 1024;
+    float *a = be->ops->alloc(be->ctx, sizeof(float) * n * n);
+    float *b = be->ops->alloc(be->ctx, sizeof(float) * n * n);
+    float *c = be->ops->alloc(be->ctx, sizeof(float) * n * n);
+    float *h = xmalloc(sizeof(float) * n * n);
+    for (int i = 0; i < n * n; i++) h[i] = (float)((i * 37 % 101) - 50) * 0.01f;
+    be->ops->from_host(be->ctx, a, h, sizeof(float) * n * n);
+    be->ops->from_host(be->ctx, b, h, sizeof(float) * n * n);
+    double best = 0;
+    for (int r = 0; r < 4; r++) {
+        be->ops->sync(be->ctx);
+        double t0 = time_now();
+        be->ops->gemm(be->ctx, false, false, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        be->ops->sync(be->ctx);
+        double dt = time_now() - t0;
+        double gf = 2.0 * n * n * (double)n / dt * 1e-9;
+        if (r > 0 && gf > best) best = gf;
+    }
+    be->ops->free(be->ctx, a); be->ops->free(be->ctx, b); be->ops->free(be->ctx, c);
+    xfree(h);
+    return best;
+}
+
+/* ---- evaluation ---- */
+
+typedef struct EvalOut { double loss, ppl, metric; long n; } EvalOut;
+
+/* every rank takes part (the MoE layers exchange routing counts); global batches of
+ * B_global windows, rank r runs its slice, padding windows have no targets */
+static EvalOut evaluate(Model *m, const Dataset *ds, int split, int max_batches, int B_global) {
+    Comm *comm = m->comm;
+    int T = m->T, P = comm->size, Bl = B_global / P;
+    EvalOut out = {0};
+    int32_t *in = xcalloc(sizeof(int32_t) * Bl * T), *tg = xcalloc(sizeof(int32_t) * Bl * T);
+    int32_t *len = xcalloc(sizeof(int32_t) * Bl);
+    if (m->task == TASK_LM) {
+        long n_win = data_lm_n_windows(&ds->lm[split], T);
+        long n_batches = (n_win + B_global - 1) / B_global;
+        if (max_batches > 0 && n_batches > max_batches) n_batches = max_batches;
+        double acc[2] = {0, 0};
+        for (long bi = 0; bi < n_batches; bi++) {
+            for (int j = 0; j < Bl; j++) {
+                long w = bi * B_global + (long)comm->rank * Bl + j;
+                if (w < n_win) data_lm_window(&ds->lm[split], w, T, in + (size_t)j * T, tg + (size_t)j * T);
+                else for (int t = 0; t < T; t++) { in[(size_t)j * T + t] = TOK_EOS; tg[(size_t)j * T + t] = -1; }
+            }
+            model_forward(m, in, tg, NULL, Bl, (long)B_global * T);
+            acc[0] += m->loss_sum;
+            acc[1] += m->n_targets_local;
+        }
+        comm_allreduce_sum_f64(comm, acc, 2);
+        out.n = (long)acc[1];
+        out.loss = acc[1] > 0 ? acc[0] / acc[1] : 0;
+        out.ppl = exp(out.loss);
+    } else {
+        const ClsSplit *cs = &ds->cls[split];
+        long n_ex = cs->n_examples;
+        long n_batches = (n_ex + B_global - 1) / B_global;
+        if (max_batches > 0 && n_batches > max_batches) n_batches = max_batches;
+        long n_used = n_batches * B_global < n_ex ? n_batches * B_global : n_ex;
+        double *pred = xcalloc(sizeof(double) * (n_used + 1));
+        int32_t *pb = xcalloc(sizeof(int32_t) * Bl);
+        double acc[2] = {0, 0};
+        for (long bi = 0; bi < n_batches; bi++) {
+            for (int j = 0; j < Bl; j++) {
+                long e = bi * B_global + (long)comm->rank * Bl + j;
+                long src = e < n_ex ? e : 0;
+                memcpy(in + (size_t)j * T, cs->tokens + (size_t)src * cs->seq_len, sizeof(int32_t) * T);
+                len[j] = cs->lengths[src];
+                tg[j] = e < n_ex ? cs->labels[src] : -1;
+            }
+            model_forward(m, in, tg, len, Bl, B_global);
+            model_predictions(m, pb);
+            for (int j = 0; j < Bl; j++) {
+                long e = bi * B_global + (long)comm->rank * Bl + j;
+                if (e < n_used) pred[e] = pb[j];
+            }
+            acc[0] += m->loss_sum;
+            acc[1] += m->n_targets_local;
+        }
+        comm_allreduce_sum_f64(comm, pred, (size_t)n_used);
+        comm_allreduce_sum_f64(comm, acc, 2);
+        int32_t *pi = xcalloc(sizeof(int32_t) * (n_used + 1));
+        for (long e = 0; e < n_used; e++) pi[e] = (int32_t)pred[e];
+        out.metric = cls_metric(ds->metric, pi, cs->labels, (int)n_used, ds->n_classes);
+        out.loss = acc[1] > 0 ? acc[0] / acc[1] : 0;
+        out.ppl = exp(out.loss);
+        out.n = n_used;
+        xfree(pi); xfree(pred); xfree(pb);
+    }
+    xfree(in); xfree(tg); xfree(len);
+    return out;
+}
+
+/* ---- HDF5 series ---- */
+
+typedef struct LogIds {
+    int loss, ce, aux, z, lr, gnorm, tokens;
+    int step_s, tok_s, flops_frac, time_split, comm_bytes;
+    int eval_loss, eval_ppl, eval_metric;
+    int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
+} LogIds;
+
+static int n_moe_layers(const Model *m) {
+    int n = 0;
+    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind != MOE_KIND_DENSE;
+    return n;
+}
+
+static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
+    uint64_t d4[1] = {4};
+    int nm = n_moe_layers(m);
+    uint64_t dl[1] = {(uint64_t)(nm ? nm : 1)};
+    uint64_t dle[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->cfg.moe.n_experts};
+    id->loss = h5log_series(lg, "train/loss", H5LOG_F64, 0, NULL);
+    id->ce = h5log_series(lg, "train/ce_loss", H5LOG_F64, 0, NULL);
+    id->aux = h5log_series(lg, "train/aux_loss", H5LOG_F64, 0, NULL);
+    id->z = h5log_series(lg, "train/z_loss", H5LOG_F64, 0, NULL);
+    id->lr = h5log_series(lg, "train/lr", H5LOG_F64, 0, NULL);
+    id->gnorm = h5log_series(lg, "train/grad_norm", H5LOG_F64, 0, NULL);
+    id->tokens = h5log_series(lg, "train/tokens", H5LOG_I64, 0, NULL);
+    id->step_s = h5log_series(lg, "perf/step_s", H5LOG_F64, 0, NULL);
+    id->tok_s = h5log_series(lg, "perf/tok_s", H5LOG_F64, 0, NULL);
+    id->flops_frac = h5log_series(lg, "perf/flops_frac", H5LOG_F64, 0, NULL);
+    id->time_split = h5log_series(lg, "perf/time_split", H5LOG_F64, 1, d4);
+    id->comm_bytes = h5log_series(lg, "comm/summary/allreduce_bytes", H5LOG_F64, 0, NULL);
+    id->eval_loss = h5log_series(lg, "eval/loss", H5LOG_F64, 0, NULL);
+    id->eval_ppl = h5log_series(lg, "eval/ppl", H5LOG_F64, 0, NULL);
+    id->eval_metric = h5log_series(lg, "eval/metric", H5LOG_F64, 0, NULL);
+    id->cv2 = h5log_series(lg, "moe/balance/cv2", H5LOG_F64, 1, dl);
+    id->var = h5log_series(lg, "moe/balance/var", H5LOG_F64, 1, dl);
+    id->maxvio = h5log_series(lg, "moe/balance/maxvio", H5LOG_F64, 1, dl);
+    id->maxmean = h5log_series(lg, "moe/balance/max_over_mean", H5LOG_F64, 1, dl);
+    id->entropy = h5log_series(lg, "moe/balance/entropy", H5LOG_F64, 1, dl);
+    id->dead = h5log_series(lg, "moe/balance/dead", H5LOG_F64, 1, dl);
+    id->drop = h5log_series(lg, "moe/balance/drop", H5LOG_F64, 1, dl);
+    id->tpe = h5log_series(lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle);
+    int *all = &id->loss;
+    for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
+        if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series %zu", lg->path, i);
+    return status_ok();
+}
+
+static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
+                        double peak_gflops, double unigram_ppl) {
+    char *yaml = config_to_yaml(&m->cfg);
+    TRY(h5log_attr_str(lg, "/", "config", yaml));
+    free(yaml);
+    TRY(h5log_attr_str(lg, "/", "version", DCMOE_VERSION));
+    TRY(h5log_attr_str(lg, "/", "git_revision", DCMOE_GIT_REVISION));
+    TRY(h5log_attr_i64(lg, "/", "world_size", comm->size));
+    time_t now = time(NULL);
+    char ts[64];
+    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    TRY(h5log_attr_str(lg, "/", "start_time", ts));
+    TRY(h5log_attr_str(lg, "/", "backend", m->be->ops->name));
+    TRY(h5log_attr_str(lg, "/", "dataset", ds->description));
+    TRY(h5log_attr_i64(lg, "/", "vocab_size", ds->vocab.n_words));
+    TRY(h5log_attr_f64(lg, "/", "sgemm_peak_gflops", peak_gflops));
+    TRY(h5log_attr_f64(lg, "/", "unigram_ppl_valid", unigram_ppl));
+    TRY(h5log_attr_f64(lg, "/", "flops_per_token", model_flops_per_token(m)));
+    double by_kind[PARAM_N_KINDS], total, active;
+    model_param_counts(m, by_kind, &total, &active);
+    uint64_t dk[1] = {PARAM_N_KINDS};
+    TRY(h5log_write_array(lg, "params/by_kind", H5LOG_F64, 1, dk, by_kind));
+    char names[256] = "";
+    for (int k = 0; k < PARAM_N_KINDS; k++) {
+        strcat(names, param_kind_names[k]);
+        if (k + 1 < PARAM_N_KINDS) strcat(names, ",");
+    }
+    TRY(h5log_attr_str(lg, "/params/by_kind", "kinds", names));
+    TRY(h5log_attr_f64(lg, "/params/by_kind", "total", total));
+    TRY(h5log_attr_f64(lg, "/params/by_kind", "active", active));
+    return status_ok();
+}
+
+static void fmt_eta(char *dst, size_t cap, double s) {
+    if (s < 0 || !isfinite(s)) s = 0;
+    long t = (long)s;
+    if (t >= 3600) str_fmt(dst, cap, "%ldh%02ldm", t / 3600, t / 60 % 60);
+    else str_fmt(dst, cap, "%ldm%02lds", t / 60, t % 60);
+}
+
+static void print_params(const Model *m) {
+    double by_kind[PARAM_N_KINDS], total, active;
+    model_param_counts(m, by_kind, &total, &active);
+    printf("params: total %.3fM, active %.3fM per token;", total * 1e-6, active * 1e-6);
+    for (int k = 0; k < PARAM_N_KINDS; k++)
+        if (by_kind[k] > 0) printf(" %s %.3fM", param_kind_names[k], by_kind[k] * 1e-6);
+    printf("\n");
+    printf("memory per rank: params %.1f MiB (dense %.1f, expert %.1f), grads %.1f MiB, "
+           "optimizer %.1f MiB, activations %.1f MiB\n",
+           (m->n_cat[0] + m->n_cat[1]) * 4.0 / 1048576, m->n_cat[0] * 4.0 / 1048576,
+           m->n_cat[1] * 4.0 / 1048576, (m->n_cat[0] + m->n_cat[1]) * 4.0 / 1048576,
+           (m->n_cat[0] + m->n_cat[1]) * 8.0 / 1048576, m->act_bytes / 1048576.0);
+}
+
+/* every rank must agree on a failure; returns an error on all ranks if any rank failed */
+static Status agree(Comm *comm, Status st) {
+    double bad = STATUS_OK(st) ? 0 : 1;
+    comm_allreduce_max_f64(comm, &bad, 1);
+    if (bad > 0 && STATUS_OK(st)) return status_errorf("another rank failed (see its message)");
+    return st;
+}
+
+Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res) {
+    memset(res, 0, sizeof *res);
+    int P = comm->size, rank = comm->rank;
+    const TrainConfig *tc = &cfg->train;
+    if (tc->batch_size % P != 0)
+        return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
+    int Bl = tc->batch_size / P, T = cfg->model.seq_len;
+    char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
+    train_run_dir(cfg, run_dir, sizeof run_dir);
+    str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
+    str_fmt(path, sizeof path, "%s/metrics.h5", run_dir);
+
+    /* refuse to overwrite a run unless resuming */
+    Status st = status_ok();
+    if (rank == 0) {
+        if (opt->resume) {
+            st = checkpoint_find_latest(run_dir, ckpt, sizeof ckpt);
+            if (STATUS_OK(st) && !ckpt[0])
+                st = status_errorf("%s: --resume given but the run has no complete checkpoint", run_dir);
+        } else if (file_exists(path)) {
+            st = status_errorf("%s: already holds a run (metrics.h5); use --resume to continue it "
+                               "or set run.name / run.out_dir to start another", run_dir);
+        }
+        if (STATUS_OK(st)) st = dir_make_p(run_dir);
+    }
+    TRY(agree(comm, st));
+    comm_bcast_bytes(comm, ckpt, sizeof ckpt, 0);
+
+    Backend be;
+    int threads = cfg->run.threads > 0 ? cfg->run.threads : 0;
+    if (threads == 0) {
+        const char *env = getenv("OPENBLAS_NUM_THREADS");
+        threads = env ? atoi(env) : 0;
+        if (threads <= 0) threads = comm->local_size > 1 ? 1 : 2;
+    }
+    if (cfg->run.backend == BACKEND_CUDA) TRY(agree(comm, backend_cuda_init(&be, comm->local_rank)));
+    else TRY(backend_cpu_init(&be, threads));
+    TRY(agree(comm, backend_check(&be)));
+
+    Dataset ds;
+    memset(&ds, 0, sizeof ds);
+    st = data_load(&cfg->data, cfg->model.task, T, opt->resume && file_exists(vocab_path) ? vocab_path : NULL, &ds);
+    TRY(agree(comm, st));
+    if (rank == 0 && !opt->resume) st = vocab_save(&ds.vocab, vocab_path);
+    TRY(agree(comm, st));
+    int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes;
+
+    Model m;
+    st = model_init(&m, cfg, ds.vocab.n_words, n_classes, Bl, &be, comm);
+    TRY(agree(comm, st));
+    model_init_params(&m);
+    TrainPos pos = {0, 0, 0, (uint64_t)cfg->run.seed};
+    if (ckpt[0]) {
+        TRY(agree(comm, checkpoint_load(ckpt, &m, &pos)));
+        if (rank == 0) printf("resumed from %s at step %lld\n", ckpt, (long long)pos.step);
+    }
+
+    double peak = train_measure_sgemm_peak(&be), peak_total = peak;
+    comm_allreduce_sum_f64(comm, &peak_total, 1);
+    double uni_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&ds, SPLIT_VALID) : 0;
+    res->unigram_ppl = uni_ppl;
+
+    H5log lg;
+    memset(&lg, 0, sizeof lg);
+    lg.file = -1;
+    LogIds id;
+    memset(&id, 0, sizeof id);
+    if (rank == 0) {
+        if (ckpt[0]) st = h5log_open_append(&lg, path, cfg->log.swmr, cfg->log.flush_interval, (long)pos.step);
+        else st = h5log_create(&lg, path, cfg->log.swmr, cfg->log.flush_interval);
+        if (STATUS_OK(st)) st = log_declare(&lg, &m, &id);
+        if (STATUS_OK(st) && !ckpt[0]) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl);
+        if (STATUS_OK(st)) st = h5log_start(&lg);
+    }
+    st = agree(comm, st);
+    if (!STATUS_OK(st)) { h5log_close(&lg); model_free(&m); data_free(&ds); backend_free(&be); return st; }
+
+    double flops_tok = model_flops_per_token(&m);
+    if (rank == 0) {
+        printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total\n",
+               DCMOE_VERSION, DCMOE_GIT_REVISION, P, threads, be.ops->name, peak_total);
+        printf("data: %s\n", ds.description);
+        print_params(&m);
+        if (cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", uni_ppl);
+        printf("run folder: %s\n", run_dir);
+        fflush(stdout);
+    }
+
+    signal(SIGUSR1, on_signal);
+    signal(SIGTERM, on_signal);
+    int32_t *in = xcalloc(sizeof(int32_t) * Bl * T), *tg = xcalloc(sizeof(int32_t) * Bl * T);
+    int32_t *len = xcalloc(sizeof(int32_t) * Bl);
+    int nm = n_moe_layers(&m), E = cfg->moe.n_experts;
+    double *row = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E > 6 ? E : 6) * 8);
+    long n_global = cfg->model.task == TASK_LM ? (long)tc->batch_size * T : tc->batch_size;
+    double t_start = time_now() - pos.elapsed_s, t_window = time_now();
+    long window_steps = 0;
+    double window_time = 0, ema_step = 0;
+    double last_loss = 0;
+
+    for (long step = pos.step; step < tc->steps; step++) {
+        double t0 = time_now();
+        uint64_t ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
+        double ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
+        if (cfg->model.task == TASK_LM)
+            data_lm_train_batch(&ds.lm[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, T, in, tg);
+        else
+            data_cls_train_batch(&ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, in, len, tg);
+        model_zero_grad(&m);
+        double loss_local = model_forward(&m, in, tg, len, Bl, n_global);
+        double t1 = time_now();
+        model_backward(&m, n_global);
+        double t2 = time_now();
+        optim_reduce_grads(&m);
+        double lr = optim_lr(tc, step);
+        double gnorm = optim_step(&m, step, lr);
+        double t3 = time_now();
+        /* global loss: sum of local CE contributions + the (global) aux terms */
+        double ce[1] = {m.loss_sum / (double)n_global};
+        comm_allreduce_sum_f64(comm, ce, 1);
+        double loss = ce[0] + m.aux_loss + m.z_loss;
+        (void)loss_local;
+        last_loss = loss;
+        if (!isfinite(loss)) {
+            st = status_errorf("step %ld: loss is %g (diverged); lower train.lr or raise train.warmup_steps", step + 1, loss);
+            break;
+        }
+        double dt = time_now() - t0;
+        pos.step = step + 1;
+        pos.tokens_seen += (int64_t)tc->batch_size * T;
+        window_steps++;
+        window_time += dt;
+        ema_step = ema_step == 0 ? dt : 0.9 * ema_step + 0.1 * dt;
+        double tok_s = tc->batch_size * T / dt;
+        double frac = flops_tok * tok_s / (peak_total * 1e9);
+        if (rank == 0) {
+            long s = step + 1;
+            h5log_append(&lg, id.loss, s, &loss);
+            h5log_append(&lg, id.ce, s, &ce[0]);
+            h5log_append(&lg, id.aux, s, &m.aux_loss);
+            h5log_append(&lg, id.z, s, &m.z_loss);
+            h5log_append(&lg, id.lr, s, &lr);
+            h5log_append(&lg, id.gnorm, s, &gnorm);
+            int64_t toks = pos.tokens_seen;
+            h5log_append(&lg, id.tokens, s, &toks);
+            h5log_append(&lg, id.step_s, s, &dt);
+            h5log_append(&lg, id.tok_s, s, &tok_s);
+            h5log_append(&lg, id.flops_frac, s, &frac);
+            double ar_s = comm->stats.seconds[COMM_PHASE_ALLREDUCE] - ar_s0;
+            double split[4] = {t1 - t0, t2 - t1, ar_s, t3 - t2 - ar_s};
+            h5log_append(&lg, id.time_split, s, split);
+            double arb = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - ar_bytes0);
+            h5log_append(&lg, id.comm_bytes, s, &arb);
+            if (nm > 0) {
+                double *cv2 = row, *var = row + nm, *mv = row + 2 * nm, *mm = row + 3 * nm;
+                double *ent = row + 4 * nm, *dead = row + 5 * nm, *drop = row + 6 * nm;
+                double *tpe = row + 7 * nm;
+                int i = 0;
+                for (int l = 0; l < m.L; l++) {
+                    if (m.ffn[l].kind == MOE_KIND_DENSE) continue;
+                    const MoeStats *ms = &m.acts[l].moe.stats;
+                    LoadStats ls = metrics_load(ms->counts_routed, E);
+                    cv2[i] = ls.cv2; var[i] = ls.var; mv[i] = ls.maxvio; mm[i] = ls.max_over_mean;
+                    ent[i] = ls.entropy; dead[i] = ls.dead_frac; drop[i] = ms->dropped_frac;
+                    memcpy(tpe + (size_t)i * E, ms->counts_routed, sizeof(double) * E);
+                    i++;
+                }
+                h5log_append(&lg, id.cv2, s, cv2);
+                h5log_append(&lg, id.var, s, var);
+                h5log_append(&lg, id.maxvio, s, mv);
+                h5log_append(&lg, id.maxmean, s, mm);
+                h5log_append(&lg, id.entropy, s, ent);
+                h5log_append(&lg, id.dead, s, dead);
+                h5log_append(&lg, id.drop, s, drop);
+                if (cfg->log.expert_interval > 0 && s % cfg->log.expert_interval == 0)
+                    h5log_append(&lg, id.tpe, s, tpe);
+            }
+            Status ls = h5log_step_done(&lg, s);
+            if (!STATUS_OK(ls)) fprintf(stderr, "dcmoe: warning: %s\n", ls.msg);
+            if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
+                double wtok = tc->batch_size * T * window_steps / window_time;
+                double mean_cv2 = 0;
+                for (int i = 0; i < nm; i++) mean_cv2 += row[i] / nm;
+                char eta[32];
+                fmt_eta(eta, sizeof eta, ema_step * (double)(tc->steps - s));
+                printf("step %6ld/%d | loss %.4f | aux %.4f | lr %.2e | %.1f ms/step | %.0f tok/s | "
+                       "%.1f%% of peak | cv2 %.3f | ETA %s\n",
+                       s, tc->steps, loss, m.aux_loss + m.z_loss, lr, 1e3 * window_time / window_steps,
+                       wtok, 100.0 * flops_tok * wtok / (peak_total * 1e9), mean_cv2, eta);
+                fflush(stdout);
+                window_steps = 0;
+                window_time = 0;
+                t_window = time_now();
+            }
+        }
+        (void)t_window;
+        int is_last = step + 1 == tc->steps;
+        if ((tc->eval_interval > 0 && (step + 1) % tc->eval_interval == 0) || is_last) {
+            EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size);
+            if (rank == 0) {
+                h5log_append(&lg, id.eval_loss, step + 1, &ev.loss);
+                h5log_append(&lg, id.eval_ppl, step + 1, &ev.ppl);
+                h5log_append(&lg, id.eval_metric, step + 1, &ev.metric);
+                if (cfg->model.task == TASK_LM)
+                    printf("eval step %ld | valid loss %.4f | valid ppl %.2f (unigram %.2f) | %ld tokens\n",
+                           step + 1, ev.loss, ev.ppl, uni_ppl, ev.n);
+                else
+                    printf("eval step %ld | valid loss %.4f | valid %s %.4f | %ld examples\n",
+                           step + 1, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
+                fflush(stdout);
+            }
+            res->valid_loss = ev.loss;
+            res->valid_ppl = ev.ppl;
+            res->valid_metric = ev.metric;
+        }
+        double stop = g_stop_signal || (opt->stop_at > 0 && step + 1 >= opt->stop_at && !is_last) ? 1 : 0;
+        comm_allreduce_max_f64(comm, &stop, 1);
+        int want_ckpt = is_last || stop > 0 ||
+                        (cfg->checkpoint.interval > 0 && (step + 1) % cfg->checkpoint.interval == 0);
+        if (want_ckpt) {
+            pos.elapsed_s = time_now() - t_start;
+            if (rank == 0) h5log_flush(&lg);
+            st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
+            if (!STATUS_OK(st)) break;
+        }
+        if (stop > 0) {
+            if (rank == 0) printf("%s: checkpoint written at step %ld, stopping (continue with --resume)\n",
+                                  g_stop_signal ? "signal received" : "--stop-at reached", step + 1);
+            res->interrupted = true;
+            break;
+        }
+    }
+    res->steps_done = pos.step;
+    res->final_train_loss = last_loss;
+    if (STATUS_OK(st) && !res->interrupted && cfg->model.task == TASK_LM && pos.step >= tc->steps) {
+        EvalOut ev = evaluate(&m, &ds, SPLIT_TEST, tc->eval_batches, tc->batch_size);
+        res->test_loss = ev.loss;
+        res->test_ppl = ev.ppl;
+        if (rank == 0) {
+            h5log_attr_f64(&lg, "/", "final_valid_ppl", res->valid_ppl);
+            h5log_attr_f64(&lg, "/", "final_test_ppl", ev.ppl);
+            printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
+                   res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
+        }
+    }
+    if (rank == 0) h5log_close(&lg);
+    xfree(in); xfree(tg); xfree(len); xfree(row);
+    model_free(&m);
+    data_free(&ds);
+    backend_free(&be);
+    return agree(comm, st);
+}
+
+Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, Comm *comm) {
+    char run_dir[2048], vocab_path[4096], ckpt[4096];
+    train_run_dir(cfg, run_dir, sizeof run_dir);
+    str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
+    int sp = !strcmp(split, "test") ? SPLIT_TEST : !strcmp(split, "valid") ? SPLIT_VALID : -1;
+    if (sp < 0) return status_errorf("--split %s: expected valid or test", split);
+    if (ckpt_dir && ckpt_dir[0]) str_fmt(ckpt, sizeof ckpt, "%s", ckpt_dir);
+    else {
+        TRY(checkpoint_find_latest(run_dir, ckpt, sizeof ckpt));
+        if (!ckpt[0]) return status_errorf("%s: no complete checkpoint to evaluate", run_dir);
+    }
+    if (!file_exists(vocab_path)) return status_errorf("%s: missing (the run's vocabulary)", vocab_path);
+    Backend be;
+    TRY(backend_cpu_init(&be, 0));
+    Dataset ds;
+    memset(&ds, 0, sizeof ds);
+    TRY(data_load(&cfg->data, cfg->model.task, cfg->model.seq_len, vocab_path, &ds));
+    int B = cfg->train.batch_size;
+    if (B % comm->size) B = comm->size * (B / comm->size + 1);
+    Model m;
+    TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,
+                   B / comm->size, &be, comm));
+    TrainPos pos;
+    Status st = checkpoint_load(ckpt, &m, &pos);
+    if (STATUS_OK(st)) {
+        EvalOut ev = evaluate(&m, &ds, sp, 0, B);
+        if (comm->rank == 0) {
+            if (cfg->model.task == TASK_LM)
+                printf("eval %s | checkpoint step %lld | %s loss %.4f | ppl %.2f | unigram ppl %.2f | %ld tokens\n",
+                       ckpt, (long long)pos.step, split, ev.loss, ev.ppl, data_unigram_ppl(&ds, sp), ev.n);
+            else
+                printf("eval %s | checkpoint step %lld | %s loss %.4f | %s %.4f | %ld examples\n", ckpt,
+                       (long long)pos.step, split, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
+        }
+    }
+    model_free(&m);
+    data_free(&ds);
+    backend_free(&be);
+    return st;
+}

@@ -1,0 +1,34 @@
+/* train: the training loop (data-parallel over the communicator's ranks), periodic
+ * evaluation, HDF5 metrics, checkpoints and resume; and evaluation of a checkpoint.
+ * Does not: parse the command line (main.c) or define the model maths. */
+#ifndef DCMOE_TRAIN_H
+#define DCMOE_TRAIN_H
+
+#include <stdbool.h>
+#include "comm.h"
+#include "config.h"
+
+typedef struct TrainOptions {
+    bool resume;             /* continue from the newest complete checkpoint of the run */
+    bool quiet;              /* no per-step lines */
+    long stop_at;            /* > 0: checkpoint and stop after this many steps (a planned interruption) */
+    const char *config_path; /* for messages */
+} TrainOptions;
+
+typedef struct TrainResult {
+    long steps_done;
+    double final_train_loss;
+    double valid_loss, valid_ppl, test_loss, test_ppl, unigram_ppl;  /* LM */
+    double valid_metric;     /* classification */
+    bool interrupted;        /* stopped by a signal after checkpointing */
+} TrainResult;
+
+Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res);
+/* evaluate the newest (or given) checkpoint of a run on a split ("valid" or "test") */
+Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, Comm *comm);
+/* run folder of a config: out_dir/name */
+void train_run_dir(const Config *cfg, char *dst, size_t cap);
+/* measured sgemm peak of this process, GFLOP/s (best of several 1024^3 products) */
+double train_measure_sgemm_peak(const void *backend);
+
+#endif

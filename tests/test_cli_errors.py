@@ -1,0 +1,90 @@
+"""integration suite: bad input ends with a one-line error that names the problem (file,
+line:column, key or section), a non-zero exit, and no damage to files already written."""
+import hashlib
+import os
+import shutil
+from testlib import check, finish, run, run_plain, tiny_config, tmpdir
+
+d = tmpdir("dcmoe-cli-")
+
+
+def expect_error(args, must_contain, what):
+    p = run_plain(args)
+    err = p.stderr.strip().splitlines()
+    line = err[-1] if err else ""
+    ok = p.returncode != 0 and all(s in line for s in must_contain)
+    check(ok, f"{what}: exit {p.returncode}, message: {line!r}")
+    return p
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+base = tiny_config(os.path.join(d, "good.yaml"), d, "good")
+good = open(base).read()
+
+# truncated config (cut inside a mapping: a syntax error or a dangling key)
+trunc = os.path.join(d, "truncated.yaml")
+with open(trunc, "w") as f:
+    f.write(good[:good.index("n_head")] + "n_head: [4,")
+expect_error(["train", trunc], [trunc + ":", "YAML"], "truncated config")
+
+# misspelled key with a suggestion
+miss = os.path.join(d, "misspelled.yaml")
+with open(miss, "w") as f:
+    f.write(good.replace("n_experts:", "n_expert:"))
+line = [i + 1 for i, l in enumerate(good.splitlines()) if "n_experts:" in l][0]
+expect_error(["train", miss], [f"{miss}:{line}:", "moe.n_expert", "n_experts"], "misspelled key")
+
+# mistyped value
+typed = os.path.join(d, "mistyped.yaml")
+with open(typed, "w") as f:
+    f.write(good.replace("d_model: 32", "d_model: big"))
+line = [i + 1 for i, l in enumerate(good.splitlines()) if "d_model: 32" in l][0]
+expect_error(["train", typed], [f"{typed}:{line}:", "model.d_model", "integer"], "mistyped value")
+
+# YAML 1.1 boolean
+yes = os.path.join(d, "yes.yaml")
+with open(yes, "w") as f:
+    f.write(good.replace("log:\n", "log:\n  swmr: yes\n"))
+expect_error(["train", yes], [yes + ":", "log.swmr", "true or false"], "yes/no boolean")
+
+# --set with a bad value
+expect_error(["train", base, "--set", "moe.top_k=0"], ["moe.top_k", "--set"], "--set out of range")
+
+# missing config file, missing data
+expect_error(["train", os.path.join(d, "nope.yaml")], ["nope.yaml", "cannot open"], "missing config file")
+expect_error(["train", base, "--set", f"data.path={d}/no-such-corpus"], ["no-such-corpus"], "missing data folder")
+
+# a good run, then protect its outputs
+p = run(["train", base, "--quiet"], ranks=1)
+check(p.returncode == 0, "tiny run trains")
+run_dir = os.path.join(d, "good")
+h5 = os.path.join(run_dir, "metrics.h5")
+if p.returncode == 0:
+    h_before = sha(h5)
+    # starting the same run again refuses to overwrite it
+    expect_error(["train", base], ["already holds a run", "--resume"], "refuses to overwrite a run")
+    check(sha(h5) == h_before, "metrics.h5 untouched by the refused start")
+    ck = os.path.join(run_dir, "ckpt", "step_00000012")
+    mb = os.path.join(ck, "model.bin")
+    data = bytearray(open(mb, "rb").read())
+    data[len(data) // 2] ^= 0x5A
+    open(mb, "wb").write(bytes(data))
+    c_before = sha(mb)
+    expect_error(["train", base, "--resume"], [mb, "checksum mismatch"], "corrupt checkpoint on --resume")
+    expect_error(["eval", base], [mb, "checksum mismatch"], "corrupt checkpoint on eval")
+    check(sha(h5) == h_before, "metrics.h5 untouched after the failed resume")
+    check(sha(mb) == c_before, "corrupt checkpoint left as it was (evidence kept)")
+    # truncated checkpoint
+    open(mb, "wb").write(bytes(data[: len(data) // 3]))
+    expect_error(["eval", base], [mb, "truncated"], "truncated checkpoint")
+    shutil.rmtree(run_dir)
+
+for cmd in ("train", "eval", "config"):
+    p = run_plain([cmd, "--help"])
+    check(p.returncode == 0 and "usage: dcmoe " + cmd in p.stdout, f"dcmoe {cmd} --help")
+p = run_plain(["version"])
+check(p.returncode == 0 and "dcmoe" in p.stdout, "dcmoe version")
+finish()

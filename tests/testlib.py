@@ -1,0 +1,97 @@
+"""Shared helpers for the Python integration tests: locate the build, write configs, run
+dcmoe under mpirun, read the HDF5 metrics. Run with /usr/bin/python3 (h5py, numpy)."""
+import os
+import subprocess
+import sys
+import tempfile
+
+SRC = os.environ.get("DCMOE_SOURCE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+BUILD = os.environ.get("DCMOE_BUILD_ROOT", os.path.join(SRC, "build"))
+EXE = os.environ.get("DCMOE_EXE", os.path.join(BUILD, "dcmoe"))
+FIXTURES = os.path.join(SRC, "tests", "fixtures")
+
+failures = []
+
+
+def check(cond, msg):
+    print(("ok - " if cond else "not ok - ") + msg, flush=True)
+    if not cond:
+        failures.append(msg)
+    return cond
+
+
+def finish():
+    if failures:
+        print(f"# {len(failures)} check(s) failed", flush=True)
+        sys.exit(1)
+    print("# all checks passed", flush=True)
+    sys.exit(0)
+
+
+def tiny_config(path, out_dir, name, extra=""):
+    """A small, fast LM config on the Brown-format fixture."""
+    text = f"""run:
+  name: {name}
+  out_dir: {out_dir}
+  seed: 11
+  threads: 1
+data:
+  kind: brown
+  path: {FIXTURES}/brown
+  vocab_max: 400
+model:
+  d_model: 32
+  n_layer: 2
+  n_head: 4
+  seq_len: 16
+moe:
+  kind: standard
+  n_experts: 8
+  top_k: 2
+  d_ff_expert: 32
+train:
+  batch_size: 8
+  steps: 12
+  lr: 3.0e-3
+  warmup_steps: 3
+  eval_interval: 6
+  eval_batches: 2
+  log_interval: 4
+log:
+  flush_interval: 4
+  expert_interval: 2
+checkpoint:
+  interval: 0
+  keep: 3
+{extra}"""
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def run(args, ranks=1, check_rc=True, timeout=600):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), EXE] + list(args)
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check_rc and p.returncode != 0:
+        print("command failed:", " ".join(cmd), "\n--- stdout\n", p.stdout[-4000:], "\n--- stderr\n", p.stderr[-4000:], flush=True)
+    return p
+
+
+def run_plain(args, check_rc=False, timeout=300):
+    """dcmoe without mpirun (a singleton MPI job)"""
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return subprocess.run([EXE] + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def series(h5path, name):
+    import h5py
+    import numpy as np
+    with h5py.File(h5path, "r", swmr=True) as f:
+        return np.array(f[name]["step"][...]), np.array(f[name]["value"][...])
+
+
+def tmpdir(prefix):
+    return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR", "/tmp"))
