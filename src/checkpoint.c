@@ -249,8 +249,8 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
     size_t n;
     TRY(file_read_all(path, &img, &n));
     Status st = verify_image(path, img, n);
-    const char *d;
-    size_t len;
+    const char *d = NULL;
+    size_t len = 0;
     if (STATUS_OK(st)) st = find_section(path, img, n, "pos", &d, &len);
     if (STATUS_OK(st) && len != sizeof *pos) st = status_errorf("%s: section 'pos' has %zu bytes, expected %zu", path, len, sizeof *pos);
     if (STATUS_OK(st)) memcpy(pos, d, sizeof *pos);
@@ -305,8 +305,8 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
         for (int k = 0; k < 3; k++) {
             if (comm->rank == 0) {
                 char nm[48];
-                const char *d;
-                size_t len;
+                const char *d = NULL;
+                size_t len = 0;
                 str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
                 Status s2 = find_section(path, img, n, nm, &d, &len);
                 ASSERTF(STATUS_OK(s2) && len == bytes, "%s", s2.msg);

@@ -16,7 +16,13 @@ typedef struct LoadStats {
     double dead_frac;    /* fraction of experts with n_e == 0 */
 } LoadStats;
 
-/* stats of n counts (n >= 1); all zero counts give cv2 = maxvio = 0, entropy = 0, dead = 1 */
+/* stats of n counts (n >= 1, counts >= 0).
+ * Entropy is H(p) / log(n) with p = n_e / sum; it is 0 when n == 1.
+ * All zero counts give cv2 = var = maxvio = 0, max_over_mean = 1, entropy = 0, dead = 1. */
 LoadStats metrics_load(const double *counts, int n);
+
+/* max_i x[i] / mean(x) over n >= 1 values (e.g. tokens received per rank);
+ * 1 when all are zero (balanced by convention) */
+double metrics_max_over_mean(const double *x, int n);
 
 #endif

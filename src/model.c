@@ -267,8 +267,9 @@ double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, co
         op->gemm(cx, false, false, N, D, D, 1.0f, a->atty, D, lp->proj, D, 1.0f, a->res_mid, D);
         op->layernorm_forward(cx, a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, lp->ln2_w, lp->ln2_b, N, D);
         /* FFN output into d_a (scratch), then residual */
+        /* the MoE normaliser is tokens in the global batch (every rank runs B sequences) */
         moe_forward(&m->ffn[l], be, m->comm, &lp->ffn, &a->moe, m->d_a, a->ln2, N,
-                    m->task == TASK_LM ? n_global : n_global * T);
+                    (long)N * m->comm->size);
         op->copy(cx, m->res[l + 1], a->res_mid, sizeof(float) * N * D);
         op->axpy(cx, m->res[l + 1], m->d_a, 1.0f, (size_t)N * D);
         m->aux_loss += a->moe.stats.aux_loss;
@@ -339,7 +340,7 @@ void model_backward(Model *m, long n_global) {
     op->zero(cx, dres, sizeof(float) * N * D);
     op->layernorm_backward(cx, dres, m->g.lnf_w, m->g.lnf_b, dtmp, m->res[m->L], m->p.lnf_w,
                            m->lnf_mean, m->lnf_rstd, N, D);
-    long n_tok = m->task == TASK_LM ? n_global : n_global * T;
+    long n_tok = (long)N * m->comm->size;
     for (int l = m->L - 1; l >= 0; l--) {
         const LayerParams *lp = &m->p.layers[l];
         LayerParams *gp = &m->g.layers[l];

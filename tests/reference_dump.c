@@ -6,7 +6,9 @@
  *
  *   usage: reference_dump OUT.bin CASE
  *   CASE: dense-gelu dense-swiglu moe moe-capacity moe-swiglu-norenorm moe-dropless
- *         classify classify-last
+ *         moe-ties classify classify-last
+ *   moe-ties copies router column 1 into column 6 so experts 1 and 6 tie exactly for every
+ *   token (the top-k rule sends ties to the lower index; slot order then decides capacity).
  *
  * File format (little-endian, as the host writes it):
  *   header:  char magic[8] = "DCMOEREF", u32 version = 1
@@ -51,17 +53,19 @@ typedef struct RefCase {
     int pooling;         /* enum Pooling */
     double cf;           /* capacity factor */
     int dropless, renorm, every;
+    int tie;             /* duplicate a router column: exact probability ties */
 } RefCase;
 
 static const RefCase ref_cases[] = {
-    {"dense-gelu",          MOE_KIND_DENSE,    ACT_GELU,   TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1},
-    {"dense-swiglu",        MOE_KIND_DENSE,    ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1},
-    {"moe",                 MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 2.0,  0, 1, 1},
-    {"moe-capacity",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.7,  0, 1, 1},
-    {"moe-swiglu-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 0.9,  0, 0, 1},
-    {"moe-dropless",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 1.0,  1, 1, 1},
-    {"classify",            MOE_KIND_STANDARD, ACT_GELU,   TASK_CLASSIFY, POOL_MEAN, 0.8,  0, 1, 2},
-    {"classify-last",       MOE_KIND_DENSE,    ACT_SWIGLU, TASK_CLASSIFY, POOL_LAST, 1.25, 0, 1, 1},
+    {"dense-gelu",          MOE_KIND_DENSE,    ACT_GELU,   TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0},
+    {"dense-swiglu",        MOE_KIND_DENSE,    ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0},
+    {"moe",                 MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 2.0,  0, 1, 1, 0},
+    {"moe-capacity",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.7,  0, 1, 1, 0},
+    {"moe-swiglu-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 0.9,  0, 0, 1, 0},
+    {"moe-dropless",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 1.0,  1, 1, 1, 0},
+    {"moe-ties",            MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.9,  0, 1, 1, 1},
+    {"classify",            MOE_KIND_STANDARD, ACT_GELU,   TASK_CLASSIFY, POOL_MEAN, 0.8,  0, 1, 2, 0},
+    {"classify-last",       MOE_KIND_DENSE,    ACT_SWIGLU, TASK_CLASSIFY, POOL_LAST, 1.25, 0, 1, 1, 0},
 };
 #define N_REF_CASES ((int)(sizeof ref_cases / sizeof ref_cases[0]))
 
@@ -130,6 +134,20 @@ static void case_config(const RefCase *rc, Config *cfg) {
     cfg->moe.renormalize = rc->renorm;
 }
 
+/* router [D,E] of every MoE layer: column dst = column src (exact ties between the two) */
+static void tie_router_columns(Model *m, const Backend *be, int src, int dst) {
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->kind != PARAM_ROUTER) continue;
+        int D = t->dims[0], E = t->dims[1];
+        float *w = m->params[t->cat] + t->offset, *host = xcalloc(sizeof(float) * t->n);
+        be->ops->to_host(be->ctx, host, w, sizeof(float) * t->n);
+        for (int d = 0; d < D; d++) host[(size_t)d * E + dst] = host[(size_t)d * E + src];
+        be->ops->from_host(be->ctx, w, host, sizeof(float) * t->n);
+        xfree(host);
+    }
+}
+
 static int dump_case(const RefCase *rc, const char *path) {
     Comm comm;
     Backend be;
@@ -147,6 +165,7 @@ static int dump_case(const RefCase *rc, const char *path) {
     st = model_init(&m, &cfg, V, is_cls ? C : 0, B, &be, &comm);
     if (!STATUS_OK(st)) { fprintf(stderr, "reference_dump: %s: model_init: %s\n", rc->name, st.msg); return 1; }
     model_init_params(&m);
+    if (rc->tie) tie_router_columns(&m, &be, 1, 6);
 
     /* the batch: random tokens; LM targets with one ignored (-1); classify labels + lengths */
     int32_t *inputs = xcalloc(sizeof(int32_t) * N);
@@ -188,12 +207,13 @@ static int dump_case(const RefCase *rc, const char *path) {
     str_fmt(json, sizeof json,
             "{\"case\": \"%s\", \"V\": %d, \"T\": %d, \"D\": %d, \"H\": %d, \"L\": %d, "
             "\"E\": %d, \"k\": %d, \"B\": %d, \"C\": %d, \"d_ff_expert\": %d, \"d_ff\": %d, "
-            "\"moe_kind\": %d, \"activation\": \"%s\", \"task\": \"%s\", \"pooling\": \"%s\", "
-            "\"every\": %d, \"capacity_factor\": %.17g, \"dropless\": %d, \"renormalize\": %d, "
+            "\"moe_kind\": %d, \"tied_experts\": %s, \"activation\": \"%s\", \"task\": \"%s\", "
+            "\"pooling\": \"%s\", \"every\": %d, \"capacity_factor\": %.17g, \"dropless\": %d, "
+            "\"renormalize\": %d, "
             "\"aux_loss_coef\": %.17g, \"z_loss_coef\": %.17g, \"n_global\": %ld, "
             "\"layernorm_eps\": 1e-5}",
             rc->name, V, T, REF_D, REF_H, REF_L, REF_E, REF_K, B, is_cls ? C : 0, REF_FE,
-            config_d_ff_dense(&cfg), (int)cfg.moe.kind,
+            config_d_ff_dense(&cfg), (int)cfg.moe.kind, rc->tie ? "[1, 6]" : "[]",
             rc->act == ACT_SWIGLU ? "swiglu" : "gelu", is_cls ? "classify" : "lm",
             rc->pooling == POOL_LAST ? "last" : "mean", cfg.moe.every, cfg.moe.capacity_factor,
             (int)cfg.moe.dropless, (int)cfg.moe.renormalize, cfg.moe.aux_loss_coef,

@@ -24,11 +24,15 @@ def sha(path):
 base = tiny_config(os.path.join(d, "good.yaml"), d, "good")
 good = open(base).read()
 
-# truncated config (cut inside a mapping: a syntax error or a dangling key)
+# truncated configs: cut inside a quoted string (YAML syntax error) and inside a key
 trunc = os.path.join(d, "truncated.yaml")
 with open(trunc, "w") as f:
-    f.write(good[:good.index("n_head")] + "n_head: [4,")
-expect_error(["train", trunc], [trunc + ":", "YAML"], "truncated config")
+    f.write(good[:good.index("out_dir:")] + 'out_dir: "' + d[:5])
+expect_error(["train", trunc], [trunc + ":", "YAML syntax error"], "config truncated inside a string")
+with open(trunc, "w") as f:
+    f.write(good[:good.index("n_head") + 4])
+line = good[:good.index("n_head")].count("\n") + 1
+expect_error(["train", trunc], [trunc + ":", "YAML syntax error", f"at {line}:3"], "config truncated inside a key")
 
 # misspelled key with a suggestion
 miss = os.path.join(d, "misspelled.yaml")
