@@ -65,7 +65,7 @@ def run_dcmoe(exe, out, kind, ranks, threads, steps):
     cfg = os.path.join(out, name + ".yaml")
     with open(cfg, "w") as f:
         f.write(CONFIG.format(name=name, out=out, threads=threads, root=ROOT, kind=kind, steps=steps))
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), exe, "train", cfg, "--quiet"]
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(ranks), exe, "train", cfg, "--quiet"]
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads))
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)

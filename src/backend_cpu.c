@@ -59,6 +59,61 @@ static inline float max_f32(const float *x, int n) {
     return acc[0];
 }
 
+/* exp(x) without libm, so loops that call it vectorise (libm's expf stays scalar without
+ * -ffast-math). Cephes expf: x = n ln2 + r with ln2 split in two, a degree-5 polynomial for e^r
+ * and 2^n applied as two exact power-of-two factors, so results underflow gradually to 0 and
+ * overflow to +inf like expf. Max error < 1 ulp over [-104, 89] (measured against double exp);
+ * NaN stays NaN; no branches, no float-to-int conversion. */
+static inline float exp_f32(float x) {
+    x = x < -104.0f ? -104.0f : x;
+    x = x > 89.0f ? 89.0f : x;
+    float t = x * 1.44269504088896341f + 12582912.0f;    /* round(x / ln2) + 1.5 * 2^23 */
+    float nf = t - 12582912.0f;
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    int32_t n = (int32_t)(tb - 0x4B400000u);              /* the integer n, from t's mantissa */
+    float r = x - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    float z = r * r;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    int32_t n1 = n / 2, n2 = n - n1;                      /* each in [-75, 65]: normal floats */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return y * s1 * s2;
+}
+
+/* sum of exp(x[n] - c), lane order */
+static inline float sum_exp_f32(const float *x, float c, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += exp_f32(x[i + l] - c);
+    for (int l = 0; i < n; i++, l++) acc[l] += exp_f32(x[i] - c);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+/* x[n] = exp(x[n] - c) in place; returns their sum (same lane order as sum_exp_f32) */
+static inline float exp_inplace_sum_f32(float *x, float c, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) { float e = exp_f32(x[i + l] - c); x[i + l] = e; acc[l] += e; }
+    for (int l = 0; i < n; i++, l++) { float e = exp_f32(x[i] - c); x[i] = e; acc[l] += e; }
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
 /* sum (x[n] - c)^2 */
 static inline float sumsq_centered_f32(const float *x, float c, int n) {
     float acc[LANES] = {0};
@@ -218,8 +273,7 @@ static void cpu_attention_forward(void *ctx, float *out, float *att, const float
             for (int t = 0; t < T; t++) {
                 float *row = p + (size_t)t * T;
                 float mx = max_f32(row, t + 1);
-                float sum = 0.0f;
-                for (int j = 0; j <= t; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+                float sum = exp_inplace_sum_f32(row, mx, t + 1);
                 float inv = 1.0f / sum;
                 for (int j = 0; j <= t; j++) row[j] *= inv;
                 for (int j = t + 1; j < T; j++) row[j] = 0.0f;
@@ -263,7 +317,8 @@ static void cpu_attention_backward(void *ctx, float *dqkv, float *scratch, const
 }
 
 /* ---------------------------------------------------------------------------------------
- * activations */
+ * activations. GELU (tanh form) is evaluated as x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715x^3),
+ * which equals 0.5x(1 + tanh u) exactly in real arithmetic and needs only exp (vectorisable). */
 #define GELU_C 0.7978845608028654f   /* sqrt(2/pi) */
 
 /* GELU: a[N,F] = gelu_tanh(h[N,F]); SwiGLU: a[N,F] = silu(h1) * h3 with h[N,2F] = [h1 | h3] */
@@ -274,7 +329,7 @@ static void cpu_act_forward(void *ctx, int kind, float *a, const float *h, int N
         for (size_t i = 0; i < n; i++) {
             float x = h[i];
             float u = GELU_C * (x + 0.044715f * x * x * x);
-            a[i] = 0.5f * x * (1.0f + tanhf(u));
+            a[i] = x / (1.0f + exp_f32(-2.0f * u));
         }
     } else {
         ASSERTF(kind == ACT_KIND_SWIGLU, "act_forward: unknown activation kind %d", kind);
@@ -283,7 +338,7 @@ static void cpu_act_forward(void *ctx, int kind, float *a, const float *h, int N
             float *ar = a + (size_t)n * F;
             for (int f = 0; f < F; f++) {
                 float x = h1[f];
-                float sig = 1.0f / (1.0f + expf(-x));
+                float sig = 1.0f / (1.0f + exp_f32(-x));
                 ar[f] = x * sig * h3[f];
             }
         }
@@ -296,12 +351,12 @@ static void cpu_act_backward(void *ctx, int kind, float *dh, const float *da, co
     if (kind == ACT_KIND_GELU) {
         size_t n = (size_t)N * F;
         for (size_t i = 0; i < n; i++) {
+            /* d/dx x*s = s + 2x s(1-s) du/dx, s = sigmoid(2u) (= 0.5(1+tanh u) + 0.5x sech^2(u) du/dx) */
             float x = h[i];
-            float x3 = 0.044715f * x * x * x;
-            float u = GELU_C * (x + x3);
-            float th = tanhf(u);
-            float sech2 = 1.0f - th * th;
-            float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_C * (1.0f + 3.0f * 0.044715f * x * x);
+            float u = GELU_C * (x + 0.044715f * x * x * x);
+            float du = GELU_C * (1.0f + 3.0f * 0.044715f * x * x);
+            float sg = 1.0f / (1.0f + exp_f32(-2.0f * u));
+            float grad = sg + 2.0f * x * sg * (1.0f - sg) * du;
             dh[i] = grad * da[i];
         }
     } else {
@@ -311,7 +366,7 @@ static void cpu_act_backward(void *ctx, int kind, float *dh, const float *da, co
             float *d1 = dh + (size_t)n * 2 * F, *d3 = d1 + F;
             for (int f = 0; f < F; f++) {
                 float x = h1[f];
-                float sig = 1.0f / (1.0f + expf(-x));
+                float sig = 1.0f / (1.0f + exp_f32(-x));
                 float silu = x * sig;
                 d1[f] = g[f] * h3[f] * (sig + silu * (1.0f - sig));
                 d3[f] = g[f] * silu;
@@ -358,14 +413,14 @@ static void cpu_xent_forward(void *ctx, float *loss, const float *logits, const 
         ASSERTF(y < V, "xent_forward: target %d outside vocab %d (row %d)", (int)y, V, n);
         const float *row = logits + (size_t)n * V;
         float mx = max_f32(row, V);
-        float sum = 0.0f;
-        for (int j = 0; j < V; j++) sum += expf(row[j] - mx);
+        float sum = sum_exp_f32(row, mx, V);
         loss[n] = logf(sum) - (row[y] - mx);
     }
 }
 
 /* dlogits[N,V] = (softmax(logits) - onehot(target)) * dloss_scale, 0 rows where target < 0.
- * Overwrites; dlogits may alias logits (each element is read before it is written). */
+ * Overwrites; dlogits may be logits itself (exact alias): a row's max is taken from the logits
+ * before anything is written, then the row is turned into exps in place. */
 static void cpu_xent_backward(void *ctx, float *dlogits, const float *logits, const int32_t *targets,
                               float dloss_scale, int N, int V) {
     (void)ctx;
@@ -376,10 +431,9 @@ static void cpu_xent_backward(void *ctx, float *dlogits, const float *logits, co
         if (y < 0) { memset(drow, 0, sizeof(float) * (size_t)V); continue; }
         ASSERTF(y < V, "xent_backward: target %d outside vocab %d (row %d)", (int)y, V, n);
         float mx = max_f32(row, V);
-        /* exps go into drow: element j of row is read before drow[j] is written, and row is
-         * not read again, so aliasing is safe */
-        float sum = 0.0f;
-        for (int j = 0; j < V; j++) { float e = expf(row[j] - mx); drow[j] = e; sum += e; }
+        /* exps go into drow (in place when it aliases logits; row is not read again) */
+        if (drow != row) memcpy(drow, row, sizeof(float) * (size_t)V);
+        float sum = exp_inplace_sum_f32(drow, mx, V);
         float inv = 1.0f / sum, ey = drow[y];
         for (int j = 0; j < V; j++) drow[j] = (drow[j] * inv) * dloss_scale;
         drow[y] = (ey * inv - 1.0f) * dloss_scale;
@@ -596,9 +650,9 @@ Status backend_check(const Backend *be) {
     return status_ok();
 }
 
+/* The CPU backend has no context to release. BackendOps has no destroy slot, so a backend
+ * with a context (CUDA) must release it itself before this forgets the pointer. */
 void backend_free(Backend *be) {
     if (!be) return;
-    /* the CPU backend holds no context; other backends own theirs (see their headers) */
-    if (be->kind == BACKEND_CPU && be->ctx) xfree(be->ctx);
     memset(be, 0, sizeof *be);
 }

@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -20,6 +21,13 @@
 #include "optim.h"
 
 static volatile sig_atomic_t g_stop_signal = 0;
+
+/* peak resident set size of this process, measured by the kernel */
+static double peak_rss_bytes(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss * 1024.0;
+}
 static void on_signal(int sig) { g_stop_signal = sig; }
 
 void train_run_dir(const Config *cfg, char *dst, size_t cap) {
@@ -129,6 +137,7 @@ typedef struct LogIds {
     int step_s, tok_s, flops_frac, time_split, comm_bytes;
     int eval_loss, eval_ppl, eval_metric;
     int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
+    int rank_compute_s, rank_peak_rss;
 } LogIds;
 
 static int n_moe_layers(const Model *m) {
@@ -138,7 +147,7 @@ static int n_moe_layers(const Model *m) {
 }
 
 static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
-    uint64_t d4[1] = {4};
+    uint64_t d4[1] = {4}, dp[1] = {(uint64_t)m->comm->size};
     int nm = n_moe_layers(m);
     uint64_t dl[1] = {(uint64_t)(nm ? nm : 1)};
     uint64_t dle[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->cfg.moe.n_experts};
@@ -165,9 +174,11 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->dead = h5log_series(lg, "moe/balance/dead", H5LOG_F64, 1, dl);
     id->drop = h5log_series(lg, "moe/balance/drop", H5LOG_F64, 1, dl);
     id->tpe = h5log_series(lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle);
+    id->rank_compute_s = h5log_series(lg, "perf/rank_compute_s", H5LOG_F64, 1, dp);
+    id->rank_peak_rss = h5log_series(lg, "perf/rank_peak_rss_bytes", H5LOG_F64, 1, dp);
     int *all = &id->loss;
     for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
-        if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series %zu", lg->path, i);
+        if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series: %s", lg->path, lg->err.msg);
     return status_ok();
 }
 
@@ -189,6 +200,16 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/", "sgemm_peak_gflops", peak_gflops));
     TRY(h5log_attr_f64(lg, "/", "unigram_ppl_valid", unigram_ppl));
     TRY(h5log_attr_f64(lg, "/", "flops_per_token", model_flops_per_token(m)));
+    TRY(h5log_attr_str(lg, "/perf/time_split", "columns", "forward,backward,allreduce,optimizer (seconds)"));
+    char layers[512] = "";
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind != MOE_KIND_DENSE) {
+            char b[16];
+            snprintf(b, sizeof b, "%s%d", layers[0] ? "," : "", l);
+            strcat(layers, b);
+        }
+    TRY(h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none"));
+    TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
     double by_kind[PARAM_N_KINDS], total, active;
     model_param_counts(m, by_kind, &total, &active);
     uint64_t dk[1] = {PARAM_N_KINDS};
@@ -327,6 +348,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     int32_t *len = xcalloc(sizeof(int32_t) * Bl);
     int nm = n_moe_layers(&m), E = cfg->moe.n_experts;
     double *row = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E > 6 ? E : 6) * 8);
+    double *rank_buf = xcalloc(sizeof(double) * 2 * P), *rank_row = xcalloc(sizeof(double) * 2 * P);
     long n_global = cfg->model.task == TASK_LM ? (long)tc->batch_size * T : tc->batch_size;
     double t_start = time_now() - pos.elapsed_s, t_window = time_now();
     long window_steps = 0;
@@ -361,6 +383,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             break;
         }
         double dt = time_now() - t0;
+        double mine[2] = {t2 - t0, peak_rss_bytes()}, *all_r = rank_buf;
+        comm_gather_bytes(comm, mine, all_r, sizeof mine, 0);
         pos.step = step + 1;
         pos.tokens_seen += (int64_t)tc->batch_size * T;
         window_steps++;
@@ -386,6 +410,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             h5log_append(&lg, id.time_split, s, split);
             double arb = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - ar_bytes0);
             h5log_append(&lg, id.comm_bytes, s, &arb);
+            for (int r = 0; r < P; r++) { rank_row[r] = all_r[2 * r]; rank_row[P + r] = all_r[2 * r + 1]; }
+            h5log_append(&lg, id.rank_compute_s, s, rank_row);
+            h5log_append(&lg, id.rank_peak_rss, s, rank_row + P);
             if (nm > 0) {
                 double *cv2 = row, *var = row + nm, *mv = row + 2 * nm, *mm = row + 3 * nm;
                 double *ent = row + 4 * nm, *dead = row + 5 * nm, *drop = row + 6 * nm;
@@ -474,12 +501,16 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (rank == 0) {
             h5log_attr_f64(&lg, "/", "final_valid_ppl", res->valid_ppl);
             h5log_attr_f64(&lg, "/", "final_test_ppl", ev.ppl);
-            printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
-                   res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
+            if (ev.n > 0)
+                printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
+                       res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
+            else
+                printf("final | valid ppl %.2f | test split shorter than one window | unigram ppl (valid) %.2f | %.1f s\n",
+                       res->valid_ppl, uni_ppl, time_now() - t_start);
         }
     }
     if (rank == 0) h5log_close(&lg);
-    xfree(in); xfree(tg); xfree(len); xfree(row);
+    xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row);
     model_free(&m);
     data_free(&ds);
     backend_free(&be);

@@ -333,7 +333,7 @@ static void test_attention(void) {
      * must subtract the true row max */
     float *saved = dup(s.qkv, nqkv);
     for (int c = 0; c < s.D; c++) {
-        s.qkv[(size_t)3 * 3 * s.D + c] = 25.0f;
+        s.qkv[(size_t)3 * 3 * s.D + c] = 100.0f;   /* hd = 4: score = 0.5 * 4 * 100 * k */
         for (int j = 0; j <= 3; j++) s.qkv[(size_t)j * 3 * s.D + s.D + c] = 0.1f + 0.5f * (float)j;
     }
     att_loss(&s);
@@ -401,7 +401,8 @@ static double act_loss(void *p) {
     return wsum(s->w, s->a, (size_t)s->N * s->F);
 }
 
-static double gelu_ref(double x) { return 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
+/* 0.5 x (1 + tanh u) written as x sigmoid(2u): equal, and free of cancellation for x << 0 */
+static double gelu_ref(double x) { return x / (1 + exp(-2 * sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
 
 static void test_act(int kind) {
     const char *nm = kind == ACT_KIND_GELU ? "gelu" : "swiglu";
@@ -438,6 +439,40 @@ static void test_act(int kind) {
     str_fmt(name, sizeof name, "%s backward overwrites (2 calls = same bits)", nm);
     ok(memcmp(d1, dh, sizeof(float) * nh) == 0, "%s", name);
     xfree(want); xfree(s.h); xfree(s.a); xfree(s.w); xfree(dh); xfree(d1);
+}
+
+/* dense sweep over a wide range: forward and backward against double formulas (the backend
+ * evaluates exp itself, so its accuracy is checked here, including saturation) */
+static void test_act_sweep(void) {
+    int n = 4001;
+    float *h = xmalloc(sizeof(float) * 2 * n), *a = xmalloc(sizeof(float) * n), *da = xmalloc(sizeof(float) * n);
+    float *dh = xmalloc(sizeof(float) * 2 * n);
+    double *want = xmalloc(sizeof(double) * 2 * n);
+    for (int i = 0; i < n; i++) { h[i] = -30.0f + 60.0f * (float)i / (float)(n - 1); da[i] = 1.0f; }
+    O->act_forward(be.ctx, ACT_KIND_GELU, a, h, 1, n);
+    for (int i = 0; i < n; i++) want[i] = gelu_ref(h[i]);
+    /* rtol: where gelu is tiny, exp's argument 2u reaches ~88 and its float rounding (1 ulp of
+     * u) alone is a relative error of 88 * 6e-8 ~ 1e-5 in the result */
+    close_f("gelu forward sweep [-30, 30]", a, want, (size_t)n, 1e-30, 3e-5);
+    O->act_backward(be.ctx, ACT_KIND_GELU, dh, da, h, 1, n);
+    for (int i = 0; i < n; i++) {
+        double x = h[i], c = sqrt(2 / M_PI), u = c * (x + 0.044715 * x * x * x), th = tanh(u);
+        want[i] = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * c * (1 + 3 * 0.044715 * x * x);
+    }
+    close_f("gelu backward sweep [-30, 30]", dh, want, (size_t)n, 1e-6, 1e-5);
+    /* SwiGLU rows [h1 | h3] with h3 = 1: silu over [-100, 100] */
+    for (int i = 0; i < n; i++) { h[i] = -100.0f + 200.0f * (float)i / (float)(n - 1); h[n + i] = 1.0f; }
+    O->act_forward(be.ctx, ACT_KIND_SWIGLU, a, h, 1, n);
+    for (int i = 0; i < n; i++) want[i] = h[i] / (1 + exp(-(double)h[i]));
+    close_f("silu sweep [-100, 100]", a, want, (size_t)n, 1e-30, 2e-6);
+    O->act_backward(be.ctx, ACT_KIND_SWIGLU, dh, da, h, 1, n);
+    for (int i = 0; i < n; i++) {
+        double x = h[i], sg = 1 / (1 + exp(-x));
+        want[i] = sg + x * sg * (1 - sg);
+        want[n + i] = x * sg;
+    }
+    close_f("swiglu backward sweep [-100, 100]", dh, want, (size_t)2 * n, 1e-6, 1e-5);
+    xfree(h); xfree(a); xfree(da); xfree(dh); xfree(want);
 }
 
 /* ---- cross-entropy ----------------------------------------------------------------------- */
@@ -725,6 +760,7 @@ int main(void) {
     test_attention();
     test_act(ACT_KIND_GELU);
     test_act(ACT_KIND_SWIGLU);
+    test_act_sweep();
     test_xent();
     test_moe_rows();
     test_pool(POOL_KIND_MEAN);
