@@ -55,6 +55,37 @@ static char *tensor_table_text(const Model *m) {
     return b.p;
 }
 
+/* the clustering state of every clustered layer, packed: per layer group_of, members,
+ * mu_seen (i32 [E] each), bias [E] and mu [E, Pm] (f32), n_events and n_accepted (i32) */
+static size_t cluster_blob_size(const Model *m) {
+    size_t n = 0;
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        n += 4 * (3 * (size_t)f->E) + 4 * ((size_t)f->E + (size_t)f->E * m->cstate[l].mu_dim) + 8;
+    }
+    return n;
+}
+
+static void cluster_blob(Model *m, char *buf, int unpack) {
+    size_t off = 0;
+#define MOVE(ptr, bytes) do { if (unpack) memcpy((ptr), buf + off, (bytes)); else memcpy(buf + off, (ptr), (bytes)); off += (bytes); } while (0)
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        ClusterState *cs = &m->cstate[l];
+        size_t E = (size_t)f->E;
+        MOVE(cs->group_of, 4 * E);
+        MOVE(cs->members, 4 * E);
+        MOVE(cs->mu_seen, 4 * E);
+        MOVE(cs->bias, 4 * E);
+        MOVE(cs->mu, 4 * E * cs->mu_dim);
+        MOVE(&cs->n_events, 4);
+        MOVE(&cs->n_accepted, 4);
+    }
+#undef MOVE
+}
+
 static int step_dir_cmp(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -136,6 +167,13 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
                 put_section(&b, nm, host, bytes); n_sec++;
             }
             xfree(host);
+        }
+        size_t cb = cluster_blob_size(m);
+        if (cb) {
+            char *blob = xmalloc(cb);
+            cluster_blob(m, blob, 0);
+            put_section(&b, "cluster", blob, cb); n_sec++;
+            xfree(blob);
         }
         memcpy(b.p + n_sec_at, &n_sec, 4);
         str_fmt(path, sizeof path, "%s/model.bin", tmpdir);
@@ -278,6 +316,12 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
                 st = status_errorf("%s: section '%s' has %zu bytes, the model needs %zu", path, nm, len, sizeof(float) * m->n_cat[c]);
         }
     }
+    size_t cb = cluster_blob_size(m);
+    if (STATUS_OK(st) && cb) {
+        st = find_section(path, img, n, "cluster", &d, &len);
+        if (STATUS_OK(st) && len != cb)
+            st = status_errorf("%s: section 'cluster' has %zu bytes, the model needs %zu", path, len, cb);
+    }
     if (!STATUS_OK(st)) { free(img); return st; }
     *img_out = img;
     *n_out = n;
@@ -316,6 +360,20 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
             be->ops->from_host(be->ctx, dsts[k], host, bytes);
         }
         xfree(host);
+    }
+    size_t cb = cluster_blob_size(m);
+    if (cb) {
+        char *blob = xmalloc(cb);
+        if (comm->rank == 0) {
+            const char *d = NULL;
+            size_t len = 0;
+            Status s2 = find_section(path, img, n, "cluster", &d, &len);
+            ASSERTF(STATUS_OK(s2) && len == cb, "%s", s2.msg);
+            memcpy(blob, d, cb);
+        }
+        comm_bcast_bytes(comm, blob, cb, 0);
+        cluster_blob(m, blob, 1);
+        xfree(blob);
     }
     free(img);
     return status_ok();

@@ -46,6 +46,10 @@ static const char *const activation_names[] = {"gelu", "swiglu", NULL};
 static const char *const task_names[] = {"lm", "classify", NULL};
 static const char *const pooling_names[] = {"mean", "last", NULL};
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
+static const char *const group_score_names[] = {"mean", "top2", NULL};
+static const char *const balance_names[] = {"aux", "aux_free", NULL};
+static const char *const svd_names[] = {"randomized", "exact", NULL};
+static const char *const mu_source_names[] = {"router", "hidden", NULL};
 
 /* The key string is the member designator itself, so key and offset cannot disagree. */
 #define FIELD_(f) .key = #f, .offset = offsetof(Config, f), .size = sizeof(((Config *)0)->f)
@@ -107,6 +111,31 @@ static const KeyDef keys[] = {
     K_INT(moe.n_groups, 1, 4096, 8, "expert groups G (clustered); must divide n_experts"),
     K_INT(moe.top_groups, 1, 4096, 1, "groups chosen per token in routing stage 1 (clustered)"),
     K_INT(moe.rank, 1, 65536, 16, "rank r of each expert's residual A B^T (clustered)"),
+    K_ENUM(moe.group_score, group_score_names, GROUP_SCORE_MEAN,
+           "stage-1 group score: mean of member logits (prototype = mean router row) or sum of the top-2 member logits"),
+    K_FLOAT(moe.group_aux_coef, 0, 0.0, 10.0, 0, 0.01, "group-level Switch balance loss coefficient (clustered)"),
+    K_FLOAT(moe.group_capacity_factor, 1, 0.0, 64.0, 0, 1.25,
+            "group capacity = ceil(cf * tokens * top_groups / G) (clustered; dropless ignores it)"),
+    K_ENUM(moe.balance, balance_names, BALANCE_AUX,
+           "load balancing: Switch aux losses, or the aux-loss-free bias method (bias on selection scores)"),
+    K_FLOAT(moe.bias_gamma, 0, 0.0, 1.0, 0, 1e-3, "aux-loss-free bias update rate gamma"),
+    /* clustering */
+    K_BOOL(clustering.enabled, 1, "re-cluster experts online (false: fixed contiguous groups)"),
+    K_INT(clustering.interval, 1, INT_MAX, 500, "re-cluster every T steps"),
+    K_INT(clustering.warmup, -1, INT_MAX, -1, "no re-clustering before this step; -1 = 10% of train.steps"),
+    K_FLOAT(clustering.alpha, 0, 0.0, 1.0, 0, 0.6, "weight of parameter similarity in S = a cos(w) + (1-a) cos(mu)"),
+    K_FLOAT(clustering.ema_beta, 1, 0.0, 1.0, 0, 0.05, "EMA rate of the per-expert activation centroids mu"),
+    K_ENUM(clustering.mu_source, mu_source_names, MU_ROUTER,
+           "activation centroid: router-logit vectors of routed tokens (the paper's semantic embedding) or hidden inputs"),
+    K_INT(clustering.proj_dim, 0, 1048576, 256, "fixed random projection of the flattened expert weights; 0 = none"),
+    K_FLOAT(clustering.min_gain, 0, 0.0, 1.0, 0, 0.02, "keep the old partition unless the clustering cost drops by more than this fraction"),
+    K_INT(clustering.kmeans_iters, 1, 10000, 50, "Lloyd iterations of balanced k-means"),
+    K_INT(clustering.kmeans_restarts, 1, 1000, 4, "k-means++ restarts (the lowest cost wins)"),
+    K_ENUM(clustering.svd, svd_names, SVD_KIND_RANDOMIZED, "refit SVD: randomised (oversampling + power iterations) or exact LAPACK"),
+    K_INT(clustering.svd_oversample, 0, 1024, 8, "randomised SVD oversampling p"),
+    K_INT(clustering.svd_power_iters, 0, 64, 2, "randomised SVD power iterations q"),
+    K_BOOL(clustering.reset_adam, 1, "reset the Adam moments of refit bases and factors"),
+    K_INT(clustering.router_freeze, 0, INT_MAX, 0, "steps the router stays frozen after a re-clustering event"),
     /* train */
     K_INT(train.batch_size, 1, 1048576, 16, "global sequences per step (split across ranks)"),
     K_INT(train.steps, 1, INT_MAX, 1000, "optimizer steps"),
@@ -132,7 +161,7 @@ static const KeyDef keys[] = {
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
 /* sections in schema order; "sweep" is accepted at the top level and skipped (sweeps parse it) */
-static const char *const sections[] = {"run", "data", "model", "moe", "train", "log", "checkpoint"};
+static const char *const sections[] = {"run", "data", "model", "moe", "clustering", "train", "log", "checkpoint"};
 #define N_SECTIONS (sizeof sections / sizeof sections[0])
 #define SWEEP_SECTION "sweep"
 

@@ -15,6 +15,10 @@ enum DataKind { DATA_BROWN = 0, DATA_WIKITEXT = 1, DATA_GLUE = 2, DATA_BROWN_GEN
 enum TaskKind { TASK_LM = 0, TASK_CLASSIFY = 1 };
 enum Pooling { POOL_MEAN = 0, POOL_LAST = 1 };
 enum BackendKind { BACKEND_CPU = 0, BACKEND_CUDA = 1 };
+enum GroupScore { GROUP_SCORE_MEAN = 0, GROUP_SCORE_TOP2 = 1 };
+enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
+enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
+enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
 
 typedef struct RunConfig {
     char name[128];          /* run name; output folder is out_dir/name */
@@ -62,7 +66,30 @@ typedef struct MoeConfig {
     int n_groups;            /* G (clustered) */
     int top_groups;
     int rank;                /* r (clustered residual rank) */
+    enum GroupScore group_score;   /* group prototype: mean of member router rows, or top-2 sum */
+    double group_aux_coef;   /* group-level Switch balance loss coefficient (clustered) */
+    double group_capacity_factor;  /* per-group capacity = ceil(cf * tokens * top_groups / G) */
+    enum BalanceKind balance;      /* aux (Switch losses) or aux_free (bias method) */
+    double bias_gamma;       /* aux-loss-free bias update rate */
 } MoeConfig;
+
+typedef struct ClusterConfig {
+    bool enabled;            /* re-cluster online (false: fixed contiguous groups) */
+    int interval;            /* re-cluster every T steps */
+    int warmup;              /* no re-clustering before this step; -1 = 10% of train.steps */
+    double alpha;            /* weight of parameter similarity in the fused similarity */
+    double ema_beta;         /* EMA rate of the activation centroids */
+    enum MuSource mu_source; /* router logits of routed tokens, or their hidden inputs */
+    int proj_dim;            /* random projection of the parameter features; 0 = none */
+    double min_gain;         /* keep the old partition unless the cost drops by more than this fraction */
+    int kmeans_iters;
+    int kmeans_restarts;
+    enum SvdKind svd;        /* refit: randomised (default) or exact LAPACK SVD */
+    int svd_oversample;
+    int svd_power_iters;
+    bool reset_adam;         /* reset Adam moments of refit tensors */
+    int router_freeze;       /* steps the router stays frozen after an event */
+} ClusterConfig;
 
 typedef struct TrainConfig {
     int batch_size;          /* global sequences per step (split across ranks) */
@@ -94,6 +121,7 @@ typedef struct Config {
     DataConfig data;
     ModelConfig model;
     MoeConfig moe;
+    ClusterConfig clustering;
     TrainConfig train;
     LogConfig log;
     CheckpointConfig checkpoint;

@@ -8,7 +8,7 @@
 #include <string.h>
 
 const char *const param_kind_names[PARAM_N_KINDS] = {
-    "embedding", "attention", "norm", "dense_ffn", "router", "expert", "head"};
+    "embedding", "attention", "norm", "dense_ffn", "router", "expert", "head", "base", "factor"};
 
 static int layer_is_moe(const Config *c, int l) {
     return c->moe.kind != MOE_KIND_DENSE && (l % c->moe.every) == 0;
@@ -28,6 +28,8 @@ static ParamTensor *add_tensor(Model *m, const char *name, int kind, int cat, in
     t->decay = n_dims >= 2;
     t->init_std = std;
     t->init_one = one;
+    t->layer = -1;
+    if (!strncmp(name, "h.", 2)) t->layer = atoi(name + 2);
     return t;
 }
 
@@ -50,6 +52,16 @@ static void plan_params(Model *m) {
         if (f->kind == MOE_KIND_DENSE) {
             str_fmt(nm, sizeof nm, "h.%d.ffn.w1", l); add_tensor(m, nm, PARAM_DENSE_FFN, PCAT_DENSE, 2, D, f->F1, 0, std, 0);
             str_fmt(nm, sizeof nm, "h.%d.ffn.w2", l); add_tensor(m, nm, PARAM_DENSE_FFN, PCAT_DENSE, 2, f->F, D, 0, std_out, 0);
+        } else if (f->kind == MOE_KIND_CLUSTERED) {
+            /* factors start so that A B^T has about half the std of a base entry */
+            float sf = (float)sqrt(0.5 * std / sqrt((double)f->r)), sfo = (float)sqrt(0.5 * std_out / sqrt((double)f->r));
+            str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.base1", l); add_tensor(m, nm, PARAM_BASE, PCAT_EXPERT, 3, f->G, D, f->F1, std, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.base2", l); add_tensor(m, nm, PARAM_BASE, PCAT_EXPERT, 3, f->G, f->F, D, std_out, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.a1", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, D, f->r, sf, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.b1", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, f->F1, f->r, sf, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.a2", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, f->F, f->r, sfo, 0);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.b2", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, D, f->r, sfo, 0);
         } else {
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
             str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w1", l); add_tensor(m, nm, PARAM_EXPERT, PCAT_EXPERT, 3, f->E, D, f->F1, std, 0);
@@ -77,9 +89,13 @@ static void bind_views(Model *m, float *base[PCAT_N], ModelParams *v) {
         lp->ln1_w = NEXT(); lp->ln1_b = NEXT();
         lp->qkv = NEXT(); lp->proj = NEXT();
         lp->ln2_w = NEXT(); lp->ln2_b = NEXT();
+        memset(&lp->ffn, 0, sizeof lp->ffn);
         if (m->ffn[l].kind == MOE_KIND_DENSE) {
-            lp->ffn.router = NULL;
             lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT();
+        } else if (m->ffn[l].kind == MOE_KIND_CLUSTERED) {
+            lp->ffn.router = NEXT();
+            lp->ffn.base1 = NEXT(); lp->ffn.base2 = NEXT();
+            lp->ffn.a1 = NEXT(); lp->ffn.b1 = NEXT(); lp->ffn.a2 = NEXT(); lp->ffn.b2 = NEXT();
         } else {
             lp->ffn.router = NEXT();
             lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT();
@@ -111,8 +127,24 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
     int act = cfg->model.activation == ACT_SWIGLU ? ACT_KIND_SWIGLU : ACT_KIND_GELU;
     m->ffn = xcalloc(sizeof(MoeLayer) * m->L);
     for (int l = 0; l < m->L; l++) {
-        if (layer_is_moe(cfg, l)) moe_layer_setup(&m->ffn[l], &cfg->moe, cfg->moe.kind == MOE_KIND_CLUSTERED ? MOE_KIND_STANDARD : cfg->moe.kind, m->D, cfg->moe.d_ff_expert, act);
+        if (layer_is_moe(cfg, l)) moe_layer_setup(&m->ffn[l], &cfg->moe, cfg->moe.kind, m->D, cfg->moe.d_ff_expert, act);
         else moe_layer_setup(&m->ffn[l], &cfg->moe, MOE_KIND_DENSE, m->D, config_d_ff_dense(cfg), act);
+    }
+    m->cstate = xcalloc(sizeof(ClusterState) * m->L);
+    for (int l = 0; l < m->L; l++) {
+        MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        ClusterState *cs = &m->cstate[l];
+        cs->group_of = xcalloc(sizeof(int32_t) * f->E);
+        cs->members = xcalloc(sizeof(int32_t) * f->E);
+        for (int i = 0; i < f->E; i++) { cs->group_of[i] = i / f->K; cs->members[i] = i; }
+        cs->bias = xcalloc(sizeof(float) * f->E);
+        cs->mu_hidden = cfg->clustering.mu_source == MU_HIDDEN;
+        cs->mu_dim = cs->mu_hidden ? m->D : f->E;
+        cs->mu = xcalloc(sizeof(float) * (size_t)f->E * cs->mu_dim);
+        cs->mu_sum_store = xcalloc(sizeof(double) * (size_t)f->E * (cs->mu_dim + 1));
+        cs->mu_seen = xcalloc(sizeof(int32_t) * f->E);
+        f->cs = cs;
     }
     plan_params(m);
     for (int c = 0; c < PCAT_N; c++) {
@@ -181,6 +213,11 @@ void model_free(Model *m) {
     BF(m->lnf); BF(m->lnf_mean); BF(m->lnf_rstd); BF(m->logits); BF(m->losses); BF(m->pooled);
     BF(m->d_a); BF(m->d_b); BF(m->d_c); BF(m->dqkv); BF(m->datt); BF(m->dpooled);
 #undef BF
+    if (m->cstate) for (int l = 0; l < m->L; l++) {
+        ClusterState *cs = &m->cstate[l];
+        xfree(cs->group_of); xfree(cs->members); xfree(cs->bias); xfree(cs->mu); xfree(cs->mu_sum_store); xfree(cs->mu_seen);
+    }
+    xfree(m->cstate);
     xfree(m->res); xfree(m->acts); xfree(m->ffn); xfree(m->p.layers); xfree(m->g.layers);
     memset(m, 0, sizeof *m);
 }
@@ -218,7 +255,8 @@ void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *t
         const ParamTensor *t = &m->tensors[i];
         by_kind[t->kind] += (double)t->n;
         tot += (double)t->n;
-        if (t->kind == PARAM_EXPERT) act += (double)t->n / t->dims[0] * m->cfg.moe.top_k;
+        if (t->kind == PARAM_EXPERT || t->kind == PARAM_FACTOR) act += (double)t->n / t->dims[0] * m->cfg.moe.top_k;
+        else if (t->kind == PARAM_BASE) act += (double)t->n / t->dims[0] * m->cfg.moe.top_groups;
         else act += (double)t->n;
     }
     *total = tot;
@@ -233,7 +271,11 @@ double model_flops_per_token(const Model *m) {
         const MoeLayer *ff = &m->ffn[l];
         f += 2.0 * (D * 3 * D + D * D);
         f += 2.0 * T * D;                              /* QK^T and PV, causal half of 2*2*T*D */
-        f += 2.0 * ff->k * (D * ff->F1 + ff->F * D);
+        if (ff->kind == MOE_KIND_CLUSTERED)   /* base once per (token, group), low rank per expert */
+            f += 2.0 * ff->top_groups * (D * ff->F1 + ff->F * D) +
+                 2.0 * ff->k * ff->r * (D + ff->F1 + ff->F + D);
+        else
+            f += 2.0 * ff->k * (D * ff->F1 + ff->F * D);
         if (ff->kind != MOE_KIND_DENSE) f += 2.0 * D * ff->E;
     }
     if (m->task == TASK_LM) f += 2.0 * D * m->V;
@@ -257,6 +299,9 @@ double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, co
     op->embed_forward(cx, m->res[0], m->tokens, m->p.wte, m->p.wpe, B, T, D);
     m->aux_loss = 0;
     m->z_loss = 0;
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind == MOE_KIND_CLUSTERED)
+            m->cstate[l].mu_sum = m->collect_mu ? m->cstate[l].mu_sum_store : NULL;
     for (int l = 0; l < m->L; l++) {
         const LayerParams *lp = &m->p.layers[l];
         LayerActs *a = &m->acts[l];

@@ -17,7 +17,8 @@
 #include "moe.h"
 
 enum ParamKind { PARAM_EMBED = 0, PARAM_ATTN = 1, PARAM_NORM = 2, PARAM_DENSE_FFN = 3,
-                 PARAM_ROUTER = 4, PARAM_EXPERT = 5, PARAM_HEAD = 6, PARAM_N_KINDS = 7 };
+                 PARAM_ROUTER = 4, PARAM_EXPERT = 5, PARAM_HEAD = 6, PARAM_BASE = 7,
+                 PARAM_FACTOR = 8, PARAM_N_KINDS = 9 };
 enum ParamCat { PCAT_DENSE = 0, PCAT_EXPERT = 1, PCAT_N = 2 };
 extern const char *const param_kind_names[PARAM_N_KINDS];
 
@@ -34,6 +35,7 @@ typedef struct ParamTensor {
     int decay;               /* weight decay applies (matrices) */
     float init_std;          /* normal init std; 0 with init_one for LayerNorm weights */
     int init_one;
+    int layer;               /* transformer block, -1 outside blocks */
 } ParamTensor;
 
 typedef struct LayerParams {
@@ -69,6 +71,8 @@ typedef struct Model {
     int V, T, D, H, L, C, task;
     int B_max;                          /* activation capacity (sequences on this rank) */
     MoeLayer *ffn;                      /* [L] layer kinds (dense or MoE per moe.every) */
+    ClusterState *cstate;               /* [L] clustering state (clustered layers only) */
+    int collect_mu;                     /* accumulate activation centroids in forward (training) */
     int n_tensors;
     ParamTensor tensors[MODEL_MAX_TENSORS];
     size_t n_cat[PCAT_N];               /* elements per category */

@@ -17,6 +17,12 @@ void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, 
     ml->F1 = act == ACT_KIND_SWIGLU ? 2 * F : F;
     ml->E = kind == MOE_KIND_DENSE ? 1 : mc->n_experts;
     ml->k = kind == MOE_KIND_DENSE ? 1 : mc->top_k;
+    if (kind == MOE_KIND_CLUSTERED) {
+        ml->G = mc->n_groups;
+        ml->K = mc->n_experts / mc->n_groups;
+        ml->r = mc->rank;
+        ml->top_groups = mc->top_groups;
+    }
 }
 
 size_t moe_n_router(const MoeLayer *ml) {
@@ -24,7 +30,10 @@ size_t moe_n_router(const MoeLayer *ml) {
 }
 
 size_t moe_n_expert_params(const MoeLayer *ml) {
-    return (size_t)ml->E * ((size_t)ml->D * ml->F1 + (size_t)ml->F * ml->D);
+    size_t full = (size_t)ml->D * ml->F1 + (size_t)ml->F * ml->D;
+    if (ml->kind == MOE_KIND_CLUSTERED)
+        return (size_t)ml->G * full + (size_t)ml->E * ml->r * ((size_t)ml->D + ml->F1 + ml->F + ml->D);
+    return (size_t)ml->E * full;
 }
 
 static void *dev_alloc(const Backend *be, size_t bytes) { return be->ops->alloc(be->ctx, bytes); }
@@ -56,6 +65,7 @@ typedef struct MoeHost {
 
 Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max) {
     memset(st, 0, sizeof *st);
+    if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_init(st, ml, be, n_max);
     st->n_max = n_max;
     int E = ml->E, k = ml->k, D = ml->D, F = ml->F, F1 = ml->F1;
     size_t M = (size_t)n_max * k;
@@ -100,6 +110,7 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n
 static MoeHost *host_of(const MoeState *st) { return (MoeHost *)st->priv; }
 
 void moe_state_free(MoeState *st, const Backend *be) {
+    if (st && st->cpriv) { clustered_state_free(st, be); return; }
     if (!st || !st->priv) { if (st) memset(st, 0, sizeof *st); return; }
     MoeHost *hs = host_of(st);
     xfree(st->logits); xfree(st->probs); xfree(st->dlogits);
@@ -263,6 +274,10 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     ASSERTF(N <= st->n_max, "moe_forward: %d tokens > buffer capacity %d", N, st->n_max);
     int D = ml->D, E = ml->E, k = ml->k;
     st->N = N;
+    if (ml->kind == MOE_KIND_CLUSTERED) {
+        clustered_forward(ml, be, comm, p, st, out, x, N, n_global);
+        return;
+    }
     if (ml->kind == MOE_KIND_DENSE) {
         int32_t off[2] = {0, N};
         st->M = N;
@@ -314,6 +329,10 @@ void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, Moe
                   MoeState *st, float *dx, const float *dout, const float *x, long n_global) {
     (void)n_global;
     int N = st->N, D = ml->D, E = ml->E, k = ml->k, M = st->M;
+    if (ml->kind == MOE_KIND_CLUSTERED) {
+        clustered_backward(ml, be, p, g, st, dx, dout, x);
+        return;
+    }
     if (ml->kind == MOE_KIND_DENSE) {
         int32_t off[2] = {0, N};
         experts_backward(ml, be, p, g, st, off, x, dout, dx, 1.0f);

@@ -18,9 +18,30 @@
 
 typedef struct MoeParams {
     float *router;   /* [D, E], NULL for a dense FFN */
-    float *w1;       /* [E, D, F1] */
+    float *w1;       /* [E, D, F1] (dense, standard) */
     float *w2;       /* [E, F, D] */
+    /* clustered: W1_i = base1[g(i)] + a1_i b1_i^T, W2_i = base2[g(i)] + a2_i b2_i^T */
+    float *base1;    /* [G, D, F1] */
+    float *base2;    /* [G, F, D] */
+    float *a1;       /* [E, D, r] */
+    float *b1;       /* [E, F1, r] */
+    float *a2;       /* [E, F, r] */
+    float *b2;       /* [E, D, r] */
 } MoeParams;
+
+/* the clustering state of one clustered layer (owned by the model, checkpointed) */
+typedef struct ClusterState {
+    int32_t *group_of;           /* [E] group of each expert */
+    int32_t *members;            /* [G, K] member experts of each group, ascending */
+    float *bias;                 /* [E] aux-loss-free selection bias */
+    float *mu;                   /* [E, Pm] EMA activation centroids */
+    int mu_dim;                  /* Pm */
+    int mu_hidden;               /* 1: mu from hidden inputs (Pm = D), 0: router logits (Pm = E) */
+    int32_t *mu_seen;            /* [E] 1 once mu_i has had a first observation */
+    double *mu_sum;              /* [E, Pm + 1] sums and counts being collected, NULL = not collecting */
+    double *mu_sum_store;        /* the buffer behind mu_sum */
+    int n_events, n_accepted;
+} ClusterState;
 
 typedef struct MoeStats {        /* of the last forward, global over ranks */
     double aux_loss;             /* alpha * E * sum f_i P_i (0 if dense) */
@@ -28,6 +49,8 @@ typedef struct MoeStats {        /* of the last forward, global over ranks */
     double *counts;              /* [E] tokens kept per expert (after capacity) */
     double *counts_routed;       /* [E] token-expert pairs routed (before capacity) */
     double dropped_frac;         /* dropped pairs / routed pairs */
+    double *group_counts;        /* [G] token-group selections per group (clustered) */
+    double group_aux_loss, group_dropped_frac;
     long capacity;               /* per-expert capacity used (-1 = dropless) */
 } MoeStats;
 
@@ -52,6 +75,7 @@ typedef struct MoeState {
     /* backward scratch */
     float *dyg, *da, *dh, *dxg;  /* [M,D] [M,F] [M,F1] [M,D] */
     void *priv;                  /* routing scratch private to moe.c */
+    void *cpriv;                 /* clustered-layer scratch private to clustered.c */
     float *dlogits;              /* [N, E] */
     MoeStats stats;
 } MoeState;
@@ -59,7 +83,9 @@ typedef struct MoeState {
 typedef struct MoeLayer {
     int kind;                    /* enum MoeKind */
     int D, F, F1, E, k, act;
+    int G, K, r, top_groups;     /* clustered */
     MoeConfig cfg;
+    ClusterState *cs;            /* clustered: the model's state for this layer */
 } MoeLayer;
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);
@@ -76,5 +102,15 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
  * (1 for the mean-normalised losses as defined) */
 void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
                   MoeState *st, float *dx, const float *dout, const float *x, long n_global);
+
+/* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
+Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max);
+void clustered_state_free(MoeState *st, const Backend *be);
+void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
+                       MoeState *st, float *out, const float *x, int N, long n_global);
+void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+                        MoeState *st, float *dx, const float *dout, const float *x);
+/* the aux-loss-free bias update after a step (uses the last forward's global counts) */
+void clustered_update_bias(const MoeLayer *ml, const MoeState *st);
 
 #endif

@@ -19,6 +19,7 @@
 #include "metrics.h"
 #include "model.h"
 #include "optim.h"
+#include "recluster.h"
 
 static volatile sig_atomic_t g_stop_signal = 0;
 
@@ -138,7 +139,14 @@ typedef struct LogIds {
     int eval_loss, eval_ppl, eval_metric;
     int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
     int rank_compute_s, rank_peak_rss;
+    int tpg, gcv2, gmaxvio, gdrop, events, group_of;
 } LogIds;
+
+static int n_clustered_layers(const Model *m) {
+    int n = 0;
+    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind == MOE_KIND_CLUSTERED;
+    return n;
+}
 
 static int n_moe_layers(const Model *m) {
     int n = 0;
@@ -176,6 +184,17 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->tpe = h5log_series(lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle);
     id->rank_compute_s = h5log_series(lg, "perf/rank_compute_s", H5LOG_F64, 1, dp);
     id->rank_peak_rss = h5log_series(lg, "perf/rank_peak_rss_bytes", H5LOG_F64, 1, dp);
+    int nc = n_clustered_layers(m);
+    uint64_t dc[1] = {(uint64_t)(nc ? nc : 1)};
+    uint64_t dcg[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_groups};
+    uint64_t dce[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_experts};
+    uint64_t dev[2] = {(uint64_t)(nc ? nc : 1), RECLUSTER_N_COLS + 2};
+    id->tpg = h5log_series(lg, "moe/tokens_per_group", H5LOG_F64, 2, dcg);
+    id->gcv2 = h5log_series(lg, "moe/balance_group/cv2", H5LOG_F64, 1, dc);
+    id->gmaxvio = h5log_series(lg, "moe/balance_group/maxvio", H5LOG_F64, 1, dc);
+    id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
+    id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
+    id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
     int *all = &id->loss;
     for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
         if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series: %s", lg->path, lg->err.msg);
@@ -210,6 +229,9 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
         }
     TRY(h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none"));
     TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
+    TRY(h5log_attr_str(lg, "/cluster/events", "columns",
+                       "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
+                       "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after"));
     double by_kind[PARAM_N_KINDS], total, active;
     model_param_counts(m, by_kind, &total, &active);
     uint64_t dk[1] = {PARAM_N_KINDS};
@@ -349,6 +371,10 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     int nm = n_moe_layers(&m), E = cfg->moe.n_experts;
     double *row = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E > 6 ? E : 6) * 8);
     double *rank_buf = xcalloc(sizeof(double) * 2 * P), *rank_row = xcalloc(sizeof(double) * 2 * P);
+    int n_clus = n_clustered_layers(&m);
+    double *crow = xcalloc(sizeof(double) * (size_t)(n_clus ? n_clus : 1) * (cfg->moe.n_groups + E + 3 + 16));
+    ReclusterEvent *evs = xcalloc(sizeof(ReclusterEvent) * (n_clus ? n_clus : 1));
+    long last_event = -1, warm = recluster_warmup(cfg);
     long n_global = cfg->model.task == TASK_LM ? (long)tc->batch_size * T : tc->batch_size;
     double t_start = time_now() - pos.elapsed_s, t_window = time_now();
     long window_steps = 0;
@@ -364,13 +390,25 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         else
             data_cls_train_batch(&ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, in, len, tg);
         model_zero_grad(&m);
+        m.collect_mu = n_clus > 0 && cfg->clustering.enabled;
         double loss_local = model_forward(&m, in, tg, len, Bl, n_global);
+        m.collect_mu = 0;
         double t1 = time_now();
         model_backward(&m, n_global);
         double t2 = time_now();
         optim_reduce_grads(&m);
+        if (n_clus > 0 && cfg->clustering.router_freeze > 0 && last_event >= 0 &&
+            step < last_event + cfg->clustering.router_freeze)
+            for (int i = 0; i < m.n_tensors; i++)
+                if (m.tensors[i].kind == PARAM_ROUTER)
+                    be.ops->zero(be.ctx, m.grads[m.tensors[i].cat] + m.tensors[i].offset, sizeof(float) * m.tensors[i].n);
         double lr = optim_lr(tc, step);
         double gnorm = optim_step(&m, step, lr);
+        if (n_clus > 0) {
+            if (cfg->clustering.enabled) recluster_mu_step(&m);
+            for (int l = 0; l < m.L; l++)
+                if (m.ffn[l].kind == MOE_KIND_CLUSTERED) clustered_update_bias(&m.ffn[l], &m.acts[l].moe);
+        }
         double t3 = time_now();
         /* global loss: sum of local CE contributions + the (global) aux terms */
         double ce[1] = {m.loss_sum / (double)n_global};
@@ -437,6 +475,22 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                 if (cfg->log.expert_interval > 0 && s % cfg->log.expert_interval == 0)
                     h5log_append(&lg, id.tpe, s, tpe);
             }
+            if (n_clus > 0) {
+                int G = cfg->moe.n_groups, i = 0;
+                double *gc = crow, *gcv = crow + (size_t)n_clus * G, *gmv = gcv + n_clus, *gdr = gmv + n_clus;
+                for (int l = 0; l < m.L; l++) {
+                    if (m.ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+                    const MoeStats *ms = &m.acts[l].moe.stats;
+                    memcpy(gc + (size_t)i * G, ms->group_counts, sizeof(double) * G);
+                    LoadStats ls = metrics_load(ms->group_counts, G);
+                    gcv[i] = ls.cv2; gmv[i] = ls.maxvio; gdr[i] = ms->group_dropped_frac;
+                    i++;
+                }
+                h5log_append(&lg, id.tpg, s, gc);
+                h5log_append(&lg, id.gcv2, s, gcv);
+                h5log_append(&lg, id.gmaxvio, s, gmv);
+                h5log_append(&lg, id.gdrop, s, gdr);
+            }
             Status ls = h5log_step_done(&lg, s);
             if (!STATUS_OK(ls)) fprintf(stderr, "dcmoe: warning: %s\n", ls.msg);
             if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
@@ -457,6 +511,37 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         }
         (void)t_window;
         int is_last = step + 1 == tc->steps;
+        if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
+            double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
+            int n_ev = recluster_run(&m, step + 1, evs);
+            double pa = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
+            last_event = step + 1;
+            if (rank == 0) {
+                double *er = crow;
+                int moved = 0, refit = 0;
+                double emax = 0;
+                for (int i = 0; i < n_ev; i++) {
+                    const ReclusterEvent *e = &evs[i];
+                    double v[RECLUSTER_N_COLS + 2] = {e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved,
+                                                      e->n_groups_refit, e->jaccard, e->recon_err_mean, e->recon_err_max,
+                                                      e->seconds, pb, pa};
+                    memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2), v, sizeof v);
+                    moved += e->n_moved; refit += e->n_groups_refit;
+                    if (e->recon_err_max > emax) emax = e->recon_err_max;
+                }
+                h5log_append(&lg, id.events, step + 1, er);
+                int i = 0;
+                for (int l = 0; l < m.L; l++) {
+                    if (m.ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+                    for (int e = 0; e < E; e++) er[(size_t)i * E + e] = m.cstate[l].group_of[e];
+                    i++;
+                }
+                h5log_append(&lg, id.group_of, step + 1, er);
+                printf("re-cluster step %ld | %d layer(s) | moved %d experts | refit %d groups | max recon err %.2f%% | "
+                       "probe loss %.4f -> %.4f\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa);
+                fflush(stdout);
+            }
+        }
         if ((tc->eval_interval > 0 && (step + 1) % tc->eval_interval == 0) || is_last) {
             EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size);
             if (rank == 0) {
@@ -510,7 +595,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         }
     }
     if (rank == 0) h5log_close(&lg);
-    xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row);
+    xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
     model_free(&m);
     data_free(&ds);
     backend_free(&be);

@@ -1,0 +1,32 @@
+/* recluster: the online re-clustering event of the clustered MoE layers (DESIGN.md §1.2-1.3):
+ * activation centroids (EMA of the router-logit vectors, or hidden inputs, of each expert's
+ * tokens), parameter features (reconstructed weights under a fixed count-sketch projection),
+ * the fused balanced k-means with min-gain hysteresis (cluster.c), and the refit of every
+ * group whose membership changed (compress.c), with optional Adam-state reset.
+ * Every rank runs the same computation on the same replicated state, so all stay identical.
+ * Does not: log or evaluate probe losses (train.c does). */
+#ifndef DCMOE_RECLUSTER_H
+#define DCMOE_RECLUSTER_H
+
+#include "cluster.h"
+#include "model.h"
+
+#define RECLUSTER_N_COLS 10
+/* one row per clustered layer and event */
+typedef struct ReclusterEvent {
+    int layer;
+    double cost_before, cost_after;      /* clustering cost of the old / chosen partition */
+    int accepted, n_moved, n_groups_refit;
+    double jaccard;
+    double recon_err_mean, recon_err_max;  /* relative reconstruction error of the refit experts */
+    double seconds;
+} ReclusterEvent;
+
+/* fold this step's collected centroid sums into the EMA (collective: sums over ranks) */
+void recluster_mu_step(Model *m);
+/* the event: returns the number of clustered layers (rows written to ev[0..n)) */
+int recluster_run(Model *m, long step, ReclusterEvent *ev);
+/* first step at which events may happen */
+long recluster_warmup(const Config *cfg);
+
+#endif
