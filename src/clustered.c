@@ -307,8 +307,8 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratc
             if (ok) c->cnt[s * E + e]++;
         }
     queue_bases(comm, c, k, E, base, st->stats.counts_routed);
-    /* counts_routed = pairs offered to experts after group capacity; add the group drops back
-     * so the balance metrics see what the router asked for */
+    /* counts_routed = token-expert pairs offered to each expert after group capacity (the
+     * f_i of the in-group balance loss and the load metrics); counts = after expert capacity */
     int32_t *kept = xcalloc(sizeof(int32_t) * E);
     double routed = 0, kept_total = 0;
     for (int e = 0; e < E; e++) {

@@ -43,11 +43,13 @@ static void usage_config(void) {
            "       dcmoe config --reference                      Markdown table of every key\n");
 }
 
-/* fatal error on every rank: message from rank 0 (or any rank if it is the only one failing) */
+/* an error every rank reached together (config, data, checkpoint and training errors are
+ * agreed between ranks): rank 0 prints the one-line message, every rank exits cleanly */
 static int fail(Comm *comm, Status st) {
-    fprintf(stderr, "dcmoe: error: %s\n", st.msg);
-    fflush(stderr);
-    if (comm->size > 1) comm_abort(comm, 2);
+    if (comm->rank == 0) {
+        fprintf(stderr, "dcmoe: error: %s\n", st.msg);
+        fflush(stderr);
+    }
     MPI_Finalize();
     return 2;
 }

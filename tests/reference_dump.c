@@ -7,8 +7,12 @@
  *   usage: reference_dump OUT.bin CASE
  *   CASE: dense-gelu dense-swiglu moe moe-capacity moe-swiglu-norenorm moe-dropless
  *         moe-ties classify classify-last
+ *         clustered clustered-capacity clustered-top2-swiglu clustered-2groups
+ *         clustered-classify clustered-auxfree
  *   moe-ties copies router column 1 into column 6 so experts 1 and 6 tie exactly for every
  *   token (the top-k rule sends ties to the lower index; slot order then decides capacity).
+ *   clustered-* use moe.kind = clustered with the fixed contiguous groups of model_init
+ *   (expert i in group i/K); clustered-auxfree sets a nonzero selection bias by hand.
  *
  * File format (little-endian, as the host writes it):
  *   header:  char magic[8] = "DCMOEREF", u32 version = 1
@@ -24,11 +28,16 @@
  *     "loss", "aux_loss", "z_loss", "loss_sum"                                 f64 [1]
  *     "moe.<l>.topk_expert" i32 [N,k], "moe.<l>.kept" i32 [N,k] (1 kept, 0 dropped),
  *     "moe.<l>.probs" f32 [N,E], "moe.<l>.stats" f64 [4] = {aux, z, dropped_frac, capacity}
- *                                                  (MoE layers only)
+ *                                                  (MoE layers only; clustered: probs = the
+ *                                                  in-group softmax, 0 outside the chosen groups)
+ *     clustered layers also: "moe.<l>.group_of" i32 [E], "moe.<l>.members" i32 [G,K],
+ *     "moe.<l>.bias" f32 [E], "moe.<l>.group_counts" f64 [G] (token-group selections),
+ *     "moe.<l>.counts_routed" f64 [E] (pairs surviving group capacity), "moe.<l>.counts"
+ *     f64 [E] (kept), "moe.<l>.gstats" f64 [2] = {group_aux_loss, group_dropped_frac}
  *     "grad.<tensor name>"       f32    every gradient
  *
- * Legend: B T D H V L E k C N = batch, seq, d_model, heads, vocab, layers, experts, top-k,
- * classes, tokens (B*T). */
+ * Legend: B T D H V L E k C N G K = batch, seq, d_model, heads, vocab, layers, experts, top-k,
+ * classes, tokens (B*T), groups, experts per group. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,18 +63,37 @@ typedef struct RefCase {
     double cf;           /* capacity factor */
     int dropless, renorm, every;
     int tie;             /* duplicate a router column: exact probability ties */
+    /* clustered only (0 elsewhere) */
+    int G, TG, rank;     /* groups, groups per token, residual rank */
+    int gscore;          /* enum GroupScore */
+    int balance;         /* enum BalanceKind; aux_free: a hand-set nonzero bias */
+    double gcf;          /* group capacity factor */
 } RefCase;
 
 static const RefCase ref_cases[] = {
-    {"dense-gelu",          MOE_KIND_DENSE,    ACT_GELU,   TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0},
-    {"dense-swiglu",        MOE_KIND_DENSE,    ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0},
-    {"moe",                 MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 2.0,  0, 1, 1, 0},
-    {"moe-capacity",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.7,  0, 1, 1, 0},
-    {"moe-swiglu-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 0.9,  0, 0, 1, 0},
-    {"moe-dropless",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 1.0,  1, 1, 1, 0},
-    {"moe-ties",            MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.9,  0, 1, 1, 1},
-    {"classify",            MOE_KIND_STANDARD, ACT_GELU,   TASK_CLASSIFY, POOL_MEAN, 0.8,  0, 1, 2, 0},
-    {"classify-last",       MOE_KIND_DENSE,    ACT_SWIGLU, TASK_CLASSIFY, POOL_LAST, 1.25, 0, 1, 1, 0},
+    {"dense-gelu",          MOE_KIND_DENSE,    ACT_GELU,   TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"dense-swiglu",        MOE_KIND_DENSE,    ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.25, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"moe",                 MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 2.0,  0, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"moe-capacity",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.7,  0, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"moe-swiglu-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 0.9,  0, 0, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"moe-dropless",        MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 1.0,  1, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    {"moe-ties",            MOE_KIND_STANDARD, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.9,  0, 1, 1, 1, 0, 0, 0, 0, 0, 0},
+    {"classify",            MOE_KIND_STANDARD, ACT_GELU,   TASK_CLASSIFY, POOL_MEAN, 0.8,  0, 1, 2, 0, 0, 0, 0, 0, 0, 0},
+    {"classify-last",       MOE_KIND_DENSE,    ACT_SWIGLU, TASK_CLASSIFY, POOL_LAST, 1.25, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0},
+    /*                                                                          cf dropless renorm every tie
+     *                                                                          G TG r gscore balance gcf */
+    {"clustered",             MOE_KIND_CLUSTERED, ACT_GELU,   TASK_LM,       POOL_MEAN, 1.0, 1, 1, 1, 0,
+     2, 1, 4, GROUP_SCORE_MEAN, BALANCE_AUX, 1.0},
+    {"clustered-capacity",    MOE_KIND_CLUSTERED, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.6, 0, 1, 1, 0,
+     2, 1, 4, GROUP_SCORE_MEAN, BALANCE_AUX, 0.8},
+    {"clustered-top2-swiglu", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.0, 0, 1, 1, 0,
+     2, 1, 4, GROUP_SCORE_TOP2, BALANCE_AUX, 1.1},
+    {"clustered-2groups",     MOE_KIND_CLUSTERED, ACT_GELU,   TASK_LM,       POOL_MEAN, 0.9, 0, 0, 1, 0,
+     4, 2, 4, GROUP_SCORE_MEAN, BALANCE_AUX, 0.9},
+    {"clustered-classify",    MOE_KIND_CLUSTERED, ACT_GELU,   TASK_CLASSIFY, POOL_MEAN, 1.0, 0, 1, 2, 0,
+     2, 1, 4, GROUP_SCORE_MEAN, BALANCE_AUX, 1.0},
+    {"clustered-auxfree",     MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM,       POOL_MEAN, 1.0, 0, 1, 1, 0,
+     2, 1, 4, GROUP_SCORE_TOP2, BALANCE_AUX_FREE, 0.9},
 };
 #define N_REF_CASES ((int)(sizeof ref_cases / sizeof ref_cases[0]))
 
@@ -132,6 +160,27 @@ static void case_config(const RefCase *rc, Config *cfg) {
     cfg->moe.aux_loss_coef = 1e-2;
     cfg->moe.z_loss_coef = 1e-2;
     cfg->moe.renormalize = rc->renorm;
+    if (rc->kind == MOE_KIND_CLUSTERED) {
+        cfg->moe.n_groups = rc->G;
+        cfg->moe.top_groups = rc->TG;
+        cfg->moe.rank = rc->rank;
+        cfg->moe.group_score = rc->gscore;
+        cfg->moe.balance = rc->balance;
+        cfg->moe.group_capacity_factor = rc->gcf;
+        cfg->moe.group_aux_coef = 2e-2;   /* differs from aux_loss_coef: a swap shows */
+        cfg->clustering.enabled = false;  /* fixed contiguous groups */
+    }
+}
+
+/* a nonzero aux-loss-free selection bias on every clustered layer (large enough to change
+ * some choices: router logits have a spread of about 1) */
+static void set_cluster_bias(Model *m) {
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        int E = m->ffn[l].E;
+        for (int i = 0; i < E; i++)
+            m->cstate[l].bias[i] = (float)(0.35 * (((i * 5 + l * 3) % E) - 0.5 * (E - 1)) / E);
+    }
 }
 
 /* router [D,E] of every MoE layer: column dst = column src (exact ties between the two) */
@@ -166,6 +215,7 @@ static int dump_case(const RefCase *rc, const char *path) {
     if (!STATUS_OK(st)) { fprintf(stderr, "reference_dump: %s: model_init: %s\n", rc->name, st.msg); return 1; }
     model_init_params(&m);
     if (rc->tie) tie_router_columns(&m, &be, 1, 6);
+    if (rc->kind == MOE_KIND_CLUSTERED && rc->balance == BALANCE_AUX_FREE) set_cluster_bias(&m);
 
     /* the batch: random tokens; LM targets with one ignored (-1); classify labels + lengths */
     int32_t *inputs = xcalloc(sizeof(int32_t) * N);
@@ -203,7 +253,8 @@ static int dump_case(const RefCase *rc, const char *path) {
     uint32_t ver = REF_VERSION;
     err |= fwrite(&ver, 4, 1, f) != 1;
 
-    char json[2048];
+    int is_cl = rc->kind == MOE_KIND_CLUSTERED;
+    char json[4096];
     str_fmt(json, sizeof json,
             "{\"case\": \"%s\", \"V\": %d, \"T\": %d, \"D\": %d, \"H\": %d, \"L\": %d, "
             "\"E\": %d, \"k\": %d, \"B\": %d, \"C\": %d, \"d_ff_expert\": %d, \"d_ff\": %d, "
@@ -211,13 +262,19 @@ static int dump_case(const RefCase *rc, const char *path) {
             "\"pooling\": \"%s\", \"every\": %d, \"capacity_factor\": %.17g, \"dropless\": %d, "
             "\"renormalize\": %d, "
             "\"aux_loss_coef\": %.17g, \"z_loss_coef\": %.17g, \"n_global\": %ld, "
+            "\"G\": %d, \"top_groups\": %d, \"rank\": %d, \"group_score\": \"%s\", "
+            "\"balance\": \"%s\", \"group_aux_coef\": %.17g, \"group_capacity_factor\": %.17g, "
             "\"layernorm_eps\": 1e-5}",
             rc->name, V, T, REF_D, REF_H, REF_L, REF_E, REF_K, B, is_cls ? C : 0, REF_FE,
             config_d_ff_dense(&cfg), (int)cfg.moe.kind, rc->tie ? "[1, 6]" : "[]",
             rc->act == ACT_SWIGLU ? "swiglu" : "gelu", is_cls ? "classify" : "lm",
             rc->pooling == POOL_LAST ? "last" : "mean", cfg.moe.every, cfg.moe.capacity_factor,
             (int)cfg.moe.dropless, (int)cfg.moe.renormalize, cfg.moe.aux_loss_coef,
-            cfg.moe.z_loss_coef, n_global);
+            cfg.moe.z_loss_coef, n_global, is_cl ? cfg.moe.n_groups : 0,
+            is_cl ? cfg.moe.top_groups : 0, is_cl ? cfg.moe.rank : 0,
+            cfg.moe.group_score == GROUP_SCORE_TOP2 ? "top2" : "mean",
+            cfg.moe.balance == BALANCE_AUX_FREE ? "aux_free" : "aux", cfg.moe.group_aux_coef,
+            cfg.moe.group_capacity_factor);
     uint32_t jl = (uint32_t)strlen(json);
     err |= write_record(f, "cfg", REC_TEXT, 1, &jl, json);
 
@@ -263,8 +320,32 @@ static int dump_case(const RefCase *rc, const char *path) {
                                 (double)ms->stats.capacity};
                 str_fmt(nm, sizeof nm, "moe.%d.stats", l);
                 err |= write_f64(f, nm, s4, 4);
-                printf("%s: layer %d: capacity %ld, dropped fraction %.4f\n", rc->name, l,
-                       ms->stats.capacity, ms->stats.dropped_frac);
+                if (ml->kind == MOE_KIND_CLUSTERED) {
+                    const ClusterState *cs = ml->cs;
+                    int G = ml->G, K = ml->K;
+                    uint32_t d_e[1] = {(uint32_t)E}, d_gk[2] = {(uint32_t)G, (uint32_t)K};
+                    str_fmt(nm, sizeof nm, "moe.%d.group_of", l);
+                    err |= write_record(f, nm, REC_I32, 1, d_e, cs->group_of);
+                    str_fmt(nm, sizeof nm, "moe.%d.members", l);
+                    err |= write_record(f, nm, REC_I32, 2, d_gk, cs->members);
+                    str_fmt(nm, sizeof nm, "moe.%d.bias", l);
+                    err |= write_record(f, nm, REC_F32, 1, d_e, cs->bias);
+                    str_fmt(nm, sizeof nm, "moe.%d.group_counts", l);
+                    err |= write_f64(f, nm, ms->stats.group_counts, G);
+                    str_fmt(nm, sizeof nm, "moe.%d.counts_routed", l);
+                    err |= write_f64(f, nm, ms->stats.counts_routed, E);
+                    str_fmt(nm, sizeof nm, "moe.%d.counts", l);
+                    err |= write_f64(f, nm, ms->stats.counts, E);
+                    double g2[2] = {ms->stats.group_aux_loss, ms->stats.group_dropped_frac};
+                    str_fmt(nm, sizeof nm, "moe.%d.gstats", l);
+                    err |= write_f64(f, nm, g2, 2);
+                    printf("%s: layer %d: expert capacity %ld, group dropped fraction %.4f, expert "
+                           "dropped fraction %.4f (of the pairs surviving group capacity)\n", rc->name,
+                           l, ms->stats.capacity, ms->stats.group_dropped_frac, ms->stats.dropped_frac);
+                } else {
+                    printf("%s: layer %d: capacity %ld, dropped fraction %.4f\n", rc->name, l,
+                           ms->stats.capacity, ms->stats.dropped_frac);
+                }
                 xfree(kept);
             }
         }
