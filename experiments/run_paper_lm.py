@@ -32,7 +32,7 @@ def run(args, name, kind, groups, seed, extra):
     h5 = os.path.join(out, name, "metrics.h5")
     if os.path.exists(h5):
         with h5py.File(h5, "r", swmr=True) as f:
-            if "final_valid_ppl" in f.attrs:
+            if "final/test_ppl" in f and len(f["final/test_ppl/value"]) > 0:
                 print(f"{name}: complete, not rerun", flush=True)
                 return h5
         subprocess.run(["rm", "-rf", os.path.join(out, name)], check=True)
@@ -64,7 +64,7 @@ def summarize(h5):
         n = len(steps)
         tail = slice(int(0.8 * n), n)
         row = dict(
-            ppl=float(A["final_valid_ppl"]), test_ppl=float(A["final_test_ppl"]),
+            ppl=float(f["final/valid_ppl/value"][-1]), test_ppl=float(f["final/test_ppl/value"][-1]),
             total=float(f["params/by_kind"].attrs["total"]), active=float(f["params/by_kind"].attrs["active"]),
             expert=float(pk.get("expert", 0) + pk.get("base", 0) + pk.get("factor", 0)),
             tok_s=float(np.median(np.array(f["perf/tok_s/value"])[tail])),

@@ -140,6 +140,7 @@ typedef struct LogIds {
     int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of;
+    int final_valid_ppl, final_test_ppl, final_test_loss;
 } LogIds;
 
 static int n_clustered_layers(const Model *m) {
@@ -195,6 +196,9 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
     id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
     id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
+    id->final_valid_ppl = h5log_series(lg, "final/valid_ppl", H5LOG_F64, 0, NULL);
+    id->final_test_ppl = h5log_series(lg, "final/test_ppl", H5LOG_F64, 0, NULL);
+    id->final_test_loss = h5log_series(lg, "final/test_loss", H5LOG_F64, 0, NULL);
     int *all = &id->loss;
     for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
         if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series: %s", lg->path, lg->err.msg);
@@ -584,8 +588,11 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         res->test_loss = ev.loss;
         res->test_ppl = ev.ppl;
         if (rank == 0) {
-            h5log_attr_f64(&lg, "/", "final_valid_ppl", res->valid_ppl);
-            h5log_attr_f64(&lg, "/", "final_test_ppl", ev.ppl);
+            /* the run's headline numbers, one row at the last step (attributes cannot be
+             * added once SWMR writing has started) */
+            h5log_append(&lg, id.final_valid_ppl, pos.step, &res->valid_ppl);
+            h5log_append(&lg, id.final_test_ppl, pos.step, &ev.ppl);
+            h5log_append(&lg, id.final_test_loss, pos.step, &ev.loss);
             if (ev.n > 0)
                 printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
                        res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
