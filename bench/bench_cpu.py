@@ -201,7 +201,7 @@ def main():
     exe = os.path.join(a.build, "dcmoe")
     tmp = tempfile.mkdtemp(prefix="dcmoe-bench-")
     rows = []
-    for kind, groups in (("dense", 0), ("standard", 0), ("clustered", 4), ("clustered", 8)):
+    for kind, groups in (("dense", 8), ("standard", 8), ("clustered", 4), ("clustered", 8)):
         for ranks, threads in ((2, 1), (1, 2)):
             r = run_dcmoe(exe, tmp, kind, ranks, threads, a.steps, groups)
             print(f"dcmoe {r['name']}: {r['tok_s']:.0f} tok/s, {100 * r['frac']:.1f}% of sgemm peak "

@@ -148,6 +148,10 @@ static void cpu_sync(void *ctx) { (void)ctx; }
 /* ---------------------------------------------------------------------------------------
  * gemm: C[M,N] = alpha * op(A)[M,K] op(B)[K,N] + beta * C, row-major, leading dims given.
  * K == 0 leaves alpha*op(A)op(B) = 0, so C = beta*C (beta == 0 writes exact zeros). */
+/* BLAS threads the backend was started with (OpenBLAS's setting is process-wide) */
+static int cpu_threads = 1;
+#define SMALL_GEMM_FLOPS 4.0e6
+
 static void cpu_gemm(void *ctx, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
                      const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     (void)ctx;
@@ -162,8 +166,13 @@ static void cpu_gemm(void *ctx, bool trans_a, bool trans_b, int M, int N, int K,
         }
         return;
     }
+    /* small products (the rank-r factors of the clustered layer, tiny experts) cost more in
+     * OpenBLAS's thread hand-off than they compute: run them on the calling thread */
+    int small = cpu_threads > 1 && (double)M * N * K < SMALL_GEMM_FLOPS;
+    if (small) openblas_set_num_threads(1);
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
                 M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (small) openblas_set_num_threads(cpu_threads);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -617,6 +626,7 @@ static const BackendOps cpu_ops = {
 Status backend_cpu_init(Backend *be, int threads) {
     memset(be, 0, sizeof *be);
     if (threads > 0) openblas_set_num_threads(threads);
+    cpu_threads = threads > 0 ? threads : 1;
     be->ops = &cpu_ops;
     be->ctx = NULL;
     be->kind = BACKEND_CPU;
