@@ -36,30 +36,34 @@ def main():
         sys.exit(__doc__)
     out, runs = sys.argv[1], sys.argv[2:]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
-    for r in runs:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(runs):
         name = os.path.basename(os.path.normpath(r))
         d = load(r)
+        c = colors[i % len(colors)]   # one colour per run in every panel
         if "train/loss" in d:
             s, v = d["train/loss"]
-            ax[0, 0].plot(s[len(s) - len(smooth(v)):], smooth(v), label=name)
+            ax[0, 0].plot(s[len(s) - len(smooth(v)):], smooth(v), label=name, color=c)
         if "eval/ppl" in d:
             s, v = d["eval/ppl"]
-            ax[0, 1].plot(s, v, marker="o", label=name)
+            ax[0, 1].plot(s, v, marker="o", label=name, color=c)
         if "moe/balance/cv2" in d:
             s, v = d["moe/balance/cv2"]
             m = v.mean(axis=1)
-            ax[1, 0].plot(s[len(s) - len(smooth(m)):], smooth(m), label=name)
+            ax[1, 0].plot(s[len(s) - len(smooth(m)):], smooth(m), label=name, color=c)
         if "perf/tok_s" in d:
             s, v = d["perf/tok_s"]
-            ax[1, 1].plot(s[len(s) - len(smooth(v)):], smooth(v), label=name)
+            ax[1, 1].plot(s[len(s) - len(smooth(v)):], smooth(v), label=name, color=c)
     ax[0, 0].set(title="training loss (20-step mean)", xlabel="step", ylabel="loss")
     ax[0, 1].set(title="validation perplexity", xlabel="step", ylabel="perplexity", yscale="log")
-    ax[1, 0].set(title="expert load CV² = Var(n_e)/mean² (mean over MoE layers, 20-step mean)",
+    ax[1, 0].set(title="load CV² = Var(n_e)/mean², mean over MoE layers",
                  xlabel="step", ylabel="CV²", yscale="log")
-    ax[1, 1].set(title="throughput (20-step mean)", xlabel="step", ylabel="tokens/s")
+    ax[1, 1].set(title="tokens/s (20-step mean; shared machine)",
+                 xlabel="step", ylabel="tokens/s")
     for a in ax.flat:
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print("wrote", out)

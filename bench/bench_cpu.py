@@ -71,6 +71,7 @@ def run_dcmoe(exe, out, kind, ranks, threads, steps, groups=8):
         f.write(CONFIG.format(name=name, out=out, threads=threads, root=ROOT, kind=kind, steps=steps, groups=groups))
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(ranks), exe, "train", cfg, "--quiet"]
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads))
+    time.sleep(3)   # let the previous run's processes finish exiting before this one measures its peak
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
