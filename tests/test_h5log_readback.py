@@ -20,24 +20,8 @@ L, E = 3, 5
 N_FIRST, FLUSH, EVAL_EVERY = 57, 10, 5
 CONFIG_TEXT = "model:\n  name: t\u00e9st \u2713\n  d_model: 64\n"
 
-failures = []
-
-
-def check(cond, msg):
-    print(("ok - " if cond else "not ok - ") + msg, flush=True)
-    if not cond:
-        failures.append(msg)
-    return cond
-
-
-def finish():
-    if failures:
-        print(f"# {len(failures)} check(s) failed:", flush=True)
-        for f in failures:
-            print(f"#   {f}", flush=True)
-        sys.exit(1)
-    print("# all checks passed", flush=True)
-    sys.exit(0)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testlib import check, failures, finish  # noqa: E402
 
 
 # ---- the fixture's values (tests/test_h5log.c, phase 0), as functions of the steps ----

@@ -22,7 +22,9 @@ def check(cond, msg):
 
 def finish():
     if failures:
-        print(f"# {len(failures)} check(s) failed", flush=True)
+        print(f"# {len(failures)} check(s) failed:", flush=True)
+        for f in failures:
+            print(f"#   {f}", flush=True)
         sys.exit(1)
     print("# all checks passed", flush=True)
     sys.exit(0)
