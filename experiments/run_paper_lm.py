@@ -24,6 +24,8 @@ VARIANTS = [  # name, kind, groups, seed, extra --set (the investigation rows va
     ("clustered-g4-alpha0", "clustered", 4, 1, ["clustering.alpha=0.0"]),
     ("clustered-g4-dropless", "clustered", 4, 1, ["moe.dropless=true"]),
     ("standard-dropless", "standard", 4, 1, ["moe.dropless=true"]),
+    ("clustered-g4-aux03", "clustered", 4, 1, ["moe.aux_loss_coef=0.03", "moe.group_aux_coef=0.03"]),
+    ("standard-aux03", "standard", 4, 1, ["moe.aux_loss_coef=0.03"]),
 ]
 
 

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -314,7 +315,11 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     if (threads == 0) {
         const char *env = getenv("OPENBLAS_NUM_THREADS");
         threads = env ? atoi(env) : 0;
-        if (threads <= 0) threads = comm->local_size > 1 ? 1 : 2;
+        if (threads <= 0) {   /* cores / ranks on this node */
+            long cores = sysconf(_SC_NPROCESSORS_ONLN);
+            threads = (int)(cores > 0 ? cores : 1) / (comm->local_size > 0 ? comm->local_size : 1);
+            if (threads < 1) threads = 1;
+        }
     }
     if (cfg->run.backend == BACKEND_CUDA) TRY(agree(comm, backend_cuda_init(&be, comm->local_rank)));
     else TRY(backend_cpu_init(&be, threads));
