@@ -90,6 +90,13 @@ static void cu_adamw(void *ctx, float *p, const float *g, float *m, float *v, si
     if (n) k_adamw<<<blocks(n), 256>>>(p, g, m, v, n, lr, b1, b2, eps, wd, bc1, bc2);
 }
 
+static void cu_destroy(void *ctx) {
+    CudaCtx *c = (CudaCtx *)ctx;
+    if (!c) return;
+    cublasDestroy(c->blas);
+    free(c);
+}
+
 static BackendOps make_ops(void) {
     BackendOps o;
     memset(&o, 0, sizeof o);
@@ -97,6 +104,7 @@ static BackendOps make_ops(void) {
     o.alloc = cu_alloc; o.free = cu_free; o.to_host = cu_to_host; o.from_host = cu_from_host;
     o.copy = cu_copy; o.zero = cu_zero; o.sync = cu_sync; o.gemm = cu_gemm;
     o.axpy = cu_axpy; o.scale = cu_scale; o.sumsq = cu_sumsq; o.adamw = cu_adamw;
+    o.destroy = cu_destroy;
     return o;
 }
 static BackendOps cuda_ops;

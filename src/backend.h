@@ -94,6 +94,9 @@ typedef struct BackendOps {
     /* out[i,:] = scale[i] * x[idx[i],:] (overwrite) */
     void (*gather_rows_scaled)(void *ctx, float *out, const float *x, const int32_t *idx,
                                const float *scale, int n, int D);
+
+    /* release the context (handles, streams); called once by backend_free */
+    void (*destroy)(void *ctx);
 } BackendOps;
 
 typedef struct Backend {

@@ -605,6 +605,8 @@ static void cpu_adamw(void *ctx, float *p, const float *g, float *m, float *v, s
 /* ---------------------------------------------------------------------------------------
  * the table and the backend-independent helpers */
 
+static void cpu_destroy(void *ctx) { (void)ctx; }   /* the CPU backend has no context */
+
 static const BackendOps cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc, .free = cpu_free, .to_host = cpu_to_host, .from_host = cpu_from_host,
@@ -620,7 +622,7 @@ static const BackendOps cpu_ops = {
     .gather_dot = cpu_gather_dot,
     .pool_forward = cpu_pool_forward, .pool_backward = cpu_pool_backward,
     .adamw = cpu_adamw,
-    .combine_rows = cpu_combine_rows, .gather_rows_scaled = cpu_gather_rows_scaled,
+    .combine_rows = cpu_combine_rows, .gather_rows_scaled = cpu_gather_rows_scaled, .destroy = cpu_destroy,
 };
 
 Status backend_cpu_init(Backend *be, int threads) {
@@ -642,7 +644,7 @@ Status backend_cpu_init(Backend *be, int threads) {
     X(attention_forward) X(attention_backward) X(act_forward) X(act_backward) \
     X(axpy) X(scale) X(sumsq) X(xent_forward) X(xent_backward) \
     X(gather_rows) X(scatter_add_rows) X(gather_dot) X(pool_forward) X(pool_backward) \
-    X(adamw) X(combine_rows) X(gather_rows_scaled)
+    X(adamw) X(combine_rows) X(gather_rows_scaled) X(destroy)
 #define SLOT_COUNT(s) + 1
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + (0 BACKEND_SLOTS(SLOT_COUNT)) * sizeof(void (*)(void)),
                "BackendOps gained a slot: add it to BACKEND_SLOTS in backend_cpu.c");
@@ -660,9 +662,10 @@ Status backend_check(const Backend *be) {
     return status_ok();
 }
 
-/* The CPU backend has no context to release. BackendOps has no destroy slot, so a backend
- * with a context (CUDA) must release it itself before this forgets the pointer. */
+/* releases the backend's context through its destroy slot (CUDA: cuBLAS handle); safe on a
+ * zeroed struct and safe twice */
 void backend_free(Backend *be) {
     if (!be) return;
+    if (be->ops && be->ops->destroy) be->ops->destroy(be->ctx);
     memset(be, 0, sizeof *be);
 }
