@@ -8,6 +8,7 @@
 #include "comm.h"
 #include "config.h"
 #include "config_build.h"
+#include "sweep.h"
 #include "train.h"
 #include "util.h"
 
@@ -18,6 +19,7 @@ static void usage_main(void) {
            "  train CONFIG.yaml   train a model (see `dcmoe train --help`)\n"
            "  eval CONFIG.yaml    evaluate a run's checkpoint (see `dcmoe eval --help`)\n"
            "  config [CONFIG]     print the resolved config, or --reference for every key\n"
+           "  sweep plan FILE     expand and validate the file's sweep: block (runs, ids, settings)\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -63,10 +65,10 @@ typedef struct Args {
     long stop_at;
 } Args;
 
-static Status parse_args(int argc, char **argv, Args *a) {
+static Status parse_args(int argc, char **argv, int first, Args *a) {
     memset(a, 0, sizeof *a);
     a->split = "valid";
-    for (int i = 2; i < argc; i++) {
+    for (int i = first; i < argc; i++) {
         const char *s = argv[i];
         if (!strcmp(s, "--help") || !strcmp(s, "-h")) a->help = 1;
         else if (!strcmp(s, "--resume")) a->resume = 1;
@@ -126,7 +128,16 @@ int main(int argc, char **argv) {
         MPI_Finalize();
         return 0;
     }
-    st = parse_args(argc, argv, &a);
+    int is_sweep = !strcmp(cmd, "sweep");
+    if (is_sweep && (argc < 3 || strcmp(argv[2], "plan") != 0)) {
+        if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n\n"
+                                   "Expands the file's sweep: block (grid: Cartesian product, last key fastest;\n"
+                                   "zip: paired lists; keys: any config key, `ranks`, `name`) into numbered runs with\n"
+                                   "stable ids, validates every run's config, and prints the plan.\n");
+        MPI_Finalize();
+        return argc >= 3 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h")) ? 0 : 2;
+    }
+    st = parse_args(argc, argv, is_sweep ? 3 : 2, &a);
     if (!STATUS_OK(st)) return fail(&comm, st);
     Config cfg;
     if (!strcmp(cmd, "train")) {
@@ -150,6 +161,23 @@ int main(int argc, char **argv) {
         if (!STATUS_OK(st)) return fail(&comm, st);
         st = eval_run(&cfg, a.checkpoint, a.split, &comm);
         if (!STATUS_OK(st)) return fail(&comm, st);
+    } else if (is_sweep) {
+        if (!a.config) return fail(&comm, status_errorf("sweep plan: missing FILE.yaml"));
+        st = load_config(&a, &cfg);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+        Sweep sw;
+        st = sweep_plan(a.config, &cfg, &sw);
+        if (!STATUS_OK(st)) { sweep_free(&sw); return fail(&comm, st); }
+        if (comm.rank == 0) {
+            printf("%d run(s) from %s\n", sw.n_runs, a.config);
+            for (int i = 0; i < sw.n_runs; i++) {
+                const SweepRun *r = &sw.runs[i];
+                printf("%4d  %s  %-28s ranks=%d ", r->index, r->id, r->name, r->ranks);
+                for (int j = 0; j < r->n_sets; j++) printf(" %s", r->sets[j]);
+                printf("\n");
+            }
+        }
+        sweep_free(&sw);
     } else if (!strcmp(cmd, "config")) {
         if (a.help) { if (comm.rank == 0) usage_config(); MPI_Finalize(); return 0; }
         if (a.reference) {
@@ -160,7 +188,7 @@ int main(int argc, char **argv) {
             if (comm.rank == 0) { char *y = config_to_yaml(&cfg); fputs(y, stdout); free(y); }
         }
     } else {
-        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, version)\n", cmd);
+        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, sweep, version)\n", cmd);
         rc = 2;
     }
     MPI_Finalize();
