@@ -33,9 +33,8 @@ typedef struct CScratch {
     float *entry_gate;                   /* [M] */
     int32_t *gentry_token;               /* [Mg] */
     int32_t *expert_off, *group_off;     /* [E+1], [G+1] */
-    int32_t *cnt, *cnt_all;              /* counts per slot, gathered over ranks */
-    int cnt_cap;
-    size_t cnt_per;                      /* max slots x buckets */
+    int32_t *cnt, *cnt_all;              /* counts per slot, and gathered over ranks */
+    size_t cnt_all_cap;
     double *fcoef_e, *fcoef_g;           /* aux gradient coefficients [E], [G] */
     double z_coef;
     float *dgate_h, *dgate2_h;           /* [M] */
@@ -79,8 +78,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->gentry_token = xcalloc(sizeof(int32_t) * Mg);
     c->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
     c->group_off = xcalloc(sizeof(int32_t) * (G + 1));
-    c->cnt_per = (size_t)(k > TG ? k : TG) * (E > G ? E : G);
-    c->cnt = xcalloc(sizeof(int32_t) * c->cnt_per);
+    c->cnt = xcalloc(sizeof(int32_t) * (size_t)(k > TG ? k : TG) * (E > G ? E : G));
     c->fcoef_e = xcalloc(sizeof(double) * E);
     c->fcoef_g = xcalloc(sizeof(double) * G);
     c->dgate_h = xcalloc(sizeof(float) * M);
@@ -242,34 +240,6 @@ static void route_two_stage(const MoeLayer *ml, CScratch *c, int N) {
     }
 }
 
-/* gather per-slot counts over ranks; base[s][x] = queue position of this rank's first slot-s
- * item for bucket x (slot-major, then rank-major token order), totals per bucket */
-static void queue_bases(Comm *comm, CScratch *c, int n_slots, int n_buckets, long *base, double *total) {
-    int P = comm->size;
-    size_t per = (size_t)n_slots * n_buckets;
-    if (c->cnt_cap < P) {
-        xfree(c->cnt_all);
-        c->cnt_all = xcalloc(sizeof(int32_t) * (size_t)P * c->cnt_per);
-        c->cnt_cap = P;
-    }
-    ASSERT(per <= c->cnt_per);
-    comm_allgather_bytes(comm, c->cnt, c->cnt_all, sizeof(int32_t) * per);
-    for (int x = 0; x < n_buckets; x++) {
-        long acc = 0;
-        for (int s = 0; s < n_slots; s++) {
-            long before = 0, tot = 0;
-            for (int r = 0; r < P; r++) {
-                long v = c->cnt_all[(size_t)r * per + (size_t)s * n_buckets + x];
-                if (r < comm->rank) before += v;
-                tot += v;
-            }
-            base[s * n_buckets + x] = acc + before;
-            acc += tot;
-        }
-        total[x] = (double)acc;
-    }
-}
-
 static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratch *c, int N, long n_global) {
     int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups;
     int dropless = ml->cfg.dropless;
@@ -282,7 +252,7 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratc
     memset(c->cnt, 0, sizeof(int32_t) * TG * G);
     for (int t = 0; t < N; t++)
         for (int j = 0; j < TG; j++) c->cnt[j * G + c->gsel[(size_t)t * TG + j]]++;
-    queue_bases(comm, c, TG, G, base, st->stats.group_counts);
+    moe_queue_bases(comm, c->cnt, TG, G, &c->cnt_all, &c->cnt_all_cap, base, st->stats.group_counts);
     double g_routed = 0, g_kept = 0;
     for (int g = 0; g < G; g++) {
         g_routed += st->stats.group_counts[g];
@@ -306,7 +276,7 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratc
             c->pos[(size_t)t * k + s] = ok ? 0 : -1;
             if (ok) c->cnt[s * E + e]++;
         }
-    queue_bases(comm, c, k, E, base, st->stats.counts_routed);
+    moe_queue_bases(comm, c->cnt, k, E, &c->cnt_all, &c->cnt_all_cap, base, st->stats.counts_routed);
     /* counts_routed = token-expert pairs offered to each expert after group capacity (the
      * f_i of the in-group balance loss and the load metrics); counts = after expert capacity */
     int32_t *kept = xcalloc(sizeof(int32_t) * E);
@@ -384,7 +354,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     ClusterState *cs = ml->cs;
     const BackendOps *op = be->ops;
     void *cx = be->ctx;
-    int D = ml->D, E = ml->E, G = ml->G, K = ml->K, k = ml->k, TG = ml->top_groups;
+    int D = ml->D, E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups;
     int F = ml->F, F1 = ml->F1, r = ml->r;
     ASSERTF(N <= c->n_max, "clustered_forward: %d tokens > capacity %d", N, c->n_max);
     st->N = N;
@@ -487,7 +457,6 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     op->scatter_add_rows(cx, c->yg, c->z, c->entry_grow_d, c->entry_gate_d, M, D);
     op->zero(cx, out, sizeof(float) * (size_t)N * D);
     op->combine_rows(cx, out, c->yg, c->gpos_d, NULL, N, TG, D);
-    (void)K;
 }
 
 /* ---- backward ---- */
@@ -565,21 +534,10 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
         /* candidates: members of the chosen groups; in-group aux gradient on every candidate */
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = cs->members[(size_t)gs[j] * K + q]; dp[i] = c->fcoef_e[i]; }
-        if (ml->cfg.renormalize && k > 1) {
-            double Z = 0, dot = 0;
-            for (int s = 0; s < k; s++) {
-                double dg = ps[s] >= 0 ? (double)c->dgate_h[ps[s]] + c->dgate2_h[ps[s]] : 0.0;
-                Z += pt[tk[s]];
-                dot += dg * gt[s];
-            }
-            for (int s = 0; s < k; s++) {
-                double dg = ps[s] >= 0 ? (double)c->dgate_h[ps[s]] + c->dgate2_h[ps[s]] : 0.0;
-                dp[tk[s]] += (dg - dot) / Z;
-            }
-        } else {
-            for (int s = 0; s < k; s++)
-                if (ps[s] >= 0) dp[tk[s]] += (double)c->dgate_h[ps[s]] + c->dgate2_h[ps[s]];
-        }
+        double dg[64], inc[64];
+        for (int s = 0; s < k; s++) dg[s] = ps[s] >= 0 ? (double)c->dgate_h[ps[s]] + c->dgate2_h[ps[s]] : 0.0;
+        moe_gate_backward(k, tk, gt, pt, dg, ml->cfg.renormalize && k > 1, inc);
+        for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
         double spd = 0;
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = cs->members[(size_t)gs[j] * K + q]; spd += pt[i] * dp[i]; }

@@ -385,7 +385,6 @@ void model_backward(Model *m, long n_global) {
     op->zero(cx, dres, sizeof(float) * N * D);
     op->layernorm_backward(cx, dres, m->g.lnf_w, m->g.lnf_b, dtmp, m->res[m->L], m->p.lnf_w,
                            m->lnf_mean, m->lnf_rstd, N, D);
-    long n_tok = (long)N * m->comm->size;
     for (int l = m->L - 1; l >= 0; l--) {
         const LayerParams *lp = &m->p.layers[l];
         LayerParams *gp = &m->g.layers[l];
@@ -393,7 +392,7 @@ void model_backward(Model *m, long n_global) {
         /* res[l+1] = res_mid + ffn(ln2(res_mid)) */
         op->copy(cx, dmid, dres, sizeof(float) * N * D);
         op->zero(cx, dtmp, sizeof(float) * N * D);
-        moe_backward(&m->ffn[l], be, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2, n_tok);
+        moe_backward(&m->ffn[l], be, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2);
         op->layernorm_backward(cx, dmid, gp->ln2_w, gp->ln2_b, dtmp, a->res_mid, lp->ln2_w,
                                a->ln2_mean, a->ln2_rstd, N, D);
         /* res_mid = res[l] + atty proj */

@@ -57,7 +57,7 @@ typedef struct MoeHost {
     double z_coef;               /* 2*beta/n_global */
     int32_t *cnt;                /* [k, E] local routed counts per slot */
     int32_t *cnt_all;            /* [P, k, E] */
-    int n_ranks_cap;
+    size_t cnt_all_cap;
     float *dgate_h;              /* [M] */
     float *dp;                   /* [N, E] */
     MoeDev dev;
@@ -204,37 +204,61 @@ static void route_topk(const MoeLayer *ml, MoeState *st, MoeHost *hs, int N) {
 /* capacity over the global batch: queue order is slot-major (every token's first choice
  * before any second choice), then global token order (rank-major). Fills pos, the entries
  * sorted by expert, and the global counts. */
+void moe_queue_bases(Comm *comm, const int32_t *cnt, int n_slots, int n_buckets,
+                     int32_t **cnt_all, size_t *cnt_all_cap, long *base, double *total) {
+    int P = comm->size;
+    size_t per = (size_t)n_slots * n_buckets;
+    if (*cnt_all_cap < (size_t)P * per) {
+        xfree(*cnt_all);
+        *cnt_all = xcalloc(sizeof(int32_t) * (size_t)P * per);
+        *cnt_all_cap = (size_t)P * per;
+    }
+    comm_allgather_bytes(comm, cnt, *cnt_all, sizeof(int32_t) * per);
+    for (int x = 0; x < n_buckets; x++) {
+        long acc = 0;
+        for (int s = 0; s < n_slots; s++) {
+            long before = 0, tot = 0;
+            for (int r = 0; r < P; r++) {
+                long v = (*cnt_all)[(size_t)r * per + (size_t)s * n_buckets + x];
+                if (r < comm->rank) before += v;
+                tot += v;
+            }
+            base[s * n_buckets + x] = acc + before;
+            acc += tot;
+        }
+        total[x] = (double)acc;
+    }
+}
+
+void moe_gate_backward(int k, const int32_t *sel, const float *gate, const float *probs,
+                       const double *dg, int renorm, double *inc) {
+    if (!renorm) {
+        for (int s = 0; s < k; s++) inc[s] = dg[s];
+        return;
+    }
+    double Z = 0, dot = 0;
+    for (int s = 0; s < k; s++) {
+        Z += probs[sel[s]];
+        dot += dg[s] * gate[s];
+    }
+    for (int s = 0; s < k; s++) inc[s] = (dg[s] - dot) / Z;
+}
+
 static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, MoeHost *hs, int N,
                            long n_global) {
-    int E = ml->E, k = ml->k, P = comm->size;
+    int E = ml->E, k = ml->k;
     memset(hs->cnt, 0, sizeof(int32_t) * k * E);
     for (int t = 0; t < N; t++)
         for (int s = 0; s < k; s++) hs->cnt[s * E + st->topk_expert[(size_t)t * k + s]]++;
-    if (hs->n_ranks_cap < P) {
-        xfree(hs->cnt_all);
-        hs->cnt_all = xcalloc(sizeof(int32_t) * P * k * E);
-        hs->n_ranks_cap = P;
-    }
-    comm_allgather_bytes(comm, hs->cnt, hs->cnt_all, sizeof(int32_t) * k * E);
     long cap = ml->cfg.dropless ? -1 : (long)ceil(ml->cfg.capacity_factor * (double)n_global * k / E);
     st->stats.capacity = cap;
     /* base[s][e]: queue position of this rank's first slot-s token for expert e */
     long *base = xcalloc(sizeof(long) * k * E);
     long *run = xcalloc(sizeof(long) * E);
+    moe_queue_bases(comm, hs->cnt, k, E, &hs->cnt_all, &hs->cnt_all_cap, base, st->stats.counts_routed);
     for (int e = 0; e < E; e++) {
-        long acc = 0;
-        for (int s = 0; s < k; s++) {
-            long before = 0, total = 0;
-            for (int r = 0; r < P; r++) {
-                long c = hs->cnt_all[((size_t)r * k + s) * E + e];
-                if (r < comm->rank) before += c;
-                total += c;
-            }
-            base[s * E + e] = acc + before;
-            acc += total;
-        }
-        st->stats.counts_routed[e] = (double)acc;
-        st->stats.counts[e] = (double)(cap < 0 || acc <= cap ? acc : cap);
+        double acc = st->stats.counts_routed[e];
+        st->stats.counts[e] = cap < 0 || acc <= cap ? acc : (double)cap;
     }
     /* keep decision, then local counts per expert of kept entries */
     int32_t *kept = xcalloc(sizeof(int32_t) * E);
@@ -326,8 +350,7 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
 }
 
 void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
-                  MoeState *st, float *dx, const float *dout, const float *x, long n_global) {
-    (void)n_global;
+                  MoeState *st, float *dx, const float *dout, const float *x) {
     int N = st->N, D = ml->D, E = ml->E, k = ml->k, M = st->M;
     if (ml->kind == MOE_KIND_CLUSTERED) {
         clustered_backward(ml, be, p, g, st, dx, dout, x);
@@ -355,22 +378,10 @@ void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, Moe
         const int32_t *sel = st->topk_expert + (size_t)t * k;
         const float *gate = st->topk_gate + (size_t)t * k;
         const int32_t *pos = st->pos + (size_t)t * k;
-        if (ml->cfg.renormalize && k > 1) {
-            /* g_s = p_s / Z, Z = sum_sel p:  dp_j = (dg_j - sum_s dg_s g_s) / Z */
-            double Z = 0, dot = 0;
-            for (int s = 0; s < k; s++) {
-                double dg = pos[s] >= 0 ? hs->dgate_h[pos[s]] : 0.0;
-                Z += pr[sel[s]];
-                dot += dg * gate[s];
-            }
-            for (int s = 0; s < k; s++) {
-                double dg = pos[s] >= 0 ? hs->dgate_h[pos[s]] : 0.0;
-                dpt[sel[s]] += (float)((dg - dot) / Z);
-            }
-        } else {
-            for (int s = 0; s < k; s++)
-                if (pos[s] >= 0) dpt[sel[s]] += hs->dgate_h[pos[s]];
-        }
+        double dg[64], inc[64];
+        for (int s = 0; s < k; s++) dg[s] = pos[s] >= 0 ? hs->dgate_h[pos[s]] : 0.0;
+        moe_gate_backward(k, sel, gate, pr, dg, ml->cfg.renormalize && k > 1, inc);
+        for (int s = 0; s < k; s++) dpt[sel[s]] += (float)inc[s];
         /* softmax backward + z-loss */
         double s_pd = 0;
         for (int e = 0; e < E; e++) s_pd += (double)pr[e] * dpt[e];

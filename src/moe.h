@@ -98,10 +98,22 @@ void moe_state_free(MoeState *st, const Backend *be);
 /* out[N,D] = FFN(x[N,D]) (overwrite). n_global = tokens in the global batch. */
 void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                  MoeState *st, float *out, const float *x, int N, long n_global);
-/* dx[N,D] += , grads += ; dloss_scale scales the aux/z-loss terms' gradients
- * (1 for the mean-normalised losses as defined) */
+/* dx[N,D] += , grads += (the aux and z-loss gradients use the forward's global statistics) */
 void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
-                  MoeState *st, float *dx, const float *dout, const float *x, long n_global);
+                  MoeState *st, float *dx, const float *dout, const float *x);
+
+/* Capacity queues over the global batch (shared by the standard and clustered layers):
+ * cnt [n_slots, n_buckets] holds this rank's counts per top-k slot and bucket (expert or
+ * group). Every rank's counts are gathered into *cnt_all (grown as needed, *cnt_all_cap
+ * elements); base [n_slots, n_buckets] gets the queue position of this rank's first item
+ * (slot-major, then rank-major token order) and total [n_buckets] the global count. */
+void moe_queue_bases(Comm *comm, const int32_t *cnt, int n_slots, int n_buckets,
+                     int32_t **cnt_all, size_t *cnt_all_cap, long *base, double *total);
+/* gradient of one token's top-k gates with respect to the chosen experts' probabilities:
+ * dg[s] = dloss/dgate_s (0 for dropped slots); renormalised gates g_s = p_s / Z give
+ * inc[s] = (dg_s - sum_j dg_j g_j) / Z, raw gates inc[s] = dg_s */
+void moe_gate_backward(int k, const int32_t *sel, const float *gate, const float *probs,
+                       const double *dg, int renorm, double *inc);
 
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max);

@@ -51,10 +51,9 @@ static void sketch_add(const float *x, size_t n, uint64_t salt, float *out, int 
 /* host copies of one clustered layer's parameters (views into the category buffers) */
 typedef struct LayerHost { float *base1, *base2, *a1, *b1, *a2, *b2; } LayerHost;
 
-static float *host_of_param(Model *m, const float *dev, int cat) {
+static float *host_of_param(Model *m, const float *dev) {
     /* the CPU backend's memory is host memory; other backends copy (not supported yet) */
     ASSERTF(m->be->kind == 0, "re-clustering needs host-visible parameters (CPU backend)");
-    (void)cat;
     return (float *)dev;
 }
 
@@ -69,6 +68,28 @@ static void reset_adam(Model *m, const float *param_view, size_t n) {
     }
 }
 
+typedef struct ErrStats { double sum, max; int n, rc; } ErrStats;
+
+/* refit one weight kind (m x n matrices) of a group with members mem[K]: W [E, m, n] holds
+ * every expert's reconstructed matrix; the new base goes to base [m, n], each member's factors
+ * to a_all [E, m, r] and b_all [E, n, r]; Wg, A, Bf, err are scratch */
+static void refit_matrix(const float *W, const int32_t *mem, int K, int m, int n, int r, const ClusterConfig *cc,
+                         Rng *rng, float *base, float *a_all, float *b_all, float *Wg, float *A, float *Bf,
+                         double *err, ErrStats *es) {
+    size_t mn = (size_t)m * n;
+    for (int q = 0; q < K; q++) memcpy(Wg + (size_t)q * mn, W + (size_t)mem[q] * mn, sizeof(float) * mn);
+    int method = cc->svd == SVD_KIND_EXACT ? SVD_EXACT : SVD_RANDOMIZED;
+    es->rc = compress_refit_group(Wg, K, m, n, r, method, cc->svd_oversample, cc->svd_power_iters, rng, base, A, Bf, err);
+    if (es->rc) return;
+    for (int q = 0; q < K; q++) {
+        memcpy(a_all + (size_t)mem[q] * m * r, A + (size_t)q * m * r, sizeof(float) * m * r);
+        memcpy(b_all + (size_t)mem[q] * n * r, Bf + (size_t)q * n * r, sizeof(float) * n * r);
+        es->sum += err[q];
+        es->n++;
+        if (err[q] > es->max) es->max = err[q];
+    }
+}
+
 static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
     MoeLayer *f = &m->ffn[l];
     ClusterState *cs = &m->cstate[l];
@@ -78,9 +99,9 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
     memset(ev, 0, sizeof *ev);
     ev->layer = l;
     LayerParams *lp = &m->p.layers[l];
-    LayerHost h = {host_of_param(m, lp->ffn.base1, PCAT_EXPERT), host_of_param(m, lp->ffn.base2, PCAT_EXPERT),
-                   host_of_param(m, lp->ffn.a1, PCAT_EXPERT), host_of_param(m, lp->ffn.b1, PCAT_EXPERT),
-                   host_of_param(m, lp->ffn.a2, PCAT_EXPERT), host_of_param(m, lp->ffn.b2, PCAT_EXPERT)};
+    LayerHost h = {host_of_param(m, lp->ffn.base1), host_of_param(m, lp->ffn.base2),
+                   host_of_param(m, lp->ffn.a1), host_of_param(m, lp->ffn.b1),
+                   host_of_param(m, lp->ffn.a2), host_of_param(m, lp->ffn.b2)};
     size_t n1 = (size_t)D * F1, n2 = (size_t)F * D;
     /* reconstructed weights of every expert under the current grouping */
     float *W1 = xmalloc(sizeof(float) * E * n1), *W2 = xmalloc(sizeof(float) * E * n2);
@@ -118,9 +139,8 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
     if (res.accepted && res.n_moved > 0) {
         cs->n_accepted++;
         /* refit every group whose membership changed, from the reconstructed weights */
-        double err_sum = 0, err_max = 0;
-        int n_err = 0;
-        float *Wg1 = xmalloc(sizeof(float) * K * n1), *Wg2 = xmalloc(sizeof(float) * K * n2);
+        ErrStats es = {0, 0, 0, 0};
+        float *Wg1 = xmalloc(sizeof(float) * K * (n1 > n2 ? n1 : n2));
         float *A = xmalloc(sizeof(float) * (size_t)K * (F > D ? F : D) * r);
         float *Bf = xmalloc(sizeof(float) * (size_t)K * (F1 > D ? F1 : D) * r);
         double *err = xmalloc(sizeof(double) * K);
@@ -135,27 +155,10 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
             for (int q = 0; q < K; q++) cs->members[(size_t)g * K + q] = mem[q];
             if (!changed) continue;
             ev->n_groups_refit++;
-            for (int q = 0; q < K; q++) {
-                memcpy(Wg1 + (size_t)q * n1, W1 + (size_t)mem[q] * n1, sizeof(float) * n1);
-                memcpy(Wg2 + (size_t)q * n2, W2 + (size_t)mem[q] * n2, sizeof(float) * n2);
-            }
-            int method = cc->svd == SVD_KIND_EXACT ? SVD_EXACT : SVD_RANDOMIZED;
-            int rc = compress_refit_group(Wg1, K, D, F1, r, method, cc->svd_oversample, cc->svd_power_iters, &rng,
-                                          h.base1 + (size_t)g * n1, A, Bf, err);
-            ASSERTF(rc == 0, "refit of layer %d group %d (up projection) failed: LAPACK info %d", l, g, rc);
-            for (int q = 0; q < K; q++) {
-                memcpy(h.a1 + (size_t)mem[q] * D * r, A + (size_t)q * D * r, sizeof(float) * D * r);
-                memcpy(h.b1 + (size_t)mem[q] * F1 * r, Bf + (size_t)q * F1 * r, sizeof(float) * F1 * r);
-                err_sum += err[q]; n_err++; if (err[q] > err_max) err_max = err[q];
-            }
-            rc = compress_refit_group(Wg2, K, F, D, r, method, cc->svd_oversample, cc->svd_power_iters, &rng,
-                                      h.base2 + (size_t)g * n2, A, Bf, err);
-            ASSERTF(rc == 0, "refit of layer %d group %d (down projection) failed: LAPACK info %d", l, g, rc);
-            for (int q = 0; q < K; q++) {
-                memcpy(h.a2 + (size_t)mem[q] * F * r, A + (size_t)q * F * r, sizeof(float) * F * r);
-                memcpy(h.b2 + (size_t)mem[q] * D * r, Bf + (size_t)q * D * r, sizeof(float) * D * r);
-                err_sum += err[q]; n_err++; if (err[q] > err_max) err_max = err[q];
-            }
+            refit_matrix(W1, mem, K, D, F1, r, cc, &rng, h.base1 + (size_t)g * n1, h.a1, h.b1, Wg1, A, Bf, err, &es);
+            ASSERTF(es.rc == 0, "refit of layer %d group %d (up projection) failed: LAPACK info %d", l, g, es.rc);
+            refit_matrix(W2, mem, K, F, D, r, cc, &rng, h.base2 + (size_t)g * n2, h.a2, h.b2, Wg1, A, Bf, err, &es);
+            ASSERTF(es.rc == 0, "refit of layer %d group %d (down projection) failed: LAPACK info %d", l, g, es.rc);
             if (cc->reset_adam) {
                 reset_adam(m, lp->ffn.base1 + (size_t)g * n1, n1);
                 reset_adam(m, lp->ffn.base2 + (size_t)g * n2, n2);
@@ -168,9 +171,9 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
                 }
             }
         }
-        ev->recon_err_mean = n_err ? err_sum / n_err : 0;
-        ev->recon_err_max = err_max;
-        xfree(Wg1); xfree(Wg2); xfree(A); xfree(Bf); xfree(err); xfree(mem);
+        ev->recon_err_mean = es.n ? es.sum / es.n : 0;
+        ev->recon_err_max = es.max;
+        xfree(Wg1); xfree(A); xfree(Bf); xfree(err); xfree(mem);
     }
     ev->seconds = time_now() - t0;
     xfree(W1); xfree(W2); xfree(w); xfree(z); xfree(old);

@@ -386,7 +386,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     ReclusterEvent *evs = xcalloc(sizeof(ReclusterEvent) * (n_clus ? n_clus : 1));
     long last_event = -1, warm = recluster_warmup(cfg);
     long n_global = cfg->model.task == TASK_LM ? (long)tc->batch_size * T : tc->batch_size;
-    double t_start = time_now() - pos.elapsed_s, t_window = time_now();
+    double t_start = time_now() - pos.elapsed_s;
     long window_steps = 0;
     double window_time = 0, ema_step = 0;
     double last_loss = 0;
@@ -401,7 +401,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             data_cls_train_batch(&ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, in, len, tg);
         model_zero_grad(&m);
         m.collect_mu = n_clus > 0 && cfg->clustering.enabled;
-        double loss_local = model_forward(&m, in, tg, len, Bl, n_global);
+        model_forward(&m, in, tg, len, Bl, n_global);
         m.collect_mu = 0;
         double t1 = time_now();
         model_backward(&m, n_global);
@@ -424,7 +424,6 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         double ce[1] = {m.loss_sum / (double)n_global};
         comm_allreduce_sum_f64(comm, ce, 1);
         double loss = ce[0] + m.aux_loss + m.z_loss;
-        (void)loss_local;
         last_loss = loss;
         if (!isfinite(loss)) {
             st = status_errorf("step %ld: loss is %g (diverged); lower train.lr or raise train.warmup_steps", step + 1, loss);
@@ -516,10 +515,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                 fflush(stdout);
                 window_steps = 0;
                 window_time = 0;
-                t_window = time_now();
             }
         }
-        (void)t_window;
         int is_last = step + 1 == tc->steps;
         if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
             double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
