@@ -50,6 +50,11 @@ static const char *const group_score_names[] = {"mean", "top2", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", NULL};
+static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
+static const char *const exchange_names[] = {"flat", "two_level", NULL};
+static const char *const precision_names[] = {"fp32", "storage", "qat", NULL};
+static const char *const tier_names[] = {"host", "file", NULL};
+static const char *const prefetch_names[] = {"none", "ema", NULL};
 
 /* The key string is the member designator itself, so key and offset cannot disagree. */
 #define FIELD_(f) .key = #f, .offset = offsetof(Config, f), .size = sizeof(((Config *)0)->f)
@@ -136,6 +141,33 @@ static const KeyDef keys[] = {
     K_INT(clustering.svd_power_iters, 0, 64, 2, "randomised SVD power iterations q"),
     K_BOOL(clustering.reset_adam, 1, "reset the Adam moments of refit bases and factors"),
     K_INT(clustering.router_freeze, 0, INT_MAX, 0, "steps the router stays frozen after a re-clustering event"),
+    /* topology */
+    K_INT(topology.nodes, 0, 1048576, 0, "0 = real topology (shared-memory split, Slurm node ids); n > 0 = n virtual nodes"),
+    K_INT(topology.ranks_per_node, 0, 1048576, 0, "virtual topology: ranks per node (nodes * ranks_per_node must equal the rank count)"),
+    K_FLOAT(topology.intra_gbps, 1, 0.0, 1e6, 0, 150.0, "intra-node link bandwidth (GB/s) of the cost model"),
+    K_FLOAT(topology.inter_gbps, 1, 0.0, 1e6, 0, 25.0, "inter-node link bandwidth (GB/s) of the cost model"),
+    K_FLOAT(topology.latency_us, 0, 0.0, 1e6, 0, 5.0, "inter-node latency (us) of the cost model"),
+    /* parallel */
+    K_ENUM(parallel.placement, placement_names, PLACEMENT_TOPOLOGY,
+           "expert groups -> ranks: contiguous (Megatron), eplb (groups packed evenly onto nodes), topology (affinity graph partitioning)"),
+    K_ENUM(parallel.exchange, exchange_names, EXCHANGE_FLAT,
+           "dispatch/combine: one flat all-to-all, or two-level (inside the node, then between node peers)"),
+    K_INT(parallel.place_interval, 0, INT_MAX, 200, "re-run placement every n steps and after each re-clustering; 0 = only after re-clustering"),
+    K_FLOAT(parallel.affinity_ema, 1, 0.0, 1.0, 0, 0.1, "EMA rate of the group co-selection affinity matrix"),
+    K_INT(parallel.refine_passes, 0, 1000, 8, "Kernighan-Lin / Fiduccia-Mattheyses refinement passes of the placement"),
+    K_INT(parallel.traffic_interval, 1, INT_MAX, 50, "write the (src, dst) byte matrices to HDF5 every n steps"),
+    /* precision */
+    K_ENUM(precision.mode, precision_names, PRECISION_FP32,
+           "fp32; storage = FP32 masters, FP16 bases and INT4 factors at rest (checkpoints, offload, eval); qat = fake-quantised factors in the forward"),
+    K_INT(precision.int4_group, 2, 65536, 64, "INT4 group size along the long axis (even)"),
+    /* offload */
+    K_BOOL(offload.enabled, 0, "offload idle expert groups from the resident tier"),
+    K_INT(offload.idle_steps, 1, INT_MAX, 256, "a group unused this many steps leaves the resident tier"),
+    K_INT(offload.max_resident_groups, 0, 1048576, 0, "resident groups per rank and layer (LRU eviction); 0 = no cap"),
+    K_ENUM(offload.tier, tier_names, OFFLOAD_HOST, "where offloaded groups go: host memory or files"),
+    K_STR(offload.dir, "", "file tier folder; empty = <run dir>/offload"),
+    K_ENUM(offload.prefetch, prefetch_names, PREFETCH_NONE, "predictive prefetch: none, or from an EMA of group use"),
+    K_FLOAT(offload.prefetch_ema, 1, 0.0, 1.0, 0, 0.05, "EMA rate of group use for predictive prefetch"),
     /* train */
     K_INT(train.batch_size, 1, 1048576, 16, "global sequences per step (split across ranks)"),
     K_INT(train.steps, 1, INT_MAX, 1000, "optimizer steps"),
@@ -161,7 +193,8 @@ static const KeyDef keys[] = {
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
 /* sections in schema order; "sweep" is accepted at the top level and skipped (sweeps parse it) */
-static const char *const sections[] = {"run", "data", "model", "moe", "clustering", "train", "log", "checkpoint"};
+static const char *const sections[] = {"run", "data", "model", "moe", "clustering", "topology", "parallel",
+                                       "precision", "offload", "train", "log", "checkpoint"};
 #define N_SECTIONS (sizeof sections / sizeof sections[0])
 #define SWEEP_SECTION "sweep"
 
@@ -830,6 +863,11 @@ Status config_validate(const Config *c) {
         if (e->rank > lim)
             return status_errorf("moe.rank=%d exceeds min(model.d_model, moe.d_ff_expert)=%d", e->rank, lim);
     }
+    if ((c->topology.nodes > 0) != (c->topology.ranks_per_node > 0))
+        return status_errorf("topology.nodes=%d and topology.ranks_per_node=%d: a virtual topology needs both "
+                             "(or both 0 for the real one)", c->topology.nodes, c->topology.ranks_per_node);
+    if (c->precision.int4_group % 2 != 0)
+        return status_errorf("precision.int4_group=%d must be even (two INT4 values per byte)", c->precision.int4_group);
     return status_ok();
 }
 

@@ -19,6 +19,11 @@ enum GroupScore { GROUP_SCORE_MEAN = 0, GROUP_SCORE_TOP2 = 1 };
 enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
 enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
+enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
+enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
+enum PrecisionMode { PRECISION_FP32 = 0, PRECISION_STORAGE = 1, PRECISION_QAT = 2 };
+enum OffloadTier { OFFLOAD_HOST = 0, OFFLOAD_FILE = 1 };
+enum PrefetchKind { PREFETCH_NONE = 0, PREFETCH_EMA = 1 };
 
 typedef struct RunConfig {
     char name[128];          /* run name; output folder is out_dir/name */
@@ -91,6 +96,38 @@ typedef struct ClusterConfig {
     int router_freeze;       /* steps the router stays frozen after an event */
 } ClusterConfig;
 
+typedef struct TopologyConfig {
+    int nodes;               /* 0 = real topology (shared-memory split / Slurm); >0 = virtual nodes */
+    int ranks_per_node;      /* virtual: ranks per node (nodes * ranks_per_node = ranks) */
+    double intra_gbps;       /* link bandwidths and latency of the cost model (GB/s, us) */
+    double inter_gbps;
+    double latency_us;
+} TopologyConfig;
+
+typedef struct ParallelConfig {
+    enum PlacementKind placement;  /* groups (experts) -> ranks */
+    enum ExchangeKind exchange;    /* flat all-to-all or two-level (node, then peer) */
+    int place_interval;      /* re-run placement every n steps (and after each re-clustering); 0 = only after re-clustering */
+    double affinity_ema;     /* EMA rate of the co-selection affinity matrix */
+    int refine_passes;       /* Kernighan-Lin / FM refinement passes */
+    int traffic_interval;    /* write (src, dst) byte matrices every n steps */
+} ParallelConfig;
+
+typedef struct PrecisionConfig {
+    enum PrecisionMode mode; /* fp32 | storage (FP16 bases, INT4 factors at rest) | qat */
+    int int4_group;          /* INT4 quantisation group size along the long axis */
+} PrecisionConfig;
+
+typedef struct OffloadConfig {
+    bool enabled;
+    int idle_steps;          /* a group unused this many steps leaves the resident tier */
+    int max_resident_groups; /* per rank and layer; 0 = no cap */
+    enum OffloadTier tier;   /* host memory or files */
+    char dir[512];           /* file tier folder; "" = <run dir>/offload */
+    enum PrefetchKind prefetch;
+    double prefetch_ema;     /* EMA rate of group use for predictive prefetch */
+} OffloadConfig;
+
 typedef struct TrainConfig {
     int batch_size;          /* global sequences per step (split across ranks) */
     int steps;
@@ -122,6 +159,10 @@ typedef struct Config {
     ModelConfig model;
     MoeConfig moe;
     ClusterConfig clustering;
+    TopologyConfig topology;
+    ParallelConfig parallel;
+    PrecisionConfig precision;
+    OffloadConfig offload;
     TrainConfig train;
     LogConfig log;
     CheckpointConfig checkpoint;
