@@ -1,6 +1,7 @@
 /* comm.c: the typed collective wrappers (byte/time accounting per phase) and the
  * single-process communicator. The MPI one is in comm_mpi.c. */
 #include "comm.h"
+#include "traffic.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,16 @@ static void single_allgather(void *ctx, const void *send, void *recv, size_t n) 
     (void)ctx;
     if (recv != send) memmove(recv, send, n);
 }
+static void single_alltoall(void *ctx, const void *send, void *recv, size_t n) {
+    (void)ctx;
+    if (recv != send) memmove(recv, send, n);
+}
+static void single_alltoallv(void *ctx, const void *send, const size_t *sc, const size_t *sd,
+                             void *recv, const size_t *rc, const size_t *rd) {
+    (void)ctx;
+    ASSERTF(sc[0] == rc[0], "alltoallv: %zu bytes sent to self but %zu expected", sc[0], rc[0]);
+    if (sc[0]) memmove((char *)recv + rd[0], (const char *)send + sd[0], sc[0]);
+}
 static void single_abort(void *ctx, int code) { (void)ctx; exit(code); }
 
 static const CommOps single_ops = {
@@ -28,6 +39,8 @@ static const CommOps single_ops = {
     .bcast_bytes = single_bcast,
     .gather_bytes = single_gather,
     .allgather_bytes = single_allgather,
+    .alltoall_bytes = single_alltoall,
+    .alltoallv_bytes = single_alltoallv,
     .abort = single_abort,
 };
 
@@ -84,6 +97,29 @@ void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes)
     if (c->size > 1) c->ops->allgather_bytes(c->ctx, send, recv, n_bytes);
     else if (recv != send) memmove(recv, send, n_bytes);
     account(c, COMM_PHASE_OTHER, c->size > 1 ? n_bytes * (size_t)(c->size - 1) : 0, t0);
+}
+
+void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int phase) {
+    double t0 = time_now();
+    c->ops->alltoall_bytes(c->ctx, send, recv, n_bytes);
+    account(c, phase, n_bytes * (size_t)(c->size - 1), t0);
+    if (c->traffic)
+        for (int d = 0; d < c->size; d++)
+            if (d != c->rank) traffic_add(c->traffic, phase, d, n_bytes, 1);
+}
+
+void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
+                          void *recv, const size_t *rcounts, const size_t *rdispls, int phase) {
+    double t0 = time_now();
+    c->ops->alltoallv_bytes(c->ctx, send, scounts, sdispls, recv, rcounts, rdispls);
+    size_t sent = 0;
+    for (int d = 0; d < c->size; d++) {
+        if (d == c->rank) continue;
+        sent += scounts[d];
+        if (c->traffic && scounts[d]) traffic_add(c->traffic, phase, d, scounts[d], 1);
+    }
+    account(c, phase, sent, t0);
+    if (c->traffic) traffic_add_time(c->traffic, phase, time_now() - t0);
 }
 
 void comm_abort(Comm *c, int code) {

@@ -28,8 +28,15 @@ typedef struct CommOps {
     /* gather n bytes from every rank into recv[size*n] at root */
     void (*gather_bytes)(void *ctx, const void *send, void *recv, size_t n, int root);
     void (*allgather_bytes)(void *ctx, const void *send, void *recv, size_t n);
+    /* every rank sends n bytes to every rank: send[size*n] -> recv[size*n] */
+    void (*alltoall_bytes)(void *ctx, const void *send, void *recv, size_t n);
+    /* personalised exchange: scounts/sdispls/rcounts/rdispls in bytes, [size] each */
+    void (*alltoallv_bytes)(void *ctx, const void *send, const size_t *scounts, const size_t *sdispls,
+                            void *recv, const size_t *rcounts, const size_t *rdispls);
     void (*abort)(void *ctx, int code);
 } CommOps;
+
+struct Traffic;
 
 typedef struct Comm {
     const CommOps *ops;
@@ -37,6 +44,7 @@ typedef struct Comm {
     int rank, size;
     int local_rank, local_size;        /* within the node */
     CommStats stats;
+    struct Traffic *traffic;           /* optional (src, dst) profiler fed by the wrappers */
 } Comm;
 
 /* MPI communicator over MPI_COMM_WORLD (MPI_Init must have been called) */
@@ -53,6 +61,11 @@ void comm_allreduce_max_f64(Comm *c, double *buf, size_t n_elems);
 void comm_bcast_bytes(Comm *c, void *buf, size_t n_bytes, int root);
 void comm_gather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int root);
 void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes);
+void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int phase);
+/* personalised exchange (counts and displacements in bytes); the bytes to every other rank
+ * are counted per destination in the profiler (the part a rank keeps is not traffic) */
+void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
+                          void *recv, const size_t *rcounts, const size_t *rdispls, int phase);
 /* end every rank: MPI_Abort in MPI runs, exit otherwise */
 void comm_abort(Comm *c, int code) __attribute__((noreturn));
 

@@ -45,6 +45,28 @@ static void mpi_allgather(void *ctx, const void *send, void *recv, size_t n) {
     ASSERTF(n < (size_t)INT_MAX, "allgather of %zu bytes per rank is too large", n);
     MPI_Allgather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, ((MpiCtx *)ctx)->world);
 }
+static void mpi_alltoall(void *ctx, const void *send, void *recv, size_t n) {
+    ASSERTF(n < (size_t)INT_MAX, "alltoall of %zu bytes per pair is too large", n);
+    MPI_Alltoall(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, ((MpiCtx *)ctx)->world);
+}
+/* MPI_Alltoallv counts are int: bytes are sent as MPI_BYTE while every count and
+ * displacement fits, otherwise the call fails loudly (a step moving > 2 GiB per pair
+ * needs the MPI-4 large-count interface) */
+static void mpi_alltoallv(void *ctx, const void *send, const size_t *sc, const size_t *sd,
+                          void *recv, const size_t *rc, const size_t *rd) {
+    MpiCtx *m = ctx;
+    int P;
+    MPI_Comm_size(m->world, &P);
+    int *buf = malloc(sizeof(int) * 4 * (size_t)P);
+    ASSERT(buf);
+    for (int r = 0; r < P; r++) {
+        ASSERTF(sc[r] < INT_MAX && sd[r] < INT_MAX && rc[r] < INT_MAX && rd[r] < INT_MAX,
+                "alltoallv: counts or displacements beyond 2 GiB");
+        buf[r] = (int)sc[r]; buf[P + r] = (int)sd[r]; buf[2 * P + r] = (int)rc[r]; buf[3 * P + r] = (int)rd[r];
+    }
+    MPI_Alltoallv(send, buf, buf + P, MPI_BYTE, recv, buf + 2 * P, buf + 3 * P, MPI_BYTE, m->world);
+    free(buf);
+}
 static void mpi_abort(void *ctx, int code) {
     MPI_Abort(ctx ? ((MpiCtx *)ctx)->world : MPI_COMM_WORLD, code);
     exit(code);
@@ -59,6 +81,8 @@ static const CommOps mpi_ops = {
     .bcast_bytes = mpi_bcast,
     .gather_bytes = mpi_gather,
     .allgather_bytes = mpi_allgather,
+    .alltoall_bytes = mpi_alltoall,
+    .alltoallv_bytes = mpi_alltoallv,
     .abort = mpi_abort,
 };
 

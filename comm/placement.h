@@ -1,0 +1,42 @@
+/* placement: which rank owns each placement unit (an expert group in the clustered model,
+ * an expert in the standard MoE). Every rank owns the same number of units
+ * (n_units / n_ranks), held in local slots 0..per_rank-1. Three policies:
+ *  - contiguous: unit u on rank u / per_rank (Megatron's default);
+ *  - eplb: DeepSeek-EPLB-style hierarchical packing: units sorted by load (heaviest first)
+ *    go to the least-loaded node with room, then inside each node to the least-loaded rank;
+ *  - topology: graph partitioning of the co-selection affinity A (A[u][v] = how often a
+ *    token selects both u and v): greedy growth of node parts, then Kernighan-Lin /
+ *    Fiduccia-Mattheyses swap passes minimising the inter-node cut weight (ties: lower
+ *    load imbalance), then the same inside each node for the inter-rank cut.
+ * All functions are deterministic (same inputs -> same placement on every rank).
+ * Does not: move weights (migration is the model's job) or measure affinity. */
+#ifndef DCMOE_PLACEMENT_H
+#define DCMOE_PLACEMENT_H
+
+#include "topology.h"
+
+typedef struct Placement {
+    int n_units, n_ranks, per_rank;
+    int *owner;              /* [n_units] owning rank */
+    int *slot;               /* [n_units] local slot on the owner */
+    int *unit_at;            /* [n_ranks * per_rank] unit in (rank, slot) */
+} Placement;
+
+/* n_units must be a multiple of n_ranks (error otherwise, naming both) */
+Status placement_init(Placement *p, int n_units, int n_ranks);
+void placement_free(Placement *p);
+void placement_copy(Placement *dst, const Placement *src);
+int placement_equal(const Placement *a, const Placement *b);
+/* the three policies; load [n_units] (may be NULL = uniform), affinity [n_units^2] symmetric */
+void placement_contiguous(Placement *p);
+void placement_eplb(Placement *p, const double *load, const Topology *t);
+void placement_topology(Placement *p, const double *affinity, const double *load, const Topology *t,
+                        int refine_passes);
+/* sum of affinity over unit pairs split across nodes (level 0) or ranks (level 1) */
+double placement_cut(const Placement *p, const double *affinity, const Topology *t, int level);
+/* max over ranks of the summed load / mean - 1 (MaxVio at rank level) */
+double placement_rank_maxvio(const Placement *p, const double *load);
+/* rebuild slot/unit_at from owner (units keep ascending order inside a rank) */
+void placement_fill_slots(Placement *p);
+
+#endif

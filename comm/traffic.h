@@ -1,0 +1,46 @@
+/* traffic: the communication profiler. Every byte the communicator's personalised
+ * exchanges send is counted per (phase, destination rank) on the sending rank, with the
+ * number of messages, the rows (tokens) per destination for dispatch, and the time per
+ * phase. At the end of a step the per-rank rows are gathered into full [phase, src, dst]
+ * matrices and summed into intra- and inter-node bytes by the topology.
+ * Does not: send anything itself besides that gather, or write HDF5 (train.c does). */
+#ifndef DCMOE_TRAFFIC_H
+#define DCMOE_TRAFFIC_H
+
+#include <stdint.h>
+#include "comm.h"
+#include "topology.h"
+
+typedef struct TrafficStep {             /* one step, global (valid on every rank) */
+    double intra[COMM_N_PHASES];         /* bytes between different ranks of one node */
+    double inter[COMM_N_PHASES];         /* bytes between nodes */
+    double seconds[COMM_N_PHASES];       /* max over ranks of the time spent in the phase */
+    double msgs[COMM_N_PHASES];
+    double rows_dispatched;              /* payload rows sent by dispatch (incl. to self) */
+    double pairs_routed;                 /* token-expert pairs those rows carry (dedup factor = pairs/rows) */
+    double nodes_touched;                /* sum over tokens of distinct nodes its rows went to */
+    double tokens;                       /* tokens routed (denominator of per-token figures) */
+    double padding_bytes;
+} TrafficStep;
+
+typedef struct Traffic {
+    int P, rank;
+    const Topology *topo;
+    uint64_t *bytes;         /* [phase, P] this rank -> dst, this step */
+    uint64_t *msgs;          /* [phase, P] */
+    double seconds[COMM_N_PHASES];
+    double rows, pairs, nodes_touched, tokens, padding;   /* this rank, this step */
+    uint64_t *matrix;        /* [phase, P(src), P(dst)] of the last step_end (all ranks) */
+    uint64_t *total;         /* [phase, P, P] since the start */
+} Traffic;
+
+void traffic_init(Traffic *tr, int P, int rank, const Topology *topo);
+void traffic_free(Traffic *tr);
+void traffic_add(Traffic *tr, int phase, int dst, uint64_t bytes, uint64_t msgs);
+void traffic_add_time(Traffic *tr, int phase, double seconds);
+/* dispatch bookkeeping of one layer call on this rank */
+void traffic_add_dispatch(Traffic *tr, double rows, double pairs, double nodes_touched, double tokens);
+/* collective: gather the step's counters into matrix[], fill *out, reset the step counters */
+void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out);
+
+#endif
