@@ -2,7 +2,11 @@
  * model.bin = header { magic "DCMOECK1", u32 version, u32 n_sections } then sections
  * { char name[48], u64 n_bytes, u32 crc32, u32 pad, bytes }. Sections: "pos" (TrainPos),
  * "table" (tensor names and shapes, text), "config" (resolved YAML), then "params.<cat>",
- * "adam_m.<cat>", "adam_v.<cat>" for each parameter category. */
+ * "adam_m.<cat>", "adam_v.<cat>" for each parameter category, "cluster" (clustering state) and
+ * "placement" (expert-parallel owners and co-selection statistics per MoE layer).
+ * The expert category is stored in its canonical layout (every expert, global order) at any
+ * rank count: saving gathers every rank's experts, loading re-lays them out to this run's
+ * placement, so a checkpoint written at P ranks loads at any P' that divides the units. */
 #include "checkpoint.h"
 
 #include <dirent.h>
@@ -47,8 +51,9 @@ static char *tensor_table_text(const Model *m) {
     char line[160];
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        int n = snprintf(line, sizeof line, "%s %d %d %d %d %zu\n", t->name, t->cat, t->dims[0],
-                         t->n_dims > 1 ? t->dims[1] : 0, t->n_dims > 2 ? t->dims[2] : 0, t->offset);
+        int n = snprintf(line, sizeof line, "%s %d %d %d %d %zu\n", t->name, t->cat, t->full0,
+                         t->n_dims > 1 ? t->dims[1] : 0, t->n_dims > 2 ? t->dims[2] : 0,
+                         t->ep_unit ? t->full_offset : t->offset);
         buf_put(&b, line, (size_t)n);
     }
     buf_put(&b, "", 1);
@@ -84,6 +89,53 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
         MOVE(&cs->n_accepted, 4);
     }
 #undef MOVE
+}
+
+/* elements of a category as stored (the expert category in its canonical layout) */
+static size_t stored_elems(const Model *m, int c) { return c == PCAT_EXPERT ? m->n_expert_full : m->n_cat[c]; }
+
+/* placement per MoE layer: i32 P, i32 U, i32 have_stats, i32 owner[U], f64 load[U], f64 affinity[U*U] */
+static size_t placement_blob_size(const Model *m) {
+    size_t n = 0;
+    for (int l = 0; l < m->L; l++) {
+        const EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        n += 12 + 4 * (size_t)em->U + 8 * (size_t)em->U + 8 * (size_t)em->U * em->U;
+    }
+    return n;
+}
+
+static void placement_pack(const Model *m, char *buf) {
+    size_t off = 0;
+    for (int l = 0; l < m->L; l++) {
+        const EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        int32_t hdr[3] = {em->P, em->U, em->have_stats};
+        memcpy(buf + off, hdr, 12); off += 12;
+        for (int u = 0; u < em->U; u++) { int32_t o = em->place.owner[u]; memcpy(buf + off, &o, 4); off += 4; }
+        memcpy(buf + off, em->load, 8 * (size_t)em->U); off += 8 * (size_t)em->U;
+        memcpy(buf + off, em->affinity, 8 * (size_t)em->U * em->U); off += 8 * (size_t)em->U * em->U;
+    }
+}
+
+/* statistics always come back; owners only when the checkpoint was written at this rank count
+ * (otherwise the run's own placement stands: contiguous, re-placed at the next interval) */
+static void placement_unpack(Model *m, const char *buf) {
+    size_t off = 0;
+    for (int l = 0; l < m->L; l++) {
+        EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        int32_t hdr[3];
+        memcpy(hdr, buf + off, 12); off += 12;
+        if (hdr[0] == em->P)
+            for (int u = 0; u < em->U; u++) { int32_t o; memcpy(&o, buf + off + 4 * (size_t)u, 4); em->place.owner[u] = o; }
+        off += 4 * (size_t)em->U;
+        memcpy(em->load, buf + off, 8 * (size_t)em->U); off += 8 * (size_t)em->U;
+        memcpy(em->affinity, buf + off, 8 * (size_t)em->U * em->U); off += 8 * (size_t)em->U * em->U;
+        em->have_stats = hdr[2];
+        placement_fill_slots(&em->place);
+        ep_map_refresh(em, em->K > 1 ? m->cstate[l].members : NULL);
+    }
 }
 
 static int step_dir_cmp(const void *a, const void *b) {
@@ -141,6 +193,13 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
     comm_bcast_bytes(comm, &ok, sizeof ok, 0);
     if (!ok) return comm->rank == 0 ? st : status_errorf("checkpoint: rank 0 could not create %s", tmpdir);
 
+    /* every expert, from every rank, in the canonical layout (collective) */
+    float *full[3] = {NULL, NULL, NULL};
+    {
+        float *loc[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+        for (int a = 0; a < 3; a++) full[a] = xmalloc(sizeof(float) * (m->n_expert_full ? m->n_expert_full : 1));
+        model_ep_gather(m, loc, full, 3);
+    }
     if (comm->rank == 0) {
         Buf b = {0};
         uint32_t hdr[2] = {CK_VERSION, 0};
@@ -156,17 +215,25 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
         put_section(&b, "config", yaml, strlen(yaml) + 1); n_sec++;
         free(yaml);
         for (int c = 0; c < PCAT_N; c++) {
-            size_t bytes = sizeof(float) * m->n_cat[c];
+            size_t bytes = sizeof(float) * stored_elems(m, c);
             float *host = xmalloc(bytes ? bytes : 4);
             float *srcs[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
             const char *what[3] = {"params", "adam_m", "adam_v"};
             for (int k = 0; k < 3; k++) {
                 char nm[48];
                 str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
-                be->ops->to_host(be->ctx, host, srcs[k], bytes);
+                if (c == PCAT_EXPERT) memcpy(host, full[k], bytes);
+                else be->ops->to_host(be->ctx, host, srcs[k], bytes);
                 put_section(&b, nm, host, bytes); n_sec++;
             }
             xfree(host);
+        }
+        size_t pb = placement_blob_size(m);
+        if (pb) {
+            char *blob = xmalloc(pb);
+            placement_pack(m, blob);
+            put_section(&b, "placement", blob, pb); n_sec++;
+            xfree(blob);
         }
         size_t cb = cluster_blob_size(m);
         if (cb) {
@@ -180,6 +247,7 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
         st = file_write_atomic(path, b.p, b.n);
         free(b.p);
     }
+    for (int a = 0; a < 3; a++) xfree(full[a]);
     if (STATUS_OK(st)) {
         /* rank-local state: the position this rank reached (all ranks agree in data parallel) */
         Buf b = {0};
@@ -312,8 +380,9 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
             char nm[48];
             str_fmt(nm, sizeof nm, "%s.%s", what[k], cat_names[c]);
             st = find_section(path, img, n, nm, &d, &len);
-            if (STATUS_OK(st) && len != sizeof(float) * m->n_cat[c])
-                st = status_errorf("%s: section '%s' has %zu bytes, the model needs %zu", path, nm, len, sizeof(float) * m->n_cat[c]);
+            if (STATUS_OK(st) && len != sizeof(float) * stored_elems(m, c))
+                st = status_errorf("%s: section '%s' has %zu bytes, the model needs %zu", path, nm, len,
+                                   sizeof(float) * stored_elems(m, c));
         }
     }
     size_t cb = cluster_blob_size(m);
@@ -321,6 +390,12 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
         st = find_section(path, img, n, "cluster", &d, &len);
         if (STATUS_OK(st) && len != cb)
             st = status_errorf("%s: section 'cluster' has %zu bytes, the model needs %zu", path, len, cb);
+    }
+    size_t pb = placement_blob_size(m);
+    if (STATUS_OK(st) && pb) {
+        st = find_section(path, img, n, "placement", &d, &len);
+        if (STATUS_OK(st) && len != pb)
+            st = status_errorf("%s: section 'placement' has %zu bytes, the model needs %zu", path, len, pb);
     }
     if (!STATUS_OK(st)) { free(img); return st; }
     *img_out = img;
@@ -341,8 +416,36 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
     comm_bcast_bytes(comm, pos, sizeof *pos, 0);
     char path[4096];
     str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
+    size_t cb = cluster_blob_size(m);
+    if (cb) {
+        char *blob = xmalloc(cb);
+        if (comm->rank == 0) {
+            const char *d = NULL;
+            size_t len = 0;
+            Status s2 = find_section(path, img, n, "cluster", &d, &len);
+            ASSERTF(STATUS_OK(s2) && len == cb, "%s", s2.msg);
+            memcpy(blob, d, cb);
+        }
+        comm_bcast_bytes(comm, blob, cb, 0);
+        cluster_blob(m, blob, 1);
+        xfree(blob);
+    }
+    size_t pb = placement_blob_size(m);
+    if (pb) {
+        char *blob = xmalloc(pb);
+        if (comm->rank == 0) {
+            const char *d = NULL;
+            size_t len = 0;
+            Status s2 = find_section(path, img, n, "placement", &d, &len);
+            ASSERTF(STATUS_OK(s2) && len == pb, "%s", s2.msg);
+            memcpy(blob, d, pb);
+        }
+        comm_bcast_bytes(comm, blob, pb, 0);
+        placement_unpack(m, blob);
+        xfree(blob);
+    }
     for (int c = 0; c < PCAT_N; c++) {
-        size_t bytes = sizeof(float) * m->n_cat[c];
+        size_t bytes = sizeof(float) * stored_elems(m, c);
         float *host = xmalloc(bytes ? bytes : 4);
         float *dsts[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
         const char *what[3] = {"params", "adam_m", "adam_v"};
@@ -357,23 +460,11 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
                 memcpy(host, d, bytes);
             }
             comm_bcast_bytes(comm, host, bytes, 0);
-            be->ops->from_host(be->ctx, dsts[k], host, bytes);
+            /* experts: this rank's slots of the canonical arrays */
+            if (c == PCAT_EXPERT) model_ep_scatter(m, &host, &dsts[k], 1);
+            else be->ops->from_host(be->ctx, dsts[k], host, bytes);
         }
         xfree(host);
-    }
-    size_t cb = cluster_blob_size(m);
-    if (cb) {
-        char *blob = xmalloc(cb);
-        if (comm->rank == 0) {
-            const char *d = NULL;
-            size_t len = 0;
-            Status s2 = find_section(path, img, n, "cluster", &d, &len);
-            ASSERTF(STATUS_OK(s2) && len == cb, "%s", s2.msg);
-            memcpy(blob, d, cb);
-        }
-        comm_bcast_bytes(comm, blob, cb, 0);
-        cluster_blob(m, blob, 1);
-        xfree(blob);
     }
     free(img);
     return status_ok();

@@ -27,7 +27,6 @@ typedef struct CScratch {
     int32_t *topk;       /* [N, k] */
     float *gate;         /* [N, k] */
     int32_t *pos;        /* [N, k] expert-entry row or -1 */
-    int32_t *gpos;       /* [N, TG] group-entry row or -1 */
     int32_t *gkeep;      /* [N, TG] 1 if the (token, group) survived group capacity */
     int32_t *entry_token, *entry_grow;   /* [M] */
     float *entry_gate;                   /* [M] */
@@ -40,10 +39,14 @@ typedef struct CScratch {
     float *dgate_h, *dgate2_h;           /* [M] */
     float *dlogits;                      /* [N, E] */
     float *xh;                           /* [N, D] host copy of x (mu_source hidden) */
+    int32_t *entry_src;                  /* [M] receive-order index of each expert-sorted entry */
+    int32_t *gfill;                      /* [G_loc] scratch */
+    float *yr;                           /* [rows_cap, D] device: output / dx row per received row */
+    EpX x;                               /* the dispatch/combine exchange */
     int M, Mg;
     /* device */
     float *logits_d, *dlogits_d;
-    int32_t *entry_token_d, *entry_grow_d, *gentry_token_d, *gpos_d;
+    int32_t *entry_token_d, *entry_grow_d, *gentry_token_d;
     float *entry_gate_d, *dgate_d, *dgate2_d;
     float *xg, *hb, *S, *yg;             /* [Mg, D] [Mg, F1] [Mg, F] [Mg, D] */
     float *xe, *u, *h, *a, *v, *z;       /* [M, D] [M, r] [M, F1] [M, F] [M, r] [M, D] */
@@ -59,7 +62,9 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     st->n_max = n_max;
     CScratch *c = xcalloc(sizeof *c);
     int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups, D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r;
-    size_t N = (size_t)n_max, M = N * k, Mg = N * (TG < k ? TG : k);
+    /* source-side arrays: this rank's N tokens; expert-side arrays: what this rank's groups may
+     * receive from every rank (up to the global batch) */
+    size_t N = (size_t)n_max, Ms = N * k, P = (size_t)ml->ep->P, M = Ms * P, Mg = M;
     c->n_max = n_max; c->M_max = (int)M; c->Mg_max = (int)Mg;
     c->logits = xcalloc(sizeof(float) * N * E);
     c->probs = xcalloc(sizeof(float) * N * E);
@@ -67,10 +72,13 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->lse = xcalloc(sizeof(double) * N);
     c->gsel = xcalloc(sizeof(int32_t) * N * TG);
     c->gtop2 = xcalloc(sizeof(int32_t) * N * G * 2);
-    c->topk = xcalloc(sizeof(int32_t) * N * k);
-    c->gate = xcalloc(sizeof(float) * N * k);
-    c->pos = xcalloc(sizeof(int32_t) * N * k);
-    c->gpos = xcalloc(sizeof(int32_t) * N * TG);
+    c->topk = xcalloc(sizeof(int32_t) * Ms);
+    c->gate = xcalloc(sizeof(float) * Ms);
+    c->pos = xcalloc(sizeof(int32_t) * Ms);
+    c->entry_src = xcalloc(sizeof(int32_t) * M);
+    c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
+    epx_init(&c->x, be, ml->ep->P, D, n_max, k);
+    c->yr = dalloc(be, sizeof(float) * c->x.rows_cap * D);
     c->gkeep = xcalloc(sizeof(int32_t) * N * TG);
     c->entry_token = xcalloc(sizeof(int32_t) * M);
     c->entry_grow = xcalloc(sizeof(int32_t) * M);
@@ -90,7 +98,6 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->entry_token_d = dalloc(be, sizeof(int32_t) * M);
     c->entry_grow_d = dalloc(be, sizeof(int32_t) * M);
     c->gentry_token_d = dalloc(be, sizeof(int32_t) * Mg);
-    c->gpos_d = dalloc(be, sizeof(int32_t) * N * TG);
     c->entry_gate_d = dalloc(be, sizeof(float) * M);
     c->dgate_d = dalloc(be, sizeof(float) * M);
     c->dgate2_d = dalloc(be, sizeof(float) * M);
@@ -132,15 +139,16 @@ void clustered_state_free(MoeState *st, const Backend *be) {
     CScratch *c = cs_of(st);
     if (!c) return;
     void *host[] = {c->logits, c->probs, c->q, c->lse, c->gsel, c->gtop2, c->topk, c->gate, c->pos,
-                    c->gpos, c->gkeep, c->entry_token, c->entry_grow, c->entry_gate, c->gentry_token,
+                    c->gkeep, c->entry_token, c->entry_grow, c->entry_gate, c->gentry_token,
                     c->expert_off, c->group_off, c->cnt, c->cnt_all, c->fcoef_e, c->fcoef_g,
-                    c->dgate_h, c->dgate2_h, c->dlogits, c->xh};
+                    c->dgate_h, c->dgate2_h, c->dlogits, c->xh, c->entry_src, c->gfill};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) xfree(host[i]);
     void *dev[] = {c->logits_d, c->dlogits_d, c->entry_token_d, c->entry_grow_d, c->gentry_token_d,
-                   c->gpos_d, c->entry_gate_d, c->dgate_d, c->dgate2_d, c->xg, c->hb, c->S, c->yg,
+                   c->entry_gate_d, c->dgate_d, c->dgate2_d, c->xg, c->hb, c->S, c->yg,
                    c->xe, c->u, c->h, c->a, c->v, c->z, c->dyg, c->dS, c->dz, c->dv, c->da, c->tmpF,
-                   c->dh, c->du, c->dxe, c->dhb, c->dxg};
+                   c->dh, c->du, c->dxe, c->dhb, c->dxg, c->yr};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) dfree(be, dev[i]);
+    epx_free(&c->x, be);
     xfree(st->stats.counts); xfree(st->stats.counts_routed); xfree(st->stats.group_counts);
     xfree(c);
     memset(st, 0, sizeof *st);
@@ -299,51 +307,62 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratc
             else kept[e]++;
         }
     }
-    /* group entries: (token, chosen group) with at least one kept expert, sorted by group */
-    int32_t *gcount = xcalloc(sizeof(int32_t) * G);
-    for (int t = 0; t < N; t++)
-        for (int j = 0; j < TG; j++) {
-            int g = c->gsel[(size_t)t * TG + j], any = 0;
-            for (int s = 0; s < k; s++) {
-                size_t ts = (size_t)t * k + s;
-                any |= c->pos[ts] >= 0 && ml->cs->group_of[c->topk[ts]] == g;
-            }
-            c->gpos[(size_t)t * TG + j] = any ? 0 : -1;
-            if (any) gcount[g]++;
+    xfree(kept); xfree(base); xfree(run);
+}
+
+/* expert side of the exchange. Received entries (row, local expert slot, gate) arrive in
+ * (source rank, row) order with a row's entries together. Group rows = distinct (row, local
+ * group) pairs, sorted by group slot then arrival; expert entries sorted by expert slot
+ * (stable), each pointing at its group row. */
+static void recv_build(const MoeLayer *ml, CScratch *c) {
+    const EpX *X = &c->x;
+    int K = ml->K, Gl = ml->ep->per_rank, El = Gl * K, n = X->n_recv;
+    int32_t *gcount = c->gfill;
+    memset(gcount, 0, sizeof(int32_t) * (Gl + 1));
+    memset(c->expert_off, 0, sizeof(int32_t) * (El + 1));
+    /* pass 1: count group rows per group slot and entries per expert slot */
+    for (int a = 0; a < n;) {
+        int b = a;
+        while (b < n && X->recv[b].row == X->recv[a].row) b++;
+        for (int i = a; i < b; i++) {
+            int g = X->recv[i].slot / K, first = 1;
+            for (int j = a; j < i; j++) first &= X->recv[j].slot / K != g;
+            if (first) gcount[g]++;
+            c->expert_off[X->recv[i].slot + 1]++;
         }
+        a = b;
+    }
     c->group_off[0] = 0;
-    for (int g = 0; g < G; g++) c->group_off[g + 1] = c->group_off[g] + gcount[g];
-    c->Mg = c->group_off[G];
-    memset(gcount, 0, sizeof(int32_t) * G);
-    for (int t = 0; t < N; t++)
-        for (int j = 0; j < TG; j++) {
-            size_t tj = (size_t)t * TG + j;
-            if (c->gpos[tj] < 0) continue;
-            int g = c->gsel[tj], row = c->group_off[g] + gcount[g]++;
-            c->gpos[tj] = row;
-            c->gentry_token[row] = t;
+    for (int g = 0; g < Gl; g++) c->group_off[g + 1] = c->group_off[g] + gcount[g];
+    for (int e = 0; e < El; e++) c->expert_off[e + 1] += c->expert_off[e];
+    c->Mg = c->group_off[Gl];
+    c->M = n;
+    /* pass 2: assign group rows (in arrival order inside a group) and place the entries */
+    memset(gcount, 0, sizeof(int32_t) * (Gl + 1));
+    int32_t *efill = xcalloc(sizeof(int32_t) * (El + 1));
+    for (int a = 0; a < n;) {
+        int b = a;
+        while (b < n && X->recv[b].row == X->recv[a].row) b++;
+        int grows[64], gids[64], ng = 0;
+        for (int i = a; i < b; i++) {
+            int g = X->recv[i].slot / K, q = 0;
+            while (q < ng && gids[q] != g) q++;
+            if (q == ng) {
+                ASSERT(ng < 64);
+                gids[ng] = g;
+                grows[ng] = c->group_off[g] + gcount[g]++;
+                c->gentry_token[grows[ng]] = X->recv[i].row;
+                ng++;
+            }
+            int e = X->recv[i].slot, j = c->expert_off[e] + efill[e]++;
+            c->entry_token[j] = X->recv[i].row;
+            c->entry_grow[j] = grows[q];
+            c->entry_gate[j] = X->recv[i].gate;
+            c->entry_src[j] = i;
         }
-    /* expert entries sorted by expert, queue order inside */
-    c->expert_off[0] = 0;
-    for (int e = 0; e < E; e++) c->expert_off[e + 1] = c->expert_off[e] + kept[e];
-    c->M = c->expert_off[E];
-    memset(kept, 0, sizeof(int32_t) * E);
-    for (int s = 0; s < k; s++)
-        for (int t = 0; t < N; t++) {
-            size_t ts = (size_t)t * k + s;
-            if (c->pos[ts] < 0) continue;
-            int e = c->topk[ts], g = ml->cs->group_of[e];
-            int i = c->expert_off[e] + kept[e]++, row = -1;
-            for (int j = 0; j < TG; j++)
-                if (c->gsel[(size_t)t * TG + j] == g) row = c->gpos[(size_t)t * TG + j];
-            ASSERT(row >= 0);
-            c->pos[ts] = i;
-            c->entry_token[i] = t;
-            c->entry_grow[i] = row;
-            c->entry_gate[i] = c->gate[ts];
-        }
-    st->M = c->M;
-    xfree(gcount); xfree(kept); xfree(base); xfree(run);
+        a = b;
+    }
+    xfree(efill);
 }
 
 /* ---- forward ---- */
@@ -409,16 +428,22 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
             }
     }
 
-    int M = c->M, Mg = c->Mg;
-    op->from_host(cx, c->entry_token_d, c->entry_token, sizeof(int32_t) * M);
-    op->from_host(cx, c->entry_grow_d, c->entry_grow, sizeof(int32_t) * M);
-    op->from_host(cx, c->entry_gate_d, c->entry_gate, sizeof(float) * M);
-    op->from_host(cx, c->gentry_token_d, c->gentry_token, sizeof(int32_t) * Mg);
-    op->from_host(cx, c->gpos_d, c->gpos, sizeof(int32_t) * N * TG);
+    /* dispatch: each token once per destination rank of its kept experts (so once per chosen
+     * group when groups sit on different ranks); pos becomes the pair's sent-entry index */
+    EpX *X = &c->x;
+    epx_plan(X, ml->ep, be, comm, N, k, c->topk, c->pos, c->gate);
+    for (size_t ts = 0; ts < (size_t)N * k; ts++) c->pos[ts] = X->ts_entry[ts];
+    epx_send_rows(X, be, comm, x, COMM_PHASE_DISPATCH);
+    recv_build(ml, c);
+    int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;
+    op->from_host(cx, c->entry_token_d, c->entry_token, sizeof(int32_t) * (M ? M : 1));
+    op->from_host(cx, c->entry_grow_d, c->entry_grow, sizeof(int32_t) * (M ? M : 1));
+    op->from_host(cx, c->entry_gate_d, c->entry_gate, sizeof(float) * (M ? M : 1));
+    op->from_host(cx, c->gentry_token_d, c->gentry_token, sizeof(int32_t) * (Mg ? Mg : 1));
 
-    /* up projection: one base GEMM per group on its (token, group) rows */
-    op->gather_rows(cx, c->xg, x, c->gentry_token_d, Mg, D);
-    for (int g = 0; g < G; g++) {
+    /* up projection: one base GEMM per local group on its (row, group) rows */
+    op->gather_rows(cx, c->xg, X->rbuf, c->gentry_token_d, Mg, D);
+    for (int g = 0; g < Gl; g++) {
         int r0 = c->group_off[g], n = c->group_off[g + 1] - r0;
         if (n == 0) continue;
         op->gemm(cx, false, false, n, F1, D, 1.0f, c->xg + (size_t)r0 * D, D,
@@ -426,7 +451,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     }
     op->gather_rows(cx, c->xe, c->xg, c->entry_grow_d, M, D);
     op->gather_rows(cx, c->h, c->hb, c->entry_grow_d, M, F1);
-    for (int e = 0; e < E; e++) {
+    for (int e = 0; e < El; e++) {
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         /* u [n,r] = x A1_e;  h [n,F1] += u B1_e^T */
@@ -440,7 +465,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
      * plus each expert's low-rank term */
     op->zero(cx, c->S, sizeof(float) * (size_t)Mg * F);
     op->scatter_add_rows(cx, c->S, c->a, c->entry_grow_d, c->entry_gate_d, M, F);
-    for (int e = 0; e < E; e++) {
+    for (int e = 0; e < El; e++) {
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         op->gemm(cx, false, false, n, r, F, 1.0f, c->a + (size_t)r0 * F, F, p->a2 + (size_t)e * F * r, r,
@@ -448,20 +473,24 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
         op->gemm(cx, false, true, n, D, r, 1.0f, c->v + (size_t)r0 * r, r, p->b2 + (size_t)e * D * r, r,
                  0.0f, c->z + (size_t)r0 * D, D);
     }
-    for (int g = 0; g < G; g++) {
+    for (int g = 0; g < Gl; g++) {
         int r0 = c->group_off[g], n = c->group_off[g + 1] - r0;
         if (n == 0) continue;
         op->gemm(cx, false, false, n, D, F, 1.0f, c->S + (size_t)r0 * F, F,
                  p->base2 + (size_t)g * F * D, D, 0.0f, c->yg + (size_t)r0 * D, D);
     }
     op->scatter_add_rows(cx, c->yg, c->z, c->entry_grow_d, c->entry_gate_d, M, D);
+    /* group rows -> one row per received row, back to the token's rank */
+    op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
+    op->scatter_add_rows(cx, c->yr, c->yg, c->gentry_token_d, NULL, Mg, D);
+    epx_return_rows(X, be, comm, c->yr, COMM_PHASE_COMBINE);
     op->zero(cx, out, sizeof(float) * (size_t)N * D);
-    op->combine_rows(cx, out, c->yg, c->gpos_d, NULL, N, TG, D);
+    epx_combine(X, be, out);
 }
 
 /* ---- backward ---- */
 
-void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                         MoeState *st, float *dx, const float *dout, const float *x) {
     CScratch *c = cs_of(st);
     const ClusterState *cs = ml->cs;
@@ -469,9 +498,13 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
     void *cx = be->ctx;
     int N = st->N, D = ml->D, E = ml->E, G = ml->G, K = ml->K, k = ml->k, TG = ml->top_groups;
     int F = ml->F, F1 = ml->F1, r = ml->r, M = c->M, Mg = c->Mg;
+    int Gl = ml->ep->per_rank, El = Gl * K;
+    EpX *X = &c->x;
 
-    op->gather_rows(cx, c->dyg, dout, c->gentry_token_d, Mg, D);
-    for (int gg = 0; gg < G; gg++) {
+    /* dout rows to the groups' ranks (mirror of the combine) */
+    epx_send_rows(X, be, comm, dout, COMM_PHASE_DISPATCH);
+    op->gather_rows(cx, c->dyg, X->rbuf, c->gentry_token_d, Mg, D);
+    for (int gg = 0; gg < Gl; gg++) {
         int r0 = c->group_off[gg], n = c->group_off[gg + 1] - r0;
         if (n == 0) continue;
         const float *b2 = p->base2 + (size_t)gg * F * D;
@@ -482,7 +515,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
     }
     op->gather_rows_scaled(cx, c->dz, c->dyg, c->entry_grow_d, c->entry_gate_d, M, D);
     op->gather_dot(cx, c->dgate_d, c->dyg, c->z, c->entry_grow_d, M, D);
-    for (int e = 0; e < E; e++) {
+    for (int e = 0; e < El; e++) {
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         float *dz = c->dz + (size_t)r0 * D, *v = c->v + (size_t)r0 * r, *dv = c->dv + (size_t)r0 * r;
@@ -497,7 +530,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
     op->axpy(cx, c->da, c->tmpF, 1.0f, (size_t)M * F);
     op->gather_dot(cx, c->dgate2_d, c->dS, c->a, c->entry_grow_d, M, F);
     op->act_backward(cx, ml->act, c->dh, c->da, c->h, M, F);
-    for (int e = 0; e < E; e++) {
+    for (int e = 0; e < El; e++) {
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         float *dh = c->dh + (size_t)r0 * F1, *u = c->u + (size_t)r0 * r, *du = c->du + (size_t)r0 * r;
@@ -509,7 +542,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
     }
     op->zero(cx, c->dhb, sizeof(float) * (size_t)Mg * F1);
     op->scatter_add_rows(cx, c->dhb, c->dh, c->entry_grow_d, NULL, M, F1);
-    for (int gg = 0; gg < G; gg++) {
+    for (int gg = 0; gg < Gl; gg++) {
         int r0 = c->group_off[gg], n = c->group_off[gg + 1] - r0;
         if (n == 0) continue;
         /* dBase1 [D,F1] += xg^T dhb;  dxg [n,D] = dhb Base1^T */
@@ -519,11 +552,17 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
                  0.0f, c->dxg + (size_t)r0 * D, D);
     }
     op->scatter_add_rows(cx, c->dxg, c->dxe, c->entry_grow_d, NULL, M, D);
-    op->combine_rows(cx, dx, c->dxg, c->gpos_d, NULL, N, TG, D);
+    /* dx rows back to the tokens' ranks, dgates (base and residual paths) with them */
+    op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
+    op->scatter_add_rows(cx, c->yr, c->dxg, c->gentry_token_d, NULL, Mg, D);
+    epx_return_rows(X, be, comm, c->yr, COMM_PHASE_COMBINE);
+    epx_combine(X, be, dx);
+    op->to_host(cx, c->dgate_h, c->dgate_d, sizeof(float) * (M ? M : 1));
+    op->to_host(cx, c->dgate2_h, c->dgate2_d, sizeof(float) * (M ? M : 1));
+    for (int i = 0; i < M; i++) X->rval[c->entry_src[i]] = c->dgate_h[i] + c->dgate2_h[i];
+    epx_return_scalars(X, comm, X->rval, COMM_PHASE_COMBINE);
 
     /* router: gates -> in-group softmax, group balance through q, z-loss -> logits */
-    op->to_host(cx, c->dgate_h, c->dgate_d, sizeof(float) * M);
-    op->to_host(cx, c->dgate2_h, c->dgate2_d, sizeof(float) * M);
     double dp[4096], dq[4096];
     for (int t = 0; t < N; t++) {
         const float *pt = c->probs + (size_t)t * E, *qt = c->q + (size_t)t * G, *l = c->logits + (size_t)t * E;
@@ -535,7 +574,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = cs->members[(size_t)gs[j] * K + q]; dp[i] = c->fcoef_e[i]; }
         double dg[64], inc[64];
-        for (int s = 0; s < k; s++) dg[s] = ps[s] >= 0 ? (double)c->dgate_h[ps[s]] + c->dgate2_h[ps[s]] : 0.0;
+        for (int s = 0; s < k; s++) dg[s] = ps[s] >= 0 ? (double)X->sval[ps[s]] : 0.0;
         moe_gate_backward(k, tk, gt, pt, dg, ml->cfg.renormalize && k > 1, inc);
         for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
         double spd = 0;

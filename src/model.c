@@ -30,7 +30,19 @@ static ParamTensor *add_tensor(Model *m, const char *name, int kind, int cat, in
     t->init_one = one;
     t->layer = -1;
     if (!strncmp(name, "h.", 2)) t->layer = atoi(name + 2);
+    t->full0 = d0;
+    t->n_full = t->n;
     return t;
+}
+
+/* an expert-parallel tensor: this rank holds `local0` of the `d0` leading rows */
+static void add_ep_tensor(Model *m, const char *name, int kind, int unit, int d0, int local0, int d1, int d2, float std) {
+    ParamTensor *t = add_tensor(m, name, kind, PCAT_EXPERT, 3, local0, d1, d2, std, 0);
+    t->ep_unit = unit;
+    t->full0 = d0;
+    t->n_full = (size_t)d0 * d1 * d2;
+    t->full_offset = m->n_expert_full;
+    m->n_expert_full += (t->n_full + 15) & ~(size_t)15;
 }
 
 /* the parameter table, in a fixed order (init, checkpoints and the reference test use it) */
@@ -56,16 +68,18 @@ static void plan_params(Model *m) {
             /* factors start so that A B^T has about half the std of a base entry */
             float sf = (float)sqrt(0.5 * std / sqrt((double)f->r)), sfo = (float)sqrt(0.5 * std_out / sqrt((double)f->r));
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.base1", l); add_tensor(m, nm, PARAM_BASE, PCAT_EXPERT, 3, f->G, D, f->F1, std, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.base2", l); add_tensor(m, nm, PARAM_BASE, PCAT_EXPERT, 3, f->G, f->F, D, std_out, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.a1", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, D, f->r, sf, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.b1", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, f->F1, f->r, sf, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.a2", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, f->F, f->r, sfo, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.b2", l); add_tensor(m, nm, PARAM_FACTOR, PCAT_EXPERT, 3, f->E, D, f->r, sfo, 0);
+            int Gl = m->ep[l].per_rank, El = Gl * f->K;
+            str_fmt(nm, sizeof nm, "h.%d.ffn.base1", l); add_ep_tensor(m, nm, PARAM_BASE, 2, f->G, Gl, D, f->F1, std);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.base2", l); add_ep_tensor(m, nm, PARAM_BASE, 2, f->G, Gl, f->F, D, std_out);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.a1", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, D, f->r, sf);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.b1", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, f->F1, f->r, sf);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.a2", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, f->F, f->r, sfo);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.b2", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, D, f->r, sfo);
         } else {
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w1", l); add_tensor(m, nm, PARAM_EXPERT, PCAT_EXPERT, 3, f->E, D, f->F1, std, 0);
-            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w2", l); add_tensor(m, nm, PARAM_EXPERT, PCAT_EXPERT, 3, f->E, f->F, D, std_out, 0);
+            int El = m->ep[l].per_rank;
+            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w1", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, D, f->F1, std);
+            str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w2", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, f->F, D, std_out);
         }
     }
     add_tensor(m, "lnf.w", PARAM_NORM, PCAT_DENSE, 1, D, 0, 0, 0, 1);
@@ -146,6 +160,20 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         cs->mu_seen = xcalloc(sizeof(int32_t) * f->E);
         f->cs = cs;
     }
+    /* expert parallelism: every MoE layer's units (groups or experts) split over the ranks */
+    m->ep = xcalloc(sizeof(EpMap) * m->L);
+    for (int l = 0; l < m->L; l++) {
+        MoeLayer *f = &m->ffn[l];
+        if (f->kind == MOE_KIND_DENSE) continue;
+        int K = f->kind == MOE_KIND_CLUSTERED ? f->K : 1, U = f->E / K;
+        if (U % comm->size != 0)
+            return status_errorf("%s=%d cannot be split evenly over %d ranks (expert parallelism gives every "
+                                 "rank the same number of whole %s)",
+                                 f->kind == MOE_KIND_CLUSTERED ? "moe.n_groups" : "moe.n_experts", U, comm->size,
+                                 f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts");
+        ep_map_init(&m->ep[l], comm->size, comm->rank, f->E, K);
+        f->ep = &m->ep[l];
+    }
     plan_params(m);
     for (int c = 0; c < PCAT_N; c++) {
         size_t bytes = sizeof(float) * (m->n_cat[c] ? m->n_cat[c] : 1);
@@ -218,6 +246,8 @@ void model_free(Model *m) {
         xfree(cs->group_of); xfree(cs->members); xfree(cs->bias); xfree(cs->mu); xfree(cs->mu_sum_store); xfree(cs->mu_seen);
     }
     xfree(m->cstate);
+    if (m->ep) for (int l = 0; l < m->L; l++) if (m->ep[l].E) ep_map_free(&m->ep[l]);
+    xfree(m->ep);
     xfree(m->res); xfree(m->acts); xfree(m->ffn); xfree(m->p.layers); xfree(m->g.layers);
     memset(m, 0, sizeof *m);
 }
@@ -232,8 +262,18 @@ void model_init_params(Model *m) {
             const ParamTensor *t = &m->tensors[i];
             if (t->cat != c) continue;
             float *dst = host + t->offset;
-            for (size_t j = 0; j < t->n; j++)
-                dst[j] = t->init_one ? 1.0f : (t->init_std > 0 ? t->init_std * rng_normal(&r) : 0.0f);
+            if (!t->ep_unit) {
+                for (size_t j = 0; j < t->n; j++)
+                    dst[j] = t->init_one ? 1.0f : (t->init_std > 0 ? t->init_std * rng_normal(&r) : 0.0f);
+                continue;
+            }
+            /* every rank draws the whole tensor (same values at any rank count), keeps its rows */
+            size_t row = t->n / t->dims[0];
+            float *full = xmalloc(sizeof(float) * t->n_full);
+            for (size_t j = 0; j < t->n_full; j++) full[j] = t->init_std * rng_normal(&r);
+            for (int q = 0; q < t->dims[0]; q++)
+                memcpy(dst + (size_t)q * row, full + (size_t)model_ep_row(m, t, m->comm->rank, q) * row, sizeof(float) * row);
+            xfree(full);
         }
         m->be->ops->from_host(m->be->ctx, m->params[c], host, sizeof(float) * n);
         m->be->ops->zero(m->be->ctx, m->adam_m[c], sizeof(float) * n);
@@ -242,9 +282,148 @@ void model_init_params(Model *m) {
     }
 }
 
+int model_ep_row(const Model *m, const ParamTensor *t, int r, int s) {
+    const EpMap *em = &m->ep[t->layer];
+    int K = em->K;
+    if (t->ep_unit == 2) return em->place.unit_at[r * em->per_rank + s];
+    int u = em->place.unit_at[r * em->per_rank + s / K];
+    const int32_t *mem = K > 1 ? m->cstate[t->layer].members : NULL;
+    return mem ? mem[(size_t)u * K + s % K] : u * K + s % K;
+}
+
+void model_ep_gather(Model *m, float *const *local, float **full, int n) {
+    Comm *comm = m->comm;
+    const Backend *be = m->be;
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *mine = xmalloc(sizeof(float) * (nl ? nl : 1));
+    float *all = xmalloc(sizeof(float) * (nl ? nl : 1) * comm->size);
+    for (int a = 0; a < n; a++) {
+        be->ops->to_host(be->ctx, mine, local[a], sizeof(float) * nl);
+        comm_allgather_bytes(comm, mine, all, sizeof(float) * nl);
+        memset(full[a], 0, sizeof(float) * m->n_expert_full);
+        for (int i = 0; i < m->n_tensors; i++) {
+            const ParamTensor *t = &m->tensors[i];
+            if (!t->ep_unit) continue;
+            size_t row = t->n / t->dims[0];
+            for (int r = 0; r < comm->size; r++)
+                for (int q = 0; q < t->dims[0]; q++)
+                    memcpy(full[a] + t->full_offset + (size_t)model_ep_row(m, t, r, q) * row,
+                           all + (size_t)r * nl + t->offset + (size_t)q * row, sizeof(float) * row);
+        }
+    }
+    xfree(mine);
+    xfree(all);
+}
+
+void model_ep_scatter(Model *m, float *const *full, float **local, int n) {
+    const Backend *be = m->be;
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *mine = xcalloc(sizeof(float) * (nl ? nl : 1));
+    for (int a = 0; a < n; a++) {
+        for (int i = 0; i < m->n_tensors; i++) {
+            const ParamTensor *t = &m->tensors[i];
+            if (!t->ep_unit) continue;
+            size_t row = t->n / t->dims[0];
+            for (int q = 0; q < t->dims[0]; q++)
+                memcpy(mine + t->offset + (size_t)q * row,
+                       full[a] + t->full_offset + (size_t)model_ep_row(m, t, m->comm->rank, q) * row, sizeof(float) * row);
+        }
+        be->ops->from_host(be->ctx, local[a], mine, sizeof(float) * nl);
+    }
+    xfree(mine);
+}
+
+/* rows of unit u in tensor t: groups hold one row, experts K rows (unit slot * K + j) */
+static int unit_rows(const ParamTensor *t, int K) { return t->ep_unit == 2 ? 1 : K; }
+
+size_t model_ep_relayout(Model *m, int l, const Placement *np) {
+    Comm *comm = m->comm;
+    const Backend *be = m->be;
+    EpMap *em = &m->ep[l];
+    int P = comm->size, me = comm->rank, U = em->U, K = em->K;
+    const Placement *op = &em->place;
+    /* bytes of one unit (params + Adam m + v of every tensor of the layer) */
+    size_t unit_floats = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->ep_unit && t->layer == l) unit_floats += (size_t)unit_rows(t, K) * (t->n / t->dims[0]);
+    }
+    size_t ub = unit_floats * 3;
+    size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
+    size_t *rc = xcalloc(sizeof(size_t) * P), *rd = xcalloc(sizeof(size_t) * P);
+    for (int u = 0; u < U; u++) {
+        if (op->owner[u] == np->owner[u]) continue;
+        if (op->owner[u] == me) sc[np->owner[u]] += ub;
+        if (np->owner[u] == me) rc[op->owner[u]] += ub;
+    }
+    size_t ns = 0, nr = 0;
+    for (int r = 0; r < P; r++) { sd[r] = ns; ns += sc[r]; rd[r] = nr; nr += rc[r]; }
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    float *host[3], *next[3];
+    for (int a = 0; a < 3; a++) {
+        host[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
+        be->ops->to_host(be->ctx, host[a], arr[a], sizeof(float) * nl);
+        next[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
+        memcpy(next[a], host[a], sizeof(float) * nl);
+    }
+    float *sbuf = xmalloc(sizeof(float) * (ns ? ns : 1)), *rbuf = xmalloc(sizeof(float) * (nr ? nr : 1));
+    /* pack: destination-major, units ascending, arrays, tensors in table order */
+    size_t *fill = xcalloc(sizeof(size_t) * P);
+    for (int u = 0; u < U; u++) {
+        if (op->owner[u] != me || np->owner[u] == me) continue;
+        float *dst = sbuf + sd[np->owner[u]] + fill[np->owner[u]];
+        size_t w = 0;
+        for (int a = 0; a < 3; a++)
+            for (int i = 0; i < m->n_tensors; i++) {
+                const ParamTensor *t = &m->tensors[i];
+                if (!t->ep_unit || t->layer != l) continue;
+                size_t row = t->n / t->dims[0], nrow = (size_t)unit_rows(t, K);
+                memcpy(dst + w, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);
+                w += nrow * row;
+            }
+        fill[np->owner[u]] += w;
+    }
+    size_t *bsc = xcalloc(sizeof(size_t) * P), *bsd = xcalloc(sizeof(size_t) * P);
+    size_t *brc = xcalloc(sizeof(size_t) * P), *brd = xcalloc(sizeof(size_t) * P);
+    for (int r = 0; r < P; r++) {
+        bsc[r] = sc[r] * sizeof(float); bsd[r] = sd[r] * sizeof(float);
+        brc[r] = rc[r] * sizeof(float); brd[r] = rd[r] * sizeof(float);
+    }
+    comm_alltoallv_bytes(comm, sbuf, bsc, bsd, rbuf, brc, brd, COMM_PHASE_MIGRATION);
+    /* unpack into the new slots: kept units move slot locally, arrived units from rbuf */
+    memset(fill, 0, sizeof(size_t) * P);
+    for (int u = 0; u < U; u++) {
+        if (np->owner[u] != me) continue;
+        const float *src = NULL;
+        if (op->owner[u] != me) { src = rbuf + rd[op->owner[u]] + fill[op->owner[u]]; fill[op->owner[u]] += ub; }
+        size_t w = 0;
+        for (int a = 0; a < 3; a++)
+            for (int i = 0; i < m->n_tensors; i++) {
+                const ParamTensor *t = &m->tensors[i];
+                if (!t->ep_unit || t->layer != l) continue;
+                size_t row = t->n / t->dims[0], nrow = (size_t)unit_rows(t, K);
+                float *dst = next[a] + t->offset + (size_t)np->slot[u] * nrow * row;
+                if (src) memcpy(dst, src + w, sizeof(float) * nrow * row);
+                else memcpy(dst, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);
+                w += nrow * row;
+            }
+    }
+    for (int a = 0; a < 3; a++) {
+        be->ops->from_host(be->ctx, arr[a], next[a], sizeof(float) * nl);
+        xfree(host[a]);
+        xfree(next[a]);
+    }
+    placement_copy(&em->place, np);
+    ep_map_refresh(em, K > 1 ? m->cstate[l].members : NULL);
+    xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+    xfree(bsc); xfree(bsd); xfree(brc); xfree(brd);
+    return ns * sizeof(float);
+}
+
 size_t model_n_params(const Model *m) {
     size_t n = 0;
-    for (int i = 0; i < m->n_tensors; i++) n += m->tensors[i].n;
+    for (int i = 0; i < m->n_tensors; i++) n += m->tensors[i].n_full;
     return n;
 }
 
@@ -253,11 +432,11 @@ void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *t
     double act = 0, tot = 0;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        by_kind[t->kind] += (double)t->n;
-        tot += (double)t->n;
-        if (t->kind == PARAM_EXPERT || t->kind == PARAM_FACTOR) act += (double)t->n / t->dims[0] * m->cfg.moe.top_k;
-        else if (t->kind == PARAM_BASE) act += (double)t->n / t->dims[0] * m->cfg.moe.top_groups;
-        else act += (double)t->n;
+        by_kind[t->kind] += (double)t->n_full;
+        tot += (double)t->n_full;
+        if (t->kind == PARAM_EXPERT || t->kind == PARAM_FACTOR) act += (double)t->n_full / t->full0 * m->cfg.moe.top_k;
+        else if (t->kind == PARAM_BASE) act += (double)t->n_full / t->full0 * m->cfg.moe.top_groups;
+        else act += (double)t->n_full;
     }
     *total = tot;
     *active = act;
@@ -392,7 +571,7 @@ void model_backward(Model *m, long n_global) {
         /* res[l+1] = res_mid + ffn(ln2(res_mid)) */
         op->copy(cx, dmid, dres, sizeof(float) * N * D);
         op->zero(cx, dtmp, sizeof(float) * N * D);
-        moe_backward(&m->ffn[l], be, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2);
+        moe_backward(&m->ffn[l], be, m->comm, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2);
         op->layernorm_backward(cx, dmid, gp->ln2_w, gp->ln2_b, dtmp, a->res_mid, lp->ln2_w,
                                a->ln2_mean, a->ln2_rstd, N, D);
         /* res_mid = res[l] + atty proj */

@@ -15,6 +15,7 @@
 #include "comm.h"
 #include "config.h"
 #include "moe.h"
+#include "ep.h"
 
 enum ParamKind { PARAM_EMBED = 0, PARAM_ATTN = 1, PARAM_NORM = 2, PARAM_DENSE_FFN = 3,
                  PARAM_ROUTER = 4, PARAM_EXPERT = 5, PARAM_HEAD = 6, PARAM_BASE = 7,
@@ -36,6 +37,10 @@ typedef struct ParamTensor {
     float init_std;          /* normal init std; 0 with init_one for LayerNorm weights */
     int init_one;
     int layer;               /* transformer block, -1 outside blocks */
+    int ep_unit;             /* expert parallel: 0 = replicated, 1 = rows are experts, 2 = rows are groups */
+    int full0;               /* leading dimension over all ranks (dims[0] is this rank's slots) */
+    size_t n_full;           /* elements over all ranks */
+    size_t full_offset;      /* elements into the canonical (all-experts) expert category */
 } ParamTensor;
 
 typedef struct LayerParams {
@@ -72,6 +77,8 @@ typedef struct Model {
     int B_max;                          /* activation capacity (sequences on this rank) */
     MoeLayer *ffn;                      /* [L] layer kinds (dense or MoE per moe.every) */
     ClusterState *cstate;               /* [L] clustering state (clustered layers only) */
+    EpMap *ep;                          /* [L] where each MoE layer's experts live (MoE layers only) */
+    size_t n_expert_full;               /* elements of the canonical expert category (all experts) */
     int collect_mu;                     /* accumulate activation centroids in forward (training) */
     int n_tensors;
     ParamTensor tensors[MODEL_MAX_TENSORS];
@@ -106,6 +113,18 @@ size_t model_n_params(const Model *m);
 void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *total, double *active);
 /* FLOPs of one training step (forward+backward = 3x forward) per token, matmuls only */
 double model_flops_per_token(const Model *m);
+
+/* expert parallelism. The expert category of every rank holds only its slots; the
+ * canonical layout is the expert category of a one-rank model (every expert, global order).
+ * gather: local arrays -> canonical on every rank (allgather); scatter: canonical -> this
+ * rank's slots under the current maps. n arrays at once (params, Adam m, Adam v). */
+void model_ep_gather(Model *m, float *const *local, float **full, int n);
+void model_ep_scatter(Model *m, float *const *full, float **local, int n);
+/* move the units of MoE layer l to a new placement: units that change owner travel rank to
+ * rank (params + Adam state, phase migration); returns the bytes this rank sent */
+size_t model_ep_relayout(Model *m, int l, const Placement *np);
+/* global row (expert or group) held in leading-dim slot s of tensor t on rank r */
+int model_ep_row(const Model *m, const ParamTensor *t, int r, int s);
 
 /* LM: inputs/targets [B,T] (target < 0 = ignored). CLS: inputs [B,T], lengths [B],
  * labels [B] passed as targets. n_global = targets in the global batch (loss normaliser).

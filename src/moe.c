@@ -60,6 +60,9 @@ typedef struct MoeHost {
     size_t cnt_all_cap;
     float *dgate_h;              /* [M] */
     float *dp;                   /* [N, E] */
+    int32_t *entry_src;          /* [Mr] receive-order index of each expert-sorted entry */
+    float *yr;                   /* [rows_cap, D] device: one output (or dx) row per received row */
+    EpX x;                       /* the dispatch/combine exchange */
     MoeDev dev;
 } MoeHost;
 
@@ -68,7 +71,10 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n
     if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_init(st, ml, be, n_max);
     st->n_max = n_max;
     int E = ml->E, k = ml->k, D = ml->D, F = ml->F, F1 = ml->F1;
-    size_t M = (size_t)n_max * k;
+    /* source-side routing arrays hold this rank's n_max * k pairs; the expert-side buffers
+     * hold what this rank's experts may receive from every rank (the global batch) */
+    size_t Ms = (size_t)n_max * k;
+    size_t M = ml->kind == MOE_KIND_DENSE ? Ms : Ms * (size_t)ml->ep->P;
     MoeHost *hs = xcalloc(sizeof(MoeHost));
     st->stats.counts = xcalloc(sizeof(double) * E);
     st->stats.counts_routed = xcalloc(sizeof(double) * E);
@@ -76,9 +82,9 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n
         st->logits = xcalloc(sizeof(float) * n_max * E);
         st->probs = xcalloc(sizeof(float) * n_max * E);
         st->dlogits = xcalloc(sizeof(float) * n_max * E);
-        st->topk_expert = xcalloc(sizeof(int32_t) * M);
-        st->topk_gate = xcalloc(sizeof(float) * M);
-        st->pos = xcalloc(sizeof(int32_t) * M);
+        st->topk_expert = xcalloc(sizeof(int32_t) * Ms);
+        st->topk_gate = xcalloc(sizeof(float) * Ms);
+        st->pos = xcalloc(sizeof(int32_t) * Ms);
         st->entry_token = xcalloc(sizeof(int32_t) * M);
         st->entry_gate = xcalloc(sizeof(float) * M);
         st->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
@@ -89,8 +95,11 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n
         hs->dp = xcalloc(sizeof(float) * n_max * E);
         hs->dev.logits = dev_alloc(be, sizeof(float) * n_max * E);
         hs->dev.dlogits = dev_alloc(be, sizeof(float) * n_max * E);
-        hs->dev.pos = dev_alloc(be, sizeof(int32_t) * M);
-        hs->dev.gate = dev_alloc(be, sizeof(float) * M);
+        hs->dev.pos = dev_alloc(be, sizeof(int32_t) * Ms);
+        hs->dev.gate = dev_alloc(be, sizeof(float) * Ms);
+        hs->entry_src = xcalloc(sizeof(int32_t) * M);
+        epx_init(&hs->x, be, ml->ep->P, D, n_max, k);
+        hs->yr = dev_alloc(be, sizeof(float) * hs->x.rows_cap * D);
         hs->dev.entry_token = dev_alloc(be, sizeof(int32_t) * M);
         hs->dev.entry_gate = dev_alloc(be, sizeof(float) * M);
         hs->dev.dgate = dev_alloc(be, sizeof(float) * M);
@@ -118,7 +127,9 @@ void moe_state_free(MoeState *st, const Backend *be) {
     xfree(st->entry_token); xfree(st->entry_gate); xfree(st->expert_off);
     xfree(st->stats.counts); xfree(st->stats.counts_routed);
     xfree(hs->lse); xfree(hs->fcoef); xfree(hs->cnt); xfree(hs->cnt_all);
-    xfree(hs->dgate_h); xfree(hs->dp);
+    xfree(hs->dgate_h); xfree(hs->dp); xfree(hs->entry_src);
+    epx_free(&hs->x, be);
+    dev_free(be, hs->yr);
     dev_free(be, hs->dev.logits); dev_free(be, hs->dev.dlogits); dev_free(be, hs->dev.pos);
     dev_free(be, hs->dev.gate); dev_free(be, hs->dev.entry_token);
     dev_free(be, hs->dev.entry_gate); dev_free(be, hs->dev.dgate);
@@ -129,10 +140,14 @@ void moe_state_free(MoeState *st, const Backend *be) {
 }
 
 /* run every expert's FFN on its slice of the gathered rows: yg = act(xg W1_e) W2_e */
+static int n_local_experts(const MoeLayer *ml) {
+    return ml->kind == MOE_KIND_DENSE ? 1 : ml->ep->per_rank * ml->ep->K;
+}
+
 static void experts_forward(const MoeLayer *ml, const Backend *be, const MoeParams *p,
                             const int32_t *off, const float *xg, float *h, float *a, float *yg) {
     int D = ml->D, F = ml->F, F1 = ml->F1;
-    for (int e = 0; e < ml->E; e++) {
+    for (int e = 0; e < n_local_experts(ml); e++) {
         int r0 = off[e], n = off[e + 1] - off[e];
         if (n == 0) continue;
         const float *w1 = p->w1 + (size_t)e * D * F1;   /* [D, F1] */
@@ -149,7 +164,7 @@ static void experts_backward(const MoeLayer *ml, const Backend *be, const MoePar
                              MoeParams *g, MoeState *st, const int32_t *off, const float *xg,
                              const float *dyg, float *dxg, float beta_dx) {
     int D = ml->D, F = ml->F, F1 = ml->F1;
-    for (int e = 0; e < ml->E; e++) {
+    for (int e = 0; e < n_local_experts(ml); e++) {
         int r0 = off[e], n = off[e + 1] - off[e];
         if (n == 0) continue;
         const float *w1 = p->w1 + (size_t)e * D * F1, *w2 = p->w2 + (size_t)e * F * D;
@@ -260,8 +275,7 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, MoeHost
         double acc = st->stats.counts_routed[e];
         st->stats.counts[e] = cap < 0 || acc <= cap ? acc : (double)cap;
     }
-    /* keep decision, then local counts per expert of kept entries */
-    int32_t *kept = xcalloc(sizeof(int32_t) * E);
+    /* keep decision (pos 0 = kept, -1 = dropped); epx_plan turns kept pairs into entries */
     for (int s = 0; s < k; s++) {
         memset(run, 0, sizeof(long) * E);
         for (int t = 0; t < N; t++) {
@@ -269,28 +283,31 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, MoeHost
             long q = base[s * E + e] + run[e]++;
             int keep = cap < 0 || q < cap;
             st->pos[(size_t)t * k + s] = keep ? 0 : -1;
-            if (keep) kept[e]++;
         }
     }
-    st->expert_off[0] = 0;
-    for (int e = 0; e < E; e++) st->expert_off[e + 1] = st->expert_off[e] + kept[e];
-    st->M = st->expert_off[E];
-    /* entries inside an expert in queue order: slot-major, then token */
-    memset(kept, 0, sizeof(int32_t) * E);
-    for (int s = 0; s < k; s++)
-        for (int t = 0; t < N; t++) {
-            size_t ts = (size_t)t * k + s;
-            if (st->pos[ts] < 0) continue;
-            int e = st->topk_expert[ts];
-            int i = st->expert_off[e] + kept[e]++;
-            st->pos[ts] = i;
-            st->entry_token[i] = t;
-            st->entry_gate[i] = st->topk_gate[ts];
-        }
     double routed = 0, total_kept = 0;
     for (int e = 0; e < E; e++) { routed += st->stats.counts_routed[e]; total_kept += st->stats.counts[e]; }
     st->stats.dropped_frac = routed > 0 ? (routed - total_kept) / routed : 0;
-    xfree(kept); xfree(base); xfree(run);
+    xfree(base); xfree(run);
+}
+
+/* expert side of the exchange: received entries sorted by local expert slot (stable, so in
+ * (source rank, row) order inside an expert); entry_token = received row */
+static void recv_entries(const MoeLayer *ml, MoeState *st, MoeHost *hs) {
+    const EpX *X = &hs->x;
+    int El = n_local_experts(ml), n = X->n_recv;
+    memset(st->expert_off, 0, sizeof(int32_t) * (El + 1));
+    for (int i = 0; i < n; i++) st->expert_off[X->recv[i].slot + 1]++;
+    for (int e = 0; e < El; e++) st->expert_off[e + 1] += st->expert_off[e];
+    int32_t *fill = xcalloc(sizeof(int32_t) * (El + 1));
+    for (int i = 0; i < n; i++) {
+        int e = X->recv[i].slot, j = st->expert_off[e] + fill[e]++;
+        st->entry_token[j] = X->recv[i].row;
+        st->entry_gate[j] = X->recv[i].gate;
+        hs->entry_src[j] = i;
+    }
+    xfree(fill);
+    st->M = n;
 }
 
 void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
@@ -338,22 +355,31 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     hs->z_coef = 2.0 * ml->cfg.z_loss_coef / (double)n_global;
     xfree(red);
 
+    /* dispatch: each token once per destination rank of its kept experts; pos becomes the
+     * index of the pair's entry in the sent order (where its dgate comes back) */
+    EpX *X = &hs->x;
+    epx_plan(X, ml->ep, be, comm, N, k, st->topk_expert, st->pos, st->topk_gate);
+    for (size_t ts = 0; ts < (size_t)N * k; ts++) st->pos[ts] = X->ts_entry[ts];
+    epx_send_rows(X, be, comm, x, COMM_PHASE_DISPATCH);
+    recv_entries(ml, st, hs);
     int M = st->M;
-    be->ops->from_host(be->ctx, hs->dev.pos, st->pos, sizeof(int32_t) * N * k);
-    be->ops->from_host(be->ctx, hs->dev.gate, st->topk_gate, sizeof(float) * N * k);
-    be->ops->from_host(be->ctx, hs->dev.entry_token, st->entry_token, sizeof(int32_t) * M);
-    be->ops->from_host(be->ctx, hs->dev.entry_gate, st->entry_gate, sizeof(float) * M);
-    be->ops->gather_rows(be->ctx, st->xg, x, hs->dev.entry_token, M, D);
+    be->ops->from_host(be->ctx, hs->dev.entry_token, st->entry_token, sizeof(int32_t) * (M ? M : 1));
+    be->ops->from_host(be->ctx, hs->dev.entry_gate, st->entry_gate, sizeof(float) * (M ? M : 1));
+    be->ops->gather_rows(be->ctx, st->xg, X->rbuf, hs->dev.entry_token, M, D);
     experts_forward(ml, be, p, st->expert_off, st->xg, st->h, st->a, st->yg);
+    /* one gated sum per received row, sent back and added to its token */
+    be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
+    be->ops->scatter_add_rows(be->ctx, hs->yr, st->yg, hs->dev.entry_token, hs->dev.entry_gate, M, D);
+    epx_return_rows(X, be, comm, hs->yr, COMM_PHASE_COMBINE);
     be->ops->zero(be->ctx, out, sizeof(float) * N * D);
-    be->ops->combine_rows(be->ctx, out, st->yg, hs->dev.pos, hs->dev.gate, N, k, D);
+    epx_combine(X, be, out);
 }
 
-void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                   MoeState *st, float *dx, const float *dout, const float *x) {
     int N = st->N, D = ml->D, E = ml->E, k = ml->k, M = st->M;
     if (ml->kind == MOE_KIND_CLUSTERED) {
-        clustered_backward(ml, be, p, g, st, dx, dout, x);
+        clustered_backward(ml, be, comm, p, g, st, dx, dout, x);
         return;
     }
     if (ml->kind == MOE_KIND_DENSE) {
@@ -362,14 +388,22 @@ void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, Moe
         return;
     }
     MoeHost *hs = host_of(st);
-    /* dgate[i] = <dout[token_i], yg_i>;  dyg_i = gate_i * dout[token_i] */
-    be->ops->gather_dot(be->ctx, hs->dev.dgate, dout, st->yg, hs->dev.entry_token, M, D);
-    be->ops->gather_rows_scaled(be->ctx, st->dyg, dout, hs->dev.entry_token, hs->dev.entry_gate, M, D);
+    EpX *X = &hs->x;
+    /* dout rows to the experts (the mirror of the combine), dx rows and dgates back */
+    epx_send_rows(X, be, comm, dout, COMM_PHASE_DISPATCH);
+    /* dgate[i] = <dout row_i, yg_i>;  dyg_i = gate_i * dout row_i */
+    be->ops->gather_dot(be->ctx, hs->dev.dgate, X->rbuf, st->yg, hs->dev.entry_token, M, D);
+    be->ops->gather_rows_scaled(be->ctx, st->dyg, X->rbuf, hs->dev.entry_token, hs->dev.entry_gate, M, D);
     experts_backward(ml, be, p, g, st, st->expert_off, st->xg, st->dyg, st->dxg, 0.0f);
-    be->ops->combine_rows(be->ctx, dx, st->dxg, hs->dev.pos, NULL, N, k, D);
+    be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
+    be->ops->scatter_add_rows(be->ctx, hs->yr, st->dxg, hs->dev.entry_token, NULL, M, D);
+    epx_return_rows(X, be, comm, hs->yr, COMM_PHASE_COMBINE);
+    epx_combine(X, be, dx);
+    be->ops->to_host(be->ctx, hs->dgate_h, hs->dev.dgate, sizeof(float) * (M ? M : 1));
+    for (int i = 0; i < M; i++) X->rval[hs->entry_src[i]] = hs->dgate_h[i];
+    epx_return_scalars(X, comm, X->rval, COMM_PHASE_COMBINE);
 
     /* router: gates -> probs -> logits */
-    be->ops->to_host(be->ctx, hs->dgate_h, hs->dev.dgate, sizeof(float) * M);
     float *dp = hs->dp;
     for (int t = 0; t < N; t++) {
         const float *pr = st->probs + (size_t)t * E;
@@ -379,7 +413,7 @@ void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, Moe
         const float *gate = st->topk_gate + (size_t)t * k;
         const int32_t *pos = st->pos + (size_t)t * k;
         double dg[64], inc[64];
-        for (int s = 0; s < k; s++) dg[s] = pos[s] >= 0 ? hs->dgate_h[pos[s]] : 0.0;
+        for (int s = 0; s < k; s++) dg[s] = pos[s] >= 0 ? X->sval[pos[s]] : 0.0;
         moe_gate_backward(k, sel, gate, pr, dg, ml->cfg.renormalize && k > 1, inc);
         for (int s = 0; s < k; s++) dpt[sel[s]] += (float)inc[s];
         /* softmax backward + z-loss */

@@ -15,6 +15,7 @@
 #include "backend.h"
 #include "comm.h"
 #include "config.h"
+#include "ep.h"
 
 typedef struct MoeParams {
     float *router;   /* [D, E], NULL for a dense FFN */
@@ -86,6 +87,7 @@ typedef struct MoeLayer {
     int G, K, r, top_groups;     /* clustered */
     MoeConfig cfg;
     ClusterState *cs;            /* clustered: the model's state for this layer */
+    const EpMap *ep;             /* MoE layers: where the experts live (the model's map) */
 } MoeLayer;
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);
@@ -99,7 +101,7 @@ void moe_state_free(MoeState *st, const Backend *be);
 void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                  MoeState *st, float *out, const float *x, int N, long n_global);
 /* dx[N,D] += , grads += (the aux and z-loss gradients use the forward's global statistics) */
-void moe_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                   MoeState *st, float *dx, const float *dout, const float *x);
 
 /* Capacity queues over the global batch (shared by the standard and clustered layers):
@@ -120,7 +122,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
 void clustered_state_free(MoeState *st, const Backend *be);
 void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                        MoeState *st, float *out, const float *x, int N, long n_global);
-void clustered_backward(const MoeLayer *ml, const Backend *be, const MoeParams *p, MoeParams *g,
+void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                         MoeState *st, float *dx, const float *dout, const float *x);
 /* the aux-loss-free bias update after a step (uses the last forward's global counts) */
 void clustered_update_bias(const MoeLayer *ml, const MoeState *st);

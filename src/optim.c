@@ -14,16 +14,20 @@ double optim_lr(const TrainConfig *tc, long step) {
     return floor_lr + 0.5 * (lr - floor_lr) * (1.0 + cos(M_PI * prog));
 }
 
+/* data-parallel parameters only: an expert's gradient is complete on its owner (every
+ * token routed to it arrived there), so expert gradients never enter the allreduce */
 void optim_reduce_grads(Model *m) {
-    for (int c = 0; c < PCAT_N; c++)
-        if (m->n_cat[c]) comm_allreduce_sum_f32(m->comm, m->grads[c], m->n_cat[c], COMM_PHASE_ALLREDUCE);
+    if (m->n_cat[PCAT_DENSE])
+        comm_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
 }
 
+/* global norm: the replicated dense part once, plus every rank's own experts */
 double optim_grad_norm(const Model *m) {
-    double ss = 0;
-    for (int c = 0; c < PCAT_N; c++)
-        if (m->n_cat[c]) ss += m->be->ops->sumsq(m->be->ctx, m->grads[c], m->n_cat[c]);
-    return sqrt(ss);
+    double dense = 0, expert = 0;
+    if (m->n_cat[PCAT_DENSE]) dense = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE]);
+    if (m->n_cat[PCAT_EXPERT]) expert = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT]);
+    comm_allreduce_sum_f64(m->comm, &expert, 1);
+    return sqrt(dense + expert);
 }
 
 double optim_step(Model *m, long step, double lr) {

@@ -48,24 +48,26 @@ static void sketch_add(const float *x, size_t n, uint64_t salt, float *out, int 
     }
 }
 
-/* host copies of one clustered layer's parameters (views into the category buffers) */
+/* one clustered layer's tensors in the canonical (all-experts) arrays gathered from every
+ * rank: parameters and the two Adam moments */
 typedef struct LayerHost { float *base1, *base2, *a1, *b1, *a2, *b2; } LayerHost;
+typedef struct FullArrays { float *p, *m, *v; } FullArrays;
 
-static float *host_of_param(Model *m, const float *dev) {
-    /* the CPU backend's memory is host memory; other backends copy (not supported yet) */
-    ASSERTF(m->be->kind == 0, "re-clustering needs host-visible parameters (CPU backend)");
-    return (float *)dev;
+static LayerHost layer_view(const Model *m, float *full, int l) {
+    float *v[6];
+    int n = 0;
+    for (int i = 0; i < m->n_tensors && n < 6; i++)
+        if (m->tensors[i].layer == l && m->tensors[i].ep_unit) v[n++] = full + m->tensors[i].full_offset;
+    ASSERTF(n == 6, "layer %d: expected 6 clustered expert tensors, found %d", l, n);
+    LayerHost h = {v[0], v[1], v[2], v[3], v[4], v[5]};
+    return h;
 }
 
-static void reset_adam(Model *m, const float *param_view, size_t n) {
-    for (int c = 0; c < PCAT_N; c++) {
-        if (param_view >= m->params[c] && param_view < m->params[c] + m->n_cat[c]) {
-            size_t off = (size_t)(param_view - m->params[c]);
-            m->be->ops->zero(m->be->ctx, m->adam_m[c] + off, sizeof(float) * n);
-            m->be->ops->zero(m->be->ctx, m->adam_v[c] + off, sizeof(float) * n);
-            return;
-        }
-    }
+/* zero the Adam moments of the n elements at param_view (a view into fa->p) */
+static void reset_adam(const FullArrays *fa, const float *param_view, size_t n) {
+    size_t off = (size_t)(param_view - fa->p);
+    memset(fa->m + off, 0, sizeof(float) * n);
+    memset(fa->v + off, 0, sizeof(float) * n);
 }
 
 typedef struct ErrStats { double sum, max; int n, rc; } ErrStats;
@@ -90,7 +92,7 @@ static void refit_matrix(const float *W, const int32_t *mem, int K, int m, int n
     }
 }
 
-static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
+static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, const FullArrays *fa) {
     MoeLayer *f = &m->ffn[l];
     ClusterState *cs = &m->cstate[l];
     const ClusterConfig *cc = &m->cfg.clustering;
@@ -98,10 +100,7 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
     double t0 = time_now();
     memset(ev, 0, sizeof *ev);
     ev->layer = l;
-    LayerParams *lp = &m->p.layers[l];
-    LayerHost h = {host_of_param(m, lp->ffn.base1), host_of_param(m, lp->ffn.base2),
-                   host_of_param(m, lp->ffn.a1), host_of_param(m, lp->ffn.b1),
-                   host_of_param(m, lp->ffn.a2), host_of_param(m, lp->ffn.b2)};
+    LayerHost h = layer_view(m, fa->p, l);
     size_t n1 = (size_t)D * F1, n2 = (size_t)F * D;
     /* reconstructed weights of every expert under the current grouping */
     float *W1 = xmalloc(sizeof(float) * E * n1), *W2 = xmalloc(sizeof(float) * E * n2);
@@ -160,14 +159,14 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
             refit_matrix(W2, mem, K, F, D, r, cc, &rng, h.base2 + (size_t)g * n2, h.a2, h.b2, Wg1, A, Bf, err, &es);
             ASSERTF(es.rc == 0, "refit of layer %d group %d (down projection) failed: LAPACK info %d", l, g, es.rc);
             if (cc->reset_adam) {
-                reset_adam(m, lp->ffn.base1 + (size_t)g * n1, n1);
-                reset_adam(m, lp->ffn.base2 + (size_t)g * n2, n2);
+                reset_adam(fa, h.base1 + (size_t)g * n1, n1);
+                reset_adam(fa, h.base2 + (size_t)g * n2, n2);
                 for (int q = 0; q < K; q++) {
                     int i = mem[q];
-                    reset_adam(m, lp->ffn.a1 + (size_t)i * D * r, (size_t)D * r);
-                    reset_adam(m, lp->ffn.b1 + (size_t)i * F1 * r, (size_t)F1 * r);
-                    reset_adam(m, lp->ffn.a2 + (size_t)i * F * r, (size_t)F * r);
-                    reset_adam(m, lp->ffn.b2 + (size_t)i * D * r, (size_t)D * r);
+                    reset_adam(fa, h.a1 + (size_t)i * D * r, (size_t)D * r);
+                    reset_adam(fa, h.b1 + (size_t)i * F1 * r, (size_t)F1 * r);
+                    reset_adam(fa, h.a2 + (size_t)i * F * r, (size_t)F * r);
+                    reset_adam(fa, h.b2 + (size_t)i * D * r, (size_t)D * r);
                 }
             }
         }
@@ -180,9 +179,22 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev) {
     return 1;
 }
 
+/* every rank gathers all experts (canonical layout), runs the same deterministic event on
+ * them, then keeps its own slots under the new membership (a group stays on its rank; the
+ * experts that joined it arrive with the refit) */
 int recluster_run(Model *m, long step, ReclusterEvent *ev) {
+    float *loc[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    float *full[3];
+    for (int a = 0; a < 3; a++) full[a] = xmalloc(sizeof(float) * (m->n_expert_full ? m->n_expert_full : 1));
+    model_ep_gather(m, loc, full, 3);
+    FullArrays fa = {full[0], full[1], full[2]};
     int n = 0;
     for (int l = 0; l < m->L; l++)
-        if (m->ffn[l].kind == MOE_KIND_CLUSTERED) n += layer_event(m, l, step, &ev[n]);
+        if (m->ffn[l].kind == MOE_KIND_CLUSTERED) {
+            n += layer_event(m, l, step, &ev[n], &fa);
+            ep_map_refresh(&m->ep[l], m->cstate[l].members);
+        }
+    model_ep_scatter(m, full, loc, 3);
+    for (int a = 0; a < 3; a++) xfree(full[a]);
     return n;
 }

@@ -1,0 +1,216 @@
+/* ep.c: expert maps and the dispatch/combine exchange of expert parallelism (see ep.h). */
+#include "ep.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "traffic.h"
+
+void ep_map_init(EpMap *em, int P, int rank, int E, int K) {
+    memset(em, 0, sizeof *em);
+    em->P = P; em->rank = rank; em->E = E; em->K = K;
+    em->U = E / K;
+    Status st = placement_init(&em->place, em->U, P);
+    ASSERTF(STATUS_OK(st), "%s", st.msg);
+    em->per_rank = em->place.per_rank;
+    em->expert_owner = xcalloc(sizeof(int32_t) * E);
+    em->expert_lslot = xcalloc(sizeof(int32_t) * E);
+    em->lslot_expert = xcalloc(sizeof(int32_t) * (size_t)em->per_rank * K);
+    em->lunit = xcalloc(sizeof(int32_t) * em->per_rank);
+    em->affinity = xcalloc(sizeof(double) * (size_t)em->U * em->U);
+    em->load = xcalloc(sizeof(double) * em->U);
+    em->aff_step = xcalloc(sizeof(double) * (size_t)em->U * (em->U + 1));
+    ep_map_refresh(em, NULL);
+}
+
+void ep_map_free(EpMap *em) {
+    if (!em) return;
+    placement_free(&em->place);
+    xfree(em->expert_owner); xfree(em->expert_lslot); xfree(em->lslot_expert); xfree(em->lunit);
+    xfree(em->affinity); xfree(em->load); xfree(em->aff_step);
+    memset(em, 0, sizeof *em);
+}
+
+void ep_map_refresh(EpMap *em, const int32_t *members) {
+    int K = em->K;
+    for (int u = 0; u < em->U; u++) {
+        int owner = em->place.owner[u], slot = em->place.slot[u];
+        for (int j = 0; j < K; j++) {
+            int e = members ? members[(size_t)u * K + j] : u * K + j;
+            em->expert_owner[e] = owner;
+            em->expert_lslot[e] = slot * K + j;
+            if (owner == em->rank) em->lslot_expert[slot * K + j] = e;
+        }
+        if (owner == em->rank) em->lunit[slot] = u;
+    }
+}
+
+void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax) {
+    memset(x, 0, sizeof *x);
+    x->P = P; x->D = D; x->kmax = kmax; x->n_src_max = n_src_max;
+    size_t S = (size_t)n_src_max * kmax;
+    x->rows_cap = S * P;
+    x->scnt = xcalloc(sizeof(size_t) * P);
+    x->sent_cnt = xcalloc(sizeof(size_t) * P);
+    x->rcnt = xcalloc(sizeof(size_t) * P);
+    x->recv_cnt = xcalloc(sizeof(size_t) * P);
+    x->b_sc = xcalloc(sizeof(size_t) * P);
+    x->b_sd = xcalloc(sizeof(size_t) * P);
+    x->b_rc = xcalloc(sizeof(size_t) * P);
+    x->b_rd = xcalloc(sizeof(size_t) * P);
+    x->srow_token = xcalloc(sizeof(int32_t) * S);
+    x->tok_row = xcalloc(sizeof(int32_t) * S);
+    x->sent = xcalloc(sizeof(EpEntry) * S);
+    x->ts_entry = xcalloc(sizeof(int32_t) * S);
+    x->recv = xcalloc(sizeof(EpEntry) * x->rows_cap);
+    x->sval = xcalloc(sizeof(float) * S);
+    x->rval = xcalloc(sizeof(float) * x->rows_cap);
+    x->srow_token_d = be->ops->alloc(be->ctx, sizeof(int32_t) * S);
+    x->tok_row_d = be->ops->alloc(be->ctx, sizeof(int32_t) * S);
+    x->sbuf = be->ops->alloc(be->ctx, sizeof(float) * S * D);
+    x->rbuf = be->ops->alloc(be->ctx, sizeof(float) * x->rows_cap * D);
+    if (be->kind != BACKEND_CPU) {
+        x->hs = xcalloc(sizeof(float) * S * D);
+        x->hr = xcalloc(sizeof(float) * x->rows_cap * D);
+    }
+}
+
+void epx_free(EpX *x, const Backend *be) {
+    if (!x || !x->scnt) return;
+    xfree(x->scnt); xfree(x->sent_cnt); xfree(x->rcnt); xfree(x->recv_cnt);
+    xfree(x->b_sc); xfree(x->b_sd); xfree(x->b_rc); xfree(x->b_rd);
+    xfree(x->srow_token); xfree(x->tok_row); xfree(x->sent); xfree(x->ts_entry); xfree(x->recv);
+    xfree(x->sval); xfree(x->rval); xfree(x->hs); xfree(x->hr);
+    be->ops->free(be->ctx, x->srow_token_d); be->ops->free(be->ctx, x->tok_row_d);
+    be->ops->free(be->ctx, x->sbuf); be->ops->free(be->ctx, x->rbuf);
+    memset(x, 0, sizeof *x);
+}
+
+/* byte counts/displacements of a per-rank element count vector */
+static void bytes_of(const size_t *cnt, size_t elem, int P, size_t *bc, size_t *bd) {
+    size_t off = 0;
+    for (int r = 0; r < P; r++) { bc[r] = cnt[r] * elem; bd[r] = off; off += bc[r]; }
+}
+
+void epx_plan(EpX *x, const EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+              const int32_t *kept, const float *gate) {
+    int P = x->P;
+    ASSERTF(N <= x->n_src_max && k <= x->kmax, "epx_plan: %d tokens x %d slots exceed the buffers", N, k);
+    x->N = N;
+    memset(x->scnt, 0, sizeof(size_t) * P);
+    memset(x->sent_cnt, 0, sizeof(size_t) * P);
+    for (size_t i = 0; i < (size_t)N * x->kmax; i++) { x->tok_row[i] = -1; x->ts_entry[i] = -1; }
+    /* destination-major: for each destination, the tokens (ascending) with a kept expert there */
+    int n_rows = 0, n_ent = 0;
+    double pairs = 0, nodes_touched = 0;
+    const Topology *topo = comm->traffic ? comm->traffic->topo : NULL;
+    for (int d = 0; d < P; d++) {
+        int row0 = n_rows;
+        for (int t = 0; t < N; t++) {
+            int here = 0;
+            for (int s = 0; s < k; s++) {
+                size_t ts = (size_t)t * k + s;
+                if (kept[ts] < 0 || em->expert_owner[sel[ts]] != d) continue;
+                if (!here) {
+                    x->srow_token[n_rows] = t;
+                    int j = 0;
+                    while (x->tok_row[(size_t)t * x->kmax + j] >= 0) j++;
+                    x->tok_row[(size_t)t * x->kmax + j] = n_rows;
+                    n_rows++;
+                    here = 1;
+                }
+                x->sent[n_ent].row = n_rows - 1 - row0;
+                x->sent[n_ent].slot = em->expert_lslot[sel[ts]];
+                x->sent[n_ent].gate = gate[ts];
+                x->ts_entry[(size_t)t * x->kmax + s] = n_ent;
+                n_ent++;
+                pairs += 1;
+                x->sent_cnt[d]++;
+            }
+        }
+        x->scnt[d] = (size_t)(n_rows - row0);
+    }
+    x->n_srows = n_rows;
+    x->n_sent = n_ent;
+    /* nodes touched: walk destination blocks (rows of block d go to rank d) */
+    if (topo) {
+        /* per token, bitmask of nodes (exact up to 64 nodes; beyond, nodes >= 63 share a bit) */
+        uint64_t *mask = xcalloc(sizeof(uint64_t) * (size_t)N);
+        int row = 0;
+        for (int d = 0; d < P; d++)
+            for (size_t q = 0; q < x->scnt[d]; q++, row++) {
+                int node = topo->node_of[d];
+                mask[x->srow_token[row]] |= (uint64_t)1 << (node < 64 ? node : 63);
+            }
+        for (int t = 0; t < N; t++) nodes_touched += __builtin_popcountll(mask[t]);
+        xfree(mask);
+    }
+    if (comm->traffic) traffic_add_dispatch(comm->traffic, n_rows, pairs, nodes_touched, N);
+
+    /* counts first: [rows, entries] per destination */
+    int64_t *cs = xcalloc(sizeof(int64_t) * 2 * P), *cr = xcalloc(sizeof(int64_t) * 2 * P);
+    for (int d = 0; d < P; d++) { cs[2 * d] = (int64_t)x->scnt[d]; cs[2 * d + 1] = (int64_t)x->sent_cnt[d]; }
+    comm_alltoall_bytes(comm, cs, cr, 2 * sizeof(int64_t), COMM_PHASE_DISPATCH);
+    size_t rows = 0, ents = 0;
+    for (int s = 0; s < P; s++) {
+        x->rcnt[s] = (size_t)cr[2 * s];
+        x->recv_cnt[s] = (size_t)cr[2 * s + 1];
+        rows += x->rcnt[s];
+        ents += x->recv_cnt[s];
+    }
+    xfree(cs); xfree(cr);
+    ASSERTF(rows <= x->rows_cap && ents <= x->rows_cap, "epx_plan: %zu rows / %zu entries received, capacity %zu",
+            rows, ents, x->rows_cap);
+    x->n_rrows = (int)rows;
+    x->n_recv = (int)ents;
+    /* entries */
+    bytes_of(x->sent_cnt, sizeof(EpEntry), P, x->b_sc, x->b_sd);
+    bytes_of(x->recv_cnt, sizeof(EpEntry), P, x->b_rc, x->b_rd);
+    comm_alltoallv_bytes(comm, x->sent, x->b_sc, x->b_sd, x->recv, x->b_rc, x->b_rd, COMM_PHASE_DISPATCH);
+    /* rows relative to the source block -> index into the received rows */
+    size_t e0 = 0, r0 = 0;
+    for (int s = 0; s < P; s++) {
+        for (size_t q = 0; q < x->recv_cnt[s]; q++) x->recv[e0 + q].row += (int32_t)r0;
+        e0 += x->recv_cnt[s];
+        r0 += x->rcnt[s];
+    }
+    be->ops->from_host(be->ctx, x->srow_token_d, x->srow_token, sizeof(int32_t) * (size_t)(n_rows ? n_rows : 1));
+    be->ops->from_host(be->ctx, x->tok_row_d, x->tok_row, sizeof(int32_t) * (size_t)N * x->kmax);
+}
+
+/* one row exchange: send [count_s rows] -> recv [count_r rows], host staging if needed */
+static void exchange_rows(EpX *x, const Backend *be, Comm *comm, const float *send, const size_t *cs,
+                          float *recv, const size_t *cr, size_t n_send, size_t n_recv, float *hs, float *hr,
+                          int phase) {
+    size_t row = sizeof(float) * (size_t)x->D;
+    bytes_of(cs, row, x->P, x->b_sc, x->b_sd);
+    bytes_of(cr, row, x->P, x->b_rc, x->b_rd);
+    if (!hs) {
+        comm_alltoallv_bytes(comm, send, x->b_sc, x->b_sd, recv, x->b_rc, x->b_rd, phase);
+        return;
+    }
+    be->ops->to_host(be->ctx, hs, send, row * n_send);
+    comm_alltoallv_bytes(comm, hs, x->b_sc, x->b_sd, hr, x->b_rc, x->b_rd, phase);
+    be->ops->from_host(be->ctx, recv, hr, row * n_recv);
+}
+
+void epx_send_rows(EpX *x, const Backend *be, Comm *comm, const float *src, int phase) {
+    if (x->n_srows) be->ops->gather_rows(be->ctx, x->sbuf, src, x->srow_token_d, x->n_srows, x->D);
+    exchange_rows(x, be, comm, x->sbuf, x->scnt, x->rbuf, x->rcnt, (size_t)x->n_srows, (size_t)x->n_rrows,
+                  x->hs, x->hr, phase);
+}
+
+void epx_return_rows(EpX *x, const Backend *be, Comm *comm, const float *rsrc, int phase) {
+    exchange_rows(x, be, comm, rsrc, x->rcnt, x->sbuf, x->scnt, (size_t)x->n_rrows, (size_t)x->n_srows,
+                  x->hr, x->hs, phase);
+}
+
+void epx_combine(EpX *x, const Backend *be, float *y) {
+    be->ops->combine_rows(be->ctx, y, x->sbuf, x->tok_row_d, NULL, x->N, x->kmax, x->D);
+}
+
+void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase) {
+    bytes_of(x->recv_cnt, sizeof(float), x->P, x->b_rc, x->b_rd);
+    bytes_of(x->sent_cnt, sizeof(float), x->P, x->b_sc, x->b_sd);
+    comm_alltoallv_bytes(comm, rvals, x->b_rc, x->b_rd, x->sval, x->b_sc, x->b_sd, phase);
+}

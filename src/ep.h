@@ -1,0 +1,88 @@
+/* ep: expert parallelism. Every MoE layer's experts are owned by ranks in placement units
+ * (an expert group of the clustered model, one expert of the standard MoE; a group's base
+ * and all its members live on one rank). EpMap says where every expert lives; EpX is the
+ * per-layer dispatch/combine exchange:
+ *   source side: each token is sent ONCE per distinct destination rank of its kept experts
+ *   (the clustered model's groups, the standard MoE's experts), with the list of
+ *   (local expert slot, gate) entries it carries there;
+ *   destination side: rows and entries arrive in (source rank, row) order, the layer computes
+ *   one output row per received row (gates applied, members summed) and sends it back;
+ *   backward mirrors both exchanges (dout rows out; dx rows and per-entry dgate back).
+ * Counts go first (one MPI_Alltoall), then the entries and rows (MPI_Alltoallv). Every
+ * byte passes the communicator's profiled wrappers (phases dispatch / combine).
+ * Does not: decide routing (moe.c, clustered.c) or placement (comm/placement.c). */
+#ifndef DCMOE_EP_H
+#define DCMOE_EP_H
+
+#include <stdint.h>
+#include "backend.h"
+#include "comm.h"
+#include "placement.h"
+
+typedef struct EpMap {
+    int P, rank;
+    int E, K;                    /* experts; experts per placement unit (1 = standard MoE) */
+    int U, per_rank;             /* units (E / K) and units per rank */
+    Placement place;             /* unit -> (owner rank, local slot) */
+    int32_t *expert_owner;       /* [E] */
+    int32_t *expert_lslot;       /* [E] local expert slot on its owner: slot(unit) * K + index in unit */
+    int32_t *lslot_expert;       /* [per_rank * K] global expert held in each local slot of this rank */
+    int32_t *lunit;              /* [per_rank] global unit held in each local unit slot of this rank */
+    /* co-selection statistics for topology-aware placement */
+    double *affinity;            /* [U, U] EMA of pair counts (global) */
+    double *load;                /* [U] EMA of token-unit selections (global) */
+    double *aff_step;            /* [U, U + 1] this step's local pair counts (+ per-unit load) */
+    int have_stats;
+} EpMap;
+
+void ep_map_init(EpMap *em, int P, int rank, int E, int K);
+void ep_map_free(EpMap *em);
+/* recompute the expert maps from em->place and the unit membership members [U * K]
+ * (NULL = unit u holds expert u; clustered: member j of group g is members[g * K + j]) */
+void ep_map_refresh(EpMap *em, const int32_t *members);
+
+typedef struct EpEntry { int32_t row, slot; float gate; } EpEntry;
+
+typedef struct EpX {
+    int P, D, kmax;
+    int n_src_max;               /* source tokens capacity */
+    size_t rows_cap;             /* receive rows / entries capacity */
+    /* source side (this rank's tokens) */
+    int N, n_srows, n_sent;
+    size_t *scnt, *sent_cnt;     /* [P] rows / entries to each destination */
+    int32_t *srow_token;         /* [n_srows] token of each send row, destination-major */
+    int32_t *tok_row;            /* [N, kmax] send rows of each token (-1 pad) */
+    EpEntry *sent;               /* [n_sent] entries, row relative to the destination block */
+    int32_t *ts_entry;           /* [N, kmax] sent-entry index of each (token, slot), -1 = not sent */
+    /* destination side */
+    int n_rrows, n_recv;
+    size_t *rcnt, *recv_cnt;     /* [P] rows / entries from each source */
+    EpEntry *recv;               /* [n_recv] entries, row = index into the received rows */
+    /* scratch */
+    size_t *b_sc, *b_sd, *b_rc, *b_rd;   /* [P] byte counts and displacements */
+    float *sval, *rval;          /* per-entry scalars (dgate) */
+    int32_t *srow_token_d, *tok_row_d;   /* device copies */
+    float *sbuf;                 /* [n_srows, D] device */
+    float *rbuf;                 /* [rows_cap, D] device */
+    float *hs, *hr;              /* host staging for non-host backends (NULL on the CPU) */
+} EpX;
+
+/* n_src_max tokens per rank, kmax = top-k, D = row width; receive capacity covers the global
+ * batch (P * n_src_max * kmax rows) */
+void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax);
+void epx_free(EpX *x, const Backend *be);
+/* build the exchange for N tokens: sel [N, k] global expert ids, kept [N, k] (>= 0 kept),
+ * gate [N, k]; exchanges counts and entries (collective). Also feeds the traffic profiler's
+ * dispatch statistics (rows, pairs, nodes touched, tokens). */
+void epx_plan(EpX *x, const EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+              const int32_t *kept, const float *gate);
+/* rows out: src [N, D] token rows -> x->rbuf [n_rrows, D] (collective) */
+void epx_send_rows(EpX *x, const Backend *be, Comm *comm, const float *src, int phase);
+/* rows back: rsrc [n_rrows, D] -> x->sbuf [n_srows, D] (collective) */
+void epx_return_rows(EpX *x, const Backend *be, Comm *comm, const float *rsrc, int phase);
+/* y[t] += sum of the token's returned rows (x->sbuf), in destination order */
+void epx_combine(EpX *x, const Backend *be, float *y);
+/* per-entry scalars back: rvals [n_recv] (receive order) -> x->sval [n_sent] (collective) */
+void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase);
+
+#endif
