@@ -92,11 +92,57 @@ static void bytes_of(const size_t *cnt, size_t elem, int P, size_t *bc, size_t *
     for (int r = 0; r < P; r++) { bc[r] = cnt[r] * elem; bd[r] = off; off += bc[r]; }
 }
 
-void epx_plan(EpX *x, const EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+void ep_stats_step(EpMap *em, Comm *comm, double ema) {
+    int U = em->U;
+    size_t n = (size_t)U * (U + 1);
+    comm_allreduce_sum_f64(comm, em->aff_step, n);
+    double a = em->have_stats ? ema : 1.0;
+    for (int u = 0; u < U; u++) {
+        for (int v = 0; v < U; v++)
+            em->affinity[(size_t)u * U + v] = (1 - a) * em->affinity[(size_t)u * U + v] + a * em->aff_step[(size_t)u * (U + 1) + v];
+        em->load[u] = (1 - a) * em->load[u] + a * em->aff_step[(size_t)u * (U + 1) + U];
+    }
+    em->have_stats = 1;
+    memset(em->aff_step, 0, sizeof(double) * n);
+}
+
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, Placement *out) {
+    Status st = placement_init(out, em->U, em->P);
+    ASSERTF(STATUS_OK(st), "%s", st.msg);
+    if (policy == PLACEMENT_EPLB) placement_eplb(out, em->have_stats ? em->load : NULL, topo);
+    else if (policy == PLACEMENT_TOPOLOGY)
+        placement_topology(out, em->affinity, em->have_stats ? em->load : NULL, topo, refine_passes);
+    else placement_contiguous(out);
+    return !placement_equal(out, &em->place);
+}
+
+/* co-selection: the distinct units of each token's kept pairs (pairs counted both ways) */
+static void add_stats(EpMap *em, int N, int k, const int32_t *sel, const int32_t *kept) {
+    int U = em->U, K = em->K;
+    for (int t = 0; t < N; t++) {
+        int units[64], n = 0;
+        for (int s = 0; s < k && n < 64; s++) {
+            size_t ts = (size_t)t * k + s;
+            if (kept[ts] < 0) continue;
+            int u = em->place.unit_at[em->expert_owner[sel[ts]] * em->per_rank + em->expert_lslot[sel[ts]] / K];
+            int dup = 0;
+            for (int j = 0; j < n; j++) dup |= units[j] == u;
+            if (!dup) units[n++] = u;
+        }
+        for (int i = 0; i < n; i++) {
+            em->aff_step[(size_t)units[i] * (U + 1) + U] += 1;
+            for (int j = 0; j < n; j++)
+                if (j != i) em->aff_step[(size_t)units[i] * (U + 1) + units[j]] += 1;
+        }
+    }
+}
+
+void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate) {
     int P = x->P;
     ASSERTF(N <= x->n_src_max && k <= x->kmax, "epx_plan: %d tokens x %d slots exceed the buffers", N, k);
     x->N = N;
+    if (em->collect) add_stats(em, N, k, sel, kept);
     memset(x->scnt, 0, sizeof(size_t) * P);
     memset(x->sent_cnt, 0, sizeof(size_t) * P);
     for (size_t i = 0; i < (size_t)N * x->kmax; i++) { x->tok_row[i] = -1; x->ts_entry[i] = -1; }

@@ -33,6 +33,7 @@ typedef struct EpMap {
     double *load;                /* [U] EMA of token-unit selections (global) */
     double *aff_step;            /* [U, U + 1] this step's local pair counts (+ per-unit load) */
     int have_stats;
+    int collect;                 /* 1 while training: epx_plan adds to aff_step */
 } EpMap;
 
 void ep_map_init(EpMap *em, int P, int rank, int E, int K);
@@ -40,6 +41,13 @@ void ep_map_free(EpMap *em);
 /* recompute the expert maps from em->place and the unit membership members [U * K]
  * (NULL = unit u holds expert u; clustered: member j of group g is members[g * K + j]) */
 void ep_map_refresh(EpMap *em, const int32_t *members);
+
+/* end of a training step: sum aff_step over ranks, fold into the EMAs (rate ema; the first
+ * step sets them), clear aff_step (collective) */
+void ep_stats_step(EpMap *em, Comm *comm, double ema);
+/* a new placement for the policy (contiguous, eplb, topology) from the statistics; returns
+ * 1 when it differs from the current one (the caller migrates with model_ep_relayout) */
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, Placement *out);
 
 typedef struct EpEntry { int32_t row, slot; float gate; } EpEntry;
 
@@ -74,7 +82,7 @@ void epx_free(EpX *x, const Backend *be);
 /* build the exchange for N tokens: sel [N, k] global expert ids, kept [N, k] (>= 0 kept),
  * gate [N, k]; exchanges counts and entries (collective). Also feeds the traffic profiler's
  * dispatch statistics (rows, pairs, nodes touched, tokens). */
-void epx_plan(EpX *x, const EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate);
 /* rows out: src [N, D] token rows -> x->rbuf [n_rrows, D] (collective) */
 void epx_send_rows(EpX *x, const Backend *be, Comm *comm, const float *src, int phase);

@@ -87,7 +87,7 @@ typedef struct MoeLayer {
     int G, K, r, top_groups;     /* clustered */
     MoeConfig cfg;
     ClusterState *cs;            /* clustered: the model's state for this layer */
-    const EpMap *ep;             /* MoE layers: where the experts live (the model's map) */
+    EpMap *ep;                   /* MoE layers: where the experts live (the model's map) */
 } MoeLayer;
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);

@@ -21,6 +21,8 @@
 #include "model.h"
 #include "optim.h"
 #include "recluster.h"
+#include "topology.h"
+#include "traffic.h"
 
 static volatile sig_atomic_t g_stop_signal = 0;
 
@@ -68,7 +70,20 @@ typedef struct EvalOut { double loss, ppl, metric; long n; } EvalOut;
 
 /* every rank takes part (the MoE layers exchange routing counts); global batches of
  * B_global windows, rank r runs its slice, padding windows have no targets */
+static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global);
+
+/* evaluation traffic is not training traffic: the profiler and the placement statistics
+ * are paused while it runs */
 static EvalOut evaluate(Model *m, const Dataset *ds, int split, int max_batches, int B_global) {
+    Traffic *tr = m->comm->traffic;
+    m->comm->traffic = NULL;
+    for (int l = 0; l < m->L; l++) m->ep[l].collect = 0;
+    EvalOut out = evaluate_inner(m, ds, split, max_batches, B_global);
+    m->comm->traffic = tr;
+    return out;
+}
+
+static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global) {
     Comm *comm = m->comm;
     int T = m->T, P = comm->size, Bl = B_global / P;
     EvalOut out = {0};
@@ -143,6 +158,7 @@ typedef struct LogIds {
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of;
     int final_valid_ppl, final_test_ppl, final_test_loss;
+    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr;
 } LogIds;
 
 static int n_clustered_layers(const Model *m) {
@@ -198,6 +214,20 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
     id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
     id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
+    uint64_t dph[1] = {COMM_N_PHASES}, d4d[1] = {4};
+    uint64_t dmat[3] = {COMM_N_PHASES, (uint64_t)m->comm->size, (uint64_t)m->comm->size};
+    uint64_t dlp[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->comm->size};
+    uint64_t dlu[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->cfg.moe.n_experts};
+    id->c_intra = h5log_series(lg, "comm/summary/intra_bytes", H5LOG_F64, 1, dph);
+    id->c_inter = h5log_series(lg, "comm/summary/inter_bytes", H5LOG_F64, 1, dph);
+    id->c_time = h5log_series(lg, "comm/summary/time_s", H5LOG_F64, 1, dph);
+    id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
+    id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4d);
+    id->c_matrix = h5log_series(lg, "comm/bytes", H5LOG_F64, 3, dmat);
+    id->rank_maxvio = h5log_series(lg, "moe/balance_rank/maxvio", H5LOG_F64, 1, dl);
+    id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
+    id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dlu);
+    id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
     id->final_valid_ppl = h5log_series(lg, "final/valid_ppl", H5LOG_F64, 0, NULL);
     id->final_test_ppl = h5log_series(lg, "final/test_ppl", H5LOG_F64, 0, NULL);
     id->final_test_loss = h5log_series(lg, "final/test_loss", H5LOG_F64, 0, NULL);
@@ -208,7 +238,7 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
 }
 
 static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
-                        double peak_gflops, double unigram_ppl) {
+                        double peak_gflops, double unigram_ppl, const Topology *topo) {
     char *yaml = config_to_yaml(&m->cfg);
     TRY(h5log_attr_str(lg, "/", "config", yaml));
     free(yaml);
@@ -226,6 +256,26 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/", "unigram_ppl_valid", unigram_ppl));
     TRY(h5log_attr_f64(lg, "/", "flops_per_token", model_flops_per_token(m)));
     TRY(h5log_attr_str(lg, "/perf/time_split", "columns", "forward,backward,allreduce,optimizer (seconds)"));
+    char tdesc[256];
+    topology_describe(topo, tdesc, sizeof tdesc);
+    TRY(h5log_attr_str(lg, "/", "topology", tdesc));
+    static const char *const pol[] = {"contiguous", "eplb", "topology"};
+    TRY(h5log_attr_str(lg, "/", "placement", pol[m->cfg.parallel.placement]));
+    TRY(h5log_attr_str(lg, "/", "exchange", m->cfg.parallel.exchange == EXCHANGE_TWO_LEVEL ? "two_level" : "flat"));
+    int64_t node_of[4096];
+    for (int r = 0; r < comm->size && r < 4096; r++) node_of[r] = topo->node_of[r];
+    uint64_t dn[1] = {(uint64_t)comm->size};
+    TRY(h5log_write_array(lg, "parallel/node_of_rank", H5LOG_I64, 1, dn, node_of));
+    static const char *const phase_cols = "allreduce,dispatch,combine,migration,other";
+    TRY(h5log_attr_str(lg, "/comm/summary/intra_bytes", "columns", phase_cols));
+    TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
+    TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
+    TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
+    TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
+    TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
+                       "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
+                       "nodes touched (sum over token-layers), token-layers routed"));
+    TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change"));
     char layers[512] = "";
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind != MOE_KIND_DENSE) {
@@ -251,6 +301,31 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/params/by_kind", "total", total));
     TRY(h5log_attr_f64(lg, "/params/by_kind", "active", active));
     return status_ok();
+}
+
+/* re-run the placement policy on every MoE layer and migrate the units that change owner;
+ * returns the bytes moved (all ranks) */
+static double replace_experts(Model *m, const Config *cfg, const Topology *topo) {
+    double bytes = 0;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+        Placement np;
+        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes, &np))
+            bytes += (double)model_ep_relayout(m, l, &np);
+        placement_free(&np);
+    }
+    comm_allreduce_sum_f64(m->comm, &bytes, 1);
+    return bytes;
+}
+
+/* owners of every expert per MoE layer, for the log */
+static void owner_rows(const Model *m, double *out) {
+    int i = 0, E = m->cfg.moe.n_experts;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+        for (int e = 0; e < E; e++) out[(size_t)i * E + e] = m->ep[l].expert_owner[e];
+        i++;
+    }
 }
 
 static void fmt_eta(char *dst, size_t cap, double s) {
@@ -288,6 +363,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     const TrainConfig *tc = &cfg->train;
     if (tc->batch_size % P != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
+    if (cfg->parallel.exchange == EXCHANGE_TWO_LEVEL)
+        return status_errorf("parallel.exchange=two_level: the two-level (node, then peer) exchange is not "
+                             "implemented yet; allowed now: flat");
     int Bl = tc->batch_size / P, T = cfg->model.seq_len;
     char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
     train_run_dir(cfg, run_dir, sizeof run_dir);
@@ -343,6 +421,13 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (rank == 0) printf("resumed from %s at step %lld\n", ckpt, (long long)pos.step);
     }
 
+    Topology topo;
+    st = topology_init(&topo, comm, &cfg->topology);
+    if (!STATUS_OK(st)) { model_free(&m); data_free(&ds); backend_free(&be); return agree(comm, st); }
+    TRY(agree(comm, st));
+    Traffic traffic;
+    traffic_init(&traffic, P, rank, &topo);
+
     double peak = train_measure_sgemm_peak(&be), peak_total = peak;
     comm_allreduce_sum_f64(comm, &peak_total, 1);
     double uni_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&ds, SPLIT_VALID) : 0;
@@ -357,7 +442,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (ckpt[0]) st = h5log_open_append(&lg, path, cfg->log.swmr, cfg->log.flush_interval, (long)pos.step);
         else st = h5log_create(&lg, path, cfg->log.swmr, cfg->log.flush_interval);
         if (STATUS_OK(st)) st = log_declare(&lg, &m, &id);
-        if (STATUS_OK(st) && !ckpt[0]) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl);
+        if (STATUS_OK(st) && !ckpt[0]) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl, &topo);
         if (STATUS_OK(st)) st = h5log_start(&lg);
     }
     st = agree(comm, st);
@@ -391,8 +476,14 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     double window_time = 0, ema_step = 0;
     double last_loss = 0;
 
+    double *orow = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E + P + 1));
+    double *mat = xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P);
+    double pending_migr = 0;
+    int log_owner = 1;
     for (long step = pos.step; step < tc->steps; step++) {
         double t0 = time_now();
+        comm->traffic = &traffic;
+        for (int l = 0; l < m.L; l++) m.ep[l].collect = m.ffn[l].kind != MOE_KIND_DENSE;
         uint64_t ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
         double ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
         if (cfg->model.task == TASK_LM)
@@ -419,6 +510,20 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             for (int l = 0; l < m.L; l++)
                 if (m.ffn[l].kind == MOE_KIND_CLUSTERED) clustered_update_bias(&m.ffn[l], &m.acts[l].moe);
         }
+        int is_last_step = step + 1 == tc->steps;
+        for (int l = 0; l < m.L; l++)
+            if (m.ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m.ep[l], comm, cfg->parallel.affinity_ema);
+        double migr = pending_migr;
+        pending_migr = 0;
+        if (P > 1 && nm > 0 && cfg->parallel.place_interval > 0 && (step + 1) % cfg->parallel.place_interval == 0 &&
+            !is_last_step) {
+            double b = replace_experts(&m, cfg, &topo);
+            if (b > 0) log_owner = 1;
+            migr += b;
+        }
+        TrafficStep ts;
+        traffic_step_end(&traffic, comm, &ts);
+        comm->traffic = NULL;
         double t3 = time_now();
         /* global loss: sum of local CE contributions + the (global) aux terms */
         double ce[1] = {m.loss_sum / (double)n_global};
@@ -457,6 +562,38 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             h5log_append(&lg, id.time_split, s, split);
             double arb = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - ar_bytes0);
             h5log_append(&lg, id.comm_bytes, s, &arb);
+            h5log_append(&lg, id.c_intra, s, ts.intra);
+            h5log_append(&lg, id.c_inter, s, ts.inter);
+            h5log_append(&lg, id.c_time, s, ts.seconds);
+            h5log_append(&lg, id.c_msgs, s, ts.msgs);
+            double disp[4] = {ts.rows_dispatched, ts.pairs_routed, ts.nodes_touched, ts.tokens};
+            h5log_append(&lg, id.c_dispatch, s, disp);
+            if (s % cfg->parallel.traffic_interval == 0 || s == tc->steps) {
+                for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)traffic.matrix[q];
+                h5log_append(&lg, id.c_matrix, s, mat);
+            }
+            if (log_owner || migr > 0) {
+                owner_rows(&m, orow);
+                h5log_append(&lg, id.owner, s, orow);
+                h5log_append(&lg, id.migr, s, &migr);
+                log_owner = 0;
+            }
+            if (nm > 0) {
+                /* tokens each rank's experts received (after capacity) and the rank-level MaxVio */
+                double *rt = orow, *rmv = orow + (size_t)nm * P;
+                int i = 0;
+                for (int l = 0; l < m.L; l++) {
+                    if (m.ffn[l].kind == MOE_KIND_DENSE) continue;
+                    const MoeStats *ms = &m.acts[l].moe.stats;
+                    for (int r = 0; r < P; r++) rt[(size_t)i * P + r] = 0;
+                    for (int e = 0; e < E; e++) rt[(size_t)i * P + m.ep[l].expert_owner[e]] += ms->counts[e];
+                    LoadStats lr_ = metrics_load(rt + (size_t)i * P, P);
+                    rmv[i] = lr_.maxvio;
+                    i++;
+                }
+                h5log_append(&lg, id.rank_tokens, s, rt);
+                h5log_append(&lg, id.rank_maxvio, s, rmv);
+            }
             for (int r = 0; r < P; r++) { rank_row[r] = all_r[2 * r]; rank_row[P + r] = all_r[2 * r + 1]; }
             h5log_append(&lg, id.rank_compute_s, s, rank_row);
             h5log_append(&lg, id.rank_peak_rss, s, rank_row + P);
@@ -521,6 +658,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
             double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
             int n_ev = recluster_run(&m, step + 1, evs);
+            /* groups changed: re-place them (migration bytes land in the next step's log) */
+            if (P > 1) pending_migr += replace_experts(&m, cfg, &topo);
             double pa = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
             last_event = step + 1;
             if (rank == 0) {
@@ -605,6 +744,10 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         }
     }
     if (rank == 0) h5log_close(&lg);
+    comm->traffic = NULL;
+    traffic_free(&traffic);
+    topology_free(&topo);
+    xfree(orow); xfree(mat);
     xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
     model_free(&m);
     data_free(&ds);
