@@ -119,7 +119,7 @@ Status topology_init(Topology *t, Comm *c, const TopologyConfig *cfg) {
     xfree(all);
     fill_counts(t);
     t->is_virtual = 0;
-    str_fmt(t->source, sizeof t->source, "%s", c->size == 1 ? "single" : from_slurm ? "slurm" : "hostname");
+    str_fmt(t->source, sizeof t->source, "%s", from_slurm ? "slurm" : c->size == 1 ? "single" : "hostname");
     copy_links(t, cfg);
     return status_ok();
 }
@@ -134,7 +134,7 @@ void topology_describe(const Topology *t, char *buf, size_t cap) {
     }
     const char *nodes_word = t->n_nodes == 1 ? "node" : "nodes";
     if (lo == hi)
-        snprintf(buf, cap, "%s %d %s x %d ranks", t->source, t->n_nodes, nodes_word, hi);
+        snprintf(buf, cap, "%s %d %s x %d %s", t->source, t->n_nodes, nodes_word, hi, hi == 1 ? "rank" : "ranks");
     else
         snprintf(buf, cap, "%s %d %s x %d-%d ranks (%d ranks)", t->source, t->n_nodes, nodes_word, lo, hi, t->n_ranks);
 }
