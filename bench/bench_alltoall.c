@@ -14,10 +14,12 @@
  *
  * Usage:
  *   mpirun -n 4 build/bench/bench_alltoall [--min 1024] [--max 16777216] [--iters 20]
- *          [--warmup 5] [--seed 1] [--skew 1.0] [--csv FILE]
+ *          [--warmup 5] [--seed 1] [--skew 1.0] [--nodes 0] [--csv FILE]
  *   (as root, in a container: mpirun --allow-run-as-root --oversubscribe --bind-to none -n 4 ...)
  * --skew is the spread (standard deviation of the log) of the destination popularity: 0 gives
- * a near-uniform matrix with only the per-pair noise. Run it on a quiet machine: the numbers
+ * a near-uniform matrix with only the per-pair noise. --nodes N > 0 splits the ranks into N
+ * virtual nodes (P/N each) so the profiler's intra/inter-node split means something on one
+ * machine; 0 uses the real topology (hostnames, or SLURM_NODEID). Run it on a quiet machine: the numbers
  * of an oversubscribed run measure the scheduler, not the exchange.
  * Does not: test NCCL, the two-level exchange, or the model's exchange plan; and it is not a
  * test (meson builds it but never runs it). */
@@ -37,6 +39,7 @@ typedef struct BenchArgs {
     int iters, warmup;
     uint64_t seed;
     double skew;
+    int nodes;                   /* > 0: a virtual topology of that many nodes */
     const char *csv;
 } BenchArgs;
 
@@ -47,6 +50,7 @@ static int parse_args(int argc, char **argv, BenchArgs *a, int rank) {
     a->warmup = 5;
     a->seed = 1;
     a->skew = 1.0;
+    a->nodes = 0;
     a->csv = NULL;
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -58,20 +62,22 @@ static int parse_args(int argc, char **argv, BenchArgs *a, int rank) {
         else if (strcmp(k, "--warmup") == 0) a->warmup = atoi(v);
         else if (strcmp(k, "--seed") == 0) a->seed = (uint64_t)strtoull(v, NULL, 10);
         else if (strcmp(k, "--skew") == 0) a->skew = atof(v);
+        else if (strcmp(k, "--nodes") == 0) a->nodes = atoi(v);
         else if (strcmp(k, "--csv") == 0) a->csv = v;
         else known = 0;
         if (!known) {
             if (rank == 0)
                 fprintf(stderr, "bench_alltoall: unknown or incomplete option '%s'\nusage: bench_alltoall [--min BYTES] "
-                        "[--max BYTES] [--iters N] [--warmup N] [--seed S] [--skew X] [--csv FILE]\n", k);
+                        "[--max BYTES] [--iters N] [--warmup N] [--seed S] [--skew X] [--nodes N] [--csv FILE]\n", k);
             return 0;
         }
         i++;
     }
-    if (a->min_bytes < 1 || a->max_bytes < a->min_bytes || a->iters < 1 || a->warmup < 0 || a->skew < 0) {
+    if (a->min_bytes < 1 || a->max_bytes < a->min_bytes || a->iters < 1 || a->warmup < 0 || a->skew < 0 || a->nodes < 0) {
         if (rank == 0)
             fprintf(stderr, "bench_alltoall: need 1 <= --min (%zu) <= --max (%zu), --iters (%d) >= 1, "
-                    "--warmup (%d) >= 0, --skew (%g) >= 0\n", a->min_bytes, a->max_bytes, a->iters, a->warmup, a->skew);
+                    "--warmup (%d) >= 0, --skew (%g) >= 0, --nodes (%d) >= 0\n", a->min_bytes, a->max_bytes, a->iters,
+                    a->warmup, a->skew, a->nodes);
         return 0;
     }
     return 1;
@@ -181,7 +187,11 @@ int main(int argc, char **argv) {
     BenchArgs a;
     if (!parse_args(argc, argv, &a, rank)) { MPI_Finalize(); return 2; }
     Topology topo;
-    st = topology_init(&topo, &comm, NULL);
+    TopologyConfig tcfg;
+    memset(&tcfg, 0, sizeof tcfg);
+    tcfg.nodes = a.nodes;
+    tcfg.ranks_per_node = a.nodes > 0 ? P / a.nodes : 0;
+    st = topology_init(&topo, &comm, &tcfg);
     if (!STATUS_OK(st)) {
         if (rank == 0) fprintf(stderr, "bench_alltoall: %s\n", st.msg);
         MPI_Finalize();
@@ -289,6 +299,17 @@ int main(int argc, char **argv) {
         if (size > a.max_bytes / 2) break;    /* no overflow of size *= 2 */
     }
     if (rank == 0) {
+        /* the profiler's view of all dcmoe calls: which share of the payload left its node */
+        double intra = 0, inter = 0;
+        for (int s = 0; s < P; s++)
+            for (int d = 0; d < P; d++)
+                if (s != d) {
+                    double b = (double)tr.total[((size_t)COMM_PHASE_DISPATCH * P + s) * P + d];
+                    if (topology_same_node(&topo, s, d)) intra += b;
+                    else inter += b;
+                }
+        printf("# profiler, dispatch phase: %.3g bytes intra-node, %.3g inter-node (%.1f%% inter)\n", intra, inter,
+               intra + inter > 0 ? 100.0 * inter / (intra + inter) : 0.0);
         printf("# %s: %ld wrong bytes in all\n", any_wrong ? "FAILED" : "ok", any_wrong);
         if (csv) fclose(csv);
     }
