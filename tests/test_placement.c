@@ -1,0 +1,360 @@
+/* test_placement: the struct (init errors, fill_slots, copy, equal), the measures (cut at node
+ * and rank level, rank MaxVio on hand cases), and the three policies: every policy gives a
+ * valid balanced placement on many shapes; contiguous and EPLB match hand-computed owners;
+ * EPLB keeps node loads within the heaviest unit of each other; the topology policy recovers a
+ * planted two-level partition from a shuffled, noisy block affinity with a strictly smaller
+ * inter-node cut than contiguous and EPLB; refinement never increases the cut and usually
+ * reaches the brute-force optimum on small cases; cut-neutral swaps balance load; all
+ * policies are deterministic.
+ * Legend: U R N = units, ranks, nodes; per = units per rank. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+#include "placement.h"
+
+static TopologyConfig vcfg(int nodes, int rpn) {
+    TopologyConfig c;
+    memset(&c, 0, sizeof c);
+    c.nodes = nodes;
+    c.ranks_per_node = rpn;
+    return c;
+}
+
+static void make_topo(Topology *t, int nodes, int rpn) {
+    TopologyConfig c = vcfg(nodes, rpn);
+    Status s = topology_virtual(t, nodes * rpn, &c);
+    ASSERTF(STATUS_OK(s), "%s", s.msg);
+}
+
+/* each rank owns per_rank units; slot/unit_at agree with owner; slots ascend with unit id */
+static int valid(const Placement *p) {
+    int *count = calloc((size_t)p->n_ranks, sizeof(int));
+    int good = 1;
+    for (int u = 0; u < p->n_units && good; u++) {
+        int r = p->owner[u];
+        if (r < 0 || r >= p->n_ranks || p->slot[u] < 0 || p->slot[u] >= p->per_rank) { good = 0; break; }
+        count[r]++;
+        if (p->unit_at[(size_t)r * p->per_rank + p->slot[u]] != u) good = 0;
+    }
+    for (int r = 0; r < p->n_ranks && good; r++) {
+        if (count[r] != p->per_rank) good = 0;
+        for (int q = 1; q < p->per_rank && good; q++)
+            if (p->unit_at[(size_t)r * p->per_rank + q] <= p->unit_at[(size_t)r * p->per_rank + q - 1]) good = 0;
+    }
+    free(count);
+    return good;
+}
+
+static void random_symmetric(Rng *rng, double *a, int U, double density) {
+    for (int u = 0; u < U; u++) {
+        a[(size_t)u * U + u] = 0;
+        for (int v = u + 1; v < U; v++) {
+            double x = rng_uniform(rng) < density ? rng_uniform(rng) * 10 : 0;
+            a[(size_t)u * U + v] = a[(size_t)v * U + u] = x;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- struct and measures */
+
+static void test_struct(void) {
+    Placement p, q;
+    Status s = placement_init(&p, 10, 4);
+    ok(!STATUS_OK(s) && strstr(s.msg, "n_units=10") && strstr(s.msg, "n_ranks=4"), "init 10 over 4: error (%s)", s.msg);
+    placement_free(&p);
+    s = placement_init(&p, 0, 1);
+    ok(!STATUS_OK(s), "init 0 units: error (%s)", s.msg);
+    placement_free(&p);
+
+    s = placement_init(&p, 4, 2);
+    ok(STATUS_OK(s) && p.per_rank == 2 && valid(&p) && p.owner[3] == 1, "init 4 over 2: contiguous, valid");
+    int owner[4] = {1, 0, 1, 0}, want_slot[4] = {0, 0, 1, 1}, want_at[4] = {1, 3, 0, 2};
+    memcpy(p.owner, owner, sizeof owner);
+    placement_fill_slots(&p);
+    ok(memcmp(p.slot, want_slot, sizeof want_slot) == 0 && memcmp(p.unit_at, want_at, sizeof want_at) == 0,
+       "fill_slots: slots 0 0 1 1, unit_at 1 3 0 2 (got %d %d %d %d)", p.unit_at[0], p.unit_at[1], p.unit_at[2], p.unit_at[3]);
+
+    memset(&q, 0, sizeof q);
+    placement_copy(&q, &p);
+    ok(placement_equal(&q, &p) && q.owner != p.owner, "copy: equal, separate memory");
+    q.owner[0] = 0; q.owner[1] = 1;
+    placement_fill_slots(&q);
+    ok(!placement_equal(&q, &p), "equal: a swapped pair differs");
+    Placement big;
+    s = placement_init(&big, 12, 3);
+    placement_copy(&big, &p);
+    ok(STATUS_OK(s) && placement_equal(&big, &p) && big.n_units == 4, "copy: resizes the destination");
+    placement_free(&big);
+
+    /* cut: A01=1 A02=2 A03=3 A12=4 A13=5 A23=6, owner 0 0 1 1 */
+    double a[16] = {0, 1, 2, 3, 1, 0, 4, 5, 2, 4, 0, 6, 3, 5, 6, 0};
+    placement_contiguous(&p);
+    Topology t2x1, t1x2;
+    make_topo(&t2x1, 2, 1);
+    make_topo(&t1x2, 1, 2);
+    double c0 = placement_cut(&p, a, &t2x1, 0), c1 = placement_cut(&p, a, &t2x1, 1);
+    double d0 = placement_cut(&p, a, &t1x2, 0), d1 = placement_cut(&p, a, &t1x2, 1);
+    ok(c0 == 14 && c1 == 14 && d0 == 0 && d1 == 14, "cut: 2x1 node 14 rank 14, 1x2 node 0 rank 14 (got %g %g %g %g)",
+       c0, c1, d0, d1);
+    double load[4] = {1, 2, 3, 6};
+    double mv = placement_rank_maxvio(&p, load);
+    ok(fabs(mv - 0.5) < 1e-15 && placement_rank_maxvio(&p, NULL) == 0, "rank maxvio: sums 3, 9 over mean 6 -> 0.5 (got %g)", mv);
+    topology_free(&t2x1);
+    topology_free(&t1x2);
+    placement_free(&p);
+    placement_free(&q);
+    placement_free(&q);         /* safe twice */
+}
+
+/* ---------------------------------------------------------------- contiguous and EPLB */
+
+static void test_contiguous_eplb(void) {
+    Placement p;
+    Topology t;
+    make_topo(&t, 2, 2);
+    placement_init(&p, 12, 4);
+    placement_contiguous(&p);
+    int exact = 1;
+    for (int u = 0; u < 12; u++) exact &= p.owner[u] == u / 3 && p.slot[u] == u % 3 && p.unit_at[u] == u;
+    ok(exact && valid(&p), "contiguous 12 over 4: unit u on rank u/3, slot u%%3");
+    placement_free(&p);
+
+    /* hand-computed: loads 1 8 3 6 2 7 4 5 on 2 nodes x 2 ranks (2 units a rank) */
+    double load[8] = {1, 8, 3, 6, 2, 7, 4, 5};
+    int want[8] = {0, 0, 3, 3, 2, 2, 1, 1};
+    placement_init(&p, 8, 4);
+    placement_eplb(&p, load, &t);
+    ok(memcmp(p.owner, want, sizeof want) == 0 && valid(&p),
+       "eplb hand case: owners 0 0 3 3 2 2 1 1 (got %d %d %d %d %d %d %d %d)", p.owner[0], p.owner[1], p.owner[2],
+       p.owner[3], p.owner[4], p.owner[5], p.owner[6], p.owner[7]);
+    ok(placement_rank_maxvio(&p, load) == 0, "eplb hand case: every rank carries 9");
+    placement_eplb(&p, NULL, &t);
+    int want_u[8] = {0, 2, 1, 3, 0, 2, 1, 3};   /* uniform: round robin over nodes, then ranks */
+    ok(memcmp(p.owner, want_u, sizeof want_u) == 0, "eplb without load: owners 0 2 1 3 0 2 1 3 (got %d %d %d %d)",
+       p.owner[0], p.owner[1], p.owner[2], p.owner[3]);
+    placement_free(&p);
+    topology_free(&t);
+
+    /* random: node loads within the heaviest unit of each other, on many shapes */
+    Rng rng;
+    rng_init(&rng, 5, 0, RNG_TEST);
+    int n_bad = 0, n_invalid = 0, n_cases = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        int N = 1 + (int)rng_below(&rng, 4), rpn = 1 + (int)rng_below(&rng, 3), per = 1 + (int)rng_below(&rng, 5);
+        int R = N * rpn, U = R * per;
+        make_topo(&t, N, rpn);
+        placement_init(&p, U, R);
+        double *l = calloc((size_t)U, sizeof(double)), nl[4] = {0, 0, 0, 0}, heaviest = 0;
+        for (int u = 0; u < U; u++) {
+            l[u] = trial % 4 == 0 ? (double)rng_below(&rng, 4) : exp(2.0 * rng_normal(&rng));
+            if (l[u] > heaviest) heaviest = l[u];
+        }
+        placement_eplb(&p, l, &t);
+        for (int u = 0; u < U; u++) nl[t.node_of[p.owner[u]]] += l[u];
+        double lo = nl[0], hi = nl[0];
+        for (int n = 1; n < N; n++) { lo = fmin(lo, nl[n]); hi = fmax(hi, nl[n]); }
+        n_cases++;
+        if (!valid(&p)) n_invalid++;
+        if (hi - lo > heaviest * (1 + 1e-12)) {
+            if (n_bad < 3) printf("#   N=%d rpn=%d per=%d: node loads %g..%g, heaviest unit %g\n", N, rpn, per, lo, hi, heaviest);
+            n_bad++;
+        }
+        free(l);
+        placement_free(&p);
+        topology_free(&t);
+    }
+    ok(n_invalid == 0, "eplb: valid placements on %d random shapes", n_cases);
+    ok(n_bad == 0, "eplb: node loads within the heaviest unit of each other (%d of %d off)", n_bad, n_cases);
+}
+
+/* ---------------------------------------------------------------- topology policy */
+
+/* 32 units in 4 planted blocks of 8 (one block per rank; blocks 0,1 and 2,3 share a node),
+ * shuffled ids; returns the block of each unit in block[] */
+static void planted(Rng *rng, double *a, double *load, int *block) {
+    enum { U = 32 };
+    int perm[U];
+    for (int u = 0; u < U; u++) perm[u] = u;
+    for (int u = U - 1; u > 0; u--) {
+        int j = (int)rng_below(rng, (uint64_t)u + 1), x = perm[u];
+        perm[u] = perm[j]; perm[j] = x;
+    }
+    for (int u = 0; u < U; u++) block[perm[u]] = u / 8;
+    for (int u = 0; u < U; u++) {
+        a[u * U + u] = 0;
+        load[u] = 1.0 + 0.2 * rng_uniform(rng);
+        for (int v = u + 1; v < U; v++) {
+            double base = block[u] == block[v] ? 10.0 : block[u] / 2 == block[v] / 2 ? 3.0 : 0.5;
+            a[u * U + v] = a[v * U + u] = base + 0.5 * rng_uniform(rng);
+        }
+    }
+}
+
+static void test_topology_planted(void) {
+    enum { U = 32 };
+    double *a = calloc(U * U, sizeof(double)), load[U];
+    int block[U];
+    Rng rng;
+    rng_init(&rng, 17, 0, RNG_TEST);
+    Topology t;
+    make_topo(&t, 2, 2);
+    Placement topo, contig, eplb, greedy, truth;
+    placement_init(&topo, U, 4);
+    placement_init(&contig, U, 4);
+    placement_init(&eplb, U, 4);
+    placement_init(&greedy, U, 4);
+    placement_init(&truth, U, 4);
+    int n_recovered = 0, n_smaller = 0, n_valid = 0, n_exact_cut = 0;
+    for (int trial = 0; trial < 10; trial++) {
+        planted(&rng, a, load, block);
+        placement_topology(&topo, a, load, &t, 8);
+        placement_contiguous(&contig);
+        placement_eplb(&eplb, load, &t);
+        for (int u = 0; u < U; u++) truth.owner[u] = block[u];
+        placement_fill_slots(&truth);
+        n_valid += valid(&topo);
+        /* every rank holds one whole block, every node a pair of blocks that belong together */
+        int rec = 1;
+        for (int r = 0; r < 4 && rec; r++) {
+            int b0 = block[topo.unit_at[r * 8]];
+            for (int q = 1; q < 8; q++) rec &= block[topo.unit_at[r * 8 + q]] == b0;
+        }
+        for (int u = 0; u < U && rec; u++)
+            for (int v = 0; v < U; v++)
+                rec &= (block[u] / 2 == block[v] / 2) == topology_same_node(&t, topo.owner[u], topo.owner[v]);
+        n_recovered += rec;
+        double ct = placement_cut(&topo, a, &t, 0), cc = placement_cut(&contig, a, &t, 0);
+        double ce = placement_cut(&eplb, a, &t, 0), cw = placement_cut(&truth, a, &t, 0);
+        n_smaller += ct < cc && ct < ce;
+        n_exact_cut += fabs(ct - cw) <= 1e-9 * cw && fabs(placement_cut(&topo, a, &t, 1) - placement_cut(&truth, a, &t, 1)) <= 1e-9 * cw;
+        if (trial == 0)
+            printf("#   inter-node cut: topology %.1f, contiguous %.1f, eplb %.1f, planted %.1f\n", ct, cc, ce, cw);
+    }
+    ok(n_valid == 10, "topology planted: valid placements (%d/10)", n_valid);
+    ok(n_recovered == 10, "topology planted: blocks recovered at rank and node level (%d/10)", n_recovered);
+    ok(n_exact_cut == 10, "topology planted: node and rank cuts equal the planted ones (%d/10)", n_exact_cut);
+    ok(n_smaller == 10, "topology planted: inter-node cut strictly below contiguous and eplb (%d/10)", n_smaller);
+
+    /* deterministic: the same call twice, and a copy, give the same placement */
+    placement_topology(&greedy, a, load, &t, 8);
+    ok(placement_equal(&greedy, &topo), "topology: deterministic across calls");
+    placement_eplb(&greedy, load, &t);
+    ok(placement_equal(&greedy, &eplb), "eplb: deterministic across calls");
+
+    placement_free(&topo); placement_free(&contig); placement_free(&eplb);
+    placement_free(&greedy); placement_free(&truth);
+    topology_free(&t);
+    free(a);
+}
+
+/* brute force: the minimum inter-part cut over balanced 2-way splits of U <= 12 units */
+static double brute_bisect(const double *a, int U) {
+    double best = INFINITY;
+    for (unsigned mask = 0; mask < (1u << U); mask++) {
+        if (__builtin_popcount(mask) != U / 2 || !(mask & 1u)) continue;
+        double cut = 0;
+        for (int u = 0; u < U; u++)
+            for (int v = u + 1; v < U; v++)
+                if (((mask >> u) & 1u) != ((mask >> v) & 1u)) cut += a[u * U + v];
+        if (cut < best) best = cut;
+    }
+    return best;
+}
+
+static void test_topology_refine(void) {
+    Rng rng;
+    rng_init(&rng, 23, 0, RNG_TEST);
+    int n_cases = 0, n_invalid = 0, n_worse = 0, n_better = 0, n_nondet = 0;
+    for (int trial = 0; trial < 120; trial++) {
+        int N = 1 + (int)rng_below(&rng, 3), rpn = 1 + (int)rng_below(&rng, 3), per = 1 + (int)rng_below(&rng, 4);
+        int R = N * rpn, U = R * per;
+        Topology t;
+        make_topo(&t, N, rpn);
+        double *a = calloc((size_t)U * U, sizeof(double)), *l = calloc((size_t)U, sizeof(double));
+        random_symmetric(&rng, a, U, trial % 2 ? 0.3 : 1.0);
+        for (int u = 0; u < U; u++) l[u] = 1 + rng_uniform(&rng);
+        Placement g, f, f2;
+        placement_init(&g, U, R);
+        placement_init(&f, U, R);
+        placement_init(&f2, U, R);
+        placement_topology(&g, a, trial % 3 ? l : NULL, &t, 0);
+        placement_topology(&f, a, trial % 3 ? l : NULL, &t, 8);
+        placement_topology(&f2, a, trial % 3 ? l : NULL, &t, 8);
+        double g0 = placement_cut(&g, a, &t, 0), f0 = placement_cut(&f, a, &t, 0);
+        double tol = 1e-9 * (g0 + 1);
+        n_cases++;
+        n_invalid += !valid(&g) || !valid(&f);
+        n_nondet += !placement_equal(&f, &f2);
+        if (f0 > g0 + tol) {
+            if (n_worse < 3) printf("#   N=%d rpn=%d per=%d: greedy cut %.6f, refined %.6f\n", N, rpn, per, g0, f0);
+            n_worse++;
+        }
+        n_better += f0 < g0 - tol;
+        placement_free(&g); placement_free(&f); placement_free(&f2);
+        topology_free(&t);
+        free(a); free(l);
+    }
+    ok(n_invalid == 0, "topology: valid placements on %d random shapes (greedy and refined)", n_cases);
+    ok(n_nondet == 0, "topology: deterministic on random shapes (%d differ)", n_nondet);
+    ok(n_worse == 0, "refinement never increases the inter-node cut (%d of %d worse)", n_worse, n_cases);
+    ok(n_better > 0, "refinement lowers the cut in some cases (%d of %d)", n_better, n_cases);
+
+    /* 2 nodes x 1 rank, U = 10: refined cut vs the brute-force optimal bisection */
+    Topology t;
+    make_topo(&t, 2, 1);
+    int n_opt = 0, n_greedy_opt = 0;
+    for (int trial = 0; trial < 50; trial++) {
+        enum { U = 10 };
+        double a[U * U];
+        random_symmetric(&rng, a, U, 0.5);
+        Placement g, f;
+        placement_init(&g, U, 2);
+        placement_init(&f, U, 2);
+        placement_topology(&g, a, NULL, &t, 0);
+        placement_topology(&f, a, NULL, &t, 8);
+        double best = brute_bisect(a, U);
+        n_opt += placement_cut(&f, a, &t, 0) <= best + 1e-9;
+        n_greedy_opt += placement_cut(&g, a, &t, 0) <= best + 1e-9;
+        placement_free(&g); placement_free(&f);
+    }
+    ok(n_opt >= 45 && n_opt >= n_greedy_opt, "refined bisection optimal in %d/50 random cases (greedy alone %d)",
+       n_opt, n_greedy_opt);
+    topology_free(&t);
+}
+
+/* uniform affinity: every split has the same cut, so load decides */
+static void test_topology_balance(void) {
+    enum { U = 16 };
+    double a[U * U], load[U];
+    for (int u = 0; u < U; u++) {
+        load[u] = u + 1;
+        for (int v = 0; v < U; v++) a[u * U + v] = u == v ? 0 : 1;
+    }
+    Topology t;
+    make_topo(&t, 1, 4);
+    Placement p, c;
+    placement_init(&p, U, 4);
+    placement_init(&c, U, 4);
+    placement_topology(&p, a, load, &t, 8);
+    placement_contiguous(&c);
+    double mp = placement_rank_maxvio(&p, load), mc = placement_rank_maxvio(&c, load);
+    ok(valid(&p) && mp < 0.03 && mp < mc, "uniform affinity, loads 1..16 on 4 ranks: maxvio %.4f (contiguous %.4f)", mp, mc);
+    topology_free(&t);
+    make_topo(&t, 2, 2);
+    placement_topology(&p, a, load, &t, 8);
+    mp = placement_rank_maxvio(&p, load);
+    ok(valid(&p) && mp < 0.03, "uniform affinity on 2x2: maxvio %.4f", mp);
+    placement_free(&p);
+    placement_free(&c);
+    topology_free(&t);
+}
+
+int main(void) {
+    test_struct();
+    test_contiguous_eplb();
+    test_topology_planted();
+    test_topology_refine();
+    test_topology_balance();
+    return harness_done();
+}
