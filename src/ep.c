@@ -106,14 +106,22 @@ void ep_stats_step(EpMap *em, Comm *comm, double ema) {
     memset(em->aff_step, 0, sizeof(double) * n);
 }
 
-int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, Placement *out) {
+static double objective(const EpMap *em, int policy, const Topology *topo, const Placement *p) {
+    if (policy == PLACEMENT_EPLB) return placement_rank_maxvio(p, em->load);
+    return placement_cut(p, em->affinity, topo, 0) + 1e-3 * placement_cut(p, em->affinity, topo, 1);
+}
+
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double min_gain, Placement *out) {
     Status st = placement_init(out, em->U, em->P);
     ASSERTF(STATUS_OK(st), "%s", st.msg);
     if (policy == PLACEMENT_EPLB) placement_eplb(out, em->have_stats ? em->load : NULL, topo);
     else if (policy == PLACEMENT_TOPOLOGY)
         placement_topology(out, em->affinity, em->have_stats ? em->load : NULL, topo, refine_passes);
     else placement_contiguous(out);
-    return !placement_equal(out, &em->place);
+    if (placement_equal(out, &em->place)) return 0;
+    if (policy == PLACEMENT_CONTIGUOUS || !em->have_stats) return 1;
+    double cur = objective(em, policy, topo, &em->place), nxt = objective(em, policy, topo, out);
+    return nxt < cur * (1.0 - min_gain);
 }
 
 /* co-selection: the distinct units of each token's kept pairs (pairs counted both ways) */

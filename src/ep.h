@@ -46,8 +46,11 @@ void ep_map_refresh(EpMap *em, const int32_t *members);
  * step sets them), clear aff_step (collective) */
 void ep_stats_step(EpMap *em, Comm *comm, double ema);
 /* a new placement for the policy (contiguous, eplb, topology) from the statistics; returns
- * 1 when it differs from the current one (the caller migrates with model_ep_relayout) */
-int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, Placement *out);
+ * 1 when it differs from the current one and improves the policy's objective (inter-node
+ * cut of the co-selection affinity, plus the inter-rank cut as a tie-break, for topology;
+ * rank-level load MaxVio for eplb) by more than min_gain (the caller then migrates with
+ * model_ep_relayout) */
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double min_gain, Placement *out);
 
 typedef struct EpEntry { int32_t row, slot; float gate; } EpEntry;
 

@@ -310,7 +310,7 @@ static double replace_experts(Model *m, const Config *cfg, const Topology *topo)
     for (int l = 0; l < m->L; l++) {
         if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
         Placement np;
-        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes, &np))
+        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes, cfg->parallel.min_gain, &np))
             bytes += (double)model_ep_relayout(m, l, &np);
         placement_free(&np);
     }
