@@ -308,7 +308,7 @@ static double split_kl_pass(Split *s, int *seq, char *locked) {
 /* cut-neutral swaps that lower the heavier of the two parts' loads, best first */
 static void split_balance(Split *s) {
     int m = s->m;
-    for (int iter = 0; iter < m * m; iter++) {
+    for (int iter = 0; iter < 4 * m; iter++) {
         int bi = -1, bj = -1;
         double best_drop = 0;
         for (int i = 0; i < m; i++)
@@ -329,7 +329,7 @@ static void split_balance(Split *s) {
  * least cut first (then the larger excess drop, then the lowest indices) */
 static void split_repair(Split *s) {
     int m = s->m;
-    for (int iter = 0; iter < m * m; iter++) {
+    for (int iter = 0; iter < 4 * m; iter++) {
         int bi = -1, bj = -1;
         double bg = 0, bx = 0;
         for (int i = 0; i < m; i++)
