@@ -5,8 +5,10 @@
  * one node's units) go to parts of fixed capacities (nodes, or that node's ranks) by greedy
  * graph growing, then Kernighan-Lin passes of pairwise swaps (tentative swaps with locking,
  * rolled back to the best prefix, so a pass never increases the cut), then cut-neutral swaps
- * that lower the load of the heavier part. Ties are broken by load, then by index, so
- * every rank computes the same placement from the same inputs.
+ * that lower the load of the heavier part. With a load cap (placement_topology_capped) the
+ * growth takes only units that fit, over-cap parts are repaired by the cheapest swaps that
+ * lower the excess, and no refinement swap adds excess. Ties are broken by load, then by
+ * index, so every rank computes the same placement from the same inputs.
  * Does not: move weights or measure affinity; no randomness anywhere.
  * Legend: U = units, R = ranks, N = nodes, m = units in the set being split, k = parts. */
 #include "placement.h"
@@ -163,7 +165,8 @@ void placement_eplb(Placement *p, const double *load, const Topology *t) {
 /* one level: m units (ids[] into the global arrays) into k parts of capacity cap[k] */
 typedef struct Split {
     int m, k;
-    const int *cap;          /* [k] */
+    const int *cap;          /* [k] units per part */
+    const double *lcap;      /* [k] load cap per part (INFINITY: none) */
     double *a;               /* [m, m] symmetrised affinity, zero diagonal */
     double *w;               /* [m] unit load (1 when no load was given) */
     int *part;               /* [m] part of each unit (the result) */
@@ -171,8 +174,14 @@ typedef struct Split {
     double *pload;           /* [k] summed load per part */
     double *d;               /* [m, k] affinity of unit i to the members of part p (i itself excluded) */
     double eps;              /* gains within eps of each other are ties */
+    double leps;             /* load excess below leps is none */
     int has_load;
 } Split;
+
+/* load of part p above its cap */
+static inline double over(const Split *s, int p, double load) {
+    return load > s->lcap[p] ? load - s->lcap[p] : 0.0;
+}
 
 static void split_recompute(Split *s) {
     memset(s->d, 0, sizeof(double) * (size_t)s->m * s->k);
@@ -203,9 +212,12 @@ static void split_grow(Split *s) {
         double have = 0, target = total_w * s->cap[p] / m;
         for (int n = 0; n < s->cap[p]; n++) {
             double need = (target - have) / (s->cap[p] - n);
+            /* only units that keep the part under its load cap, while any does */
+            int any_fits = 0;
+            for (int i = 0; i < m && !any_fits; i++) any_fits = s->part[i] < 0 && !(over(s, p, have + s->w[i]) > s->leps);
             int best = -1;
             for (int i = 0; i < m; i++) {
-                if (s->part[i] >= 0) continue;
+                if (s->part[i] >= 0 || (any_fits && over(s, p, have + s->w[i]) > s->leps)) continue;
                 if (best < 0) { best = i; continue; }
                 if (n == 0) {           /* seed: heaviest, then lowest index */
                     double hi = s->has_load ? s->w[i] : degree[i], hb = s->has_load ? s->w[best] : degree[best];
@@ -240,6 +252,13 @@ static inline double swap_max_load(const Split *s, int i, int j) {
     return li > lj ? li : lj;
 }
 
+/* change of the summed load excess over the caps if i and j swapped */
+static inline double swap_excess(const Split *s, int i, int j) {
+    int pi = s->part[i], pj = s->part[j];
+    double li = s->pload[pi] - s->w[i] + s->w[j], lj = s->pload[pj] - s->w[j] + s->w[i];
+    return over(s, pi, li) + over(s, pj, lj) - over(s, pi, s->pload[pi]) - over(s, pj, s->pload[pj]);
+}
+
 static void split_swap(Split *s, int i, int j) {
     int pi = s->part[i], pj = s->part[j], m = s->m, k = s->k;
     for (int x = 0; x < m; x++) {
@@ -265,7 +284,7 @@ static double split_kl_pass(Split *s, int *seq, char *locked) {
         for (int i = 0; i < m; i++) {
             if (locked[i]) continue;
             for (int j = i + 1; j < m; j++) {
-                if (locked[j] || s->part[j] == s->part[i]) continue;
+                if (locked[j] || s->part[j] == s->part[i] || swap_excess(s, i, j) > s->leps) continue;
                 double g = swap_gain(s, i, j);
                 if (bi >= 0 && g < bg - s->eps) continue;
                 double l = swap_max_load(s, i, j);
@@ -289,13 +308,13 @@ static double split_kl_pass(Split *s, int *seq, char *locked) {
 /* cut-neutral swaps that lower the heavier of the two parts' loads, best first */
 static void split_balance(Split *s) {
     int m = s->m;
-    for (int iter = 0; iter < m * m; iter++) {
+    for (int iter = 0; iter < 4 * m; iter++) {
         int bi = -1, bj = -1;
         double best_drop = 0;
         for (int i = 0; i < m; i++)
             for (int j = i + 1; j < m; j++) {
                 if (s->part[j] == s->part[i]) continue;
-                if (swap_gain(s, i, j) < -s->eps) continue;
+                if (swap_gain(s, i, j) < -s->eps || swap_excess(s, i, j) > s->leps) continue;
                 double before = s->pload[s->part[i]] > s->pload[s->part[j]] ? s->pload[s->part[i]] : s->pload[s->part[j]];
                 double drop = before - swap_max_load(s, i, j);
                 if (drop > best_drop + 1e-12 * (before > 1 ? before : 1)) { best_drop = drop; bi = i; bj = j; }
@@ -306,31 +325,68 @@ static void split_balance(Split *s) {
     split_recompute(s);
 }
 
-/* the units ids[m] into k parts of capacities cap[k]; part_out[m] receives the part index */
-static void split_run(const int *ids, int m, const int *cap, int k, int U, const double *affinity,
-                      const double *load, int refine_passes, int *part_out) {
-    Split s;
-    memset(&s, 0, sizeof s);
-    s.m = m; s.k = k; s.cap = cap; s.has_load = load != NULL;
-    s.a = xcalloc(sizeof(double) * (size_t)m * m);
-    s.w = xcalloc(sizeof(double) * (size_t)m);
-    s.part = xcalloc(sizeof(int) * (size_t)m);
-    s.size = xcalloc(sizeof(int) * (size_t)k);
-    s.pload = xcalloc(sizeof(double) * (size_t)k);
-    s.d = xcalloc(sizeof(double) * (size_t)m * k);
-    double total = 0;
+/* parts over their load caps: swaps that lower the summed excess, the one that costs the
+ * least cut first (then the larger excess drop, then the lowest indices) */
+static void split_repair(Split *s) {
+    int m = s->m;
+    for (int iter = 0; iter < 4 * m; iter++) {
+        int bi = -1, bj = -1;
+        double bg = 0, bx = 0;
+        for (int i = 0; i < m; i++)
+            for (int j = i + 1; j < m; j++) {
+                if (s->part[j] == s->part[i]) continue;
+                double x = swap_excess(s, i, j);
+                if (x >= -s->leps) continue;
+                double g = swap_gain(s, i, j);
+                if (bi < 0 || g > bg + s->eps || (g >= bg - s->eps && x < bx)) { bi = i; bj = j; bg = g; bx = x; }
+            }
+        if (bi < 0) break;
+        split_swap(s, bi, bj);
+    }
+    split_recompute(s);
+}
+
+/* a split of the units ids[m] over k parts (units per part cap[k], load caps lcap[k]) */
+static void split_init(Split *s, const int *ids, int m, const int *cap, const double *lcap, int k, int U,
+                       const double *affinity, const double *load) {
+    memset(s, 0, sizeof *s);
+    s->m = m; s->k = k; s->cap = cap; s->lcap = lcap; s->has_load = load != NULL;
+    s->a = xcalloc(sizeof(double) * (size_t)m * m);
+    s->w = xcalloc(sizeof(double) * (size_t)m);
+    s->part = xcalloc(sizeof(int) * (size_t)m);
+    s->size = xcalloc(sizeof(int) * (size_t)k);
+    s->pload = xcalloc(sizeof(double) * (size_t)k);
+    s->d = xcalloc(sizeof(double) * (size_t)m * k);
+    double total = 0, total_w = 0;
     for (int i = 0; i < m; i++) {
-        s.w[i] = unit_load(load, ids[i]);
+        s->w[i] = unit_load(load, ids[i]);
+        total_w += fabs(s->w[i]);
         for (int j = 0; j < m; j++) {
             if (i == j) continue;
             double v = 0.5 * (affinity[(size_t)ids[i] * U + ids[j]] + affinity[(size_t)ids[j] * U + ids[i]]);
-            s.a[(size_t)i * m + j] = v;
+            s->a[(size_t)i * m + j] = v;
             total += fabs(v);
         }
     }
-    s.eps = 1e-12 * (total > 0 ? total : 1.0);
+    s->eps = 1e-12 * (total > 0 ? total : 1.0);
+    s->leps = 1e-12 * (total_w > 0 ? total_w : 1.0);
+}
+
+static void split_release(Split *s) {
+    for (int p = 0; p < s->k; p++)
+        ASSERTF(s->size[p] == s->cap[p], "placement: part %d holds %d units, capacity %d", p, s->size[p], s->cap[p]);
+    xfree(s->a); xfree(s->w); xfree(s->part); xfree(s->size); xfree(s->pload); xfree(s->d);
+    memset(s, 0, sizeof *s);
+}
+
+/* the units ids[m] into k parts: growth, load repair, refinement; part_out[m] gets the parts */
+static void split_run(const int *ids, int m, const int *cap, const double *lcap, int k, int U,
+                      const double *affinity, const double *load, int refine_passes, int *part_out) {
+    Split s;
+    split_init(&s, ids, m, cap, lcap, k, U, affinity, load);
     split_grow(&s);
     split_recompute(&s);
+    if (k > 1 && s.has_load) split_repair(&s);
     if (k > 1 && refine_passes > 0) {
         int *seq = xcalloc(sizeof(int) * (size_t)m);
         char *locked = xcalloc((size_t)m);
@@ -340,28 +396,40 @@ static void split_run(const int *ids, int m, const int *cap, int k, int U, const
         xfree(seq);
         xfree(locked);
     }
-    for (int p = 0; p < k; p++)
-        ASSERTF(s.size[p] == cap[p], "placement: part %d holds %d units, capacity %d", p, s.size[p], cap[p]);
     memcpy(part_out, s.part, sizeof(int) * (size_t)m);
-    xfree(s.a); xfree(s.w); xfree(s.part); xfree(s.size); xfree(s.pload); xfree(s.d);
+    split_release(&s);
 }
 
 void placement_topology(Placement *p, const double *affinity, const double *load, const Topology *t,
                         int refine_passes) {
+    placement_topology_capped(p, affinity, load, t, refine_passes, INFINITY);
+}
+
+void placement_topology_capped(Placement *p, const double *affinity, const double *load, const Topology *t,
+                               int refine_passes, double max_imbalance) {
     ASSERTF(t && t->n_ranks == p->n_ranks, "placement_topology: topology has %d ranks, placement %d",
             t ? t->n_ranks : -1, p->n_ranks);
     ASSERT(affinity);
-    int U = p->n_units, R = p->n_ranks, N = t->n_nodes;
+    ASSERTF(!(max_imbalance < 0), "placement_topology: max_imbalance %g must be >= 0", max_imbalance);
+    int U = p->n_units, R = p->n_ranks, N = t->n_nodes, K = N > R ? N : R;
     int *ids = xcalloc(sizeof(int) * (size_t)U);
     int *part = xcalloc(sizeof(int) * (size_t)U);
     int *node_of_unit = xcalloc(sizeof(int) * (size_t)U);
-    int *cap = xcalloc(sizeof(int) * (size_t)(N > R ? N : R));
+    int *cap = xcalloc(sizeof(int) * (size_t)K);           /* [max(N, R)] */
+    double *lcap = xcalloc(sizeof(double) * (size_t)K);
     int *ranks = xcalloc(sizeof(int) * (size_t)R);
+    /* a rank may carry (1 + max_imbalance) x the mean rank load, a node that times its ranks */
+    double total = 0;
+    for (int u = 0; u < U; u++) total += unit_load(load, u);
+    double rank_cap = isinf(max_imbalance) || !load ? INFINITY : (1.0 + max_imbalance) * total / R;
 
     /* level 0: units -> nodes */
     for (int u = 0; u < U; u++) ids[u] = u;
-    for (int n = 0; n < N; n++) cap[n] = t->node_size[n] * p->per_rank;
-    split_run(ids, U, cap, N, U, affinity, load, refine_passes, node_of_unit);
+    for (int n = 0; n < N; n++) {
+        cap[n] = t->node_size[n] * p->per_rank;
+        lcap[n] = rank_cap * t->node_size[n];
+    }
+    split_run(ids, U, cap, lcap, N, U, affinity, load, refine_passes, node_of_unit);
 
     /* level 1: inside each node, its units -> its ranks (in local-index order) */
     for (int n = 0; n < N; n++) {
@@ -370,10 +438,34 @@ void placement_topology(Placement *p, const double *affinity, const double *load
             if (node_of_unit[u] == n) ids[m++] = u;
         for (int r = 0; r < R; r++)
             if (t->node_of[r] == n) ranks[t->local_index[r]] = r, k++;
-        for (int q = 0; q < k; q++) cap[q] = p->per_rank;
-        split_run(ids, m, cap, k, U, affinity, load, refine_passes, part);
+        for (int q = 0; q < k; q++) {
+            cap[q] = p->per_rank;
+            lcap[q] = rank_cap;
+        }
+        split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part);
         for (int i = 0; i < m; i++) p->owner[ids[i]] = ranks[part[i]];
     }
+
+    /* a node filled close to its cap can leave a rank over the cap with no swap inside the
+     * node to fix it: then swaps between ranks anywhere, the cheapest in rank cut first */
+    if (!isinf(rank_cap)) {
+        double *rl = xcalloc(sizeof(double) * (size_t)R);
+        for (int u = 0; u < U; u++) rl[p->owner[u]] += load[u];
+        int over_cap = 0;
+        for (int r = 0; r < R; r++) over_cap |= rl[r] > rank_cap * (1 + 1e-12);
+        xfree(rl);
+        if (over_cap && R > 1) {
+            for (int u = 0; u < U; u++) ids[u] = u;
+            for (int r = 0; r < R; r++) { cap[r] = p->per_rank; lcap[r] = rank_cap; }
+            Split s;
+            split_init(&s, ids, U, cap, lcap, R, U, affinity, load);
+            memcpy(s.part, p->owner, sizeof(int) * (size_t)U);
+            split_recompute(&s);
+            split_repair(&s);
+            memcpy(p->owner, s.part, sizeof(int) * (size_t)U);
+            split_release(&s);
+        }
+    }
     placement_fill_slots(p);
-    xfree(ids); xfree(part); xfree(node_of_unit); xfree(cap); xfree(ranks);
+    xfree(ids); xfree(part); xfree(node_of_unit); xfree(cap); xfree(lcap); xfree(ranks);
 }

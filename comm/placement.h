@@ -32,6 +32,14 @@ void placement_contiguous(Placement *p);
 void placement_eplb(Placement *p, const double *load, const Topology *t);
 void placement_topology(Placement *p, const double *affinity, const double *load, const Topology *t,
                         int refine_passes);
+/* the same with a load cap: every rank's summed load stays at most (1 + max_imbalance) x the
+ * mean (rank MaxVio <= max_imbalance) where the unit loads allow it: the greedy growth only
+ * takes units that fit, over-cap parts are repaired by the swaps that cost the least cut
+ * (last, between ranks of different nodes if a node has no room), and refinement makes no
+ * swap that adds excess. A heuristic: no guarantee when the cap is barely feasible.
+ * INFINITY (or load NULL) = placement_topology. */
+void placement_topology_capped(Placement *p, const double *affinity, const double *load, const Topology *t,
+                               int refine_passes, double max_imbalance);
 /* sum of affinity over unit pairs split across nodes (level 0) or ranks (level 1) */
 double placement_cut(const Placement *p, const double *affinity, const Topology *t, int level);
 /* max over ranks of the summed load / mean - 1 (MaxVio at rank level) */

@@ -4,8 +4,9 @@
  * EPLB keeps node loads within the heaviest unit of each other; the topology policy recovers a
  * planted two-level partition from a shuffled, noisy block affinity with a strictly smaller
  * inter-node cut than contiguous and EPLB; refinement never increases the cut and usually
- * reaches the brute-force optimum on small cases; cut-neutral swaps balance load; all
- * policies are deterministic.
+ * reaches the brute-force optimum on small cases; cut-neutral swaps balance load; the load
+ * cap holds MaxVio to its tolerance (at a cut cost) and is a no-op when loose; all policies
+ * are deterministic.
  * Legend: U R N = units, ranks, nodes; per = units per rank. */
 #include <stdlib.h>
 #include <string.h>
@@ -350,11 +351,76 @@ static void test_topology_balance(void) {
     topology_free(&t);
 }
 
+/* the load cap: MaxVio within the tolerance where the loads allow it, at a cut cost */
+static void test_topology_capped(void) {
+    enum { U = 32 };
+    double *a = calloc(U * U, sizeof(double)), load[U];
+    int block[U];
+    Rng rng;
+    rng_init(&rng, 29, 0, RNG_TEST);
+    Topology t;
+    make_topo(&t, 2, 2);
+    Placement p, q;
+    placement_init(&p, U, 4);
+    placement_init(&q, U, 4);
+
+    /* INFINITY is the uncapped policy; a loose cap changes nothing on the planted case */
+    planted(&rng, a, load, block);
+    placement_topology(&p, a, load, &t, 8);
+    placement_topology_capped(&q, a, load, &t, 8, INFINITY);
+    ok(placement_equal(&p, &q), "capped(INFINITY) == topology");
+    placement_topology_capped(&q, a, load, &t, 8, 0.25);
+    ok(placement_equal(&p, &q), "capped(0.25) keeps the planted placement (its MaxVio is %.3f)",
+       placement_rank_maxvio(&p, load));
+
+    /* one hot block (load 3 per unit, the rest 1): uncapped it sits on one rank (MaxVio 1) */
+    for (int u = 0; u < U; u++) load[u] = block[u] == 0 ? 3.0 : 1.0;
+    placement_topology(&p, a, load, &t, 8);
+    placement_topology_capped(&q, a, load, &t, 8, 0.2);
+    double mp = placement_rank_maxvio(&p, load), mq = placement_rank_maxvio(&q, load);
+    double cp = placement_cut(&p, a, &t, 1), cq = placement_cut(&q, a, &t, 1);
+    ok(fabs(mp - 1.0) < 1e-12, "hot block uncapped: MaxVio 1 (got %.3f)", mp);
+    ok(valid(&q) && mq <= 0.2 + 1e-12 && cq > cp, "hot block capped at 0.2: MaxVio %.3f, rank cut %.1f > %.1f uncapped",
+       mq, cq, cp);
+    placement_topology_capped(&p, a, load, &t, 8, 0.2);
+    ok(placement_equal(&p, &q), "capped: deterministic");
+    placement_free(&p);
+    placement_free(&q);
+    topology_free(&t);
+    free(a);
+
+    /* random shapes with loads in [0.5, 1.5] and >= 4 units a rank: the cap always holds */
+    int n_cases = 0, n_over = 0, n_invalid = 0;
+    for (int trial = 0; trial < 60; trial++) {
+        int N = 1 + (int)rng_below(&rng, 3), rpn = 1 + (int)rng_below(&rng, 3), per = 4 + (int)rng_below(&rng, 5);
+        int R = N * rpn, n = R * per;
+        make_topo(&t, N, rpn);
+        double *aa = calloc((size_t)n * n, sizeof(double)), *l = calloc((size_t)n, sizeof(double));
+        random_symmetric(&rng, aa, n, 0.5);
+        for (int u = 0; u < n; u++) l[u] = 0.5 + rng_uniform(&rng);
+        placement_init(&p, n, R);
+        placement_topology_capped(&p, aa, l, &t, 8, 0.1);
+        n_cases++;
+        n_invalid += !valid(&p);
+        double mv = placement_rank_maxvio(&p, l);
+        if (mv > 0.1 + 1e-9) {
+            if (n_over < 3) printf("#   N=%d rpn=%d per=%d: MaxVio %.4f\n", N, rpn, per, mv);
+            n_over++;
+        }
+        placement_free(&p);
+        topology_free(&t);
+        free(aa); free(l);
+    }
+    ok(n_invalid == 0, "capped: valid placements on %d random shapes", n_cases);
+    ok(n_over == 0, "capped at 0.1: MaxVio <= 0.1 on every random shape (%d over)", n_over);
+}
+
 int main(void) {
     test_struct();
     test_contiguous_eplb();
     test_topology_planted();
     test_topology_refine();
     test_topology_balance();
+    test_topology_capped();
     return harness_done();
 }
