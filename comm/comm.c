@@ -65,6 +65,14 @@ void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
     double t0 = time_now();
     if (c->size > 1) c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
     account(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, t0);
+    /* the profiler books a ring allreduce: 2 (P-1) messages of n/P elements to the successor
+     * (the bytes a ring algorithm sends; MPI may pick another algorithm) */
+    if (c->traffic && c->size > 1) {
+        uint64_t per = (uint64_t)((n_elems + (size_t)c->size - 1) / (size_t)c->size) * sizeof(float);
+        traffic_add(c->traffic, phase, (c->rank + 1) % c->size, per * 2 * (uint64_t)(c->size - 1),
+                    2 * (uint64_t)(c->size - 1));
+        traffic_add_time(c->traffic, phase, time_now() - t0);
+    }
 }
 
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems) {

@@ -155,6 +155,8 @@ static const KeyDef keys[] = {
     K_INT(parallel.place_interval, 0, INT_MAX, 200, "re-run placement every n steps and after each re-clustering; 0 = only after re-clustering"),
     K_FLOAT(parallel.affinity_ema, 1, 0.0, 1.0, 0, 0.1, "EMA rate of the group co-selection affinity matrix"),
     K_INT(parallel.refine_passes, 0, 1000, 8, "Kernighan-Lin / Fiduccia-Mattheyses refinement passes of the placement"),
+    K_FLOAT(parallel.max_imbalance, 0, 0.0, 1e6, 0, 0.25,
+            "topology placement: keep the rank-level load MaxVio within this where the unit loads allow it"),
     K_FLOAT(parallel.min_gain, 0, 0.0, 1.0, 0, 0.05,
             "migrate only when the placement objective (inter-node co-selection cut; rank MaxVio for eplb) improves by more than this fraction"),
     K_INT(parallel.traffic_interval, 1, INT_MAX, 50, "write the (src, dst) byte matrices to HDF5 every n steps"),

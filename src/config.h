@@ -110,6 +110,7 @@ typedef struct ParallelConfig {
     int place_interval;      /* re-run placement every n steps (and after each re-clustering); 0 = only after re-clustering */
     double affinity_ema;     /* EMA rate of the co-selection affinity matrix */
     int refine_passes;       /* Kernighan-Lin / FM refinement passes */
+    double max_imbalance;    /* topology placement: cap on rank-level load MaxVio where unit loads allow */
     double min_gain;         /* migrate only when the placement objective improves by more than this fraction */
     int traffic_interval;    /* write (src, dst) byte matrices every n steps */
 } ParallelConfig;

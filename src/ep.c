@@ -1,6 +1,7 @@
 /* ep.c: expert maps and the dispatch/combine exchange of expert parallelism (see ep.h). */
 #include "ep.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -111,12 +112,14 @@ static double objective(const EpMap *em, int policy, const Topology *topo, const
     return placement_cut(p, em->affinity, topo, 0) + 1e-3 * placement_cut(p, em->affinity, topo, 1);
 }
 
-int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double min_gain, Placement *out) {
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
+               double min_gain, Placement *out) {
     Status st = placement_init(out, em->U, em->P);
     ASSERTF(STATUS_OK(st), "%s", st.msg);
     if (policy == PLACEMENT_EPLB) placement_eplb(out, em->have_stats ? em->load : NULL, topo);
     else if (policy == PLACEMENT_TOPOLOGY)
-        placement_topology(out, em->affinity, em->have_stats ? em->load : NULL, topo, refine_passes);
+        placement_topology_capped(out, em->affinity, em->have_stats ? em->load : NULL, topo, refine_passes,
+                                  em->have_stats ? max_imbalance : INFINITY);
     else placement_contiguous(out);
     if (placement_equal(out, &em->place)) return 0;
     if (policy == PLACEMENT_CONTIGUOUS || !em->have_stats) return 1;

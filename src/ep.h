@@ -50,7 +50,8 @@ void ep_stats_step(EpMap *em, Comm *comm, double ema);
  * cut of the co-selection affinity, plus the inter-rank cut as a tie-break, for topology;
  * rank-level load MaxVio for eplb) by more than min_gain (the caller then migrates with
  * model_ep_relayout) */
-int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double min_gain, Placement *out);
+int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
+               double min_gain, Placement *out);
 
 typedef struct EpEntry { int32_t row, slot; float gate; } EpEntry;
 

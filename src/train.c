@@ -310,7 +310,8 @@ static double replace_experts(Model *m, const Config *cfg, const Topology *topo)
     for (int l = 0; l < m->L; l++) {
         if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
         Placement np;
-        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes, cfg->parallel.min_gain, &np))
+        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes,
+                       cfg->parallel.max_imbalance, cfg->parallel.min_gain, &np))
             bytes += (double)model_ep_relayout(m, l, &np);
         placement_free(&np);
     }
@@ -439,10 +440,36 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     LogIds id;
     memset(&id, 0, sizeof id);
     if (rank == 0) {
-        if (ckpt[0]) st = h5log_open_append(&lg, path, cfg->log.swmr, cfg->log.flush_interval, (long)pos.step);
-        else st = h5log_create(&lg, path, cfg->log.swmr, cfg->log.flush_interval);
+        /* a checkpoint from another rank count: the per-rank series cannot grow a column, so
+         * the old log is kept beside the new one (steps up to the checkpoint) */
+        int new_log = !ckpt[0];
+        if (ckpt[0]) {
+            char marker[4096], *text = NULL;
+            size_t n_text = 0;
+            long long ck_step = 0;
+            int ck_ranks = P;
+            str_fmt(marker, sizeof marker, "%s/COMPLETE", ckpt);
+            if (STATUS_OK(file_read_all(marker, (void **)&text, &n_text)) && text) {
+                char tmp[128];
+                str_fmt(tmp, sizeof tmp, "%.*s", (int)(n_text < 100 ? n_text : 100), text);
+                if (sscanf(tmp, "step %lld ranks %d", &ck_step, &ck_ranks) != 2) ck_ranks = P;
+                free(text);
+            }
+            if (ck_ranks != P) {
+                char kept[4096];
+                str_fmt(kept, sizeof kept, "%s/metrics.ranks%d.h5", run_dir, ck_ranks);
+                if (rename(path, kept) != 0) st = status_errorf("%s: could not keep the old log as %s", path, kept);
+                else printf("checkpoint written at %d ranks, resuming at %d: the log so far is kept as %s\n",
+                            ck_ranks, P, kept);
+                new_log = 1;
+            }
+        }
+        if (STATUS_OK(st)) {
+            if (!new_log) st = h5log_open_append(&lg, path, cfg->log.swmr, cfg->log.flush_interval, (long)pos.step);
+            else st = h5log_create(&lg, path, cfg->log.swmr, cfg->log.flush_interval);
+        }
         if (STATUS_OK(st)) st = log_declare(&lg, &m, &id);
-        if (STATUS_OK(st) && !ckpt[0]) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl, &topo);
+        if (STATUS_OK(st) && new_log) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl, &topo);
         if (STATUS_OK(st)) st = h5log_start(&lg);
     }
     st = agree(comm, st);
