@@ -37,6 +37,7 @@ typedef struct CommOps {
 } CommOps;
 
 struct Traffic;
+struct Topology;
 
 typedef struct Comm {
     const CommOps *ops;
@@ -45,6 +46,7 @@ typedef struct Comm {
     int local_rank, local_size;        /* within the node */
     CommStats stats;
     struct Traffic *traffic;           /* optional (src, dst) profiler fed by the wrappers */
+    const struct Topology *topo;       /* optional node map (set by the trainer; NULL = unknown) */
 } Comm;
 
 /* MPI communicator over MPI_COMM_WORLD (MPI_Init must have been called) */

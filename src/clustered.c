@@ -42,7 +42,7 @@ typedef struct CScratch {
     int32_t *entry_src;                  /* [M] receive-order index of each expert-sorted entry */
     int32_t *gfill;                      /* [G_loc] scratch */
     float *yr;                           /* [rows_cap, D] device: output / dx row per received row */
-    EpX x;                               /* the dispatch/combine exchange */
+    EpPath x;                            /* the dispatch/combine exchange (flat or two-level) */
     int M, Mg;
     /* device */
     float *logits_d, *dlogits_d;
@@ -57,7 +57,7 @@ static CScratch *cs_of(const MoeState *st) { return (CScratch *)st->cpriv; }
 static void *dalloc(const Backend *be, size_t bytes) { return be->ops->alloc(be->ctx, bytes); }
 static void dfree(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
-Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max) {
+Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
     st->n_max = n_max;
     CScratch *c = xcalloc(sizeof *c);
@@ -77,8 +77,8 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->pos = xcalloc(sizeof(int32_t) * Ms);
     c->entry_src = xcalloc(sizeof(int32_t) * M);
     c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
-    epx_init(&c->x, be, ml->ep->P, D, n_max, k);
-    c->yr = dalloc(be, sizeof(float) * c->x.rows_cap * D);
+    epp_init(&c->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
+    c->yr = dalloc(be, sizeof(float) * epp_final(&c->x)->rows_cap * D);
     c->gkeep = xcalloc(sizeof(int32_t) * N * TG);
     c->entry_token = xcalloc(sizeof(int32_t) * M);
     c->entry_grow = xcalloc(sizeof(int32_t) * M);
@@ -148,7 +148,7 @@ void clustered_state_free(MoeState *st, const Backend *be) {
                    c->xe, c->u, c->h, c->a, c->v, c->z, c->dyg, c->dS, c->dz, c->dv, c->da, c->tmpF,
                    c->dh, c->du, c->dxe, c->dhb, c->dxg, c->yr};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) dfree(be, dev[i]);
-    epx_free(&c->x, be);
+    epp_free(&c->x, be);
     xfree(st->stats.counts); xfree(st->stats.counts_routed); xfree(st->stats.group_counts);
     xfree(c);
     memset(st, 0, sizeof *st);
@@ -315,7 +315,7 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, CScratc
  * group) pairs, sorted by group slot then arrival; expert entries sorted by expert slot
  * (stable), each pointing at its group row. */
 static void recv_build(const MoeLayer *ml, CScratch *c) {
-    const EpX *X = &c->x;
+    const EpX *X = epp_final(&c->x);
     int K = ml->K, Gl = ml->ep->per_rank, El = Gl * K, n = X->n_recv;
     int32_t *gcount = c->gfill;
     memset(gcount, 0, sizeof(int32_t) * (Gl + 1));
@@ -430,10 +430,11 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
 
     /* dispatch: each token once per destination rank of its kept experts (so once per chosen
      * group when groups sit on different ranks); pos becomes the pair's sent-entry index */
-    EpX *X = &c->x;
-    epx_plan(X, ml->ep, be, comm, N, k, c->topk, c->pos, c->gate);
-    for (size_t ts = 0; ts < (size_t)N * k; ts++) c->pos[ts] = X->ts_entry[ts];
-    epx_send_rows(X, be, comm, x, COMM_PHASE_DISPATCH);
+    EpPath *XP = &c->x;
+    epp_plan(XP, ml->ep, be, comm, N, k, c->topk, c->pos, c->gate);
+    for (size_t ts = 0; ts < (size_t)N * k; ts++) c->pos[ts] = XP->a.ts_entry[ts];
+    epp_send_rows(XP, be, comm, x);
+    const EpX *X = epp_final(XP);
     recv_build(ml, c);
     int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;
     op->from_host(cx, c->entry_token_d, c->entry_token, sizeof(int32_t) * (M ? M : 1));
@@ -483,9 +484,8 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     /* group rows -> one row per received row, back to the token's rank */
     op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     op->scatter_add_rows(cx, c->yr, c->yg, c->gentry_token_d, NULL, Mg, D);
-    epx_return_rows(X, be, comm, c->yr, COMM_PHASE_COMBINE);
     op->zero(cx, out, sizeof(float) * (size_t)N * D);
-    epx_combine(X, be, out);
+    epp_return_combine(XP, be, comm, c->yr, out);
 }
 
 /* ---- backward ---- */
@@ -499,10 +499,11 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     int N = st->N, D = ml->D, E = ml->E, G = ml->G, K = ml->K, k = ml->k, TG = ml->top_groups;
     int F = ml->F, F1 = ml->F1, r = ml->r, M = c->M, Mg = c->Mg;
     int Gl = ml->ep->per_rank, El = Gl * K;
-    EpX *X = &c->x;
+    EpPath *XP = &c->x;
 
     /* dout rows to the groups' ranks (mirror of the combine) */
-    epx_send_rows(X, be, comm, dout, COMM_PHASE_DISPATCH);
+    epp_send_rows(XP, be, comm, dout);
+    EpX *X = XP->two_level ? &XP->b : &XP->a;
     op->gather_rows(cx, c->dyg, X->rbuf, c->gentry_token_d, Mg, D);
     for (int gg = 0; gg < Gl; gg++) {
         int r0 = c->group_off[gg], n = c->group_off[gg + 1] - r0;
@@ -555,12 +556,11 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     /* dx rows back to the tokens' ranks, dgates (base and residual paths) with them */
     op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     op->scatter_add_rows(cx, c->yr, c->dxg, c->gentry_token_d, NULL, Mg, D);
-    epx_return_rows(X, be, comm, c->yr, COMM_PHASE_COMBINE);
-    epx_combine(X, be, dx);
+    epp_return_combine(XP, be, comm, c->yr, dx);
     op->to_host(cx, c->dgate_h, c->dgate_d, sizeof(float) * (M ? M : 1));
     op->to_host(cx, c->dgate2_h, c->dgate2_d, sizeof(float) * (M ? M : 1));
     for (int i = 0; i < M; i++) X->rval[c->entry_src[i]] = c->dgate_h[i] + c->dgate2_h[i];
-    epx_return_scalars(X, comm, X->rval, COMM_PHASE_COMBINE);
+    epp_return_scalars(XP, comm, X->rval);
 
     /* router: gates -> in-group softmax, group balance through q, z-loss -> logits */
     double dp[4096], dq[4096];
@@ -574,7 +574,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = cs->members[(size_t)gs[j] * K + q]; dp[i] = c->fcoef_e[i]; }
         double dg[64], inc[64];
-        for (int s = 0; s < k; s++) dg[s] = ps[s] >= 0 ? (double)X->sval[ps[s]] : 0.0;
+        for (int s = 0; s < k; s++) dg[s] = ps[s] >= 0 ? (double)XP->a.sval[ps[s]] : 0.0;
         moe_gate_backward(k, tk, gt, pt, dg, ml->cfg.renormalize && k > 1, inc);
         for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
         double spd = 0;

@@ -47,10 +47,14 @@ void ep_map_refresh(EpMap *em, const int32_t *members) {
 }
 
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax) {
+    epx_init_cap(x, be, P, D, n_src_max, kmax, (size_t)n_src_max * kmax * P);
+}
+
+void epx_init_cap(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax, size_t rows_cap) {
     memset(x, 0, sizeof *x);
     x->P = P; x->D = D; x->kmax = kmax; x->n_src_max = n_src_max;
     size_t S = (size_t)n_src_max * kmax;
-    x->rows_cap = S * P;
+    x->rows_cap = rows_cap;
     x->scnt = xcalloc(sizeof(size_t) * P);
     x->sent_cnt = xcalloc(sizeof(size_t) * P);
     x->rcnt = xcalloc(sizeof(size_t) * P);
@@ -150,10 +154,15 @@ static void add_stats(EpMap *em, int N, int k, const int32_t *sel, const int32_t
 
 void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate) {
+    epx_plan_to(x, em, be, comm, N, k, sel, kept, gate, em->expert_owner, em->expert_lslot, 1);
+}
+
+void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+                 const int32_t *kept, const float *gate, const int32_t *dest, const int32_t *slot, int stats) {
     int P = x->P;
     ASSERTF(N <= x->n_src_max && k <= x->kmax, "epx_plan: %d tokens x %d slots exceed the buffers", N, k);
     x->N = N;
-    if (em->collect) add_stats(em, N, k, sel, kept);
+    if (stats && em->collect) add_stats(em, N, k, sel, kept);
     memset(x->scnt, 0, sizeof(size_t) * P);
     memset(x->sent_cnt, 0, sizeof(size_t) * P);
     for (size_t i = 0; i < (size_t)N * x->kmax; i++) { x->tok_row[i] = -1; x->ts_entry[i] = -1; }
@@ -167,7 +176,7 @@ void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, co
             int here = 0;
             for (int s = 0; s < k; s++) {
                 size_t ts = (size_t)t * k + s;
-                if (kept[ts] < 0 || em->expert_owner[sel[ts]] != d) continue;
+                if (kept[ts] < 0 || dest[sel[ts]] != d) continue;
                 if (!here) {
                     x->srow_token[n_rows] = t;
                     int j = 0;
@@ -177,7 +186,7 @@ void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, co
                     here = 1;
                 }
                 x->sent[n_ent].row = n_rows - 1 - row0;
-                x->sent[n_ent].slot = em->expert_lslot[sel[ts]];
+                x->sent[n_ent].slot = slot[sel[ts]];
                 x->sent[n_ent].gate = gate[ts];
                 x->ts_entry[(size_t)t * x->kmax + s] = n_ent;
                 n_ent++;
@@ -190,7 +199,7 @@ void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, co
     x->n_srows = n_rows;
     x->n_sent = n_ent;
     /* nodes touched: walk destination blocks (rows of block d go to rank d) */
-    if (topo) {
+    if (topo && stats) {
         /* per token, bitmask of nodes (exact up to 64 nodes; beyond, nodes >= 63 share a bit) */
         uint64_t *mask = xcalloc(sizeof(uint64_t) * (size_t)N);
         int row = 0;
@@ -202,7 +211,7 @@ void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, co
         for (int t = 0; t < N; t++) nodes_touched += __builtin_popcountll(mask[t]);
         xfree(mask);
     }
-    if (comm->traffic) traffic_add_dispatch(comm->traffic, n_rows, pairs, nodes_touched, N);
+    if (comm->traffic && stats) traffic_add_dispatch(comm->traffic, n_rows, pairs, nodes_touched, N);
 
     /* counts first: [rows, entries] per destination */
     int64_t *cs = xcalloc(sizeof(int64_t) * 2 * P), *cr = xcalloc(sizeof(int64_t) * 2 * P);
@@ -270,4 +279,106 @@ void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase) {
     bytes_of(x->recv_cnt, sizeof(float), x->P, x->b_rc, x->b_rd);
     bytes_of(x->sent_cnt, sizeof(float), x->P, x->b_sc, x->b_sd);
     comm_alltoallv_bytes(comm, rvals, x->b_rc, x->b_rd, x->sval, x->b_sc, x->b_sd, phase);
+}
+
+/* ---- the layer-facing path: flat (one exchange) or two-level (node peer, then owner) ---- */
+
+void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,
+              int n_max, int k) {
+    memset(pp, 0, sizeof *pp);
+    int P = em->P;
+    pp->two_level = two_level && P > 1 && topo;
+    pp->E = em->E;
+    pp->k = k;
+    epx_init(&pp->a, be, P, D, n_max, k);
+    if (!pp->two_level) return;
+    /* stage B runs over the rows a peer received (each with up to k entries) */
+    size_t rows_a = pp->a.rows_cap;
+    epx_init_cap(&pp->b, be, P, D, (int)rows_a, k, rows_a);
+    pp->topo = topo;
+    pp->peer_of_expert = xcalloc(sizeof(int32_t) * em->E);
+    pp->gid = xcalloc(sizeof(int32_t) * em->E);
+    for (int e = 0; e < em->E; e++) pp->gid[e] = e;
+    pp->selB = xcalloc(sizeof(int32_t) * rows_a * k);
+    pp->keptB = xcalloc(sizeof(int32_t) * rows_a * k);
+    pp->gateB = xcalloc(sizeof(float) * rows_a * k);
+    pp->a_to_b = xcalloc(sizeof(int32_t) * rows_a);
+    pp->yA = be->ops->alloc(be->ctx, sizeof(float) * rows_a * D);
+}
+
+void epp_free(EpPath *pp, const Backend *be) {
+    if (!pp) return;
+    epx_free(&pp->a, be);
+    if (pp->two_level) {
+        epx_free(&pp->b, be);
+        xfree(pp->peer_of_expert); xfree(pp->gid); xfree(pp->selB); xfree(pp->keptB); xfree(pp->gateB);
+        xfree(pp->a_to_b);
+        be->ops->free(be->ctx, pp->yA);
+    }
+    memset(pp, 0, sizeof *pp);
+}
+
+const EpX *epp_final(const EpPath *pp) { return pp->two_level ? &pp->b : &pp->a; }
+
+void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+              const int32_t *kept, const float *gate) {
+    if (!pp->two_level) { epx_plan(&pp->a, em, be, comm, N, k, sel, kept, gate); return; }
+    const Topology *t = pp->topo;
+    /* stage A: one row per (token, destination node), to the rank of that node with this
+     * rank's index inside its node (the node peer), entries carry global expert ids */
+    int me = comm->rank, li = t->local_index[me];
+    for (int e = 0; e < em->E; e++) {
+        int node = t->node_of[em->expert_owner[e]], peer = -1;
+        for (int r = 0; r < t->n_ranks; r++)
+            if (t->node_of[r] == node && t->local_index[r] == li % t->node_size[node]) { peer = r; break; }
+        ASSERT(peer >= 0);
+        pp->peer_of_expert[e] = peer;
+    }
+    epx_plan_to(&pp->a, em, be, comm, N, k, sel, kept, gate, pp->peer_of_expert, pp->gid, 1);
+    /* stage B: the peer forwards each received row to the owners of its entries */
+    const EpX *A = &pp->a;
+    int NB = A->n_rrows;
+    for (size_t i = 0; i < (size_t)NB * k; i++) { pp->keptB[i] = -1; pp->selB[i] = 0; pp->gateB[i] = 0; }
+    int32_t *fill = xcalloc(sizeof(int32_t) * (NB ? NB : 1));
+    for (int i = 0; i < A->n_recv; i++) {
+        int r = A->recv[i].row, s = fill[r]++;
+        ASSERT(s < k);
+        pp->selB[(size_t)r * k + s] = A->recv[i].slot;
+        pp->gateB[(size_t)r * k + s] = A->recv[i].gate;
+        pp->keptB[(size_t)r * k + s] = 0;
+    }
+    epx_plan_to(&pp->b, em, be, comm, NB, k, pp->selB, pp->keptB, pp->gateB, em->expert_owner, em->expert_lslot, 0);
+    memset(fill, 0, sizeof(int32_t) * (NB ? NB : 1));
+    for (int i = 0; i < A->n_recv; i++) {
+        int r = A->recv[i].row, s = fill[r]++;
+        pp->a_to_b[i] = pp->b.ts_entry[(size_t)r * k + s];
+    }
+    xfree(fill);
+}
+
+void epp_send_rows(EpPath *pp, const Backend *be, Comm *comm, const float *src) {
+    epx_send_rows(&pp->a, be, comm, src, COMM_PHASE_DISPATCH);
+    if (pp->two_level) epx_send_rows(&pp->b, be, comm, pp->a.rbuf, COMM_PHASE_DISPATCH);
+}
+
+void epp_return_combine(EpPath *pp, const Backend *be, Comm *comm, const float *rsrc, float *y) {
+    if (pp->two_level) {
+        /* owners -> peer: the peer sums a row's partial outputs before the inter-node hop */
+        epx_return_rows(&pp->b, be, comm, rsrc, COMM_PHASE_COMBINE);
+        int nA = pp->a.n_rrows;
+        be->ops->zero(be->ctx, pp->yA, sizeof(float) * (size_t)(nA ? nA : 1) * pp->a.D);
+        epx_combine(&pp->b, be, pp->yA);
+        rsrc = pp->yA;
+    }
+    epx_return_rows(&pp->a, be, comm, rsrc, COMM_PHASE_COMBINE);
+    epx_combine(&pp->a, be, y);
+}
+
+void epp_return_scalars(EpPath *pp, Comm *comm, const float *rvals) {
+    if (pp->two_level) {
+        epx_return_scalars(&pp->b, comm, rvals, COMM_PHASE_COMBINE);
+        for (int i = 0; i < pp->a.n_recv; i++) pp->a.rval[i] = pp->b.sval[pp->a_to_b[i]];
+        rvals = pp->a.rval;
+    }
+    epx_return_scalars(&pp->a, comm, rvals, COMM_PHASE_COMBINE);
 }

@@ -18,6 +18,7 @@
 #include "backend.h"
 #include "comm.h"
 #include "placement.h"
+#include "topology.h"
 
 typedef struct EpMap {
     int P, rank;
@@ -82,12 +83,17 @@ typedef struct EpX {
 /* n_src_max tokens per rank, kmax = top-k, D = row width; receive capacity covers the global
  * batch (P * n_src_max * kmax rows) */
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax);
+void epx_init_cap(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax, size_t rows_cap);
 void epx_free(EpX *x, const Backend *be);
 /* build the exchange for N tokens: sel [N, k] global expert ids, kept [N, k] (>= 0 kept),
  * gate [N, k]; exchanges counts and entries (collective). Also feeds the traffic profiler's
  * dispatch statistics (rows, pairs, nodes touched, tokens). */
 void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate);
+/* the same with explicit per-expert destination ranks and entry slots; stats = 0 leaves
+ * the co-selection statistics and the dispatch profile alone (a forwarding stage) */
+void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+                 const int32_t *kept, const float *gate, const int32_t *dest, const int32_t *slot, int stats);
 /* rows out: src [N, D] token rows -> x->rbuf [n_rrows, D] (collective) */
 void epx_send_rows(EpX *x, const Backend *be, Comm *comm, const float *src, int phase);
 /* rows back: rsrc [n_rrows, D] -> x->sbuf [n_srows, D] (collective) */
@@ -96,5 +102,35 @@ void epx_return_rows(EpX *x, const Backend *be, Comm *comm, const float *rsrc, i
 void epx_combine(EpX *x, const Backend *be, float *y);
 /* per-entry scalars back: rvals [n_recv] (receive order) -> x->sval [n_sent] (collective) */
 void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase);
+
+/* What the MoE layers use: the flat exchange (parallel.exchange: flat) or the two-level one
+ * (two_level): stage A sends each token once per destination NODE, to its node peer (the
+ * rank there with the same index inside its node); stage B forwards inside the node to the
+ * owners; on the way back the peer sums a token's partial outputs before the inter-node hop,
+ * so inter-node bytes are paid once per (token, node) instead of once per (token, rank). */
+typedef struct EpPath {
+    int two_level, E, k;
+    EpX a, b;                    /* a: source -> owner (flat) or node peer; b: peer -> owner */
+    const Topology *topo;
+    int32_t *peer_of_expert;     /* [E] stage-A destination of each expert (this rank's peers) */
+    int32_t *gid;                /* [E] identity: stage-A entries carry global expert ids */
+    int32_t *selB, *keptB;       /* [rows_A, k] stage-B routing of the peer's rows */
+    float *gateB;
+    int32_t *a_to_b;             /* [entries received in A] stage-B sent-entry index */
+    float *yA;                   /* [rows_A, D] partial sums at the peer */
+} EpPath;
+
+void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,
+              int n_max, int k);
+void epp_free(EpPath *pp, const Backend *be);
+void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
+              const int32_t *kept, const float *gate);
+/* the exchange whose received rows (rbuf) and entries the experts compute on */
+const EpX *epp_final(const EpPath *pp);
+void epp_send_rows(EpPath *pp, const Backend *be, Comm *comm, const float *src);
+/* rows computed for the final received rows go back; y[t] += the token's sum */
+void epp_return_combine(EpPath *pp, const Backend *be, Comm *comm, const float *rsrc, float *y);
+/* per-entry scalars (final receive order) back to the sources: pp->a.sval[pp->a.ts_entry[ts]] */
+void epp_return_scalars(EpPath *pp, Comm *comm, const float *rvals);
 
 #endif

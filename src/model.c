@@ -173,6 +173,7 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
                                  f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts");
         ep_map_init(&m->ep[l], comm->size, comm->rank, f->E, K);
         f->ep = &m->ep[l];
+        f->two_level = cfg->parallel.exchange == EXCHANGE_TWO_LEVEL;
     }
     plan_params(m);
     for (int c = 0; c < PCAT_N; c++) {
@@ -207,7 +208,7 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         a->ln2 = balloc(m, sizeof(float) * N * D);
         a->ln2_mean = balloc(m, sizeof(float) * N);
         a->ln2_rstd = balloc(m, sizeof(float) * N);
-        TRY(moe_state_init(&a->moe, &m->ffn[l], be, N));
+        TRY(moe_state_init(&a->moe, &m->ffn[l], be, comm, N));
     }
     m->lnf = balloc(m, sizeof(float) * N * D);
     m->lnf_mean = balloc(m, sizeof(float) * N);

@@ -62,13 +62,13 @@ typedef struct MoeHost {
     float *dp;                   /* [N, E] */
     int32_t *entry_src;          /* [Mr] receive-order index of each expert-sorted entry */
     float *yr;                   /* [rows_cap, D] device: one output (or dx) row per received row */
-    EpX x;                       /* the dispatch/combine exchange */
+    EpPath x;                    /* the dispatch/combine exchange (flat or two-level) */
     MoeDev dev;
 } MoeHost;
 
-Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max) {
+Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
-    if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_init(st, ml, be, n_max);
+    if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_init(st, ml, be, comm, n_max);
     st->n_max = n_max;
     int E = ml->E, k = ml->k, D = ml->D, F = ml->F, F1 = ml->F1;
     /* source-side routing arrays hold this rank's n_max * k pairs; the expert-side buffers
@@ -98,8 +98,8 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n
         hs->dev.pos = dev_alloc(be, sizeof(int32_t) * Ms);
         hs->dev.gate = dev_alloc(be, sizeof(float) * Ms);
         hs->entry_src = xcalloc(sizeof(int32_t) * M);
-        epx_init(&hs->x, be, ml->ep->P, D, n_max, k);
-        hs->yr = dev_alloc(be, sizeof(float) * hs->x.rows_cap * D);
+        epp_init(&hs->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
+        hs->yr = dev_alloc(be, sizeof(float) * epp_final(&hs->x)->rows_cap * D);
         hs->dev.entry_token = dev_alloc(be, sizeof(int32_t) * M);
         hs->dev.entry_gate = dev_alloc(be, sizeof(float) * M);
         hs->dev.dgate = dev_alloc(be, sizeof(float) * M);
@@ -128,7 +128,7 @@ void moe_state_free(MoeState *st, const Backend *be) {
     xfree(st->stats.counts); xfree(st->stats.counts_routed);
     xfree(hs->lse); xfree(hs->fcoef); xfree(hs->cnt); xfree(hs->cnt_all);
     xfree(hs->dgate_h); xfree(hs->dp); xfree(hs->entry_src);
-    epx_free(&hs->x, be);
+    epp_free(&hs->x, be);
     dev_free(be, hs->yr);
     dev_free(be, hs->dev.logits); dev_free(be, hs->dev.dlogits); dev_free(be, hs->dev.pos);
     dev_free(be, hs->dev.gate); dev_free(be, hs->dev.entry_token);
@@ -294,7 +294,7 @@ static void route_capacity(const MoeLayer *ml, Comm *comm, MoeState *st, MoeHost
 /* expert side of the exchange: received entries sorted by local expert slot (stable, so in
  * (source rank, row) order inside an expert); entry_token = received row */
 static void recv_entries(const MoeLayer *ml, MoeState *st, MoeHost *hs) {
-    const EpX *X = &hs->x;
+    const EpX *X = epp_final(&hs->x);
     int El = n_local_experts(ml), n = X->n_recv;
     memset(st->expert_off, 0, sizeof(int32_t) * (El + 1));
     for (int i = 0; i < n; i++) st->expert_off[X->recv[i].slot + 1]++;
@@ -357,10 +357,11 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
 
     /* dispatch: each token once per destination rank of its kept experts; pos becomes the
      * index of the pair's entry in the sent order (where its dgate comes back) */
-    EpX *X = &hs->x;
-    epx_plan(X, ml->ep, be, comm, N, k, st->topk_expert, st->pos, st->topk_gate);
-    for (size_t ts = 0; ts < (size_t)N * k; ts++) st->pos[ts] = X->ts_entry[ts];
-    epx_send_rows(X, be, comm, x, COMM_PHASE_DISPATCH);
+    EpPath *XP = &hs->x;
+    epp_plan(XP, ml->ep, be, comm, N, k, st->topk_expert, st->pos, st->topk_gate);
+    for (size_t ts = 0; ts < (size_t)N * k; ts++) st->pos[ts] = XP->a.ts_entry[ts];
+    epp_send_rows(XP, be, comm, x);
+    const EpX *X = epp_final(XP);
     recv_entries(ml, st, hs);
     int M = st->M;
     be->ops->from_host(be->ctx, hs->dev.entry_token, st->entry_token, sizeof(int32_t) * (M ? M : 1));
@@ -370,9 +371,8 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     /* one gated sum per received row, sent back and added to its token */
     be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     be->ops->scatter_add_rows(be->ctx, hs->yr, st->yg, hs->dev.entry_token, hs->dev.entry_gate, M, D);
-    epx_return_rows(X, be, comm, hs->yr, COMM_PHASE_COMBINE);
     be->ops->zero(be->ctx, out, sizeof(float) * N * D);
-    epx_combine(X, be, out);
+    epp_return_combine(XP, be, comm, hs->yr, out);
 }
 
 void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
@@ -388,20 +388,20 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
         return;
     }
     MoeHost *hs = host_of(st);
-    EpX *X = &hs->x;
+    EpPath *XP = &hs->x;
     /* dout rows to the experts (the mirror of the combine), dx rows and dgates back */
-    epx_send_rows(X, be, comm, dout, COMM_PHASE_DISPATCH);
+    epp_send_rows(XP, be, comm, dout);
+    EpX *X = XP->two_level ? &XP->b : &XP->a;
     /* dgate[i] = <dout row_i, yg_i>;  dyg_i = gate_i * dout row_i */
     be->ops->gather_dot(be->ctx, hs->dev.dgate, X->rbuf, st->yg, hs->dev.entry_token, M, D);
     be->ops->gather_rows_scaled(be->ctx, st->dyg, X->rbuf, hs->dev.entry_token, hs->dev.entry_gate, M, D);
     experts_backward(ml, be, p, g, st, st->expert_off, st->xg, st->dyg, st->dxg, 0.0f);
     be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     be->ops->scatter_add_rows(be->ctx, hs->yr, st->dxg, hs->dev.entry_token, NULL, M, D);
-    epx_return_rows(X, be, comm, hs->yr, COMM_PHASE_COMBINE);
-    epx_combine(X, be, dx);
+    epp_return_combine(XP, be, comm, hs->yr, dx);
     be->ops->to_host(be->ctx, hs->dgate_h, hs->dev.dgate, sizeof(float) * (M ? M : 1));
     for (int i = 0; i < M; i++) X->rval[hs->entry_src[i]] = hs->dgate_h[i];
-    epx_return_scalars(X, comm, X->rval, COMM_PHASE_COMBINE);
+    epp_return_scalars(XP, comm, X->rval);
 
     /* router: gates -> probs -> logits */
     float *dp = hs->dp;
@@ -413,7 +413,7 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
         const float *gate = st->topk_gate + (size_t)t * k;
         const int32_t *pos = st->pos + (size_t)t * k;
         double dg[64], inc[64];
-        for (int s = 0; s < k; s++) dg[s] = pos[s] >= 0 ? X->sval[pos[s]] : 0.0;
+        for (int s = 0; s < k; s++) dg[s] = pos[s] >= 0 ? XP->a.sval[pos[s]] : 0.0;
         moe_gate_backward(k, sel, gate, pr, dg, ml->cfg.renormalize && k > 1, inc);
         for (int s = 0; s < k; s++) dpt[sel[s]] += (float)inc[s];
         /* softmax backward + z-loss */

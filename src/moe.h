@@ -88,13 +88,14 @@ typedef struct MoeLayer {
     MoeConfig cfg;
     ClusterState *cs;            /* clustered: the model's state for this layer */
     EpMap *ep;                   /* MoE layers: where the experts live (the model's map) */
+    int two_level;               /* parallel.exchange = two_level */
 } MoeLayer;
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);
 /* parameter counts */
 size_t moe_n_router(const MoeLayer *ml);
 size_t moe_n_expert_params(const MoeLayer *ml);   /* all experts */
-Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max);
+Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max);
 void moe_state_free(MoeState *st, const Backend *be);
 
 /* out[N,D] = FFN(x[N,D]) (overwrite). n_global = tokens in the global batch. */
@@ -118,7 +119,7 @@ void moe_gate_backward(int k, const int32_t *sel, const float *gate, const float
                        const double *dg, int renorm, double *inc);
 
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
-Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, int n_max);
+Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max);
 void clustered_state_free(MoeState *st, const Backend *be);
 void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                        MoeState *st, float *out, const float *x, int N, long n_global);

@@ -364,9 +364,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     const TrainConfig *tc = &cfg->train;
     if (tc->batch_size % P != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
-    if (cfg->parallel.exchange == EXCHANGE_TWO_LEVEL)
-        return status_errorf("parallel.exchange=two_level: the two-level (node, then peer) exchange is not "
-                             "implemented yet; allowed now: flat");
+
     int Bl = tc->batch_size / P, T = cfg->model.seq_len;
     char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
     train_run_dir(cfg, run_dir, sizeof run_dir);
@@ -412,6 +410,14 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     TRY(agree(comm, st));
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes;
 
+    Topology topo;
+    st = topology_init(&topo, comm, &cfg->topology);
+    if (!STATUS_OK(st)) { data_free(&ds); backend_free(&be); return agree(comm, st); }
+    TRY(agree(comm, st));
+    Traffic traffic;
+    traffic_init(&traffic, P, rank, &topo);
+
+    comm->topo = &topo;
     Model m;
     st = model_init(&m, cfg, ds.vocab.n_words, n_classes, Bl, &be, comm);
     TRY(agree(comm, st));
@@ -421,13 +427,6 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         TRY(agree(comm, checkpoint_load(ckpt, &m, &pos)));
         if (rank == 0) printf("resumed from %s at step %lld\n", ckpt, (long long)pos.step);
     }
-
-    Topology topo;
-    st = topology_init(&topo, comm, &cfg->topology);
-    if (!STATUS_OK(st)) { model_free(&m); data_free(&ds); backend_free(&be); return agree(comm, st); }
-    TRY(agree(comm, st));
-    Traffic traffic;
-    traffic_init(&traffic, P, rank, &topo);
 
     double peak = train_measure_sgemm_peak(&be), peak_total = peak;
     comm_allreduce_sum_f64(comm, &peak_total, 1);
@@ -773,10 +772,11 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     if (rank == 0) h5log_close(&lg);
     comm->traffic = NULL;
     traffic_free(&traffic);
+    model_free(&m);
+    comm->topo = NULL;
     topology_free(&topo);
     xfree(orow); xfree(mat);
     xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
-    model_free(&m);
     data_free(&ds);
     backend_free(&be);
     return agree(comm, st);

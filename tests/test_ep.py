@@ -2,6 +2,8 @@
 - 1 vs 4 ranks give equal losses (float tolerance) for dense, standard and clustered models;
 - the traffic profiler's bytes equal the analytic volume of a fixed routing (every token to
   every expert: E = P = k = 4, dropless), split exactly into intra- and inter-node bytes;
+- the two-level exchange (node peer, then owner) gives the flat exchange's losses with
+  fewer inter-node bytes;
 - migrating expert groups every step (placement re-run each step) leaves the model exactly
   as it is without migration (bitwise losses and checkpointed experts, grad_clip off);
 - a checkpoint written at 4 ranks loads at 2 and at 1 rank: the continued losses match the
@@ -90,6 +92,20 @@ if os.path.exists(h):
     m = mat[-1]
     check(np.all(np.diag(m[1]) == 0) and np.all(m[1] + np.eye(4) * disp_pair == disp_pair),
           "(src, dst) dispatch matrix: every off-diagonal entry = analytic pair volume")
+
+# ---- two-level exchange: same model, fewer inter-node bytes ----
+for name, sets in {"standard": ["--set", "moe.n_experts=16"], "clustered": CLUS + ["--set", "moe.top_groups=2"]}.items():
+    hf, _, _ = train(f"x-{name}-flat", 4, sets + VIRT)
+    h2, _, _ = train(f"x-{name}-two", 4, sets + VIRT + ["--set", "parallel.exchange=two_level"])
+    if os.path.exists(hf) and os.path.exists(h2):
+        _, lf = series(hf, "train/loss")
+        _, l2 = series(h2, "train/loss")
+        rel = np.max(np.abs(lf - l2) / np.abs(lf))
+        check(rel < 2e-4, f"{name}: two-level exchange gives the flat exchange's losses ({rel:.2e})")
+        _, inf_ = series(hf, "comm/summary/inter_bytes")
+        _, in2 = series(h2, "comm/summary/inter_bytes")
+        a, b = inf_[:, 1:3].sum(), in2[:, 1:3].sum()
+        check(b < a, f"{name}: two-level moves fewer inter-node dispatch+combine bytes ({b:.0f} < {a:.0f})")
 
 # ---- migration preserves the model exactly ----
 mig = CLUS + VIRT + ["--set", "moe.top_groups=2", "--set", "train.grad_clip=0", "--set", "clustering.enabled=false",
