@@ -73,8 +73,10 @@ typedef struct OffloadOptions {
     MemAcct *acct;               /* optional: resident bytes go to DEVICE, copies to HOST/FILE */
 } OffloadOptions;
 
-/* fill the tier/caps/prefetch fields from the config section (n_units, spans, dir are the
- * caller's); max_resident = c->max_resident_groups, idle_steps = c->idle_steps */
+/* fill max_resident, idle_steps, tier, dir, prefetch, prefetch_ema from the config section;
+ * with enabled = false: no cap, no idle eviction, no prefetch (every unit stays resident).
+ * n_units, spans, name, acct are the caller's; dir points into c, and the caller replaces an
+ * empty dir by <run dir>/offload */
 void offload_options_from_config(OffloadOptions *o, const OffloadConfig *c);
 
 typedef struct OffloadStats {

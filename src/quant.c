@@ -15,7 +15,9 @@
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float f32_from(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-uint16_t quant_f32_to_f16(float f) {
+/* static inline so the array loops inline and vectorise them (the library is built -fPIC, so
+ * exported functions are not inlined into each other) */
+static inline uint16_t f32_to_f16(float f) {
     /* scaling by 2^112 then 2^-110 lets the FPU do the round-to-nearest-even of the mantissa,
      * including overflow to inf and the subnormal range */
     const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
@@ -30,7 +32,7 @@ uint16_t quant_f32_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-float quant_f16_to_f32(uint16_t h) {
+static inline float f16_to_f32(uint16_t h) {
     uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
     const uint32_t exp_offset = 0xE0u << 23;
     const float exp_scale = 0x1.0p-112f;
@@ -41,17 +43,20 @@ float quant_f16_to_f32(uint16_t h) {
     return f32_from(r);
 }
 
-void quant_f32_to_f16_n(uint16_t *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++) dst[i] = quant_f32_to_f16(src[i]);
+uint16_t quant_f32_to_f16(float f) { return f32_to_f16(f); }
+float quant_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
+
+void quant_f32_to_f16_n(uint16_t *restrict dst, const float *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
 }
 
-void quant_f16_to_f32_n(float *dst, const uint16_t *src, size_t n) {
-    for (size_t i = 0; i < n; i++) dst[i] = quant_f16_to_f32(src[i]);
+void quant_f16_to_f32_n(float *restrict dst, const uint16_t *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
 uint16_t quant_f32_to_f16_down(float x) {
-    uint16_t h = quant_f32_to_f16(x);
-    if (quant_f16_to_f32(h) > x) {
+    uint16_t h = f32_to_f16(x);
+    if (f16_to_f32(h) > x) {
         if (h == 0x0000) h = 0x8001;             /* +0 -> smallest negative subnormal */
         else if (h & 0x8000) h = (uint16_t)(h + 1);
         else h = (uint16_t)(h - 1);
@@ -60,8 +65,8 @@ uint16_t quant_f32_to_f16_down(float x) {
 }
 
 uint16_t quant_f32_to_f16_up(float x) {
-    uint16_t h = quant_f32_to_f16(x);
-    if (quant_f16_to_f32(h) < x) {
+    uint16_t h = f32_to_f16(x);
+    if (f16_to_f32(h) < x) {
         if (h == 0x8000) h = 0x0001;             /* -0 -> smallest positive subnormal */
         else if (h & 0x8000) h = (uint16_t)(h - 1);
         else h = (uint16_t)(h + 1);
@@ -195,7 +200,7 @@ static void int4_encode(QTensor *t, const float *src, bool with_params) {
                 if (mn < -65504.0f) mn = -65504.0f;
                 if (mn > 65504.0f) mn = 65504.0f;
                 uint16_t z16 = quant_f32_to_f16_down(mn);
-                float z = quant_f16_to_f32(z16);
+                float z = f16_to_f32(z16);
                 float range = mx - z;
                 uint16_t s16 = 0;
                 if (range > 0.0f) {
@@ -206,7 +211,7 @@ static void int4_encode(QTensor *t, const float *src, bool with_params) {
                 t->scales[gi] = s16;
             }
             int4_encode_group(data + (size_t)c * cb, src, cols, c, i0, i1,
-                              quant_f16_to_f32(t->scales[gi]), quant_f16_to_f32(t->zeros[gi]));
+                              f16_to_f32(t->scales[gi]), f16_to_f32(t->zeros[gi]));
         }
     }
 }
@@ -241,7 +246,7 @@ void qtensor_decode_rows(const QTensor *t, int r0, int nr, float *dst) {
         const uint8_t *col = data + (size_t)c * cb;
         for (int i = r0; i < r0 + nr; i++) {
             size_t gi = (size_t)c * ng + (size_t)(i / g);
-            float s = quant_f16_to_f32(t->scales[gi]), z = quant_f16_to_f32(t->zeros[gi]);
+            float s = f16_to_f32(t->scales[gi]), z = f16_to_f32(t->zeros[gi]);
             int q = (i & 1) ? (col[i / 2] >> 4) : (col[i / 2] & 15);
             float v = (float)q * s;
             dst[(size_t)(i - r0) * cols + c] = v + z;

@@ -48,8 +48,8 @@
 /* ---- FP16 ---- */
 uint16_t quant_f32_to_f16(float x);
 float quant_f16_to_f32(uint16_t h);
-void quant_f32_to_f16_n(uint16_t *dst, const float *src, size_t n);   /* dst[n], src[n] */
-void quant_f16_to_f32_n(float *dst, const uint16_t *src, size_t n);   /* dst[n], src[n] */
+void quant_f32_to_f16_n(uint16_t *restrict dst, const float *restrict src, size_t n);  /* dst[n], src[n]; no overlap */
+void quant_f16_to_f32_n(float *restrict dst, const uint16_t *restrict src, size_t n);  /* dst[n], src[n]; no overlap */
 /* the FP16 neighbour of x rounded toward -inf / +inf (finite x inside the FP16 range) */
 uint16_t quant_f32_to_f16_down(float x);
 uint16_t quant_f32_to_f16_up(float x);
