@@ -298,6 +298,8 @@ static Status fetch(OffloadManager *m, int unit) {
     void **p = (void **)m->slot_ptrs;
     raw_ptrs(m, m->slot_mem[s], p);
     Status st = backing_load(m, unit, p);
+    bool modified = false;
+    if (STATUS_OK(st) && m->on_fetch) st = m->on_fetch(m->on_fetch_ctx, unit, p, &modified);
     if (!STATUS_OK(st)) {
         xfree(m->slot_mem[s]);
         m->slot_mem[s] = NULL;
@@ -306,7 +308,7 @@ static Status fetch(OffloadManager *m, int unit) {
     if (m->units[unit].backed) BUMP(m, bytes_in, backing_io_bytes(m));
     m->slot_unit[s] = unit;
     m->units[unit].slot = s;
-    m->units[unit].dirty = false;
+    m->units[unit].dirty = modified;
     acct_resident(m, +1);
     return status_ok();
 }
@@ -346,6 +348,8 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     m->prefetch_ema = o->prefetch_ema;
     m->prefetch_min = o->prefetch_min > 0 ? o->prefetch_min : 0.25;
     m->acct = o->acct;
+    m->on_fetch = o->on_fetch;
+    m->on_fetch_ctx = o->on_fetch_ctx;
     m->spans = xmalloc(sizeof(OffloadSpan) * (size_t)m->n_spans);
     memcpy(m->spans, o->spans, sizeof(OffloadSpan) * (size_t)m->n_spans);
     m->raw_off = xmalloc(sizeof(size_t) * (size_t)m->n_spans);

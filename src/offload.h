@@ -18,7 +18,7 @@
  *   ... compute with offload_span(m, unit, span) ...   (or offload_acquire one at a time)
  *   offload_end_step(m);                         // EMA, idle eviction, prefetch
  * Counting: every acquire (and every unit of a pin) is one access: a hit if the unit was
- * resident, a miss otherwise; hits + misses == acquires. bytes_in/bytes_out are bytes read
+ * resident, a miss otherwise (a failed acquire too); hits + misses == acquires. bytes_in/bytes_out are bytes read
  * from / written to the backing tier (encoded size; file tier: payload + header). */
 #ifndef DCMOE_OFFLOAD_H
 #define DCMOE_OFFLOAD_H
@@ -71,6 +71,13 @@ typedef struct OffloadOptions {
     double prefetch_ema;         /* EMA rate a: ema = (1-a) ema + a [used this step] */
     double prefetch_min;         /* prefetch units with ema >= this (0 = 0.25) */
     MemAcct *acct;               /* optional: resident bytes go to DEVICE, copies to HOST/FILE */
+    /* optional: called after a unit's content arrives in a slot (demand fetch or prefetch),
+     * before anyone sees it; e.g. the trainer catching up the AdamW steps a group skipped
+     * while offloaded (run them with zero gradients, in order, for bitwise-equal training).
+     * Set *modified (starts false) when the content changed, so eviction writes it back.
+     * An error leaves the unit non-resident and is returned to the caller. */
+    Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
+    void *on_fetch_ctx;
 } OffloadOptions;
 
 /* fill max_resident, idle_steps, tier, dir, prefetch, prefetch_ema from the config section;
@@ -125,6 +132,8 @@ typedef struct OffloadManager {
     int *mark;                   /* [n_units] scratch for offload_pin */
     char dir[512], name[64];
     MemAcct *acct;
+    Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
+    void *on_fetch_ctx;
     long step;
     int64_t clock;
     OffloadStats step_stats, total_stats;

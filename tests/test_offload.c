@@ -269,6 +269,39 @@ static void test_lru_pins_idle(void) {
     offload_free(&m);
 }
 
+/* on_fetch: count calls, refuse unit 2 */
+static int fetch_calls[4];
+static Status hook(void *ctx, int unit, void *const *spans, bool *modified) {
+    fetch_calls[unit]++;
+    ((uint8_t *)spans[0])[0] += *(int *)ctx;
+    *modified = unit == 1;
+    if (unit == 2) return status_errorf("hook refuses unit %d", unit);
+    return status_ok();
+}
+
+static void test_fetch_hook(void) {
+    OffloadSpan sp[N_SPANS];
+    make_spans(sp);
+    int add = 5;
+    OffloadOptions o = {.n_units = 4, .n_spans = N_SPANS, .spans = sp, .max_resident = 1, .tier = OFFLOAD_HOST,
+                        .on_fetch = hook, .on_fetch_ctx = &add};
+    OffloadManager m;
+    ASSERT(STATUS_OK(offload_init(&m, &o)));
+    offload_begin_step(&m, 0);
+    uint8_t *p[N_SPANS];
+    ASSERT(STATUS_OK(offload_acquire(&m, 0, OFFLOAD_READ, (void **)p)));
+    ASSERT(STATUS_OK(offload_acquire(&m, 0, OFFLOAD_READ, (void **)p)));
+    ok(fetch_calls[0] == 1 && p[0][0] == 5, "on_fetch runs once per fetch (not on hits) and may edit the unit");
+    ASSERT(STATUS_OK(offload_acquire(&m, 1, OFFLOAD_READ, NULL)));
+    ASSERT(STATUS_OK(offload_acquire(&m, 0, OFFLOAD_READ, (void **)p)));
+    ok(fetch_calls[0] == 2 && p[0][0] == 5, "unmodified: the unit is not written back (refetched as zeros, +5 again)");
+    ASSERT(STATUS_OK(offload_acquire(&m, 1, OFFLOAD_READ, (void **)p)));
+    ok(fetch_calls[1] == 2 && p[0][0] == 10, "modified: the hook's edit was written back on eviction (5 + 5)");
+    Status s = offload_acquire(&m, 2, OFFLOAD_READ, NULL);
+    ok(!STATUS_OK(s) && strstr(s.msg, "hook refuses unit 2") && !offload_is_resident(&m, 2), "an on_fetch error propagates: %s", s.msg);
+    offload_free(&m);
+}
+
 static void corrupt_byte(const char *path, long off) {
     int fd = open(path, O_RDWR);
     ASSERT(fd >= 0);
@@ -483,6 +516,7 @@ int main(void) {
     if (!mkdtemp(tmpdir)) { printf("# mkdtemp failed\n"); return 1; }
     test_memacct();
     test_lru_pins_idle();
+    test_fetch_hook();
     for (int tier = 0; tier < 2; tier++) {
         test_random((enum OffloadTier)tier, 1, 0, PREFETCH_NONE, 100 + tier);
         test_random((enum OffloadTier)tier, 2, 0, PREFETCH_NONE, 200 + tier);
