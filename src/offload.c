@@ -139,6 +139,31 @@ static void raw_ptrs(const OffloadManager *m, void *base, void **ptrs) {
 /* ---------------------------------------------------------------------------------------
  * the backing tiers */
 
+/* path.tmp, then rename: like file_write_atomic without the fsyncs */
+static Status write_replace(const char *path, const void *data, size_t n) {
+    char tmp[1100];
+    str_fmt(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return status_errorf("%s: cannot create: %s", tmp, strerror(errno));
+    const char *p = data;
+    size_t left = n;
+    while (left > 0) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) {
+            int e = errno;
+            close(fd);
+            unlink(tmp);
+            return status_errorf("%s: write failed: %s", tmp, strerror(e));
+        }
+        p += w;
+        left -= (size_t)w;
+    }
+    if (close(fd) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: close failed: %s", tmp, strerror(e)); }
+    if (rename(tmp, path) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: rename failed: %s", path, strerror(e)); }
+    return status_ok();
+}
+
 static Status file_write_unit(OffloadManager *m, int unit) {
     OffloadFileHeader h;
     memset(&h, 0, sizeof h);
@@ -151,7 +176,8 @@ static Status file_write_unit(OffloadManager *m, int unit) {
     memcpy(m->stage, &h, sizeof h);
     char path[1024];
     offload_unit_path(m, unit, path, sizeof path);
-    Status s = file_write_atomic(path, m->stage, sizeof h + m->enc_bytes);
+    Status s = m->no_fsync ? write_replace(path, m->stage, sizeof h + m->enc_bytes)
+                           : file_write_atomic(path, m->stage, sizeof h + m->enc_bytes);
     if (!STATUS_OK(s)) return status_errorf("offload: unit %d: writing the file tier failed: %s", unit, s.msg);
     return status_ok();
 }
@@ -348,6 +374,7 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     m->prefetch_ema = o->prefetch_ema;
     m->prefetch_min = o->prefetch_min > 0 ? o->prefetch_min : 0.25;
     m->acct = o->acct;
+    m->no_fsync = o->no_fsync;
     m->on_fetch = o->on_fetch;
     m->on_fetch_ctx = o->on_fetch_ctx;
     m->spans = xmalloc(sizeof(OffloadSpan) * (size_t)m->n_spans);

@@ -67,6 +67,8 @@ typedef struct OffloadOptions {
     enum OffloadTier tier;       /* OFFLOAD_HOST | OFFLOAD_FILE */
     const char *dir;             /* file tier: folder (created); copied */
     const char *name;            /* file tier: file name prefix, e.g. "layer03" (may be NULL) */
+    bool no_fsync;               /* file tier: temp + rename without fsync (the files are scratch:
+                                  * still never torn, but not durable across a machine crash) */
     enum PrefetchKind prefetch;  /* PREFETCH_NONE | PREFETCH_EMA */
     double prefetch_ema;         /* EMA rate a: ema = (1-a) ema + a [used this step] */
     double prefetch_min;         /* prefetch units with ema >= this (0 = 0.25) */
@@ -131,6 +133,7 @@ typedef struct OffloadManager {
     void **slot_ptrs;            /* [n_spans] scratch span pointers */
     int *mark;                   /* [n_units] scratch for offload_pin */
     char dir[512], name[64];
+    bool no_fsync;
     MemAcct *acct;
     Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
     void *on_fetch_ctx;
