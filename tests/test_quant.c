@@ -327,6 +327,53 @@ static void test_kernels(const Backend *be) {
     }
 }
 
+/* any format in any position: INT4 base, FP16 A, FP32 B; partial row decoding */
+static void test_mixed_formats(const Backend *be) {
+    Rng rng;
+    rng_init(&rng, 4, 0, RNG_TEST);
+    int n = 9, in = 77, out = 45, r = 6, kb = 16;
+    float *W = xmalloc((size_t)in * out * 4), *A = xmalloc((size_t)in * r * 4), *B = xmalloc((size_t)out * r * 4);
+    fill_normal(&rng, W, (size_t)in * out, 0.05f, 0.01f);
+    fill_normal(&rng, A, (size_t)in * r, 0.1f, 0.0f);
+    fill_normal(&rng, B, (size_t)out * r, 0.1f, 0.0f);
+    QTensor qb, qa, qbb;
+    ASSERT(STATUS_OK(qtensor_init(&qb, QFORMAT_INT4, in, out, 8)));
+    ASSERT(STATUS_OK(qtensor_init(&qa, QFORMAT_F16, in, r, 0)));
+    ASSERT(STATUS_OK(qtensor_init(&qbb, QFORMAT_F32, out, r, 0)));
+    qtensor_encode(&qb, W);
+    qtensor_encode(&qa, A);
+    qtensor_encode(&qbb, B);
+    float *Wd = xmalloc((size_t)in * out * 4), *Ad = xmalloc((size_t)in * r * 4), *part = xmalloc((size_t)in * out * 4);
+    qtensor_decode(&qb, Wd);
+    qtensor_decode(&qa, Ad);
+    long bad = 0;
+    for (int r0 = 0; r0 < in; r0 += 13) {
+        int nr = in - r0 < 10 ? in - r0 : 10;
+        qtensor_decode_rows(&qb, r0, nr, part);
+        bad += memcmp(part, Wd + (size_t)r0 * out, (size_t)nr * out * 4) != 0;
+    }
+    ok(bad == 0, "INT4 decode_rows of any row range equals the slice of the full decode");
+    size_t nws = quant_fused_scratch_floats(n, in, out, r, kb);
+    float *ws = xmalloc(nws * 4), *ws2 = xmalloc(nws * 4), *X = xmalloc((size_t)n * in * 4);
+    float *Y1 = xmalloc((size_t)n * out * 4), *Y2 = xmalloc((size_t)n * out * 4);
+    fill_normal(&rng, X, (size_t)n * in, 1.0f, 0.0f);
+    quant_fused_matmul(be, Y1, X, n, &qb, &qa, &qbb, 0.0f, kb, ws);
+    quant_fused_matmul_ref(be, Y2, X, n, in, out, r, Wd, Ad, B, 0.0f, kb, ws2);
+    ok(bitwise_equal(Y1, Y2, (size_t)n * out), "INT4 base + FP16 A + FP32 B: fused == oracle, bitwise");
+    float *dY = xmalloc((size_t)n * out * 4), *dX1 = xmalloc((size_t)n * in * 4), *dX2 = xmalloc((size_t)n * in * 4);
+    fill_normal(&rng, dY, (size_t)n * out, 1.0f, 0.0f);
+    quant_fused_matmul_t(be, dX1, dY, n, &qb, &qa, &qbb, 0.0f, kb, ws);
+    quant_fused_matmul_t_ref(be, dX2, dY, n, in, out, r, Wd, Ad, B, 0.0f, kb, ws2);
+    ok(bitwise_equal(dX1, dX2, (size_t)n * in), "mixed formats: fused transpose == oracle, bitwise");
+    /* n = 0 touches nothing */
+    Y1[0] = 42.0f;
+    quant_fused_matmul(be, Y1, X, 0, &qb, &qa, &qbb, 0.0f, kb, ws);
+    ok(Y1[0] == 42.0f, "n = 0 is a no-op");
+    xfree(W); xfree(A); xfree(B); xfree(Wd); xfree(Ad); xfree(part); xfree(ws); xfree(ws2); xfree(X);
+    xfree(Y1); xfree(Y2); xfree(dY); xfree(dX1); xfree(dX2);
+    qtensor_free(&qb); qtensor_free(&qa); qtensor_free(&qbb);
+}
+
 int main(void) {
     Backend be;
     Status s = backend_cpu_init(&be, 1);
@@ -337,6 +384,7 @@ int main(void) {
     test_int4_layout();
     test_int4_quantise();
     test_kernels(&be);
+    test_mixed_formats(&be);
     backend_free(&be);
     return harness_done();
 }
