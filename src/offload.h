@@ -18,8 +18,9 @@
  *   ... compute with offload_span(m, unit, span) ...   (or offload_acquire one at a time)
  *   offload_end_step(m);                         // EMA, idle eviction, prefetch
  * Counting: every acquire (and every unit of a pin) is one access: a hit if the unit was
- * resident, a miss otherwise (a failed acquire too); hits + misses == acquires. bytes_in/bytes_out are bytes read
- * from / written to the backing tier (encoded size; file tier: payload + header). */
+ * resident, a miss otherwise (a failed acquire too); hits + misses == acquires.
+ * bytes_in/bytes_out are bytes read from / written to the backing tier (encoded size; file
+ * tier: payload + 32-byte header). Writes happen only for dirty units (OFFLOAD_WRITE). */
 #ifndef DCMOE_OFFLOAD_H
 #define DCMOE_OFFLOAD_H
 
@@ -146,7 +147,8 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o);
 void offload_free(OffloadManager *m);       /* zeroed / twice: safe; leaves files in place */
 
 void offload_begin_step(OffloadManager *m, long step);
-/* acquire every unit in units[n] (duplicates allowed) and pin it until the next begin_step;
+/* acquire every unit in units[n] (duplicates allowed) and pin it until end_step (members of
+ * the set never evict each other);
  * error when more distinct units are needed than there are slots, or on I/O errors */
 Status offload_pin(OffloadManager *m, const int *units, int n, enum OffloadAccess acc);
 void offload_unpin(OffloadManager *m, int unit);
