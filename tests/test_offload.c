@@ -64,7 +64,8 @@ static void test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchK
     MemAcct acct;
     memacct_init(&acct);
     OffloadOptions o = {.n_units = NU, .n_spans = N_SPANS, .spans = sp, .max_resident = cap, .idle_steps = idle,
-                        .tier = tier, .dir = dir, .name = "L00", .prefetch = pf, .prefetch_ema = 0.3, .acct = &acct};
+                        .tier = tier, .dir = dir, .name = "L00", .prefetch = pf, .prefetch_ema = 0.3, .acct = &acct,
+                        .no_fsync = cap != 1};   /* both write paths; fsync is slow on a busy disk */
     OffloadManager m;
     Status s = offload_init(&m, &o);
     ok(STATUS_OK(s), "init tier=%d cap=%d idle=%d prefetch=%d: %s", (int)tier, cap, idle, (int)pf, s.msg);
