@@ -1,0 +1,179 @@
+/* offload: a per-rank residency manager over n_units units (the expert groups of one layer).
+ * A unit is a fixed list of byte spans (e.g. base, factors, their Adam moments); every unit has
+ * the same spans. The resident tier is a pool of max_resident slots; a unit that is not resident
+ * lives in the backing tier — host memory or one file per unit — optionally in a smaller
+ * encoded form (a per-span codec, e.g. FP16/INT4 from quant.h). LRU eviction of unpinned units,
+ * idle eviction after idle_steps, optional EMA predictive prefetch, per-step statistics.
+ * Does not: run asynchronously (fetches are synchronous; the GPU path will overlap them later),
+ * allocate device memory (slots are host memory; the CPU backend computes on them directly),
+ * talk to other ranks, or decide what a unit contains. The file tier is this manager's scratch
+ * (files are rewritten freely and not a checkpoint; use offload_read_unit to save units).
+ * Memory: the manager owns the slots, the host copies and a staging buffer; pointers from
+ * offload_acquire / offload_span are valid until the unit is evicted, i.e. until the next
+ * acquire, pin or end_step call that may evict it — pin a unit to keep its pointers for a step.
+ *
+ * Step protocol (one training step):
+ *   offload_begin_step(m, step);                 // clears last step's pins and step stats
+ *   offload_pin(m, groups, n, OFFLOAD_WRITE);    // after stage-1 routing: fetch all, pin them
+ *   ... compute with offload_span(m, unit, span) ...   (or offload_acquire one at a time)
+ *   offload_end_step(m);                         // EMA, idle eviction, prefetch
+ * Counting: every acquire (and every unit of a pin) is one access: a hit if the unit was
+ * resident, a miss otherwise (a failed acquire too); hits + misses == acquires.
+ * bytes_in/bytes_out are bytes read from / written to the backing tier (encoded size; file
+ * tier: payload + 32-byte header). Writes happen only for dirty units (OFFLOAD_WRITE). */
+#ifndef DCMOE_OFFLOAD_H
+#define DCMOE_OFFLOAD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "util.h"
+#include "config.h"
+#include "memacct.h"
+#include "quant.h"
+
+/* ---- codecs: how a span is stored outside the resident tier ---- */
+typedef struct OffloadCodec {
+    /* bytes of the encoded form of a span of raw_bytes */
+    size_t (*encoded_bytes)(const void *ctx, size_t raw_bytes);
+    /* dst[encoded_bytes] <- src[raw_bytes];  dst[raw_bytes] <- src[encoded_bytes]
+     * dst is 8-byte aligned in both directions */
+    void (*encode)(const void *ctx, void *dst, const void *src, size_t raw_bytes);
+    void (*decode)(const void *ctx, void *dst, const void *src, size_t raw_bytes);
+    const void *ctx;         /* must outlive the manager */
+} OffloadCodec;
+
+/* a span holding `count` FP32 matrices [rows, cols] stored in fmt (quant.h layouts) */
+typedef struct OffloadQuantSpec {
+    enum QFormat fmt;
+    int count, rows, cols, group;
+} OffloadQuantSpec;
+/* a codec over spec (spec must outlive the manager); the span's bytes must be
+ * count*rows*cols*4. Lossy for fp16/int4: a fetched unit holds decode(encode(x)). */
+OffloadCodec offload_codec_quant(const OffloadQuantSpec *spec);
+
+typedef struct OffloadSpan {
+    size_t bytes;            /* raw (resident) bytes; the same for every unit */
+    enum MemKind kind;       /* accounting kind while resident */
+    enum MemKind stored_kind;/* accounting kind of the backing copy */
+    OffloadCodec codec;      /* all NULL = stored verbatim */
+} OffloadSpan;
+
+typedef struct OffloadOptions {
+    int n_units;
+    int n_spans;
+    const OffloadSpan *spans;    /* [n_spans], copied */
+    int max_resident;            /* slots; 0 = every unit has a slot (no cap) */
+    int idle_steps;              /* evict a unit unused for this many steps; 0 = never */
+    enum OffloadTier tier;       /* OFFLOAD_HOST | OFFLOAD_FILE */
+    const char *dir;             /* file tier: folder (created); copied */
+    const char *name;            /* file tier: file name prefix, e.g. "layer03" (may be NULL) */
+    bool no_fsync;               /* file tier: temp + rename without fsync (the files are scratch:
+                                  * still never torn, but not durable across a machine crash) */
+    enum PrefetchKind prefetch;  /* PREFETCH_NONE | PREFETCH_EMA */
+    double prefetch_ema;         /* EMA rate a: ema = (1-a) ema + a [used this step] */
+    double prefetch_min;         /* prefetch units with ema >= this (0 = 0.25) */
+    MemAcct *acct;               /* optional: resident bytes go to DEVICE, copies to HOST/FILE */
+    /* optional: called after a unit's content arrives in a slot (demand fetch or prefetch),
+     * before anyone sees it; e.g. the trainer catching up the AdamW steps a group skipped
+     * while offloaded (run them with zero gradients, in order, for bitwise-equal training).
+     * Set *modified (starts false) when the content changed, so eviction writes it back.
+     * An error leaves the unit non-resident and is returned to the caller. */
+    Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
+    void *on_fetch_ctx;
+} OffloadOptions;
+
+/* fill max_resident, idle_steps, tier, dir, prefetch, prefetch_ema from the config section;
+ * with enabled = false: no cap, no idle eviction, no prefetch (every unit stays resident).
+ * n_units, spans, name, acct are the caller's; dir points into c, and the caller replaces an
+ * empty dir by <run dir>/offload */
+void offload_options_from_config(OffloadOptions *o, const OffloadConfig *c);
+
+typedef struct OffloadStats {
+    int64_t acquires, hits, misses;
+    int64_t prefetches;          /* units fetched ahead by the EMA predictor */
+    int64_t prefetch_hits;       /* first accesses that found a prefetched unit */
+    int64_t evictions;           /* units that left the resident tier (any reason) */
+    int64_t idle_evictions;      /* of which for idleness */
+    int64_t writebacks;          /* evictions/flushes that wrote a dirty unit back */
+    int64_t bytes_in, bytes_out; /* backing-tier bytes read / written */
+    double stall_s;              /* time inside acquire/pin moving data (compute waits) */
+    double background_s;         /* time inside end_step (idle writebacks, prefetch) */
+    int64_t resident_bytes;      /* raw bytes in occupied slots, now */
+    int64_t peak_resident_bytes; /* max of resident_bytes over the step / the run */
+    int resident_units;
+} OffloadStats;
+
+enum OffloadAccess { OFFLOAD_READ = 0, OFFLOAD_WRITE = 1 };
+
+typedef struct OffloadUnitState {  /* private */
+    int slot;                    /* -1 = not resident */
+    bool backed;                 /* the backing copy holds the unit (false: never written = zeros) */
+    bool dirty;                  /* the resident copy is newer than the backing copy */
+    bool pinned;
+    bool used;                   /* accessed in the current step */
+    bool prefetched;             /* fetched by the predictor and not accessed since */
+    int64_t tick;                /* LRU clock at the last access */
+    long last_step;              /* step of the last access (or of the fetch) */
+    double ema;
+} OffloadUnitState;
+
+typedef struct OffloadManager {
+    int n_units, n_spans, n_slots, idle_steps;
+    enum OffloadTier tier;
+    enum PrefetchKind prefetch;
+    double prefetch_ema, prefetch_min;
+    OffloadSpan *spans;          /* [n_spans] */
+    size_t *raw_off, *enc_off;   /* [n_spans] offsets in a slot / in the encoded unit */
+    size_t raw_bytes, enc_bytes; /* per unit */
+    OffloadUnitState *units;     /* [n_units] */
+    int *slot_unit;              /* [n_slots] unit in the slot or -1 */
+    void **slot_mem;             /* [n_slots] raw unit memory, allocated on first use */
+    void **host;                 /* [n_units] host-tier copies (encoded), allocated on first write */
+    void *stage;                 /* file tier: header + encoded unit */
+    void **slot_ptrs;            /* [n_spans] scratch span pointers */
+    int *mark;                   /* [n_units] scratch for offload_pin */
+    char dir[512], name[64];
+    bool no_fsync;
+    MemAcct *acct;
+    Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
+    void *on_fetch_ctx;
+    long step;
+    int64_t clock;
+    OffloadStats step_stats, total_stats;
+} OffloadManager;
+
+Status offload_init(OffloadManager *m, const OffloadOptions *o);
+void offload_free(OffloadManager *m);       /* zeroed / twice: safe; leaves files in place */
+
+void offload_begin_step(OffloadManager *m, long step);
+/* acquire every unit in units[n] (duplicates allowed) and pin it until end_step (members of
+ * the set never evict each other);
+ * error when more distinct units are needed than there are slots, or on I/O errors */
+Status offload_pin(OffloadManager *m, const int *units, int n, enum OffloadAccess acc);
+void offload_unpin(OffloadManager *m, int unit);
+/* make unit resident (fetching, evicting the LRU unpinned unit if no slot is free);
+ * spans (may be NULL) receives the n_spans pointers. OFFLOAD_WRITE marks the unit dirty. */
+Status offload_acquire(OffloadManager *m, int unit, enum OffloadAccess acc, void **spans);
+/* pointer to span s of a RESIDENT unit (ASSERT otherwise); no stats, no LRU update */
+void *offload_span(const OffloadManager *m, int unit, int span);
+/* EMA update, idle eviction, prefetch */
+Status offload_end_step(OffloadManager *m);
+/* explicit eviction (writes back if dirty); no-op if not resident; error if pinned */
+Status offload_evict(OffloadManager *m, int unit);
+/* write every dirty resident unit back (they stay resident and become clean) */
+Status offload_flush(OffloadManager *m);
+
+/* copy unit's current content into dst[n_spans] (raw layout) wherever it lives; no stats,
+ * no residency change (checkpoints, tests). A unit never written reads as zeros. */
+Status offload_read_unit(OffloadManager *m, int unit, void *const *dst);
+/* replace unit's content from src[n_spans] (resident copy if resident, else the backing tier) */
+Status offload_write_unit(OffloadManager *m, int unit, const void *const *src);
+
+static inline bool offload_is_resident(const OffloadManager *m, int unit) { return m->units[unit].slot >= 0; }
+static inline const OffloadStats *offload_step_stats(const OffloadManager *m) { return &m->step_stats; }
+static inline const OffloadStats *offload_total_stats(const OffloadManager *m) { return &m->total_stats; }
+/* the file of a unit in the file tier (for messages and tests) */
+void offload_unit_path(const OffloadManager *m, int unit, char *buf, size_t cap);
+
+#endif
