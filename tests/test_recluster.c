@@ -78,9 +78,13 @@ int main(void) {
     }
     ok(maxd < 1e-5, "new up-projection bases are the member means (max diff %.2e)", maxd);
     /* with exact SVD the refit error equals the best rank-r error of W_i - base: check one expert */
-    int i0 = cs->members[0];
+    /* after the event the rank's slots follow the new membership: expert i0 lives in local
+     * slot expert_lslot[i0] (group slot * K + position) */
+    int i0 = cs->members[4], s0 = m.ep[0].expert_lslot[i0];
+    ok(s0 == m.ep[0].place.slot[1] * 4, "expert %d (first member of group 1) is in local slot %d", i0, s0);
     float *Wn = malloc(sizeof(float) * n1);
-    compress_reconstruct(lp->ffn.base1, lp->ffn.a1 + (size_t)i0 * D * r, lp->ffn.b1 + (size_t)i0 * F1 * r, D, F1, r, Wn);
+    compress_reconstruct(lp->ffn.base1 + (size_t)m.ep[0].place.slot[1] * n1, lp->ffn.a1 + (size_t)s0 * D * r,
+                         lp->ffn.b1 + (size_t)s0 * F1 * r, D, F1, r, Wn);
     double num = 0, den = 0;
     for (size_t j = 0; j < n1; j++) { double d = Wn[j] - W1[(size_t)i0 * n1 + j]; num += d * d; den += (double)W1[(size_t)i0 * n1 + j] * W1[(size_t)i0 * n1 + j]; }
     ok(sqrt(num / den) <= ev.recon_err_max + 1e-6, "expert %d reconstructs within the reported error (%.4f)", i0, sqrt(num / den));
