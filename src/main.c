@@ -8,6 +8,7 @@
 #include "comm.h"
 #include "config.h"
 #include "config_build.h"
+#include "launcher.h"
 #include "sweep.h"
 #include "train.h"
 #include "util.h"
@@ -20,6 +21,7 @@ static void usage_main(void) {
            "  eval CONFIG.yaml    evaluate a run's checkpoint (see `dcmoe eval --help`)\n"
            "  config [CONFIG]     print the resolved config, or --reference for every key\n"
            "  sweep plan FILE     expand and validate the file's sweep: block (runs, ids, settings)\n"
+           "  sweep run FILE      run a sweep: --launcher local|slurm (see `dcmoe sweep run --help`)\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -107,6 +109,8 @@ static Status load_config(const Args *a, Config *cfg) {
 }
 
 int main(int argc, char **argv) {
+    /* `sweep run` starts mpirun itself, so it must not be an MPI process */
+    if (argc >= 3 && !strcmp(argv[1], "sweep") && !strcmp(argv[2], "run")) return launcher_main(argc - 3, argv + 3);
     MPI_Init(&argc, &argv);
     Comm comm;
     Status st = comm_mpi_init(&comm);
@@ -130,7 +134,8 @@ int main(int argc, char **argv) {
     }
     int is_sweep = !strcmp(cmd, "sweep");
     if (is_sweep && (argc < 3 || strcmp(argv[2], "plan") != 0)) {
-        if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n\n"
+        if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n"
+                                   "       dcmoe sweep run FILE.yaml --launcher local|slurm [...] (see sweep run --help)\n\n"
                                    "Expands the file's sweep: block (grid: Cartesian product, last key fastest;\n"
                                    "zip: paired lists; keys: any config key, `ranks`, `name`) into numbered runs with\n"
                                    "stable ids, validates every run's config, and prints the plan.\n");
