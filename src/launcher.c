@@ -440,7 +440,24 @@ static void usage_run(void) {
            "  --dry-run  write the folder and print the commands; run and submit nothing.\n");
 }
 
+/* `dcmoe sweep status FILE`: one tab-separated line per planned run (scripts read it) */
+static void print_status(const Sweep *sw) {
+    printf("index\tid\tname\tranks\tstate\trun_dir\n");
+    static const char *short_names[] = {"new", "partial", "resumable", "done"};
+    for (int i = 0; i < sw->n_runs; i++) {
+        char rd[LPATH], ad[LPATH];
+        train_run_dir(&sw->runs[i].cfg, rd, sizeof rd);
+        abs_path(rd, ad, sizeof ad);
+        printf("%d\t%s\t%s\t%d\t%s\t%s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks,
+               short_names[launcher_run_state(ad)], ad);
+    }
+}
+
 int launcher_main(int argc, char **argv) {
+    /* argv[0] is "run" or "status" */
+    bool status_only = argc > 0 && !strcmp(argv[0], "status");
+    argc--;
+    argv++;
     LaunchOptions opt;
     memset(&opt, 0, sizeof opt);
     opt.kind = -1;
@@ -450,7 +467,12 @@ int launcher_main(int argc, char **argv) {
     for (int i = 0; i < argc && STATUS_OK(st); i++) {
         const char *s = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(s, "--help") || !strcmp(s, "-h")) { usage_run(); return 0; }
+        if (!strcmp(s, "--help") || !strcmp(s, "-h")) {
+            if (status_only) printf("usage: dcmoe sweep status FILE.yaml [--set k=v]...\n\nOne tab-separated line per "
+                                    "planned run: index, id, name, ranks, state (new, partial, resumable, done), run folder.\n");
+            else usage_run();
+            return 0;
+        }
         else if (!strcmp(s, "--dry-run")) opt.dry_run = true;
         else if (!strcmp(s, "--launcher") || !strcmp(s, "--throttle") || !strcmp(s, "--dir") || !strcmp(s, "--set")) {
             if (!val) { st = status_errorf("%s needs a value", s); break; }
@@ -472,7 +494,7 @@ int launcher_main(int argc, char **argv) {
         else st = status_errorf("unexpected argument %s (one sweep file only)", s);
     }
     if (STATUS_OK(st) && !opt.sweep_file) st = status_errorf("sweep run: missing FILE.yaml (see dcmoe sweep run --help)");
-    if (STATUS_OK(st) && (int)opt.kind < 0) st = status_errorf("sweep run: --launcher local|slurm is required");
+    if (STATUS_OK(st) && (int)opt.kind < 0 && !status_only) st = status_errorf("sweep run: --launcher local|slurm is required");
     if (!STATUS_OK(st)) { fprintf(stderr, "dcmoe: error: %s\n", st.msg); return 2; }
     Config base;
     config_defaults(&base);
@@ -483,8 +505,10 @@ int launcher_main(int argc, char **argv) {
     memset(&sw, 0, sizeof sw);
     if (STATUS_OK(st)) st = sweep_plan(opt.sweep_file, &base, &sw);
     int n_failed = 0;
-    if (STATUS_OK(st)) st = launcher_run(&sw, &opt, &n_failed);
+    if (STATUS_OK(st) && status_only) print_status(&sw);
+    else if (STATUS_OK(st)) st = launcher_run(&sw, &opt, &n_failed);
     sweep_free(&sw);
+    fflush(stdout);
     if (!STATUS_OK(st)) { fprintf(stderr, "dcmoe: error: %s\n", st.msg); return 2; }
     return n_failed > 0 ? 1 : g_stop ? 3 : 0;
 }

@@ -33,7 +33,7 @@ RunState launcher_run_state(const char *run_dir);
 /* run or submit a planned sweep; *n_failed counts runs that failed (local) */
 Status launcher_run(const Sweep *sw, const LaunchOptions *opt, int *n_failed);
 
-/* the whole `dcmoe sweep run` subcommand (argv after "sweep run"); returns the exit code */
+/* the `dcmoe sweep run|status` subcommands (argv[0] = "run" or "status"); returns the exit code */
 int launcher_main(int argc, char **argv);
 
 #endif

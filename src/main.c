@@ -22,6 +22,7 @@ static void usage_main(void) {
            "  config [CONFIG]     print the resolved config, or --reference for every key\n"
            "  sweep plan FILE     expand and validate the file's sweep: block (runs, ids, settings)\n"
            "  sweep run FILE      run a sweep: --launcher local|slurm (see `dcmoe sweep run --help`)\n"
+           "  sweep status FILE   state of every planned run: new, partial, resumable, done\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -110,7 +111,8 @@ static Status load_config(const Args *a, Config *cfg) {
 
 int main(int argc, char **argv) {
     /* `sweep run` starts mpirun itself, so it must not be an MPI process */
-    if (argc >= 3 && !strcmp(argv[1], "sweep") && !strcmp(argv[2], "run")) return launcher_main(argc - 3, argv + 3);
+    if (argc >= 3 && !strcmp(argv[1], "sweep") && (!strcmp(argv[2], "run") || !strcmp(argv[2], "status")))
+        return launcher_main(argc - 2, argv + 2);
     MPI_Init(&argc, &argv);
     Comm comm;
     Status st = comm_mpi_init(&comm);
