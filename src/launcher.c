@@ -41,7 +41,8 @@ static void abs_path(const char *p, char *dst, size_t cap) {
     char cwd[LPATH];
     if (!getcwd(cwd, sizeof cwd)) str_fmt(cwd, sizeof cwd, ".");
     while (p[0] == '.' && p[1] == '/') p += 2;
-    str_fmt(dst, cap, "%s/%s", cwd, p);
+    if (!strcmp(p, ".") || !p[0]) str_fmt(dst, cap, "%s", cwd);
+    else str_fmt(dst, cap, "%s/%s", cwd, p);
 }
 
 static bool is_exec(const char *p) { return access(p, X_OK) == 0; }
@@ -343,8 +344,6 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
     self_exe(exe, sizeof exe);
     TRY(find_root(exe, root, sizeof root));
     abs_path(".", cwd, sizeof cwd);
-    size_t len = strlen(cwd);
-    if (len > 2 && !strcmp(cwd + len - 2, "/.")) cwd[len - 2] = 0;
     /* the array holds the runs that are not complete yet */
     char array[8192] = "";
     int max_ranks = 1, n_todo = 0;
@@ -354,7 +353,17 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
         printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(s));
         if (s == RUN_DONE) continue;
         if (sw->runs[i].ranks > max_ranks) max_ranks = sw->runs[i].ranks;
-        int k = snprintf(array + al, sizeof array - al, "%s%d", n_todo ? "," : "", i);
+        int j = i;   /* a range of unfinished runs: i-j */
+        while (j + 1 < sw->n_runs && launcher_run_state(pl[j + 1].run_dir) != RUN_DONE) {
+            j++;
+            RunState sj = launcher_run_state(pl[j].run_dir);
+            printf("%4d  %s  %-32s ranks=%d  %s\n", j, sw->runs[j].id, sw->runs[j].name, sw->runs[j].ranks, state_name(sj));
+            if (sw->runs[j].ranks > max_ranks) max_ranks = sw->runs[j].ranks;
+        }
+        int k = j > i ? snprintf(array + al, sizeof array - al, "%s%d-%d", n_todo ? "," : "", i, j)
+                      : snprintf(array + al, sizeof array - al, "%s%d", n_todo ? "," : "", i);
+        n_todo += j - i;
+        i = j;
         if (k < 0 || (size_t)k >= sizeof array - al - 16) return status_errorf("too many runs for one --array list");
         al += (size_t)k;
         n_todo++;
@@ -381,7 +390,8 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
         char *argv[] = {sbatch, "--parsable", opt_name, opt_array, opt_ntasks, opt_out, opt_chdir, opt_export,
                         script, sdir, NULL};
         st = submit(argv, opt->dry_run, "array", array_id, sizeof array_id, record);
-        if (STATUS_OK(st)) printf("submitted job array %s: %d run(s) (indices %s)\n", array_id, n_todo, array);
+        if (STATUS_OK(st)) printf("%s job array %s: %d run(s) (indices %s)\n", opt->dry_run ? "would submit" : "submitted",
+                                   array_id, n_todo, array);
     } else printf("every run is complete; submitting only the report\n");
     if (STATUS_OK(st)) {
         char report_id[64];
@@ -396,7 +406,8 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
         argv[a] = NULL;
         st = submit(argv, opt->dry_run, "report", report_id, sizeof report_id, record);
         if (STATUS_OK(st))
-            printf("submitted report job %s (runs after the array ends): %s/report/report.html\n", report_id, dir);
+            printf("%s report job %s (runs after the array ends): %s/report/report.html\n",
+                   opt->dry_run ? "would submit" : "submitted", report_id, dir);
     }
     if (record) fclose(record);
     if (STATUS_OK(st) && !opt->dry_run) printf("sweep folder %s (job ids and commands in slurm-jobs.txt)\n", dir);
@@ -411,7 +422,7 @@ Status launcher_run(const Sweep *sw, const LaunchOptions *opt, int *n_failed) {
     else {
         char rel[LPATH];
         file_stem(opt->sweep_file, stem, sizeof stem);
-        str_fmt(rel, sizeof rel, "%s/sweep-%s", sw->runs[0].cfg.run.out_dir, stem);
+        str_fmt(rel, sizeof rel, "%s/%s%s", sw->runs[0].cfg.run.out_dir, strncmp(stem, "sweep", 5) ? "sweep-" : "", stem);
         abs_path(rel, dir, sizeof dir);
     }
     Planned *pl = calloc((size_t)sw->n_runs, sizeof *pl);
@@ -429,7 +440,8 @@ Status launcher_run(const Sweep *sw, const LaunchOptions *opt, int *n_failed) {
 
 static void usage_run(void) {
     printf("usage: dcmoe sweep run FILE.yaml --launcher local|slurm [--throttle N] [--dry-run] [--dir DIR] [--set k=v]...\n\n"
-           "Plans the sweep (as `dcmoe sweep plan`), writes DIR (default <run.out_dir>/sweep-<file stem>): plan.tsv,\n"
+           "Plans the sweep (as `dcmoe sweep plan`), writes DIR (default <run.out_dir>/sweep-<file stem>, or <run.out_dir>/<file stem>\n"
+           "when the stem starts with \"sweep\"): plan.tsv,\n"
            "configs/<id>.yaml (each run's resolved config) and logs/, then\n"
            "  local   runs each run in turn: mpirun -n <ranks> dcmoe train configs/<id>.yaml; runs whose folder\n"
            "          holds DONE are skipped, runs with a complete checkpoint resume (--resume), runs killed before\n"

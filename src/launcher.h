@@ -17,7 +17,7 @@ typedef struct LaunchOptions {
     int throttle;            /* slurm: at most this many array tasks at once (%N); 0 = no limit */
     bool dry_run;            /* write the sweep folder and print the commands, run nothing */
     const char *sweep_file;  /* the experiment file (for names and messages) */
-    const char *sweep_dir;   /* NULL: <run.out_dir>/sweep-<file stem> */
+    const char *sweep_dir;   /* NULL: <run.out_dir>/sweep-<file stem> (<file stem> if it starts with "sweep") */
 } LaunchOptions;
 
 /* state of a run folder, as the launchers and slurm/dcmoe-job.sh decide it */
