@@ -34,7 +34,7 @@ static void usage_train(void) {
            "  --print-config   print the resolved config and exit\n"
            "  --quiet          no per-step progress lines\n"
            "  --stop-at N      checkpoint and stop after step N (continue later with --resume)\n"
-           "Outputs in run.out_dir/run.name: metrics.h5, vocab.txt, ckpt/step_*/\n");
+           "Outputs in run.out_dir/run.name: metrics.h5, vocab.txt, ckpt/step_*/, DONE (after the last step)\n");
 }
 
 static void usage_eval(void) {
