@@ -230,8 +230,30 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         return "\n".join(out)
 
 
+    def wait_idle(self, timeout=7200):
+        """wait until no job is pending or running"""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            p = self.run(["squeue", "-h", "-o", "%i %T"], check=False)
+            if p.returncode == 0 and not p.stdout.strip():
+                return True
+            time.sleep(2)
+        return False
+
+
 if __name__ == "__main__":
-    # a smoke run: python3 tests/slurm_harness.py
+    # python3 tests/slurm_harness.py                 a smoke run (one job)
+    # python3 tests/slurm_harness.py --run 'CMD'     start the private Slurm, run CMD (sh -c) with SLURM_CONF
+    #                                                set, wait until every job has ended, stop the daemons
+    if len(sys.argv) >= 3 and sys.argv[1] == "--run":
+        t0 = time.time()
+        with SlurmCluster() as sc:
+            sc.env.setdefault("DCMOE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+            rc = subprocess.run(["sh", "-c", " ".join(sys.argv[2:])], env=sc.env).returncode
+            sc.wait_idle()
+            print(sc.run(["scontrol", "show", "job", "-o"], check=False).stdout.count("JobState=COMPLETED"),
+                  f"job(s) completed; {time.time() - t0:.1f} s in all", flush=True)
+        sys.exit(rc)
     with SlurmCluster() as sc:
         print(sc.run(["sinfo"]).stdout)
         j = sc.sbatch(["--wrap", "echo hello from $SLURM_JOB_ID; sleep 1", f"--output={sc.dir}/hello.out"])
