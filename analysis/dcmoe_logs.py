@@ -326,6 +326,9 @@ def summary_table(runs):
                 moved = int(np.sum(v[..., labels.index("moved_experts")]))
         row["recluster_events"] = n_ev
         row["moved_experts"] = moved
+        pk = r.dataset_attrs.get("params/by_kind", {})
+        row["params_total"] = float(pk["total"]) if "total" in pk else np.nan
+        row["params_active"] = float(pk["active"]) if "active" in pk else np.nan
         row["peak_rss_MiB"] = (_last(r, "perf/rank_peak_rss_bytes", np.max) / 2**20
                                if r.has("perf/rank_peak_rss_bytes") else np.nan)
         row["allreduce_GiB"] = (float(np.sum(r.series["comm/summary/allreduce_bytes"][1])) / 2**30

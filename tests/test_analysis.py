@@ -120,6 +120,38 @@ def main():
     got = [float(r["value"]) for r in rows if r["run"] == "clus" and r["metric"] == "train/loss"]
     T.check(got == [float(x) for x in v], "scalars.csv read back == train/loss exactly")
 
+    # series another module may add (/comm per-phase bytes, /mem, /offload) are tabled and plotted
+    # generically when present
+    import shutil
+    extra_dir = os.path.join(tmp, "extra", "withcomm")
+    os.makedirs(extra_dir)
+    shutil.copy(os.path.join(runs, "clus", "metrics.h5"), os.path.join(extra_dir, "metrics.h5"))
+    open(os.path.join(extra_dir, "DONE"), "w").write("steps 12\n")
+    steps = np.arange(1, 13, dtype=np.int64)
+    added = {"comm/dispatch/bytes_intra_inter": np.arange(24, dtype=np.float64).reshape(12, 2) * 1e6,
+             "mem/resident_bytes": np.linspace(1e6, 2e6, 12),
+             "offload/groups_offloaded": np.arange(12, dtype=np.float64).reshape(12, 1) % 3}
+    with h5py.File(os.path.join(extra_dir, "metrics.h5"), "a") as f:
+        for name, val in added.items():
+            g = f.create_group(name)
+            g.create_dataset("step", data=steps)
+            g.create_dataset("value", data=val)
+        f["comm/dispatch/bytes_intra_inter"].attrs["columns"] = "intra,inter"
+    ex = dl.load(os.path.join(tmp, "extra"))
+    st = dl.scalars_table(ex)
+    for name, val in added.items():
+        m = st["metric"] == name
+        T.check(np.array_equal(st["value"][m], val.reshape(-1)), f"{name}: table == the added HDF5 values")
+    m = st["metric"] == "comm/dispatch/bytes_intra_inter"
+    T.check(list(st["index"][m][:2]) == ["intra", "inter"], "named columns label the rows (intra, inter)")
+    p = report(os.path.join(tmp, "extra"), os.path.join(tmp, "rep-extra"))
+    md = open(os.path.join(tmp, "rep-extra", "report.md")).read() if p.returncode == 0 else ""
+    T.check(p.returncode == 0 and all(f"`{n}`" in md for n in added) and
+            png_ok(os.path.join(tmp, "rep-extra", "comm.png")) and png_ok(os.path.join(tmp, "rep-extra", "memory.png")),
+            f"report plots the added /comm, /mem and /offload series ({p.stderr.strip()[-300:]})")
+    T.check("/comm series" not in md.split("## Not plotted")[-1] if "## Not plotted" in md else True,
+            "comm is not listed as skipped")
+
     # a live run, read while it trains; then killed with SIGKILL
     lng = T.tiny_config(os.path.join(tmp, "live.yaml"), runs, "live")
     text = open(lng).read().replace("steps: 12", "steps: 200000").replace("flush_interval: 4", "flush_interval: 20")
