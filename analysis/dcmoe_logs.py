@@ -148,7 +148,7 @@ class Run:
         a = self.dataset_attrs.get(name, {})
         cols = a.get("columns")
         if cols:
-            return [c.strip() for c in str(cols).split("(")[0].split(",")]
+            return _split_columns(str(cols))
         v = self.series[name][1]
         if v.ndim == 2:
             if name.startswith("moe/balance/") and len(self.moe_layers()) == v.shape[1]:
@@ -165,6 +165,25 @@ class Run:
         if self.settings:
             return " ".join(f"{k.split('.')[-1]}={v}" for k, v in self.settings.items() if k != "name")
         return self.name
+
+
+def _split_columns(text):
+    """'a,b (note, more),c (unit)' -> ['a', 'b', 'c']: commas inside parentheses do not split,
+    parenthetical notes are dropped"""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        if depth == 0 and ch != ")":
+            cur += ch
+    parts.append(cur)
+    return [" ".join(p.split()) for p in parts]
 
 
 def load_run(run_dir, **kw):
