@@ -9,15 +9,16 @@
 # Settings (environment; sbatch --export=ALL passes them through):
 #   DCMOE_ROOT        source tree (slurm/, analysis/); default $SLURM_SUBMIT_DIR
 #   DCMOE_EXE         the dcmoe executable; default $DCMOE_ROOT/build/dcmoe
-#   DCMOE_MPI_LAUNCH  mpirun (default: right where the cluster has MpiDefault=none / no PMIx, as
-#                     on this machine) or srun (a real cluster: srun --mpi=$DCMOE_SRUN_MPI)
-#   DCMOE_SRUN_MPI    MPI plugin for srun; default pmix
+#   DCMOE_MPI_LAUNCH  auto (default), mpirun or srun. auto: inside a Slurm job whose cluster sets an
+#                     MpiDefault other than none (e.g. pmix on a real cluster) -> srun; otherwise
+#                     (MpiDefault=none, as on this machine, or outside Slurm) -> mpirun
+#   DCMOE_SRUN_MPI    MPI plugin for srun; default: the cluster's MpiDefault (pmix if unknown)
 #   DCMOE_MPIRUN_ARGS extra mpirun arguments
 
 : "${DCMOE_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${DCMOE_EXE:=$DCMOE_ROOT/build/dcmoe}"
-: "${DCMOE_MPI_LAUNCH:=mpirun}"
-: "${DCMOE_SRUN_MPI:=pmix}"
+: "${DCMOE_MPI_LAUNCH:=auto}"
+: "${DCMOE_SRUN_MPI:=}"
 : "${DCMOE_MPIRUN_ARGS:=}"
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 
@@ -60,9 +61,18 @@ dcmoe_train() {
             mv "$run_dir" "$run_dir.partial-$k"
             dcmoe_log "killed before its first checkpoint: moved to $run_dir.partial-$k, starting again" ;;
     esac
-    local launch=()
-    if [ "$DCMOE_MPI_LAUNCH" = srun ]; then
-        launch=(srun --mpi="$DCMOE_SRUN_MPI" -n "$ranks")
+    local launch=() how="$DCMOE_MPI_LAUNCH" mpi_default=""
+    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol > /dev/null; then
+        mpi_default=$(scontrol show config 2> /dev/null | awk '$1 == "MpiDefault" { print $3 }')
+    fi
+    if [ "$how" = auto ]; then
+        if [ -n "$mpi_default" ] && [ "$mpi_default" != none ]; then how=srun; else how=mpirun; fi
+        dcmoe_log "MPI launch: $how (DCMOE_MPI_LAUNCH=auto, MpiDefault=${mpi_default:-outside Slurm})"
+    fi
+    if [ "$how" = srun ]; then
+        local plugin="${DCMOE_SRUN_MPI:-${mpi_default:-pmix}}"
+        [ "$plugin" = none ] && plugin=pmix
+        launch=(srun --mpi="$plugin" -n "$ranks")
     else
         launch=(mpirun -n "$ranks")
         [ "$(id -u)" = 0 ] && launch+=(--allow-run-as-root)

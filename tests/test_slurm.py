@@ -71,6 +71,9 @@ def main():
         ok = T.check(st.get(job) == "COMPLETED", f"run.sbatch job {job} completed ({st})")
         rd = os.path.join(tmp, "runs", "single")
         T.check(os.path.exists(os.path.join(rd, "DONE")), "run.sbatch: the run folder holds DONE")
+        log = open(out).read() if os.path.exists(out) else ""
+        T.check("MPI launch: mpirun (DCMOE_MPI_LAUNCH=auto, MpiDefault=none)" in log,
+                "DCMOE_MPI_LAUNCH=auto picks mpirun where MpiDefault=none")
         if ok:
             s, _ = T.series(os.path.join(rd, "metrics.h5"), "train/loss")
             T.check(list(s) == list(range(1, 13)), "run.sbatch: 12 steps logged")
