@@ -93,7 +93,7 @@ SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket},cred_expire=10
+AuthInfo=socket={self.munge_socket},cred_expire=5
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -115,7 +115,7 @@ SlurmdDebug=info
 KillWait=10
 # cred_expire above is also the wait before a requeued job may start again (default 120 s)
 MinJobAge=3600
-SchedulerParameters=sched_min_interval=100000
+SchedulerParameters=sched_interval=2,bf_interval=2,sched_min_interval=100000
 NodeName={self.host} CPUs={ncpu} RealMemory=2000 State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """

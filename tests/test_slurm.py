@@ -26,7 +26,7 @@ def final_loss(run_dir):
 def long_config(tmp, name):
     cfg = T.tiny_config(os.path.join(tmp, name + ".yaml"), os.path.join(tmp, "runs"), name)
     text = open(cfg).read()
-    text = text.replace("steps: 12", "steps: 3000").replace("interval: 0", "interval: 100")
+    text = text.replace("steps: 12", "steps: 1500").replace("interval: 0", "interval: 100")
     text = text.replace("eval_interval: 6", "eval_interval: 1000").replace("log_interval: 4", "log_interval: 500")
     text = text.replace("keep: 3", "keep: 2")
     open(cfg, "w").write(text)
@@ -80,6 +80,7 @@ def main():
         else:
             show(out)
 
+        print(f"# [{time.time() - t_all:.1f} s] run.sbatch done", flush=True)
         # 2. a sweep through the Slurm launcher: one array + a dependent report job
         sweep = T.tiny_config(os.path.join(tmp, "sw.yaml"), os.path.join(tmp, "runs"), "sw",
                               extra="sweep:\n  zip:\n    ranks: [1, 2]\n    name: [r1, r2]\n")
@@ -118,6 +119,7 @@ def main():
             if m2:
                 sc.wait_job(m2.group(1), 120)
 
+        print(f"# [{time.time() - t_all:.1f} s] sweep done", flush=True)
         # reference: the same long run uninterrupted, outside Slurm, same rank count
         ref_cfg = long_config(tmp, "ref")
         t0 = time.time()
@@ -159,6 +161,7 @@ def main():
                         f"{how}: final loss {loss!r} at step {step} equals the uninterrupted {ref_loss!r}")
             if T.failures:
                 show(out)
+            print(f"# [{time.time() - t_all:.1f} s] {how} done", flush=True)
         if T.failures:
             print(sc.logs(), flush=True)
     print(f"# Slurm tests took {time.time() - t_all:.1f} s", flush=True)
