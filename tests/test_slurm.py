@@ -5,7 +5,9 @@
   3. forced preemption: `scontrol requeue` of a running job; the requeued job resumes from a
      complete checkpoint and ends with exactly the final loss of an uninterrupted run;
   4. the pre-timeout path: USR1 to the batch shell (what --signal=B:USR1@90 sends) makes the
-     trainer checkpoint and the script requeue the job, which then resumes and finishes.
+     trainer checkpoint and the script requeue the job, which then resumes and finishes with the
+     uninterrupted final loss;
+  5. the same through a real time limit (--time=1 --signal=B:USR1@50).
 Skips (77) when not root or Slurm is not installed."""
 import os
 import re
@@ -162,6 +164,24 @@ def main():
             if T.failures:
                 show(out)
             print(f"# [{time.time() - t_all:.1f} s] {how} done", flush=True)
+
+        # 5. the real time-limit path: --time=1 --signal=B:USR1@50 sends USR1 about 10-40 s into the
+        # job; the script checkpoints and requeues, the requeued job resumes (then it is cancelled:
+        # every start would be signalled again before this long run ends)
+        cfg = T.tiny_config(os.path.join(tmp, "limit.yaml"), os.path.join(tmp, "runs"), "limit")
+        text = open(cfg).read().replace("steps: 12", "steps: 1000000").replace("interval: 0", "interval: 1000")
+        open(cfg, "w").write(text.replace("eval_interval: 6", "eval_interval: 0").replace("log_interval: 4", "log_interval: 100000"))
+        out = os.path.join(tmp, "limit.out")
+        job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--time=1", "--signal=B:USR1@50",
+                         os.path.join(T.SRC, "slurm", "run.sbatch"), cfg])
+        resumed = wait_for(lambda: os.path.exists(out) and "resumed from" in open(out).read(), 150, 0.5)
+        log = open(out).read() if os.path.exists(out) else ""
+        sc.run(["scancel", job], check=False)
+        T.check(resumed and "received SIGUSR1" in log and "signal received: checkpoint written" in log and
+                "requeueing job" in log, "time limit: USR1 before the limit -> checkpoint -> requeue -> resumed")
+        if not resumed:
+            show(out)
+        print(f"# [{time.time() - t_all:.1f} s] time-limit signal done", flush=True)
         if T.failures:
             print(sc.logs(), flush=True)
     print(f"# Slurm tests took {time.time() - t_all:.1f} s", flush=True)
