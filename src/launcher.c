@@ -5,7 +5,9 @@
  *   configs/<id>.yaml   the resolved config of each run (what `dcmoe train` reads)
  *   logs/               console output of every run (local: <id>.out; Slurm: slurm-<job>_<task>.out)
  *   slurm-jobs.txt      the sbatch commands and job ids (slurm)
- * A run folder is complete when it holds DONE (written by train after the last step). */
+ * A run folder is complete when it holds DONE (written by train after the last step).
+ * Does not: run under MPI, parse the sweep block (sweep.c) or decide anything inside a Slurm job
+ * (slurm/dcmoe-job.sh applies the same DONE / checkpoint rule there). */
 #include "launcher.h"
 
 #include <errno.h>
