@@ -8,6 +8,7 @@
 #include "comm.h"
 #include "config.h"
 #include "config_build.h"
+#include "launcher.h"
 #include "sweep.h"
 #include "train.h"
 #include "util.h"
@@ -20,6 +21,8 @@ static void usage_main(void) {
            "  eval CONFIG.yaml    evaluate a run's checkpoint (see `dcmoe eval --help`)\n"
            "  config [CONFIG]     print the resolved config, or --reference for every key\n"
            "  sweep plan FILE     expand and validate the file's sweep: block (runs, ids, settings)\n"
+           "  sweep run FILE      run a sweep: --launcher local|slurm (see `dcmoe sweep run --help`)\n"
+           "  sweep status FILE   state of every planned run: new, partial, resumable, done\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -31,7 +34,7 @@ static void usage_train(void) {
            "  --print-config   print the resolved config and exit\n"
            "  --quiet          no per-step progress lines\n"
            "  --stop-at N      checkpoint and stop after step N (continue later with --resume)\n"
-           "Outputs in run.out_dir/run.name: metrics.h5, vocab.txt, ckpt/step_*/\n");
+           "Outputs in run.out_dir/run.name: metrics.h5, vocab.txt, ckpt/step_*/, DONE (after the last step)\n");
 }
 
 static void usage_eval(void) {
@@ -107,6 +110,9 @@ static Status load_config(const Args *a, Config *cfg) {
 }
 
 int main(int argc, char **argv) {
+    /* `sweep run` starts mpirun itself, so it must not be an MPI process */
+    if (argc >= 3 && !strcmp(argv[1], "sweep") && (!strcmp(argv[2], "run") || !strcmp(argv[2], "status")))
+        return launcher_main(argc - 2, argv + 2);
     MPI_Init(&argc, &argv);
     Comm comm;
     Status st = comm_mpi_init(&comm);
@@ -130,7 +136,8 @@ int main(int argc, char **argv) {
     }
     int is_sweep = !strcmp(cmd, "sweep");
     if (is_sweep && (argc < 3 || strcmp(argv[2], "plan") != 0)) {
-        if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n\n"
+        if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n"
+                                   "       dcmoe sweep run FILE.yaml --launcher local|slurm [...] (see sweep run --help)\n\n"
                                    "Expands the file's sweep: block (grid: Cartesian product, last key fastest;\n"
                                    "zip: paired lists; keys: any config key, `ranks`, `name`) into numbered runs with\n"
                                    "stable ids, validates every run's config, and prints the plan.\n");

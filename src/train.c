@@ -770,6 +770,13 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         }
     }
     if (rank == 0) h5log_close(&lg);
+    /* DONE marks a run that reached train.steps (launchers skip it); written last, atomically */
+    if (rank == 0 && STATUS_OK(st) && !res->interrupted && pos.step >= tc->steps) {
+        char done_path[4096], done[128];
+        str_fmt(done_path, sizeof done_path, "%s/DONE", run_dir);
+        int nd = snprintf(done, sizeof done, "steps %lld\n", (long long)pos.step);
+        st = file_write_atomic(done_path, done, (size_t)nd);
+    }
     comm->traffic = NULL;
     traffic_free(&traffic);
     model_free(&m);

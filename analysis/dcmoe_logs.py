@@ -1,0 +1,378 @@
+"""dcmoe_logs: load dcmoe HDF5 logs (one run, a sweep folder, or a folder of runs) into tidy
+tables — plain dicts of equal-length numpy arrays (no pandas needed; `pandas.DataFrame(table)`
+works when pandas is there) — and write them as CSV.
+
+    import sys; sys.path.insert(0, "analysis")
+    import dcmoe_logs as dl
+    runs = dl.load("runs/sweep-sweep-clusters")         # a sweep folder, a run folder, or a folder of runs
+    summary = dl.summary_table(runs)                    # one row per run: settings + final numbers
+    loss = dl.series_table(runs, "train/loss")          # run, step, index, value (long / tidy)
+    load = dl.expert_load_table(runs)                   # run, step, layer, expert, tokens
+    dl.write_csv(summary, "summary.csv")
+
+A log is read with SWMR (a live run) and falls back to a plain read (a killed non-SWMR run);
+step and value datasets are cut to their common length, so a run being written is consistent.
+Values are the HDF5 values, unchanged (float64 CSV cells are written with 17 significant digits).
+Does not: plot (analysis/report does) or write HDF5.
+"""
+import csv
+import os
+import re
+
+import h5py
+import numpy as np
+
+__all__ = ["Run", "load", "load_run", "load_sweep", "series_table", "scalars_table", "expert_load_table",
+           "events_table", "summary_table", "write_csv", "parse_config", "read_plan"]
+
+
+def parse_config(text):
+    """the resolved YAML that dcmoe stores (two levels: `section:` then `  key: value`) -> {"a.b": "v"}"""
+    out, section = {}, ""
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = re.match(r"^(\s*)([A-Za-z0-9_]+):\s*(.*?)\s*$", line)
+        if not m:
+            continue
+        indent, key, val = m.groups()
+        if not indent:
+            section = key
+            if val:
+                out[key] = val.strip('"')
+        else:
+            out[f"{section}.{key}"] = val.strip('"')
+    return out
+
+
+def read_plan(sweep_dir):
+    """plan.tsv of a sweep folder -> list of dicts (index, id, name, ranks, config, run_dir, settings)"""
+    rows = []
+    with open(os.path.join(sweep_dir, "plan.tsv")) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            if line.strip():
+                rows.append(dict(zip(header, line.rstrip("\n").split("\t"))))
+    return rows
+
+
+def _open(path):
+    try:
+        return h5py.File(path, "r", swmr=True)
+    except OSError:
+        try:
+            return h5py.File(path, "r")
+        except OSError as e:
+            raise OSError(f"{path}: cannot open ({e}); a file killed while open without SWMR may need "
+                          f"`h5clear -s {path}`") from e
+
+
+class Run:
+    """one run's log in memory: series[name] = (step [n] int64, value [n, ...]); attrs; config"""
+
+    def __init__(self, run_dir, name=None, settings=None, plan=None):
+        self.dir = run_dir
+        self.name = name or os.path.basename(os.path.normpath(run_dir))
+        self.settings = dict(settings or {})     # swept key -> value (as written in the sweep)
+        self.plan = plan or {}
+        self.series, self.dataset_attrs, self.arrays = {}, {}, {}
+        self.attrs, self.config = {}, {}
+        self.path = os.path.join(run_dir, "metrics.h5")
+        self.error = None
+        if not os.path.exists(self.path):
+            self.error = "no metrics.h5 (not started)"
+            return
+        try:
+            self._read()
+        except OSError as e:
+            self.error = str(e)
+
+    def _read(self):
+        with _open(self.path) as f:
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            self.config = parse_config(str(self.attrs.get("config", "")))
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Group) and "step" in obj and "value" in obj:
+                    s, v = obj["step"], obj["value"]
+                    for d in (s, v):
+                        if hasattr(d, "refresh"):
+                            try:
+                                d.refresh()
+                            except Exception:  # noqa: BLE001 - not in SWMR mode
+                                pass
+                    n = min(s.shape[0], v.shape[0])
+                    self.series[name] = (np.array(s[:n]), np.array(v[:n]))
+                    self.dataset_attrs[name] = {k: (a.decode() if isinstance(a, bytes) else a)
+                                                for k, a in obj.attrs.items()}
+                elif isinstance(obj, h5py.Dataset) and not name.endswith(("/step", "/value")):
+                    self.arrays[name] = np.array(obj[...])
+                    self.dataset_attrs[name] = {k: (a.decode() if isinstance(a, bytes) else a)
+                                                for k, a in obj.attrs.items()}
+                if isinstance(obj, h5py.Group) and len(obj.attrs) and name not in self.dataset_attrs:
+                    self.dataset_attrs[name] = {k: (a.decode() if isinstance(a, bytes) else a)
+                                                for k, a in obj.attrs.items()}
+            f.visititems(visit)
+
+    # ---- facts ----
+    def has(self, name):
+        return name in self.series and len(self.series[name][0]) > 0
+
+    def steps_planned(self):
+        try:
+            return int(self.config.get("train.steps", "0"))
+        except ValueError:
+            return 0
+
+    def last_step(self):
+        return int(self.series["train/loss"][0][-1]) if self.has("train/loss") else 0
+
+    @property
+    def state(self):
+        if self.error:
+            return "missing" if "not started" in self.error else "unreadable"
+        if os.path.exists(os.path.join(self.dir, "DONE")):
+            return "done"
+        return f"incomplete ({self.last_step()}/{self.steps_planned()} steps)"
+
+    def moe_layers(self):
+        txt = self.dataset_attrs.get("moe", {}).get("layers", "")
+        return [int(x) for x in str(txt).split(",") if x.strip() != ""]
+
+    def clustered_layers(self):
+        """layer ids of the clustered layers (rows of moe/tokens_per_group and cluster/*)"""
+        return self.moe_layers() if self.config.get("moe.kind") == "clustered" else []
+
+    def column_labels(self, name):
+        """labels of the row elements of a series (layers, ranks, named columns) or None"""
+        a = self.dataset_attrs.get(name, {})
+        cols = a.get("columns")
+        if cols:
+            return _split_columns(str(cols))
+        v = self.series[name][1]
+        if v.ndim == 2:
+            if name.startswith("moe/balance/") and len(self.moe_layers()) == v.shape[1]:
+                return [f"layer{l}" for l in self.moe_layers()]
+            if name.startswith("moe/balance_group/"):
+                cl = self.moe_layers() if self.config.get("moe.kind") == "clustered" else []
+                if len(cl) == v.shape[1]:
+                    return [f"layer{l}" for l in cl]
+            if name.startswith("perf/rank_"):
+                return [f"rank{r}" for r in range(v.shape[1])]
+        return None
+
+    def label(self):
+        if self.settings:
+            return " ".join(f"{k.split('.')[-1]}={v}" for k, v in self.settings.items() if k != "name")
+        return self.name
+
+
+def _split_columns(text):
+    """'a,b (note, more),c (unit)' -> ['a', 'b', 'c']: commas inside parentheses do not split,
+    parenthetical notes are dropped"""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        if depth == 0 and ch != ")":
+            cur += ch
+    parts.append(cur)
+    return [" ".join(p.split()) for p in parts]
+
+
+def load_run(run_dir, **kw):
+    return Run(run_dir, **kw)
+
+
+def _settings(text):
+    out = {}
+    for tok in (text or "").split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            out[k] = v
+    return out
+
+
+def load_sweep(sweep_dir):
+    runs = []
+    for row in read_plan(sweep_dir):
+        runs.append(Run(row["run_dir"], name=row["name"], settings=_settings(row.get("settings")), plan=row))
+    return runs
+
+
+def load(path):
+    """a sweep folder (plan.tsv), a run folder (metrics.h5) or a folder of run folders -> [Run]"""
+    if os.path.isfile(os.path.join(path, "plan.tsv")):
+        return load_sweep(path)
+    if os.path.isfile(os.path.join(path, "metrics.h5")):
+        return [Run(path)]
+    subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.h5")))
+    if not subs:
+        raise FileNotFoundError(f"{path}: neither a sweep folder (plan.tsv), a run folder (metrics.h5) "
+                                f"nor a folder of run folders")
+    return [Run(os.path.join(path, d)) for d in subs]
+
+
+# ---- tidy tables: dict of column -> numpy array ----
+
+def _concat(parts, columns):
+    if not parts:
+        return {c: np.array([]) for c in columns}
+    return {c: np.concatenate([np.asarray(p[c]) for p in parts]) for c in columns}
+
+
+def series_table(runs, name):
+    """one row per (run, step, element): run, step, index, value. `index` is "" for scalar rows,
+    the column label (layer3, rank1, named column) or the flat element number otherwise"""
+    parts = []
+    for r in runs:
+        if not r.has(name):
+            continue
+        s, v = r.series[name]
+        v2 = v.reshape(len(s), -1)
+        k = v2.shape[1]
+        if v.ndim == 1:
+            idx = np.array([""] * len(s), dtype=object)
+        else:
+            labels = r.column_labels(name) if v.ndim == 2 else None
+            if labels is None or len(labels) != k:
+                labels = [str(i) for i in range(k)] if v.ndim == 2 else \
+                    [",".join(map(str, ix)) for ix in np.ndindex(*v.shape[1:])]
+            idx = np.tile(np.array(labels, dtype=object), len(s))
+        parts.append({"run": np.array([r.name] * (len(s) * k), dtype=object), "step": np.repeat(s, k),
+                      "index": idx, "value": v2.reshape(-1)})
+    return _concat(parts, ["run", "step", "index", "value"])
+
+
+def scalars_table(runs, max_elems=16):
+    """every series whose rows hold at most max_elems numbers, long form: run, metric, step, index, value"""
+    names = sorted({n for r in runs for n in r.series if r.has(n) and
+                    int(np.prod(r.series[n][1].shape[1:], dtype=np.int64)) <= max_elems})
+    parts = []
+    for n in names:
+        t = series_table(runs, n)
+        if len(t["run"]):
+            t["metric"] = np.array([n] * len(t["run"]), dtype=object)
+            parts.append(t)
+    return _concat(parts, ["run", "metric", "step", "index", "value"])
+
+
+def expert_load_table(runs, name="moe/tokens_per_expert"):
+    """run, step, layer, expert, tokens from a [n, layers, E] series (layer = model layer id)"""
+    parts = []
+    for r in runs:
+        if not r.has(name):
+            continue
+        s, v = r.series[name]
+        n, L, E = v.shape
+        layers = r.moe_layers() if name == "moe/tokens_per_expert" else r.clustered_layers()
+        if len(layers) != L:
+            layers = list(range(L))
+        parts.append({"run": np.array([r.name] * (n * L * E), dtype=object), "step": np.repeat(s, L * E),
+                      "layer": np.tile(np.repeat(np.array(layers), E), n), "expert": np.tile(np.arange(E), n * L),
+                      "tokens": v.reshape(-1)})
+    return _concat(parts, ["run", "step", "layer", "expert", "tokens"])
+
+
+def events_table(runs):
+    """re-clustering events: run, step, then the named columns of cluster/events"""
+    parts, cols = [], None
+    for r in runs:
+        if not r.has("cluster/events"):
+            continue
+        s, v = r.series["cluster/events"]
+        labels = r.column_labels("cluster/events") or [f"c{i}" for i in range(v.shape[-1])]
+        cols = cols or labels
+        v2 = v.reshape(-1, v.shape[-1])
+        k = v.shape[1] if v.ndim == 3 else 1
+        part = {"run": np.array([r.name] * len(v2), dtype=object), "step": np.repeat(s, k)}
+        for i, c in enumerate(labels):
+            part[c] = v2[:, i]
+        parts.append(part)
+    return _concat(parts, ["run", "step"] + (cols or []))
+
+
+def _last(r, name, reduce=None):
+    if not r.has(name):
+        return np.nan
+    v = r.series[name][1][-1]
+    return float(reduce(v) if reduce else np.asarray(v).reshape(-1)[0])
+
+
+def _tail_mean(r, name, frac=0.1):
+    """mean over the last frac of the rows (and over row elements)"""
+    if not r.has(name):
+        return np.nan
+    v = r.series[name][1]
+    k = max(1, int(round(len(v) * frac)))
+    return float(np.mean(v[-k:]))
+
+
+def summary_table(runs):
+    """one row per run: name, settings, state, steps and the headline numbers (NaN where absent)"""
+    keys = []
+    for r in runs:
+        keys += [k for k in r.settings if k not in keys and k != "name"]
+    rows = []
+    for r in runs:
+        row = {"run": r.name}
+        for k in keys:
+            row[k] = r.settings.get(k, "")
+        row["state"] = r.state
+        row["steps"] = r.last_step()
+        row["world_size"] = int(r.attrs.get("world_size", 0)) if r.attrs else 0
+        row["final_train_loss"] = _last(r, "train/loss")
+        row["last_valid_loss"] = _last(r, "eval/loss")
+        row["last_valid_ppl"] = _last(r, "eval/ppl")
+        row["final_valid_ppl"] = _last(r, "final/valid_ppl")
+        row["final_test_ppl"] = _last(r, "final/test_ppl")
+        row["cv2_last10pct"] = _tail_mean(r, "moe/balance/cv2")
+        row["group_cv2_last10pct"] = _tail_mean(r, "moe/balance_group/cv2")
+        row["tok_s_mean"] = float(np.mean(r.series["perf/tok_s"][1])) if r.has("perf/tok_s") else np.nan
+        row["step_s_median"] = float(np.median(r.series["perf/step_s"][1])) if r.has("perf/step_s") else np.nan
+        n_ev = moved = 0
+        if r.has("cluster/events"):
+            s, v = r.series["cluster/events"]
+            labels = r.column_labels("cluster/events") or []
+            n_ev = len(s)
+            if "moved_experts" in labels:
+                moved = int(np.sum(v[..., labels.index("moved_experts")]))
+        row["recluster_events"] = n_ev
+        row["moved_experts"] = moved
+        pk = r.dataset_attrs.get("params/by_kind", {})
+        row["params_total"] = float(pk["total"]) if "total" in pk else np.nan
+        row["params_active"] = float(pk["active"]) if "active" in pk else np.nan
+        row["peak_rss_MiB"] = (_last(r, "perf/rank_peak_rss_bytes", np.max) / 2**20
+                               if r.has("perf/rank_peak_rss_bytes") else np.nan)
+        row["allreduce_GiB"] = (float(np.sum(r.series["comm/summary/allreduce_bytes"][1])) / 2**30
+                                if r.has("comm/summary/allreduce_bytes") else np.nan)
+        rows.append(row)
+    cols = list(rows[0].keys()) if rows else ["run"]
+    return {c: np.array([row[c] for row in rows], dtype=object if isinstance(rows[0][c], str) else None)
+            for c in cols}
+
+
+def _cell(x):
+    if isinstance(x, (float, np.floating)):
+        return "" if np.isnan(x) else repr(float(x))
+    if isinstance(x, (np.integer,)):
+        return str(int(x))
+    return str(x)
+
+
+def write_csv(table, path):
+    """write a dict-of-arrays table; floats as repr (round-trips exactly), NaN as empty"""
+    cols = list(table.keys())
+    n = len(table[cols[0]]) if cols else 0
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for i in range(n):
+            w.writerow([_cell(table[c][i]) for c in cols])
+    return path

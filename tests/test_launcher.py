@@ -1,0 +1,123 @@
+"""The local sweep launcher (`dcmoe sweep run FILE --launcher local`):
+  - a 2-run sweep (1 and 2 ranks) runs both to DONE and writes plan.tsv + resolved configs;
+  - a second invocation skips both (nothing rewritten);
+  - a run stopped mid-way (--stop-at on its resolved config) is resumed by the launcher and ends
+    with exactly the final loss of the uninterrupted run;
+  - SIGTERM to the launcher makes the running trainer checkpoint (forwarded as SIGUSR1); the next
+    invocation resumes that run from the checkpoint and completes it;
+  - a run folder killed before its first checkpoint is moved aside and started again;
+  - bad options fail with a message naming what is allowed."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import testlib as T  # noqa: E402
+
+
+def sweep_run(path, *extra, timeout=300):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([T.EXE, "sweep", "run", path, "--launcher", "local"] + list(extra), capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=os.path.dirname(path))
+
+
+def final(run_dir):
+    s, v = T.series(os.path.join(run_dir, "metrics.h5"), "train/loss")
+    return int(s[-1]), float(v[-1])
+
+
+def main():
+    tmp = T.tmpdir("dcmoe-launcher-")
+    runs = os.path.join(tmp, "runs")
+    sw = T.tiny_config(os.path.join(tmp, "two.yaml"), runs, "two",
+                       extra="sweep:\n  zip:\n    ranks: [1, 2]\n    name: [p1, p2]\n")
+    t0 = time.time()
+    p = sweep_run(sw)
+    print("".join("# " + l + "\n" for l in p.stdout.splitlines()), flush=True)
+    T.check(p.returncode == 0, f"2-run sweep exits 0 ({p.stderr.strip()[-300:]})")
+    sdir = os.path.join(runs, "sweep-two")
+    T.check(os.path.exists(os.path.join(sdir, "plan.tsv")), "plan.tsv written")
+    plan = open(os.path.join(sdir, "plan.tsv")).read().splitlines()
+    T.check(len(plan) == 3 and plan[0].startswith("index\tid\tname\tranks"), "plan.tsv: header + 2 runs")
+    for n in ("two-p1", "two-p2"):
+        T.check(os.path.exists(os.path.join(runs, n, "DONE")), f"{n} complete (DONE)")
+    T.check(re.search(r"mpirun .*-n 2 .*dcmoe train", p.stdout) is not None, "the 2-rank run is started with -n 2")
+    ws = [int(T.series(os.path.join(runs, n, "metrics.h5"), "train/loss")[0][-1]) for n in ("two-p1", "two-p2")]
+    T.check(ws == [12, 12], f"both runs trained 12 steps ({ws})")
+    print(f"# first invocation {time.time() - t0:.1f} s", flush=True)
+
+    # second invocation: everything is DONE
+    mt = os.path.getmtime(os.path.join(runs, "two-p1", "metrics.h5"))
+    p = sweep_run(sw)
+    T.check(p.returncode == 0 and p.stdout.count("done, skipped") == 2 and "0 started" in p.stdout,
+            "a second invocation skips both runs")
+    T.check(os.path.getmtime(os.path.join(runs, "two-p1", "metrics.h5")) == mt, "the skipped run's log is untouched")
+
+    # an interrupted run (stopped after step 6 with a checkpoint) is resumed by the launcher
+    one = T.tiny_config(os.path.join(tmp, "one.yaml"), runs, "one", extra="sweep:\n  zip:\n    name: [stopped]\n")
+    p = sweep_run(one, "--dry-run")
+    T.check(p.returncode == 0 and "one-stopped" in p.stdout and not os.path.exists(os.path.join(runs, "one-stopped")),
+            "--dry-run writes the plan and runs nothing")
+    cfg = os.path.join(runs, "sweep-one", "configs")
+    cfg = os.path.join(cfg, sorted(os.listdir(cfg))[0])
+    T.run(["train", cfg, "--stop-at", "6", "--quiet"], ranks=1)
+    T.check(not os.path.exists(os.path.join(runs, "one-stopped", "DONE")), "the stopped run is not DONE")
+    p = sweep_run(one)
+    T.check(p.returncode == 0 and "resumable" in p.stdout and "--resume" in p.stdout,
+            "the launcher resumes the stopped run with --resume")
+    log = open(os.path.join(runs, "sweep-one", "logs", os.path.basename(cfg).replace(".yaml", ".out"))).read()
+    T.check("resumed from" in log and "at step 6" in log, "the run log says it resumed at step 6")
+    T.check(final(os.path.join(runs, "one-stopped")) == final(os.path.join(runs, "two-p1")),
+            f"resumed final loss equals the uninterrupted run's: {final(os.path.join(runs, 'one-stopped'))} vs "
+            f"{final(os.path.join(runs, 'two-p1'))}")
+
+    # SIGTERM to the launcher: the trainer checkpoints, the next invocation resumes it
+    lng = T.tiny_config(os.path.join(tmp, "long.yaml"), runs, "long", extra="sweep:\n  zip:\n    name: [x]\n")
+    text = open(lng).read().replace("steps: 12", "steps: 4000").replace("interval: 0", "interval: 100")
+    open(lng, "w").write(text.replace("eval_interval: 6", "eval_interval: 2000").replace("log_interval: 4", "log_interval: 1000"))
+    rd = os.path.join(runs, "long-x")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([T.EXE, "sweep", "run", lng, "--launcher", "local"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp)
+    t1 = time.time()
+    while time.time() - t1 < 120 and not (os.path.isdir(os.path.join(rd, "ckpt")) and
+                                          any(os.path.exists(os.path.join(rd, "ckpt", d, "COMPLETE"))
+                                              for d in os.listdir(os.path.join(rd, "ckpt")))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    stopped = not os.path.exists(os.path.join(rd, "DONE"))
+    T.check(proc.returncode == 3 and stopped and "stopped after" in out,
+            f"SIGTERM: the launcher stops after the trainer checkpointed (rc {proc.returncode}, DONE absent: {stopped})")
+    if not T.check(os.path.exists(rd), "the long run folder exists"):
+        print(out)
+    p = sweep_run(lng)
+    T.check(p.returncode == 0 and "resumable" in p.stdout and os.path.exists(os.path.join(rd, "DONE")),
+            "the next invocation resumes and completes the signalled run")
+    T.check(final(rd)[0] == 4000, f"the resumed run reached step 4000 ({final(rd)})")
+
+    # killed before the first checkpoint: moved aside, started again
+    part = T.tiny_config(os.path.join(tmp, "part.yaml"), runs, "part", extra="sweep:\n  zip:\n    name: [y]\n")
+    os.makedirs(os.path.join(runs, "part-y"))
+    open(os.path.join(runs, "part-y", "metrics.h5"), "w").write("killed before its first checkpoint")
+    p = sweep_run(part)
+    T.check(p.returncode == 0 and "partial" in p.stdout and os.path.exists(os.path.join(runs, "part-y", "DONE")) and
+            os.path.exists(os.path.join(runs, "part-y.partial-1", "metrics.h5")),
+            "a partial run folder is moved aside (part-y.partial-1) and the run starts again")
+
+    # errors
+    p = sweep_run(sw.replace("two.yaml", "two.yaml"), "--throttle", "0")
+    T.check(p.returncode == 2 and "--throttle 0" in p.stderr, f"--throttle 0 is refused ({p.stderr.strip()})")
+    p = subprocess.run([T.EXE, "sweep", "run", sw, "--launcher", "pbs"], capture_output=True, text=True)
+    T.check(p.returncode == 2 and "allowed: local, slurm" in p.stderr, f"--launcher pbs is refused ({p.stderr.strip()})")
+    p = subprocess.run([T.EXE, "sweep", "run", sw], capture_output=True, text=True)
+    T.check(p.returncode == 2 and "--launcher" in p.stderr, "a missing --launcher is refused")
+    print(f"# launcher tests took {time.time() - t0:.1f} s", flush=True)
+    T.finish()
+
+
+if __name__ == "__main__":
+    main()

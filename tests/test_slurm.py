@@ -1,0 +1,192 @@
+"""Slurm integration against a real one-node Slurm started by tests/slurm_harness.py (as root):
+  1. slurm/run.sbatch runs a tiny run to completion (DONE, every step logged);
+  2. `dcmoe sweep run --launcher slurm --throttle 1` submits one array (one task per run) and a
+     report job that depends on it; both runs complete and the report is written;
+  3. forced preemption: `scontrol requeue` of a running job; the requeued job resumes from a
+     complete checkpoint and ends with exactly the final loss of an uninterrupted run;
+  4. the pre-timeout path: USR1 to the batch shell (what --signal=B:USR1@90 sends) makes the
+     trainer checkpoint and the script requeue the job, which then resumes and finishes with the
+     uninterrupted final loss;
+  5. the same through a real time limit (--time=1 --signal=B:USR1@50).
+Skips (77) when not root or Slurm is not installed."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import testlib as T  # noqa: E402
+from slurm_harness import SlurmCluster  # noqa: E402
+
+
+def final_loss(run_dir):
+    s, v = T.series(os.path.join(run_dir, "metrics.h5"), "train/loss")
+    return int(s[-1]), float(v[-1])
+
+
+def long_config(tmp, name):
+    cfg = T.tiny_config(os.path.join(tmp, name + ".yaml"), os.path.join(tmp, "runs"), name)
+    text = open(cfg).read()
+    text = text.replace("steps: 12", "steps: 1500").replace("interval: 0", "interval: 100")
+    text = text.replace("eval_interval: 6", "eval_interval: 1000").replace("log_interval: 4", "log_interval: 500")
+    text = text.replace("keep: 3", "keep: 2")
+    open(cfg, "w").write(text)
+    return cfg
+
+
+def has_checkpoint(run_dir):
+    ck = os.path.join(run_dir, "ckpt")
+    return os.path.isdir(ck) and any(os.path.exists(os.path.join(ck, d, "COMPLETE")) for d in os.listdir(ck))
+
+
+def wait_for(cond, timeout, step=0.05):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def show(path):
+    if os.path.exists(path):
+        print("# --- " + path + "\n" + "".join("# " + l for l in open(path).readlines()[-25:]), flush=True)
+
+
+def main():
+    tmp = T.tmpdir("dcmoe-slurm-test-")
+    os.chmod(tmp, 0o755)
+    env_extra = {"DCMOE_ROOT": T.SRC, "DCMOE_EXE": T.EXE, "OPENBLAS_NUM_THREADS": "1"}
+    export = "--export=ALL," + ",".join(f"{k}={v}" for k, v in env_extra.items())
+    t_all = time.time()
+    with SlurmCluster() as sc:
+        sc.env.update(env_extra)
+        print(f"# test Slurm up in {time.time() - t_all:.1f} s ({sc.dir})", flush=True)
+
+        # 1. one run through slurm/run.sbatch
+        cfg = T.tiny_config(os.path.join(tmp, "single.yaml"), os.path.join(tmp, "runs"), "single")
+        out = os.path.join(tmp, "single.out")
+        job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--ntasks=2",
+                         os.path.join(T.SRC, "slurm", "run.sbatch"), cfg])
+        st = sc.wait_job(job, 180)
+        ok = T.check(st.get(job) == "COMPLETED", f"run.sbatch job {job} completed ({st})")
+        rd = os.path.join(tmp, "runs", "single")
+        T.check(os.path.exists(os.path.join(rd, "DONE")), "run.sbatch: the run folder holds DONE")
+        log = open(out).read() if os.path.exists(out) else ""
+        T.check("MPI launch: mpirun (DCMOE_MPI_LAUNCH=auto, MpiDefault=none)" in log,
+                "DCMOE_MPI_LAUNCH=auto picks mpirun where MpiDefault=none")
+        if ok:
+            s, _ = T.series(os.path.join(rd, "metrics.h5"), "train/loss")
+            T.check(list(s) == list(range(1, 13)), "run.sbatch: 12 steps logged")
+        else:
+            show(out)
+
+        print(f"# [{time.time() - t_all:.1f} s] run.sbatch done", flush=True)
+        # 2. a sweep through the Slurm launcher: one array + a dependent report job
+        sweep = T.tiny_config(os.path.join(tmp, "sw.yaml"), os.path.join(tmp, "runs"), "sw",
+                              extra="sweep:\n  zip:\n    ranks: [1, 2]\n    name: [r1, r2]\n")
+        p = subprocess.run([T.EXE, "sweep", "run", sweep, "--launcher", "slurm", "--throttle", "1"],
+                           cwd=tmp, env=sc.env, capture_output=True, text=True, timeout=60)
+        print("".join("# " + l + "\n" for l in p.stdout.splitlines()), flush=True)
+        T.check(p.returncode == 0, f"sweep run --launcher slurm exits 0 ({p.stderr.strip()})")
+        m_arr = re.search(r"submitted job array (\d+)", p.stdout)
+        m_rep = re.search(r"submitted report job (\d+)", p.stdout)
+        if T.check(m_arr is not None and m_rep is not None, "the launcher prints the array and report job ids"):
+            arr, rep = m_arr.group(1), m_rep.group(1)
+            info = sc.job_info(rep)
+            T.check(f"afterany:{arr}" in info.get("Dependency", ""),
+                    f"report job {rep} depends on the array ({info.get('Dependency')})")
+            st = sc.wait_job(arr, 240)
+            T.check(len(st) == 2 and all(v == "COMPLETED" for v in st.values()), f"array tasks completed: {st}")
+            arr_info = sc.job_info(arr)
+            T.check("%1" in arr_info.get("ArrayTaskThrottle", "") or arr_info.get("ArrayTaskThrottle") == "1",
+                    f"array throttle 1 ({arr_info.get('ArrayTaskThrottle')})")
+            st = sc.wait_job(rep, 240)
+            T.check(st.get(rep) == "COMPLETED", f"report job completed ({st})")
+            sdir = os.path.join(tmp, "runs", "sweep-sw")
+            for n in ("sw-r1", "sw-r2"):
+                T.check(os.path.exists(os.path.join(tmp, "runs", n, "DONE")), f"sweep run {n} DONE")
+            rep_html = os.path.join(sdir, "report", "report.html")
+            if not T.check(os.path.exists(rep_html) and os.path.getsize(rep_html) > 1000,
+                           "the report job wrote report/report.html"):
+                for f in sorted(os.listdir(os.path.join(sdir, "logs"))):
+                    show(os.path.join(sdir, "logs", f))
+            # a second submission skips the complete runs: only the report is submitted
+            p2 = subprocess.run([T.EXE, "sweep", "run", sweep, "--launcher", "slurm"], cwd=tmp, env=sc.env,
+                                capture_output=True, text=True, timeout=60)
+            T.check("every run is complete" in p2.stdout and "submitted job array" not in p2.stdout,
+                    "a second sweep submission submits no array (every run DONE)")
+            m2 = re.search(r"submitted report job (\d+)", p2.stdout)
+            if m2:
+                sc.wait_job(m2.group(1), 120)
+
+        print(f"# [{time.time() - t_all:.1f} s] sweep done", flush=True)
+        # reference: the same long run uninterrupted, outside Slurm, same rank count
+        ref_cfg = long_config(tmp, "ref")
+        t0 = time.time()
+        T.run(["train", ref_cfg, "--quiet"], ranks=2)
+        t_ref = time.time() - t0
+        ref_step, ref_loss = final_loss(os.path.join(tmp, "runs", "ref"))
+        print(f"# uninterrupted reference: step {ref_step} loss {ref_loss!r} ({t_ref:.1f} s)", flush=True)
+
+        # 3. forced preemption with scontrol requeue, and 4. the USR1 path
+        for name, how in (("requeued", "requeue"), ("signalled", "usr1")):
+            cfg = long_config(tmp, name)
+            # same config as the reference apart from run.name
+            open(cfg, "w").write(open(ref_cfg).read().replace("name: ref", f"name: {name}"))
+            rd = os.path.join(tmp, "runs", name)
+            out = os.path.join(tmp, name + ".out")
+            job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--ntasks=2",
+                             os.path.join(T.SRC, "slurm", "run.sbatch"), cfg])
+            if not T.check(wait_for(lambda: has_checkpoint(rd), 120), f"{how}: job {job} wrote a checkpoint"):
+                show(out)
+                continue
+            if how == "requeue":
+                sc.run(["scontrol", "requeue", job])
+            else:
+                sc.run(["scancel", "--signal=USR1", "--batch", job])
+            st = sc.wait_job(job, 240)
+            info = sc.job_info(job)
+            T.check(st.get(job) == "COMPLETED", f"{how}: job {job} completed after the interruption ({st})")
+            T.check(int(info.get("Restarts", "0")) >= 1, f"{how}: the job was requeued (Restarts={info.get('Restarts')})")
+            log = open(out).read() if os.path.exists(out) else ""
+            resumed = re.findall(r"resumed from \S+ at step (\d+)", log)
+            T.check(len(resumed) >= 1 and 0 < int(resumed[-1]) < ref_step,
+                    f"{how}: the requeued job resumed from a checkpoint mid-run (steps {resumed})")
+            if how == "usr1":
+                T.check("signal received: checkpoint written" in log and "requeueing job" in log,
+                        "usr1: the trainer checkpointed on the signal and the script requeued the job")
+            if os.path.exists(os.path.join(rd, "metrics.h5")):
+                step, loss = final_loss(rd)
+                T.check(step == ref_step and loss == ref_loss,
+                        f"{how}: final loss {loss!r} at step {step} equals the uninterrupted {ref_loss!r}")
+            if T.failures:
+                show(out)
+            print(f"# [{time.time() - t_all:.1f} s] {how} done", flush=True)
+
+        # 5. the real time-limit path: --time=1 --signal=B:USR1@50 sends USR1 about 10-40 s into the
+        # job; the script checkpoints and requeues, the requeued job resumes (then it is cancelled:
+        # every start would be signalled again before this long run ends)
+        cfg = T.tiny_config(os.path.join(tmp, "limit.yaml"), os.path.join(tmp, "runs"), "limit")
+        text = open(cfg).read().replace("steps: 12", "steps: 1000000").replace("interval: 0", "interval: 1000")
+        open(cfg, "w").write(text.replace("eval_interval: 6", "eval_interval: 0").replace("log_interval: 4", "log_interval: 100000"))
+        out = os.path.join(tmp, "limit.out")
+        job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--time=1", "--signal=B:USR1@50",
+                         os.path.join(T.SRC, "slurm", "run.sbatch"), cfg])
+        resumed = wait_for(lambda: os.path.exists(out) and "resumed from" in open(out).read(), 150, 0.5)
+        log = open(out).read() if os.path.exists(out) else ""
+        sc.run(["scancel", job], check=False)
+        T.check(resumed and "received SIGUSR1" in log and "signal received: checkpoint written" in log and
+                "requeueing job" in log, "time limit: USR1 before the limit -> checkpoint -> requeue -> resumed")
+        if not resumed:
+            show(out)
+        print(f"# [{time.time() - t_all:.1f} s] time-limit signal done", flush=True)
+        if T.failures:
+            print(sc.logs(), flush=True)
+    print(f"# Slurm tests took {time.time() - t_all:.1f} s", flush=True)
+    T.finish()
+
+
+if __name__ == "__main__":
+    main()
