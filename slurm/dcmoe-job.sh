@@ -80,6 +80,12 @@ dcmoe_train() {
         # shellcheck disable=SC2206
         launch+=($DCMOE_MPIRUN_ARGS)
     fi
+    # a sweep array allocates the largest rank count of the sweep; a run that uses fewer ranks
+    # says so, because dcmoe checks MPI_Comm_size against SLURM_NTASKS
+    if [ -n "${SLURM_NTASKS:-}" ] && [ "$SLURM_NTASKS" != "$ranks" ]; then
+        dcmoe_log "this run uses $ranks of the allocation's $SLURM_NTASKS tasks"
+        export SLURM_NTASKS="$ranks"
+    fi
     trap '_dcmoe_on_signal USR1' USR1
     trap '_dcmoe_on_signal TERM' TERM
     dcmoe_log "${launch[*]} $DCMOE_EXE train $config ${resume[*]} $*"
