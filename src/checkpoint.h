@@ -24,5 +24,8 @@ Status checkpoint_find_latest(const char *run_dir, char *path, size_t cap);
 /* collective: rank 0 reads and verifies, the state is broadcast. Errors name the file and
  * what is wrong (bad magic, version, checksum, tensor shape mismatch). */
 Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos);
+/* collective: section `name` of the checkpoint's model.bin (verified), on every rank;
+ * *data is malloc'd (xfree it) */
+Status checkpoint_read_section(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes);
 
 #endif
