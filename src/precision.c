@@ -114,7 +114,7 @@ static void refresh(Precision *pr) {
     size_t scratch_max = 0;
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind == MOE_KIND_CLUSTERED)
-            for (int w = 2; w < 6; w++) {
+            for (int w = 0; w < 6; w++) {
                 size_t b = tbytes(&m->ffn[l], w, pr->group);
                 if (b > scratch_max) scratch_max = b;
             }
