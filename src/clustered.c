@@ -64,13 +64,15 @@ typedef struct CScratch {
 } CScratch;
 
 static CScratch *cs_of(const MoeState *st) { return (CScratch *)st->cpriv; }
-static void *dalloc(const Backend *be, size_t bytes) { return be->ops->alloc(be->ctx, bytes); }
+static size_t g_state_bytes;   /* bytes allocated by the clustered_state_init running now (accounting) */
+static void *dalloc(const Backend *be, size_t bytes) { g_state_bytes += bytes; return be->ops->alloc(be->ctx, bytes); }
 static void dfree(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
     st->n_max = n_max;
     CScratch *c = xcalloc(sizeof *c);
+    g_state_bytes = 0;
     int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups, D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r;
     /* source-side arrays: this rank's N tokens; expert-side arrays: what this rank's groups may
      * receive from every rank (up to the global batch) */
@@ -142,6 +144,10 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     st->topk_gate = c->gate;
     st->pos = c->pos;
     st->cpriv = c;
+    /* act_bytes: every backend buffer of the layer incl. the exchange's; comm_bytes: the
+     * exchange's send/receive rows and the returned rows (yr) */
+    st->comm_bytes = epp_buffer_bytes(&c->x) + sizeof(float) * epp_final(&c->x)->rows_cap * D;
+    st->act_bytes = g_state_bytes + epp_buffer_bytes(&c->x);
     return status_ok();
 }
 

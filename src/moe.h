@@ -98,6 +98,8 @@ typedef struct MoeState {
     void *priv;                  /* routing scratch private to moe.c */
     void *cpriv;                 /* clustered-layer scratch private to clustered.c */
     float *dlogits;              /* [N, E] */
+    size_t act_bytes;            /* backend bytes of the layer's activation and scratch buffers */
+    size_t comm_bytes;           /* of which the dispatch/combine send and receive buffers */
     MoeStats stats;
 } MoeState;
 

@@ -166,6 +166,7 @@ typedef struct LogIds {
     int final_valid_ppl, final_test_ppl, final_test_loss;
     int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
+    int mem_bytes, mem_hwm, mem_rss;
 } LogIds;
 
 static int n_clustered_layers(const Model *m) {
@@ -235,6 +236,10 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dlu);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    uint64_t dmk[2] = {(uint64_t)m->comm->size, MEM_N_KINDS};
+    id->mem_bytes = h5log_series(lg, "mem/bytes", H5LOG_F64, 2, dmk);
+    id->mem_hwm = h5log_series(lg, "mem/vmhwm", H5LOG_F64, 1, dp);
+    id->mem_rss = h5log_series(lg, "mem/vmrss", H5LOG_F64, 1, dp);
     if (m->cfg.precision.mode != PRECISION_FP32 && nc > 0) {
         uint64_t dq[2] = {(uint64_t)nc, 2};
         id->qerr = h5log_series(lg, "precision/quant_err", H5LOG_F64, 2, dq);
@@ -302,6 +307,20 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
         }
     TRY(h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none"));
     TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
+    {
+        char kinds[256] = "";
+        for (int k = 0; k < MEM_N_KINDS; k++) {
+            strcat(kinds, memacct_kind_name((enum MemKind)k));
+            if (k + 1 < MEM_N_KINDS) strcat(kinds, ",");
+        }
+        char note[512];
+        str_fmt(note, sizeof note, "rank, kind (%s): bytes this rank holds in its working set (the resident tier), from "
+                "the allocations (parameters by precision incl. a QAT shadow, gradients, Adam moments, activations "
+                "and layer scratch, dispatch/combine buffers); at start (step 0) and every log step", kinds);
+        TRY(h5log_attr_str(lg, "/mem/bytes", "axes", note));
+        TRY(h5log_attr_str(lg, "/mem/vmhwm", "note", "peak resident set size per rank, measured (VmHWM of /proc/self/status)"));
+        TRY(h5log_attr_str(lg, "/mem/vmrss", "note", "resident set size per rank now, measured (VmRSS)"));
+    }
     if (id_qerr_declared(lg))
         TRY(h5log_attr_str(lg, "/precision/quant_err", "axes",
                            "clustered layer, (bases FP16, factors INT4): relative Frobenius error ||q(W)-W||/||W|| over "
@@ -322,6 +341,48 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/params/by_kind", "total", total));
     TRY(h5log_attr_f64(lg, "/params/by_kind", "active", active));
     return status_ok();
+}
+
+/* what this rank holds, by kind (the resident/working tier) */
+static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
+    memacct_init(a);
+    int64_t np = (int64_t)(m->n_cat[PCAT_DENSE] + m->n_cat[PCAT_EXPERT]) * 4;
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, np);
+    if (pr->shadow) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, (int64_t)m->n_cat[PCAT_EXPERT] * 4);
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_GRAD, np);
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_OPTIM, 2 * np);
+    int64_t act = (int64_t)m->act_bytes, comm_b = 0;
+    for (int l = 0; l < m->L; l++) {
+        act += (int64_t)(m->acts[l].moe.act_bytes - m->acts[l].moe.comm_bytes);
+        comm_b += (int64_t)m->acts[l].moe.comm_bytes;
+    }
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_ACT, act);
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_COMM, comm_b);
+}
+
+/* collective: every rank's bytes by kind and measured VmHWM / VmRSS -> row [P, kinds + 2] on rank 0 */
+static void mem_gather(Comm *comm, const MemAcct *a, double *all) {
+    double mine[MEM_N_KINDS + 2];
+    for (int k = 0; k < MEM_N_KINDS; k++) mine[k] = (double)memacct_current(a, MEM_TIER_DEVICE, (enum MemKind)k);
+    MemProc p;
+    if (!STATUS_OK(memacct_proc(&p))) memset(&p, 0, sizeof p);
+    mine[MEM_N_KINDS] = (double)p.hwm;
+    mine[MEM_N_KINDS + 1] = (double)p.rss;
+    comm_gather_bytes(comm, mine, all, sizeof mine, 0);
+}
+
+static void mem_log(H5log *lg, const LogIds *id, long step, const double *all, int P) {
+    double *kinds = xcalloc(sizeof(double) * (size_t)P * MEM_N_KINDS), *hwm = xcalloc(sizeof(double) * P),
+           *rss = xcalloc(sizeof(double) * P);
+    for (int r = 0; r < P; r++) {
+        memcpy(kinds + (size_t)r * MEM_N_KINDS, all + (size_t)r * (MEM_N_KINDS + 2), sizeof(double) * MEM_N_KINDS);
+        hwm[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS];
+        rss[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS + 1];
+    }
+    h5log_append(lg, id->mem_bytes, step, kinds);
+    h5log_append(lg, id->mem_hwm, step, hwm);
+    h5log_append(lg, id->mem_rss, step, rss);
+    xfree(kinds); xfree(hwm); xfree(rss);
 }
 
 /* re-run the placement policy on every MoE layer and migrate the units that change owner;
@@ -502,12 +563,22 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     st = agree(comm, st);
     if (!STATUS_OK(st)) { h5log_close(&lg); prec_free(&prec); model_free(&m); data_free(&ds); backend_free(&be); return st; }
 
+    MemAcct macct;
+    mem_register(&macct, &m, &prec);
+    double *mem_all = xcalloc(sizeof(double) * (size_t)P * (MEM_N_KINDS + 2));
+    if (pos.step == 0) {
+        mem_gather(comm, &macct, mem_all);
+        if (rank == 0) mem_log(&lg, &id, 0, mem_all, P);
+    }
     double flops_tok = model_flops_per_token(&m);
     if (rank == 0) {
         printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total\n",
                DCMOE_VERSION, DCMOE_GIT_REVISION, P, threads, be.ops->name, peak_total);
         printf("data: %s\n", ds.description);
         print_params(&m);
+        char mtab[2048];
+        memacct_format(&macct, mtab, sizeof mtab);
+        printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
         if (cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", uni_ppl);
         printf("run folder: %s\n", run_dir);
         fflush(stdout);
@@ -594,6 +665,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         double dt = time_now() - t0;
         double mine[2] = {t2 - t0, peak_rss_bytes()}, *all_r = rank_buf;
         comm_gather_bytes(comm, mine, all_r, sizeof mine, 0);
+        if (log_step) mem_gather(comm, &macct, mem_all);
         pos.step = step + 1;
         pos.tokens_seen += (int64_t)tc->batch_size * T;
         window_steps++;
@@ -695,6 +767,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                 h5log_append(&lg, id.gdrop, s, gdr);
             }
             if (id.qerr > 0 && log_step) h5log_append(&lg, id.qerr, s, prec.qerr);
+            if (log_step) mem_log(&lg, &id, s, mem_all, P);
             Status ls = h5log_step_done(&lg, s);
             if (!STATUS_OK(ls)) fprintf(stderr, "dcmoe: warning: %s\n", ls.msg);
             if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
@@ -808,7 +881,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     model_free(&m);
     comm->topo = NULL;
     topology_free(&topo);
-    xfree(orow); xfree(mat);
+    xfree(orow); xfree(mat); xfree(mem_all);
     xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
     data_free(&ds);
     backend_free(&be);

@@ -183,12 +183,11 @@ static void test_stored(Comm *comm, const Backend *be, int act) {
             prec_end_batch(&pr);
             Status es = prec_status(&pr);
             ok(!STATUS_OK(es) && strstr(es.msg, path) != NULL, "offload file: missing file -> error naming it: %s", es.msg);
-            for (int u = 0; u < pr.layers[0].Gl; u++) {
-                for (int l = 0; l < a.L; l++) { offload_unit_path(&pr.layers[l].om, u, path, sizeof path); unlink(path); }
-            }
-            prec_free(&pr);
-            rmdir(dir);
-        } else prec_free(&pr);
+        }
+        prec_free(&pr);
+        char rm[600];
+        snprintf(rm, sizeof rm, "rm -rf '%s'", dir);
+        if (system(rm) != 0) printf("# could not remove %s\n", dir);
     }
     /* checkpoint round trip of the section */
     char run[256], ck[512];
