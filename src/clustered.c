@@ -405,7 +405,16 @@ static void stored_experts(const MoeLayer *ml, const Backend *be, const MoeStore
     int n_need = 0;
     for (int g = 0; g < Gl; g++)
         if (c->group_off[g + 1] > c->group_off[g]) c->qneed[n_need++] = g;
-    if (n_need > 0) sd->prepare(sd->ctx, c->qneed, n_need);
+    if (n_need > 0 && !sd->prepare(sd->ctx, c->qneed, n_need) && sd->resident) {
+        /* not pinned together: resident groups first (stable), then the ones to fetch */
+        int n_res = 0;
+        for (int q = 0; q < n_need; q++)
+            if (sd->resident(sd->ctx, c->qneed[q])) {
+                int g = c->qneed[q];
+                memmove(c->qneed + n_res + 1, c->qneed + n_res, sizeof(int32_t) * (size_t)(q - n_res));
+                c->qneed[n_res++] = g;
+            }
+    }
     for (int q = 0; q < n_need; q++) {
         int g = c->qneed[q], r0g = c->group_off[g], ng = c->group_off[g + 1] - r0g;
         int e0 = c->expert_off[g * K], ne = c->expert_off[(g + 1) * K] - e0;

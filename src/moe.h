@@ -33,6 +33,11 @@ typedef struct MoeStored {
     /* the stored tensors of local group g; non-zero = unavailable (the error is kept by the
      * provider; the group's output rows are zero) */
     int (*get)(void *ctx, int g, MoeQGroup *out);
+    /* optional: 1 when group g is resident now; the layer then computes resident groups
+     * first (the order does not change any result: groups write disjoint rows), so a cap
+     * below the groups a batch needs costs one miss per group beyond the cap instead of
+     * LRU's miss on every access of a cyclic sweep */
+    int (*resident)(void *ctx, int g);
     void *ctx;
 } MoeStored;
 

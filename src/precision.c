@@ -359,6 +359,11 @@ static int st_get(void *ctx, int g, MoeQGroup *out) {
     return views_of(pl, spans, out);
 }
 
+static int st_resident(void *ctx, int g) {
+    PrecLayer *pl = ctx;
+    return !pl->offload || offload_is_resident(&pl->om, g);
+}
+
 Status prec_attach_stored(Precision *pr, const void *q, size_t n, const OffloadConfig *oc, const char *dir,
                           MemAcct *acct) {
     Model *m = pr->m;
@@ -436,6 +441,7 @@ Status prec_attach_stored(Precision *pr, const void *q, size_t n, const OffloadC
         }
         pl->ms.prepare = st_prepare;
         pl->ms.get = st_get;
+        pl->ms.resident = st_resident;
         pl->ms.ctx = pl;
         pr->views[l].stored = &pl->ms;
     }

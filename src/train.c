@@ -349,6 +349,7 @@ static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
     int64_t np = (int64_t)(m->n_cat[PCAT_DENSE] + m->n_cat[PCAT_EXPERT]) * 4;
     memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, np);
     if (pr->shadow) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, (int64_t)m->n_cat[PCAT_EXPERT] * 4);
+    if (pr->host) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_SCRATCH, (int64_t)m->n_cat[PCAT_EXPERT] * 4);  /* QAT staging */
     memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_GRAD, np);
     memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_OPTIM, 2 * np);
     int64_t act = (int64_t)m->act_bytes, comm_b = 0;
