@@ -417,6 +417,10 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
 }
 
 Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
+    return checkpoint_load_opts(ckpt_dir, m, pos, CKPT_LOAD_ALL);
+}
+
+Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int flags) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
     char *img = NULL;
@@ -458,11 +462,13 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
         xfree(blob);
     }
     for (int c = 0; c < PCAT_N; c++) {
+        if (c == PCAT_EXPERT && (flags & CKPT_LOAD_NO_EXPERTS)) continue;
         size_t bytes = sizeof(float) * stored_elems(m, c);
         float *host = xmalloc(bytes ? bytes : 4);
         float *dsts[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
         const char *what[3] = {"params", "adam_m", "adam_v"};
         for (int k = 0; k < 3; k++) {
+            if (k > 0 && (flags & CKPT_LOAD_NO_ADAM)) continue;
             if (comm->rank == 0) {
                 char nm[48];
                 const char *d = NULL;

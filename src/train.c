@@ -928,9 +928,12 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
     TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,
                    B / comm->size, &be, comm));
     TrainPos pos;
-    Status st = checkpoint_load(ckpt, &m, &pos);
+    /* inference needs no Adam moments, and the stored path no FP32 experts */
+    int n_clus0 = n_clustered_layers(&m), lean = stored && n_clus0 > 0 && n_moe_layers(&m) == n_clus0;
+    Status st = checkpoint_load_opts(ckpt, &m, &pos, CKPT_LOAD_NO_ADAM | (lean ? CKPT_LOAD_NO_EXPERTS : 0));
     /* fp32 evaluates the FP32 masters as they are (no QAT fake quantisation) */
     if (!stored) m.cfg.precision.mode = PRECISION_FP32;
+    else m.cfg.precision.mode = PRECISION_STORAGE;   /* the stored path replaces a QAT shadow */
     Precision prec;
     prec_init(&prec, &m);
     MemAcct acct;
