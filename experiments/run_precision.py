@@ -241,6 +241,9 @@ def write_md(table, trains, a, secs, rows):
     L.append("- The expert-byte and total-resident columns are accounted from the allocations (memacct), not measured; "
              "the measured VmHWM is reported beside them. The model still allocates (untouched) training buffers in eval, "
              "and rank 0 reads the whole model.bin image to verify its checksums.")
+    L.append("- Timings (eval seconds, stall fractions) come from a shared 2-core machine; the stall fraction is stall "
+             "seconds inside the manager's fetches divided by the eval's wall time, so a loaded machine makes it "
+             "smaller than on a quiet one.")
     L.append("- Training in `offload.enabled` is refused at start-up (supported in `dcmoe eval` only).")
     L.append("- One seed, short runs; differences in perplexity below ~1% between the MoE variants are within noise.")
     with open(os.path.join(ROOT, "results", "precision-offload.md"), "w") as f:
