@@ -3,11 +3,15 @@
  * { char name[48], u64 n_bytes, u32 crc32, u32 pad, bytes }. Sections: "pos" (TrainPos),
  * "table" (tensor names and shapes, text), "config" (resolved YAML), then "params.<cat>",
  * "adam_m.<cat>", "adam_v.<cat>" for each parameter category, "cluster" (clustering state) and
- * "placement" (expert-parallel owners and co-selection statistics per MoE layer).
+ * "placement" (expert-parallel owners and co-selection statistics per MoE layer), and with
+ * precision.mode storage or qat "experts.q": the clustered experts in their stored formats
+ * (FP16 bases, INT4 factors, canonical order; layout in precision.h), which `dcmoe eval`
+ * computes from. Load ignores it (training resumes from the FP32 masters).
  * The expert category is stored in its canonical layout (every expert, global order) at any
  * rank count: saving gathers every rank's experts, loading re-lays them out to this run's
  * placement, so a checkpoint written at P ranks loads at any P' that divides the units. */
 #include "checkpoint.h"
+#include "precision.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -242,6 +246,15 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
             put_section(&b, "cluster", blob, cb); n_sec++;
             xfree(blob);
         }
+        int n_clus = 0;
+        for (int l = 0; l < m->L; l++) n_clus += m->ffn[l].kind == MOE_KIND_CLUSTERED;
+        if (n_clus > 0 && m->cfg.precision.mode != PRECISION_FP32) {
+            size_t qb = prec_q_bytes(m, m->cfg.precision.int4_group);
+            char *blob = xmalloc(qb);
+            prec_q_pack(m, full[0], m->cfg.precision.int4_group, blob);
+            put_section(&b, "experts.q", blob, qb); n_sec++;
+            xfree(blob);
+        }
         memcpy(b.p + n_sec_at, &n_sec, 4);
         str_fmt(path, sizeof path, "%s/model.bin", tmpdir);
         st = file_write_atomic(path, b.p, b.n);
@@ -404,6 +417,10 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
 }
 
 Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
+    return checkpoint_load_opts(ckpt_dir, m, pos, CKPT_LOAD_ALL);
+}
+
+Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int flags) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
     char *img = NULL;
@@ -445,11 +462,13 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
         xfree(blob);
     }
     for (int c = 0; c < PCAT_N; c++) {
+        if (c == PCAT_EXPERT && (flags & CKPT_LOAD_NO_EXPERTS)) continue;
         size_t bytes = sizeof(float) * stored_elems(m, c);
         float *host = xmalloc(bytes ? bytes : 4);
         float *dsts[3] = {m->params[c], m->adam_m[c], m->adam_v[c]};
         const char *what[3] = {"params", "adam_m", "adam_v"};
         for (int k = 0; k < 3; k++) {
+            if (k > 0 && (flags & CKPT_LOAD_NO_ADAM)) continue;
             if (comm->rank == 0) {
                 char nm[48];
                 const char *d = NULL;
@@ -467,5 +486,31 @@ Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
         xfree(host);
     }
     free(img);
+    return status_ok();
+}
+
+Status checkpoint_read_section(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes) {
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
+    Status st = status_ok();
+    uint64_t n = 0;
+    void *img = NULL, *out = NULL;
+    if (comm->rank == 0) {
+        size_t ni = 0;
+        st = file_read_all(path, &img, &ni);
+        if (STATUS_OK(st)) st = verify_image(path, img, ni);
+        const char *d = NULL;
+        size_t len = 0;
+        if (STATUS_OK(st)) st = find_section(path, img, ni, name, &d, &len);
+        if (STATUS_OK(st)) { n = len; out = xmalloc(len ? len : 1); memcpy(out, d, len); }
+        free(img);
+    }
+    uint64_t hdr[2] = {STATUS_OK(st) ? 1u : 0u, n};
+    comm_bcast_bytes(comm, hdr, sizeof hdr, 0);
+    if (!hdr[0]) return comm->rank == 0 ? st : status_errorf("%s: rank 0 could not read section '%s'", path, name);
+    if (comm->rank != 0) out = xmalloc(hdr[1] ? hdr[1] : 1);
+    comm_bcast_bytes(comm, out, (size_t)hdr[1], 0);
+    *data = out;
+    *n_bytes = (size_t)hdr[1];
     return status_ok();
 }

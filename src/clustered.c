@@ -5,6 +5,12 @@
  *   up:   h_ti = x_t Base1_g + (x_t A1_i) B1_i^T      (x_t Base1_g once per token and group)
  *   down: y_t  = (sum_i p_ti a_ti) Base2_g + sum_i p_ti (a_ti A2_i) B2_i^T
  * Routing decisions are made on the host; every product goes through the backend.
+ * Inference path: when MoeParams.stored is set (precision.c), the expert products read the
+ * stored formats (FP16 bases, INT4 factors) through quant.h's kernels, group by group,
+ * dequantising on the fly (a block of base rows and one expert's factors at a time); the
+ * group is fetched through the provider right after the dispatch (the routing is then
+ * known). With FP32 QTensors it computes the same gemm sequence as the FP32 path whenever
+ * D and F are <= QUANT_BLOCK_ROWS (one base block), hence bitwise-equal outputs there.
  *
  * Legend: N D F F1 E G K r TG k = tokens on this rank, d_model, expert width, F or 2F
  * (SwiGLU), experts, groups, experts per group, residual rank, groups per token, experts per
@@ -51,16 +57,22 @@ typedef struct CScratch {
     float *xg, *hb, *S, *yg;             /* [Mg, D] [Mg, F1] [Mg, F] [Mg, D] */
     float *xe, *u, *h, *a, *v, *z;       /* [M, D] [M, r] [M, F1] [M, F] [M, r] [M, D] */
     float *dyg, *dS, *dz, *dv, *da, *tmpF, *dh, *du, *dxe, *dhb, *dxg;
+    float *qws;                          /* stored path: quant kernel workspace (lazy) */
+    size_t qws_floats;
+    int32_t *qneed;                      /* [G_loc] groups needed by the stored path */
+    int last_stored;                     /* the last forward ran the stored path */
 } CScratch;
 
 static CScratch *cs_of(const MoeState *st) { return (CScratch *)st->cpriv; }
-static void *dalloc(const Backend *be, size_t bytes) { return be->ops->alloc(be->ctx, bytes); }
+static size_t g_state_bytes;   /* bytes allocated by the clustered_state_init running now (accounting) */
+static void *dalloc(const Backend *be, size_t bytes) { g_state_bytes += bytes; return be->ops->alloc(be->ctx, bytes); }
 static void dfree(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
     st->n_max = n_max;
     CScratch *c = xcalloc(sizeof *c);
+    g_state_bytes = 0;
     int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups, D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r;
     /* source-side arrays: this rank's N tokens; expert-side arrays: what this rank's groups may
      * receive from every rank (up to the global batch) */
@@ -132,6 +144,10 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     st->topk_gate = c->gate;
     st->pos = c->pos;
     st->cpriv = c;
+    /* act_bytes: every backend buffer of the layer incl. the exchange's; comm_bytes: the
+     * exchange's send/receive rows and the returned rows (yr) */
+    st->comm_bytes = epp_buffer_bytes(&c->x) + sizeof(float) * epp_final(&c->x)->rows_cap * D;
+    st->act_bytes = g_state_bytes + epp_buffer_bytes(&c->x);
     return status_ok();
 }
 
@@ -141,12 +157,12 @@ void clustered_state_free(MoeState *st, const Backend *be) {
     void *host[] = {c->logits, c->probs, c->q, c->lse, c->gsel, c->gtop2, c->topk, c->gate, c->pos,
                     c->gkeep, c->entry_token, c->entry_grow, c->entry_gate, c->gentry_token,
                     c->expert_off, c->group_off, c->cnt, c->cnt_all, c->fcoef_e, c->fcoef_g,
-                    c->dgate_h, c->dgate2_h, c->dlogits, c->xh, c->entry_src, c->gfill};
+                    c->dgate_h, c->dgate2_h, c->dlogits, c->xh, c->entry_src, c->gfill, c->qneed};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) xfree(host[i]);
     void *dev[] = {c->logits_d, c->dlogits_d, c->entry_token_d, c->entry_grow_d, c->gentry_token_d,
                    c->entry_gate_d, c->dgate_d, c->dgate2_d, c->xg, c->hb, c->S, c->yg,
                    c->xe, c->u, c->h, c->a, c->v, c->z, c->dyg, c->dS, c->dz, c->dv, c->da, c->tmpF,
-                   c->dh, c->du, c->dxe, c->dhb, c->dxg, c->yr};
+                   c->dh, c->du, c->dxe, c->dhb, c->dxg, c->yr, c->qws};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) dfree(be, dev[i]);
     epp_free(&c->x, be);
     xfree(st->stats.counts); xfree(st->stats.counts_routed); xfree(st->stats.group_counts);
@@ -367,6 +383,69 @@ static void recv_build(const MoeLayer *ml, CScratch *c) {
 
 /* ---- forward ---- */
 
+/* the expert products from stored formats (inference only): per needed local group, fetched
+ * through the provider, up base + each member's low-rank term, activation, gated sum S,
+ * each member's down low-rank term, down base. Leaves yg [Mg, D] and z [M, D] like the FP32
+ * path. */
+static void stored_experts(const MoeLayer *ml, const Backend *be, const MoeStored *sd, CScratch *c) {
+    const BackendOps *op = be->ops;
+    void *cx = be->ctx;
+    int D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r, K = ml->K, Gl = ml->ep->per_rank;
+    int M = c->M, Mg = c->Mg;
+    if (!c->qws) {
+        int wide = F1 > D ? F1 : D, in_max = D > F ? D : F;
+        size_t a = quant_base_matmul_scratch_floats(wide, 0);
+        size_t b = quant_lowrank_scratch_floats(c->M_max, in_max, wide, r);
+        c->qws_floats = a > b ? a : b;
+        c->qws = dalloc(be, sizeof(float) * c->qws_floats);
+        c->qneed = xcalloc(sizeof(int32_t) * (size_t)(Gl + 1));
+    }
+    op->gather_rows(cx, c->xe, c->xg, c->entry_grow_d, M, D);
+    op->zero(cx, c->S, sizeof(float) * (size_t)(Mg ? Mg : 1) * F);
+    int n_need = 0;
+    for (int g = 0; g < Gl; g++)
+        if (c->group_off[g + 1] > c->group_off[g]) c->qneed[n_need++] = g;
+    if (n_need > 0 && !sd->prepare(sd->ctx, c->qneed, n_need) && sd->resident) {
+        /* not pinned together: resident groups first (stable), then the ones to fetch */
+        int n_res = 0;
+        for (int q = 0; q < n_need; q++)
+            if (sd->resident(sd->ctx, c->qneed[q])) {
+                int g = c->qneed[q];
+                memmove(c->qneed + n_res + 1, c->qneed + n_res, sizeof(int32_t) * (size_t)(q - n_res));
+                c->qneed[n_res++] = g;
+            }
+    }
+    for (int q = 0; q < n_need; q++) {
+        int g = c->qneed[q], r0g = c->group_off[g], ng = c->group_off[g + 1] - r0g;
+        int e0 = c->expert_off[g * K], ne = c->expert_off[(g + 1) * K] - e0;
+        MoeQGroup qg;
+        if (sd->get(sd->ctx, g, &qg) != 0) {
+            /* unavailable (the provider keeps the error): zero output rows, no garbage */
+            op->zero(cx, c->yg + (size_t)r0g * D, sizeof(float) * (size_t)ng * D);
+            if (ne) op->zero(cx, c->z + (size_t)e0 * D, sizeof(float) * (size_t)ne * D);
+            continue;
+        }
+        /* up: hb = xg Base1; h = hb[row] + x A1 B1^T per member */
+        quant_base_matmul(be, c->hb + (size_t)r0g * F1, c->xg + (size_t)r0g * D, ng, qg.base1, 0.0f, 0, c->qws);
+        if (ne == 0) { op->zero(cx, c->yg + (size_t)r0g * D, sizeof(float) * (size_t)ng * D); continue; }
+        op->gather_rows(cx, c->h + (size_t)e0 * F1, c->hb, c->entry_grow_d + e0, ne, F1);
+        for (int j = 0; j < K; j++) {
+            int e = g * K + j, r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
+            if (n == 0) continue;
+            quant_lowrank_apply(be, c->h + (size_t)r0 * F1, c->xe + (size_t)r0 * D, n, &qg.a1[j], &qg.b1[j], c->qws);
+        }
+        op->act_forward(cx, ml->act, c->a + (size_t)e0 * F, c->h + (size_t)e0 * F1, ne, F);
+        op->scatter_add_rows(cx, c->S, c->a + (size_t)e0 * F, c->entry_grow_d + e0, c->entry_gate_d + e0, ne, F);
+        for (int j = 0; j < K; j++) {
+            int e = g * K + j, r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
+            if (n == 0) continue;
+            op->zero(cx, c->z + (size_t)r0 * D, sizeof(float) * (size_t)n * D);
+            quant_lowrank_apply(be, c->z + (size_t)r0 * D, c->a + (size_t)r0 * F, n, &qg.a2[j], &qg.b2[j], c->qws);
+        }
+        quant_base_matmul(be, c->yg + (size_t)r0g * D, c->S + (size_t)r0g * F, ng, qg.base2, 0.0f, 0, c->qws);
+    }
+}
+
 void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                        MoeState *st, float *out, const float *x, int N, long n_global) {
     CScratch *c = cs_of(st);
@@ -444,6 +523,11 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
 
     /* up projection: one base GEMM per local group on its (row, group) rows */
     op->gather_rows(cx, c->xg, X->rbuf, c->gentry_token_d, Mg, D);
+    c->last_stored = p->stored != NULL;
+    if (p->stored) {
+        stored_experts(ml, be, p->stored, c);
+        goto combine;
+    }
     for (int g = 0; g < Gl; g++) {
         int r0 = c->group_off[g], n = c->group_off[g + 1] - r0;
         if (n == 0) continue;
@@ -480,6 +564,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
         op->gemm(cx, false, false, n, D, F, 1.0f, c->S + (size_t)r0 * F, F,
                  p->base2 + (size_t)g * F * D, D, 0.0f, c->yg + (size_t)r0 * D, D);
     }
+combine:
     op->scatter_add_rows(cx, c->yg, c->z, c->entry_grow_d, c->entry_gate_d, M, D);
     /* group rows -> one row per received row, back to the token's rank */
     op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
@@ -500,6 +585,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     int F = ml->F, F1 = ml->F1, r = ml->r, M = c->M, Mg = c->Mg;
     int Gl = ml->ep->per_rank, El = Gl * K;
     EpPath *XP = &c->x;
+    ASSERTF(!c->last_stored && !p->stored, "clustered_backward: the stored-format path is inference only");
 
     /* dout rows to the groups' ranks (mirror of the combine) */
     epp_send_rows(XP, be, comm, dout);

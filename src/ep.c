@@ -382,3 +382,14 @@ void epp_return_scalars(EpPath *pp, Comm *comm, const float *rvals) {
     }
     epx_return_scalars(&pp->a, comm, rvals, COMM_PHASE_COMBINE);
 }
+
+static size_t epx_buffer_bytes(const EpX *x) {
+    if (!x->scnt) return 0;
+    return sizeof(float) * ((size_t)x->n_src_max * x->kmax + x->rows_cap) * (size_t)x->D;
+}
+
+size_t epp_buffer_bytes(const EpPath *pp) {
+    size_t n = epx_buffer_bytes(&pp->a) + epx_buffer_bytes(&pp->b);
+    if (pp->two_level && pp->yA) n += sizeof(float) * (size_t)pp->b.n_src_max * pp->a.D;
+    return n;
+}

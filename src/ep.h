@@ -123,6 +123,8 @@ typedef struct EpPath {
 void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,
               int n_max, int k);
 void epp_free(EpPath *pp, const Backend *be);
+/* backend bytes of the row send/receive buffers (memory accounting) */
+size_t epp_buffer_bytes(const EpPath *pp);
 void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate);
 /* the exchange whose received rows (rbuf) and entries the experts compute on */

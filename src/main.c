@@ -38,9 +38,16 @@ static void usage_train(void) {
 }
 
 static void usage_eval(void) {
-    printf("usage: dcmoe eval CONFIG.yaml [--set k=v]... [--checkpoint DIR] [--split valid|test]\n\n"
+    printf("usage: dcmoe eval CONFIG.yaml [--set k=v]... [--checkpoint DIR] [--split valid|test]\n"
+           "                  [--precision fp32|stored]\n\n"
            "Evaluates the newest complete checkpoint of the run (or DIR) and prints loss and\n"
-           "perplexity (language modelling) or the task metric (classification).\n");
+           "perplexity (language modelling) or the task metric (classification).\n"
+           "  --precision stored  clustered experts computed from the checkpoint's FP16/INT4 section\n"
+           "                      (experts.q; the default when precision.mode is storage or qat)\n"
+           "  --precision fp32    from the FP32 masters (the default in fp32 mode)\n"
+           "With --set offload.enabled=true the stored groups live under a residency manager\n"
+           "(offload.max_resident_groups, offload.tier, offload.dir, offload.prefetch); the\n"
+           "statistics go to <checkpoint>/eval_<split>_<precision>.json.\n");
 }
 
 static void usage_config(void) {
@@ -64,7 +71,7 @@ typedef struct Args {
     const char *sets[64];
     int n_sets;
     int resume, print_config, quiet, reference, help;
-    const char *checkpoint, *split;
+    const char *checkpoint, *split, *precision;
     long stop_at;
 } Args;
 
@@ -84,13 +91,15 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             a->stop_at = strtol(argv[++i], &end, 10);
             if (*end || a->stop_at <= 0) return status_errorf("--stop-at %s: expected a positive step count", argv[i]);
         }
-        else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split")) {
+        else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split") ||
+                 !strcmp(s, "--precision")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             const char *v = argv[++i];
             if (!strcmp(s, "--set")) {
                 if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
                 a->sets[a->n_sets++] = v;
             } else if (!strcmp(s, "--checkpoint")) a->checkpoint = v;
+            else if (!strcmp(s, "--precision")) a->precision = v;
             else a->split = v;
         } else if (!strncmp(s, "--set=", 6)) {
             if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
@@ -166,7 +175,7 @@ int main(int argc, char **argv) {
         if (!a.config) return fail(&comm, status_errorf("eval: missing CONFIG.yaml (see dcmoe eval --help)"));
         st = load_config(&a, &cfg);
         if (!STATUS_OK(st)) return fail(&comm, st);
-        st = eval_run(&cfg, a.checkpoint, a.split, &comm);
+        st = eval_run(&cfg, a.checkpoint, a.split, a.precision, &comm);
         if (!STATUS_OK(st)) return fail(&comm, st);
     } else if (is_sweep) {
         if (!a.config) return fail(&comm, status_errorf("sweep plan: missing FILE.yaml"));

@@ -493,7 +493,7 @@ double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, co
         op->layernorm_forward(cx, a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, lp->ln2_w, lp->ln2_b, N, D);
         /* FFN output into d_a (scratch), then residual */
         /* the MoE normaliser is tokens in the global batch (every rank runs B sequences) */
-        moe_forward(&m->ffn[l], be, m->comm, &lp->ffn, &a->moe, m->d_a, a->ln2, N,
+        moe_forward(&m->ffn[l], be, m->comm, m->ffn_view ? &m->ffn_view[l] : &lp->ffn, &a->moe, m->d_a, a->ln2, N,
                     (long)N * m->comm->size);
         op->copy(cx, m->res[l + 1], a->res_mid, sizeof(float) * N * D);
         op->axpy(cx, m->res[l + 1], m->d_a, 1.0f, (size_t)N * D);
@@ -572,7 +572,7 @@ void model_backward(Model *m, long n_global) {
         /* res[l+1] = res_mid + ffn(ln2(res_mid)) */
         op->copy(cx, dmid, dres, sizeof(float) * N * D);
         op->zero(cx, dtmp, sizeof(float) * N * D);
-        moe_backward(&m->ffn[l], be, m->comm, &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2);
+        moe_backward(&m->ffn[l], be, m->comm, m->ffn_view ? &m->ffn_view[l] : &lp->ffn, &gp->ffn, &a->moe, dtmp, dres, a->ln2);
         op->layernorm_backward(cx, dmid, gp->ln2_w, gp->ln2_b, dtmp, a->res_mid, lp->ln2_w,
                                a->ln2_mean, a->ln2_rstd, N, D);
         /* res_mid = res[l] + atty proj */

@@ -80,6 +80,10 @@ typedef struct Model {
     EpMap *ep;                          /* [L] where each MoE layer's experts live (MoE layers only) */
     size_t n_expert_full;               /* elements of the canonical expert category (all experts) */
     int collect_mu;                     /* accumulate activation centroids in forward (training) */
+    /* [L] or NULL: the FFN weights forward and backward read instead of p.layers[l].ffn
+     * (precision.c: QAT shadow copies, stored-format experts); gradients still go to g.
+     * Not owned by the model. */
+    const MoeParams *ffn_view;
     int n_tensors;
     ParamTensor tensors[MODEL_MAX_TENSORS];
     size_t n_cat[PCAT_N];               /* elements per category */

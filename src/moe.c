@@ -36,7 +36,8 @@ size_t moe_n_expert_params(const MoeLayer *ml) {
     return (size_t)ml->E * full;
 }
 
-static void *dev_alloc(const Backend *be, size_t bytes) { return be->ops->alloc(be->ctx, bytes); }
+static size_t g_state_bytes;   /* bytes allocated by the moe_state_init running now (accounting) */
+static void *dev_alloc(const Backend *be, size_t bytes) { g_state_bytes += bytes; return be->ops->alloc(be->ctx, bytes); }
 static void dev_free(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
 /* device buffers hold the routing arrays the gather/combine ops read; host mirrors are
@@ -76,6 +77,7 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
     size_t Ms = (size_t)n_max * k;
     size_t M = ml->kind == MOE_KIND_DENSE ? Ms : Ms * (size_t)ml->ep->P;
     MoeHost *hs = xcalloc(sizeof(MoeHost));
+    g_state_bytes = 0;
     st->stats.counts = xcalloc(sizeof(double) * E);
     st->stats.counts_routed = xcalloc(sizeof(double) * E);
     if (ml->kind != MOE_KIND_DENSE) {
@@ -113,6 +115,10 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
     st->da = dev_alloc(be, sizeof(float) * M * F);
     st->dh = dev_alloc(be, sizeof(float) * M * F1);
     st->priv = hs;
+    if (ml->kind != MOE_KIND_DENSE) {
+        st->comm_bytes = epp_buffer_bytes(&hs->x) + sizeof(float) * epp_final(&hs->x)->rows_cap * D;
+        st->act_bytes = g_state_bytes + st->comm_bytes - sizeof(float) * epp_final(&hs->x)->rows_cap * D;
+    } else st->act_bytes = g_state_bytes;
     return status_ok();
 }
 

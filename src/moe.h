@@ -16,8 +16,33 @@
 #include "comm.h"
 #include "config.h"
 #include "ep.h"
+#include "quant.h"
+
+/* stored-format experts for the inference path (precision.c provides them): the clustered
+ * layer's forward computes directly from FP16/INT4 tensors (quant.h kernels, dequantise on
+ * the fly) when MoeParams.stored is set; no backward exists on this path. */
+typedef struct MoeQGroup {
+    const QTensor *base1, *base2;          /* [D, F1], [F, D] */
+    const QTensor *a1, *b1, *a2, *b2;      /* [K] each: [D,r], [F1,r], [F,r], [D,r] */
+} MoeQGroup;
+typedef struct MoeStored {
+    /* the local groups g[n] (distinct, ascending) are needed by this forward: fetch/pin them
+     * if possible (the fetch point after routing). Returns 1 when they are pinned, 0 when
+     * get() must fetch them one at a time (e.g. more groups than resident slots). */
+    int (*prepare)(void *ctx, const int *g, int n);
+    /* the stored tensors of local group g; non-zero = unavailable (the error is kept by the
+     * provider; the group's output rows are zero) */
+    int (*get)(void *ctx, int g, MoeQGroup *out);
+    /* optional: 1 when group g is resident now; the layer then computes resident groups
+     * first (the order does not change any result: groups write disjoint rows), so a cap
+     * below the groups a batch needs costs one miss per group beyond the cap instead of
+     * LRU's miss on every access of a cyclic sweep */
+    int (*resident)(void *ctx, int g);
+    void *ctx;
+} MoeStored;
 
 typedef struct MoeParams {
+    const MoeStored *stored; /* clustered inference path: NULL = compute from the FP32 arrays */
     float *router;   /* [D, E], NULL for a dense FFN */
     float *w1;       /* [E, D, F1] (dense, standard) */
     float *w2;       /* [E, F, D] */
@@ -78,6 +103,8 @@ typedef struct MoeState {
     void *priv;                  /* routing scratch private to moe.c */
     void *cpriv;                 /* clustered-layer scratch private to clustered.c */
     float *dlogits;              /* [N, E] */
+    size_t act_bytes;            /* backend bytes of the layer's activation and scratch buffers */
+    size_t comm_bytes;           /* of which the dispatch/combine send and receive buffers */
     MoeStats stats;
 } MoeState;
 

@@ -20,6 +20,7 @@
 #include "metrics.h"
 #include "model.h"
 #include "optim.h"
+#include "precision.h"
 #include "recluster.h"
 #include "topology.h"
 #include "traffic.h"
@@ -70,20 +71,21 @@ typedef struct EvalOut { double loss, ppl, metric; long n; } EvalOut;
 
 /* every rank takes part (the MoE layers exchange routing counts); global batches of
  * B_global windows, rank r runs its slice, padding windows have no targets */
-static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global);
+static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr);
 
 /* evaluation traffic is not training traffic: the profiler and the placement statistics
  * are paused while it runs */
-static EvalOut evaluate(Model *m, const Dataset *ds, int split, int max_batches, int B_global) {
+static EvalOut evaluate(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr) {
     Traffic *tr = m->comm->traffic;
     m->comm->traffic = NULL;
     for (int l = 0; l < m->L; l++) m->ep[l].collect = 0;
-    EvalOut out = evaluate_inner(m, ds, split, max_batches, B_global);
+    if (pr) prec_qat_refresh(pr);   /* QAT: evaluate the fake-quantised current weights */
+    EvalOut out = evaluate_inner(m, ds, split, max_batches, B_global, pr);
     m->comm->traffic = tr;
     return out;
 }
 
-static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global) {
+static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr) {
     Comm *comm = m->comm;
     int T = m->T, P = comm->size, Bl = B_global / P;
     EvalOut out = {0};
@@ -100,7 +102,9 @@ static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_ba
                 if (w < n_win) data_lm_window(&ds->lm[split], w, T, in + (size_t)j * T, tg + (size_t)j * T);
                 else for (int t = 0; t < T; t++) { in[(size_t)j * T + t] = TOK_EOS; tg[(size_t)j * T + t] = -1; }
             }
+            if (pr) prec_begin_batch(pr, bi);
             model_forward(m, in, tg, NULL, Bl, (long)B_global * T);
+            if (pr) prec_end_batch(pr);
             acc[0] += m->loss_sum;
             acc[1] += m->n_targets_local;
         }
@@ -125,7 +129,9 @@ static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_ba
                 len[j] = cs->lengths[src];
                 tg[j] = e < n_ex ? cs->labels[src] : -1;
             }
+            if (pr) prec_begin_batch(pr, bi);
             model_forward(m, in, tg, len, Bl, B_global);
+            if (pr) prec_end_batch(pr);
             model_predictions(m, pb);
             for (int j = 0; j < Bl; j++) {
                 long e = bi * B_global + (long)comm->rank * Bl + j;
@@ -159,6 +165,8 @@ typedef struct LogIds {
     int tpg, gcv2, gmaxvio, gdrop, events, group_of;
     int final_valid_ppl, final_test_ppl, final_test_loss;
     int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr;
+    int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
+    int mem_bytes, mem_hwm, mem_rss;
 } LogIds;
 
 static int n_clustered_layers(const Model *m) {
@@ -228,6 +236,14 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dlu);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    uint64_t dmk[2] = {(uint64_t)m->comm->size, MEM_N_KINDS};
+    id->mem_bytes = h5log_series(lg, "mem/bytes", H5LOG_F64, 2, dmk);
+    id->mem_hwm = h5log_series(lg, "mem/vmhwm", H5LOG_F64, 1, dp);
+    id->mem_rss = h5log_series(lg, "mem/vmrss", H5LOG_F64, 1, dp);
+    if (m->cfg.precision.mode != PRECISION_FP32 && nc > 0) {
+        uint64_t dq[2] = {(uint64_t)nc, 2};
+        id->qerr = h5log_series(lg, "precision/quant_err", H5LOG_F64, 2, dq);
+    }
     id->final_valid_ppl = h5log_series(lg, "final/valid_ppl", H5LOG_F64, 0, NULL);
     id->final_test_ppl = h5log_series(lg, "final/test_ppl", H5LOG_F64, 0, NULL);
     id->final_test_loss = h5log_series(lg, "final/test_loss", H5LOG_F64, 0, NULL);
@@ -235,6 +251,12 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
         if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series: %s", lg->path, lg->err.msg);
     return status_ok();
+}
+
+static int id_qerr_declared(const H5log *lg) {
+    for (int i = 0; i < lg->n_series; i++)
+        if (!strcmp(lg->series[i].path, "precision/quant_err")) return 1;
+    return 0;
 }
 
 static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
@@ -285,6 +307,24 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
         }
     TRY(h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none"));
     TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
+    {
+        char kinds[256] = "";
+        for (int k = 0; k < MEM_N_KINDS; k++) {
+            strcat(kinds, memacct_kind_name((enum MemKind)k));
+            if (k + 1 < MEM_N_KINDS) strcat(kinds, ",");
+        }
+        char note[512];
+        str_fmt(note, sizeof note, "rank, kind (%s): bytes this rank holds in its working set (the resident tier), from "
+                "the allocations (parameters by precision incl. a QAT shadow, gradients, Adam moments, activations "
+                "and layer scratch, dispatch/combine buffers); at start (step 0) and every log step", kinds);
+        TRY(h5log_attr_str(lg, "/mem/bytes", "axes", note));
+        TRY(h5log_attr_str(lg, "/mem/vmhwm", "note", "peak resident set size per rank, measured (VmHWM of /proc/self/status)"));
+        TRY(h5log_attr_str(lg, "/mem/vmrss", "note", "resident set size per rank now, measured (VmRSS)"));
+    }
+    if (id_qerr_declared(lg))
+        TRY(h5log_attr_str(lg, "/precision/quant_err", "axes",
+                           "clustered layer, (bases FP16, factors INT4): relative Frobenius error ||q(W)-W||/||W|| over "
+                           "all groups/experts of the layer; every log step"));
     TRY(h5log_attr_str(lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
                        "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after"));
@@ -301,6 +341,49 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/params/by_kind", "total", total));
     TRY(h5log_attr_f64(lg, "/params/by_kind", "active", active));
     return status_ok();
+}
+
+/* what this rank holds, by kind (the resident/working tier) */
+static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
+    memacct_init(a);
+    int64_t np = (int64_t)(m->n_cat[PCAT_DENSE] + m->n_cat[PCAT_EXPERT]) * 4;
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, np);
+    if (pr->shadow) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP32, (int64_t)m->n_cat[PCAT_EXPERT] * 4);
+    if (pr->host) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_SCRATCH, (int64_t)m->n_cat[PCAT_EXPERT] * 4);  /* QAT staging */
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_GRAD, np);
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_OPTIM, 2 * np);
+    int64_t act = (int64_t)m->act_bytes, comm_b = 0;
+    for (int l = 0; l < m->L; l++) {
+        act += (int64_t)(m->acts[l].moe.act_bytes - m->acts[l].moe.comm_bytes);
+        comm_b += (int64_t)m->acts[l].moe.comm_bytes;
+    }
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_ACT, act);
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_COMM, comm_b);
+}
+
+/* collective: every rank's bytes by kind and measured VmHWM / VmRSS -> row [P, kinds + 2] on rank 0 */
+static void mem_gather(Comm *comm, const MemAcct *a, double *all) {
+    double mine[MEM_N_KINDS + 2];
+    for (int k = 0; k < MEM_N_KINDS; k++) mine[k] = (double)memacct_current(a, MEM_TIER_DEVICE, (enum MemKind)k);
+    MemProc p;
+    if (!STATUS_OK(memacct_proc(&p))) memset(&p, 0, sizeof p);
+    mine[MEM_N_KINDS] = (double)p.hwm;
+    mine[MEM_N_KINDS + 1] = (double)p.rss;
+    comm_gather_bytes(comm, mine, all, sizeof mine, 0);
+}
+
+static void mem_log(H5log *lg, const LogIds *id, long step, const double *all, int P) {
+    double *kinds = xcalloc(sizeof(double) * (size_t)P * MEM_N_KINDS), *hwm = xcalloc(sizeof(double) * P),
+           *rss = xcalloc(sizeof(double) * P);
+    for (int r = 0; r < P; r++) {
+        memcpy(kinds + (size_t)r * MEM_N_KINDS, all + (size_t)r * (MEM_N_KINDS + 2), sizeof(double) * MEM_N_KINDS);
+        hwm[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS];
+        rss[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS + 1];
+    }
+    h5log_append(lg, id->mem_bytes, step, kinds);
+    h5log_append(lg, id->mem_hwm, step, hwm);
+    h5log_append(lg, id->mem_rss, step, rss);
+    xfree(kinds); xfree(hwm); xfree(rss);
 }
 
 /* re-run the placement policy on every MoE layer and migrate the units that change owner;
@@ -364,6 +447,10 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     const TrainConfig *tc = &cfg->train;
     if (tc->batch_size % P != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
+    if (cfg->offload.enabled)
+        return status_errorf("offload.enabled: true is supported in `dcmoe eval` only (training touches almost every "
+                             "group every step and keeps them all resident); set offload.enabled: false for "
+                             "`dcmoe train` and pass --set offload.enabled=true to `dcmoe eval`");
 
     int Bl = tc->batch_size / P, T = cfg->model.seq_len;
     char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
@@ -427,6 +514,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         TRY(agree(comm, checkpoint_load(ckpt, &m, &pos)));
         if (rank == 0) printf("resumed from %s at step %lld\n", ckpt, (long long)pos.step);
     }
+    /* precision.mode: qat points the clustered layers at fake-quantised shadow weights */
+    Precision prec;
+    prec_init(&prec, &m);
 
     double peak = train_measure_sgemm_peak(&be), peak_total = peak;
     comm_allreduce_sum_f64(comm, &peak_total, 1);
@@ -472,14 +562,24 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (STATUS_OK(st)) st = h5log_start(&lg);
     }
     st = agree(comm, st);
-    if (!STATUS_OK(st)) { h5log_close(&lg); model_free(&m); data_free(&ds); backend_free(&be); return st; }
+    if (!STATUS_OK(st)) { h5log_close(&lg); prec_free(&prec); model_free(&m); data_free(&ds); backend_free(&be); return st; }
 
+    MemAcct macct;
+    mem_register(&macct, &m, &prec);
+    double *mem_all = xcalloc(sizeof(double) * (size_t)P * (MEM_N_KINDS + 2));
+    if (pos.step == 0) {
+        mem_gather(comm, &macct, mem_all);
+        if (rank == 0) mem_log(&lg, &id, 0, mem_all, P);
+    }
     double flops_tok = model_flops_per_token(&m);
     if (rank == 0) {
         printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total\n",
                DCMOE_VERSION, DCMOE_GIT_REVISION, P, threads, be.ops->name, peak_total);
         printf("data: %s\n", ds.description);
         print_params(&m);
+        char mtab[2048];
+        memacct_format(&macct, mtab, sizeof mtab);
+        printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
         if (cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", uni_ppl);
         printf("run folder: %s\n", run_dir);
         fflush(stdout);
@@ -517,6 +617,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         else
             data_cls_train_batch(&ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, in, len, tg);
         model_zero_grad(&m);
+        int log_step = (step + 1) % tc->log_interval == 0 || step == 0 || step + 1 == tc->steps;
+        /* qat: fake-quantise this step's weights (and measure the error); storage: measure */
+        if (prec.mode == PRECISION_QAT || log_step) prec_measure(&prec);
         m.collect_mu = n_clus > 0 && cfg->clustering.enabled;
         model_forward(&m, in, tg, len, Bl, n_global);
         m.collect_mu = 0;
@@ -563,6 +666,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         double dt = time_now() - t0;
         double mine[2] = {t2 - t0, peak_rss_bytes()}, *all_r = rank_buf;
         comm_gather_bytes(comm, mine, all_r, sizeof mine, 0);
+        if (log_step) mem_gather(comm, &macct, mem_all);
         pos.step = step + 1;
         pos.tokens_seen += (int64_t)tc->batch_size * T;
         window_steps++;
@@ -663,6 +767,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                 h5log_append(&lg, id.gmaxvio, s, gmv);
                 h5log_append(&lg, id.gdrop, s, gdr);
             }
+            if (id.qerr > 0 && log_step) h5log_append(&lg, id.qerr, s, prec.qerr);
+            if (log_step) mem_log(&lg, &id, s, mem_all, P);
             Status ls = h5log_step_done(&lg, s);
             if (!STATUS_OK(ls)) fprintf(stderr, "dcmoe: warning: %s\n", ls.msg);
             if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
@@ -682,11 +788,11 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         }
         int is_last = step + 1 == tc->steps;
         if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
-            double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
+            double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size, &prec).loss;
             int n_ev = recluster_run(&m, step + 1, evs);
             /* groups changed: re-place them (migration bytes land in the next step's log) */
             if (P > 1) pending_migr += replace_experts(&m, cfg, &topo);
-            double pa = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size).loss;
+            double pa = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size, &prec).loss;
             last_event = step + 1;
             if (rank == 0) {
                 double *er = crow;
@@ -715,7 +821,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             }
         }
         if ((tc->eval_interval > 0 && (step + 1) % tc->eval_interval == 0) || is_last) {
-            EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size);
+            EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size, &prec);
             if (rank == 0) {
                 h5log_append(&lg, id.eval_loss, step + 1, &ev.loss);
                 h5log_append(&lg, id.eval_ppl, step + 1, &ev.ppl);
@@ -752,7 +858,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     res->steps_done = pos.step;
     res->final_train_loss = last_loss;
     if (STATUS_OK(st) && !res->interrupted && cfg->model.task == TASK_LM && pos.step >= tc->steps) {
-        EvalOut ev = evaluate(&m, &ds, SPLIT_TEST, tc->eval_batches, tc->batch_size);
+        EvalOut ev = evaluate(&m, &ds, SPLIT_TEST, tc->eval_batches, tc->batch_size, &prec);
         res->test_loss = ev.loss;
         res->test_ppl = ev.ppl;
         if (rank == 0) {
@@ -779,22 +885,39 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     }
     comm->traffic = NULL;
     traffic_free(&traffic);
+    prec_free(&prec);
     model_free(&m);
     comm->topo = NULL;
     topology_free(&topo);
-    xfree(orow); xfree(mat);
+    xfree(orow); xfree(mat); xfree(mem_all);
     xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
     data_free(&ds);
     backend_free(&be);
     return agree(comm, st);
 }
 
-Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, Comm *comm) {
+/* one number per rank in the eval report */
+static void json_rank_array(FILE *f, const char *name, const double *all, int P, int stride, int col, int last) {
+    fprintf(f, "  \"%s\": [", name);
+    for (int r = 0; r < P; r++) fprintf(f, "%s%.17g", r ? ", " : "", all[(size_t)r * stride + col]);
+    fprintf(f, "]%s\n", last ? "" : ",");
+}
+
+Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, const char *precision, Comm *comm) {
     char run_dir[2048], vocab_path[4096], ckpt[4096];
     train_run_dir(cfg, run_dir, sizeof run_dir);
     str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
     int sp = !strcmp(split, "test") ? SPLIT_TEST : !strcmp(split, "valid") ? SPLIT_VALID : -1;
     if (sp < 0) return status_errorf("--split %s: expected valid or test", split);
+    int stored = cfg->precision.mode != PRECISION_FP32;
+    if (precision && precision[0]) {
+        if (!strcmp(precision, "stored")) stored = 1;
+        else if (!strcmp(precision, "fp32")) stored = 0;
+        else return status_errorf("--precision %s: expected fp32 or stored", precision);
+    }
+    if (cfg->offload.enabled && !stored)
+        return status_errorf("offload.enabled: the offloaded groups are the stored FP16/INT4 formats; evaluate with "
+                             "--precision stored (a checkpoint of a precision.mode storage or qat run)");
     if (ckpt_dir && ckpt_dir[0]) str_fmt(ckpt, sizeof ckpt, "%s", ckpt_dir);
     else {
         TRY(checkpoint_find_latest(run_dir, ckpt, sizeof ckpt));
@@ -812,18 +935,95 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, Comm
     TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,
                    B / comm->size, &be, comm));
     TrainPos pos;
-    Status st = checkpoint_load(ckpt, &m, &pos);
-    if (STATUS_OK(st)) {
-        EvalOut ev = evaluate(&m, &ds, sp, 0, B);
-        if (comm->rank == 0) {
-            if (cfg->model.task == TASK_LM)
-                printf("eval %s | checkpoint step %lld | %s loss %.4f | ppl %.2f | unigram ppl %.2f | %ld tokens\n",
-                       ckpt, (long long)pos.step, split, ev.loss, ev.ppl, data_unigram_ppl(&ds, sp), ev.n);
-            else
-                printf("eval %s | checkpoint step %lld | %s loss %.4f | %s %.4f | %ld examples\n", ckpt,
-                       (long long)pos.step, split, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
-        }
+    /* inference needs no Adam moments, and the stored path no FP32 experts */
+    int n_clus0 = n_clustered_layers(&m), lean = stored && n_clus0 > 0 && n_moe_layers(&m) == n_clus0;
+    Status st = checkpoint_load_opts(ckpt, &m, &pos, CKPT_LOAD_NO_ADAM | (lean ? CKPT_LOAD_NO_EXPERTS : 0));
+    /* fp32 evaluates the FP32 masters as they are (no QAT fake quantisation) */
+    if (!stored) m.cfg.precision.mode = PRECISION_FP32;
+    else m.cfg.precision.mode = PRECISION_STORAGE;   /* the stored path replaces a QAT shadow */
+    Precision prec;
+    prec_init(&prec, &m);
+    MemAcct acct;
+    memacct_init(&acct);
+    int n_clus = n_clustered_layers(&m);
+    if (STATUS_OK(st) && stored && n_clus == 0)
+        st = status_errorf("--precision stored: the model has no clustered layer (moe.kind: clustered) to store in FP16/INT4");
+    if (STATUS_OK(st) && stored) {
+        void *q = NULL;
+        size_t nq = 0;
+        st = checkpoint_read_section(ckpt, "experts.q", comm, &q, &nq);
+        if (!STATUS_OK(st))
+            st = status_errorf("%s (the run was trained with precision.mode: fp32, so it has no stored formats; "
+                               "evaluate with --precision fp32)", st.msg);
+        char odir[2048];
+        if (cfg->offload.dir[0]) str_fmt(odir, sizeof odir, "%s", cfg->offload.dir);
+        else str_fmt(odir, sizeof odir, "%s/offload", run_dir);
+        if (STATUS_OK(st)) st = prec_attach_stored(&prec, q, nq, &cfg->offload, odir, &acct);
+        xfree(q);
+        st = agree(comm, st);
     }
+    if (STATUS_OK(st)) {
+        MemProc p0;
+        memacct_reset_peaks(&acct);
+        double t0 = time_now();
+        EvalOut ev = evaluate(&m, &ds, sp, 0, B, &prec);
+        double eval_s = time_now() - t0;
+        st = agree(comm, prec_status(&prec));
+        OffloadStats os;
+        prec_offload_totals(&prec, &os);
+        if (!STATUS_OK(memacct_proc(&p0))) memset(&p0, 0, sizeof p0);
+        enum { NCOL = 14 };
+        double mine[NCOL] = {(double)memacct_tier_peak(&acct, MEM_TIER_DEVICE), (double)memacct_tier_current(&acct, MEM_TIER_DEVICE),
+                             (double)os.hits, (double)os.misses, (double)os.bytes_in, os.stall_s, eval_s,
+                             (double)p0.hwm, (double)m.n_cat[PCAT_EXPERT] * 4.0, (double)m.n_cat[PCAT_DENSE] * 4.0,
+                             (double)os.prefetches, (double)os.prefetch_hits, (double)os.evictions,
+                             (double)(memacct_tier_peak(&acct, MEM_TIER_HOST) + memacct_tier_peak(&acct, MEM_TIER_FILE))};
+        double *all = xcalloc(sizeof(double) * NCOL * (size_t)comm->size);
+        comm_gather_bytes(comm, mine, all, sizeof mine, 0);
+        if (STATUS_OK(st) && comm->rank == 0) {
+            const char *pn = stored ? "stored" : "fp32";
+            double hits = 0, miss = 0, stall = 0, secs = 0;
+            for (int r = 0; r < comm->size; r++) {
+                hits += all[r * NCOL + 2]; miss += all[r * NCOL + 3];
+                if (all[r * NCOL + 5] > stall) stall = all[r * NCOL + 5];
+                if (all[r * NCOL + 6] > secs) secs = all[r * NCOL + 6];
+            }
+            if (cfg->model.task == TASK_LM)
+                printf("eval %s | checkpoint step %lld | precision %s | %s loss %.4f | ppl %.2f | unigram ppl %.2f | %ld tokens\n",
+                       ckpt, (long long)pos.step, pn, split, ev.loss, ev.ppl, data_unigram_ppl(&ds, sp), ev.n);
+            else
+                printf("eval %s | checkpoint step %lld | precision %s | %s loss %.4f | %s %.4f | %ld examples\n", ckpt,
+                       (long long)pos.step, pn, split, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
+            if (stored)
+                printf("stored experts: peak resident %.1f KiB on rank 0 | offload %s | hits %.0f misses %.0f (hit rate %.3f) | "
+                       "stall %.3f s of %.3f s (%.2f%%)\n", all[0] / 1024.0, cfg->offload.enabled ? "on" : "off",
+                       hits, miss, hits + miss > 0 ? hits / (hits + miss) : 1.0, stall, secs, secs > 0 ? 100 * stall / secs : 0);
+            char jpath[4200];
+            str_fmt(jpath, sizeof jpath, "%s/eval_%s_%s%s.json", ckpt, split, pn, cfg->offload.enabled ? "_offload" : "");
+            FILE *f = fopen(jpath, "w");
+            if (!f) st = status_errorf("%s: cannot write the eval report", jpath);
+            else {
+                fprintf(f, "{\n  \"checkpoint\": \"%s\",\n  \"step\": %lld,\n  \"split\": \"%s\",\n  \"precision\": \"%s\",\n",
+                        ckpt, (long long)pos.step, split, pn);
+                fprintf(f, "  \"loss\": %.17g,\n  \"ppl\": %.17g,\n  \"metric\": %.17g,\n  \"n\": %ld,\n", ev.loss, ev.ppl, ev.metric, ev.n);
+                fprintf(f, "  \"ranks\": %d,\n  \"offload_enabled\": %s,\n  \"max_resident_groups\": %d,\n  \"tier\": \"%s\",\n",
+                        comm->size, cfg->offload.enabled ? "true" : "false", cfg->offload.max_resident_groups,
+                        cfg->offload.tier == OFFLOAD_FILE ? "file" : "host");
+                fprintf(f, "  \"hit_rate\": %.17g,\n  \"stall_fraction\": %.17g,\n", hits + miss > 0 ? hits / (hits + miss) : 1.0,
+                        secs > 0 ? stall / secs : 0);
+                static const char *const cols[NCOL] = {"peak_resident_expert_bytes", "resident_expert_bytes_end", "hits", "misses",
+                                                       "bytes_in", "stall_s", "eval_s", "vmhwm_bytes", "fp32_expert_param_bytes",
+                                                       "fp32_dense_param_bytes", "prefetches", "prefetch_hits", "evictions",
+                                                       "backing_tier_peak_bytes"};
+                for (int c = 0; c < NCOL; c++) json_rank_array(f, cols[c], all, comm->size, NCOL, c, c == NCOL - 1);
+                fprintf(f, "}\n");
+                if (fclose(f) != 0) st = status_errorf("%s: write failed", jpath);
+            }
+        }
+        xfree(all);
+        st = agree(comm, st);
+    }
+    prec_free(&prec);
     model_free(&m);
     data_free(&ds);
     backend_free(&be);

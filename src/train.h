@@ -25,7 +25,9 @@ typedef struct TrainResult {
 
 Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res);
 /* evaluate the newest (or given) checkpoint of a run on a split ("valid" or "test") */
-Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, Comm *comm);
+/* precision: "fp32", "stored" (clustered experts from the checkpoint's experts.q), or NULL =
+ * stored when cfg->precision.mode is storage or qat; offloading per cfg->offload */
+Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, const char *precision, Comm *comm);
 /* run folder of a config: out_dir/name */
 void train_run_dir(const Config *cfg, char *dst, size_t cap);
 /* measured sgemm peak of this process, GFLOP/s (best of several 1024^3 products) */
