@@ -128,17 +128,17 @@ def main():
     shutil.copy(os.path.join(runs, "clus", "metrics.h5"), os.path.join(extra_dir, "metrics.h5"))
     open(os.path.join(extra_dir, "DONE"), "w").write("steps 12\n")
     steps = np.arange(1, 13, dtype=np.int64)
-    added = {"comm/dispatch/bytes_intra_inter": np.arange(24, dtype=np.float64).reshape(12, 2) * 1e6,
-             "mem/resident_bytes": np.linspace(1e6, 2e6, 12),
+    added = {"comm/fixture/bytes_intra_inter": np.arange(24, dtype=np.float64).reshape(12, 2) * 1e6,
+             "mem/fixture_resident_bytes": np.linspace(1e6, 2e6, 12),
              "offload/groups_offloaded": np.arange(12, dtype=np.float64).reshape(12, 1) % 3,
-             "mem/bytes": np.arange(12 * 2 * 9, dtype=np.float64).reshape(12, 2, 9) * 1e5}
+             "mem/fixture_bytes": np.arange(12 * 2 * 9, dtype=np.float64).reshape(12, 2, 9) * 1e5}
     with h5py.File(os.path.join(extra_dir, "metrics.h5"), "a") as f:
         for name, val in added.items():
             g = f.create_group(name)
             g.create_dataset("step", data=steps)
             g.create_dataset("value", data=val)
-        f["comm/dispatch/bytes_intra_inter"].attrs["columns"] = "intra,inter"
-        f["mem/bytes"].attrs["axes"] = "rank, kind (a,b,c,d,e,f,g,h,i): bytes per rank and kind"
+        f["comm/fixture/bytes_intra_inter"].attrs["columns"] = "intra,inter"
+        f["mem/fixture_bytes"].attrs["axes"] = "rank, kind (a,b,c,d,e,f,g,h,i): bytes per rank and kind"
     ex = dl.load(os.path.join(tmp, "extra"))
     st = dl.scalars_table(ex)
     for name, val in added.items():
@@ -147,7 +147,7 @@ def main():
         if val[0].size <= 16:
             m = st["metric"] == name
             T.check(np.array_equal(st["value"][m], val.reshape(-1)), f"{name}: scalars table == the added values")
-    m = st["metric"] == "comm/dispatch/bytes_intra_inter"
+    m = st["metric"] == "comm/fixture/bytes_intra_inter"
     T.check(list(st["index"][m][:2]) == ["intra", "inter"], "named columns label the rows (intra, inter)")
     p = report(os.path.join(tmp, "extra"), os.path.join(tmp, "rep-extra"))
     md = open(os.path.join(tmp, "rep-extra", "report.md")).read() if p.returncode == 0 else ""
