@@ -139,31 +139,6 @@ static void raw_ptrs(const OffloadManager *m, void *base, void **ptrs) {
 /* ---------------------------------------------------------------------------------------
  * the backing tiers */
 
-/* path.tmp, then rename: like file_write_atomic without the fsyncs */
-static Status write_replace(const char *path, const void *data, size_t n) {
-    char tmp[1100];
-    str_fmt(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) return status_errorf("%s: cannot create: %s", tmp, strerror(errno));
-    const char *p = data;
-    size_t left = n;
-    while (left > 0) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) {
-            int e = errno;
-            close(fd);
-            unlink(tmp);
-            return status_errorf("%s: write failed: %s", tmp, strerror(e));
-        }
-        p += w;
-        left -= (size_t)w;
-    }
-    if (close(fd) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: close failed: %s", tmp, strerror(e)); }
-    if (rename(tmp, path) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: rename failed: %s", path, strerror(e)); }
-    return status_ok();
-}
-
 static Status file_write_unit(OffloadManager *m, int unit) {
     OffloadFileHeader h;
     memset(&h, 0, sizeof h);
@@ -176,8 +151,7 @@ static Status file_write_unit(OffloadManager *m, int unit) {
     memcpy(m->stage, &h, sizeof h);
     char path[1024];
     offload_unit_path(m, unit, path, sizeof path);
-    Status s = m->no_fsync ? write_replace(path, m->stage, sizeof h + m->enc_bytes)
-                           : file_write_atomic(path, m->stage, sizeof h + m->enc_bytes);
+    Status s = file_write_replace(path, m->stage, sizeof h + m->enc_bytes, !m->no_fsync);
     if (!STATUS_OK(s)) return status_errorf("offload: unit %d: writing the file tier failed: %s", unit, s.msg);
     return status_ok();
 }

@@ -139,7 +139,9 @@ void dir_fsync(const char *dir) {
     if (fd >= 0) { fsync(fd); close(fd); }
 }
 
-Status file_write_atomic(const char *path, const void *data, size_t n) {
+Status file_write_atomic(const char *path, const void *data, size_t n) { return file_write_replace(path, data, n, 1); }
+
+Status file_write_replace(const char *path, const void *data, size_t n, int sync) {
     char tmp[4096];
     str_fmt(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -156,9 +158,10 @@ Status file_write_atomic(const char *path, const void *data, size_t n) {
         }
         p += w; left -= (size_t)w;
     }
-    if (fsync(fd) != 0) { int e = errno; close(fd); unlink(tmp); return status_errorf("%s: fsync failed: %s", tmp, strerror(e)); }
+    if (sync && fsync(fd) != 0) { int e = errno; close(fd); unlink(tmp); return status_errorf("%s: fsync failed: %s", tmp, strerror(e)); }
     if (close(fd) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: close failed: %s", tmp, strerror(e)); }
     if (rename(tmp, path) != 0) { int e = errno; unlink(tmp); return status_errorf("%s: rename failed: %s", path, strerror(e)); }
+    if (!sync) return status_ok();
     char dcopy[4096];
     str_fmt(dcopy, sizeof dcopy, "%s", path);
     dir_fsync(dirname(dcopy));

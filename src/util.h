@@ -55,6 +55,8 @@ uint64_t rng_below(Rng *r, uint64_t n);     /* [0,n) without modulo bias */
 /* ---- files ---- */
 /* write the whole buffer to path atomically: path.tmp, fsync, rename, fsync dir */
 Status file_write_atomic(const char *path, const void *data, size_t n);
+/* the same, with the fsyncs only when sync != 0 (temp file + rename either way) */
+Status file_write_replace(const char *path, const void *data, size_t n, int sync);
 Status file_read_all(const char *path, void **data, size_t *n);   /* caller frees with free() */
 bool file_exists(const char *path);
 Status dir_make_p(const char *path);        /* mkdir -p */
