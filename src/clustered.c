@@ -516,6 +516,13 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     const EpX *X = epp_final(XP);
     recv_build(ml, c);
     int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;
+    if (ml->need) {
+        int32_t units[4096];
+        int nu = 0;
+        for (int g = 0; g < Gl && nu < 4096; g++) if (c->group_off[g + 1] > c->group_off[g]) units[nu++] = g;
+        Status rs = ml->need(ml->need_ctx, ml->index, units, nu);
+        ASSERTF(STATUS_OK(rs), "%s", rs.msg);
+    }
     op->from_host(cx, c->entry_token_d, c->entry_token, sizeof(int32_t) * (M ? M : 1));
     op->from_host(cx, c->entry_grow_d, c->entry_grow, sizeof(int32_t) * (M ? M : 1));
     op->from_host(cx, c->entry_gate_d, c->entry_gate, sizeof(float) * (M ? M : 1));

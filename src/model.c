@@ -174,6 +174,7 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         ep_map_init(&m->ep[l], comm->size, comm->rank, f->E, K);
         f->ep = &m->ep[l];
         f->two_level = cfg->parallel.exchange == EXCHANGE_TWO_LEVEL;
+        f->index = l;
     }
     plan_params(m);
     for (int c = 0; c < PCAT_N; c++) {

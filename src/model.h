@@ -79,6 +79,7 @@ typedef struct Model {
     ClusterState *cstate;               /* [L] clustering state (clustered layers only) */
     EpMap *ep;                          /* [L] where each MoE layer's experts live (MoE layers only) */
     size_t n_expert_full;               /* elements of the canonical expert category (all experts) */
+    int8_t **ep_resident;               /* [L][units on this rank]: 0 = offloaded (optimizer skips it); NULL = all resident */
     int collect_mu;                     /* accumulate activation centroids in forward (training) */
     /* [L] or NULL: the FFN weights forward and backward read instead of p.layers[l].ffn
      * (precision.c: QAT shadow copies, stored-format experts); gradients still go to g.

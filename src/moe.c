@@ -370,6 +370,14 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     const EpX *X = epp_final(XP);
     recv_entries(ml, st, hs);
     int M = st->M;
+    if (ml->need) {
+        int El = n_local_experts(ml), nu = 0;
+        int32_t *units = xmalloc(sizeof(int32_t) * (El ? El : 1));
+        for (int e = 0; e < El; e++) if (st->expert_off[e + 1] > st->expert_off[e]) units[nu++] = e;
+        Status rs = ml->need(ml->need_ctx, ml->index, units, nu);
+        ASSERTF(STATUS_OK(rs), "%s", rs.msg);
+        xfree(units);
+    }
     be->ops->from_host(be->ctx, hs->dev.entry_token, st->entry_token, sizeof(int32_t) * (M ? M : 1));
     be->ops->from_host(be->ctx, hs->dev.entry_gate, st->entry_gate, sizeof(float) * (M ? M : 1));
     be->ops->gather_rows(be->ctx, st->xg, X->rbuf, hs->dev.entry_token, M, D);

@@ -116,6 +116,11 @@ typedef struct MoeLayer {
     ClusterState *cs;            /* clustered: the model's state for this layer */
     EpMap *ep;                   /* MoE layers: where the experts live (the model's map) */
     int two_level;               /* parallel.exchange = two_level */
+    int index;                   /* transformer block of this layer */
+    /* training-time offloading: called after the dispatch with the local units (groups or
+     * experts) that received rows, before any expert runs; NULL = everything resident */
+    Status (*need)(void *ctx, int layer, const int32_t *units, int n);
+    void *need_ctx;
 } MoeLayer;
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);

@@ -41,6 +41,19 @@ double optim_step(Model *m, long step, double lr) {
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         int c = t->cat;
+        if (t->ep_unit && m->ep_resident && m->ep_resident[t->layer]) {
+            /* per unit: an offloaded unit is skipped (its missed updates are replayed when it returns) */
+            int K = m->ep[t->layer].K, nr = t->ep_unit == 2 ? 1 : K;
+            size_t span = (size_t)nr * (t->n / t->dims[0]);
+            for (int u = 0; u < m->ep[t->layer].per_rank; u++) {
+                if (!m->ep_resident[t->layer][u]) continue;
+                size_t o = t->offset + (size_t)u * span;
+                m->be->ops->adamw(m->be->ctx, m->params[c] + o, m->grads[c] + o, m->adam_m[c] + o, m->adam_v[c] + o, span,
+                                  (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
+                                  t->decay ? (float)tc->weight_decay : 0.0f, (int)(step + 1));
+            }
+            continue;
+        }
         m->be->ops->adamw(m->be->ctx, m->params[c] + t->offset, m->grads[c] + t->offset,
                           m->adam_m[c] + t->offset, m->adam_v[c] + t->offset, t->n, (float)lr,
                           (float)tc->beta1, (float)tc->beta2, (float)tc->eps,

@@ -22,6 +22,7 @@
 #include "optim.h"
 #include "precision.h"
 #include "recluster.h"
+#include "residency.h"
 #include "topology.h"
 #include "traffic.h"
 
@@ -164,7 +165,7 @@ typedef struct LogIds {
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of;
     int final_valid_ppl, final_test_ppl, final_test_loss;
-    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr;
+    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
 } LogIds;
@@ -236,6 +237,8 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dlu);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    uint64_t d7[1] = {7};
+    id->off_train = h5log_series(lg, "offload/train", H5LOG_F64, 1, d7);
     uint64_t dmk[2] = {(uint64_t)m->comm->size, MEM_N_KINDS};
     id->mem_bytes = h5log_series(lg, "mem/bytes", H5LOG_F64, 2, dmk);
     id->mem_hwm = h5log_series(lg, "mem/vmhwm", H5LOG_F64, 1, dp);
@@ -297,6 +300,9 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
                        "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
                        "nodes touched (sum over token-layers), token-layers routed"));
+    TRY(h5log_attr_str(lg, "/offload/train", "columns",
+                       "hits,misses,evictions,bytes_in,bytes_out,stall_s,resident_units (summed over ranks; "
+                       "training-time offloading, offload.enabled)"));
     TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change"));
     char layers[512] = "";
     for (int l = 0; l < m->L; l++)
@@ -402,6 +408,10 @@ static double replace_experts(Model *m, const Config *cfg, const Topology *topo)
     return bytes;
 }
 
+static Status residency_hook(void *ctx, int layer, const int32_t *units, int n) {
+    return residency_need((Residency *)ctx, layer, units, n);
+}
+
 /* owners of every expert per MoE layer, for the log */
 static void owner_rows(const Model *m, double *out) {
     int i = 0, E = m->cfg.moe.n_experts;
@@ -447,10 +457,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     const TrainConfig *tc = &cfg->train;
     if (tc->batch_size % P != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
-    if (cfg->offload.enabled)
-        return status_errorf("offload.enabled: true is supported in `dcmoe eval` only (training touches almost every "
-                             "group every step and keeps them all resident); set offload.enabled: false for "
-                             "`dcmoe train` and pass --set offload.enabled=true to `dcmoe eval`");
+    if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
+        return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "
+                             "storage (the QAT shadow weights are rebuilt from every master each step)");
 
     int Bl = tc->batch_size / P, T = cfg->model.seq_len;
     char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
@@ -517,6 +526,13 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     /* precision.mode: qat points the clustered layers at fake-quantised shadow weights */
     Precision prec;
     prec_init(&prec, &m);
+    /* offload.enabled: idle expert units leave the resident tier between steps */
+    Residency resid;
+    st = residency_init(&resid, &m, &cfg->offload, run_dir);
+    if (!STATUS_OK(st)) { prec_free(&prec); model_free(&m); data_free(&ds); backend_free(&be); return agree(comm, st); }
+    resid.step = pos.step;
+    if (resid.enabled)
+        for (int l = 0; l < m.L; l++) { m.ffn[l].need = residency_hook; m.ffn[l].need_ctx = &resid; }
 
     double peak = train_measure_sgemm_peak(&be), peak_total = peak;
     comm_allreduce_sum_f64(comm, &peak_total, 1);
@@ -646,10 +662,18 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         pending_migr = 0;
         if (P > 1 && nm > 0 && cfg->parallel.place_interval > 0 && (step + 1) % cfg->parallel.place_interval == 0 &&
             !is_last_step) {
+            st = residency_fetch_all(&resid);
+            if (!STATUS_OK(st)) break;
             double b = replace_experts(&m, cfg, &topo);
             if (b > 0) log_owner = 1;
             migr += b;
         }
+        st = agree(comm, residency_end_step(&resid, step));
+        if (!STATUS_OK(st)) break;
+        ResidencyStats rstat = residency_take_step(&resid);
+        double orow7[7] = {rstat.hits, rstat.misses, rstat.evictions, rstat.bytes_in, rstat.bytes_out, rstat.stall_s,
+                           rstat.resident_units};
+        if (resid.enabled) comm_allreduce_sum_f64(comm, orow7, 7);
         TrafficStep ts;
         traffic_step_end(&traffic, comm, &ts);
         comm->traffic = NULL;
@@ -692,6 +716,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             h5log_append(&lg, id.time_split, s, split);
             double arb = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - ar_bytes0);
             h5log_append(&lg, id.comm_bytes, s, &arb);
+            if (resid.enabled) h5log_append(&lg, id.off_train, s, orow7);
             h5log_append(&lg, id.c_intra, s, ts.intra);
             h5log_append(&lg, id.c_inter, s, ts.inter);
             h5log_append(&lg, id.c_time, s, ts.seconds);
@@ -789,6 +814,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         int is_last = step + 1 == tc->steps;
         if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
             double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size, &prec).loss;
+            st = agree(comm, residency_fetch_all(&resid));
+            if (!STATUS_OK(st)) break;
             int n_ev = recluster_run(&m, step + 1, evs);
             /* groups changed: re-place them (migration bytes land in the next step's log) */
             if (P > 1) pending_migr += replace_experts(&m, cfg, &topo);
@@ -845,7 +872,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (want_ckpt) {
             pos.elapsed_s = time_now() - t_start;
             if (rank == 0) h5log_flush(&lg);
-            st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
+            st = agree(comm, residency_fetch_all(&resid));
+            if (STATUS_OK(st)) st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
             if (!STATUS_OK(st)) break;
         }
         if (stop > 0) {
@@ -885,6 +913,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     }
     comm->traffic = NULL;
     traffic_free(&traffic);
+    residency_free(&resid);
     prec_free(&prec);
     model_free(&m);
     comm->topo = NULL;
