@@ -14,12 +14,13 @@ void traffic_init(Traffic *tr, int P, int rank, const Topology *topo) {
     tr->bytes = xcalloc(sizeof(uint64_t) * n);
     tr->msgs = xcalloc(sizeof(uint64_t) * n);
     tr->matrix = xcalloc(sizeof(uint64_t) * n * P);
+    tr->msg_matrix = xcalloc(sizeof(uint64_t) * n * P);
     tr->total = xcalloc(sizeof(uint64_t) * n * P);
 }
 
 void traffic_free(Traffic *tr) {
     if (!tr) return;
-    xfree(tr->bytes); xfree(tr->msgs); xfree(tr->matrix); xfree(tr->total);
+    xfree(tr->bytes); xfree(tr->msgs); xfree(tr->matrix); xfree(tr->msg_matrix); xfree(tr->total);
     memset(tr, 0, sizeof *tr);
 }
 
@@ -61,6 +62,7 @@ void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out) {
                 uint64_t b = all[(size_t)s * 2 * row + (size_t)ph * P + d];
                 uint64_t m = all[(size_t)s * 2 * row + row + (size_t)ph * P + d];
                 tr->matrix[((size_t)ph * P + s) * P + d] = b;
+                tr->msg_matrix[((size_t)ph * P + s) * P + d] = m;
                 tr->total[((size_t)ph * P + s) * P + d] += b;
                 out->msgs[ph] += (double)m;
                 if (s == d) continue;

@@ -31,6 +31,7 @@ typedef struct Traffic {
     double seconds[COMM_N_PHASES];
     double rows, pairs, nodes_touched, tokens, padding;   /* this rank, this step */
     uint64_t *matrix;        /* [phase, P(src), P(dst)] of the last step_end (all ranks) */
+    uint64_t *msg_matrix;    /* [phase, P(src), P(dst)] messages of the last step_end */
     uint64_t *total;         /* [phase, P, P] since the start */
 } Traffic;
 

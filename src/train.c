@@ -165,7 +165,7 @@ typedef struct LogIds {
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of;
     int final_valid_ppl, final_test_ppl, final_test_loss;
-    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train;
+    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
 } LogIds;
@@ -233,6 +233,7 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
     id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4d);
     id->c_matrix = h5log_series(lg, "comm/bytes", H5LOG_F64, 3, dmat);
+    id->c_msgmat = h5log_series(lg, "comm/msgs", H5LOG_F64, 3, dmat);
     id->rank_maxvio = h5log_series(lg, "moe/balance_rank/maxvio", H5LOG_F64, 1, dl);
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dlu);
@@ -297,6 +298,7 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
+    TRY(h5log_attr_str(lg, "/comm/msgs", "axes", "phase, src rank, dst rank: messages, written with /comm/bytes"));
     TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
                        "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
                        "nodes touched (sum over token-layers), token-layers routed"));
@@ -726,6 +728,8 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             if (s % cfg->parallel.traffic_interval == 0 || s == tc->steps) {
                 for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)traffic.matrix[q];
                 h5log_append(&lg, id.c_matrix, s, mat);
+                for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)traffic.msg_matrix[q];
+                h5log_append(&lg, id.c_msgmat, s, mat);
             }
             if (log_owner || migr > 0) {
                 owner_rows(&m, orow);

@@ -92,6 +92,9 @@ if os.path.exists(h):
     m = mat[-1]
     check(np.all(np.diag(m[1]) == 0) and np.all(m[1] + np.eye(4) * disp_pair == disp_pair),
           "(src, dst) dispatch matrix: every off-diagonal entry = analytic pair volume")
+    _, msg = series(h, "comm/msgs")
+    # per layer and pair: counts, entries and x rows (forward), dout rows (backward)
+    check(np.all(msg[-1][1] + np.eye(4) * layers * 4 == layers * 4), "(src, dst) dispatch messages = 4 per layer and pair")
 
 # ---- two-level exchange: same model, fewer inter-node bytes ----
 for name, sets in {"standard": ["--set", "moe.n_experts=16"], "clustered": CLUS + ["--set", "moe.top_groups=2"]}.items():

@@ -52,4 +52,13 @@ for name, sets, ranks in cases:
     if "file" in name:
         files = os.listdir(os.path.join(d, f"{name}-off", "offload"))
         check(len(files) > 0, f"{name}: file tier used ({len(files)} unit files)")
+# a file tier that cannot be created is a clear error at start-up, naming the key and the path
+blocker = os.path.join(d, "a-file")
+open(blocker, "w").write("x")
+cfg = os.path.join(d, "bad-dir.yaml")
+tiny_config(cfg, d, "bad-dir")
+p = run(["train", cfg, "--quiet"] + CLUS + OFF + ["--set", "offload.tier=file", "--set", f"offload.dir={blocker}/sub"],
+        check_rc=False)
+check(p.returncode != 0 and "offload.dir" in p.stderr and blocker in p.stderr,
+      f"unwritable offload.dir fails clearly ({p.stderr.strip().splitlines()[0][:160] if p.stderr.strip() else ''})")
 finish()

@@ -78,9 +78,9 @@ check(p.returncode == 0 and abs(e2["loss"] - eq["loss"]) <= 1e-5 and e2["ranks"]
       f"offloaded eval at 2 ranks: loss {e2['loss']:.6f} vs {eq['loss']:.6f}")
 
 # ---- errors ----
-p = run(["train", cfg(d, "offtrain", "fp32", extra="offload:\n  enabled: true\n")], check_rc=False)
+p = run(["train", cfg(d, "offtrain", "qat", extra="offload:\n  enabled: true\n")], check_rc=False)
 err = [ln for ln in p.stderr.splitlines() if "error" in ln]
-check(p.returncode != 0 and "supported in `dcmoe eval` only" in p.stderr, "train with offload.enabled fails clearly: "
+check(p.returncode != 0 and "needs fp32 or storage" in p.stderr, "train with offload.enabled and qat fails clearly: "
       + (err[0][:160] if err else p.stderr[-200:]))
 run(["train", cfg(d, "f32", "fp32", steps=2), "--quiet"])
 p = run(["eval", os.path.join(d, "f32.yaml"), "--precision", "stored"], check_rc=False)
