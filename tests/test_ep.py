@@ -10,9 +10,8 @@
   4-rank run and every expert's weights come back intact."""
 import os
 import shutil
-import struct
 import numpy as np
-from testlib import check, finish, run, series, tiny_config, tmpdir
+from testlib import check, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-ep-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -28,20 +27,7 @@ def train(name, ranks, sets, extra=""):
     return os.path.join(d, name, "metrics.h5"), cfg, p
 
 
-def read_ckpt(path):
-    """sections of a model.bin: name -> bytes"""
-    with open(path, "rb") as f:
-        img = f.read()
-    assert img[:8] == b"DCMOECK1"
-    n_sec = struct.unpack_from("<I", img, 12)[0]
-    off, out = 16, {}
-    for _ in range(n_sec):
-        name = img[off:off + 48].split(b"\0")[0].decode()
-        n = struct.unpack_from("<Q", img, off + 48)[0]
-        off += 64
-        out[name] = img[off:off + n]
-        off += n
-    return out
+read_ckpt = read_checkpoint
 
 
 def table(sec):

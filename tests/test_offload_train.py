@@ -5,8 +5,7 @@ and Adam moments) of the same run without it: the AdamW steps an offloaded unit 
 replayed when it comes back. Clustered (groups, file tier) and standard MoE (experts, host
 tier), 1 and 2 ranks."""
 import os
-import struct
-from testlib import check, finish, run, series, tiny_config, tmpdir
+from testlib import check, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-offtrain-")
 CLUS = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=4", "--set", "moe.rank=4",
@@ -15,17 +14,7 @@ OFF = ["--set", "offload.enabled=true", "--set", "offload.idle_steps=1", "--set"
 
 
 def ckpt_sections(run_name):
-    path = os.path.join(d, run_name, "ckpt", "step_00000012", "model.bin")
-    img = open(path, "rb").read()
-    n_sec = struct.unpack_from("<I", img, 12)[0]
-    off, out = 16, {}
-    for _ in range(n_sec):
-        name = img[off:off + 48].split(b"\0")[0].decode()
-        n = struct.unpack_from("<Q", img, off + 48)[0]
-        off += 64
-        out[name] = img[off:off + n]
-        off += n
-    return out
+    return read_checkpoint(os.path.join(d, run_name, "ckpt", "step_00000012", "model.bin"))
 
 
 cases = [("clustered-file", CLUS + ["--set", "offload.tier=file"], 1),

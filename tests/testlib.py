@@ -97,3 +97,20 @@ def series(h5path, name):
 
 def tmpdir(prefix):
     return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR", "/tmp"))
+
+
+def read_checkpoint(path):
+    """sections of a checkpoint's model.bin as {name: bytes} (CRCs not checked here)"""
+    import struct
+    with open(path, "rb") as f:
+        img = f.read()
+    assert img[:8] == b"DCMOECK1", f"{path}: not a dcmoe checkpoint"
+    n_sec = struct.unpack_from("<I", img, 12)[0]
+    off, out = 16, {}
+    for _ in range(n_sec):
+        name = img[off:off + 48].split(b"\0")[0].decode()
+        n = struct.unpack_from("<Q", img, off + 48)[0]
+        off += 64
+        out[name] = img[off:off + n]
+        off += n
+    return out
