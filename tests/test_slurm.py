@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import testlib as T  # noqa: E402
+import signal  # noqa: E402
 from slurm_harness import SlurmCluster  # noqa: E402
 
 
@@ -184,8 +185,39 @@ def main():
         print(f"# [{time.time() - t_all:.1f} s] time-limit signal done", flush=True)
         if T.failures:
             print(sc.logs(), flush=True)
+    # a trainer whose job was cancelled while it ran can outlive the job when the daemons stop
+    # (proctrack/linuxproc): stop every process of this test (its command line names our folder)
+    left = reap(tmp)
+    print(f"# processes of this test still running at the end, stopped: {left}", flush=True)
     print(f"# Slurm tests took {time.time() - t_all:.1f} s", flush=True)
     T.finish()
+
+
+def reap(tag):
+    """SIGTERM, then SIGKILL, every process whose command line contains tag; returns how many"""
+    def pids():
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == os.getpid():
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if tag in cmd:
+                out.append(int(d))
+        return out
+    found = pids()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        t0 = time.time()
+        while pids() and time.time() - t0 < 10:
+            time.sleep(0.2)
+    return len(found)
 
 
 if __name__ == "__main__":
