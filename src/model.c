@@ -335,9 +335,6 @@ void model_ep_scatter(Model *m, float *const *full, float **local, int n) {
     xfree(mine);
 }
 
-/* rows of unit u in tensor t: groups hold one row, experts K rows (unit slot * K + j) */
-static int unit_rows(const ParamTensor *t, int K) { return t->ep_unit == 2 ? 1 : K; }
-
 size_t model_ep_relayout(Model *m, int l, const Placement *np) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
@@ -348,7 +345,7 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
     size_t unit_floats = 0;
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        if (t->ep_unit && t->layer == l) unit_floats += (size_t)unit_rows(t, K) * (t->n / t->dims[0]);
+        if (t->ep_unit && t->layer == l) unit_floats += (size_t)param_unit_rows(t, K) * (t->n / t->dims[0]);
     }
     size_t ub = unit_floats * 3;
     size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
@@ -380,7 +377,7 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
             for (int i = 0; i < m->n_tensors; i++) {
                 const ParamTensor *t = &m->tensors[i];
                 if (!t->ep_unit || t->layer != l) continue;
-                size_t row = t->n / t->dims[0], nrow = (size_t)unit_rows(t, K);
+                size_t row = t->n / t->dims[0], nrow = (size_t)param_unit_rows(t, K);
                 memcpy(dst + w, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);
                 w += nrow * row;
             }
@@ -404,7 +401,7 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
             for (int i = 0; i < m->n_tensors; i++) {
                 const ParamTensor *t = &m->tensors[i];
                 if (!t->ep_unit || t->layer != l) continue;
-                size_t row = t->n / t->dims[0], nrow = (size_t)unit_rows(t, K);
+                size_t row = t->n / t->dims[0], nrow = (size_t)param_unit_rows(t, K);
                 float *dst = next[a] + t->offset + (size_t)np->slot[u] * nrow * row;
                 if (src) memcpy(dst, src + w, sizeof(float) * nrow * row);
                 else memcpy(dst, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);

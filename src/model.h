@@ -128,6 +128,9 @@ void model_ep_scatter(Model *m, float *const *full, float **local, int n);
 /* move the units of MoE layer l to a new placement: units that change owner travel rank to
  * rank (params + Adam state, phase migration); returns the bytes this rank sent */
 size_t model_ep_relayout(Model *m, int l, const Placement *np);
+/* leading-dim rows of one placement unit in an expert-parallel tensor: a group's base has
+ * one row, each of its K members one row of a factor (standard MoE: K = 1) */
+static inline int param_unit_rows(const ParamTensor *t, int K) { return t->ep_unit == 2 ? 1 : K; }
 /* global row (expert or group) held in leading-dim slot s of tensor t on rank r */
 int model_ep_row(const Model *m, const ParamTensor *t, int r, int s);
 

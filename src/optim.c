@@ -43,7 +43,7 @@ double optim_step(Model *m, long step, double lr) {
         int c = t->cat;
         if (t->ep_unit && m->ep_resident && m->ep_resident[t->layer]) {
             /* per unit: an offloaded unit is skipped (its missed updates are replayed when it returns) */
-            int K = m->ep[t->layer].K, nr = t->ep_unit == 2 ? 1 : K;
+            int nr = param_unit_rows(t, m->ep[t->layer].K);
             size_t span = (size_t)nr * (t->n / t->dims[0]);
             for (int u = 0; u < m->ep[t->layer].per_rank; u++) {
                 if (!m->ep_resident[t->layer][u]) continue;

@@ -12,8 +12,6 @@
 
 #define RES_MAGIC "DCMRES01"
 
-static int unit_rows(const ParamTensor *t, int K) { return t->ep_unit == 2 ? 1 : K; }
-
 /* the n_arrays x tensors spans of unit slot s of layer l, visited in a fixed order */
 typedef void (*SpanFn)(void *ctx, float *span, size_t n, const ParamTensor *t, int array);
 
@@ -24,7 +22,7 @@ static void for_spans(Model *m, int l, int s, SpanFn fn, void *ctx) {
         for (int i = 0; i < m->n_tensors; i++) {
             const ParamTensor *t = &m->tensors[i];
             if (!t->ep_unit || t->layer != l) continue;
-            size_t row = t->n / t->dims[0], nr = (size_t)unit_rows(t, K);
+            size_t row = t->n / t->dims[0], nr = (size_t)param_unit_rows(t, K);
             fn(ctx, arr[a] + t->offset + (size_t)s * nr * row, nr * row, t, a);
         }
 }
@@ -51,7 +49,7 @@ static void release_span(void *ctx, float *span, size_t n, const ParamTensor *t,
     if (b2 >= a2) memset((void *)b2, 0, b - b2);
 }
 
-typedef struct Replay { Model *m; const float *zero; long step; int array_seen; } Replay;
+typedef struct Replay { Model *m; const float *zero; long step; } Replay;
 
 /* AdamW with a zero gradient on the params span; its m and v spans follow at the same
  * tensor offsets in the moment arrays */
@@ -104,7 +102,7 @@ Status residency_init(Residency *r, Model *m, const OffloadConfig *oc, const cha
         for (int i = 0; i < m->n_tensors; i++) {
             const ParamTensor *t = &m->tensors[i];
             if (!t->ep_unit || t->layer != l) continue;
-            size_t n = (size_t)unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
+            size_t n = (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
             r->unit_floats[l] += n;
             if (n > zmax) zmax = n;
         }
@@ -188,7 +186,7 @@ static Status fetch(Residency *r, int l, int s) {
     else { xfree(r->host[l][s]); r->host[l][s] = NULL; }
     /* the AdamW updates the unit missed while away, in step order */
     for (long st = r->off_since[l][s]; st < r->step; st++) {
-        Replay rp = {m, r->zero, st, 0};
+        Replay rp = {m, r->zero, st};
         for_spans(m, l, s, replay_span, &rp);
     }
     r->resident[l][s] = 1;
