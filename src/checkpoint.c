@@ -416,6 +416,20 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
     return status_ok();
 }
 
+/* a verified section of rank 0's image, of the expected size, on every rank (caller frees) */
+static char *bcast_section(Comm *comm, const char *path, const char *img, size_t n, const char *name, size_t size) {
+    char *blob = xmalloc(size);
+    if (comm->rank == 0) {
+        const char *d = NULL;
+        size_t len = 0;
+        Status s2 = find_section(path, img, n, name, &d, &len);
+        ASSERTF(STATUS_OK(s2) && len == size, "%s", s2.msg);
+        memcpy(blob, d, size);
+    }
+    comm_bcast_bytes(comm, blob, size, 0);
+    return blob;
+}
+
 Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos) {
     return checkpoint_load_opts(ckpt_dir, m, pos, CKPT_LOAD_ALL);
 }
@@ -435,29 +449,13 @@ Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int f
     str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
     size_t cb = cluster_blob_size(m);
     if (cb) {
-        char *blob = xmalloc(cb);
-        if (comm->rank == 0) {
-            const char *d = NULL;
-            size_t len = 0;
-            Status s2 = find_section(path, img, n, "cluster", &d, &len);
-            ASSERTF(STATUS_OK(s2) && len == cb, "%s", s2.msg);
-            memcpy(blob, d, cb);
-        }
-        comm_bcast_bytes(comm, blob, cb, 0);
+        char *blob = bcast_section(comm, path, img, n, "cluster", cb);
         cluster_blob(m, blob, 1);
         xfree(blob);
     }
     size_t pb = placement_blob_size(m);
     if (pb) {
-        char *blob = xmalloc(pb);
-        if (comm->rank == 0) {
-            const char *d = NULL;
-            size_t len = 0;
-            Status s2 = find_section(path, img, n, "placement", &d, &len);
-            ASSERTF(STATUS_OK(s2) && len == pb, "%s", s2.msg);
-            memcpy(blob, d, pb);
-        }
-        comm_bcast_bytes(comm, blob, pb, 0);
+        char *blob = bcast_section(comm, path, img, n, "placement", pb);
         placement_unpack(m, blob);
         xfree(blob);
     }

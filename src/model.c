@@ -335,25 +335,42 @@ void model_ep_scatter(Model *m, float *const *full, float **local, int n) {
     xfree(mine);
 }
 
+size_t model_ep_unit_floats(const Model *m, int l) {
+    size_t n = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->ep_unit && t->layer == l) n += (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
+    }
+    return n;
+}
+
+void model_ep_unit_copy(const Model *m, int l, float *const arr[3], int slot, float *buf, int out) {
+    for (int a = 0; a < 3; a++)
+        for (int i = 0; i < m->n_tensors; i++) {
+            const ParamTensor *t = &m->tensors[i];
+            if (!t->ep_unit || t->layer != l) continue;
+            size_t n = (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
+            float *span = arr[a] + t->offset + (size_t)slot * n;
+            if (out) memcpy(buf, span, sizeof(float) * n);
+            else memcpy(span, buf, sizeof(float) * n);
+            buf += n;
+        }
+}
+
 size_t model_ep_relayout(Model *m, int l, const Placement *np) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
     EpMap *em = &m->ep[l];
-    int P = comm->size, me = comm->rank, U = em->U, K = em->K;
+    int P = comm->size, me = comm->rank, U = em->U;
     const Placement *op = &em->place;
-    /* bytes of one unit (params + Adam m + v of every tensor of the layer) */
-    size_t unit_floats = 0;
-    for (int i = 0; i < m->n_tensors; i++) {
-        const ParamTensor *t = &m->tensors[i];
-        if (t->ep_unit && t->layer == l) unit_floats += (size_t)param_unit_rows(t, K) * (t->n / t->dims[0]);
-    }
-    size_t ub = unit_floats * 3;
+    size_t uf = 3 * model_ep_unit_floats(m, l);          /* params + Adam m + v of one unit */
+    /* byte counts: units that change owner travel from the old owner to the new one */
     size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
     size_t *rc = xcalloc(sizeof(size_t) * P), *rd = xcalloc(sizeof(size_t) * P);
     for (int u = 0; u < U; u++) {
         if (op->owner[u] == np->owner[u]) continue;
-        if (op->owner[u] == me) sc[np->owner[u]] += ub;
-        if (np->owner[u] == me) rc[op->owner[u]] += ub;
+        if (op->owner[u] == me) sc[np->owner[u]] += uf * sizeof(float);
+        if (np->owner[u] == me) rc[op->owner[u]] += uf * sizeof(float);
     }
     size_t ns = 0, nr = 0;
     for (int r = 0; r < P; r++) { sd[r] = ns; ns += sc[r]; rd[r] = nr; nr += rc[r]; }
@@ -366,47 +383,26 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
         next[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
         memcpy(next[a], host[a], sizeof(float) * nl);
     }
-    float *sbuf = xmalloc(sizeof(float) * (ns ? ns : 1)), *rbuf = xmalloc(sizeof(float) * (nr ? nr : 1));
-    /* pack: destination-major, units ascending, arrays, tensors in table order */
+    char *sbuf = xmalloc(ns ? ns : 1), *rbuf = xmalloc(nr ? nr : 1);
+    /* pack: destination-major, units ascending */
     size_t *fill = xcalloc(sizeof(size_t) * P);
     for (int u = 0; u < U; u++) {
-        if (op->owner[u] != me || np->owner[u] == me) continue;
-        float *dst = sbuf + sd[np->owner[u]] + fill[np->owner[u]];
-        size_t w = 0;
-        for (int a = 0; a < 3; a++)
-            for (int i = 0; i < m->n_tensors; i++) {
-                const ParamTensor *t = &m->tensors[i];
-                if (!t->ep_unit || t->layer != l) continue;
-                size_t row = t->n / t->dims[0], nrow = (size_t)param_unit_rows(t, K);
-                memcpy(dst + w, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);
-                w += nrow * row;
-            }
-        fill[np->owner[u]] += w;
+        int d = np->owner[u];
+        if (op->owner[u] != me || d == me) continue;
+        model_ep_unit_copy(m, l, host, op->slot[u], (float *)(sbuf + sd[d] + fill[d]), 1);
+        fill[d] += uf * sizeof(float);
     }
-    size_t *bsc = xcalloc(sizeof(size_t) * P), *bsd = xcalloc(sizeof(size_t) * P);
-    size_t *brc = xcalloc(sizeof(size_t) * P), *brd = xcalloc(sizeof(size_t) * P);
-    for (int r = 0; r < P; r++) {
-        bsc[r] = sc[r] * sizeof(float); bsd[r] = sd[r] * sizeof(float);
-        brc[r] = rc[r] * sizeof(float); brd[r] = rd[r] * sizeof(float);
-    }
-    comm_alltoallv_bytes(comm, sbuf, bsc, bsd, rbuf, brc, brd, COMM_PHASE_MIGRATION);
+    comm_alltoallv_bytes(comm, sbuf, sc, sd, rbuf, rc, rd, COMM_PHASE_MIGRATION);
     /* unpack into the new slots: kept units move slot locally, arrived units from rbuf */
     memset(fill, 0, sizeof(size_t) * P);
+    float *tmp = xmalloc(sizeof(float) * (uf ? uf : 1));
     for (int u = 0; u < U; u++) {
+        int o = op->owner[u];
         if (np->owner[u] != me) continue;
-        const float *src = NULL;
-        if (op->owner[u] != me) { src = rbuf + rd[op->owner[u]] + fill[op->owner[u]]; fill[op->owner[u]] += ub; }
-        size_t w = 0;
-        for (int a = 0; a < 3; a++)
-            for (int i = 0; i < m->n_tensors; i++) {
-                const ParamTensor *t = &m->tensors[i];
-                if (!t->ep_unit || t->layer != l) continue;
-                size_t row = t->n / t->dims[0], nrow = (size_t)param_unit_rows(t, K);
-                float *dst = next[a] + t->offset + (size_t)np->slot[u] * nrow * row;
-                if (src) memcpy(dst, src + w, sizeof(float) * nrow * row);
-                else memcpy(dst, host[a] + t->offset + (size_t)op->slot[u] * nrow * row, sizeof(float) * nrow * row);
-                w += nrow * row;
-            }
+        const float *src = tmp;
+        if (o != me) { src = (const float *)(rbuf + rd[o] + fill[o]); fill[o] += uf * sizeof(float); }
+        else model_ep_unit_copy(m, l, host, op->slot[u], tmp, 1);
+        model_ep_unit_copy(m, l, next, np->slot[u], (float *)src, 0);
     }
     for (int a = 0; a < 3; a++) {
         be->ops->from_host(be->ctx, arr[a], next[a], sizeof(float) * nl);
@@ -414,10 +410,9 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
         xfree(next[a]);
     }
     placement_copy(&em->place, np);
-    ep_map_refresh(em, K > 1 ? m->cstate[l].members : NULL);
-    xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
-    xfree(bsc); xfree(bsd); xfree(brc); xfree(brd);
-    return ns * sizeof(float);
+    ep_map_refresh(em, em->K > 1 ? m->cstate[l].members : NULL);
+    xfree(tmp); xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+    return ns;
 }
 
 size_t model_n_params(const Model *m) {

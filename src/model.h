@@ -131,6 +131,12 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np);
 /* leading-dim rows of one placement unit in an expert-parallel tensor: a group's base has
  * one row, each of its K members one row of a factor (standard MoE: K = 1) */
 static inline int param_unit_rows(const ParamTensor *t, int K) { return t->ep_unit == 2 ? 1 : K; }
+/* floats of one unit of MoE layer l in ONE of the arrays (params, Adam m or v) */
+size_t model_ep_unit_floats(const Model *m, int l);
+/* one unit (local unit slot `slot` of layer l) of the three arrays arr[3] (laid out like the
+ * expert category) packed into buf (out = 1) or unpacked from it (out = 0): arrays outer,
+ * the layer's expert tensors in table order inner; 3 * model_ep_unit_floats floats */
+void model_ep_unit_copy(const Model *m, int l, float *const arr[3], int slot, float *buf, int out);
 /* global row (expert or group) held in leading-dim slot s of tensor t on rank r */
 int model_ep_row(const Model *m, const ParamTensor *t, int r, int s);
 

@@ -12,7 +12,8 @@
 
 #define RES_MAGIC "DCMRES01"
 
-/* the n_arrays x tensors spans of unit slot s of layer l, visited in a fixed order */
+/* the spans (arrays x the layer's expert tensors) of unit slot s of layer l, in the order of
+ * model_ep_unit_copy */
 typedef void (*SpanFn)(void *ctx, float *span, size_t n, const ParamTensor *t, int array);
 
 static void for_spans(Model *m, int l, int s, SpanFn fn, void *ctx) {
@@ -25,16 +26,6 @@ static void for_spans(Model *m, int l, int s, SpanFn fn, void *ctx) {
             size_t row = t->n / t->dims[0], nr = (size_t)param_unit_rows(t, K);
             fn(ctx, arr[a] + t->offset + (size_t)s * nr * row, nr * row, t, a);
         }
-}
-
-typedef struct Copy { float *buf; size_t at; int out; } Copy;
-
-static void copy_span(void *ctx, float *span, size_t n, const ParamTensor *t, int array) {
-    (void)t; (void)array;
-    Copy *c = ctx;
-    if (c->out) memcpy(c->buf + c->at, span, sizeof(float) * n);
-    else memcpy(span, c->buf + c->at, sizeof(float) * n);
-    c->at += n;
 }
 
 /* give the whole pages inside a span back to the OS (they read as zeros until written) */
@@ -99,13 +90,8 @@ Status residency_init(Residency *r, Model *m, const OffloadConfig *oc, const cha
         r->off_since[l] = xcalloc(sizeof(long) * U);
         r->host[l] = xcalloc(sizeof(float *) * U);
         for (int u = 0; u < U; u++) r->resident[l][u] = 1;
-        for (int i = 0; i < m->n_tensors; i++) {
-            const ParamTensor *t = &m->tensors[i];
-            if (!t->ep_unit || t->layer != l) continue;
-            size_t n = (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
-            r->unit_floats[l] += n;
-            if (n > zmax) zmax = n;
-        }
+        r->unit_floats[l] = model_ep_unit_floats(m, l);
+        if (r->unit_floats[l] > zmax) zmax = r->unit_floats[l];
     }
     r->zero = xcalloc(sizeof(float) * zmax);
     m->ep_resident = r->resident;
@@ -129,8 +115,8 @@ static Status evict(Residency *r, int l, int s) {
     Model *m = r->m;
     size_t n = 3 * r->unit_floats[l];
     float *buf = xmalloc(sizeof(float) * n);
-    Copy c = {buf, 0, 1};
-    for_spans(m, l, s, copy_span, &c);
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    model_ep_unit_copy(m, l, arr, s, buf, 1);
     if (r->tier == OFFLOAD_FILE) {
         char path[2304];
         unit_path(r, l, s, path, sizeof path);
@@ -180,8 +166,8 @@ static Status fetch(Residency *r, int l, int s) {
         }
         buf = (float *)((char *)img + 16);
     }
-    Copy c = {buf, 0, 0};
-    for_spans(m, l, s, copy_span, &c);
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    model_ep_unit_copy(m, l, arr, s, buf, 0);
     if (img) free(img);
     else { xfree(r->host[l][s]); r->host[l][s] = NULL; }
     /* the AdamW updates the unit missed while away, in step order */
