@@ -34,6 +34,7 @@ void ep_map_free(EpMap *em) {
 
 void ep_map_refresh(EpMap *em, const int32_t *members) {
     int K = em->K;
+    em->version++;
     for (int u = 0; u < em->U; u++) {
         int owner = em->place.owner[u], slot = em->place.slot[u];
         for (int j = 0; j < K; j++) {
@@ -297,6 +298,7 @@ void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *to
     epx_init_cap(&pp->b, be, P, D, (int)rows_a, k, rows_a);
     pp->topo = topo;
     pp->peer_of_expert = xcalloc(sizeof(int32_t) * em->E);
+    pp->peer_version = -1;
     pp->gid = xcalloc(sizeof(int32_t) * em->E);
     for (int e = 0; e < em->E; e++) pp->gid[e] = e;
     pp->selB = xcalloc(sizeof(int32_t) * rows_a * k);
@@ -326,13 +328,16 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
     const Topology *t = pp->topo;
     /* stage A: one row per (token, destination node), to the rank of that node with this
      * rank's index inside its node (the node peer), entries carry global expert ids */
-    int me = comm->rank, li = t->local_index[me];
-    for (int e = 0; e < em->E; e++) {
-        int node = t->node_of[em->expert_owner[e]], peer = -1;
-        for (int r = 0; r < t->n_ranks; r++)
-            if (t->node_of[r] == node && t->local_index[r] == li % t->node_size[node]) { peer = r; break; }
-        ASSERT(peer >= 0);
-        pp->peer_of_expert[e] = peer;
+    if (pp->peer_version != em->version) {    /* the owners changed since the last plan */
+        int me = comm->rank, li = t->local_index[me];
+        for (int e = 0; e < em->E; e++) {
+            int node = t->node_of[em->expert_owner[e]], peer = -1;
+            for (int r = 0; r < t->n_ranks; r++)
+                if (t->node_of[r] == node && t->local_index[r] == li % t->node_size[node]) { peer = r; break; }
+            ASSERT(peer >= 0);
+            pp->peer_of_expert[e] = peer;
+        }
+        pp->peer_version = em->version;
     }
     epx_plan_to(&pp->a, em, be, comm, N, k, sel, kept, gate, pp->peer_of_expert, pp->gid, 1);
     /* stage B: the peer forwards each received row to the owners of its entries */

@@ -35,6 +35,7 @@ typedef struct EpMap {
     double *aff_step;            /* [U, U + 1] this step's local pair counts (+ per-unit load) */
     int have_stats;
     int collect;                 /* 1 while training: epx_plan adds to aff_step */
+    int version;                 /* bumped by every ep_map_refresh (caches of the maps compare it) */
 } EpMap;
 
 void ep_map_init(EpMap *em, int P, int rank, int E, int K);
@@ -113,6 +114,7 @@ typedef struct EpPath {
     EpX a, b;                    /* a: source -> owner (flat) or node peer; b: peer -> owner */
     const Topology *topo;
     int32_t *peer_of_expert;     /* [E] stage-A destination of each expert (this rank's peers) */
+    int peer_version;            /* EpMap version peer_of_expert was computed for (-1 = never) */
     int32_t *gid;                /* [E] identity: stage-A entries carry global expert ids */
     int32_t *selB, *keptB;       /* [rows_A, k] stage-B routing of the peer's rows */
     float *gateB;
