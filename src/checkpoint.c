@@ -255,24 +255,14 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
             put_section(&b, "experts.q", blob, qb); n_sec++;
             xfree(blob);
         }
+        int32_t n_ranks = comm->size;
+        put_section(&b, "ranks", &n_ranks, sizeof n_ranks); n_sec++;
         memcpy(b.p + n_sec_at, &n_sec, 4);
         str_fmt(path, sizeof path, "%s/model.bin", tmpdir);
         st = file_write_atomic(path, b.p, b.n);
         free(b.p);
     }
     for (int a = 0; a < 3; a++) xfree(full[a]);
-    if (STATUS_OK(st)) {
-        /* rank-local state: the position this rank reached (all ranks agree in data parallel) */
-        Buf b = {0};
-        uint32_t hdr[2] = {CK_VERSION, 1};
-        buf_put(&b, CK_MAGIC, 8);
-        buf_put(&b, hdr, sizeof hdr);
-        int32_t rk[2] = {comm->rank, comm->size};
-        put_section(&b, "rank", rk, sizeof rk);
-        str_fmt(path, sizeof path, "%s/rank_%04d.bin", tmpdir, comm->rank);
-        st = file_write_atomic(path, b.p, b.n);
-        free(b.p);
-    }
     ok = STATUS_OK(st);
     double bad = ok ? 0 : 1;
     comm_allreduce_max_f64(comm, &bad, 1);
@@ -283,18 +273,29 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
         int n = snprintf(marker, sizeof marker, "step %lld ranks %d\n", (long long)pos->step, comm->size);
         str_fmt(path, sizeof path, "%s/COMPLETE", tmpdir);
         st = file_write_atomic(path, marker, (size_t)n);
+        /* a folder named step_* is whole: an older copy of the same step is moved aside
+         * (never deleted before the new one is in place), and pruning moves a folder out of
+         * the step_* namespace before deleting its files, so a kill at any moment leaves
+         * either a complete checkpoint or a .del_* folder that nothing reads */
         if (STATUS_OK(st)) {
-            remove_tree(final);
-            if (rename(tmpdir, final) != 0) st = status_errorf("%s: rename to %s failed: %s", tmpdir, final, strerror(errno));
-            else dir_fsync(ckdir);
+            char aside[4096];
+            str_fmt(aside, sizeof aside, "%s/.del_%s", ckdir, final + strlen(ckdir) + 1);
+            remove_tree(aside);
+            if (file_exists(final) && rename(final, aside) != 0)
+                st = status_errorf("%s: could not move the older copy aside: %s", final, strerror(errno));
+            else if (rename(tmpdir, final) != 0) st = status_errorf("%s: rename to %s failed: %s", tmpdir, final, strerror(errno));
+            else { dir_fsync(ckdir); remove_tree(aside); }
         }
         if (STATUS_OK(st) && keep > 0) {
             char **names;
             int n_c = list_complete(ckdir, &names);
             for (int i = 0; i < n_c; i++) {
                 if (i < n_c - keep) {
+                    char aside[4096];
                     str_fmt(path, sizeof path, "%s/%s", ckdir, names[i]);
-                    remove_tree(path);
+                    str_fmt(aside, sizeof aside, "%s/.del_%s", ckdir, names[i]);
+                    remove_tree(aside);
+                    if (rename(path, aside) == 0) { dir_fsync(ckdir); remove_tree(aside); }
                 }
                 free(names[i]);
             }
@@ -356,6 +357,89 @@ static Status verify_image(const char *file, const char *img, size_t n) {
         off += h.n_bytes;
     }
     if (off != n) return status_errorf("%s: %zu trailing bytes after the last section (checkpoint is damaged)", file, n - off);
+    return status_ok();
+}
+
+Status checkpoint_verify_image(const char *file, const void *img, size_t n, CheckpointInfo *info) {
+    TRY(verify_image(file, img, n));
+    const char *d = NULL;
+    size_t len = 0;
+    TRY(find_section(file, img, n, "pos", &d, &len));
+    TrainPos pos;
+    if (len != sizeof pos) return status_errorf("%s: section 'pos' has %zu bytes, expected %zu", file, len, sizeof pos);
+    memcpy(&pos, d, sizeof pos);
+    if (pos.step < 0) return status_errorf("%s: section 'pos' holds step %lld (checkpoint is damaged)", file, (long long)pos.step);
+    info->step = pos.step;
+    info->ranks = 0;   /* unknown: checkpoints before the "ranks" section say it in COMPLETE only */
+    if (STATUS_OK(find_section(file, img, n, "ranks", &d, &len))) {
+        int32_t r;
+        if (len != sizeof r) return status_errorf("%s: section 'ranks' has %zu bytes, expected %zu", file, len, sizeof r);
+        memcpy(&r, d, sizeof r);
+        if (r <= 0) return status_errorf("%s: section 'ranks' holds %d (checkpoint is damaged)", file, (int)r);
+        info->ranks = r;
+    }
+    return status_ok();
+}
+
+/* COMPLETE holds "step N ranks P\n"; it must agree with the verified model.bin */
+static Status verify_marker(const char *ckpt_dir, CheckpointInfo *info) {
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/COMPLETE", ckpt_dir);
+    char *text = NULL;
+    size_t n_text = 0;
+    if (!file_exists(path)) return status_errorf("%s: missing (checkpoint unfinished or not a checkpoint folder)", path);
+    TRY(file_read_all(path, (void **)&text, &n_text));
+    char tmp[128];
+    str_fmt(tmp, sizeof tmp, "%.*s", (int)(n_text < 100 ? n_text : 100), text ? text : "");
+    free(text);
+    long long step = -1;
+    int ranks = 0;
+    if (sscanf(tmp, "step %lld ranks %d", &step, &ranks) != 2 || step < 0 || ranks <= 0)
+        return status_errorf("%s: expected 'step N ranks P', found '%.40s' (checkpoint is damaged)", path, tmp);
+    if (step != info->step)
+        return status_errorf("%s: says step %lld but model.bin holds step %lld (checkpoint is damaged)", path, step,
+                             (long long)info->step);
+    if (info->ranks > 0 && ranks != info->ranks)
+        return status_errorf("%s: says %d ranks but model.bin was written at %d (checkpoint is damaged)", path, ranks,
+                             info->ranks);
+    info->ranks = ranks;
+    return status_ok();
+}
+
+Status checkpoint_verify(const char *ckpt_dir, CheckpointInfo *info) {
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
+    void *img = NULL;
+    size_t n = 0;
+    if (!file_exists(path)) return status_errorf("%s: missing (checkpoint is damaged)", path);
+    TRY(file_read_all(path, &img, &n));
+    Status st = checkpoint_verify_image(path, img, n, info);
+    free(img);
+    TRY(st);
+    return verify_marker(ckpt_dir, info);
+}
+
+Status checkpoint_find_latest_valid(const char *run_dir, char *path, size_t cap, char *skipped, size_t skipped_cap) {
+    char ckdir[4096];
+    str_fmt(ckdir, sizeof ckdir, "%s/ckpt", run_dir);
+    char **names;
+    int n = list_complete(ckdir, &names);
+    path[0] = 0;
+    if (skipped_cap) skipped[0] = 0;
+    size_t used = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        char dir[4096];
+        str_fmt(dir, sizeof dir, "%s/%s", ckdir, names[i]);
+        CheckpointInfo info;
+        Status st = checkpoint_verify(dir, &info);
+        if (STATUS_OK(st)) { str_fmt(path, cap, "%s", dir); break; }
+        if (used + 1 < skipped_cap) {
+            int k = snprintf(skipped + used, skipped_cap - used, "skipped %s: %s\n", dir, st.msg);
+            if (k > 0) used += (size_t)k < skipped_cap - used ? (size_t)k : skipped_cap - used - 1;
+        }
+    }
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
     return status_ok();
 }
 

@@ -1,8 +1,10 @@
 /* checkpoint: atomic, checksummed training checkpoints. A checkpoint is a folder
- * ckpt/step_NNNNNNNN/ with model.bin (rank 0: every parameter and Adam moment, the tensor
- * table, the training position), rank_RRRR.bin per rank (rank-local state), and COMPLETE
- * written last; it is built under a temporary name and renamed into place, so a folder
- * named step_* is always whole. Every section carries a CRC32 that load verifies.
+ * ckpt/step_NNNNNNNN/ with model.bin (written by rank 0: every parameter and Adam moment,
+ * the tensor table, the training position, the rank count) and COMPLETE ("step N ranks P",
+ * checked against model.bin) written last; it is built under a temporary name and renamed
+ * into place, and pruning moves a folder out of the step_* names before deleting it, so a
+ * folder named step_* holding COMPLETE is whole unless its files were damaged afterwards.
+ * Every section carries a CRC32 that load verifies.
  * Does not: decide when to checkpoint (train.c does). */
 #ifndef DCMOE_CHECKPOINT_H
 #define DCMOE_CHECKPOINT_H
@@ -19,8 +21,23 @@ typedef struct TrainPos {
 
 /* collective: every rank calls. Keeps the newest `keep` checkpoints. */
 Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep);
-/* path of the newest complete checkpoint folder, or "" if none */
+/* path of the newest complete checkpoint folder, or "" if none (marker only, nothing verified) */
 Status checkpoint_find_latest(const char *run_dir, char *path, size_t cap);
+
+/* what a verified checkpoint says about itself */
+typedef struct CheckpointInfo {
+    int64_t step;            /* steps completed (the "pos" section) */
+    int ranks;               /* rank count it was written at */
+} CheckpointInfo;
+/* verify one checkpoint folder without a model: COMPLETE present and consistent with
+ * model.bin, every section's CRC, the "pos" section. Errors name the file and the fault. */
+Status checkpoint_verify(const char *ckpt_dir, CheckpointInfo *info);
+/* verify a model.bin image in memory (magic, version, section table, CRCs); `file` names it
+ * in messages. Pure: no I/O (the fuzz target for the checkpoint reader). */
+Status checkpoint_verify_image(const char *file, const void *img, size_t n, CheckpointInfo *info);
+/* the newest checkpoint that verifies: path "" if none. Every newer complete-looking folder
+ * that fails verification is reported in `skipped` (one line each, "" if none). */
+Status checkpoint_find_latest_valid(const char *run_dir, char *path, size_t cap, char *skipped, size_t skipped_cap);
 /* collective: rank 0 reads and verifies, the state is broadcast. Errors name the file and
  * what is wrong (bad magic, version, checksum, tensor shape mismatch). */
 Status checkpoint_load(const char *ckpt_dir, Model *m, TrainPos *pos);
