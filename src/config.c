@@ -20,6 +20,7 @@ _Static_assert(sizeof(enum DataKind) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum TaskKind) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum Pooling) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum BackendKind) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum TrainOnNonfinite) == sizeof(int), "enum size");
 
 /* ------------------------------------------------------------------------------------------
  * schema
@@ -55,6 +56,7 @@ static const char *const exchange_names[] = {"flat", "two_level", NULL};
 static const char *const precision_names[] = {"fp32", "storage", "qat", NULL};
 static const char *const tier_names[] = {"host", "file", NULL};
 static const char *const prefetch_names[] = {"none", "ema", NULL};
+static const char *const on_nonfinite_names[] = {"stop", "skip_step", NULL};
 
 /* The key string is the member designator itself, so key and offset cannot disagree. */
 #define FIELD_(f) .key = #f, .offset = offsetof(Config, f), .size = sizeof(((Config *)0)->f)
@@ -186,13 +188,18 @@ static const KeyDef keys[] = {
     K_INT(train.eval_interval, 0, INT_MAX, 200, "evaluate every n steps; 0 = only at the end"),
     K_INT(train.eval_batches, 0, INT_MAX, 50, "batches per evaluation; 0 = the whole split"),
     K_INT(train.log_interval, 1, INT_MAX, 10, "console line every n steps"),
+    K_ENUM(train.on_nonfinite, on_nonfinite_names, TRAIN_ON_NONFINITE_STOP,
+           "a NaN/Inf loss or gradient norm: stop (name the step, rank and batch, flush the log, keep the last good "
+           "checkpoint) or skip_step (drop that step's update and go on)"),
     /* log */
     K_INT(log.flush_interval, 1, INT_MAX, 10, "flush the HDF5 log every n steps"),
     K_BOOL(log.swmr, 1, "HDF5 single-writer/multiple-reader mode (read the log while training)"),
     K_INT(log.expert_interval, 1, INT_MAX, 10, "write per-expert count matrices every n steps"),
     /* checkpoint */
     K_INT(checkpoint.interval, 0, INT_MAX, 0, "checkpoint every n steps; 0 = only at the end"),
-    K_INT(checkpoint.keep, 1, 1000, 2, "complete checkpoints to keep"),
+    K_INT(checkpoint.keep, 1, 1000, 2,
+          "complete checkpoints to keep; saving needs disk room for keep + 1 checkpoints (the new one is "
+          "written before the oldest is pruned)"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

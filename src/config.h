@@ -24,6 +24,7 @@ enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
 enum PrecisionMode { PRECISION_FP32 = 0, PRECISION_STORAGE = 1, PRECISION_QAT = 2 };
 enum OffloadTier { OFFLOAD_HOST = 0, OFFLOAD_FILE = 1 };
 enum PrefetchKind { PREFETCH_NONE = 0, PREFETCH_EMA = 1 };
+enum TrainOnNonfinite { TRAIN_ON_NONFINITE_STOP = 0, TRAIN_ON_NONFINITE_SKIP_STEP = 1 };
 
 typedef struct RunConfig {
     char name[128];          /* run name; output folder is out_dir/name */
@@ -142,6 +143,7 @@ typedef struct TrainConfig {
     int eval_interval;       /* steps; 0 = only at the end */
     int eval_batches;        /* 0 = whole split */
     int log_interval;        /* console lines every n steps */
+    enum TrainOnNonfinite on_nonfinite;  /* NaN/Inf loss or gradient norm: stop the run, or skip the step */
 } TrainConfig;
 
 typedef struct LogConfig {
@@ -152,7 +154,7 @@ typedef struct LogConfig {
 
 typedef struct CheckpointConfig {
     int interval;            /* steps; 0 = only at the end */
-    int keep;                /* complete checkpoints to keep */
+    int keep;                /* complete checkpoints to keep (saving needs room for keep + 1) */
 } CheckpointConfig;
 
 typedef struct Config {
