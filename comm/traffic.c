@@ -69,21 +69,20 @@ void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out) {
                 if (tr->topo && !topology_same_node(tr->topo, s, d)) out->inter[ph] += (double)b;
                 else out->intra[ph] += (double)b;
             }
-    double red[COMM_N_PHASES + 5];
+    double red[COMM_N_PHASES + 4];
     for (int ph = 0; ph < NP; ph++) red[ph] = tr->seconds[ph];
     comm_allreduce_max_f64(c, red, NP);
     for (int ph = 0; ph < NP; ph++) out->seconds[ph] = red[ph];
-    red[0] = tr->rows; red[1] = tr->pairs; red[2] = tr->nodes_touched; red[3] = tr->tokens; red[4] = tr->padding;
-    comm_allreduce_sum_f64(c, red, 5);
+    red[0] = tr->rows; red[1] = tr->pairs; red[2] = tr->nodes_touched; red[3] = tr->tokens;
+    comm_allreduce_sum_f64(c, red, 4);
     out->rows_dispatched = red[0];
     out->pairs_routed = red[1];
     out->nodes_touched = red[2];
     out->tokens = red[3];
-    out->padding_bytes = red[4];
     memset(tr->bytes, 0, sizeof(uint64_t) * row);
     memset(tr->msgs, 0, sizeof(uint64_t) * row);
     memset(tr->seconds, 0, sizeof tr->seconds);
-    tr->rows = tr->pairs = tr->nodes_touched = tr->tokens = tr->padding = 0;
+    tr->rows = tr->pairs = tr->nodes_touched = tr->tokens = 0;
     xfree(mine);
     xfree(all);
     c->traffic = saved;

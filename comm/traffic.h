@@ -3,6 +3,9 @@
  * number of messages, the rows (tokens) per destination for dispatch, and the time per
  * phase. At the end of a step the per-rank rows are gathered into full [phase, src, dst]
  * matrices and summed into intra- and inter-node bytes by the topology.
+ * There is no padding counter: dcmoe's exchanges send exact per-destination counts
+ * (alltoallv, never buffers padded to a capacity), and dropped token-expert pairs are not
+ * sent at all, so the exchange phases carry payload only (rows, entries, counts).
  * Does not: send anything itself besides that gather, or write HDF5 (train.c does). */
 #ifndef DCMOE_TRAFFIC_H
 #define DCMOE_TRAFFIC_H
@@ -20,7 +23,6 @@ typedef struct TrafficStep {             /* one step, global (valid on every ran
     double pairs_routed;                 /* token-expert pairs those rows carry (dedup factor = pairs/rows) */
     double nodes_touched;                /* sum over tokens of distinct nodes its rows went to */
     double tokens;                       /* tokens routed (denominator of per-token figures) */
-    double padding_bytes;
 } TrafficStep;
 
 typedef struct Traffic {
@@ -29,7 +31,7 @@ typedef struct Traffic {
     uint64_t *bytes;         /* [phase, P] this rank -> dst, this step */
     uint64_t *msgs;          /* [phase, P] */
     double seconds[COMM_N_PHASES];
-    double rows, pairs, nodes_touched, tokens, padding;   /* this rank, this step */
+    double rows, pairs, nodes_touched, tokens;   /* this rank, this step */
     uint64_t *matrix;        /* [phase, P(src), P(dst)] of the last step_end (all ranks) */
     uint64_t *msg_matrix;    /* [phase, P(src), P(dst)] messages of the last step_end */
     uint64_t *total;         /* [phase, P, P] since the start */
