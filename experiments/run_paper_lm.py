@@ -1,18 +1,28 @@
 #!/usr/bin/python3
-"""Run the paper-lm comparison (experiments/paper-lm.yaml) and write results/paper-lm.{md,csv}.
+"""Run the paper-lm comparison (experiments/paper-lm.yaml) and write results/paper-lm.{csv,meta.json},
+results/paper-lm-curves.png and results/paper-lm.md.
 
 usage: /usr/bin/python3 experiments/run_paper_lm.py [--ranks 1] [--steps N] [--set k=v ...]
+       /usr/bin/python3 experiments/run_paper_lm.py --render-only [--out DIR]
 Each variant is `dcmoe train experiments/paper-lm.yaml --set ...`; runs already complete
-(final checkpoint present) are not rerun. Needs a built dcmoe (build/) and h5py/numpy."""
+(final checkpoint present) are not rerun. Needs a built dcmoe (build/) and h5py/numpy.
+--render-only rebuilds results/paper-lm.md from results/paper-lm.{csv,meta.json} and the
+hand-written results/paper-lm.notes.md (no training, no h5py); --out DIR writes it to DIR."""
 import argparse
+import csv
 import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+import resultslib as rl
+
+ROOT = rl.ROOT
+NAME = "paper-lm"
+SCRIPT = "experiments/run_paper_lm.py"
+CURVES = ["dense-s1", "standard-s1", "clustered-g4-s1", "clustered-g8-s1", "clustered-g4-auxfree",
+          "standard-dropless", "clustered-g4-dropless"]
 VARIANTS = [  # name, kind, groups, seed, extra --set (the investigation rows vary one knob each)
     ("dense-s1", "dense", 4, 1, []),
     ("standard-s1", "standard", 4, 1, []),
@@ -30,6 +40,7 @@ VARIANTS = [  # name, kind, groups, seed, extra --set (the investigation rows va
 
 
 def run(args, name, kind, groups, seed, extra):
+    import h5py
     out = os.path.join(ROOT, "runs", "paper-lm")
     h5 = os.path.join(out, name, "metrics.h5")
     if os.path.exists(h5):
@@ -56,9 +67,9 @@ def run(args, name, kind, groups, seed, extra):
 
 
 def summarize(h5):
+    import h5py
     with h5py.File(h5, "r", swmr=True) as f:
         A = f.attrs
-        kinds = A.get("kinds", None)
         bk = np.array(f["params/by_kind"])
         names = f["params/by_kind"].attrs["kinds"].split(",")
         pk = dict(zip(names, bk))
@@ -84,54 +95,69 @@ def summarize(h5):
         row["recon"] = float(ev[:, :, 7][refit].mean()) if ev.shape[0] and refit.any() else float("nan")
         row["recon_max"] = float(ev[:, :, 8].max()) if ev.shape[0] and refit.any() else float("nan")
         row["probe_delta"] = float(np.mean(ev[:, 0, 11] - ev[:, 0, 10])) if ev.shape[0] else float("nan")
-        if kinds is not None:
-            pass
     return row
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--only", default="", help="comma-separated variant names")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "paper-lm"))
-    a = ap.parse_args()
+COLS = ["run", "valid_ppl", "test_ppl", "total_params", "active_params", "expert_params", "expert_reduction", "tok_s",
+        "tok_s_vs_standard", "cv2", "var", "maxvio", "events", "accepted", "moved", "recon_mean", "recon_max", "probe_delta"]
+
+
+def run_all(a):
     rows = {}
     for name, kind, groups, seed, extra in VARIANTS:
         if a.only and name not in a.only.split(","):
             continue
         rows[name] = summarize(run(a, name, kind, groups, seed, extra))
-        rows[name]["extra"] = " ".join(extra)
+    if a.only:
+        return   # a partial run writes no results file (the table needs every variant)
     std_expert = rows["standard-s1"]["expert"]
     std_tok = rows["standard-s1"]["tok_s"]
-    cmd = "/usr/bin/python3 experiments/run_paper_lm.py " + " ".join(sys.argv[1:])
+    lines = [",".join(COLS)]
+    for name, r in rows.items():
+        red = 1 - r["expert"] / std_expert if r["expert"] else float("nan")
+        lines.append(f"{name},{r['ppl']:.4f},{r['test_ppl']:.4f},{r['total']:.0f},{r['active']:.0f},{r['expert']:.0f},{red:.4f},"
+                     f"{r['tok_s']:.1f},{r['tok_s'] / std_tok:.3f},{r['cv2']:.5f},{r['var']:.3f},{r['maxvio']:.4f},"
+                     f"{r['layer_events']},{r['accepted']},{r['moved']},{r['recon']:.5f},{r['recon_max']:.5f},{r['probe_delta']:.4f}")
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]),
+                         "unigram_ppl_valid": rows["dense-s1"]["unigram"]})
+    curves = ["/usr/bin/python3", os.path.join(ROOT, "analysis", "compare_runs.py"), os.path.join(rl.RESULTS, "paper-lm-curves.png")]
+    subprocess.run(curves + [os.path.join(ROOT, "runs", "paper-lm", n) for n in CURVES], check=True, cwd=ROOT)
+
+
+def render(out_dir):
+    meta = rl.read_meta(NAME)
+    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
+        rows = {r["run"]: {k: (v if k == "run" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)}
+    extra = {name: " ".join(x) for name, _, _, _, x in VARIANTS}
+    std = rows["standard-s1"]
     lines = ["# paper-lm: dense vs standard MoE vs clustered MoE (Brown corpus)", "",
-             f"Command: `{cmd.strip()}` (config `experiments/paper-lm.yaml`; d_model 128, 2 layers, seq 64, "
-             "batch 16, E=32 top-2, d_ff_expert 256, r=16, 800 steps; dense d_ff 512 = equal active width).", "",
+             f"Command: `{meta['command']}` (config `experiments/paper-lm.yaml`; d_model 128, 2 layers, seq 64, "
+             "batch 16, E=32 top-2, d_ff_expert 256, r=16, 800 steps; dense d_ff 512 = equal active width). "
+             "It also draws `results/paper-lm-curves.png` with `/usr/bin/python3 analysis/compare_runs.py "
+             "results/paper-lm-curves.png runs/paper-lm/{" + ",".join(CURVES) + "}`. "
+             + rl.rerender(SCRIPT, ["results/paper-lm.csv", "results/paper-lm.meta.json"]), "",
              "| run | valid ppl | test ppl | total params | active params | expert params | expert-param reduction vs standard | "
              "tok/s | vs standard tok/s | load CV² | Var(n_e) | MaxVio | re-cluster events (accepted/layer-events) | moved | recon err mean / max | probe Δloss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    csv = ["run,valid_ppl,test_ppl,total_params,active_params,expert_params,expert_reduction,tok_s,tok_s_vs_standard,cv2,var,maxvio,events,accepted,moved,recon_mean,recon_max"]
     for name, r in rows.items():
-        red = 1 - r["expert"] / std_expert if r["expert"] else float("nan")
-        lines.append(f"| {name}{' (' + r['extra'] + ')' if r['extra'] else ''} | {r['ppl']:.2f} | {r['test_ppl']:.2f} | {r['total'] / 1e6:.3f}M | {r['active'] / 1e6:.3f}M | "
-                     f"{r['expert'] / 1e6:.3f}M | {100 * red:.1f}% | {r['tok_s']:.0f} | {r['tok_s'] / std_tok:.2f}x | "
-                     f"{r['cv2']:.4f} | {r['var']:.1f} | {r['maxvio']:.3f} | {r['accepted']}/{r['layer_events']} | {r['moved']} | "
-                     f"{100 * r['recon']:.2f}% / {100 * r['recon_max']:.2f}% | {r['probe_delta']:+.4f} |")
-        csv.append(f"{name},{r['ppl']:.4f},{r['test_ppl']:.4f},{r['total']:.0f},{r['active']:.0f},{r['expert']:.0f},{red:.4f},"
-                   f"{r['tok_s']:.1f},{r['tok_s'] / std_tok:.3f},{r['cv2']:.5f},{r['var']:.3f},{r['maxvio']:.4f},"
-                   f"{r['layer_events']},{r['accepted']},{r['moved']},{r['recon']:.5f},{r['recon_max']:.5f}")
+        x = extra.get(name, "")
+        lines.append(f"| {name}{' (' + x + ')' if x else ''} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['total_params'] / 1e6:.3f}M | "
+                     f"{r['active_params'] / 1e6:.3f}M | {r['expert_params'] / 1e6:.3f}M | {100 * r['expert_reduction']:.1f}% | "
+                     f"{r['tok_s']:.0f} | {r['tok_s'] / std['tok_s']:.2f}x | {r['cv2']:.4f} | {r['var']:.1f} | {r['maxvio']:.3f} | "
+                     f"{r['accepted']:.0f}/{r['events']:.0f} | {r['moved']:.0f} | "
+                     f"{100 * r['recon_mean']:.2f}% / {100 * r['recon_max']:.2f}% | {r['probe_delta']:+.4f} |")
 
     def pair(a, b):
-        x = np.array([rows[a]["ppl"], rows[b]["ppl"]])
+        x = np.array([rows[a]["valid_ppl"], rows[b]["valid_ppl"]])
         return x.mean(), abs(x[0] - x[1]) / 2
 
     sm, ss = pair("standard-s1", "standard-s2")
     cm, csd = pair("clustered-g4-s1", "clustered-g4-s2")
     cv_std = np.mean([rows["standard-s1"]["cv2"], rows["standard-s2"]["cv2"]])
     cv_cl = np.mean([rows["clustered-g4-s1"]["cv2"], rows["clustered-g4-s2"]["cv2"]])
-    red4 = 1 - rows["clustered-g4-s1"]["expert"] / std_expert
+    red4 = 1 - rows["clustered-g4-s1"]["expert_params"] / rows["standard-s1"]["expert_params"]
     tok_ratio = np.mean([rows["clustered-g4-s1"]["tok_s"], rows["clustered-g4-s2"]["tok_s"]]) / \
         np.mean([rows["standard-s1"]["tok_s"], rows["standard-s2"]["tok_s"]])
     lines += ["", "## Goals from the paper (two seeds for standard and clustered G=4: mean ± half-range)", "",
@@ -141,11 +167,24 @@ def main():
               f"| expert-parameter reduction at G=4 | ≥ 75% | {100 * red4:.1f}% | {'yes' if red4 >= 0.75 else 'no'} |",
               f"| tokens/s vs standard MoE | ≥ 1.2x | {tok_ratio:.2f}x (this run's timings; see results/bench-cpu.md for a quiet-machine measurement) | {'yes' if tok_ratio >= 1.2 else 'no'} |",
               f"| load CV² vs standard MoE | ≥ 3x lower | {cv_std:.4f} / {cv_cl:.4f} = {cv_std / cv_cl:.2f}x | {'yes' if cv_std / cv_cl >= 3 else 'no'} |",
-              "", f"Unigram perplexity of the same vocabulary (valid): {rows['dense-s1']['unigram']:.2f}.", ""]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    open(a.out + ".md", "w").write("\n".join(lines))
-    open(a.out + ".csv", "w").write("\n".join(csv) + "\n")
-    print("\n".join(lines))
+              "", f"Unigram perplexity of the same vocabulary (valid): {meta['unigram_ppl_valid']:.2f}.", "",
+              rl.notes(NAME)]
+    return rl.write_md(out_dir, NAME, "\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
+    rl.add_args(ap)
+    a = ap.parse_args()
+    if not a.render_only:
+        run_all(a)
+        if a.only:
+            return
+    print(open(render(a.out)).read(), end="")
 
 
 if __name__ == "__main__":
