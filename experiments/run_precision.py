@@ -2,9 +2,13 @@
 """Precision and offloading study (issue 5): train small dense / standard MoE / clustered models
 (clustered in precision.mode storage and qat) at equal active width, evaluate them in FP32 and
 from the stored FP16/INT4 experts, with and without offloading under resident-group caps, and
-write results/precision-offload.{md,csv}.
+write results/precision-offload.{csv,meta.json,md}.
 
 usage: /usr/bin/python3 experiments/run_precision.py [--steps 500] [--jobs 2]
+       /usr/bin/python3 experiments/run_precision.py --render-only [--out DIR]
+--render-only rebuilds results/precision-offload.md from results/precision-offload.{csv,meta.json}
+and the hand-written results/precision-offload.notes.md (no training, no h5py); --out DIR writes
+it to DIR. Training with offloading is measured by experiments/run_offload_train.py.
 Config: experiments/paper-lm.yaml (d_model 128, 2 layers, E=32 top-2, d_ff_expert 256, G=4,
 r=16; dense d_ff 512) with train.steps overridden; runs go to runs/precision/. Runs whose final
 checkpoint exists are not retrained. Needs a built dcmoe (build/) and h5py/numpy.
@@ -21,10 +25,13 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+import resultslib as rl
+
+ROOT = rl.ROOT
+NAME = "precision-offload"
+SCRIPT = "experiments/run_precision.py"
 EXE = os.path.join(ROOT, "build", "dcmoe")
 CFG = os.path.join(ROOT, "experiments", "paper-lm.yaml")
 OUT = os.path.join(ROOT, "runs", "precision")
@@ -95,6 +102,7 @@ def evaluate(name, sets_train, tag, args, ranks=1):
 
 
 def train_summary(name):
+    import h5py
     with h5py.File(os.path.join(OUT, name, "metrics.h5"), "r", swmr=True) as f:
         mb = np.array(f["mem/bytes/value"])          # [n, P, kinds]
         hwm = np.array(f["mem/vmhwm/value"])         # [n, P]
@@ -105,11 +113,7 @@ def train_summary(name):
                     tok_s=tok_s, qerr=qerr, kinds=kinds)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--jobs", type=int, default=2)
-    a = ap.parse_args()
+def run_all(a):
     os.makedirs(OUT, exist_ok=True)
     t0 = time.time()
     train_all(a.steps, a.jobs)
@@ -156,28 +160,38 @@ def main():
                           misses=sum(e["misses"]), bytes_in=sum(e["bytes_in"]), eval_s=max(e["eval_s"]),
                           eval_vmhwm=max(e["vmhwm_bytes"]), train_accounted_bytes=tr["train_total"],
                           train_vmhwm=tr["train_hwm"], train_tok_s=tr["tok_s"]))
-    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "results", "precision-offload.csv"), "w", newline="") as f:
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0].keys()))
         w.writeheader()
         for r in table:
             w.writerow(r)
-    write_md(table, trains, a, time.time() - t0, rows)
+    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": a.steps, "jobs": a.jobs,
+                         "wall_s": time.time() - t0,
+                         "quant_err": {n: trains[n]["qerr"] for n in ("clustered-storage", "clustered-qat")}})
+
+
+def read_table():
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), newline="") as f:
+        return [{k: (v if k in ("model", "eval_precision") else int(v) if k == "ranks" else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def kib(x):
     return f"{x / 1024:.0f}"
 
 
-def write_md(table, trains, a, secs, rows):
+def render(out_dir):
+    meta = rl.read_meta(NAME)
+    table = read_table()
     L = []
     L.append("# precision-offload: FP16 bases / INT4 factors, QAT and offloading of expert groups (issue 5)\n")
-    L.append(f"Command: `/usr/bin/python3 experiments/run_precision.py --steps {a.steps} --jobs {a.jobs}` "
+    L.append(f"Command: `{meta['command']}` "
              f"(config `experiments/paper-lm.yaml`: d_model 128, 2 layers, seq 64, batch 16, E=32 top-2, "
-             f"d_ff_expert 256, G=4, r=16, INT4 group 64; dense d_ff 512 = equal active width; {a.steps} steps each, "
-             f"1 rank, {a.jobs} runs at a time on the 2-core machine; evaluation on the whole test split; "
-             f"total {secs / 60:.1f} min). Raw numbers: `results/precision-offload.csv`, per-eval JSON in "
-             f"`runs/precision/*.json`.\n")
+             f"d_ff_expert 256, G=4, r=16, INT4 group 64; dense d_ff 512 = equal active width; {meta['steps']} steps each, "
+             f"1 rank, {meta['jobs']} runs at a time on the 2-core machine; evaluation on the whole test split; "
+             f"total {meta['wall_s'] / 60:.1f} min). Raw numbers: `results/precision-offload.csv`, per-eval JSON in "
+             f"`runs/precision/*.json`. " + rl.rerender(SCRIPT, ["results/precision-offload.csv", "results/precision-offload.meta.json"])
+             + " Training with offloading: `results/offload-train.md`.\n")
     L.append("Bytes are per rank. *Expert bytes*: the resident expert parameters during evaluation — FP32 arrays "
              "for FP32 rows, the accounted peak of the resident stored FP16/INT4 tensors (memacct; under "
              "offloading the occupied resident slots) for stored rows. *Total resident*: that plus the FP32 "
@@ -199,8 +213,8 @@ def write_md(table, trains, a, secs, rows):
                  f"{kib(r['total_resident_bytes'])} | {r['total_vs_dense']:.2f}x | {hr} | {sf} | {r['misses']:.0f} | "
                  f"{r['bytes_in'] / 2**20:.1f} | {r['eval_vmhwm'] / 2**20:.0f} | {r['train_accounted_bytes'] / 2**20:.1f} | "
                  f"{r['train_vmhwm'] / 2**20:.0f} |")
-    q = trains["clustered-qat"]["qerr"]
-    s = trains["clustered-storage"]["qerr"]
+    q = meta["quant_err"]["clustered-qat"]
+    s = meta["quant_err"]["clustered-storage"]
     L.append("")
     L.append(f"Relative quantisation error at the last step (`precision/quant_err`, per layer [bases FP16, factors INT4]): "
              f"storage run {np.round(s, 5).tolist()}, QAT run {np.round(q, 5).tolist()}.\n")
@@ -223,32 +237,28 @@ def write_md(table, trains, a, secs, rows):
              f"{c32['eval_vmhwm'] / dn['eval_vmhwm']:.2f}x, standard MoE {by['standard MoE']['eval_vmhwm'] / dn['eval_vmhwm']:.2f}x | "
              f"{'yes' if best['eval_vmhwm'] <= 1.2 * dn['eval_vmhwm'] else 'no'} (dominated by non-parameter memory, see above) |")
     worst_off = max(abs(r["ppl_vs_clustered_fp32"]) for r in offs)
+    exact = " (offloading is exact: same loss as resident)" if all(r["test_ppl"] == st["test_ppl"] for r in offs) else ""
     L.append(f"| perplexity of FP16/INT4 (+ offloading) vs clustered FP32 | within 2% | storage {100 * st['ppl_vs_clustered_fp32']:+.2f}%, "
-             f"offloaded rows up to {100 * worst_off:.2f}% (offloading is exact: same loss as resident), QAT stored "
+             f"offloaded rows up to {100 * worst_off:.2f}%{exact}, QAT stored "
              f"{100 * qat['ppl_vs_clustered_fp32']:+.2f}% | {'yes' if abs(st['ppl_vs_clustered_fp32']) <= 0.02 and worst_off <= 0.02 else 'no'} |")
     worst_stall = max(r["stall_fraction"] for r in offs)
     stalls = ", ".join("%.1f%%" % (100 * r["stall_fraction"]) for r in offs)
     L.append(f"| offload stall time vs step time | ≤ 5% | {stalls} "
              f"(stall / eval wall time per row above) | {'yes' if worst_stall <= 0.05 else 'no'} |")
     L.append("")
-    L.append("## Reading and limits\n")
-    L.append("- Every group of a layer is needed by every batch (16x64 tokens over 4 groups), so a cap of c < 4 groups "
-             "costs 4 - c fetches per layer and batch: the layer computes the resident groups first, then fetches the "
-             "rest one at a time (LRU would otherwise miss on every access of the cyclic sweep), hence hit rates of "
-             "about c/4. Offloading pays when batches touch few groups (small batches, decoding) — not measured here.")
-    L.append("- The fetches are synchronous (CPU path, file tier through the page cache): the stall is the decode/copy "
-             "time, not disk latency; the EMA prefetch cannot help when every group is used every batch.")
-    L.append("- The expert-byte and total-resident columns are accounted from the allocations (memacct), not measured; "
-             "the measured VmHWM is reported beside them. The model still allocates (untouched) training buffers in eval, "
-             "and rank 0 reads the whole model.bin image to verify its checksums.")
-    L.append("- Timings (eval seconds, stall fractions) come from a shared 2-core machine; the stall fraction is stall "
-             "seconds inside the manager's fetches divided by the eval's wall time, so a loaded machine makes it "
-             "smaller than on a quiet one.")
-    L.append("- Training in `offload.enabled` is refused at start-up (supported in `dcmoe eval` only).")
-    L.append("- One seed, short runs; differences in perplexity below ~1% between the MoE variants are within noise.")
-    with open(os.path.join(ROOT, "results", "precision-offload.md"), "w") as f:
-        f.write("\n".join(L) + "\n")
-    print("\n".join(L))
+    L.append(rl.notes(NAME))
+    return rl.write_md(out_dir, NAME, "\n".join(L))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--jobs", type=int, default=2)
+    rl.add_args(ap)
+    a = ap.parse_args()
+    if not a.render_only:
+        run_all(a)
+    print(open(render(a.out)).read(), end="")
 
 
 if __name__ == "__main__":
