@@ -4,12 +4,16 @@
 dense d_ff 2048 = equal active width) as tokens/s and achieved FLOP/s as a fraction of the
 OpenBLAS sgemm peak measured in the same run, against a PyTorch model of the same config and
 thread count written the way researchers write it (Hugging Face Mixtral style: a loop over
-experts with index_add). Writes results/bench-cpu.md (and .csv).
+experts with index_add). Writes results/bench-cpu.{csv,meta.json,md}.
 
-usage: /usr/bin/python3 bench/bench_cpu.py [--steps 30] [--torch-steps 6] [--build build]
+usage: /usr/bin/python3 bench/bench_cpu.py [--steps 30] [--torch-steps 5] [--build build]
+       /usr/bin/python3 bench/bench_cpu.py --render-only [--out DIR]
+--render-only rebuilds results/bench-cpu.md from results/bench-cpu.{csv,meta.json} and the
+hand-written results/bench-cpu.notes.md (nothing is run; no h5py or torch); --out DIR writes it to DIR.
 Needs: a built dcmoe, the Brown corpus (bash tools/fetch-data.sh), python3-torch, h5py.
 """
 import argparse
+import csv
 import math
 import os
 import shutil
@@ -18,10 +22,14 @@ import sys
 import tempfile
 import time
 
-import h5py
 import numpy as np
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
+import resultslib as rl  # noqa: E402
+
+ROOT = rl.ROOT
+NAME = "bench-cpu"
+SCRIPT = "bench/bench_cpu.py"
 
 CONFIG = """run:
   name: {name}
@@ -76,6 +84,7 @@ def run_dcmoe(exe, out, kind, ranks, threads, steps, groups=8):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"dcmoe failed: {' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    import h5py
     with h5py.File(os.path.join(out, name, "metrics.h5"), "r") as f:
         tok = np.array(f["perf/tok_s/value"])
         split = np.array(f["perf/time_split/value"])
@@ -192,13 +201,7 @@ def run_torch(kind, threads, steps, V=10000):
     return 16 * 128 / float(np.median(times))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--torch-steps", type=int, default=5)
-    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench-cpu.md"))
-    a = ap.parse_args()
+def run_all(a):
     exe = os.path.join(a.build, "dcmoe")
     tmp = tempfile.mkdtemp(prefix="dcmoe-bench-")
     rows = []
@@ -218,47 +221,69 @@ def main():
     peak = max(r["peak"] for r in rows)
     for r in rows:
         r["frac"] = r["fpt"] * r["tok_s"] / (peak * 1e9)
+    csv_lines = ["model,engine,ranks,threads,tok_s,gflops,frac_peak,speedup_vs_torch,fwd_ms,bwd_ms,allreduce_ms,optimizer_ms"]
+    for r in rows:
+        gf = r["fpt"] * r["tok_s"] * 1e-9
+        sp = r["tok_s"] / torch_tok["standard" if r["kind"] == "clustered" else r["kind"]]
+        csv_lines.append(f"{r['label']},dcmoe,{r['ranks']},{r['threads']},{r['tok_s']:.1f},{gf:.2f},{r['frac']:.4f},{sp:.2f},"
+                         f"{1e3 * r['fwd']:.1f},{1e3 * r['bwd']:.1f},{1e3 * r['comm']:.1f},{1e3 * r['opt']:.1f}")
+    for kind in ("dense", "standard"):
+        fpt = [r["fpt"] for r in rows if r["kind"] == kind][0]
+        t = torch_tok[kind]
+        csv_lines.append(f"{kind},pytorch,1,2,{t:.1f},{fpt * t * 1e-9:.2f},{fpt * t / (peak * 1e9):.4f},1.00,,,,")
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
+        f.write("\n".join(csv_lines) + "\n")
+    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": a.steps,
+                         "torch_version": __import__("torch").__version__,
+                         "sgemm_peak_gflops": peak, "sgemm_peak_lowest_gflops": min(r["peak"] for r in rows)})
 
-    cmd = "/usr/bin/python3 bench/bench_cpu.py " + " ".join(sys.argv[1:])
+
+def render(out_dir):
+    meta = rl.read_meta(NAME)
+    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
+        rows = list(csv.DictReader(f))
     lines = ["# CPU training throughput: dcmoe vs a PyTorch reference", "",
-             f"Command: `{cmd.strip()}` (from the repository root, after building into `build/`).", "",
+             f"Command: `{meta['command']}` (from the repository root, after building into `build/`). "
+             + rl.rerender(SCRIPT, ["results/bench-cpu.csv", "results/bench-cpu.meta.json"]), "",
              "Config: d_model 256, 4 layers, 8 heads, seq 128, global batch 16, vocab 10000 (Brown corpus), "
              "standard MoE = 32 experts top-2 with d_ff_expert 1024 and capacity 1.25; dense d_ff 2048 "
              "(equal active width). FLOP/s counts matmul FLOPs of forward+backward (3x forward) per token; "
              "the peak is OpenBLAS sgemm (1024^3) measured by dcmoe at start-up of each run, summed over ranks; "
              "every row uses the highest of those measurements. "
-             f"Median over steps after the first {min(5, a.steps // 3)}.", "",
+             f"Median over steps after the first {min(5, meta['steps'] // 3)}.", "",
              "| model | engine | ranks x threads | tokens/s | GFLOP/s | % of sgemm peak | vs PyTorch | fwd ms | bwd ms | allreduce ms | optimizer ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    csv = ["model,engine,ranks,threads,tok_s,gflops,frac_peak,speedup_vs_torch"]
     for r in rows:
-        gf = r["fpt"] * r["tok_s"] * 1e-9
-        sp = r["tok_s"] / torch_tok["standard" if r["kind"] == "clustered" else r["kind"]]
-        lines.append(f"| {r['label']} | dcmoe | {r['ranks']} x {r['threads']} | {r['tok_s']:.0f} | {gf:.1f} | "
-                     f"{100 * r['frac']:.1f}% | {sp:.1f}x | {1e3 * r['fwd']:.0f} | {1e3 * r['bwd']:.0f} | "
-                     f"{1e3 * r['comm']:.0f} | {1e3 * r['opt']:.0f} |")
-        csv.append(f"{r['label']},dcmoe,{r['ranks']},{r['threads']},{r['tok_s']:.1f},{gf:.2f},{r['frac']:.4f},{sp:.2f}")
-    for kind in ("dense", "standard"):
-        fpt = [r["fpt"] for r in rows if r["kind"] == kind][0]
-        t = torch_tok[kind]
-        lines.append(f"| {kind} | PyTorch {__import__('torch').__version__} (Mixtral-style loop + index_add) | 1 x 2 | "
-                     f"{t:.0f} | {fpt * t * 1e-9:.1f} | {100 * fpt * t / (peak * 1e9):.1f}% | 1.0x | | | | |")
-        csv.append(f"{kind},pytorch,1,2,{t:.1f},{fpt * t * 1e-9:.2f},{fpt * t / (peak * 1e9):.4f},1.00")
-    std = {r["ranks"]: r["tok_s"] for r in rows if r["kind"] == "standard"}
-    lines += ["", f"sgemm peak measured: {peak:.1f} GFLOP/s (2 cores; highest of the runs' start-up measurements, lowest "
-             f"{min(r['peak'] for r in rows):.1f}).", "",
+        tok, gf, frac, sp = float(r["tok_s"]), float(r["gflops"]), float(r["frac_peak"]), float(r["speedup_vs_torch"])
+        if r["engine"] == "dcmoe":
+            lines.append(f"| {r['model']} | dcmoe | {r['ranks']} x {r['threads']} | {tok:.0f} | {gf:.1f} | "
+                         f"{100 * frac:.1f}% | {sp:.1f}x | {float(r['fwd_ms']):.0f} | {float(r['bwd_ms']):.0f} | "
+                         f"{float(r['allreduce_ms']):.0f} | {float(r['optimizer_ms']):.0f} |")
+        else:
+            lines.append(f"| {r['model']} | PyTorch {meta['torch_version']} (Mixtral-style loop + index_add) | "
+                         f"{r['ranks']} x {r['threads']} | {tok:.0f} | {gf:.1f} | {100 * frac:.1f}% | {sp:.1f}x | | | | |")
+    std = {r["ranks"]: float(r["tok_s"]) for r in rows if r["model"] == "standard" and r["engine"] == "dcmoe"}
+    lines += ["", f"sgemm peak measured: {meta['sgemm_peak_gflops']:.1f} GFLOP/s (2 cores; highest of the runs' start-up "
+              f"measurements, lowest {meta['sgemm_peak_lowest_gflops']:.1f}).", "",
               "Clustered rows (G groups, r=16, top_groups 1, re-clustering off so the timing is the layer's): "
               "their 'vs PyTorch' column compares with the PyTorch standard MoE; against dcmoe's own standard MoE:"]
     for r in rows:
-        if r["kind"] == "clustered":
-            lines.append(f"- {r['label']} at {r['ranks']} x {r['threads']}: {r['tok_s'] / std[r['ranks']]:.2f}x standard-MoE tokens/s")
-    lines.append("")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines))
-    with open(a.out.replace(".md", ".csv"), "w") as f:
-        f.write("\n".join(csv) + "\n")
-    print("\n".join(lines))
+        if r["model"].startswith("clustered"):
+            lines.append(f"- {r['model']} at {r['ranks']} x {r['threads']}: {float(r['tok_s']) / std[r['ranks']]:.2f}x standard-MoE tokens/s")
+    lines += ["", rl.notes(NAME)]
+    return rl.write_md(out_dir, NAME, "\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--torch-steps", type=int, default=5)
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    rl.add_args(ap)
+    a = ap.parse_args()
+    if not a.render_only:
+        run_all(a)
+    print(open(render(a.out)).read(), end="")
 
 
 if __name__ == "__main__":
