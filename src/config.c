@@ -203,11 +203,11 @@ static const KeyDef keys[] = {
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
-/* sections in schema order; "sweep" is accepted at the top level and skipped (sweeps parse it) */
-static const char *const sections[] = {"run", "data", "model", "moe", "clustering", "topology", "parallel",
-                                       "precision", "offload", "train", "log", "checkpoint"};
-#define N_SECTIONS (sizeof sections / sizeof sections[0])
+/* Sections are the keys' prefixes, in schema order (a section's keys are contiguous in the
+ * table); nothing else lists them. "sweep" is accepted at the top level and skipped (sweeps
+ * parse it). A section is identified by the index of its first key; sweep by N_KEYS. */
 #define SWEEP_SECTION "sweep"
+#define SWEEP_INDEX N_KEYS
 
 static const char *key_type_name(const KeyDef *k) {
     switch (k->type) {
@@ -226,10 +226,37 @@ static const KeyDef *key_find(const char *dotted) {
     return NULL;
 }
 
+static size_t key_section_len(const KeyDef *k) {
+    const char *dot = strchr(k->key, '.');
+    ASSERTF(dot, "config: schema key '%s' has no section", k->key);
+    return (size_t)(dot - k->key);
+}
+
+/* keys[i] is the first key of its section */
+static bool key_opens_section(size_t i) {
+    if (i == 0) return true;
+    size_t n = key_section_len(&keys[i]);
+    return n != key_section_len(&keys[i - 1]) || strncmp(keys[i].key, keys[i - 1].key, n) != 0;
+}
+
+/* index of the first key of section name, or -1 */
 static int section_find(const char *name) {
-    for (size_t i = 0; i < N_SECTIONS; i++)
-        if (strcmp(sections[i], name) == 0) return (int)i;
+    size_t n = strlen(name);
+    for (size_t i = 0; i < N_KEYS; i++)
+        if (key_section_len(&keys[i]) == n && strncmp(keys[i].key, name, n) == 0) return (int)i;
     return -1;
+}
+
+/* "run, data, ..., checkpoint, sweep": every section of the schema, for messages */
+static void sections_list(char *out, size_t cap) {
+    size_t n = 0;
+    out[0] = 0;
+    for (size_t i = 0; i < N_KEYS; i++) {
+        if (!key_opens_section(i)) continue;
+        int w = snprintf(out + n, n < cap ? cap - n : 0, "%.*s, ", (int)key_section_len(&keys[i]), keys[i].key);
+        n += w > 0 ? (size_t)w : 0;
+    }
+    snprintf(out + (n < cap ? n : cap - 1), n < cap ? cap - n : 1, "%s", SWEEP_SECTION);
 }
 
 static const char *key_leaf(const char *dotted) {
@@ -261,17 +288,22 @@ static int edit_distance(const char *a, const char *b) {
 }
 
 /* closest valid name to a typed key ("moe.topk", "modle", "d_model"), or NULL if none is close.
- * A key under the wrong section ("model.top_k") finds its leaf in the right one. */
-static const char *suggest_key(const char *typed) {
-    const char *best = NULL;
+ * A key under the wrong section ("model.top_k") finds its leaf in the right one. The name is
+ * written to buf (a section name is not a NUL-terminated string of its own in the schema). */
+static const char *suggest_key(const char *typed, char *buf, size_t cap) {
+    size_t best = N_KEYS;      /* key index */
+    bool best_is_sec = false;
     int best_d = 1000;
     const char *dot = strchr(typed, '.');
     const char *leaf = dot ? dot + 1 : typed;
     size_t sec_len = dot ? (size_t)(dot - typed) : 0;
     if (!dot) {
-        for (size_t i = 0; i < N_SECTIONS; i++) {
-            int d = edit_distance(typed, sections[i]);
-            if (d < best_d) { best_d = d; best = sections[i]; }
+        for (size_t i = 0; i < N_KEYS; i++) {
+            if (!key_opens_section(i)) continue;
+            char sec[64];
+            snprintf(sec, sizeof sec, "%.*s", (int)key_section_len(&keys[i]), keys[i].key);
+            int d = edit_distance(typed, sec);
+            if (d < best_d) { best_d = d; best = i; best_is_sec = true; }
         }
     }
     for (size_t i = 0; i < N_KEYS; i++) {
@@ -280,11 +312,14 @@ static const char *suggest_key(const char *typed) {
         bool same_sec = dot && (size_t)(kleaf - 1 - k) == sec_len && strncmp(k, typed, sec_len) == 0;
         int dl = edit_distance(leaf, kleaf) + (same_sec ? 0 : dot ? 2 : 1);
         if (dl < d) d = dl;
-        if (d < best_d) { best_d = d; best = k; }
+        if (d < best_d) { best_d = d; best = i; best_is_sec = false; }
     }
     int limit = (int)strlen(leaf) / 3;
     if (limit < 2) limit = 2;
-    return best_d <= limit ? best : NULL;
+    if (best == N_KEYS || best_d > limit) return NULL;
+    if (best_is_sec) snprintf(buf, cap, "%.*s", (int)key_section_len(&keys[best]), keys[best].key);
+    else snprintf(buf, cap, "%s", keys[best].key);
+    return buf;
 }
 
 /* a scalar as shown in messages: at most ~48 bytes, quoted */
@@ -557,8 +592,9 @@ typedef struct Loader {
     Config *c;
     bool seen_key[N_KEYS];
     Mark first_key[N_KEYS];
-    bool seen_sec[N_SECTIONS + 1];    /* + sweep */
-    Mark first_sec[N_SECTIONS + 1];
+    bool seen_sec[N_KEYS + 1];        /* by section index (first key), + sweep */
+    Mark first_sec[N_KEYS + 1];
+    size_t n_set;                     /* keys set, plus 1 for a non-empty sweep section */
 } Loader;
 
 static Mark mark_of(yaml_mark_t m) { Mark r = {m.line + 1, m.column + 1}; return r; }
@@ -660,7 +696,8 @@ static Status loader_section(Loader *L, const char *sec) {
         snprintf(dotted, sizeof dotted, "%s.%s", sec, (const char *)L->ev.data.scalar.value);
         const KeyDef *k = key_find(dotted);
         if (!k) {
-            const char *hint = suggest_key(dotted);
+            char hint_buf[160];
+            const char *hint = suggest_key(dotted, hint_buf, sizeof hint_buf);
             if (hint) return loader_error(L, km, "unknown key '%s' (did you mean '%s'?)", dotted, hint);
             return loader_error(L, km, "unknown key '%s' (see the config reference for valid keys)", dotted);
         }
@@ -670,6 +707,7 @@ static Status loader_section(Loader *L, const char *sec) {
                                 L->first_key[ki].line, L->first_key[ki].col);
         L->seen_key[ki] = true;
         L->first_key[ki] = km;
+        L->n_set++;
 
         snprintf(L->ctx, sizeof L->ctx, "%s", dotted);
         TRY(loader_next(L));
@@ -697,12 +735,13 @@ static Status loader_root(Loader *L) {
         char sec[128];
         snprintf(sec, sizeof sec, "%s", (const char *)L->ev.data.scalar.value);
         bool sweep = strcmp(sec, SWEEP_SECTION) == 0;
-        int si = sweep ? (int)N_SECTIONS : section_find(sec);
+        int si = sweep ? (int)SWEEP_INDEX : section_find(sec);
         if (si < 0) {
-            const char *hint = suggest_key(sec);
-            return loader_error(L, km, "unknown section '%s' (sections: run, data, model, moe, train, log, "
-                                "checkpoint, sweep%s%s%s)", sec, hint ? "; did you mean '" : "", hint ? hint : "",
-                                hint ? "'?" : "");
+            char hint_buf[160], all[256];
+            const char *hint = suggest_key(sec, hint_buf, sizeof hint_buf);
+            sections_list(all, sizeof all);
+            return loader_error(L, km, "unknown section '%s' (sections: %s%s%s%s)", sec, all,
+                                hint ? "; did you mean '" : "", hint ? hint : "", hint ? "'?" : "");
         }
         if (L->seen_sec[si])
             return loader_error(L, km, "duplicate section '%s' (first at %zu:%zu)", sec,
@@ -712,7 +751,11 @@ static Status loader_root(Loader *L) {
 
         snprintf(L->ctx, sizeof L->ctx, "%s", sec);
         TRY(loader_next(L));
-        if (sweep) { TRY(loader_skip_node(L)); continue; }
+        if (sweep) {
+            if (!ev_is_null_scalar(&L->ev)) L->n_set++;
+            TRY(loader_skip_node(L));
+            continue;
+        }
         if (L->ev.type == YAML_MAPPING_START_EVENT) { TRY(loader_section(L, sec)); continue; }
         if (ev_is_null_scalar(&L->ev)) continue;   /* "model:" with every key commented out */
         return loader_error(L, ev_mark(L), "%s: expected a mapping of keys (key: value lines indented under "
@@ -728,9 +771,12 @@ static Status loader_stream(Loader *L) {
         return loader_error(L, ev_mark(L), "expected a YAML document");
     TRY(loader_next(L));
     if (L->ev.type == YAML_MAPPING_START_EVENT) TRY(loader_root(L));
-    else if (!ev_is_null_scalar(&L->ev))
-        return loader_error(L, ev_mark(L), "expected a mapping of sections (run, data, model, moe, train, log, "
-                            "checkpoint) at the top level, got %s", node_kind(&L->ev));
+    else if (!ev_is_null_scalar(&L->ev)) {
+        char all[256];
+        sections_list(all, sizeof all);
+        return loader_error(L, ev_mark(L), "expected a mapping of sections (%s) at the top level, got %s", all,
+                            node_kind(&L->ev));
+    }
     TRY(loader_next(L));                                   /* DOCUMENT_END */
     TRY(loader_next(L));
     if (L->ev.type == YAML_DOCUMENT_START_EVENT)
@@ -739,7 +785,8 @@ static Status loader_stream(Loader *L) {
     return status_ok();
 }
 
-Status config_load_string(Config *c, const char *yaml, size_t n, const char *name) {
+/* n_set: keys the text set (+1 for a non-empty sweep section) */
+static Status load_string_counted(Config *c, const char *yaml, size_t n, const char *name, size_t *n_set) {
     Loader *L = calloc(1, sizeof *L);
     if (!L) return status_errorf("%s: out of memory", name);
     Config *tmp = malloc(sizeof *tmp);
@@ -759,6 +806,7 @@ Status config_load_string(Config *c, const char *yaml, size_t n, const char *nam
         yaml_parser_delete(&L->parser);
     }
     if (STATUS_OK(s)) memcpy(c, tmp, sizeof *c);   /* all or nothing */
+    *n_set = L->n_set;
     free(tmp);
     free(L);
     return s;
@@ -768,9 +816,25 @@ Status config_load_file(Config *c, const char *path) {
     void *data = NULL;
     size_t n = 0;
     TRY(file_read_all(path, &data, &n));
-    Status s = config_load_string(c, data, n, path);
+    /* a config file that sets nothing is a mistake (an emptied file, the wrong file), not a
+     * request for the 37M-parameter default model: the defaults are one command away */
+    Config tmp;
+    memcpy(&tmp, c, sizeof tmp);
+    size_t n_set = 0;
+    Status s = load_string_counted(&tmp, data, n, path, &n_set);
     free(data);
-    return s;
+    TRY(s);
+    if (n_set == 0)
+        return status_errorf("%s: no keys (the file is empty, only comments, or an empty or null document); "
+                             "start from `dcmoe config` or `dcmoe train FILE --print-config`, which print every "
+                             "key with its default", path);
+    memcpy(c, &tmp, sizeof *c);
+    return status_ok();
+}
+
+Status config_load_string(Config *c, const char *yaml, size_t n, const char *name) {
+    size_t n_set;
+    return load_string_counted(c, yaml, n, name, &n_set);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -788,7 +852,8 @@ Status config_set(Config *c, const char *assignment) {
     key[kn] = 0;
     const KeyDef *k = key_find(key);
     if (!k) {
-        const char *hint = suggest_key(key);
+        char hint_buf[160];
+        const char *hint = suggest_key(key, hint_buf, sizeof hint_buf);
         if (hint) return status_errorf("--set %s: unknown key '%s' (did you mean '%s'?)", assignment, key, hint);
         return status_errorf("--set %s: unknown key '%s' (see the config reference for valid keys)", assignment, key);
     }

@@ -61,6 +61,26 @@ expect_error(["train", base, "--set", "moe.top_k=0"], ["moe.top_k", "--set"], "-
 expect_error(["train", os.path.join(d, "nope.yaml")], ["nope.yaml", "cannot open"], "missing config file")
 expect_error(["train", base, "--set", f"data.path={d}/no-such-corpus"], ["no-such-corpus"], "missing data folder")
 
+# a config that sets no key (empty, comments only, {}) names the file and points at the defaults
+# (it used to train the default 37M-parameter model without a word)
+for name, text in (("empty.yaml", ""), ("comments.yaml", "# model:\n#   d_model: 64\n"), ("braces.yaml", "{}\n")):
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(text)
+    expect_error(["train", path], [path + ": no keys", "dcmoe config"], f"config without keys ({name})")
+    expect_error(["config", path], [path + ": no keys"], f"dcmoe config of a file without keys ({name})")
+p = run_plain(["config"])
+check(p.returncode == 0 and "model:\n  d_model: 256\n" in p.stdout and "checkpoint:\n" in p.stdout,
+      "dcmoe config (no file) still prints the defaults")
+
+# unknown section: the message lists every section
+sec = os.path.join(d, "section.yaml")
+with open(sec, "w") as f:
+    f.write(good + "optimiser:\n  lr: 1\n")
+expect_error(["train", sec], [sec + ":", "unknown section 'optimiser'",
+                              "run, data, model, moe, clustering, topology, parallel, precision, offload, train, "
+                              "log, checkpoint, sweep"], "unknown section lists all sections")
+
 # a good run, then protect its outputs
 p = run(["train", base, "--quiet"], ranks=1)
 check(p.returncode == 0, "tiny run trains")

@@ -1,9 +1,12 @@
 /* test_config: defaults, experiments/quickstart.yaml, the YAML round trip, --set, cross-key
  * validation, and every loader error with its message text and its file:line:column.
  * Bad YAML is written inline and loaded with config_load_string under the name "t.yaml". */
+#include <dirent.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "harness.h"
@@ -195,8 +198,8 @@ static void test_load_errors(void) {
     expect_load_error("key in the wrong section", "model:\n  top_k: 4\n", "2:3",
                       "unknown key 'model.top_k' (did you mean 'moe.top_k'?)");
     expect_load_error("misspelled section", "run:\n  seed: 1\nmodle:\n  d_model: 64\n", "3:1",
-                      "unknown section 'modle' (sections: run, data, model, moe, train, log, checkpoint, sweep; "
-                      "did you mean 'model'?)");
+                      "unknown section 'modle' (sections: run, data, model, moe, clustering, topology, parallel, "
+                      "precision, offload, train, log, checkpoint, sweep; did you mean 'model'?)");
     expect_load_error("key at the top level", "d_model: 64\n", "1:1", "did you mean 'model.d_model'?");
     /* duplicates */
     expect_load_error("duplicate key", "moe:\n  top_k: 2\n  n_experts: 8\n  top_k: 4\n", "4:3",
@@ -295,6 +298,124 @@ static void test_load_errors(void) {
        "errors of a file name the file (%s)", s.msg);
 }
 
+/* the unknown-section message lists every section of the resolved dump (the schema), and the
+ * top-level type error lists them too (it used to name 7 or 8 of the 13) */
+static void test_section_list(void) {
+    Config d;
+    config_defaults(&d);
+    char *yaml = config_to_yaml(&d);
+    const char *inputs[2] = {"nosuch:\n  a: 1\n", "[1, 2]\n"};
+    for (int t = 0; t < 2; t++) {
+        Config c;
+        config_defaults(&c);
+        Status s = config_load_string(&c, inputs[t], strlen(inputs[t]), "t.yaml");
+        ok(!STATUS_OK(s), "input %d is refused (%s)", t, s.msg);
+        size_t n_sec = 0, n_missing = 0;
+        for (const char *p = yaml; p && *p;) {   /* sections: the lines of the dump without indent */
+            const char *eol = strchr(p, '\n');
+            if (*p != ' ') {
+                char want[80];
+                snprintf(want, sizeof want, "%.*s, ", (int)(strchr(p, ':') - p), p);
+                n_sec++;
+                if (!strstr(s.msg, want)) { n_missing++; printf("#   missing section %s\n", want); }
+            }
+            p = eol ? eol + 1 : NULL;
+        }
+        ok(n_sec == 12 && n_missing == 0 && strstr(s.msg, "checkpoint, sweep"),
+           "error %d lists all %zu sections and sweep (%zu missing): %s", t, n_sec, n_missing, s.msg);
+    }
+    free(yaml);
+}
+
+/* write text to a file in the temporary folder; returns its path in a static buffer */
+static const char *tmp_file(const char *name, const char *text) {
+    static char path[4096];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(path, sizeof path, "%s/dcmoe-test-config-%ld-%s", tmp && *tmp ? tmp : "/tmp", (long)getpid(), name);
+    FILE *f = fopen(path, "wb");
+    if (!f) return NULL;
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+/* a config file that sets no key is an error naming the file (defect 4: an empty file used to
+ * train the default model silently); config_load_string (the string API) keeps accepting it */
+static void test_no_keys(void) {
+    const char *const empty[][2] = {
+        {"empty.yaml", ""},
+        {"comments.yaml", "# nothing here\n   \n# model:\n#   d_model: 64\n"},
+        {"braces.yaml", "{}\n"},
+        {"null.yaml", "~\n"},
+        {"doc.yaml", "---\n...\n"},
+        {"sections.yaml", "model:\n# d_model: 64\nmoe:\n"},
+    };
+    for (size_t i = 0; i < sizeof empty / sizeof empty[0]; i++) {
+        const char *path = tmp_file(empty[i][0], empty[i][1]);
+        ok(path != NULL, "%s written", empty[i][0]);
+        if (!path) continue;
+        Config c, d;
+        config_defaults(&c);
+        config_defaults(&d);
+        Status s = config_load_file(&c, path);
+        ok(!STATUS_OK(s) && strncmp(s.msg, path, strlen(path)) == 0 && strstr(s.msg, ": no keys") &&
+           strstr(s.msg, "dcmoe config"), "%s: refused, naming the file (%s)", empty[i][0],
+           STATUS_OK(s) ? "loaded" : s.msg);
+        ok(memcmp(&c, &d, sizeof c) == 0, "%s: config unchanged", empty[i][0]);
+        remove(path);
+    }
+    /* one key is enough; so is a sweep section alone (every base key at its default) */
+    const char *path = tmp_file("one.yaml", "train:\n  steps: 7\n");
+    Config c;
+    config_defaults(&c);
+    Status s = config_load_file(&c, path);
+    ok(STATUS_OK(s) && c.train.steps == 7, "a file with one key loads (%s)", s.msg);
+    remove(path);
+    path = tmp_file("sweep.yaml", "sweep:\n  moe.top_k: [1, 2]\n");
+    config_defaults(&c);
+    s = config_load_file(&c, path);
+    ok(STATUS_OK(s), "a file with only a sweep section loads (%s)", s.msg);
+    remove(path);
+}
+
+/* every shipped experiment config still loads and validates */
+static void test_experiments(void) {
+    const char *root = getenv("DCMOE_SOURCE_ROOT");
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/experiments", root ? root : ".");
+    DIR *dp = opendir(dir);
+    ok(dp != NULL, "open %s", dir);
+    if (!dp) return;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dp));) {
+        size_t len = strlen(e->d_name);
+        if (len < 6 || strcmp(e->d_name + len - 5, ".yaml") != 0) continue;
+        char path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        Config c;
+        config_defaults(&c);
+        Status s = config_load_file(&c, path);
+        if (STATUS_OK(s)) s = config_validate(&c);
+        ok(STATUS_OK(s), "experiments/%s loads and validates (%s)", e->d_name, s.msg);
+        n++;
+    }
+    closedir(dp);
+    ok(n >= 5, "%d experiment configs found", n);
+}
+
+static void test_on_nonfinite(void) {
+    Config c;
+    config_defaults(&c);
+    ok(c.train.on_nonfinite == TRAIN_ON_NONFINITE_STOP, "train.on_nonfinite defaults to stop");
+    expect_load_ok("on_nonfinite", "train:\n  on_nonfinite: skip_step\n", &c);
+    ok(c.train.on_nonfinite == TRAIN_ON_NONFINITE_SKIP_STEP, "train.on_nonfinite: skip_step");
+    expect_load_error("bad on_nonfinite", "train:\n  on_nonfinite: ignore\n", "2:17",
+                      "train.on_nonfinite: \"ignore\" is not one of: stop, skip_step");
+    config_defaults(&c);
+    ok(STATUS_OK(config_set(&c, "train.on_nonfinite=skip_step")) &&
+       c.train.on_nonfinite == TRAIN_ON_NONFINITE_SKIP_STEP, "--set train.on_nonfinite=skip_step");
+}
+
 static void test_set(void) {
     Config c;
     config_defaults(&c);
@@ -382,6 +503,10 @@ int main(void) {
     test_round_trip();
     test_good_inputs();
     test_load_errors();
+    test_section_list();
+    test_no_keys();
+    test_experiments();
+    test_on_nonfinite();
     test_set();
     test_validate();
     return harness_done();
