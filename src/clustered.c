@@ -701,13 +701,4 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     op->gemm(cx, false, true, N, D, E, 1.0f, c->dlogits_d, E, p->router, E, 1.0f, dx, D);
 }
 
-void clustered_update_bias(const MoeLayer *ml, const MoeState *st) {
-    if (ml->cfg.balance != BALANCE_AUX_FREE) return;
-    int E = ml->E;
-    double mean = 0;
-    for (int i = 0; i < E; i++) mean += st->stats.counts_routed[i] / E;
-    for (int i = 0; i < E; i++) {
-        double d = mean - st->stats.counts_routed[i];
-        ml->cs->bias[i] += (float)(ml->cfg.bias_gamma * (d > 0 ? 1 : d < 0 ? -1 : 0));
-    }
-}
+void clustered_update_bias(const MoeLayer *ml, const MoeState *st) { moe_update_bias(ml, st); }

@@ -124,8 +124,10 @@ static const KeyDef keys[] = {
     K_FLOAT(moe.group_capacity_factor, 1, 0.0, 64.0, 0, 1.25,
             "group capacity = ceil(cf * tokens * top_groups / G) (clustered; dropless ignores it)"),
     K_ENUM(moe.balance, balance_names, BALANCE_AUX,
-           "load balancing: Switch aux losses, or the aux-loss-free bias method (bias on selection scores)"),
-    K_FLOAT(moe.bias_gamma, 0, 0.0, 1.0, 0, 1e-3, "aux-loss-free bias update rate gamma"),
+           "load balancing (standard and clustered): Switch aux losses, or aux-loss-free (a per-expert bias on "
+           "the top-k selection scores only, gates unbiased; the aux losses are off)"),
+    K_FLOAT(moe.bias_gamma, 0, 0.0, 1.0, 0, 1e-3,
+            "aux-loss-free bias update after each step: bias_e += gamma * sign(mean load - load_e), global counts"),
     /* clustering */
     K_BOOL(clustering.enabled, 1, "re-cluster experts online (false: fixed contiguous groups)"),
     K_INT(clustering.interval, 1, INT_MAX, 500, "re-cluster every T steps"),

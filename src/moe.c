@@ -190,9 +190,17 @@ static void experts_backward(const MoeLayer *ml, const Backend *be, const MoePar
     }
 }
 
-/* softmax rows with log-sum-exp (double accumulation), top-k by probability (ties: lower id) */
+/* softmax rows with log-sum-exp (double accumulation), top-k by probability (ties: lower id).
+ * moe.balance = aux_free (DeepSeek-V3's aux-loss-free balancing): top-k by logit + bias_e
+ * instead; the bias only chooses, the gates are the unbiased probabilities of the chosen
+ * experts (no gradient reaches the bias, which moe_update_bias moves after each step). */
 static void route_topk(const MoeLayer *ml, MoeState *st, MoeHost *hs, int N) {
     int E = ml->E, k = ml->k;
+    const float *bias = NULL;
+    if (ml->cfg.balance == BALANCE_AUX_FREE) {
+        ASSERTF(ml->cs && ml->cs->bias, "moe.balance=aux_free: layer %d has no selection bias", ml->index);
+        bias = ml->cs->bias;
+    }
     for (int t = 0; t < N; t++) {
         const float *l = st->logits + (size_t)t * E;
         float *p = st->probs + (size_t)t * E;
@@ -211,7 +219,8 @@ static void route_topk(const MoeLayer *ml, MoeState *st, MoeHost *hs, int N) {
                 int taken = 0;
                 for (int q = 0; q < s; q++) taken |= sel[q] == e;
                 if (taken) continue;
-                if (best < 0 || p[e] > p[best]) best = e;
+                if (best < 0) best = e;
+                else if (bias ? l[e] + bias[e] > l[best] + bias[best] : p[e] > p[best]) best = e;
             }
             sel[s] = best;
             gate[s] = p[best];
@@ -220,6 +229,21 @@ static void route_topk(const MoeLayer *ml, MoeState *st, MoeHost *hs, int N) {
         if (ml->cfg.renormalize && k > 1)
             for (int s = 0; s < k; s++) gate[s] = (float)(gate[s] / gsum);
     }
+}
+
+void moe_bias_step(float *bias, const double *load, int E, double gamma) {
+    double mean = 0;
+    for (int i = 0; i < E; i++) mean += load[i] / E;
+    for (int i = 0; i < E; i++) {
+        double d = mean - load[i];
+        bias[i] += (float)(gamma * (d > 0 ? 1 : d < 0 ? -1 : 0));
+    }
+}
+
+void moe_update_bias(const MoeLayer *ml, const MoeState *st) {
+    if (ml->kind == MOE_KIND_DENSE || ml->cfg.balance != BALANCE_AUX_FREE) return;
+    ASSERTF(ml->cs && ml->cs->bias, "moe.balance=aux_free: layer %d has no selection bias", ml->index);
+    moe_bias_step(ml->cs->bias, st->stats.counts_routed, ml->E, ml->cfg.bias_gamma);
 }
 
 /* capacity over the global batch: queue order is slot-major (every token's first choice
@@ -349,7 +373,7 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
         red[E] += hs->lse[t] * hs->lse[t];
     }
     comm_allreduce_sum_f64(comm, red, E + 1);
-    double aux = 0, alpha = ml->cfg.aux_loss_coef;
+    double aux = 0, alpha = ml->cfg.balance == BALANCE_AUX ? ml->cfg.aux_loss_coef : 0;   /* aux_free: bias instead */
     for (int e = 0; e < E; e++) {
         double f = st->stats.counts_routed[e] / ((double)n_global * k);
         double P = red[e] / (double)n_global;

@@ -1,6 +1,6 @@
 /* moe: the FFN layer shared by every model kind: a dense FFN (one expert, no router) or a
- * standard MoE (softmax top-k router, Switch aux loss, router z-loss, capacity with overflow
- * through the residual, dropless option). Forward saves what backward needs in MoeState.
+ * standard MoE (softmax top-k router, Switch aux loss or aux-loss-free bias balancing, router
+ * z-loss, capacity with overflow through the residual, dropless option). Forward saves what backward needs in MoeState.
  * Routing decisions are made on the host from the router logits; capacity and the aux loss
  * use the GLOBAL batch (per-expert counts are gathered over the data-parallel ranks), so the
  * routing does not depend on how the batch is split over ranks.
@@ -113,7 +113,8 @@ typedef struct MoeLayer {
     int D, F, F1, E, k, act;
     int G, K, r, top_groups;     /* clustered */
     MoeConfig cfg;
-    ClusterState *cs;            /* clustered: the model's state for this layer */
+    ClusterState *cs;            /* clustered: the model's state for this layer; standard: only
+                                    cs->bias is used (moe.balance = aux_free) */
     EpMap *ep;                   /* MoE layers: where the experts live (the model's map) */
     int two_level;               /* parallel.exchange = two_level */
     int index;                   /* transformer block of this layer */
@@ -137,6 +138,16 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
 void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                   MoeState *st, float *dx, const float *dout, const float *x);
 
+/* moe.balance = aux_free (DeepSeek-V3): after each optimizer step, for every layer kind (a
+ * no-op for dense layers and for moe.balance = aux), bias_e += gamma * sign(mean load - load_e)
+ * with load = the last forward's GLOBAL routed counts (stats.counts_routed), so every rank
+ * moves the bias alike. The bias (ml->cs->bias [E], owned by the model) only shifts the top-k
+ * selection scores (logit + bias); gates come from the unbiased softmax, and the Switch aux
+ * losses are off. */
+void moe_update_bias(const MoeLayer *ml, const MoeState *st);
+/* the update itself: bias[E] += gamma * sign(mean(load) - load[e]) */
+void moe_bias_step(float *bias, const double *load, int E, double gamma);
+
 /* Capacity queues over the global batch (shared by the standard and clustered layers):
  * cnt [n_slots, n_buckets] holds this rank's counts per top-k slot and bucket (expert or
  * group). Every rank's counts are gathered into *cnt_all (grown as needed, *cnt_all_cap
@@ -157,7 +168,8 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
                        MoeState *st, float *out, const float *x, int N, long n_global);
 void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                         MoeState *st, float *dx, const float *dout, const float *x);
-/* the aux-loss-free bias update after a step (uses the last forward's global counts) */
+/* the aux-loss-free bias update after a step (uses the last forward's global counts); the
+ * same as moe_update_bias */
 void clustered_update_bias(const MoeLayer *ml, const MoeState *st);
 
 #endif
