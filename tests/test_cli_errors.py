@@ -97,7 +97,14 @@ if p.returncode == 0:
     data[len(data) // 2] ^= 0x5A
     open(mb, "wb").write(bytes(data))
     c_before = sha(mb)
-    expect_error(["train", base, "--resume"], [mb, "checksum mismatch"], "corrupt checkpoint on --resume")
+    # a run killed after its final checkpoint, before DONE: --resume verifies the checkpoint
+    # (a resume of a DONE run does nothing, so DONE goes aside for this check)
+    done = os.path.join(run_dir, "DONE")
+    os.rename(done, done + ".aside")
+    p = run_plain(["train", base, "--resume"])
+    check(p.returncode != 0 and mb in p.stderr and "checksum mismatch" in p.stderr,
+          f"corrupt checkpoint on --resume: exit {p.returncode}, stderr: {p.stderr.strip()[-400:]!r}")
+    os.rename(done + ".aside", done)
     expect_error(["eval", base], [mb, "checksum mismatch"], "corrupt checkpoint on eval")
     check(sha(h5) == h_before, "metrics.h5 untouched after the failed resume")
     check(sha(mb) == c_before, "corrupt checkpoint left as it was (evidence kept)")
