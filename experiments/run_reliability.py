@@ -197,6 +197,7 @@ class Launch:
         self.gone_s = None          # seconds from the kill until no process of the job was left
         self.orphans_killed = 0     # processes still alive 15 s after the kill (then SIGKILLed)
         self.event = ""             # the file-system event the kill followed
+        self.acted = False          # a plan with an action (not a kill) was carried out
 
     def run(self, plan=None, timeout=300):
         os.makedirs(self.out_dir, exist_ok=True)
@@ -231,6 +232,8 @@ class Launch:
 
         def matches(folder, name, mask):
             m = plan["moment"]
+            if m == "progress":
+                return False
             if m == "h5_write":
                 return folder == self.run_dir and name == "metrics.h5" and mask & IN_MODIFY
             if folder != ckpt_dir:
@@ -248,8 +251,8 @@ class Launch:
         def watch_tree():
             ev = []
             ino.add(self.out_dir)
-            if os.path.isdir(self.run_dir) and ino.add(self.run_dir):
-                pass
+            if os.path.isdir(self.run_dir):
+                ino.add(self.run_dir)
             if os.path.isdir(ckpt_dir) and ckpt_dir not in ino.paths.values():
                 ino.add(ckpt_dir)
                 # entries made before the watch existed count as events (mkdir ckpt, then .tmp_step_)
@@ -262,7 +265,16 @@ class Launch:
             while p.poll() is None:
                 if time.monotonic() - t0 > timeout:
                     raise subprocess.TimeoutExpired(self.cmd, timeout)
+                if plan and plan["moment"] == "progress" and fire_at is None:
+                    with open(self.log_prefix + ".out", errors="replace") as f:
+                        if last_progress_step(f.read()) >= plan["k"]:
+                            fire_at = time.monotonic()
                 if fire_at is not None and time.monotonic() >= fire_at:
+                    if "action" in plan:      # not a kill: do it once and watch on
+                        plan["action"]()
+                        plan, fire_at = None, None
+                        self.acted = True
+                        continue
                     self._kill(p, sid, plan, t0)
                     return
                 wait = 0.005 if fire_at is None else max(0.0, min(0.005, fire_at - time.monotonic()))
@@ -271,12 +283,12 @@ class Launch:
                 for folder, name, mask in events:
                     if (folder == self.out_dir and name == RUN_NAME) or (folder == self.run_dir and name == "ckpt"):
                         pending += watch_tree()
-                    if fire_at is None and matches(folder, name, mask):
+                    if plan and fire_at is None and matches(folder, name, mask):
                         count += 1
                         if count == plan["k"]:
                             fire_at = time.monotonic() + plan["after"]
                             self.event = f"{name}"
-                if fire_at is not None and time.monotonic() >= fire_at:
+                if plan and fire_at is not None and time.monotonic() >= fire_at and "action" not in plan:
                     self._kill(p, sid, plan, t0)
                     return
             self.rc = p.returncode
@@ -454,13 +466,13 @@ def read_series(h5path):
     return out
 
 
-def run_state(run_dir):
+def run_state(run_dir, steps=STEPS):
     """what the comparison with the reference uses"""
-    st = {"series": {}, "sections": {}}
+    st = {"series": {}, "sections": {}, "steps": steps}
     h5 = os.path.join(run_dir, "metrics.h5")
     if os.path.exists(h5):
         st["series"] = read_series(h5)
-    ck = os.path.join(run_dir, "ckpt", f"step_{STEPS:08d}")
+    ck = os.path.join(run_dir, "ckpt", f"step_{steps:08d}")
     if os.path.exists(os.path.join(ck, "COMPLETE")) and verify_checkpoint(ck) is None:
         st["sections"] = checkpoint_sections(ck)
     return st
@@ -469,11 +481,11 @@ def run_state(run_dir):
 def compare(ref, run_dir):
     """(bitwise_equal, eval_rows_ok, final_once, what differs)"""
     import numpy as np
-    got = run_state(run_dir)
+    got = run_state(run_dir, ref["steps"])
     diffs = []
     par = [k for k in ref["sections"] if k.startswith(("params.", "adam_m.", "adam_v."))]
     if not got["sections"]:
-        diffs.append(f"no verifying final checkpoint step_{STEPS:08d}")
+        diffs.append(f"no verifying final checkpoint step_{ref['steps']:08d}")
     else:
         d = [k for k in par if got["sections"].get(k) != ref["sections"][k]]
         if d:
@@ -512,8 +524,9 @@ def file_digest(path):
 # ---------------------------------------------------------------------------------------------
 # 1. kill -9 trials
 
-def reference(work, sets=()):
-    """the uninterrupted run: its state and duration"""
+def reference(work, sets=(), steps=STEPS):
+    """the uninterrupted run (sets must give train.steps=steps when it is not STEPS): its state
+    and duration"""
     out = os.path.join(work, "ref")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -523,9 +536,9 @@ def reference(work, sets=()):
     run_dir = os.path.join(out, RUN_NAME)
     if L.rc != 0 or not os.path.exists(os.path.join(run_dir, "DONE")):
         sys.exit(f"reference run failed (rc {L.rc}): {L.last_error()} (see {L.log_prefix}.err)")
-    st = run_state(run_dir)
+    st = run_state(run_dir, steps)
     st["duration"] = dur
-    st["model_bytes"] = os.path.getsize(os.path.join(run_dir, "ckpt", f"step_{STEPS:08d}", "model.bin"))
+    st["model_bytes"] = os.path.getsize(os.path.join(run_dir, "ckpt", f"step_{steps:08d}", "model.bin"))
     st["h5_bytes"] = os.path.getsize(os.path.join(run_dir, "metrics.h5"))
     return st
 
@@ -727,44 +740,58 @@ def last_progress_step(text):
     return max(steps) if steps else 0
 
 
+LOG_STEPS = 300   # the log case: past 256 steps, where every per-step series needs its second chunk
+
+
+def fill(path, leave):
+    """a filler file taking all the free space of the file system of `path` but `leave` bytes"""
+    st = os.statvfs(path)
+    n = st.f_bavail * st.f_frsize - leave
+    with open(os.path.join(path, "filler"), "wb") as f:
+        while n > 0:
+            k = min(n, 1 << 20)
+            f.write(b"\0" * k)
+            n -= k
+
+
 def disk_full_case(ref, work, case):
-    """case 'checkpoint': room for the log and two and a half checkpoints (keep 2 needs three
-    while saving), so the third checkpoint runs out of space; case 'log': checkpoint.interval 0
-    and room for half the log, so a log flush runs out of space. Then the tmpfs is enlarged and
-    --resume must finish the run, bitwise equal to the reference."""
+    """case 'checkpoint': the run folder on a tmpfs with room for the log and two and a half
+    checkpoints (keep 2 needs three while saving), so the third checkpoint runs out of space.
+    case 'log': checkpoint.interval 0, train.steps 300 and a roomy tmpfs that a filler file fills
+    up (16 KiB left) at step 100: the log's per-step series need their second chunk (256 rows
+    each) after step 256, and that flush runs out of space. Then the tmpfs is enlarged (the
+    filler removed) and --resume must finish the run, bitwise equal to an uninterrupted one."""
     out = os.path.join(work, f"disk-{case}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     S, H = ref["model_bytes"], ref["h5_bytes"]
-    if case == "checkpoint":
-        size, sets = int(H + 2.5 * S) + 64 * 1024, []
-    else:
-        # the log's size half-way (a probe run stopped there), plus a little: a flush after
-        # the middle of the run is the first write that does not fit
-        sets = ["checkpoint.interval=0"]
-        probe = os.path.join(out, "probe")
-        Launch(os.path.join(out, "probe"), CONFIG, probe, sets, args=["--stop-at", str(STEPS // 2)]).run(timeout=120)
-        half = os.path.join(probe, RUN_NAME, "metrics.h5")
-        if not os.path.exists(half):
-            return _disk_row(case, ["the probe run stopped at the middle left no metrics.h5"])
-        size = os.path.getsize(half) + 16 * 1024
-        shutil.rmtree(probe, ignore_errors=True)
     mnt = os.path.join(out, "mnt")
+    plan, sets = None, []
+    if case == "checkpoint":
+        size = int(H + 2.5 * S) + 64 * 1024
+    else:
+        sets = ["checkpoint.interval=0", f"train.steps={LOG_STEPS}"]
+        ref = reference(os.path.join(out, "ref"), sets, LOG_STEPS)
+        size = 64 << 20
+        plan = {"moment": "progress", "k": 100, "after": 0.0, "action": lambda: fill(mnt, 16 << 10)}
     t = Tmpfs(mnt, size)
     if not t.mounted:
         return _disk_row(case, [], {"passed": "skipped", "symptom": f"mount refused: {t.error}"})
     sym = []
     try:
         run_dir = os.path.join(mnt, RUN_NAME)
-        L = Launch(os.path.join(out, "launch0"), CONFIG, mnt, sets, quiet=False).run(timeout=120)
+        L = Launch(os.path.join(out, "launch0"), CONFIG, mnt, sets, quiet=False).run(plan, timeout=180)
         err = L.text("err")
         reached = last_progress_step(L.text("out"))
+        steps = ref["steps"]
+        if plan and not L.acted:
+            sym.append(f"the run ended (exit {L.rc}) before step {plan['k']}, where the disk was to be filled")
         if L.rc == 0:
             sym.append(f"exit 0 on a full disk (reached step {reached})")
         if not re.search(r"No space left|ENOSPC|disk full|out of space", err, re.I):
             sym.append(f"stderr does not say the disk is full: {L.last_error()}")
-        if case == "log" and reached >= STEPS:
-            sym.append(f"trained on to step {reached} of {STEPS} after the log write failed")
+        if case == "log" and reached >= steps:
+            sym.append(f"trained on to step {reached} of {steps} after the log write failed (at step 257)")
         ck_bad = bad_checkpoints(run_dir)
         if ck_bad:
             sym.append(f"bad checkpoint: {ck_bad[0]}")
@@ -772,8 +799,10 @@ def disk_full_case(ref, work, case):
             sym.append("no earlier checkpoint verifies")
         h5 = h5_problems(run_dir)
         sym += [f"log: {h}" for h in h5[:3]]
+        if os.path.exists(os.path.join(mnt, "filler")):
+            os.unlink(os.path.join(mnt, "filler"))
         t.resize(f"{max(64 << 20, 8 * (S + H))}")
-        L2 = Launch(os.path.join(out, "launch1"), CONFIG, mnt, sets, resume=True).run(timeout=120)
+        L2 = Launch(os.path.join(out, "launch1"), CONFIG, mnt, sets, resume=True).run(timeout=180)
         done_ok = L2.rc == 0 and os.path.exists(os.path.join(run_dir, "DONE"))
         if not done_ok:
             sym.append(f"--resume after enlarging the tmpfs: exit {L2.rc}: {L2.last_error()}")
@@ -784,7 +813,7 @@ def disk_full_case(ref, work, case):
                 sym.append(f"after resume: {diffs}")
         extra = {"launches": 2, "bitwise_equal": yn(bitwise), "eval_rows_ok": yn(eval_ok), "final_once": yn(final_once),
                  "h5_always_readable": yn(not h5), "bad_checkpoint_seen": yn(bool(ck_bad)),
-                 "moments": f"tmpfs {size >> 10} KiB; first run reached step {reached}, exit {L.rc}: {L.last_error()}"[:300]}
+                 "moments": f"first run reached step {reached} of {steps}, exit {L.rc}: {L.last_error()}"[:300]}
         return _disk_row(case, sym, extra)
     finally:
         t.close()
@@ -858,7 +887,8 @@ def render(out_dir):
          "Generated entirely by `" + SCRIPT + "`; do not edit by hand (notes go in `results/reliability.notes.md`).", "",
          "```", meta["command"], "```", "",
          rl.rerender(SCRIPT, ["results/reliability.csv", "results/reliability.meta.json"]), "",
-         f"Run {meta['date']} at {meta['git_revision']} on {meta['machine']}, {meta['wall_s'] / 60:.1f} min; "
+         f"Run {meta['date']} at {meta['git_revision']} (dcmoe binary sha256 {meta.get('dcmoe_sha256', '?')}…) "
+         f"on {meta['machine']}, {meta['wall_s'] / 60:.1f} min under `nice -n 10`; "
          f"config `experiments/reliability.yaml` ({STEPS} steps, a checkpoint every {CKPT_INTERVAL}, keep 2, "
          "2 ranks); the reference run was repeated and "
          + ("reproduced itself bitwise." if meta.get("reference_reproducible") else "**did not reproduce itself**."), ""]
@@ -894,7 +924,7 @@ def render(out_dir):
                     "final once", "h5 readable", "bad ckpt", "DONE resume", "passed", "symptom"]), ""]
     L += ["## 2. A rank dies", "",
           "One rank (not mpirun) is SIGKILLed 0-0.2 s after the second checkpoint of a long run. Passed: mpirun "
-          "exits non-zero within 10 s, stderr names the rank and its pid, every checkpoint verifies, the log reads.", "",
+          "exits non-zero within 10 s, stderr names the rank (a pid in the message that is not the killed rank's is noted), every checkpoint verifies, the log reads.", "",
           f"Passed {sum(r['passed'] == 'yes' for r in rank)} of {len(rank)}; mpirun exited "
           + (f"{min(float(r['exit_s']) for r in rank if r['exit_s']):.2f}-{max(float(r['exit_s']) for r in rank if r['exit_s']):.2f} s"
              if any(r["exit_s"] for r in rank) else "(no exit time)") + " after the kill.", "",
@@ -902,7 +932,7 @@ def render(out_dir):
                    ["killed", "seed", "kill", "exit s", "bad ckpt", "h5 readable", "passed", "symptom"]), ""]
     L += ["## 3. Disk full / unwritable", "",
           "`checkpoint`: the run folder on a tmpfs with room for the log and 2.5 checkpoints (keep 2 needs 3 while "
-          "saving); `log`: checkpoint.interval 0 and room for half the log; then `mount -o remount,size=64m` and "
+          "saving); `log`: checkpoint.interval 0, 300 steps, and a filler file leaving 16 KiB free at step 100 (the per-step series need their second 256-row chunk after step 256; the reference is an uninterrupted 300-step run); then `mount -o remount,size=64m` and "
           "`--resume` must finish bitwise equal to the reference. `offload-unwritable`: offload.dir below a regular "
           "file; `offload-full`: offload.dir on a 16 KiB tmpfs (offload.tier file, clustered MoE).", "",
           md_table(disk, ["case", "moments", "bitwise_equal", "h5_always_readable", "bad_checkpoint_seen", "passed", "symptom"],
@@ -936,6 +966,12 @@ def main():
         return
     work = os.path.abspath(a.work)
     os.makedirs(work, exist_ok=True)
+    # a private copy of the trainer: a rebuild of build/ during the campaign changes nothing
+    global EXE
+    exe = os.path.join(work, "dcmoe")
+    shutil.copy2(EXE, exe)
+    EXE = exe
+    exe_sha = file_digest(exe)[:16]
     t0 = time.monotonic()
     ref = reference(work)
     ref2 = reference(os.path.join(work, "ref2"))
@@ -970,7 +1006,7 @@ def main():
                          "git_revision": git_revision(), "machine": f"{platform.node()} ({os.cpu_count()} cores)",
                          "wall_s": time.monotonic() - t0, "trials_requested": a.trials, "seed": a.seed,
                          "time_budget_s": a.time_budget, "reference_reproducible": bool(reproducible),
-                         "reference_s": ref["duration"]})
+                         "reference_s": ref["duration"], "dcmoe_sha256": exe_sha})
     print(render(a.out))
 
 
