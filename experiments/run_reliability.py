@@ -203,6 +203,8 @@ class Launch:
         os.makedirs(self.out_dir, exist_ok=True)
         out = open(self.log_prefix + ".out", "w")
         err = open(self.log_prefix + ".err", "w")
+        ckpt_dir = os.path.join(self.run_dir, "ckpt")
+        before = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
         t0 = time.monotonic()
         p = subprocess.Popen(self.cmd, stdout=out, stderr=err, start_new_session=True, env=job_env(), cwd=ROOT)
         sid = p.pid
@@ -210,7 +212,7 @@ class Launch:
             if plan is None:
                 self.rc = p.wait(timeout=timeout)
             else:
-                self._watch(p, sid, plan, t0, timeout)
+                self._watch(p, sid, plan, t0, timeout, before)
         except subprocess.TimeoutExpired:
             kill_session(sid)
             p.wait()
@@ -223,7 +225,7 @@ class Launch:
             self.orphans_killed += 1
         return self
 
-    def _watch(self, p, sid, plan, t0, timeout):
+    def _watch(self, p, sid, plan, t0, timeout, before):
         ino = Inotify()
         ckpt_dir = os.path.join(self.run_dir, "ckpt")
         count, fire_at = 0, None
@@ -255,8 +257,9 @@ class Launch:
                 ino.add(self.run_dir)
             if os.path.isdir(ckpt_dir) and ckpt_dir not in ino.paths.values():
                 ino.add(ckpt_dir)
-                # entries made before the watch existed count as events (mkdir ckpt, then .tmp_step_)
-                for n in sorted(os.listdir(ckpt_dir)):
+                # entries made after the launch but before the watch existed count as events
+                # (mkdir ckpt, then .tmp_step_ at once)
+                for n in sorted(set(os.listdir(ckpt_dir)) - before):
                     ev.append((ckpt_dir, n, IN_CREATE if n.startswith(".tmp_") else IN_MOVED_TO))
             return ev
 
@@ -572,9 +575,10 @@ def random_plan(rng, ref_duration):
     return plan
 
 
-def kill_trial(ref, work, seed, plans=None, tag=None):
+def kill_trial(ref, work, seed, plans=None, tag=None, keep=False):
     """one trial; plans: an explicit list of kill plans (else 1-3 drawn from the seed).
-    Returns the CSV row (dict) plus 'details' (list of strings)."""
+    Returns the CSV row (dict) plus 'details' (list of strings). The trial's folder is deleted
+    when it passed, unless keep."""
     rng = random.Random(seed)
     plans = list(plans) if plans is not None else [random_plan(rng, ref["duration"]) for _ in range(rng.randint(1, 3))]
     out = os.path.join(work, tag or f"trial{seed}")
@@ -649,6 +653,8 @@ def kill_trial(ref, work, seed, plans=None, tag=None):
                        and not recovery)
     row["symptom"] = " | ".join(symptoms + h5_bad[:2] + ck_bad[:2])[:600]
     row["details"] = details + h5_bad + ck_bad + symptoms
+    if row["passed"] == "yes" and not keep:
+        shutil.rmtree(out, ignore_errors=True)   # ~10 MB of checkpoints; failed trials stay
     return row
 
 
@@ -676,7 +682,8 @@ def rank_dies_trial(work, seed, rank):
     sym, notes = [], []
     if named and named.group(1) != f"PID {L.kill_target_pid}":
         notes.append(f"note: the message names rank {rank} but '{named.group(1)}', the pid was {L.kill_target_pid}")
-    ok_exit = L.rc not in (0, None, "hung") and L.exit_s is not None and L.exit_s < 10
+    # "within seconds": 1-2 s measured (issue 10); 5 s leaves room for a loaded machine
+    ok_exit = L.rc not in (0, None, "hung") and L.exit_s is not None and L.exit_s < 5
     if not L.killed or not L.killed.startswith(f"rank{rank}"):
         sym.append(f"rank {rank} was not killed ({L.killed})")
     if not ok_exit:
@@ -857,12 +864,13 @@ def offload_case(work, case):
 # ---------------------------------------------------------------------------------------------
 # results
 
-def write_csv(rows):
+def write_csv(rows, work):
+    """the rows, with the work folder's path written as $WORK"""
     with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({k: v.replace(work, "$WORK") if isinstance(v, str) else v for k, v in r.items()})
 
 
 def read_csv(path):
@@ -924,7 +932,7 @@ def render(out_dir):
                     "final once", "h5 readable", "bad ckpt", "DONE resume", "passed", "symptom"]), ""]
     L += ["## 2. A rank dies", "",
           "One rank (not mpirun) is SIGKILLed 0-0.2 s after the second checkpoint of a long run. Passed: mpirun "
-          "exits non-zero within 10 s, stderr names the rank (a pid in the message that is not the killed rank's is noted), every checkpoint verifies, the log reads.", "",
+          "exits non-zero within 5 s, stderr names the rank (a pid in the message that is not the killed rank's is noted), every checkpoint verifies, the log reads.", "",
           f"Passed {sum(r['passed'] == 'yes' for r in rank)} of {len(rank)}; mpirun exited "
           + (f"{min(float(r['exit_s']) for r in rank if r['exit_s']):.2f}-{max(float(r['exit_s']) for r in rank if r['exit_s']):.2f} s"
              if any(r["exit_s"] for r in rank) else "(no exit time)") + " after the kill.", "",
@@ -1001,7 +1009,7 @@ def main():
         r = offload_case(work, case)
         rows.append(r)
         print(f"offload {case}: passed {r['passed']} {r['symptom'][:300]}", flush=True)
-    write_csv(rows)
+    write_csv(rows, work)
     rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                          "git_revision": git_revision(), "machine": f"{platform.node()} ({os.cpu_count()} cores)",
                          "wall_s": time.monotonic() - t0, "trials_requested": a.trials, "seed": a.seed,
