@@ -70,6 +70,7 @@ static size_t cluster_blob_size(const Model *m) {
     size_t n = 0;
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
+        if (f->kind == MOE_KIND_STANDARD && f->cfg.balance == BALANCE_AUX_FREE) { n += 4 * (size_t)f->E; continue; }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         n += 4 * (3 * (size_t)f->E) + 4 * ((size_t)f->E + (size_t)f->E * m->cstate[l].mu_dim) + 8;
     }
@@ -81,6 +82,8 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
 #define MOVE(ptr, bytes) do { if (unpack) memcpy((ptr), buf + off, (bytes)); else memcpy(buf + off, (ptr), (bytes)); off += (bytes); } while (0)
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
+        /* the standard layer's aux-free bias (the only state it has besides its parameters) */
+        if (f->kind == MOE_KIND_STANDARD && f->cfg.balance == BALANCE_AUX_FREE) { MOVE(m->cstate[l].bias, 4 * (size_t)f->E); continue; }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         ClusterState *cs = &m->cstate[l];
         size_t E = (size_t)f->E;

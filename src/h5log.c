@@ -249,6 +249,13 @@ static hid_t open_rdwr(const char *path, bool *recovered) {
     *recovered = false;
     hid_t fapl = fapl_latest();
     if (fapl < 0) return -1;
+    /* one read per metadata block: the retries (100 by default once SWMR writing starts, with
+     * growing sleeps) are for readers racing a writer; here a bad checksum is damage, and
+     * retrying it stalled a resume for minutes */
+    if (H5Pset_metadata_read_attempts(fapl, 1) < 0) {
+        H5Pclose(fapl);
+        return -1;
+    }
     hid_t f = H5Fopen(path, H5F_ACC_RDWR, fapl);
     if (f < 0 && H5Pexist(fapl, "clear_status_flags") > 0) {
         hbool_t clear = 1;
@@ -720,4 +727,30 @@ void h5log_close(H5log *lg) {
     lg->file = -1;
     lg->is_open = false;
     lg->writing = false;
+}
+
+long h5log_last_step(H5log *lg, int id) {
+    if (!lg->is_open || id < 0 || id >= lg->n_series) return -1;
+    H5logSeries *s = &lg->series[id];
+    if (s->n_buf > 0) return (long)s->buf_step[s->n_buf - 1];
+    if (s->n_rows == 0) return -1;
+    int64_t v = -1;
+    hid_t fs = H5Dget_space(s->h5_step);
+    hsize_t start = s->n_rows - 1, count = 1;
+    hid_t ms = H5Screate_simple(1, &count, NULL);
+    herr_t r = fs >= 0 && ms >= 0 ? H5Sselect_hyperslab(fs, H5S_SELECT_SET, &start, NULL, &count, NULL) : -1;
+    if (r >= 0) r = H5Dread(s->h5_step, H5T_NATIVE_INT64, ms, fs, H5P_DEFAULT, &v);
+    if (ms >= 0) H5Sclose(ms);
+    if (fs >= 0) H5Sclose(fs);
+    if (r < 0) { H5Eclear2(H5E_DEFAULT); return -1; }
+    return (long)v;
+}
+
+Status h5log_repair(const char *path, long max_step) {
+    H5log lg;
+    memset(&lg, 0, sizeof lg);
+    lg.file = -1;
+    Status st = h5log_open_append(&lg, path, false, 1, max_step);
+    h5log_close(&lg);
+    return st;
 }

@@ -80,6 +80,11 @@ Status h5log_step_done(H5log *lg, long step);
 /* write every buffered row (step and value datasets grow together) and flush them to disk
  * (H5Dflush per changed dataset with SWMR, H5Fflush otherwise) */
 Status h5log_flush(H5log *lg);
+/* step of the last row of series id (buffered or in the file), -1 if it has none */
+long h5log_last_step(H5log *lg, int id);
+/* reopen a closed log and drop every row whose step is invalid (< 0, e.g. a row whose step
+ * write failed on a full disk) or beyond max_step (< 0: no limit), then close it */
+Status h5log_repair(const char *path, long max_step);
 /* flush (a failure is printed to stderr) and close everything; safe twice and on a zeroed
  * struct */
 void h5log_close(H5log *lg);

@@ -27,10 +27,13 @@ static void usage_main(void) {
 }
 
 static void usage_train(void) {
-    printf("usage: dcmoe train CONFIG.yaml [--set key.path=value]... [--resume] [--print-config] [--quiet]\n\n"
+    printf("usage: dcmoe train CONFIG.yaml [--set key.path=value]... [--resume | --resume-from DIR] [--print-config] [--quiet]\n\n"
            "  --set k=v        override one key (repeatable), e.g. --set moe.top_k=1\n"
-           "  --resume         continue the run (out_dir/name) from its newest complete checkpoint;\n"
-           "                   the continuation is bitwise identical to an uninterrupted run\n"
+           "  --resume         continue the run (out_dir/name) from its newest checkpoint that verifies\n"
+           "                   (damaged newer ones are reported and skipped); the continuation is bitwise\n"
+           "                   identical to an uninterrupted run. A run with no checkpoint yet restarts\n"
+           "                   from step 0 (its old log is kept); a finished run (DONE) is left as it is\n"
+           "  --resume-from DIR  continue from this checkpoint folder (e.g. an older ckpt/step_*)\n"
            "  --print-config   print the resolved config and exit\n"
            "  --quiet          no per-step progress lines\n"
            "  --stop-at N      checkpoint and stop after step N (continue later with --resume)\n"
@@ -71,7 +74,7 @@ typedef struct Args {
     const char *sets[64];
     int n_sets;
     int resume, print_config, quiet, reference, help;
-    const char *checkpoint, *split, *precision;
+    const char *checkpoint, *split, *precision, *resume_from;
     long stop_at;
 } Args;
 
@@ -92,13 +95,14 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             if (*end || a->stop_at <= 0) return status_errorf("--stop-at %s: expected a positive step count", argv[i]);
         }
         else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split") ||
-                 !strcmp(s, "--precision")) {
+                 !strcmp(s, "--precision") || !strcmp(s, "--resume-from")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             const char *v = argv[++i];
             if (!strcmp(s, "--set")) {
                 if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
                 a->sets[a->n_sets++] = v;
             } else if (!strcmp(s, "--checkpoint")) a->checkpoint = v;
+            else if (!strcmp(s, "--resume-from")) a->resume_from = v;
             else if (!strcmp(s, "--precision")) a->precision = v;
             else a->split = v;
         } else if (!strncmp(s, "--set=", 6)) {
@@ -122,10 +126,13 @@ int main(int argc, char **argv) {
     /* `sweep run` starts mpirun itself, so it must not be an MPI process */
     if (argc >= 3 && !strcmp(argv[1], "sweep") && (!strcmp(argv[2], "run") || !strcmp(argv[2], "status")))
         return launcher_main(argc - 2, argv + 2);
+    /* before anything slow: a SIGTERM during start-up must not be lost */
+    train_install_signal_handlers();
     MPI_Init(&argc, &argv);
     Comm comm;
     Status st = comm_mpi_init(&comm);
     if (!STATUS_OK(st)) { fprintf(stderr, "dcmoe: error: %s\n", st.msg); MPI_Finalize(); return 2; }
+    train_install_signal_handlers();   /* again: MPI_Init may have installed its own */
     if (comm.rank != 0) { /* only rank 0 talks to people */ }
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         if (comm.rank == 0) usage_main();
@@ -166,7 +173,8 @@ int main(int argc, char **argv) {
             MPI_Finalize();
             return 0;
         }
-        TrainOptions opt = {.resume = a.resume != 0, .quiet = a.quiet != 0, .stop_at = a.stop_at, .config_path = a.config};
+        TrainOptions opt = {.resume = a.resume != 0, .quiet = a.quiet != 0, .stop_at = a.stop_at, .config_path = a.config,
+                            .resume_from = a.resume_from};
         TrainResult res;
         st = train_run(&cfg, &opt, &comm, &res);
         if (!STATUS_OK(st)) return fail(&comm, st);

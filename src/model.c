@@ -16,7 +16,11 @@ static int layer_is_moe(const Config *c, int l) {
 
 static ParamTensor *add_tensor(Model *m, const char *name, int kind, int cat, int n_dims,
                                int d0, int d1, int d2, float std, int one) {
-    ASSERTF(m->n_tensors < MODEL_MAX_TENSORS, "too many parameter tensors (max %d)", MODEL_MAX_TENSORS);
+    if (m->n_tensors == m->cap_tensors) {
+        m->cap_tensors = m->cap_tensors ? 2 * m->cap_tensors : 64;
+        m->tensors = realloc(m->tensors, sizeof(ParamTensor) * (size_t)m->cap_tensors);
+        ASSERTF(m->tensors, "out of memory for %d parameter tensors", m->cap_tensors);
+    }
     ParamTensor *t = &m->tensors[m->n_tensors++];
     memset(t, 0, sizeof *t);
     str_fmt(t->name, sizeof t->name, "%s", name);
@@ -232,6 +236,7 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
 }
 
 void model_free(Model *m) {
+    if (m) free(m->tensors);
     if (!m || !m->be) { if (m) memset(m, 0, sizeof *m); return; }
     const Backend *be = m->be;
 #define BF(p) do { if (p) be->ops->free(be->ctx, p); } while (0)

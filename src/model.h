@@ -23,7 +23,6 @@ enum ParamKind { PARAM_EMBED = 0, PARAM_ATTN = 1, PARAM_NORM = 2, PARAM_DENSE_FF
 enum ParamCat { PCAT_DENSE = 0, PCAT_EXPERT = 1, PCAT_N = 2 };
 extern const char *const param_kind_names[PARAM_N_KINDS];
 
-#define MODEL_MAX_TENSORS 512
 
 typedef struct ParamTensor {
     char name[64];           /* e.g. "h.3.ffn.w1" */
@@ -86,7 +85,8 @@ typedef struct Model {
      * Not owned by the model. */
     const MoeParams *ffn_view;
     int n_tensors;
-    ParamTensor tensors[MODEL_MAX_TENSORS];
+    ParamTensor *tensors;    /* [cap_tensors], grown as the tensor table is planned */
+    int cap_tensors;
     size_t n_cat[PCAT_N];               /* elements per category */
     float *params[PCAT_N], *grads[PCAT_N], *adam_m[PCAT_N], *adam_v[PCAT_N];
     ModelParams p, g;                   /* views into params / grads */

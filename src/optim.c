@@ -31,8 +31,13 @@ double optim_grad_norm(const Model *m) {
 }
 
 double optim_step(Model *m, long step, double lr) {
-    const TrainConfig *tc = &m->cfg.train;
     double norm = optim_grad_norm(m);
+    optim_step_norm(m, step, lr, norm);
+    return norm;
+}
+
+void optim_step_norm(Model *m, long step, double lr, double norm) {
+    const TrainConfig *tc = &m->cfg.train;
     if (tc->grad_clip > 0 && norm > tc->grad_clip) {
         float s = (float)(tc->grad_clip / (norm + 1e-6));
         for (int c = 0; c < PCAT_N; c++)
@@ -59,5 +64,4 @@ double optim_step(Model *m, long step, double lr) {
                           (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
                           t->decay ? (float)tc->weight_decay : 0.0f, (int)(step + 1));
     }
-    return norm;
 }

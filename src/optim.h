@@ -14,5 +14,7 @@ void optim_reduce_grads(Model *m);
 double optim_grad_norm(const Model *m);
 /* clip + AdamW update for 0-based step; returns the pre-clip gradient norm */
 double optim_step(Model *m, long step, double lr);
+/* the same with the norm already computed by optim_grad_norm (the caller checked it is finite) */
+void optim_step_norm(Model *m, long step, double lr, double norm);
 
 #endif

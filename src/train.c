@@ -4,6 +4,7 @@
  * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
 #include "train.h"
 
+#include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -35,6 +36,27 @@ static double peak_rss_bytes(void) {
     return (double)ru.ru_maxrss * 1024.0;
 }
 static void on_signal(int sig) { g_stop_signal = sig; }
+
+void train_install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* test hook: DCMOE_TEST_NAN_AT=STEP[:RANK] poisons that rank's local loss at that (1-based)
+ * step, so the non-finite handling can be tested without a diverging model */
+static int test_nan_at(long step1, int rank) {
+    const char *e = getenv("DCMOE_TEST_NAN_AT");
+    if (!e || !e[0]) return 0;
+    long s = 0;
+    int r = 0;
+    int n = sscanf(e, "%ld:%d", &s, &r);
+    return n >= 1 && s == step1 && r == rank;
+}
 
 void train_run_dir(const Config *cfg, char *dst, size_t cap) {
     str_fmt(dst, cap, "%s/%s", cfg->run.out_dir, cfg->run.name);
@@ -287,10 +309,12 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     static const char *const pol[] = {"contiguous", "eplb", "topology"};
     TRY(h5log_attr_str(lg, "/", "placement", pol[m->cfg.parallel.placement]));
     TRY(h5log_attr_str(lg, "/", "exchange", m->cfg.parallel.exchange == EXCHANGE_TWO_LEVEL ? "two_level" : "flat"));
-    int64_t node_of[4096];
-    for (int r = 0; r < comm->size && r < 4096; r++) node_of[r] = topo->node_of[r];
+    int64_t *node_of = xcalloc(sizeof(int64_t) * (size_t)comm->size);
+    for (int r = 0; r < comm->size; r++) node_of[r] = topo->node_of[r];
     uint64_t dn[1] = {(uint64_t)comm->size};
-    TRY(h5log_write_array(lg, "parallel/node_of_rank", H5LOG_I64, 1, dn, node_of));
+    Status sn = h5log_write_array(lg, "parallel/node_of_rank", H5LOG_I64, 1, dn, node_of);
+    xfree(node_of);
+    TRY(sn);
     static const char *const phase_cols = "allreduce,dispatch,combine,migration,other";
     TRY(h5log_attr_str(lg, "/comm/summary/intra_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
@@ -305,14 +329,16 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
                        "hits,misses,evictions,bytes_in,bytes_out,stall_s,resident_units (summed over ranks; "
                        "training-time offloading, offload.enabled)"));
     TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change"));
-    char layers[512] = "";
+    /* "0,2,5": up to 12 characters per layer index */
+    size_t cap_layers = (size_t)m->L * 12 + 8, n_layers_txt = 0;
+    char *layers = xcalloc(cap_layers);
     for (int l = 0; l < m->L; l++)
-        if (m->ffn[l].kind != MOE_KIND_DENSE) {
-            char b[16];
-            snprintf(b, sizeof b, "%s%d", layers[0] ? "," : "", l);
-            strcat(layers, b);
-        }
-    TRY(h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none"));
+        if (m->ffn[l].kind != MOE_KIND_DENSE)
+            n_layers_txt += (size_t)snprintf(layers + n_layers_txt, cap_layers - n_layers_txt, "%s%d",
+                                             n_layers_txt ? "," : "", l);
+    Status sl = h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none");
+    xfree(layers);
+    TRY(sl);
     TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
     {
         char kinds[256] = "";
@@ -452,7 +478,19 @@ static Status agree(Comm *comm, Status st) {
     return st;
 }
 
+static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res, int *lock_fd);
+
+/* the run folder's lock is held from the first checks to the end, whatever the outcome */
 Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res) {
+    int lock_fd = -1;
+    Status st = train_run_locked(cfg, opt, comm, res, &lock_fd);
+    char run_dir[2048];
+    train_run_dir(cfg, run_dir, sizeof run_dir);
+    run_lock_release(run_dir, lock_fd);
+    return st;
+}
+
+static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res, int *lock_fd) {
     memset(res, 0, sizeof *res);
     int P = comm->size, rank = comm->rank;
     const TrainConfig *tc = &cfg->train;
@@ -468,21 +506,69 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
     str_fmt(path, sizeof path, "%s/metrics.h5", run_dir);
 
-    /* refuse to overwrite a run unless resuming */
+    train_install_signal_handlers();
+    /* the run folder is locked for the whole run (two starts on one folder: the second is
+     * refused naming the holder); then: refuse to overwrite a run unless resuming, say so and
+     * change nothing when resuming a finished run, fall back past damaged checkpoints */
     Status st = status_ok();
+    int flags[2] = {0, 0};   /* already done, restart from step 0 */
     if (rank == 0) {
-        if (opt->resume) {
-            st = checkpoint_find_latest(run_dir, ckpt, sizeof ckpt);
-            if (STATUS_OK(st) && !ckpt[0])
-                st = status_errorf("%s: --resume given but the run has no complete checkpoint", run_dir);
+        char done_path[4096], stale[256] = "";
+        str_fmt(done_path, sizeof done_path, "%s/DONE", run_dir);
+        st = dir_make_p(run_dir);
+        if (STATUS_OK(st)) st = run_lock_acquire(run_dir, lock_fd, stale, sizeof stale);
+        if (STATUS_OK(st) && stale[0])
+            fprintf(stderr, "dcmoe: %s/LOCK: taking over the lock of a process that is gone (%s)\n", run_dir, stale);
+        int resume = opt->resume || opt->resume_from;
+        if (!STATUS_OK(st)) {
+        } else if (resume && file_exists(done_path)) {
+            char *text = NULL;
+            size_t n_text = 0;
+            file_read_all(done_path, (void **)&text, &n_text);
+            printf("%s: the run is already complete (DONE: %.*s); nothing to do\n", run_dir,
+                   text ? (int)strcspn(text, "\n") : 0, text ? text : "");
+            free(text);
+            flags[0] = 1;
+        } else if (opt->resume_from) {
+            CheckpointInfo info;
+            st = checkpoint_verify(opt->resume_from, &info);
+            if (STATUS_OK(st)) str_fmt(ckpt, sizeof ckpt, "%s", opt->resume_from);
+        } else if (opt->resume) {
+            char skipped[4096];
+            st = checkpoint_find_latest_valid(run_dir, ckpt, sizeof ckpt, skipped, sizeof skipped);
+            if (STATUS_OK(st) && skipped[0]) {
+                fprintf(stderr, "dcmoe: warning: newer checkpoints fail verification and are not used:\n%s", skipped);
+                if (!ckpt[0])
+                    st = status_errorf("%s: --resume: no checkpoint verifies (see above); resume from a copy with "
+                                       "--resume-from DIR, or move %s/ckpt away to restart from step 0", run_dir, run_dir);
+            }
+            if (STATUS_OK(st) && !ckpt[0]) {
+                /* killed before its first checkpoint: nothing to continue, so start again and keep the old log */
+                flags[1] = 1;
+                if (file_exists(path)) {
+                    char kept[4096];
+                    str_fmt(kept, sizeof kept, "%s/metrics.before-restart.h5", run_dir);
+                    if (rename(path, kept) != 0)
+                        st = status_errorf("%s: could not keep the old log as %s: %s", path, kept, strerror(errno));
+                    else
+                        printf("%s: no checkpoint yet: restarting from step 0 (the earlier log is kept as %s)\n",
+                               run_dir, kept);
+                }
+            }
         } else if (file_exists(path)) {
-            st = status_errorf("%s: already holds a run (metrics.h5); use --resume to continue it "
-                               "or set run.name / run.out_dir to start another", run_dir);
+            st = status_errorf("%s: already holds a run (metrics.h5); use --resume to continue it (or to restart it "
+                               "from step 0 when it has no checkpoint yet), or set run.name / run.out_dir to start another",
+                               run_dir);
         }
-        if (STATUS_OK(st)) st = dir_make_p(run_dir);
     }
     TRY(agree(comm, st));
     comm_bcast_bytes(comm, ckpt, sizeof ckpt, 0);
+    comm_bcast_bytes(comm, flags, sizeof flags, 0);
+    if (flags[0]) {
+        res->already_done = true;
+        return status_ok();
+    }
+    int resuming = opt->resume || opt->resume_from;
 
     Backend be;
     int threads = cfg->run.threads > 0 ? cfg->run.threads : 0;
@@ -501,9 +587,9 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
 
     Dataset ds;
     memset(&ds, 0, sizeof ds);
-    st = data_load(&cfg->data, cfg->model.task, T, opt->resume && file_exists(vocab_path) ? vocab_path : NULL, &ds);
+    st = data_load(&cfg->data, cfg->model.task, T, resuming && file_exists(vocab_path) ? vocab_path : NULL, &ds);
     TRY(agree(comm, st));
-    if (rank == 0 && !opt->resume) st = vocab_save(&ds.vocab, vocab_path);
+    if (rank == 0 && !(resuming && file_exists(vocab_path))) st = vocab_save(&ds.vocab, vocab_path);
     TRY(agree(comm, st));
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes;
 
@@ -548,20 +634,13 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     if (rank == 0) {
         /* a checkpoint from another rank count: the per-rank series cannot grow a column, so
          * the old log is kept beside the new one (steps up to the checkpoint) */
-        int new_log = !ckpt[0];
+        int new_log = !ckpt[0] || !file_exists(path);   /* --resume-from a copied checkpoint: a new log */
         if (ckpt[0]) {
-            char marker[4096], *text = NULL;
-            size_t n_text = 0;
-            long long ck_step = 0;
-            int ck_ranks = P;
-            str_fmt(marker, sizeof marker, "%s/COMPLETE", ckpt);
-            if (STATUS_OK(file_read_all(marker, (void **)&text, &n_text)) && text) {
-                char tmp[128];
-                str_fmt(tmp, sizeof tmp, "%.*s", (int)(n_text < 100 ? n_text : 100), text);
-                if (sscanf(tmp, "step %lld ranks %d", &ck_step, &ck_ranks) != 2) ck_ranks = P;
-                free(text);
-            }
-            if (ck_ranks != P) {
+            /* the rank count as the verified checkpoint records it (COMPLETE is checked against it) */
+            CheckpointInfo info = {0, P};
+            st = checkpoint_verify(ckpt, &info);
+            int ck_ranks = info.ranks;
+            if (STATUS_OK(st) && ck_ranks != P) {
                 char kept[4096];
                 str_fmt(kept, sizeof kept, "%s/metrics.ranks%d.h5", run_dir, ck_ranks);
                 if (rename(path, kept) != 0) st = status_errorf("%s: could not keep the old log as %s", path, kept);
@@ -602,8 +681,6 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         fflush(stdout);
     }
 
-    signal(SIGUSR1, on_signal);
-    signal(SIGTERM, on_signal);
     int32_t *in = xcalloc(sizeof(int32_t) * Bl * T), *tg = xcalloc(sizeof(int32_t) * Bl * T);
     int32_t *len = xcalloc(sizeof(int32_t) * Bl);
     int nm = n_moe_layers(&m), E = cfg->moe.n_experts;
@@ -623,7 +700,25 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
     double *mat = xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P);
     double pending_migr = 0;
     int log_owner = 1;
-    for (long step = pos.step; step < tc->steps; step++) {
+    Status log_err = status_ok();   /* rank 0: the first failed write of the metrics log */
+    /* a signal during start-up: checkpoint where we are (unless resumed from exactly here) and stop */
+    {
+        double sig = (double)g_stop_signal;
+        comm_allreduce_max_f64(comm, &sig, 1);
+        if (sig > 0 && pos.step < tc->steps) {
+            if (!ckpt[0]) {
+                pos.elapsed_s = time_now() - t_start;
+                if (rank == 0) h5log_flush(&lg);
+                st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
+            }
+            if (STATUS_OK(st) && rank == 0)
+                printf("signal received during start-up: %s at step %lld, stopping (continue with --resume)\n",
+                       ckpt[0] ? "the run stays" : "checkpoint written", (long long)pos.step);
+            res->interrupted = true;
+        }
+    }
+    long first_step = pos.step;
+    for (long step = pos.step; step < tc->steps && STATUS_OK(st) && !res->interrupted; step++) {
         double t0 = time_now();
         comm->traffic = &traffic;
         for (int l = 0; l < m.L; l++) m.ep[l].collect = m.ffn[l].kind != MOE_KIND_DENSE;
@@ -643,6 +738,13 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         double t1 = time_now();
         model_backward(&m, n_global);
         double t2 = time_now();
+        /* global loss: sum of local CE contributions + the (global) aux terms */
+        if (test_nan_at(step + 1, rank)) m.loss_sum = NAN;
+        double local_loss = m.loss_sum;
+        double ce[1] = {m.loss_sum / (double)n_global};
+        comm_allreduce_sum_f64(comm, ce, 1);
+        double loss = ce[0] + m.aux_loss + m.z_loss;
+        last_loss = loss;
         optim_reduce_grads(&m);
         if (n_clus > 0 && cfg->clustering.router_freeze > 0 && last_event >= 0 &&
             step < last_event + cfg->clustering.router_freeze)
@@ -650,12 +752,41 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                 if (m.tensors[i].kind == PARAM_ROUTER)
                     be.ops->zero(be.ctx, m.grads[m.tensors[i].cat] + m.tensors[i].offset, sizeof(float) * m.tensors[i].n);
         double lr = optim_lr(tc, step);
-        double gnorm = optim_step(&m, step, lr);
-        if (n_clus > 0) {
-            if (cfg->clustering.enabled) recluster_mu_step(&m);
-            for (int l = 0; l < m.L; l++)
-                if (m.ffn[l].kind == MOE_KIND_CLUSTERED) clustered_update_bias(&m.ffn[l], &m.acts[l].moe);
+        double gnorm = optim_grad_norm(&m);
+        if (!isfinite(loss) || !isfinite(gnorm)) {
+            /* name the first rank whose own loss is not finite, and its slice of the batch */
+            double first_bad = isfinite(local_loss) ? 0 : (double)(P - rank);
+            comm_allreduce_max_f64(comm, &first_bad, 1);
+            int bad_rank = first_bad > 0 ? P - (int)first_bad : -1;
+            char where[256];
+            if (bad_rank >= 0)
+                str_fmt(where, sizeof where, "first on rank %d (its local loss is not finite; batch: %s %d..%d of "
+                        "the global batch of step %ld, data seed %llu)", bad_rank,
+                        cfg->model.task == TASK_LM ? "sequences" : "examples", bad_rank * Bl, (bad_rank + 1) * Bl - 1,
+                        step + 1, (unsigned long long)cfg->run.seed);
+            else
+                str_fmt(where, sizeof where, "every rank's loss is finite; the reduced gradient is not (global batch "
+                        "of step %ld, data seed %llu)", step + 1, (unsigned long long)cfg->run.seed);
+            if (cfg->train.on_nonfinite == TRAIN_ON_NONFINITE_STOP) {
+                if (rank == 0) {
+                    h5log_append(&lg, id.loss, step + 1, &loss);
+                    h5log_append(&lg, id.gnorm, step + 1, &gnorm);
+                    h5log_flush(&lg);
+                }
+                st = status_errorf("step %ld: non-finite loss %g / gradient norm %g, %s; stopped without a checkpoint "
+                                   "(the last good one is kept; lower train.lr, raise train.warmup_steps, or set "
+                                   "train.on_nonfinite: skip_step)", step + 1, loss, gnorm, where);
+                break;
+            }
+            if (rank == 0)
+                fprintf(stderr, "dcmoe: warning: step %ld: non-finite loss %g / gradient norm %g, %s; update skipped "
+                        "(train.on_nonfinite: skip_step)\n", step + 1, loss, gnorm, where);
+        } else {
+            optim_step_norm(&m, step, lr, gnorm);
         }
+        if (n_clus > 0 && cfg->clustering.enabled) recluster_mu_step(&m);
+        /* moe.balance: aux_free, for the standard and the clustered layers (a no-op otherwise) */
+        for (int l = 0; l < m.L; l++) moe_update_bias(&m.ffn[l], &m.acts[l].moe);
         int is_last_step = step + 1 == tc->steps;
         for (int l = 0; l < m.L; l++)
             if (m.ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m.ep[l], comm, cfg->parallel.affinity_ema);
@@ -679,15 +810,6 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         traffic_step_end(&traffic, comm, &ts);
         comm->traffic = NULL;
         double t3 = time_now();
-        /* global loss: sum of local CE contributions + the (global) aux terms */
-        double ce[1] = {m.loss_sum / (double)n_global};
-        comm_allreduce_sum_f64(comm, ce, 1);
-        double loss = ce[0] + m.aux_loss + m.z_loss;
-        last_loss = loss;
-        if (!isfinite(loss)) {
-            st = status_errorf("step %ld: loss is %g (diverged); lower train.lr or raise train.warmup_steps", step + 1, loss);
-            break;
-        }
         double dt = time_now() - t0;
         double mine[2] = {t2 - t0, peak_rss_bytes()}, *all_r = rank_buf;
         comm_gather_bytes(comm, mine, all_r, sizeof mine, 0);
@@ -798,7 +920,7 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             if (id.qerr > 0 && log_step) h5log_append(&lg, id.qerr, s, prec.qerr);
             if (log_step) mem_log(&lg, &id, s, mem_all, P);
             Status ls = h5log_step_done(&lg, s);
-            if (!STATUS_OK(ls)) fprintf(stderr, "dcmoe: warning: %s\n", ls.msg);
+            if (!STATUS_OK(ls) && STATUS_OK(log_err)) log_err = ls;
             if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
                 double wtok = tc->batch_size * T * window_steps / window_time;
                 double mean_cv2 = 0;
@@ -868,26 +990,65 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
             res->valid_ppl = ev.ppl;
             res->valid_metric = ev.metric;
         }
-        double stop = g_stop_signal || (opt->stop_at > 0 && step + 1 >= opt->stop_at && !is_last) ? 1 : 0;
-        comm_allreduce_max_f64(comm, &stop, 1);
-        int want_ckpt = is_last || stop > 0 ||
+        /* why to stop, agreed by every rank: [--stop-at reached, signal number, the log failed] */
+        double stop[3] = {opt->stop_at > 0 && step + 1 >= opt->stop_at && !is_last ? 1 : 0, (double)g_stop_signal,
+                          STATUS_OK(log_err) ? 0 : 1};
+        comm_allreduce_max_f64(comm, stop, 3);
+        int stopping = stop[0] > 0 || stop[1] > 0 || stop[2] > 0;
+        int want_ckpt = is_last || stopping ||
                         (cfg->checkpoint.interval > 0 && (step + 1) % cfg->checkpoint.interval == 0);
         if (want_ckpt) {
             pos.elapsed_s = time_now() - t_start;
-            if (rank == 0) h5log_flush(&lg);
+            if (rank == 0) {
+                Status fs = h5log_flush(&lg);
+                if (!STATUS_OK(fs) && STATUS_OK(log_err)) log_err = fs;
+            }
             st = agree(comm, residency_fetch_all(&resid));
             if (STATUS_OK(st)) st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
-            if (!STATUS_OK(st)) break;
+            if (!STATUS_OK(st)) {
+                st = status_errorf("step %ld: checkpoint failed: %s%s", step + 1, st.msg,
+                                   stop[2] > 0 ? " (after the metrics log failed too)" : "");
+                break;
+            }
         }
-        if (stop > 0) {
-            if (rank == 0) printf("%s: checkpoint written at step %ld, stopping (continue with --resume)\n",
-                                  g_stop_signal ? "signal received" : "--stop-at reached", step + 1);
+        if (stop[2] > 0) {
+            /* a failed log write stops the run once the last checkpoint attempt succeeded */
+            st = status_errorf("step %ld: writing %s failed: %s; a checkpoint of step %ld was written, continue with "
+                               "--resume once the disk has room", step + 1, path,
+                               rank == 0 ? log_err.msg : "(rank 0 has the message)", step + 1);
+            break;
+        }
+        if (stopping) {
+            if (rank == 0) {
+                if (stop[1] > 0)
+                    printf("signal %s received: checkpoint written at step %ld, stopping (continue with --resume)\n",
+                           (int)stop[1] == SIGTERM ? "SIGTERM" : (int)stop[1] == SIGUSR1 ? "SIGUSR1" : "(other)", step + 1);
+                else
+                    printf("--stop-at reached: checkpoint written at step %ld, stopping (continue with --resume)\n", step + 1);
+            }
             res->interrupted = true;
             break;
         }
     }
     res->steps_done = pos.step;
     res->final_train_loss = last_loss;
+    /* resumed at the last step (killed after the final checkpoint, before DONE): the final
+     * validation is recomputed (deterministic), and each of its rows is written only if the
+     * killed run did not write it already */
+    if (STATUS_OK(st) && !res->interrupted && first_step >= tc->steps) {
+        EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size, &prec);
+        res->valid_loss = ev.loss;
+        res->valid_ppl = ev.ppl;
+        res->valid_metric = ev.metric;
+        if (rank == 0) {
+            if (h5log_last_step(&lg, id.eval_ppl) != (long)pos.step) {
+                h5log_append(&lg, id.eval_loss, pos.step, &ev.loss);
+                h5log_append(&lg, id.eval_ppl, pos.step, &ev.ppl);
+                h5log_append(&lg, id.eval_metric, pos.step, &ev.metric);
+            }
+            printf("resumed at the last step (%lld): finishing the final evaluation\n", (long long)pos.step);
+        }
+    }
     if (STATUS_OK(st) && !res->interrupted && cfg->model.task == TASK_LM && pos.step >= tc->steps) {
         EvalOut ev = evaluate(&m, &ds, SPLIT_TEST, tc->eval_batches, tc->batch_size, &prec);
         res->test_loss = ev.loss;
@@ -895,9 +1056,12 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
         if (rank == 0) {
             /* the run's headline numbers, one row at the last step (attributes cannot be
              * added once SWMR writing has started) */
-            h5log_append(&lg, id.final_valid_ppl, pos.step, &res->valid_ppl);
-            h5log_append(&lg, id.final_test_ppl, pos.step, &ev.ppl);
-            h5log_append(&lg, id.final_test_loss, pos.step, &ev.loss);
+            if (h5log_last_step(&lg, id.final_valid_ppl) != (long)pos.step)
+                h5log_append(&lg, id.final_valid_ppl, pos.step, &res->valid_ppl);
+            if (h5log_last_step(&lg, id.final_test_ppl) != (long)pos.step)
+                h5log_append(&lg, id.final_test_ppl, pos.step, &ev.ppl);
+            if (h5log_last_step(&lg, id.final_test_loss) != (long)pos.step)
+                h5log_append(&lg, id.final_test_loss, pos.step, &ev.loss);
             if (ev.n > 0)
                 printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
                        res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
@@ -906,7 +1070,16 @@ Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainRe
                        res->valid_ppl, uni_ppl, time_now() - t_start);
         }
     }
-    if (rank == 0) h5log_close(&lg);
+    if (rank == 0) {
+        Status fs = h5log_flush(&lg);
+        if (STATUS_OK(st) && !STATUS_OK(fs)) st = status_errorf("writing %s failed: %s", path, fs.msg);
+        h5log_close(&lg);
+        /* after a failed write (a full disk), no row may keep an invalid step */
+        if (!STATUS_OK(log_err) || !STATUS_OK(fs)) {
+            Status rs = h5log_repair(path, -1);
+            if (!STATUS_OK(rs)) fprintf(stderr, "dcmoe: warning: %s\n", rs.msg);
+        }
+    }
     /* DONE marks a run that reached train.steps (launchers skip it); written last, atomically */
     if (rank == 0 && STATUS_OK(st) && !res->interrupted && pos.step >= tc->steps) {
         char done_path[4096], done[128];

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -168,6 +169,57 @@ Status file_write_replace(const char *path, const void *data, size_t n, int sync
     return status_ok();
 }
 
+Status run_lock_acquire(const char *dir, int *fd, char *stale, size_t stale_cap) {
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/LOCK", dir);
+    *fd = -1;
+    if (stale_cap) stale[0] = 0;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int f = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (f < 0) return status_errorf("%s: cannot open the run lock: %s", path, strerror(errno));
+        char held[256] = "";
+        ssize_t nr = pread(f, held, sizeof held - 1, 0);
+        held[nr > 0 ? nr : 0] = 0;
+        char *nl = strchr(held, '\n');
+        if (nl) *nl = 0;
+        if (flock(f, LOCK_EX | LOCK_NB) != 0) {
+            int e = errno;
+            close(f);
+            if (e == EWOULDBLOCK)
+                return status_errorf("%s: the run folder is in use by %s (another dcmoe process; wait for it, or "
+                                     "use another run.name)", dir, held[0] ? held : "another process");
+            return status_errorf("%s: cannot lock: %s", path, strerror(e));
+        }
+        /* the file may have been removed by its previous holder between open and flock */
+        struct stat a, b;
+        if (fstat(f, &a) != 0 || stat(path, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
+            close(f);
+            continue;
+        }
+        if (held[0] && stale_cap) str_fmt(stale, stale_cap, "%.200s", held);
+        char host[128] = "unknown", text[256];
+        gethostname(host, sizeof host - 1);
+        host[sizeof host - 1] = 0;
+        int n = snprintf(text, sizeof text, "host %s pid %d\n", host, (int)getpid());
+        if (ftruncate(f, 0) != 0 || pwrite(f, text, (size_t)n, 0) != n) {
+            int e = errno;
+            close(f);
+            return status_errorf("%s: cannot write the run lock: %s", path, strerror(e));
+        }
+        *fd = f;
+        return status_ok();
+    }
+    return status_errorf("%s: the run lock keeps changing hands; is another dcmoe starting in this folder?", path);
+}
+
+void run_lock_release(const char *dir, int fd) {
+    if (fd < 0) return;
+    char path[4096];
+    str_fmt(path, sizeof path, "%s/LOCK", dir);
+    unlink(path);
+    close(fd);
+}
+
 Status file_read_all(const char *path, void **data, size_t *n) {
     FILE *f = fopen(path, "rb");
     if (!f) return status_errorf("%s: cannot open: %s", path, strerror(errno));
@@ -204,6 +256,9 @@ Status dir_make_p(const char *path) {
             buf[i] = c;
         }
     }
+    struct stat sb;
+    if (stat(path, &sb) != 0) return status_errorf("%s: cannot create directory: %s", path, strerror(errno));
+    if (!S_ISDIR(sb.st_mode)) return status_errorf("%s: exists and is not a directory", path);
     return status_ok();
 }
 

@@ -63,6 +63,15 @@ Status dir_make_p(const char *path);        /* mkdir -p */
 /* fsync a directory so a rename inside it is durable */
 void dir_fsync(const char *dir);
 
+/* ---- run-folder lock: one process owns a run folder at a time ---- */
+/* takes DIR/LOCK with flock (released by the kernel when the holder dies, so a stale lock of
+ * a dead process is taken over) and writes "host pid" into it. Fails, naming the holder's
+ * host and pid, if a live process holds it. *fd is the lock (keep it open; -1 on failure);
+ * *stale gets the previous holder's text when a dead holder's lock was taken over ("" if none). */
+Status run_lock_acquire(const char *dir, int *fd, char *stale, size_t stale_cap);
+/* releases and removes the lock; safe with fd < 0 */
+void run_lock_release(const char *dir, int fd);
+
 /* snprintf into a fixed buffer; aborts on truncation (paths and names) */
 void str_fmt(char *dst, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 

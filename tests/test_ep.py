@@ -122,6 +122,7 @@ if os.path.exists(h4):
         name = f"ck4-to{ranks}"
         shutil.copytree(os.path.join(d, "ck4"), os.path.join(d, name))
         shutil.rmtree(os.path.join(d, name, "ckpt", "step_00000012"))
+        os.remove(os.path.join(d, name, "DONE"))   # as if killed after step 6
         p = run(["train", cfg4, "--quiet", "--resume", "--set", f"run.name={name}"] + ck, ranks=ranks)
         check(p.returncode == 0, f"4-rank checkpoint resumed at {ranks} rank(s)")
         if p.returncode != 0:
