@@ -80,6 +80,9 @@ static const KeyDef keys[] = {
     K_LONG(run.seed, 0, LONG_MAX, 1234, "seed of every RNG stream (derived per rank and purpose)"),
     K_ENUM(run.backend, backend_names, BACKEND_CPU, "compute backend of every rank"),
     K_INT(run.threads, 0, 1024, 0, "BLAS threads per rank; 0 = cores / ranks on the node"),
+    K_FLOAT(run.peak_gflops, 0, 0.0, 1e9, 0, 0.0,
+            "sgemm peak of all ranks together (GFLOP/s) that the progress line's FLOP fraction is against; "
+            "0 = measured at start-up (every rank at once, best of repeated 1024^3 products over >= 0.3 s)"),
     /* data */
     K_ENUM(data.kind, data_kind_names, DATA_BROWN,
            "data set: Brown LM, WikiText LM, a GLUE task, or Brown genre classification"),

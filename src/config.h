@@ -32,6 +32,7 @@ typedef struct RunConfig {
     long seed;
     enum BackendKind backend;
     int threads;             /* BLAS threads per rank; 0 = cores / ranks-on-node */
+    double peak_gflops;      /* > 0: the calibrated sgemm peak of all ranks (GFLOP/s); 0 = measure */
 } RunConfig;
 
 typedef struct DataConfig {
