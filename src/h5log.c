@@ -249,13 +249,6 @@ static hid_t open_rdwr(const char *path, bool *recovered) {
     *recovered = false;
     hid_t fapl = fapl_latest();
     if (fapl < 0) return -1;
-    /* one read per metadata block: the retries (100 by default once SWMR writing starts, with
-     * growing sleeps) are for readers racing a writer; here a bad checksum is damage, and
-     * retrying it stalled a resume for minutes */
-    if (H5Pset_metadata_read_attempts(fapl, 1) < 0) {
-        H5Pclose(fapl);
-        return -1;
-    }
     hid_t f = H5Fopen(path, H5F_ACC_RDWR, fapl);
     if (f < 0 && H5Pexist(fapl, "clear_status_flags") > 0) {
         hbool_t clear = 1;
@@ -299,6 +292,15 @@ static Status truncate_series(H5log *lg, hid_t g, const char *gpath, long max_st
     H5Sget_simple_extent_dims(ss, dim_s, NULL);
     H5Sget_simple_extent_dims(sv, dim_v, NULL);
     hsize_t n = dim_s[0] < dim_v[0] ? dim_s[0] : dim_v[0], keep = 0;
+    hsize_t file_size = 0;
+    if (H5Fget_filesize(lg->file, &file_size) < 0) { st = hdf5_error(lg, "cannot get the file size"); goto done; }
+    /* a written step takes 8 bytes of the file: a count above one per byte comes from a damaged
+     * header (and would make the buffer below overflow or exhaust memory) */
+    if (n > file_size + STEP_CHUNK_ROWS) {
+        st = status_errorf("%s: series '%s' claims %llu rows, more than a %llu-byte file can hold (damaged file)",
+                           lg->path, gpath, (unsigned long long)n, (unsigned long long)file_size);
+        goto done;
+    }
     if (n > 0) {
         steps = xmalloc(n * sizeof *steps);
         hid_t ms = H5Screate_simple(1, &n, NULL);
@@ -308,6 +310,31 @@ static Status truncate_series(H5log *lg, hid_t g, const char *gpath, long max_st
         if (ms >= 0) H5Sclose(ms);
         if (r < 0) { st = hdf5_error(lg, "series '%s': cannot read steps", gpath); goto done; }
         while (keep < n && steps[keep] >= 0 && (max_step < 0 || steps[keep] <= max_step)) keep++;
+    }
+    if (dim_v[0] > 0) {
+        /* read one value row (the last kept one, else the first): this loads the value chunk
+         * index while a damaged block is still an error. Once SWMR writing starts, HDF5 retries a
+         * metadata block with a bad checksum 100 times with doubling sleeps, which never ends. */
+        int nd = rank_v;
+        hsize_t start[1 + H5LOG_MAX_DIMS] = {0}, count[1 + H5LOG_MAX_DIMS];
+        size_t row_elems = 1;
+        count[0] = 1;
+        start[0] = keep > 0 ? keep - 1 : 0;
+        for (int i = 1; i < nd; i++) {
+            count[i] = dim_v[i];
+            if (dim_v[i] > ((hsize_t)1 << 24) || (row_elems *= dim_v[i] ? dim_v[i] : 1) > ((size_t)1 << 24)) {
+                st = status_errorf("%s: series '%s': rows of more than 2^24 values are not an h5log series",
+                                   lg->path, gpath);
+                goto done;
+            }
+        }
+        double *row = xmalloc(row_elems * sizeof *row);
+        hid_t ms = H5Screate_simple(nd, count, NULL);
+        herr_t r = ms >= 0 ? H5Sselect_hyperslab(sv, H5S_SELECT_SET, start, NULL, count, NULL) : -1;
+        if (r >= 0) r = H5Dread(dv, H5T_NATIVE_DOUBLE, ms, sv, H5P_DEFAULT, row);
+        if (ms >= 0) H5Sclose(ms);
+        xfree(row);
+        if (r < 0) { st = hdf5_error(lg, "series '%s': cannot read values", gpath); goto done; }
     }
     if (keep != dim_s[0] && H5Dset_extent(ds, &keep) < 0) {
         st = hdf5_error(lg, "series '%s': cannot truncate step to %llu rows", gpath, (unsigned long long)keep);

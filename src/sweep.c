@@ -20,6 +20,15 @@ static Status next(Parser *ps) {
     return status_ok();
 }
 
+static const char *event_kind(const yaml_event_t *ev) {
+    switch (ev->type) {
+    case YAML_MAPPING_START_EVENT: return "a mapping";
+    case YAML_SEQUENCE_START_EVENT: return "a sequence";
+    case YAML_SCALAR_EVENT: return "a scalar";
+    default: return "something else";
+    }
+}
+
 /* skip the node that starts at the current event (scalar, sequence or mapping) */
 static Status skip_node(Parser *ps) {
     int depth = 0;
@@ -41,11 +50,19 @@ static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_ax
         TRY(next(ps));
         if (ps->ev.type == YAML_MAPPING_END_EVENT) return status_ok();
         if (*n_axes >= SWEEP_MAX_KEYS) return status_errorf("%s: sweep.%s: more than %d keys", ps->file, kind, SWEEP_MAX_KEYS);
+        size_t line = ps->ev.start_mark.line + 1, col = ps->ev.start_mark.column + 1;
+        if (ps->ev.type != YAML_SCALAR_EVENT)
+            return status_errorf("%s:%zu:%zu: sweep.%s: expected a key name (a config key, ranks or name), got %s",
+                                 ps->file, line, col, kind, event_kind(&ps->ev));
+        const char *key = (const char *)ps->ev.data.scalar.value;
+        if (ps->ev.data.scalar.length >= sizeof axes->key || strlen(key) != ps->ev.data.scalar.length)
+            return status_errorf("%s:%zu:%zu: sweep.%s: key '%.40s...' is not a config key (at most %zu bytes, no NUL)",
+                                 ps->file, line, col, kind, key, sizeof axes->key - 1);
         SweepAxis *ax = &axes[(*n_axes)++];
         memset(ax, 0, sizeof *ax);
-        ax->line = (int)ps->ev.start_mark.line + 1;
-        ax->column = (int)ps->ev.start_mark.column + 1;
-        str_fmt(ax->key, sizeof ax->key, "%s", (const char *)ps->ev.data.scalar.value);
+        ax->line = (int)line;
+        ax->column = (int)col;
+        memcpy(ax->key, key, ps->ev.data.scalar.length + 1);
         TRY(next(ps));
         if (ps->ev.type != YAML_SEQUENCE_START_EVENT)
             return status_errorf("%s:%d:%d: sweep.%s.%s: expected a list of values", ps->file, ax->line, ax->column, kind, ax->key);
@@ -55,6 +72,10 @@ static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_ax
             if (ps->ev.type != YAML_SCALAR_EVENT)
                 return status_errorf("%s:%zu:%zu: sweep.%s.%s: values must be scalars", ps->file,
                                      ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind, ax->key);
+            if (ps->ev.data.scalar.length > SWEEP_MAX_VALUE)
+                return status_errorf("%s:%zu:%zu: sweep.%s.%s: value of %zu bytes is too long (at most %d)", ps->file,
+                                     ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind, ax->key,
+                                     ps->ev.data.scalar.length, SWEEP_MAX_VALUE);
             ax->values = realloc(ax->values, sizeof(char *) * (ax->n_values + 1));
             ax->values[ax->n_values++] = strdup((const char *)ps->ev.data.scalar.value);
         }
@@ -93,6 +114,11 @@ static Status parse_block(const char *path, Sweep *sw) {
                 for (;;) {
                     st = next(&ps);
                     if (!STATUS_OK(st) || ps.ev.type == YAML_MAPPING_END_EVENT) break;
+                    if (ps.ev.type != YAML_SCALAR_EVENT) {
+                        st = status_errorf("%s:%zu:%zu: sweep: expected grid or zip, got %s", path,
+                                           ps.ev.start_mark.line + 1, ps.ev.start_mark.column + 1, event_kind(&ps.ev));
+                        break;
+                    }
                     char kind[32];
                     str_fmt(kind, sizeof kind, "%.31s", (const char *)ps.ev.data.scalar.value);
                     size_t l = ps.ev.start_mark.line + 1, c = ps.ev.start_mark.column + 1;
@@ -125,7 +151,11 @@ static Status apply(SweepRun *run, const char *key, const char *value, const cha
             return status_errorf("%s:%d:%d: sweep ranks: '%s' is not a rank count in [1, 4096]", path, ax->line, ax->column, value);
         run->ranks = (int)r;
     } else if (!strcmp(key, "name")) {
-        str_fmt(run->name + strlen(run->name), sizeof run->name - strlen(run->name), "-%s", value);
+        size_t used = strlen(run->name);
+        if (used + 1 + strlen(value) >= sizeof run->name)
+            return status_errorf("%s:%d:%d: sweep run %d: name '%s-%.40s' is longer than run.name allows (%zu bytes)",
+                                 path, ax->line, ax->column, run->index, run->name, value, sizeof run->cfg.run.name - 1);
+        str_fmt(run->name + used, sizeof run->name - used, "-%s", value);
     } else {
         char set[256];
         str_fmt(set, sizeof set, "%s=%s", key, value);
@@ -181,11 +211,13 @@ Status sweep_plan(const char *path, const Config *base, Sweep *sw) {
         for (int j = 0; j < i && unique; j++) unique = strcmp(sw->runs[i].name, sw->runs[j].name) != 0;
     for (int i = 0; i < sw->n_runs; i++) {
         SweepRun *run = &sw->runs[i];
-        if (!unique) str_fmt(run->name + strlen(run->name), sizeof run->name - strlen(run->name), "-%s", run->id);
-        if (strlen(run->name) >= sizeof run->cfg.run.name)
+        char full[sizeof run->name + sizeof run->id + 1];
+        snprintf(full, sizeof full, "%s%s%s", run->name, unique ? "" : "-", unique ? "" : run->id);
+        if (strlen(full) >= sizeof run->cfg.run.name)
             return status_errorf("%s: sweep run %d: name '%s' is longer than run.name allows (%zu bytes)", path, i,
-                                 run->name, sizeof run->cfg.run.name - 1);
-        str_fmt(run->cfg.run.name, sizeof run->cfg.run.name, "%s", run->name);
+                                 full, sizeof run->cfg.run.name - 1);
+        str_fmt(run->name, sizeof run->name, "%s", full);
+        str_fmt(run->cfg.run.name, sizeof run->cfg.run.name, "%s", full);
     }
     return status_ok();
 }

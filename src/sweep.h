@@ -9,6 +9,7 @@
 #include "config.h"
 
 #define SWEEP_MAX_KEYS 32
+#define SWEEP_MAX_VALUE 120  /* bytes of one swept value: "key=value" fits a SweepRun.sets entry */
 
 typedef struct SweepAxis {
     char key[128];           /* dotted config key, "ranks" or "name" */
