@@ -22,7 +22,7 @@ static char scratch[256];   /* the scratch folder; "" until fuzz_setup */
 
 static void fuzz_cleanup(void) {
     static const char *const names[] = {"sweep.yaml", "wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens",
-                                        "ca01", "ca02", "ca03", "cb01", "ck01", "cr09", "train.tsv", "dev.tsv",
+                                        "ca01", "ca02", "ca03", "cb01", "ck01", "cr09", "cats.txt", "train.tsv", "dev.tsv",
                                         "dev_matched.tsv", "metrics.h5", NULL};
     if (!scratch[0]) return;
     char p[512];
@@ -192,7 +192,8 @@ static int run_wikitext(const uint8_t *data, size_t n) {
     return load_and_free(&dc, TASK_LM, 4);
 }
 
-/* up to six Brown files in three genres, read as an LM corpus and as the genre task */
+/* six Brown files in four genres and the file list cats.txt (part 7 of the input; the six
+ * files when the input has no part 7), read as an LM corpus and as the genre task */
 static int run_brown(const uint8_t *data, size_t n) {
     static const char *const files[6] = {"ca01", "ca02", "ca03", "cb01", "ck01", "cr09"};
     for (int k = 0; k < 6; k++) {
@@ -201,6 +202,12 @@ static int run_brown(const uint8_t *data, size_t n) {
         part(data, n, k, &p, &len);
         put_file(files[k], p, len);
     }
+    const uint8_t *p;
+    size_t len;
+    part(data, n, 6, &p, &len);
+    static const char cats[] = "ca01 news\nca02 news\nca03 news\ncb01 editorial\nck01 fiction\ncr09 humor\n";
+    if (len == 0) put_file("cats.txt", cats, sizeof cats - 1);
+    else put_file("cats.txt", p, len);
     DataConfig dc;
     data_config(&dc, DATA_BROWN);
     int accepted = load_and_free(&dc, TASK_LM, 4);
