@@ -14,6 +14,8 @@
 #include "placement.h"
 
 #include <math.h>
+#include <metis.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -400,6 +402,346 @@ static void split_run(const int *ids, int m, const int *cap, const double *lcap,
     split_release(&s);
 }
 
+
+/* ------------------------------------------------------------------ METIS path */
+
+/* One level for large m, without any m x m array: the symmetrised affinity of the split as a
+ * sparse graph (CSR, zero entries dropped), attachments d[m, k], part member lists. METIS
+ * (multilevel k-way, multi-constraint: unit count and load) gives the first partition; greedy
+ * passes then make the sizes exact (least added cut), bring parts under their load caps
+ * (cheapest swaps) and refine with size-preserving swaps that add no excess. */
+typedef struct Big {
+    int m, k;
+    const int *cap;          /* [k] units per part */
+    const double *lcap;      /* [k] load cap per part */
+    int *xadj, *adj;         /* [m + 1], [nnz] neighbours of each unit (split indices, ascending) */
+    double *wt;              /* [nnz] symmetrised affinity of each edge */
+    double *w;               /* [m] unit load (1 when no load was given) */
+    int *part, *size;        /* [m], [k] */
+    double *pload;           /* [k] */
+    double *d;               /* [m, k] affinity of unit i to the members of part p (i excluded) */
+    double *row;             /* [m] scratch: the affinity row of one unit, scattered */
+    int *members, *pos, *off; /* [m] units by part (part p at off[p]..off[p]+cap[p]), [m] slot, [k + 1] */
+    double eps, leps;
+    int has_load;
+} Big;
+
+static void big_init(Big *b, const int *ids, int m, const int *cap, const double *lcap, int k, int U,
+                     const double *affinity, const double *load) {
+    memset(b, 0, sizeof *b);
+    b->m = m; b->k = k; b->cap = cap; b->lcap = lcap; b->has_load = load != NULL;
+    b->w = xcalloc(sizeof(double) * (size_t)m);
+    b->xadj = xcalloc(sizeof(int) * ((size_t)m + 1));
+    size_t nnz = 0;
+    for (int pass = 0; pass < 2; pass++) {   /* count, then fill */
+        nnz = 0;
+        for (int i = 0; i < m; i++) {
+            const double *ri = affinity + (size_t)ids[i] * U;
+            for (int j = 0; j < m; j++) {
+                if (j == i) continue;
+                double v = 0.5 * (ri[ids[j]] + affinity[(size_t)ids[j] * U + ids[i]]);
+                if (v == 0) continue;
+                if (pass == 1) { b->adj[nnz] = j; b->wt[nnz] = v; }
+                nnz++;
+            }
+            if (pass == 0) b->xadj[i + 1] = (int)nnz;
+        }
+        ASSERTF(nnz < (size_t)INT32_MAX, "placement: %zu affinity entries in one split (limit %d)", nnz, INT32_MAX);
+        if (pass == 0) {
+            b->adj = xcalloc(sizeof(int) * (nnz ? nnz : 1));
+            b->wt = xcalloc(sizeof(double) * (nnz ? nnz : 1));
+        }
+    }
+    double total = 0, total_w = 0;
+    for (size_t e = 0; e < nnz; e++) total += fabs(b->wt[e]);
+    for (int i = 0; i < m; i++) {
+        b->w[i] = unit_load(load, ids[i]);
+        total_w += fabs(b->w[i]);
+    }
+    b->eps = 1e-12 * (total > 0 ? total : 1.0);
+    b->leps = 1e-12 * (total_w > 0 ? total_w : 1.0);
+    b->part = xcalloc(sizeof(int) * (size_t)m);
+    b->size = xcalloc(sizeof(int) * (size_t)k);
+    b->pload = xcalloc(sizeof(double) * (size_t)k);
+    b->d = xcalloc(sizeof(double) * (size_t)m * k);
+    b->row = xcalloc(sizeof(double) * (size_t)m);
+    b->members = xcalloc(sizeof(int) * (size_t)m);
+    b->pos = xcalloc(sizeof(int) * (size_t)m);
+    b->off = xcalloc(sizeof(int) * ((size_t)k + 1));
+    for (int p = 0; p < k; p++) b->off[p + 1] = b->off[p] + cap[p];
+    ASSERTF(b->off[k] == m, "placement: part capacities sum to %d, %d units", b->off[k], m);
+}
+
+static void big_free(Big *b) {
+    xfree(b->xadj); xfree(b->adj); xfree(b->wt); xfree(b->w); xfree(b->part); xfree(b->size);
+    xfree(b->pload); xfree(b->d); xfree(b->row); xfree(b->members); xfree(b->pos); xfree(b->off);
+    memset(b, 0, sizeof *b);
+}
+
+/* d, size, pload from part (and the member lists when every part is exactly full) */
+static void big_recompute(Big *b) {
+    int m = b->m, k = b->k;
+    memset(b->d, 0, sizeof(double) * (size_t)m * k);
+    memset(b->size, 0, sizeof(int) * (size_t)k);
+    memset(b->pload, 0, sizeof(double) * (size_t)k);
+    for (int i = 0; i < m; i++) {
+        b->size[b->part[i]]++;
+        b->pload[b->part[i]] += b->w[i];
+        for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) b->d[(size_t)i * k + b->part[b->adj[e]]] += b->wt[e];
+    }
+    int exact = 1;
+    for (int p = 0; p < k; p++) exact &= b->size[p] == b->cap[p];
+    if (!exact) return;
+    int *fill = xcalloc(sizeof(int) * (size_t)k);
+    for (int i = 0; i < m; i++) {
+        int p = b->part[i];
+        b->pos[i] = fill[p];
+        b->members[b->off[p] + fill[p]++] = i;
+    }
+    xfree(fill);
+}
+
+static void big_move(Big *b, int i, int q) {
+    int p = b->part[i], k = b->k;
+    for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) {
+        double *dj = b->d + (size_t)b->adj[e] * k;
+        dj[p] -= b->wt[e];
+        dj[q] += b->wt[e];
+    }
+    b->size[p]--; b->size[q]++;
+    b->pload[p] -= b->w[i]; b->pload[q] += b->w[i];
+    b->part[i] = q;
+}
+
+/* swap i and j between their parts (both member lists are exact) */
+static void big_swap(Big *b, int i, int j) {
+    int pi = b->part[i], pj = b->part[j];
+    big_move(b, i, pj);
+    big_move(b, j, pi);
+    int si = b->pos[i], sj = b->pos[j];
+    b->members[b->off[pj] + sj] = i; b->pos[i] = sj;
+    b->members[b->off[pi] + si] = j; b->pos[j] = si;
+}
+
+static inline double big_over(const Big *b, int p, double load) {
+    return load > b->lcap[p] ? load - b->lcap[p] : 0.0;
+}
+
+static inline double big_move_gain(const Big *b, int i, int q) {
+    return b->d[(size_t)i * b->k + q] - b->d[(size_t)i * b->k + b->part[i]];
+}
+
+/* change of the summed excess if i and j swapped */
+static inline double big_swap_excess(const Big *b, int i, int j) {
+    int pi = b->part[i], pj = b->part[j];
+    double li = b->pload[pi] - b->w[i] + b->w[j], lj = b->pload[pj] - b->w[j] + b->w[i];
+    return big_over(b, pi, li) + big_over(b, pj, lj) - big_over(b, pi, b->pload[pi]) - big_over(b, pj, b->pload[pj]);
+}
+
+static void big_scatter(Big *b, int i, double sign) {
+    for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) b->row[b->adj[e]] = sign > 0 ? b->wt[e] : 0.0;
+}
+
+/* METIS k-way on the split: vertex weight 1 (unit count), target weights = the parts'
+ * capacities, edge weights = affinity scaled to integers (the largest 1e6, the sum below 2^30;
+ * entries that round to 0 dropped), fixed seed. Loads are left to the repair passes: measured
+ * (results/bench-placement.md), a second constraint for the load is 3-4x slower for under 1%
+ * less cut, and load as the only vertex weight leaves unit counts far off. Returns 0 when
+ * METIS fails (the caller falls back to Kernighan-Lin). */
+static int big_metis(Big *b) {
+    int m = b->m, k = b->k;
+    if (k == 1) { memset(b->part, 0, sizeof(int) * (size_t)m); return 1; }
+    int nnz = b->xadj[m];
+    double amax = 0, asum = 0;
+    for (int e = 0; e < nnz; e++) { amax = fmax(amax, fabs(b->wt[e])); asum += fabs(b->wt[e]); }
+    double ascale = amax > 0 ? fmin(1e6 / amax, 1e9 / asum) : 0;
+    idx_t nv = m, nc = 1, np = k, cut = 0, *xadj = xcalloc(sizeof(idx_t) * ((size_t)m + 1));
+    idx_t *adj = xcalloc(sizeof(idx_t) * (size_t)(nnz ? nnz : 1)), *awt = xcalloc(sizeof(idx_t) * (size_t)(nnz ? nnz : 1));
+    idx_t *vwt = xcalloc(sizeof(idx_t) * (size_t)m), *part = xcalloc(sizeof(idx_t) * (size_t)m);
+    real_t *tp = xcalloc(sizeof(real_t) * (size_t)k), ub = 1.03f;  /* sizes: close, made exact afterwards */
+    idx_t n_e = 0;
+    for (int i = 0; i < m; i++) {
+        for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) {
+            long long x = llround(b->wt[e] * ascale);
+            if (x <= 0) continue;
+            adj[n_e] = b->adj[e];
+            awt[n_e++] = (idx_t)x;
+        }
+        xadj[i + 1] = n_e;
+        vwt[i] = 1;
+    }
+    for (int p = 0; p < k; p++) tp[p] = (real_t)((double)b->cap[p] / m);
+    idx_t opt[METIS_NOPTIONS];
+    METIS_SetDefaultOptions(opt);
+    opt[METIS_OPTION_SEED] = 1;                 /* fixed: the same placement on every rank */
+    opt[METIS_OPTION_NUMBERING] = 0;
+    opt[METIS_OPTION_OBJTYPE] = METIS_OBJTYPE_CUT;
+    int rc = METIS_PartGraphKway(&nv, &nc, xadj, adj, vwt, NULL, awt, &np, tp, &ub, opt, &cut, part);
+    if (rc == METIS_OK)
+        for (int i = 0; i < m; i++) b->part[i] = (int)part[i];
+    xfree(xadj); xfree(adj); xfree(awt); xfree(vwt); xfree(part); xfree(tp);
+    return rc == METIS_OK;
+}
+
+/* exact sizes: units leave over-full parts for under-full ones, one at a time, the move that
+ * adds no load excess and costs the least cut first */
+static void big_fix_sizes(Big *b) {
+    int m = b->m, k = b->k;
+    big_recompute(b);
+    for (;;) {
+        int bi = -1, bq = -1, bx = 0;
+        double bg = 0;
+        for (int i = 0; i < m; i++) {
+            int p = b->part[i];
+            if (b->size[p] <= b->cap[p]) continue;
+            for (int q = 0; q < k; q++) {
+                if (b->size[q] >= b->cap[q]) continue;
+                double dx = big_over(b, q, b->pload[q] + b->w[i]) - big_over(b, q, b->pload[q]) +
+                            big_over(b, p, b->pload[p] - b->w[i]) - big_over(b, p, b->pload[p]);
+                int x = dx > b->leps;
+                double g = big_move_gain(b, i, q);
+                if (bi < 0 || x < bx || (x == bx && g > bg + b->eps)) { bi = i; bq = q; bg = g; bx = x; }
+            }
+        }
+        if (bi < 0) break;
+        big_move(b, bi, bq);
+    }
+    big_recompute(b);
+}
+
+/* parts over their load caps: part by part, the member whose best swap (the one that lowers the
+ * summed excess and costs the least cut) is cheapest swaps; rounds until no part is over its
+ * cap or no swap lowers the excess */
+static void big_fix_caps(Big *b) {
+    int m = b->m, k = b->k;
+    for (int round = 0, moved = 1; moved && round < m; round++) {
+        moved = 0;
+        for (int p = 0; p < k; p++) {
+            if (!(big_over(b, p, b->pload[p]) > b->leps)) continue;
+            int bi = -1, bj = -1;
+            double bg = 0, bx = 0;
+            for (int s = 0; s < b->cap[p]; s++) {
+                int i = b->members[b->off[p] + s];
+                big_scatter(b, i, 1);
+                for (int j = 0; j < m; j++) {
+                    if (b->part[j] == p) continue;
+                    double x = big_swap_excess(b, i, j);
+                    if (x >= -b->leps) continue;
+                    double g = big_move_gain(b, i, b->part[j]) + big_move_gain(b, j, p) - 2 * b->row[j];
+                    if (bi < 0 || g > bg + b->eps || (g >= bg - b->eps && x < bx)) { bi = i; bj = j; bg = g; bx = x; }
+                }
+                big_scatter(b, i, 0);
+            }
+            if (bi < 0) continue;
+            big_swap(b, bi, bj);
+            moved = 1;
+        }
+    }
+    big_recompute(b);
+}
+
+/* size-preserving refinement: every unit in turn, with the part it is most attached to, swaps
+ * with the member of that part that gains the most, if the swap lowers the cut and adds no
+ * load excess. Returns the cut removed. */
+static double big_refine_pass(Big *b) {
+    int m = b->m, k = b->k;
+    double total = 0;
+    for (int i = 0; i < m; i++) {
+        int p = b->part[i], q = -1;
+        const double *di = b->d + (size_t)i * k;
+        for (int r = 0; r < k; r++)
+            if (r != p && (q < 0 || di[r] > di[q])) q = r;
+        if (q < 0) continue;
+        big_scatter(b, i, 1);
+        int bj = -1;
+        double bg = b->eps;
+        for (int s = 0; s < b->cap[q]; s++) {
+            int j = b->members[b->off[q] + s];
+            double g = di[q] - di[p] + big_move_gain(b, j, p) - 2 * b->row[j];
+            if (g > bg && big_swap_excess(b, i, j) <= b->leps) { bg = g; bj = j; }
+        }
+        big_scatter(b, i, 0);
+        if (bj >= 0) {
+            big_swap(b, i, bj);
+            total += bg;
+        }
+    }
+    big_recompute(b);
+    return total;
+}
+
+/* the units ids[m] into k parts with METIS; part_out[m]. Returns 0 if METIS failed. */
+static int big_run(const int *ids, int m, const int *cap, const double *lcap, int k, int U, const double *affinity,
+                   const double *load, int refine_passes, int *part_out) {
+    Big b;
+    big_init(&b, ids, m, cap, lcap, k, U, affinity, load);
+    int good = big_metis(&b);
+    if (good) {
+        big_fix_sizes(&b);
+        if (k > 1 && b.has_load) big_fix_caps(&b);
+        for (int pass = 0; k > 1 && pass < refine_passes; pass++)
+            if (big_refine_pass(&b) <= b.eps) break;
+        for (int p = 0; p < k; p++)
+            ASSERTF(b.size[p] == cap[p], "placement: part %d holds %d units, capacity %d", p, b.size[p], cap[p]);
+        memcpy(part_out, b.part, sizeof(int) * (size_t)m);
+    }
+    big_free(&b);
+    return good;
+}
+
+/* (summed load excess over the caps, cut, heaviest part) of part[m] over the units ids[m] */
+static void split_score(const int *ids, int m, const int *part, const double *lcap, int k, int U,
+                        const double *affinity, const double *load, double out[3]) {
+    double *pl = xcalloc(sizeof(double) * (size_t)k);
+    double cut = 0;
+    for (int i = 0; i < m; i++) {
+        pl[part[i]] += unit_load(load, ids[i]);
+        for (int j = i + 1; j < m; j++)
+            if (part[i] != part[j])
+                cut += 0.5 * (affinity[(size_t)ids[i] * U + ids[j]] + affinity[(size_t)ids[j] * U + ids[i]]);
+    }
+    double ex = 0, mx = 0;
+    for (int p = 0; p < k; p++) {
+        if (pl[p] > lcap[p]) ex += pl[p] - lcap[p];
+        if (pl[p] > mx) mx = pl[p];
+    }
+    xfree(pl);
+    out[0] = ex; out[1] = cut; out[2] = mx;
+}
+
+/* one level with the chosen partitioner. AUTO: up to PLACEMENT_KL_MAX units both, keeping
+ * METIS's split only where it is strictly better (less excess, then less cut, then a lighter
+ * heaviest part); above it METIS alone (Kernighan-Lin is O(m^3) a pass there) */
+static void split_any(const int *ids, int m, const int *cap, const double *lcap, int k, int U,
+                      const double *affinity, const double *load, int refine_passes,
+                      int partitioner, int *part_out) {
+    if (partitioner == PLACEMENT_PART_KL || k == 1) {
+        split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
+        return;
+    }
+    if (partitioner == PLACEMENT_PART_METIS || m > PLACEMENT_KL_MAX) {
+        if (!big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out))
+            split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
+        return;
+    }
+    int *alt = xcalloc(sizeof(int) * (size_t)m);
+    split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
+    if (big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, alt)) {
+        double a[3], b[3], tot = 0, tot_w = 0;
+        for (int i = 0; i < m; i++) {
+            tot_w += fabs(unit_load(load, ids[i]));
+            for (int j = 0; j < m; j++) tot += fabs(affinity[(size_t)ids[i] * U + ids[j]]);
+        }
+        double eps = 1e-9 * (tot > 0 ? tot : 1), leps = 1e-9 * (tot_w > 0 ? tot_w : 1);
+        split_score(ids, m, part_out, lcap, k, U, affinity, load, a);
+        split_score(ids, m, alt, lcap, k, U, affinity, load, b);
+        int better = b[0] < a[0] - leps ||
+                     (b[0] <= a[0] + leps && (b[1] < a[1] - eps || (b[1] <= a[1] + eps && b[2] < a[2] - leps)));
+        if (better) memcpy(part_out, alt, sizeof(int) * (size_t)m);
+    }
+    xfree(alt);
+}
+
 void placement_topology(Placement *p, const double *affinity, const double *load, const Topology *t,
                         int refine_passes) {
     placement_topology_capped(p, affinity, load, t, refine_passes, INFINITY);
@@ -407,6 +749,11 @@ void placement_topology(Placement *p, const double *affinity, const double *load
 
 void placement_topology_capped(Placement *p, const double *affinity, const double *load, const Topology *t,
                                int refine_passes, double max_imbalance) {
+    placement_topology_part(p, affinity, load, t, refine_passes, max_imbalance, PLACEMENT_PART_AUTO);
+}
+
+void placement_topology_part(Placement *p, const double *affinity, const double *load, const Topology *t,
+                             int refine_passes, double max_imbalance, int partitioner) {
     ASSERTF(t && t->n_ranks == p->n_ranks, "placement_topology: topology has %d ranks, placement %d",
             t ? t->n_ranks : -1, p->n_ranks);
     ASSERT(affinity);
@@ -429,7 +776,7 @@ void placement_topology_capped(Placement *p, const double *affinity, const doubl
         cap[n] = t->node_size[n] * p->per_rank;
         lcap[n] = rank_cap * t->node_size[n];
     }
-    split_run(ids, U, cap, lcap, N, U, affinity, load, refine_passes, node_of_unit);
+    split_any(ids, U, cap, lcap, N, U, affinity, load, refine_passes, partitioner, node_of_unit);
 
     /* level 1: inside each node, its units -> its ranks (in local-index order) */
     for (int n = 0; n < N; n++) {
@@ -442,7 +789,7 @@ void placement_topology_capped(Placement *p, const double *affinity, const doubl
             cap[q] = p->per_rank;
             lcap[q] = rank_cap;
         }
-        split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part);
+        split_any(ids, m, cap, lcap, k, U, affinity, load, refine_passes, partitioner, part);
         for (int i = 0; i < m; i++) p->owner[ids[i]] = ranks[part[i]];
     }
 
@@ -457,13 +804,23 @@ void placement_topology_capped(Placement *p, const double *affinity, const doubl
         if (over_cap && R > 1) {
             for (int u = 0; u < U; u++) ids[u] = u;
             for (int r = 0; r < R; r++) { cap[r] = p->per_rank; lcap[r] = rank_cap; }
-            Split s;
-            split_init(&s, ids, U, cap, lcap, R, U, affinity, load);
-            memcpy(s.part, p->owner, sizeof(int) * (size_t)U);
-            split_recompute(&s);
-            split_repair(&s);
-            memcpy(p->owner, s.part, sizeof(int) * (size_t)U);
-            split_release(&s);
+            if (partitioner == PLACEMENT_PART_KL || (partitioner == PLACEMENT_PART_AUTO && U <= PLACEMENT_KL_MAX)) {
+                Split s;
+                split_init(&s, ids, U, cap, lcap, R, U, affinity, load);
+                memcpy(s.part, p->owner, sizeof(int) * (size_t)U);
+                split_recompute(&s);
+                split_repair(&s);
+                memcpy(p->owner, s.part, sizeof(int) * (size_t)U);
+                split_release(&s);
+            } else {
+                Big b;
+                big_init(&b, ids, U, cap, lcap, R, U, affinity, load);
+                memcpy(b.part, p->owner, sizeof(int) * (size_t)U);
+                big_recompute(&b);
+                big_fix_caps(&b);
+                memcpy(p->owner, b.part, sizeof(int) * (size_t)U);
+                big_free(&b);
+            }
         }
     }
     placement_fill_slots(p);

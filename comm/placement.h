@@ -40,6 +40,18 @@ void placement_topology(Placement *p, const double *affinity, const double *load
  * INFINITY (or load NULL) = placement_topology. */
 void placement_topology_capped(Placement *p, const double *affinity, const double *load, const Topology *t,
                                int refine_passes, double max_imbalance);
+/* which graph partitioner splits each level (units -> nodes, then a node's units -> its ranks):
+ *  - KL: greedy growth + Kernighan-Lin swap passes (O(m^3) a pass on m units);
+ *  - METIS: multilevel k-way (METIS_PartGraphKway, fixed seed; vertex weights = unit count and
+ *    load, edge weights = affinity, both scaled to integers; load tolerance = max_imbalance),
+ *    then exact sizes by the moves that add the least cut, the load-cap repair, and
+ *    size-preserving swap refinement (refine_passes passes);
+ *  - AUTO (what placement_topology[_capped] use): up to PLACEMENT_KL_MAX units in a level both,
+ *    keeping METIS's split only where it is strictly better; above that METIS alone. */
+enum PlacementPartitioner { PLACEMENT_PART_AUTO = 0, PLACEMENT_PART_KL = 1, PLACEMENT_PART_METIS = 2 };
+#define PLACEMENT_KL_MAX 128
+void placement_topology_part(Placement *p, const double *affinity, const double *load, const Topology *t,
+                             int refine_passes, double max_imbalance, int partitioner);
 /* sum of affinity over unit pairs split across nodes (level 0) or ranks (level 1) */
 double placement_cut(const Placement *p, const double *affinity, const Topology *t, int level);
 /* max over ranks of the summed load / mean - 1 (MaxVio at rank level) */

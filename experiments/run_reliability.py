@@ -32,7 +32,6 @@ import argparse
 import csv
 import ctypes
 import hashlib
-import json
 import os
 import platform
 import random
