@@ -542,23 +542,27 @@ static void big_scatter(Big *b, int i, double sign) {
     for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) b->row[b->adj[e]] = sign > 0 ? b->wt[e] : 0.0;
 }
 
-/* METIS k-way on the split: vertex weight 1 (unit count), target weights = the parts'
- * capacities, edge weights = affinity scaled to integers (the largest 1e6, the sum below 2^30;
- * entries that round to 0 dropped), fixed seed. Loads are left to the repair passes: measured
- * (results/bench-placement.md), a second constraint for the load is 3-4x slower for under 1%
- * less cut, and load as the only vertex weight leaves unit counts far off. Returns 0 when
- * METIS fails (the caller falls back to Kernighan-Lin). */
-static int big_metis(Big *b) {
+/* METIS k-way on the split, two constraints: unit count (weight 1, tolerance 3%: the sizes are
+ * made exact afterwards) and, with loads and a finite cap, the load scaled to integers
+ * (tolerance = max_imbalance); target weights = the parts' capacities; edge weights =
+ * affinity scaled to integers (the largest 1e6, the sum below 2^30; entries that round to 0
+ * dropped); fixed seed, so every rank computes the same split. Returns 0 when METIS fails
+ * (the caller falls back to Kernighan-Lin). */
+static int big_metis(Big *b, double max_imbalance) {
     int m = b->m, k = b->k;
     if (k == 1) { memset(b->part, 0, sizeof(int) * (size_t)m); return 1; }
     int nnz = b->xadj[m];
     double amax = 0, asum = 0;
     for (int e = 0; e < nnz; e++) { amax = fmax(amax, fabs(b->wt[e])); asum += fabs(b->wt[e]); }
     double ascale = amax > 0 ? fmin(1e6 / amax, 1e9 / asum) : 0;
-    idx_t nv = m, nc = 1, np = k, cut = 0, *xadj = xcalloc(sizeof(idx_t) * ((size_t)m + 1));
+    double wmax = 0;
+    for (int i = 0; i < m; i++) wmax = fmax(wmax, b->w[i]);
+    int ncon = b->has_load && wmax > 0 && !isinf(max_imbalance) ? 2 : 1;
+    idx_t nv = m, nc = ncon, np = k, cut = 0, *xadj = xcalloc(sizeof(idx_t) * ((size_t)m + 1));
     idx_t *adj = xcalloc(sizeof(idx_t) * (size_t)(nnz ? nnz : 1)), *awt = xcalloc(sizeof(idx_t) * (size_t)(nnz ? nnz : 1));
-    idx_t *vwt = xcalloc(sizeof(idx_t) * (size_t)m), *part = xcalloc(sizeof(idx_t) * (size_t)m);
-    real_t *tp = xcalloc(sizeof(real_t) * (size_t)k), ub = 1.03f;  /* sizes: close, made exact afterwards */
+    idx_t *vwt = xcalloc(sizeof(idx_t) * (size_t)m * ncon), *part = xcalloc(sizeof(idx_t) * (size_t)m);
+    real_t *tp = xcalloc(sizeof(real_t) * (size_t)k * ncon), ub[2] = {1.03f, 1.03f};  /* sizes: close, made exact afterwards */
+    if (ncon == 2) ub[1] = (real_t)fmax(1.0 + max_imbalance, 1.01);
     idx_t n_e = 0;
     for (int i = 0; i < m; i++) {
         for (int e = b->xadj[i]; e < b->xadj[i + 1]; e++) {
@@ -568,15 +572,17 @@ static int big_metis(Big *b) {
             awt[n_e++] = (idx_t)x;
         }
         xadj[i + 1] = n_e;
-        vwt[i] = 1;
+        vwt[(size_t)i * ncon] = 1;
+        if (ncon == 2) vwt[(size_t)i * ncon + 1] = (idx_t)llround(fmax(b->w[i], 0) / wmax * 10000.0);
     }
-    for (int p = 0; p < k; p++) tp[p] = (real_t)((double)b->cap[p] / m);
+    for (int p = 0; p < k; p++)
+        for (int c = 0; c < ncon; c++) tp[(size_t)p * ncon + c] = (real_t)((double)b->cap[p] / m);
     idx_t opt[METIS_NOPTIONS];
     METIS_SetDefaultOptions(opt);
     opt[METIS_OPTION_SEED] = 1;                 /* fixed: the same placement on every rank */
     opt[METIS_OPTION_NUMBERING] = 0;
     opt[METIS_OPTION_OBJTYPE] = METIS_OBJTYPE_CUT;
-    int rc = METIS_PartGraphKway(&nv, &nc, xadj, adj, vwt, NULL, awt, &np, tp, &ub, opt, &cut, part);
+    int rc = METIS_PartGraphKway(&nv, &nc, xadj, adj, vwt, NULL, awt, &np, tp, ub, opt, &cut, part);
     if (rc == METIS_OK)
         for (int i = 0; i < m; i++) b->part[i] = (int)part[i];
     xfree(xadj); xfree(adj); xfree(awt); xfree(vwt); xfree(part); xfree(tp);
@@ -640,25 +646,24 @@ static void big_fix_caps(Big *b) {
     big_recompute(b);
 }
 
-/* size-preserving refinement: every unit in turn, with the part it is most attached to, swaps
- * with the member of that part that gains the most, if the swap lowers the cut and adds no
- * load excess. Returns the cut removed. */
+/* size-preserving refinement: every unit in turn swaps with the member of another part it is
+ * attached to (d > 0) that gains the most, if the swap lowers the cut and adds no load
+ * excess. Returns the cut removed. */
 static double big_refine_pass(Big *b) {
     int m = b->m, k = b->k;
     double total = 0;
     for (int i = 0; i < m; i++) {
-        int p = b->part[i], q = -1;
+        int p = b->part[i], bj = -1;
         const double *di = b->d + (size_t)i * k;
-        for (int r = 0; r < k; r++)
-            if (r != p && (q < 0 || di[r] > di[q])) q = r;
-        if (q < 0) continue;
-        big_scatter(b, i, 1);
-        int bj = -1;
         double bg = b->eps;
-        for (int s = 0; s < b->cap[q]; s++) {
-            int j = b->members[b->off[q] + s];
-            double g = di[q] - di[p] + big_move_gain(b, j, p) - 2 * b->row[j];
-            if (g > bg && big_swap_excess(b, i, j) <= b->leps) { bg = g; bj = j; }
+        big_scatter(b, i, 1);
+        for (int q = 0; q < k; q++) {
+            if (q == p || !(di[q] > 0)) continue;
+            for (int s = 0; s < b->cap[q]; s++) {
+                int j = b->members[b->off[q] + s];
+                double g = di[q] - di[p] + big_move_gain(b, j, p) - 2 * b->row[j];
+                if (g > bg && big_swap_excess(b, i, j) <= b->leps) { bg = g; bj = j; }
+            }
         }
         big_scatter(b, i, 0);
         if (bj >= 0) {
@@ -672,10 +677,10 @@ static double big_refine_pass(Big *b) {
 
 /* the units ids[m] into k parts with METIS; part_out[m]. Returns 0 if METIS failed. */
 static int big_run(const int *ids, int m, const int *cap, const double *lcap, int k, int U, const double *affinity,
-                   const double *load, int refine_passes, int *part_out) {
+                   const double *load, int refine_passes, double max_imbalance, int *part_out) {
     Big b;
     big_init(&b, ids, m, cap, lcap, k, U, affinity, load);
-    int good = big_metis(&b);
+    int good = big_metis(&b, max_imbalance);
     if (good) {
         big_fix_sizes(&b);
         if (k > 1 && b.has_load) big_fix_caps(&b);
@@ -713,20 +718,20 @@ static void split_score(const int *ids, int m, const int *part, const double *lc
  * METIS's split only where it is strictly better (less excess, then less cut, then a lighter
  * heaviest part); above it METIS alone (Kernighan-Lin is O(m^3) a pass there) */
 static void split_any(const int *ids, int m, const int *cap, const double *lcap, int k, int U,
-                      const double *affinity, const double *load, int refine_passes,
+                      const double *affinity, const double *load, int refine_passes, double max_imbalance,
                       int partitioner, int *part_out) {
     if (partitioner == PLACEMENT_PART_KL || k == 1) {
         split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
         return;
     }
     if (partitioner == PLACEMENT_PART_METIS || m > PLACEMENT_KL_MAX) {
-        if (!big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out))
+        if (!big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, max_imbalance, part_out))
             split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
         return;
     }
     int *alt = xcalloc(sizeof(int) * (size_t)m);
     split_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, part_out);
-    if (big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, alt)) {
+    if (big_run(ids, m, cap, lcap, k, U, affinity, load, refine_passes, max_imbalance, alt)) {
         double a[3], b[3], tot = 0, tot_w = 0;
         for (int i = 0; i < m; i++) {
             tot_w += fabs(unit_load(load, ids[i]));
@@ -776,7 +781,7 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
         cap[n] = t->node_size[n] * p->per_rank;
         lcap[n] = rank_cap * t->node_size[n];
     }
-    split_any(ids, U, cap, lcap, N, U, affinity, load, refine_passes, partitioner, node_of_unit);
+    split_any(ids, U, cap, lcap, N, U, affinity, load, refine_passes, max_imbalance, partitioner, node_of_unit);
 
     /* level 1: inside each node, its units -> its ranks (in local-index order) */
     for (int n = 0; n < N; n++) {
@@ -789,7 +794,7 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
             cap[q] = p->per_rank;
             lcap[q] = rank_cap;
         }
-        split_any(ids, m, cap, lcap, k, U, affinity, load, refine_passes, partitioner, part);
+        split_any(ids, m, cap, lcap, k, U, affinity, load, refine_passes, max_imbalance, partitioner, part);
         for (int i = 0; i < m; i++) p->owner[ids[i]] = ranks[part[i]];
     }
 

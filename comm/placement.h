@@ -43,7 +43,7 @@ void placement_topology_capped(Placement *p, const double *affinity, const doubl
 /* which graph partitioner splits each level (units -> nodes, then a node's units -> its ranks):
  *  - KL: greedy growth + Kernighan-Lin swap passes (O(m^3) a pass on m units);
  *  - METIS: multilevel k-way (METIS_PartGraphKway, fixed seed; vertex weights = unit count and
- *    load, edge weights = affinity, both scaled to integers; load tolerance = max_imbalance),
+ *    load, edge weights = affinity, scaled to integers; load tolerance = max_imbalance),
  *    then exact sizes by the moves that add the least cut, the load-cap repair, and
  *    size-preserving swap refinement (refine_passes passes);
  *  - AUTO (what placement_topology[_capped] use): up to PLACEMENT_KL_MAX units in a level both,

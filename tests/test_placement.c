@@ -6,7 +6,8 @@
  * inter-node cut than contiguous and EPLB; refinement never increases the cut and usually
  * reaches the brute-force optimum on small cases; cut-neutral swaps balance load; the load
  * cap holds MaxVio to its tolerance (at a cut cost) and is a no-op when loose; all policies
- * are deterministic.
+ * are deterministic. The METIS partitioner: exact sizes, determinism, cut below contiguous and
+ * the load cap on planted clusters, and 1024 units on 128 nodes x 8 ranks within a time bound.
  * Legend: U R N = units, ranks, nodes; per = units per rank. */
 #include <stdlib.h>
 #include <string.h>
@@ -415,6 +416,99 @@ static void test_topology_capped(void) {
     ok(n_over == 0, "capped at 0.1: MaxVio <= 0.1 on every random shape (%d over)", n_over);
 }
 
+/* ---------------------------------------------------------------- METIS partitioner at scale */
+
+/* U units in N planted clusters of U/N (shuffled ids): 10 + U(0,1) inside a cluster, 8 random
+ * noise partners per unit at U(0,2); loads exp(0.5 z) */
+static void planted_sparse(Rng *rng, double *a, double *load, int U, int N) {
+    int *perm = calloc((size_t)U, sizeof(int)), c = U / N;
+    for (int u = 0; u < U; u++) perm[u] = u;
+    for (int u = U - 1; u > 0; u--) {
+        int j = (int)rng_below(rng, (uint64_t)u + 1), x = perm[u];
+        perm[u] = perm[j]; perm[j] = x;
+    }
+    memset(a, 0, sizeof(double) * (size_t)U * U);
+    for (int u = 0; u < U; u++) load[u] = exp(0.5 * rng_normal(rng));
+    for (int b = 0; b < N; b++)
+        for (int x = 0; x < c; x++)
+            for (int y = x + 1; y < c; y++) {
+                int u = perm[b * c + x], v = perm[b * c + y];
+                a[(size_t)u * U + v] = a[(size_t)v * U + u] = 10 + rng_uniform(rng);
+            }
+    for (int u = 0; u < U; u++)
+        for (int n = 0; n < 8; n++) {
+            int v = (int)rng_below(rng, (uint64_t)U);
+            if (v == u) continue;
+            double x = 2 * rng_uniform(rng);
+            a[(size_t)u * U + v] += x;
+            a[(size_t)v * U + u] += x;
+        }
+    free(perm);
+}
+
+static void test_metis(void) {
+    Rng rng;
+    rng_init(&rng, 31, 0, RNG_TEST);
+    /* exact sizes, determinism, cut below contiguous, on shapes METIS handles alone */
+    int shapes[][3] = {{4, 2, 4}, {8, 4, 2}, {16, 2, 8}, {32, 8, 1}, {3, 3, 5}, {1, 4, 6}};
+    int n_invalid = 0, n_nondet = 0, n_worse = 0, n_over = 0, n_cases = 0;
+    for (int si = 0; si < 6; si++)
+        for (int trial = 0; trial < 3; trial++) {
+            int N = shapes[si][0], rpn = shapes[si][1], per = shapes[si][2], R = N * rpn, U = R * per;
+            Topology t;
+            make_topo(&t, N, rpn);
+            double *a = calloc((size_t)U * U, sizeof(double)), *l = calloc((size_t)U, sizeof(double));
+            planted_sparse(&rng, a, l, U, N);
+            for (int u = 0; u < U; u++) l[u] = 0.5 + rng_uniform(&rng);   /* a cap of 0.1 is feasible */
+            Placement p, q, c;
+            placement_init(&p, U, R);
+            placement_init(&q, U, R);
+            placement_init(&c, U, R);
+            placement_topology_part(&p, a, l, &t, 8, 0.1, PLACEMENT_PART_METIS);
+            placement_topology_part(&q, a, l, &t, 8, 0.1, PLACEMENT_PART_METIS);
+            n_cases++;
+            n_invalid += !valid(&p);
+            n_nondet += !placement_equal(&p, &q);
+            double cp = placement_cut(&p, a, &t, 0), cc = placement_cut(&c, a, &t, 0);
+            if (N > 1 && !(cp < cc)) {
+                if (n_worse < 3) printf("#   N=%d rpn=%d per=%d: metis cut %.3f, contiguous %.3f\n", N, rpn, per, cp, cc);
+                n_worse++;
+            }
+            if (per >= 4) n_over += placement_rank_maxvio(&p, l) > 0.1 + 1e-9;   /* fewer units: infeasible */
+            placement_free(&p); placement_free(&q); placement_free(&c);
+            topology_free(&t);
+            free(a); free(l);
+        }
+    ok(n_invalid == 0, "metis: every rank holds exactly per_rank units on %d cases", n_cases);
+    ok(n_nondet == 0, "metis: same input -> same placement twice (%d differ)", n_nondet);
+    ok(n_worse == 0, "metis: inter-node cut below contiguous on planted clusters (%d not)", n_worse);
+    ok(n_over == 0, "metis: rank MaxVio within the cap 0.1 where ranks hold >= 4 units (%d over)", n_over);
+
+    /* the case: 1024 units on 128 nodes x 8 ranks, the default policy (AUTO) */
+    enum { U = 1024, N = 128, RPN = 8 };
+    double *a = calloc((size_t)U * U, sizeof(double)), *l = calloc(U, sizeof(double));
+    planted_sparse(&rng, a, l, U, N);
+    Topology t;
+    make_topo(&t, N, RPN);
+    Placement p, q, c;
+    placement_init(&p, U, N * RPN);
+    placement_init(&q, U, N * RPN);
+    placement_init(&c, U, N * RPN);
+    double t0 = time_now();
+    placement_topology_capped(&p, a, l, &t, 8, 0.25);
+    double dt = time_now() - t0;
+    placement_topology_capped(&q, a, l, &t, 8, 0.25);
+    double cp = placement_cut(&p, a, &t, 0), cc = placement_cut(&c, a, &t, 0);
+    /* 5 s: the goal is 1 s (results/bench-placement.md measures it); a shared, loaded CI
+     * machine must not make this flaky */
+    ok(valid(&p) && dt < 5.0, "1024 units on 128 x 8 ranks: valid, %.3f s (bound 5 s)", dt);
+    ok(placement_equal(&p, &q), "1024 units: deterministic");
+    ok(cp < 0.5 * cc, "1024 units: inter-node cut %.1f below half of contiguous %.1f", cp, cc);
+    placement_free(&p); placement_free(&q); placement_free(&c);
+    topology_free(&t);
+    free(a); free(l);
+}
+
 int main(void) {
     test_struct();
     test_contiguous_eplb();
@@ -422,5 +516,6 @@ int main(void) {
     test_topology_refine();
     test_topology_balance();
     test_topology_capped();
+    test_metis();
     return harness_done();
 }
