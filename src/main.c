@@ -10,6 +10,7 @@
 #include "config_build.h"
 #include "launcher.h"
 #include "sweep.h"
+#include "evaluate.h"
 #include "train.h"
 #include "util.h"
 

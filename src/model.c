@@ -590,3 +590,15 @@ void model_backward(Model *m, long n_global) {
     }
     op->embed_backward(cx, m->g.wte, m->g.wpe, dres, m->tokens, B, T, D);
 }
+
+int model_n_moe_layers(const Model *m) {
+    int n = 0;
+    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind != MOE_KIND_DENSE;
+    return n;
+}
+
+int model_n_clustered_layers(const Model *m) {
+    int n = 0;
+    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind == MOE_KIND_CLUSTERED;
+    return n;
+}

@@ -118,6 +118,9 @@ size_t model_n_params(const Model *m);
 void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *total, double *active);
 /* FLOPs of one training step (forward+backward = 3x forward) per token, matmuls only */
 double model_flops_per_token(const Model *m);
+/* how many layers are MoE (standard or clustered), and how many clustered */
+int model_n_moe_layers(const Model *m);
+int model_n_clustered_layers(const Model *m);
 
 /* expert parallelism. The expert category of every rank holds only its slots; the
  * canonical layout is the expert category of a one-rank model (every expert, global order).

@@ -17,12 +17,14 @@
 #include "checkpoint.h"
 #include "config_build.h"
 #include "data.h"
+#include "evaluate.h"
 #include "h5log.h"
 #include "metrics.h"
 #include "model.h"
 #include "optim.h"
 #include "precision.h"
 #include "recluster.h"
+#include "runlog.h"
 #include "residency.h"
 #include "topology.h"
 #include "traffic.h"
@@ -93,294 +95,6 @@ double train_measure_sgemm_peak(const void *backend) {
     return best;
 }
 
-/* ---- evaluation ---- */
-
-typedef struct EvalOut { double loss, ppl, metric; long n; } EvalOut;
-
-/* every rank takes part (the MoE layers exchange routing counts); global batches of
- * B_global windows, rank r runs its slice, padding windows have no targets */
-static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr);
-
-/* evaluation traffic is not training traffic: the profiler and the placement statistics
- * are paused while it runs */
-static EvalOut evaluate(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr) {
-    Traffic *tr = m->comm->traffic;
-    m->comm->traffic = NULL;
-    for (int l = 0; l < m->L; l++) m->ep[l].collect = 0;
-    if (pr) prec_qat_refresh(pr);   /* QAT: evaluate the fake-quantised current weights */
-    EvalOut out = evaluate_inner(m, ds, split, max_batches, B_global, pr);
-    m->comm->traffic = tr;
-    return out;
-}
-
-static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr) {
-    Comm *comm = m->comm;
-    int T = m->T, P = comm->size, Bl = B_global / P;
-    EvalOut out = {0};
-    int32_t *in = xcalloc(sizeof(int32_t) * Bl * T), *tg = xcalloc(sizeof(int32_t) * Bl * T);
-    int32_t *len = xcalloc(sizeof(int32_t) * Bl);
-    if (m->task == TASK_LM) {
-        long n_win = data_lm_n_windows(&ds->lm[split], T);
-        long n_batches = (n_win + B_global - 1) / B_global;
-        if (max_batches > 0 && n_batches > max_batches) n_batches = max_batches;
-        double acc[2] = {0, 0};
-        for (long bi = 0; bi < n_batches; bi++) {
-            for (int j = 0; j < Bl; j++) {
-                long w = bi * B_global + (long)comm->rank * Bl + j;
-                if (w < n_win) data_lm_window(&ds->lm[split], w, T, in + (size_t)j * T, tg + (size_t)j * T);
-                else for (int t = 0; t < T; t++) { in[(size_t)j * T + t] = TOK_EOS; tg[(size_t)j * T + t] = -1; }
-            }
-            if (pr) prec_begin_batch(pr, bi);
-            model_forward(m, in, tg, NULL, Bl, (long)B_global * T);
-            if (pr) prec_end_batch(pr);
-            acc[0] += m->loss_sum;
-            acc[1] += m->n_targets_local;
-        }
-        comm_allreduce_sum_f64(comm, acc, 2);
-        out.n = (long)acc[1];
-        out.loss = acc[1] > 0 ? acc[0] / acc[1] : 0;
-        out.ppl = exp(out.loss);
-    } else {
-        const ClsSplit *cs = &ds->cls[split];
-        long n_ex = cs->n_examples;
-        long n_batches = (n_ex + B_global - 1) / B_global;
-        if (max_batches > 0 && n_batches > max_batches) n_batches = max_batches;
-        long n_used = n_batches * B_global < n_ex ? n_batches * B_global : n_ex;
-        double *pred = xcalloc(sizeof(double) * (n_used + 1));
-        int32_t *pb = xcalloc(sizeof(int32_t) * Bl);
-        double acc[2] = {0, 0};
-        for (long bi = 0; bi < n_batches; bi++) {
-            for (int j = 0; j < Bl; j++) {
-                long e = bi * B_global + (long)comm->rank * Bl + j;
-                long src = e < n_ex ? e : 0;
-                memcpy(in + (size_t)j * T, cs->tokens + (size_t)src * cs->seq_len, sizeof(int32_t) * T);
-                len[j] = cs->lengths[src];
-                tg[j] = e < n_ex ? cs->labels[src] : -1;
-            }
-            if (pr) prec_begin_batch(pr, bi);
-            model_forward(m, in, tg, len, Bl, B_global);
-            if (pr) prec_end_batch(pr);
-            model_predictions(m, pb);
-            for (int j = 0; j < Bl; j++) {
-                long e = bi * B_global + (long)comm->rank * Bl + j;
-                if (e < n_used) pred[e] = pb[j];
-            }
-            acc[0] += m->loss_sum;
-            acc[1] += m->n_targets_local;
-        }
-        comm_allreduce_sum_f64(comm, pred, (size_t)n_used);
-        comm_allreduce_sum_f64(comm, acc, 2);
-        int32_t *pi = xcalloc(sizeof(int32_t) * (n_used + 1));
-        for (long e = 0; e < n_used; e++) pi[e] = (int32_t)pred[e];
-        out.metric = cls_metric(ds->metric, pi, cs->labels, (int)n_used, ds->n_classes);
-        out.loss = acc[1] > 0 ? acc[0] / acc[1] : 0;
-        out.ppl = exp(out.loss);
-        out.n = n_used;
-        xfree(pi); xfree(pred); xfree(pb);
-    }
-    xfree(in); xfree(tg); xfree(len);
-    return out;
-}
-
-/* ---- HDF5 series ---- */
-
-typedef struct LogIds {
-    int loss, ce, aux, z, lr, gnorm, tokens;
-    int step_s, tok_s, flops_frac, time_split, comm_bytes;
-    int eval_loss, eval_ppl, eval_metric;
-    int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
-    int rank_compute_s, rank_peak_rss;
-    int tpg, gcv2, gmaxvio, gdrop, events, group_of;
-    int final_valid_ppl, final_test_ppl, final_test_loss;
-    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
-    int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
-    int mem_bytes, mem_hwm, mem_rss;
-} LogIds;
-
-static int n_clustered_layers(const Model *m) {
-    int n = 0;
-    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind == MOE_KIND_CLUSTERED;
-    return n;
-}
-
-static int n_moe_layers(const Model *m) {
-    int n = 0;
-    for (int l = 0; l < m->L; l++) n += m->ffn[l].kind != MOE_KIND_DENSE;
-    return n;
-}
-
-static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
-    uint64_t d4[1] = {4}, dp[1] = {(uint64_t)m->comm->size};
-    int nm = n_moe_layers(m);
-    uint64_t dl[1] = {(uint64_t)(nm ? nm : 1)};
-    uint64_t dle[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->cfg.moe.n_experts};
-    id->loss = h5log_series(lg, "train/loss", H5LOG_F64, 0, NULL);
-    id->ce = h5log_series(lg, "train/ce_loss", H5LOG_F64, 0, NULL);
-    id->aux = h5log_series(lg, "train/aux_loss", H5LOG_F64, 0, NULL);
-    id->z = h5log_series(lg, "train/z_loss", H5LOG_F64, 0, NULL);
-    id->lr = h5log_series(lg, "train/lr", H5LOG_F64, 0, NULL);
-    id->gnorm = h5log_series(lg, "train/grad_norm", H5LOG_F64, 0, NULL);
-    id->tokens = h5log_series(lg, "train/tokens", H5LOG_I64, 0, NULL);
-    id->step_s = h5log_series(lg, "perf/step_s", H5LOG_F64, 0, NULL);
-    id->tok_s = h5log_series(lg, "perf/tok_s", H5LOG_F64, 0, NULL);
-    id->flops_frac = h5log_series(lg, "perf/flops_frac", H5LOG_F64, 0, NULL);
-    id->time_split = h5log_series(lg, "perf/time_split", H5LOG_F64, 1, d4);
-    id->comm_bytes = h5log_series(lg, "comm/summary/allreduce_bytes", H5LOG_F64, 0, NULL);
-    id->eval_loss = h5log_series(lg, "eval/loss", H5LOG_F64, 0, NULL);
-    id->eval_ppl = h5log_series(lg, "eval/ppl", H5LOG_F64, 0, NULL);
-    id->eval_metric = h5log_series(lg, "eval/metric", H5LOG_F64, 0, NULL);
-    id->cv2 = h5log_series(lg, "moe/balance/cv2", H5LOG_F64, 1, dl);
-    id->var = h5log_series(lg, "moe/balance/var", H5LOG_F64, 1, dl);
-    id->maxvio = h5log_series(lg, "moe/balance/maxvio", H5LOG_F64, 1, dl);
-    id->maxmean = h5log_series(lg, "moe/balance/max_over_mean", H5LOG_F64, 1, dl);
-    id->entropy = h5log_series(lg, "moe/balance/entropy", H5LOG_F64, 1, dl);
-    id->dead = h5log_series(lg, "moe/balance/dead", H5LOG_F64, 1, dl);
-    id->drop = h5log_series(lg, "moe/balance/drop", H5LOG_F64, 1, dl);
-    id->tpe = h5log_series(lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle);
-    id->rank_compute_s = h5log_series(lg, "perf/rank_compute_s", H5LOG_F64, 1, dp);
-    id->rank_peak_rss = h5log_series(lg, "perf/rank_peak_rss_bytes", H5LOG_F64, 1, dp);
-    int nc = n_clustered_layers(m);
-    uint64_t dc[1] = {(uint64_t)(nc ? nc : 1)};
-    uint64_t dcg[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_groups};
-    uint64_t dce[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_experts};
-    uint64_t dev[2] = {(uint64_t)(nc ? nc : 1), RECLUSTER_N_COLS + 2};
-    id->tpg = h5log_series(lg, "moe/tokens_per_group", H5LOG_F64, 2, dcg);
-    id->gcv2 = h5log_series(lg, "moe/balance_group/cv2", H5LOG_F64, 1, dc);
-    id->gmaxvio = h5log_series(lg, "moe/balance_group/maxvio", H5LOG_F64, 1, dc);
-    id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
-    id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
-    id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
-    uint64_t dph[1] = {COMM_N_PHASES};
-    uint64_t dmat[3] = {COMM_N_PHASES, (uint64_t)m->comm->size, (uint64_t)m->comm->size};
-    uint64_t dlp[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->comm->size};
-    id->c_intra = h5log_series(lg, "comm/summary/intra_bytes", H5LOG_F64, 1, dph);
-    id->c_inter = h5log_series(lg, "comm/summary/inter_bytes", H5LOG_F64, 1, dph);
-    id->c_time = h5log_series(lg, "comm/summary/time_s", H5LOG_F64, 1, dph);
-    id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
-    id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4);
-    id->c_matrix = h5log_series(lg, "comm/bytes", H5LOG_F64, 3, dmat);
-    id->c_msgmat = h5log_series(lg, "comm/msgs", H5LOG_F64, 3, dmat);
-    id->rank_maxvio = h5log_series(lg, "moe/balance_rank/maxvio", H5LOG_F64, 1, dl);
-    id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
-    id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
-    id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
-    uint64_t d7[1] = {7};
-    id->off_train = h5log_series(lg, "offload/train", H5LOG_F64, 1, d7);
-    uint64_t dmk[2] = {(uint64_t)m->comm->size, MEM_N_KINDS};
-    id->mem_bytes = h5log_series(lg, "mem/bytes", H5LOG_F64, 2, dmk);
-    id->mem_hwm = h5log_series(lg, "mem/vmhwm", H5LOG_F64, 1, dp);
-    id->mem_rss = h5log_series(lg, "mem/vmrss", H5LOG_F64, 1, dp);
-    if (m->cfg.precision.mode != PRECISION_FP32 && nc > 0) {
-        uint64_t dq[2] = {(uint64_t)nc, 2};
-        id->qerr = h5log_series(lg, "precision/quant_err", H5LOG_F64, 2, dq);
-    }
-    id->final_valid_ppl = h5log_series(lg, "final/valid_ppl", H5LOG_F64, 0, NULL);
-    id->final_test_ppl = h5log_series(lg, "final/test_ppl", H5LOG_F64, 0, NULL);
-    id->final_test_loss = h5log_series(lg, "final/test_loss", H5LOG_F64, 0, NULL);
-    int *all = &id->loss;
-    for (size_t i = 0; i < sizeof *id / sizeof(int); i++)
-        if (all[i] < 0) return status_errorf("%s: could not declare HDF5 series: %s", lg->path, lg->err.msg);
-    return status_ok();
-}
-
-static int id_qerr_declared(const H5log *lg) {
-    for (int i = 0; i < lg->n_series; i++)
-        if (!strcmp(lg->series[i].path, "precision/quant_err")) return 1;
-    return 0;
-}
-
-static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
-                        double peak_gflops, double unigram_ppl, const Topology *topo) {
-    char *yaml = config_to_yaml(&m->cfg);
-    TRY(h5log_attr_str(lg, "/", "config", yaml));
-    free(yaml);
-    TRY(h5log_attr_str(lg, "/", "version", DCMOE_VERSION));
-    TRY(h5log_attr_str(lg, "/", "git_revision", DCMOE_GIT_REVISION));
-    TRY(h5log_attr_i64(lg, "/", "world_size", comm->size));
-    time_t now = time(NULL);
-    char ts[64];
-    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    TRY(h5log_attr_str(lg, "/", "start_time", ts));
-    TRY(h5log_attr_str(lg, "/", "backend", m->be->ops->name));
-    TRY(h5log_attr_str(lg, "/", "dataset", ds->description));
-    TRY(h5log_attr_i64(lg, "/", "vocab_size", ds->vocab.n_words));
-    TRY(h5log_attr_f64(lg, "/", "sgemm_peak_gflops", peak_gflops));
-    TRY(h5log_attr_f64(lg, "/", "unigram_ppl_valid", unigram_ppl));
-    TRY(h5log_attr_f64(lg, "/", "flops_per_token", model_flops_per_token(m)));
-    TRY(h5log_attr_str(lg, "/perf/time_split", "columns", "forward,backward,allreduce,optimizer (seconds)"));
-    char tdesc[256];
-    topology_describe(topo, tdesc, sizeof tdesc);
-    TRY(h5log_attr_str(lg, "/", "topology", tdesc));
-    static const char *const pol[] = {"contiguous", "eplb", "topology"};
-    TRY(h5log_attr_str(lg, "/", "placement", pol[m->cfg.parallel.placement]));
-    TRY(h5log_attr_str(lg, "/", "exchange", m->cfg.parallel.exchange == EXCHANGE_TWO_LEVEL ? "two_level" : "flat"));
-    int64_t *node_of = xcalloc(sizeof(int64_t) * (size_t)comm->size);
-    for (int r = 0; r < comm->size; r++) node_of[r] = topo->node_of[r];
-    uint64_t dn[1] = {(uint64_t)comm->size};
-    Status sn = h5log_write_array(lg, "parallel/node_of_rank", H5LOG_I64, 1, dn, node_of);
-    xfree(node_of);
-    TRY(sn);
-    static const char *const phase_cols = "allreduce,dispatch,combine,migration,other";
-    TRY(h5log_attr_str(lg, "/comm/summary/intra_bytes", "columns", phase_cols));
-    TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
-    TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
-    TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
-    TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
-    TRY(h5log_attr_str(lg, "/comm/msgs", "axes", "phase, src rank, dst rank: messages, written with /comm/bytes"));
-    TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
-                       "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
-                       "nodes touched (sum over token-layers), token-layers routed"));
-    TRY(h5log_attr_str(lg, "/offload/train", "columns",
-                       "hits,misses,evictions,bytes_in,bytes_out,stall_s,resident_units (summed over ranks; "
-                       "training-time offloading, offload.enabled)"));
-    TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change"));
-    /* "0,2,5": up to 12 characters per layer index */
-    size_t cap_layers = (size_t)m->L * 12 + 8, n_layers_txt = 0;
-    char *layers = xcalloc(cap_layers);
-    for (int l = 0; l < m->L; l++)
-        if (m->ffn[l].kind != MOE_KIND_DENSE)
-            n_layers_txt += (size_t)snprintf(layers + n_layers_txt, cap_layers - n_layers_txt, "%s%d",
-                                             n_layers_txt ? "," : "", l);
-    Status sl = h5log_attr_str(lg, "/moe", "layers", layers[0] ? layers : "none");
-    xfree(layers);
-    TRY(sl);
-    TRY(h5log_attr_str(lg, "/moe/tokens_per_expert", "note", "token-expert pairs routed per expert (before capacity), global batch"));
-    {
-        char kinds[256] = "";
-        for (int k = 0; k < MEM_N_KINDS; k++) {
-            strcat(kinds, memacct_kind_name((enum MemKind)k));
-            if (k + 1 < MEM_N_KINDS) strcat(kinds, ",");
-        }
-        char note[512];
-        str_fmt(note, sizeof note, "rank, kind (%s): bytes this rank holds in its working set (the resident tier), from "
-                "the allocations (parameters by precision incl. a QAT shadow, gradients, Adam moments, activations "
-                "and layer scratch, dispatch/combine buffers); at start (step 0) and every log step", kinds);
-        TRY(h5log_attr_str(lg, "/mem/bytes", "axes", note));
-        TRY(h5log_attr_str(lg, "/mem/vmhwm", "note", "peak resident set size per rank, measured (VmHWM of /proc/self/status)"));
-        TRY(h5log_attr_str(lg, "/mem/vmrss", "note", "resident set size per rank now, measured (VmRSS)"));
-    }
-    if (id_qerr_declared(lg))
-        TRY(h5log_attr_str(lg, "/precision/quant_err", "axes",
-                           "clustered layer, (bases FP16, factors INT4): relative Frobenius error ||q(W)-W||/||W|| over "
-                           "all groups/experts of the layer; every log step"));
-    TRY(h5log_attr_str(lg, "/cluster/events", "columns",
-                       "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
-                       "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after"));
-    double by_kind[PARAM_N_KINDS], total, active;
-    model_param_counts(m, by_kind, &total, &active);
-    uint64_t dk[1] = {PARAM_N_KINDS};
-    TRY(h5log_write_array(lg, "params/by_kind", H5LOG_F64, 1, dk, by_kind));
-    char names[256] = "";
-    for (int k = 0; k < PARAM_N_KINDS; k++) {
-        strcat(names, param_kind_names[k]);
-        if (k + 1 < PARAM_N_KINDS) strcat(names, ",");
-    }
-    TRY(h5log_attr_str(lg, "/params/by_kind", "kinds", names));
-    TRY(h5log_attr_f64(lg, "/params/by_kind", "total", total));
-    TRY(h5log_attr_f64(lg, "/params/by_kind", "active", active));
-    return status_ok();
-}
-
 /* what this rank holds, by kind (the resident/working tier) */
 static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
     memacct_init(a);
@@ -410,20 +124,6 @@ static void mem_gather(Comm *comm, const MemAcct *a, double *all) {
     comm_gather_bytes(comm, mine, all, sizeof mine, 0);
 }
 
-static void mem_log(H5log *lg, const LogIds *id, long step, const double *all, int P) {
-    double *kinds = xcalloc(sizeof(double) * (size_t)P * MEM_N_KINDS), *hwm = xcalloc(sizeof(double) * P),
-           *rss = xcalloc(sizeof(double) * P);
-    for (int r = 0; r < P; r++) {
-        memcpy(kinds + (size_t)r * MEM_N_KINDS, all + (size_t)r * (MEM_N_KINDS + 2), sizeof(double) * MEM_N_KINDS);
-        hwm[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS];
-        rss[r] = all[(size_t)r * (MEM_N_KINDS + 2) + MEM_N_KINDS + 1];
-    }
-    h5log_append(lg, id->mem_bytes, step, kinds);
-    h5log_append(lg, id->mem_hwm, step, hwm);
-    h5log_append(lg, id->mem_rss, step, rss);
-    xfree(kinds); xfree(hwm); xfree(rss);
-}
-
 /* re-run the placement policy on every MoE layer and migrate the units that change owner;
  * returns the bytes moved (all ranks) */
 static double replace_experts(Model *m, const Config *cfg, const Topology *topo) {
@@ -442,16 +142,6 @@ static double replace_experts(Model *m, const Config *cfg, const Topology *topo)
 
 static Status residency_hook(void *ctx, int layer, const int32_t *units, int n) {
     return residency_need((Residency *)ctx, layer, units, n);
-}
-
-/* owners of every expert per MoE layer, for the log */
-static void owner_rows(const Model *m, double *out) {
-    int i = 0, E = m->cfg.moe.n_experts;
-    for (int l = 0; l < m->L; l++) {
-        if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
-        for (int e = 0; e < E; e++) out[(size_t)i * E + e] = m->ep[l].expert_owner[e];
-        i++;
-    }
 }
 
 static void fmt_eta(char *dst, size_t cap, double s) {
@@ -483,99 +173,108 @@ static Status agree(Comm *comm, Status st) {
     return st;
 }
 
-static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res, int *lock_fd);
+/* everything one training run holds, set up by run_setup and released by run_teardown */
+typedef struct Run {
+    const Config *cfg;
+    const TrainOptions *opt;
+    Comm *comm;
+    TrainResult *res;
+    int P, rank, Bl, T, threads;
+    long n_global;                       /* loss normaliser: targets in the global batch */
+    char dir[2048], log_path[4096], vocab_path[4096], ckpt[4096];
+    Backend be;
+    Dataset ds;
+    Topology topo;
+    Traffic traffic;
+    Model m;
+    TrainPos pos;
+    Precision prec;
+    Residency resid;
+    RunLog log;
+    MemAcct macct;
+    double peak_total, unigram_ppl, flops_tok, t_start;
+    char peak_how[160];
+    int32_t *in, *tg, *len;              /* this rank's batch */
+    double *mem_all, *rank_buf, *rank_cols;
+    ReclusterEvent *evs;
+    long last_event, warm;
+    double pending_migr;
+    bool log_owner;
+    long window_steps;
+    double window_time, ema_step;
+    int stage;                           /* how far run_setup got (what run_teardown frees) */
+} Run;
 
-/* the run folder's lock is held from the first checks to the end, whatever the outcome */
-Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res) {
-    int lock_fd = -1;
-    Status st = train_run_locked(cfg, opt, comm, res, &lock_fd);
-    char run_dir[2048];
-    train_run_dir(cfg, run_dir, sizeof run_dir);
-    run_lock_release(run_dir, lock_fd);
-    return st;
-}
+/* what one step computed, for its log row and the progress line */
+typedef struct StepOut {
+    double loss, ce, lr, gnorm, t0, t1, t2, ar_s0, dt;
+    uint64_t ar_bytes0;
+    bool log_step;
+} StepOut;
 
-static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res, int *lock_fd) {
-    memset(res, 0, sizeof *res);
-    int P = comm->size, rank = comm->rank;
-    const TrainConfig *tc = &cfg->train;
-    if (tc->batch_size % P != 0)
-        return status_errorf("train.batch_size=%d is not divisible by the %d ranks", tc->batch_size, P);
-    if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
-        return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "
-                             "storage (the QAT shadow weights are rebuilt from every master each step)");
+/* ---- the run folder: lock, then what to do (start, resume, restart, nothing) ---- */
 
-    int Bl = tc->batch_size / P, T = cfg->model.seq_len;
-    char run_dir[2048], path[4096], vocab_path[4096], ckpt[4096] = "";
-    train_run_dir(cfg, run_dir, sizeof run_dir);
-    str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
-    str_fmt(path, sizeof path, "%s/metrics.h5", run_dir);
-
-    train_install_signal_handlers();
-    /* the run folder is locked for the whole run (two starts on one folder: the second is
-     * refused naming the holder); then: refuse to overwrite a run unless resuming, say so and
-     * change nothing when resuming a finished run, fall back past damaged checkpoints */
+/* rank 0 decides; returns 1 in *done when the run is already complete */
+static Status claim_run_folder(Run *r, int *lock_fd, int *done) {
+    const TrainOptions *opt = r->opt;
     Status st = status_ok();
-    int flags[2] = {0, 0};   /* already done, restart from step 0 */
-    if (rank == 0) {
+    int flags[1] = {0};
+    r->ckpt[0] = 0;
+    if (r->rank == 0) {
         char done_path[4096], stale[256] = "";
-        str_fmt(done_path, sizeof done_path, "%s/DONE", run_dir);
-        st = dir_make_p(run_dir);
-        if (STATUS_OK(st)) st = run_lock_acquire(run_dir, lock_fd, stale, sizeof stale);
+        str_fmt(done_path, sizeof done_path, "%s/DONE", r->dir);
+        st = dir_make_p(r->dir);
+        if (STATUS_OK(st)) st = run_lock_acquire(r->dir, lock_fd, stale, sizeof stale);
         if (STATUS_OK(st) && stale[0])
-            fprintf(stderr, "dcmoe: %s/LOCK: taking over the lock of a process that is gone (%s)\n", run_dir, stale);
+            fprintf(stderr, "dcmoe: %s/LOCK: taking over the lock of a process that is gone (%s)\n", r->dir, stale);
         int resume = opt->resume || opt->resume_from;
         if (!STATUS_OK(st)) {
         } else if (resume && file_exists(done_path)) {
             char *text = NULL;
             size_t n_text = 0;
             file_read_all(done_path, (void **)&text, &n_text);
-            printf("%s: the run is already complete (DONE: %.*s); nothing to do\n", run_dir,
+            printf("%s: the run is already complete (DONE: %.*s); nothing to do\n", r->dir,
                    text ? (int)strcspn(text, "\n") : 0, text ? text : "");
             free(text);
             flags[0] = 1;
         } else if (opt->resume_from) {
             CheckpointInfo info;
             st = checkpoint_verify(opt->resume_from, &info);
-            if (STATUS_OK(st)) str_fmt(ckpt, sizeof ckpt, "%s", opt->resume_from);
+            if (STATUS_OK(st)) str_fmt(r->ckpt, sizeof r->ckpt, "%s", opt->resume_from);
         } else if (opt->resume) {
             char skipped[4096];
-            st = checkpoint_find_latest_valid(run_dir, ckpt, sizeof ckpt, skipped, sizeof skipped);
+            st = checkpoint_find_latest_valid(r->dir, r->ckpt, sizeof r->ckpt, skipped, sizeof skipped);
             if (STATUS_OK(st) && skipped[0]) {
                 fprintf(stderr, "dcmoe: warning: newer checkpoints fail verification and are not used:\n%s", skipped);
-                if (!ckpt[0])
+                if (!r->ckpt[0])
                     st = status_errorf("%s: --resume: no checkpoint verifies (see above); resume from a copy with "
-                                       "--resume-from DIR, or move %s/ckpt away to restart from step 0", run_dir, run_dir);
+                                       "--resume-from DIR, or move %s/ckpt away to restart from step 0", r->dir, r->dir);
             }
-            if (STATUS_OK(st) && !ckpt[0]) {
-                /* killed before its first checkpoint: nothing to continue, so start again and keep the old log */
-                flags[1] = 1;
-                if (file_exists(path)) {
-                    char kept[4096];
-                    str_fmt(kept, sizeof kept, "%s/metrics.before-restart.h5", run_dir);
-                    if (rename(path, kept) != 0)
-                        st = status_errorf("%s: could not keep the old log as %s: %s", path, kept, strerror(errno));
-                    else
-                        printf("%s: no checkpoint yet: restarting from step 0 (the earlier log is kept as %s)\n",
-                               run_dir, kept);
-                }
+            /* killed before its first checkpoint: nothing to continue, so start again and keep the old log */
+            if (STATUS_OK(st) && !r->ckpt[0] && file_exists(r->log_path)) {
+                char kept[4096];
+                str_fmt(kept, sizeof kept, "%s/metrics.before-restart.h5", r->dir);
+                if (rename(r->log_path, kept) != 0)
+                    st = status_errorf("%s: could not keep the old log as %s: %s", r->log_path, kept, strerror(errno));
+                else
+                    printf("%s: no checkpoint yet: restarting from step 0 (the earlier log is kept as %s)\n", r->dir, kept);
             }
-        } else if (file_exists(path)) {
+        } else if (file_exists(r->log_path)) {
             st = status_errorf("%s: already holds a run (metrics.h5); use --resume to continue it (or to restart it "
                                "from step 0 when it has no checkpoint yet), or set run.name / run.out_dir to start another",
-                               run_dir);
+                               r->dir);
         }
     }
-    TRY(agree(comm, st));
-    comm_bcast_bytes(comm, ckpt, sizeof ckpt, 0);
-    comm_bcast_bytes(comm, flags, sizeof flags, 0);
-    if (flags[0]) {
-        res->already_done = true;
-        return status_ok();
-    }
-    int resuming = opt->resume || opt->resume_from;
+    TRY(agree(r->comm, st));
+    comm_bcast_bytes(r->comm, r->ckpt, sizeof r->ckpt, 0);
+    comm_bcast_bytes(r->comm, flags, sizeof flags, 0);
+    *done = flags[0];
+    return status_ok();
+}
 
-    Backend be;
+/* ---- set-up: backend, data, topology, model, checkpoint, precision, offloading, log ---- */
+
+static int blas_threads(const Config *cfg, const Comm *comm) {
     int threads = cfg->run.threads > 0 ? cfg->run.threads : 0;
     if (threads == 0) {
         const char *env = getenv("OPENBLAS_NUM_THREADS");
@@ -586,666 +285,483 @@ static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm 
             if (threads < 1) threads = 1;
         }
     }
-    if (cfg->run.backend == BACKEND_CUDA) TRY(agree(comm, backend_cuda_init(&be, comm->local_rank)));
-    else TRY(backend_cpu_init(&be, threads));
-    TRY(agree(comm, backend_check(&be)));
+    return threads;
+}
 
-    Dataset ds;
-    memset(&ds, 0, sizeof ds);
-    st = data_load(&cfg->data, cfg->model.task, T, resuming && file_exists(vocab_path) ? vocab_path : NULL, &ds);
-    TRY(agree(comm, st));
-    if (rank == 0 && !(resuming && file_exists(vocab_path))) st = vocab_save(&ds.vocab, vocab_path);
-    TRY(agree(comm, st));
-    int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes;
+/* rank 0: the log, new or continued. A checkpoint from another rank count: the per-rank series
+ * cannot grow a column, so the old log is kept beside a new one (steps up to the checkpoint). */
+static Status open_log(Run *r) {
+    if (r->rank != 0) return status_ok();
+    int new_log = !r->ckpt[0] || !file_exists(r->log_path);   /* --resume-from a copied checkpoint: a new log */
+    if (r->ckpt[0]) {
+        /* the rank count as the verified checkpoint records it (COMPLETE is checked against it) */
+        CheckpointInfo info = {0, r->P};
+        TRY(checkpoint_verify(r->ckpt, &info));
+        if (info.ranks != r->P) {
+            char kept[4096];
+            str_fmt(kept, sizeof kept, "%s/metrics.ranks%d.h5", r->dir, info.ranks);
+            if (rename(r->log_path, kept) != 0) return status_errorf("%s: could not keep the old log as %s", r->log_path, kept);
+            printf("checkpoint written at %d ranks, resuming at %d: the log so far is kept as %s\n", info.ranks, r->P, kept);
+            new_log = 1;
+        }
+    }
+    return runlog_open(&r->log, r->log_path, &r->m, r->comm, &r->ds, &r->topo, new_log ? -1 : (long)r->pos.step,
+                       r->peak_total, r->peak_how, r->unigram_ppl);
+}
 
-    Topology topo;
-    st = topology_init(&topo, comm, &cfg->topology);
-    if (!STATUS_OK(st)) { data_free(&ds); backend_free(&be); return agree(comm, st); }
-    TRY(agree(comm, st));
-    Traffic traffic;
-    traffic_init(&traffic, P, rank, &topo);
+static void print_banner(const Run *r) {
+    if (r->rank != 0) return;
+    printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total (%s)\n",
+           DCMOE_VERSION, DCMOE_GIT_REVISION, r->P, r->threads, r->be.ops->name, r->peak_total, r->peak_how);
+    printf("data: %s\n", r->ds.description);
+    print_params(&r->m);
+    char mtab[2048];
+    memacct_format(&r->macct, mtab, sizeof mtab);
+    printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
+    if (r->cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", r->unigram_ppl);
+    printf("run folder: %s\n", r->dir);
+    fflush(stdout);
+}
 
-    comm->topo = &topo;
-    Model m;
-    st = model_init(&m, cfg, ds.vocab.n_words, n_classes, Bl, &be, comm);
-    TRY(agree(comm, st));
-    model_init_params(&m);
-    TrainPos pos = {0, 0, 0, (uint64_t)cfg->run.seed};
-    if (ckpt[0]) {
-        TRY(agree(comm, checkpoint_load(ckpt, &m, &pos)));
-        if (rank == 0) printf("resumed from %s at step %lld\n", ckpt, (long long)pos.step);
+static Status run_setup(Run *r) {
+    const Config *cfg = r->cfg;
+    Comm *comm = r->comm;
+    int resuming = r->opt->resume || r->opt->resume_from;
+    r->threads = blas_threads(cfg, comm);
+    if (cfg->run.backend == BACKEND_CUDA) TRY(agree(comm, backend_cuda_init(&r->be, comm->local_rank)));
+    else TRY(backend_cpu_init(&r->be, r->threads));
+    r->stage = 1;
+    TRY(agree(comm, backend_check(&r->be)));
+    int have_vocab = resuming && file_exists(r->vocab_path);
+    TRY(agree(comm, data_load(&cfg->data, cfg->model.task, r->T, have_vocab ? r->vocab_path : NULL, &r->ds)));
+    r->stage = 2;
+    TRY(agree(comm, r->rank == 0 && !have_vocab ? vocab_save(&r->ds.vocab, r->vocab_path) : status_ok()));
+    TRY(agree(comm, topology_init(&r->topo, comm, &cfg->topology)));
+    r->stage = 3;
+    traffic_init(&r->traffic, r->P, r->rank, &r->topo);
+    comm->topo = &r->topo;
+    int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
+    TRY(agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
+    r->stage = 4;
+    model_init_params(&r->m);
+    r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
+    if (r->ckpt[0]) {
+        TRY(agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
+        if (r->rank == 0) printf("resumed from %s at step %lld\n", r->ckpt, (long long)r->pos.step);
     }
     /* precision.mode: qat points the clustered layers at fake-quantised shadow weights */
-    Precision prec;
-    prec_init(&prec, &m);
+    prec_init(&r->prec, &r->m);
+    r->stage = 5;
     /* offload.enabled: idle expert units leave the resident tier between steps */
-    Residency resid;
-    st = residency_init(&resid, &m, &cfg->offload, run_dir);
-    if (!STATUS_OK(st)) { prec_free(&prec); model_free(&m); data_free(&ds); backend_free(&be); return agree(comm, st); }
-    resid.step = pos.step;
-    if (resid.enabled)
-        for (int l = 0; l < m.L; l++) { m.ffn[l].need = residency_hook; m.ffn[l].need_ctx = &resid; }
-
+    TRY(agree(comm, residency_init(&r->resid, &r->m, &cfg->offload, r->dir)));
+    r->stage = 6;
+    r->resid.step = r->pos.step;
+    if (r->resid.enabled)
+        for (int l = 0; l < r->m.L; l++) { r->m.ffn[l].need = residency_hook; r->m.ffn[l].need_ctx = &r->resid; }
     /* the FLOP fraction's denominator: a calibrated value, or every rank measuring at once
      * (what they share while training) */
-    double peak_total = cfg->run.peak_gflops;
-    char peak_how[160];
-    if (peak_total > 0) str_fmt(peak_how, sizeof peak_how, "from run.peak_gflops");
+    r->peak_total = cfg->run.peak_gflops;
+    if (r->peak_total > 0) str_fmt(r->peak_how, sizeof r->peak_how, "from run.peak_gflops");
     else {
         comm_barrier(comm);
-        peak_total = train_measure_sgemm_peak(&be);
-        comm_allreduce_sum_f64(comm, &peak_total, 1);
-        str_fmt(peak_how, sizeof peak_how, "measured at start-up: sum over ranks of the best 1024^3 product of >= 0.3 s, all ranks at once");
+        r->peak_total = train_measure_sgemm_peak(&r->be);
+        comm_allreduce_sum_f64(comm, &r->peak_total, 1);
+        str_fmt(r->peak_how, sizeof r->peak_how,
+                "measured at start-up: sum over ranks of the best 1024^3 product of >= 0.3 s, all ranks at once");
     }
-    double uni_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&ds, SPLIT_VALID) : 0;
-    res->unigram_ppl = uni_ppl;
+    r->unigram_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&r->ds, SPLIT_VALID) : 0;
+    r->res->unigram_ppl = r->unigram_ppl;
+    TRY(agree(comm, open_log(r)));
+    r->stage = 7;
+    mem_register(&r->macct, &r->m, &r->prec);
+    r->mem_all = xcalloc(sizeof(double) * (size_t)r->P * (MEM_N_KINDS + 2));
+    if (r->pos.step == 0) {
+        mem_gather(comm, &r->macct, r->mem_all);
+        runlog_mem(&r->log, 0, r->mem_all);
+    }
+    r->flops_tok = model_flops_per_token(&r->m);
+    print_banner(r);
+    r->in = xcalloc(sizeof(int32_t) * r->Bl * r->T);
+    r->tg = xcalloc(sizeof(int32_t) * r->Bl * r->T);
+    r->len = xcalloc(sizeof(int32_t) * r->Bl);
+    r->rank_buf = xcalloc(sizeof(double) * 3 * r->P);
+    r->rank_cols = xcalloc(sizeof(double) * 2 * r->P);
+    r->evs = xcalloc(sizeof(ReclusterEvent) * (size_t)(r->m.L ? r->m.L : 1));
+    r->last_event = -1;
+    r->warm = recluster_warmup(cfg);
+    r->n_global = cfg->model.task == TASK_LM ? (long)cfg->train.batch_size * r->T : cfg->train.batch_size;
+    r->t_start = time_now() - r->pos.elapsed_s;
+    r->log_owner = true;
+    r->stage = 8;
+    return status_ok();
+}
 
-    H5log lg;
-    memset(&lg, 0, sizeof lg);
-    lg.file = -1;
-    LogIds id;
-    memset(&id, 0, sizeof id);
-    if (rank == 0) {
-        /* a checkpoint from another rank count: the per-rank series cannot grow a column, so
-         * the old log is kept beside the new one (steps up to the checkpoint) */
-        int new_log = !ckpt[0] || !file_exists(path);   /* --resume-from a copied checkpoint: a new log */
-        if (ckpt[0]) {
-            /* the rank count as the verified checkpoint records it (COMPLETE is checked against it) */
-            CheckpointInfo info = {0, P};
-            st = checkpoint_verify(ckpt, &info);
-            int ck_ranks = info.ranks;
-            if (STATUS_OK(st) && ck_ranks != P) {
-                char kept[4096];
-                str_fmt(kept, sizeof kept, "%s/metrics.ranks%d.h5", run_dir, ck_ranks);
-                if (rename(path, kept) != 0) st = status_errorf("%s: could not keep the old log as %s", path, kept);
-                else printf("checkpoint written at %d ranks, resuming at %d: the log so far is kept as %s\n",
-                            ck_ranks, P, kept);
-                new_log = 1;
-            }
-        }
-        if (STATUS_OK(st)) {
-            if (!new_log) st = h5log_open_append(&lg, path, cfg->log.swmr, cfg->log.flush_interval, (long)pos.step);
-            else st = h5log_create(&lg, path, cfg->log.swmr, cfg->log.flush_interval);
-        }
-        if (STATUS_OK(st)) st = log_declare(&lg, &m, &id);
-        if (STATUS_OK(st) && new_log) st = log_attrs(&lg, &m, comm, &ds, peak_total, uni_ppl, &topo);
-        if (STATUS_OK(st) && new_log) st = h5log_attr_str(&lg, "/", "sgemm_peak_source", peak_how);
-        if (STATUS_OK(st)) st = h5log_start(&lg);
+static void run_teardown(Run *r) {
+    Comm *comm = r->comm;
+    if (r->stage >= 7) runlog_close(&r->log);
+    if (r->stage >= 6) residency_free(&r->resid);
+    if (r->stage >= 5) prec_free(&r->prec);
+    if (r->stage >= 4) model_free(&r->m);
+    if (r->stage >= 3) {
+        comm->traffic = NULL;
+        traffic_free(&r->traffic);
+        comm->topo = NULL;
+        topology_free(&r->topo);
     }
-    st = agree(comm, st);
-    if (!STATUS_OK(st)) { h5log_close(&lg); prec_free(&prec); model_free(&m); data_free(&ds); backend_free(&be); return st; }
+    if (r->stage >= 2) data_free(&r->ds);
+    if (r->stage >= 1) backend_free(&r->be);
+    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs);
+}
 
-    MemAcct macct;
-    mem_register(&macct, &m, &prec);
-    double *mem_all = xcalloc(sizeof(double) * (size_t)P * (MEM_N_KINDS + 2));
-    if (pos.step == 0) {
-        mem_gather(comm, &macct, mem_all);
-        if (rank == 0) mem_log(&lg, &id, 0, mem_all, P);
+/* ---- one training step ---- */
+
+/* "first on rank R (... batch ...)": the first rank whose own loss is not finite (collective) */
+static void describe_nonfinite(const Run *r, long step, double local_loss, char *where, size_t cap) {
+    double first_bad = isfinite(local_loss) ? 0 : (double)(r->P - r->rank);
+    comm_allreduce_max_f64(r->comm, &first_bad, 1);
+    int bad = first_bad > 0 ? r->P - (int)first_bad : -1;
+    if (bad >= 0)
+        str_fmt(where, cap, "first on rank %d (its local loss is not finite; batch: %s %d..%d of the global batch of "
+                "step %ld, data seed %llu)", bad, r->cfg->model.task == TASK_LM ? "sequences" : "examples", bad * r->Bl,
+                (bad + 1) * r->Bl - 1, step + 1, (unsigned long long)r->cfg->run.seed);
+    else
+        str_fmt(where, cap, "every rank's loss is finite; the reduced gradient is not (global batch of step %ld, "
+                "data seed %llu)", step + 1, (unsigned long long)r->cfg->run.seed);
+}
+
+/* forward, backward, gradient reduction, the non-finite check and the optimizer update */
+static Status train_step(Run *r, long step, StepOut *o) {
+    const Config *cfg = r->cfg;
+    const TrainConfig *tc = &cfg->train;
+    Comm *comm = r->comm;
+    Model *m = &r->m;
+    int n_clus = model_n_clustered_layers(m);
+    o->t0 = time_now();
+    comm->traffic = &r->traffic;
+    for (int l = 0; l < m->L; l++) m->ep[l].collect = m->ffn[l].kind != MOE_KIND_DENSE;
+    o->ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
+    o->ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
+    if (cfg->model.task == TASK_LM)
+        data_lm_train_batch(&r->ds.lm[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->T, r->in, r->tg);
+    else
+        data_cls_train_batch(&r->ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->in, r->len, r->tg);
+    model_zero_grad(m);
+    o->log_step = (step + 1) % tc->log_interval == 0 || step == 0 || step + 1 == tc->steps;
+    /* qat: fake-quantise this step's weights (and measure the error); storage: measure */
+    if (r->prec.mode == PRECISION_QAT || o->log_step) prec_measure(&r->prec);
+    m->collect_mu = n_clus > 0 && cfg->clustering.enabled;
+    model_forward(m, r->in, r->tg, r->len, r->Bl, r->n_global);
+    m->collect_mu = 0;
+    o->t1 = time_now();
+    model_backward(m, r->n_global);
+    o->t2 = time_now();
+    /* global loss: sum of local CE contributions + the (global) aux terms */
+    if (test_nan_at(step + 1, r->rank)) m->loss_sum = NAN;
+    double local_loss = m->loss_sum, ce[1] = {m->loss_sum / (double)r->n_global};
+    comm_allreduce_sum_f64(comm, ce, 1);
+    o->ce = ce[0];
+    o->loss = ce[0] + m->aux_loss + m->z_loss;
+    optim_reduce_grads(m);
+    if (n_clus > 0 && cfg->clustering.router_freeze > 0 && r->last_event >= 0 &&
+        step < r->last_event + cfg->clustering.router_freeze)
+        for (int i = 0; i < m->n_tensors; i++)
+            if (m->tensors[i].kind == PARAM_ROUTER)
+                r->be.ops->zero(r->be.ctx, m->grads[m->tensors[i].cat] + m->tensors[i].offset, sizeof(float) * m->tensors[i].n);
+    o->lr = optim_lr(tc, step);
+    o->gnorm = optim_grad_norm(m);
+    if (isfinite(o->loss) && isfinite(o->gnorm)) {
+        optim_step_norm(m, step, o->lr, o->gnorm);
+        return status_ok();
     }
-    double flops_tok = model_flops_per_token(&m);
-    if (rank == 0) {
-        printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total (%s)\n",
-               DCMOE_VERSION, DCMOE_GIT_REVISION, P, threads, be.ops->name, peak_total, peak_how);
-        printf("data: %s\n", ds.description);
-        print_params(&m);
-        char mtab[2048];
-        memacct_format(&macct, mtab, sizeof mtab);
-        printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
-        if (cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", uni_ppl);
-        printf("run folder: %s\n", run_dir);
+    char where[256];
+    describe_nonfinite(r, step, local_loss, where, sizeof where);
+    if (tc->on_nonfinite == TRAIN_ON_NONFINITE_SKIP_STEP) {
+        if (r->rank == 0)
+            fprintf(stderr, "dcmoe: warning: step %ld: non-finite loss %g / gradient norm %g, %s; update skipped "
+                    "(train.on_nonfinite: skip_step)\n", step + 1, o->loss, o->gnorm, where);
+        return status_ok();
+    }
+    if (r->rank == 0) {   /* the record shows the step that stopped the run */
+        h5log_append(&r->log.lg, r->log.id.loss, step + 1, &o->loss);
+        h5log_append(&r->log.lg, r->log.id.gnorm, step + 1, &o->gnorm);
+        runlog_flush(&r->log);
+    }
+    return status_errorf("step %ld: non-finite loss %g / gradient norm %g, %s; stopped without a checkpoint (the last "
+                         "good one is kept; lower train.lr, raise train.warmup_steps, or set train.on_nonfinite: "
+                         "skip_step)", step + 1, o->loss, o->gnorm, where);
+}
+
+/* after the update: balance biases, placement statistics and re-placement, offloading, the
+ * traffic of the step; then the log row and the progress line */
+static Status finish_step(Run *r, long step, StepOut *o) {
+    const Config *cfg = r->cfg;
+    const TrainConfig *tc = &cfg->train;
+    Comm *comm = r->comm;
+    Model *m = &r->m;
+    int P = r->P;
+    if (model_n_clustered_layers(m) > 0 && cfg->clustering.enabled) recluster_mu_step(m);
+    /* moe.balance: aux_free, for the standard and the clustered layers (a no-op otherwise) */
+    for (int l = 0; l < m->L; l++) moe_update_bias(&m->ffn[l], &m->acts[l].moe);
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m->ep[l], comm, cfg->parallel.affinity_ema);
+    double migr = r->pending_migr;
+    r->pending_migr = 0;
+    if (P > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
+        (step + 1) % cfg->parallel.place_interval == 0 && step + 1 != tc->steps) {
+        TRY(residency_fetch_all(&r->resid));
+        double b = replace_experts(m, cfg, &r->topo);
+        if (b > 0) r->log_owner = true;
+        migr += b;
+    }
+    TRY(agree(comm, residency_end_step(&r->resid, step)));
+    ResidencyStats rs = residency_take_step(&r->resid);
+    double off7[7] = {rs.hits, rs.misses, rs.evictions, rs.bytes_in, rs.bytes_out, rs.stall_s, rs.resident_units};
+    if (r->resid.enabled) comm_allreduce_sum_f64(comm, off7, 7);
+    TrafficStep ts;
+    traffic_step_end(&r->traffic, comm, &ts);
+    comm->traffic = NULL;
+    double t3 = time_now();
+    o->dt = t3 - o->t0;
+    /* per rank: compute time, peak RSS, step time (perf/step_s is the slowest rank's) */
+    double mine[3] = {o->t2 - o->t0, peak_rss_bytes(), o->dt};
+    comm_gather_bytes(comm, mine, r->rank_buf, sizeof mine, 0);
+    if (o->log_step) mem_gather(comm, &r->macct, r->mem_all);
+    r->pos.step = step + 1;
+    r->pos.tokens_seen += (int64_t)tc->batch_size * r->T;
+    if (r->rank != 0) return status_ok();
+    double slowest = 0;
+    for (int q = 0; q < P; q++) {
+        r->rank_cols[q] = r->rank_buf[3 * q];
+        r->rank_cols[P + q] = r->rank_buf[3 * q + 1];
+        if (r->rank_buf[3 * q + 2] > slowest) slowest = r->rank_buf[3 * q + 2];
+    }
+    r->window_steps++;
+    r->window_time += slowest;
+    r->ema_step = r->ema_step == 0 ? slowest : 0.9 * r->ema_step + 0.1 * slowest;
+    long s = step + 1;
+    double ar_s = comm->stats.seconds[COMM_PHASE_ALLREDUCE] - o->ar_s0;
+    StepRecord rec = {
+        .step = s, .loss = o->loss, .ce = o->ce, .aux = m->aux_loss, .z = m->z_loss, .lr = o->lr, .gnorm = o->gnorm,
+        .tokens = r->pos.tokens_seen, .step_s = slowest, .tok_s = tc->batch_size * r->T / slowest,
+        .split = {o->t1 - o->t0, o->t2 - o->t1, ar_s, t3 - o->t2 - ar_s},
+        .allreduce_bytes = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - o->ar_bytes0),
+        .offload7 = r->resid.enabled ? off7 : NULL, .ts = &ts, .traffic = &r->traffic,
+        .traffic_matrices = s % cfg->parallel.traffic_interval == 0 || s == tc->steps,
+        .owners = r->log_owner || migr > 0, .migration_bytes = migr,
+        .rank_compute_s = r->rank_cols, .rank_rss = r->rank_cols + P,
+        .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL};
+    rec.flops_frac = r->flops_tok * rec.tok_s / (r->peak_total * 1e9);
+    r->log_owner = false;
+    double mean_cv2 = runlog_step(&r->log, m, &rec);
+    if (!r->opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
+        double wtok = tc->batch_size * r->T * r->window_steps / r->window_time;
+        char eta[32];
+        fmt_eta(eta, sizeof eta, r->ema_step * (double)(tc->steps - s));
+        printf("step %6ld/%d | loss %.4f | aux %.4f | lr %.2e | %.1f ms/step | %.0f tok/s | %.1f%% of peak | cv2 %.3f | "
+               "ETA %s\n", s, tc->steps, o->loss, m->aux_loss + m->z_loss, o->lr, 1e3 * r->window_time / r->window_steps,
+               wtok, 100.0 * r->flops_tok * wtok / (r->peak_total * 1e9), mean_cv2, eta);
+        fflush(stdout);
+        r->window_steps = 0;
+        r->window_time = 0;
+    }
+    return status_ok();
+}
+
+/* ---- events between steps ---- */
+
+/* re-cluster every clustered layer, re-place the groups, log the event with probe losses */
+static Status recluster_event(Run *r, long step) {
+    Model *m = &r->m;
+    int bs = r->cfg->train.batch_size;
+    double pb = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
+    TRY(agree(r->comm, residency_fetch_all(&r->resid)));
+    int n_ev = recluster_run(m, step + 1, r->evs);
+    /* groups changed: re-place them (migration bytes land in the next step's log) */
+    if (r->P > 1) r->pending_migr += replace_experts(m, r->cfg, &r->topo);
+    double pa = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
+    r->last_event = step + 1;
+    runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);
+    if (r->rank == 0) {
+        int moved = 0, refit = 0;
+        double emax = 0;
+        for (int i = 0; i < n_ev; i++) {
+            moved += r->evs[i].n_moved;
+            refit += r->evs[i].n_groups_refit;
+            if (r->evs[i].recon_err_max > emax) emax = r->evs[i].recon_err_max;
+        }
+        printf("re-cluster step %ld | %d layer(s) | moved %d experts | refit %d groups | max recon err %.2f%% | "
+               "probe loss %.4f -> %.4f\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa);
         fflush(stdout);
     }
+    return status_ok();
+}
 
-    int32_t *in = xcalloc(sizeof(int32_t) * Bl * T), *tg = xcalloc(sizeof(int32_t) * Bl * T);
-    int32_t *len = xcalloc(sizeof(int32_t) * Bl);
-    int nm = n_moe_layers(&m), E = cfg->moe.n_experts;
-    double *row = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E > 6 ? E : 6) * 8);
-    double *rank_buf = xcalloc(sizeof(double) * 2 * P), *rank_row = xcalloc(sizeof(double) * 2 * P);
-    int n_clus = n_clustered_layers(&m);
-    double *crow = xcalloc(sizeof(double) * (size_t)(n_clus ? n_clus : 1) * (cfg->moe.n_groups + E + 3 + 16));
-    ReclusterEvent *evs = xcalloc(sizeof(ReclusterEvent) * (n_clus ? n_clus : 1));
-    long last_event = -1, warm = recluster_warmup(cfg);
-    long n_global = cfg->model.task == TASK_LM ? (long)tc->batch_size * T : tc->batch_size;
-    double t_start = time_now() - pos.elapsed_s;
-    long window_steps = 0;
-    double window_time = 0, ema_step = 0;
-    double last_loss = 0;
-
-    double *orow = xcalloc(sizeof(double) * (size_t)(nm ? nm : 1) * (E + P + 1));
-    double *mat = xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P);
-    double pending_migr = 0;
-    int log_owner = 1;
-    Status log_err = status_ok();   /* rank 0: the first failed write of the metrics log */
-    /* a signal during start-up: checkpoint where we are (unless resumed from exactly here) and stop */
-    {
-        double sig = (double)g_stop_signal;
-        comm_allreduce_max_f64(comm, &sig, 1);
-        if (sig > 0 && pos.step < tc->steps) {
-            if (!ckpt[0]) {
-                pos.elapsed_s = time_now() - t_start;
-                if (rank == 0) h5log_flush(&lg);
-                st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
-            }
-            if (STATUS_OK(st) && rank == 0)
-                printf("signal received during start-up: %s at step %lld, stopping (continue with --resume)\n",
-                       ckpt[0] ? "the run stays" : "checkpoint written", (long long)pos.step);
-            res->interrupted = true;
-        }
-    }
-    long first_step = pos.step;
-    for (long step = pos.step; step < tc->steps && STATUS_OK(st) && !res->interrupted; step++) {
-        double t0 = time_now();
-        comm->traffic = &traffic;
-        for (int l = 0; l < m.L; l++) m.ep[l].collect = m.ffn[l].kind != MOE_KIND_DENSE;
-        uint64_t ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
-        double ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
-        if (cfg->model.task == TASK_LM)
-            data_lm_train_batch(&ds.lm[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, T, in, tg);
+/* validation at `step` (1-based); with once, no second eval row at a step that has one */
+static void validate(Run *r, long step, bool once) {
+    EvalOut ev = evaluate(&r->m, &r->ds, SPLIT_VALID, r->cfg->train.eval_batches, r->cfg->train.batch_size, &r->prec);
+    runlog_eval(&r->log, step, &ev, once);
+    if (r->rank == 0) {
+        if (r->cfg->model.task == TASK_LM)
+            printf("eval step %ld | valid loss %.4f | valid ppl %.2f (unigram %.2f) | %ld tokens\n", step, ev.loss,
+                   ev.ppl, r->unigram_ppl, ev.n);
         else
-            data_cls_train_batch(&ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, rank * Bl, Bl, in, len, tg);
-        model_zero_grad(&m);
-        int log_step = (step + 1) % tc->log_interval == 0 || step == 0 || step + 1 == tc->steps;
-        /* qat: fake-quantise this step's weights (and measure the error); storage: measure */
-        if (prec.mode == PRECISION_QAT || log_step) prec_measure(&prec);
-        m.collect_mu = n_clus > 0 && cfg->clustering.enabled;
-        model_forward(&m, in, tg, len, Bl, n_global);
-        m.collect_mu = 0;
-        double t1 = time_now();
-        model_backward(&m, n_global);
-        double t2 = time_now();
-        /* global loss: sum of local CE contributions + the (global) aux terms */
-        if (test_nan_at(step + 1, rank)) m.loss_sum = NAN;
-        double local_loss = m.loss_sum;
-        double ce[1] = {m.loss_sum / (double)n_global};
-        comm_allreduce_sum_f64(comm, ce, 1);
-        double loss = ce[0] + m.aux_loss + m.z_loss;
-        last_loss = loss;
-        optim_reduce_grads(&m);
-        if (n_clus > 0 && cfg->clustering.router_freeze > 0 && last_event >= 0 &&
-            step < last_event + cfg->clustering.router_freeze)
-            for (int i = 0; i < m.n_tensors; i++)
-                if (m.tensors[i].kind == PARAM_ROUTER)
-                    be.ops->zero(be.ctx, m.grads[m.tensors[i].cat] + m.tensors[i].offset, sizeof(float) * m.tensors[i].n);
-        double lr = optim_lr(tc, step);
-        double gnorm = optim_grad_norm(&m);
-        if (!isfinite(loss) || !isfinite(gnorm)) {
-            /* name the first rank whose own loss is not finite, and its slice of the batch */
-            double first_bad = isfinite(local_loss) ? 0 : (double)(P - rank);
-            comm_allreduce_max_f64(comm, &first_bad, 1);
-            int bad_rank = first_bad > 0 ? P - (int)first_bad : -1;
-            char where[256];
-            if (bad_rank >= 0)
-                str_fmt(where, sizeof where, "first on rank %d (its local loss is not finite; batch: %s %d..%d of "
-                        "the global batch of step %ld, data seed %llu)", bad_rank,
-                        cfg->model.task == TASK_LM ? "sequences" : "examples", bad_rank * Bl, (bad_rank + 1) * Bl - 1,
-                        step + 1, (unsigned long long)cfg->run.seed);
-            else
-                str_fmt(where, sizeof where, "every rank's loss is finite; the reduced gradient is not (global batch "
-                        "of step %ld, data seed %llu)", step + 1, (unsigned long long)cfg->run.seed);
-            if (cfg->train.on_nonfinite == TRAIN_ON_NONFINITE_STOP) {
-                if (rank == 0) {
-                    h5log_append(&lg, id.loss, step + 1, &loss);
-                    h5log_append(&lg, id.gnorm, step + 1, &gnorm);
-                    h5log_flush(&lg);
-                }
-                st = status_errorf("step %ld: non-finite loss %g / gradient norm %g, %s; stopped without a checkpoint "
-                                   "(the last good one is kept; lower train.lr, raise train.warmup_steps, or set "
-                                   "train.on_nonfinite: skip_step)", step + 1, loss, gnorm, where);
-                break;
-            }
-            if (rank == 0)
-                fprintf(stderr, "dcmoe: warning: step %ld: non-finite loss %g / gradient norm %g, %s; update skipped "
-                        "(train.on_nonfinite: skip_step)\n", step + 1, loss, gnorm, where);
-        } else {
-            optim_step_norm(&m, step, lr, gnorm);
-        }
-        if (n_clus > 0 && cfg->clustering.enabled) recluster_mu_step(&m);
-        /* moe.balance: aux_free, for the standard and the clustered layers (a no-op otherwise) */
-        for (int l = 0; l < m.L; l++) moe_update_bias(&m.ffn[l], &m.acts[l].moe);
-        int is_last_step = step + 1 == tc->steps;
-        for (int l = 0; l < m.L; l++)
-            if (m.ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m.ep[l], comm, cfg->parallel.affinity_ema);
-        double migr = pending_migr;
-        pending_migr = 0;
-        if (P > 1 && nm > 0 && cfg->parallel.place_interval > 0 && (step + 1) % cfg->parallel.place_interval == 0 &&
-            !is_last_step) {
-            st = residency_fetch_all(&resid);
-            if (!STATUS_OK(st)) break;
-            double b = replace_experts(&m, cfg, &topo);
-            if (b > 0) log_owner = 1;
-            migr += b;
-        }
-        st = agree(comm, residency_end_step(&resid, step));
-        if (!STATUS_OK(st)) break;
-        ResidencyStats rstat = residency_take_step(&resid);
-        double orow7[7] = {rstat.hits, rstat.misses, rstat.evictions, rstat.bytes_in, rstat.bytes_out, rstat.stall_s,
-                           rstat.resident_units};
-        if (resid.enabled) comm_allreduce_sum_f64(comm, orow7, 7);
-        TrafficStep ts;
-        traffic_step_end(&traffic, comm, &ts);
-        comm->traffic = NULL;
-        double t3 = time_now();
-        double dt = time_now() - t0;
-        double mine[2] = {t2 - t0, peak_rss_bytes()}, *all_r = rank_buf;
-        comm_gather_bytes(comm, mine, all_r, sizeof mine, 0);
-        if (log_step) mem_gather(comm, &macct, mem_all);
-        pos.step = step + 1;
-        pos.tokens_seen += (int64_t)tc->batch_size * T;
-        window_steps++;
-        window_time += dt;
-        ema_step = ema_step == 0 ? dt : 0.9 * ema_step + 0.1 * dt;
-        double tok_s = tc->batch_size * T / dt;
-        double frac = flops_tok * tok_s / (peak_total * 1e9);
-        if (rank == 0) {
-            long s = step + 1;
-            h5log_append(&lg, id.loss, s, &loss);
-            h5log_append(&lg, id.ce, s, &ce[0]);
-            h5log_append(&lg, id.aux, s, &m.aux_loss);
-            h5log_append(&lg, id.z, s, &m.z_loss);
-            h5log_append(&lg, id.lr, s, &lr);
-            h5log_append(&lg, id.gnorm, s, &gnorm);
-            int64_t toks = pos.tokens_seen;
-            h5log_append(&lg, id.tokens, s, &toks);
-            h5log_append(&lg, id.step_s, s, &dt);
-            h5log_append(&lg, id.tok_s, s, &tok_s);
-            h5log_append(&lg, id.flops_frac, s, &frac);
-            double ar_s = comm->stats.seconds[COMM_PHASE_ALLREDUCE] - ar_s0;
-            double split[4] = {t1 - t0, t2 - t1, ar_s, t3 - t2 - ar_s};
-            h5log_append(&lg, id.time_split, s, split);
-            double arb = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - ar_bytes0);
-            h5log_append(&lg, id.comm_bytes, s, &arb);
-            if (resid.enabled) h5log_append(&lg, id.off_train, s, orow7);
-            h5log_append(&lg, id.c_intra, s, ts.intra);
-            h5log_append(&lg, id.c_inter, s, ts.inter);
-            h5log_append(&lg, id.c_time, s, ts.seconds);
-            h5log_append(&lg, id.c_msgs, s, ts.msgs);
-            double disp[4] = {ts.rows_dispatched, ts.pairs_routed, ts.nodes_touched, ts.tokens};
-            h5log_append(&lg, id.c_dispatch, s, disp);
-            if (s % cfg->parallel.traffic_interval == 0 || s == tc->steps) {
-                for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)traffic.matrix[q];
-                h5log_append(&lg, id.c_matrix, s, mat);
-                for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)traffic.msg_matrix[q];
-                h5log_append(&lg, id.c_msgmat, s, mat);
-            }
-            if (log_owner || migr > 0) {
-                owner_rows(&m, orow);
-                h5log_append(&lg, id.owner, s, orow);
-                h5log_append(&lg, id.migr, s, &migr);
-                log_owner = 0;
-            }
-            if (nm > 0) {
-                /* tokens each rank's experts received (after capacity) and the rank-level MaxVio */
-                double *rt = orow, *rmv = orow + (size_t)nm * P;
-                int i = 0;
-                for (int l = 0; l < m.L; l++) {
-                    if (m.ffn[l].kind == MOE_KIND_DENSE) continue;
-                    const MoeStats *ms = &m.acts[l].moe.stats;
-                    for (int r = 0; r < P; r++) rt[(size_t)i * P + r] = 0;
-                    for (int e = 0; e < E; e++) rt[(size_t)i * P + m.ep[l].expert_owner[e]] += ms->counts[e];
-                    LoadStats lr_ = metrics_load(rt + (size_t)i * P, P);
-                    rmv[i] = lr_.maxvio;
-                    i++;
-                }
-                h5log_append(&lg, id.rank_tokens, s, rt);
-                h5log_append(&lg, id.rank_maxvio, s, rmv);
-            }
-            for (int r = 0; r < P; r++) { rank_row[r] = all_r[2 * r]; rank_row[P + r] = all_r[2 * r + 1]; }
-            h5log_append(&lg, id.rank_compute_s, s, rank_row);
-            h5log_append(&lg, id.rank_peak_rss, s, rank_row + P);
-            if (nm > 0) {
-                double *cv2 = row, *var = row + nm, *mv = row + 2 * nm, *mm = row + 3 * nm;
-                double *ent = row + 4 * nm, *dead = row + 5 * nm, *drop = row + 6 * nm;
-                double *tpe = row + 7 * nm;
-                int i = 0;
-                for (int l = 0; l < m.L; l++) {
-                    if (m.ffn[l].kind == MOE_KIND_DENSE) continue;
-                    const MoeStats *ms = &m.acts[l].moe.stats;
-                    LoadStats ls = metrics_load(ms->counts_routed, E);
-                    cv2[i] = ls.cv2; var[i] = ls.var; mv[i] = ls.maxvio; mm[i] = ls.max_over_mean;
-                    ent[i] = ls.entropy; dead[i] = ls.dead_frac; drop[i] = ms->dropped_frac;
-                    memcpy(tpe + (size_t)i * E, ms->counts_routed, sizeof(double) * E);
-                    i++;
-                }
-                h5log_append(&lg, id.cv2, s, cv2);
-                h5log_append(&lg, id.var, s, var);
-                h5log_append(&lg, id.maxvio, s, mv);
-                h5log_append(&lg, id.maxmean, s, mm);
-                h5log_append(&lg, id.entropy, s, ent);
-                h5log_append(&lg, id.dead, s, dead);
-                h5log_append(&lg, id.drop, s, drop);
-                if (cfg->log.expert_interval > 0 && s % cfg->log.expert_interval == 0)
-                    h5log_append(&lg, id.tpe, s, tpe);
-            }
-            if (n_clus > 0) {
-                int G = cfg->moe.n_groups, i = 0;
-                double *gc = crow, *gcv = crow + (size_t)n_clus * G, *gmv = gcv + n_clus, *gdr = gmv + n_clus;
-                for (int l = 0; l < m.L; l++) {
-                    if (m.ffn[l].kind != MOE_KIND_CLUSTERED) continue;
-                    const MoeStats *ms = &m.acts[l].moe.stats;
-                    memcpy(gc + (size_t)i * G, ms->group_counts, sizeof(double) * G);
-                    LoadStats ls = metrics_load(ms->group_counts, G);
-                    gcv[i] = ls.cv2; gmv[i] = ls.maxvio; gdr[i] = ms->group_dropped_frac;
-                    i++;
-                }
-                h5log_append(&lg, id.tpg, s, gc);
-                h5log_append(&lg, id.gcv2, s, gcv);
-                h5log_append(&lg, id.gmaxvio, s, gmv);
-                h5log_append(&lg, id.gdrop, s, gdr);
-            }
-            if (id.qerr > 0 && log_step) h5log_append(&lg, id.qerr, s, prec.qerr);
-            if (log_step) mem_log(&lg, &id, s, mem_all, P);
-            Status ls = h5log_step_done(&lg, s);
-            if (!STATUS_OK(ls) && STATUS_OK(log_err)) log_err = ls;
-            if (!opt->quiet && (s % tc->log_interval == 0 || s == 1 || s == tc->steps)) {
-                double wtok = tc->batch_size * T * window_steps / window_time;
-                double mean_cv2 = 0;
-                for (int i = 0; i < nm; i++) mean_cv2 += row[i] / nm;
-                char eta[32];
-                fmt_eta(eta, sizeof eta, ema_step * (double)(tc->steps - s));
-                printf("step %6ld/%d | loss %.4f | aux %.4f | lr %.2e | %.1f ms/step | %.0f tok/s | "
-                       "%.1f%% of peak | cv2 %.3f | ETA %s\n",
-                       s, tc->steps, loss, m.aux_loss + m.z_loss, lr, 1e3 * window_time / window_steps,
-                       wtok, 100.0 * flops_tok * wtok / (peak_total * 1e9), mean_cv2, eta);
-                fflush(stdout);
-                window_steps = 0;
-                window_time = 0;
-            }
-        }
-        int is_last = step + 1 == tc->steps;
-        if (n_clus > 0 && cfg->clustering.enabled && step + 1 >= warm && (step + 1) % cfg->clustering.interval == 0 && !is_last) {
-            double pb = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size, &prec).loss;
-            st = agree(comm, residency_fetch_all(&resid));
-            if (!STATUS_OK(st)) break;
-            int n_ev = recluster_run(&m, step + 1, evs);
-            /* groups changed: re-place them (migration bytes land in the next step's log) */
-            if (P > 1) pending_migr += replace_experts(&m, cfg, &topo);
-            double pa = evaluate(&m, &ds, SPLIT_VALID, 1, tc->batch_size, &prec).loss;
-            last_event = step + 1;
-            if (rank == 0) {
-                double *er = crow;
-                int moved = 0, refit = 0;
-                double emax = 0;
-                for (int i = 0; i < n_ev; i++) {
-                    const ReclusterEvent *e = &evs[i];
-                    double v[RECLUSTER_N_COLS + 2] = {e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved,
-                                                      e->n_groups_refit, e->jaccard, e->recon_err_mean, e->recon_err_max,
-                                                      e->seconds, pb, pa};
-                    memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2), v, sizeof v);
-                    moved += e->n_moved; refit += e->n_groups_refit;
-                    if (e->recon_err_max > emax) emax = e->recon_err_max;
-                }
-                h5log_append(&lg, id.events, step + 1, er);
-                int i = 0;
-                for (int l = 0; l < m.L; l++) {
-                    if (m.ffn[l].kind != MOE_KIND_CLUSTERED) continue;
-                    for (int e = 0; e < E; e++) er[(size_t)i * E + e] = m.cstate[l].group_of[e];
-                    i++;
-                }
-                h5log_append(&lg, id.group_of, step + 1, er);
-                printf("re-cluster step %ld | %d layer(s) | moved %d experts | refit %d groups | max recon err %.2f%% | "
-                       "probe loss %.4f -> %.4f\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa);
-                fflush(stdout);
-            }
-        }
-        if ((tc->eval_interval > 0 && (step + 1) % tc->eval_interval == 0) || is_last) {
-            EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size, &prec);
-            if (rank == 0) {
-                h5log_append(&lg, id.eval_loss, step + 1, &ev.loss);
-                h5log_append(&lg, id.eval_ppl, step + 1, &ev.ppl);
-                h5log_append(&lg, id.eval_metric, step + 1, &ev.metric);
-                if (cfg->model.task == TASK_LM)
-                    printf("eval step %ld | valid loss %.4f | valid ppl %.2f (unigram %.2f) | %ld tokens\n",
-                           step + 1, ev.loss, ev.ppl, uni_ppl, ev.n);
-                else
-                    printf("eval step %ld | valid loss %.4f | valid %s %.4f | %ld examples\n",
-                           step + 1, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
-                fflush(stdout);
-            }
-            res->valid_loss = ev.loss;
-            res->valid_ppl = ev.ppl;
-            res->valid_metric = ev.metric;
-        }
-        /* why to stop, agreed by every rank: [--stop-at reached, signal number, the log failed] */
-        double stop[3] = {opt->stop_at > 0 && step + 1 >= opt->stop_at && !is_last ? 1 : 0, (double)g_stop_signal,
-                          STATUS_OK(log_err) ? 0 : 1};
-        comm_allreduce_max_f64(comm, stop, 3);
-        int stopping = stop[0] > 0 || stop[1] > 0 || stop[2] > 0;
-        int want_ckpt = is_last || stopping ||
-                        (cfg->checkpoint.interval > 0 && (step + 1) % cfg->checkpoint.interval == 0);
-        if (want_ckpt) {
-            pos.elapsed_s = time_now() - t_start;
-            if (rank == 0) {
-                Status fs = h5log_flush(&lg);
-                if (!STATUS_OK(fs) && STATUS_OK(log_err)) log_err = fs;
-            }
-            st = agree(comm, residency_fetch_all(&resid));
-            if (STATUS_OK(st)) st = checkpoint_save(run_dir, &m, &pos, cfg->checkpoint.keep);
-            if (!STATUS_OK(st)) {
-                st = status_errorf("step %ld: checkpoint failed: %s%s", step + 1, st.msg,
-                                   stop[2] > 0 ? " (after the metrics log failed too)" : "");
-                break;
-            }
-        }
-        if (stop[2] > 0) {
-            /* a failed log write stops the run once the last checkpoint attempt succeeded */
-            st = status_errorf("step %ld: writing %s failed: %s; a checkpoint of step %ld was written, continue with "
-                               "--resume once the disk has room", step + 1, path,
-                               rank == 0 ? log_err.msg : "(rank 0 has the message)", step + 1);
-            break;
-        }
-        if (stopping) {
-            if (rank == 0) {
-                if (stop[1] > 0)
-                    printf("signal %s received: checkpoint written at step %ld, stopping (continue with --resume)\n",
-                           (int)stop[1] == SIGTERM ? "SIGTERM" : (int)stop[1] == SIGUSR1 ? "SIGUSR1" : "(other)", step + 1);
-                else
-                    printf("--stop-at reached: checkpoint written at step %ld, stopping (continue with --resume)\n", step + 1);
-            }
-            res->interrupted = true;
-            break;
-        }
+            printf("eval step %ld | valid loss %.4f | valid %s %.4f | %ld examples\n", step, ev.loss,
+                   cls_metric_name(r->ds.metric), ev.metric, ev.n);
+        fflush(stdout);
     }
-    res->steps_done = pos.step;
-    res->final_train_loss = last_loss;
-    /* resumed at the last step (killed after the final checkpoint, before DONE): the final
-     * validation is recomputed (deterministic), and each of its rows is written only if the
-     * killed run did not write it already */
-    if (STATUS_OK(st) && !res->interrupted && first_step >= tc->steps) {
-        EvalOut ev = evaluate(&m, &ds, SPLIT_VALID, tc->eval_batches, tc->batch_size, &prec);
-        res->valid_loss = ev.loss;
-        res->valid_ppl = ev.ppl;
-        res->valid_metric = ev.metric;
-        if (rank == 0) {
-            if (h5log_last_step(&lg, id.eval_ppl) != (long)pos.step) {
-                h5log_append(&lg, id.eval_loss, pos.step, &ev.loss);
-                h5log_append(&lg, id.eval_ppl, pos.step, &ev.ppl);
-                h5log_append(&lg, id.eval_metric, pos.step, &ev.metric);
-            }
-            printf("resumed at the last step (%lld): finishing the final evaluation\n", (long long)pos.step);
-        }
-    }
-    if (STATUS_OK(st) && !res->interrupted && cfg->model.task == TASK_LM && pos.step >= tc->steps) {
-        EvalOut ev = evaluate(&m, &ds, SPLIT_TEST, tc->eval_batches, tc->batch_size, &prec);
-        res->test_loss = ev.loss;
-        res->test_ppl = ev.ppl;
-        if (rank == 0) {
-            /* the run's headline numbers, one row at the last step (attributes cannot be
-             * added once SWMR writing has started) */
-            if (h5log_last_step(&lg, id.final_valid_ppl) != (long)pos.step)
-                h5log_append(&lg, id.final_valid_ppl, pos.step, &res->valid_ppl);
-            if (h5log_last_step(&lg, id.final_test_ppl) != (long)pos.step)
-                h5log_append(&lg, id.final_test_ppl, pos.step, &ev.ppl);
-            if (h5log_last_step(&lg, id.final_test_loss) != (long)pos.step)
-                h5log_append(&lg, id.final_test_loss, pos.step, &ev.loss);
-            if (ev.n > 0)
-                printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n",
-                       res->valid_ppl, ev.ppl, uni_ppl, time_now() - t_start);
-            else
-                printf("final | valid ppl %.2f | test split shorter than one window | unigram ppl (valid) %.2f | %.1f s\n",
-                       res->valid_ppl, uni_ppl, time_now() - t_start);
-        }
-    }
-    if (rank == 0) {
-        Status fs = h5log_flush(&lg);
-        if (STATUS_OK(st) && !STATUS_OK(fs)) st = status_errorf("writing %s failed: %s", path, fs.msg);
-        h5log_close(&lg);
-        /* after a failed write (a full disk), no row may keep an invalid step */
-        if (!STATUS_OK(log_err) || !STATUS_OK(fs)) {
-            Status rs = h5log_repair(path, -1);
-            if (!STATUS_OK(rs)) fprintf(stderr, "dcmoe: warning: %s\n", rs.msg);
-        }
-    }
-    /* DONE marks a run that reached train.steps (launchers skip it); written last, atomically */
-    if (rank == 0 && STATUS_OK(st) && !res->interrupted && pos.step >= tc->steps) {
-        char done_path[4096], done[128];
-        str_fmt(done_path, sizeof done_path, "%s/DONE", run_dir);
-        int nd = snprintf(done, sizeof done, "steps %lld\n", (long long)pos.step);
-        st = file_write_atomic(done_path, done, (size_t)nd);
-    }
-    comm->traffic = NULL;
-    traffic_free(&traffic);
-    residency_free(&resid);
-    prec_free(&prec);
-    model_free(&m);
-    comm->topo = NULL;
-    topology_free(&topo);
-    xfree(orow); xfree(mat); xfree(mem_all);
-    xfree(in); xfree(tg); xfree(len); xfree(row); xfree(rank_buf); xfree(rank_row); xfree(crow); xfree(evs);
-    data_free(&ds);
-    backend_free(&be);
-    return agree(comm, st);
+    r->res->valid_loss = ev.loss;
+    r->res->valid_ppl = ev.ppl;
+    r->res->valid_metric = ev.metric;
 }
 
-/* one number per rank in the eval report */
-static void json_rank_array(FILE *f, const char *name, const double *all, int P, int stride, int col, int last) {
-    fprintf(f, "  \"%s\": [", name);
-    for (int r = 0; r < P; r++) fprintf(f, "%s%.17g", r ? ", " : "", all[(size_t)r * stride + col]);
-    fprintf(f, "]%s\n", last ? "" : ",");
-}
-
-Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, const char *precision, Comm *comm) {
-    char run_dir[2048], vocab_path[4096], ckpt[4096];
-    train_run_dir(cfg, run_dir, sizeof run_dir);
-    str_fmt(vocab_path, sizeof vocab_path, "%s/vocab.txt", run_dir);
-    int sp = !strcmp(split, "test") ? SPLIT_TEST : !strcmp(split, "valid") ? SPLIT_VALID : -1;
-    if (sp < 0) return status_errorf("--split %s: expected valid or test", split);
-    int stored = cfg->precision.mode != PRECISION_FP32;
-    if (precision && precision[0]) {
-        if (!strcmp(precision, "stored")) stored = 1;
-        else if (!strcmp(precision, "fp32")) stored = 0;
-        else return status_errorf("--precision %s: expected fp32 or stored", precision);
-    }
-    if (cfg->offload.enabled && !stored)
-        return status_errorf("offload.enabled: the offloaded groups are the stored FP16/INT4 formats; evaluate with "
-                             "--precision stored (a checkpoint of a precision.mode storage or qat run)");
-    if (ckpt_dir && ckpt_dir[0]) str_fmt(ckpt, sizeof ckpt, "%s", ckpt_dir);
-    else {
-        TRY(checkpoint_find_latest(run_dir, ckpt, sizeof ckpt));
-        if (!ckpt[0]) return status_errorf("%s: no complete checkpoint to evaluate", run_dir);
-    }
-    if (!file_exists(vocab_path)) return status_errorf("%s: missing (the run's vocabulary)", vocab_path);
-    Backend be;
-    TRY(backend_cpu_init(&be, 0));
-    Dataset ds;
-    memset(&ds, 0, sizeof ds);
-    TRY(data_load(&cfg->data, cfg->model.task, cfg->model.seq_len, vocab_path, &ds));
-    int B = cfg->train.batch_size;
-    if (B % comm->size) B = comm->size * (B / comm->size + 1);
-    Model m;
-    TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,
-                   B / comm->size, &be, comm));
-    TrainPos pos;
-    /* inference needs no Adam moments, and the stored path no FP32 experts */
-    int n_clus0 = n_clustered_layers(&m), lean = stored && n_clus0 > 0 && n_moe_layers(&m) == n_clus0;
-    Status st = checkpoint_load_opts(ckpt, &m, &pos, CKPT_LOAD_NO_ADAM | (lean ? CKPT_LOAD_NO_EXPERTS : 0));
-    /* fp32 evaluates the FP32 masters as they are (no QAT fake quantisation) */
-    if (!stored) m.cfg.precision.mode = PRECISION_FP32;
-    else m.cfg.precision.mode = PRECISION_STORAGE;   /* the stored path replaces a QAT shadow */
-    Precision prec;
-    prec_init(&prec, &m);
-    MemAcct acct;
-    memacct_init(&acct);
-    int n_clus = n_clustered_layers(&m);
-    if (STATUS_OK(st) && stored && n_clus == 0)
-        st = status_errorf("--precision stored: the model has no clustered layer (moe.kind: clustered) to store in FP16/INT4");
-    if (STATUS_OK(st) && stored) {
-        void *q = NULL;
-        size_t nq = 0;
-        st = checkpoint_read_section(ckpt, "experts.q", comm, &q, &nq);
+/* checkpoint when due, and stop when asked (--stop-at, a signal on any rank, a failed log
+ * write); returns the stop reason agreed by every rank in *stop (0 = go on) */
+static Status checkpoint_and_stop(Run *r, long step, int *stop_out) {
+    const Config *cfg = r->cfg;
+    bool is_last = step + 1 == cfg->train.steps;
+    Status log_err = runlog_take_error(&r->log);
+    /* [--stop-at reached, signal number, the log failed] */
+    double stop[3] = {r->opt->stop_at > 0 && step + 1 >= r->opt->stop_at && !is_last ? 1 : 0, (double)g_stop_signal,
+                      STATUS_OK(log_err) ? 0 : 1};
+    comm_allreduce_max_f64(r->comm, stop, 3);
+    bool stopping = stop[0] > 0 || stop[1] > 0 || stop[2] > 0;
+    *stop_out = stopping;
+    if (is_last || stopping || (cfg->checkpoint.interval > 0 && (step + 1) % cfg->checkpoint.interval == 0)) {
+        r->pos.elapsed_s = time_now() - r->t_start;
+        Status fs = runlog_flush(&r->log);
+        if (STATUS_OK(log_err) && !STATUS_OK(fs)) { log_err = fs; stop[2] = 1; }
+        Status st = agree(r->comm, residency_fetch_all(&r->resid));
+        if (STATUS_OK(st)) st = checkpoint_save(r->dir, &r->m, &r->pos, cfg->checkpoint.keep);
         if (!STATUS_OK(st))
-            st = status_errorf("%s (the run was trained with precision.mode: fp32, so it has no stored formats; "
-                               "evaluate with --precision fp32)", st.msg);
-        char odir[2048];
-        if (cfg->offload.dir[0]) str_fmt(odir, sizeof odir, "%s", cfg->offload.dir);
-        else str_fmt(odir, sizeof odir, "%s/offload", run_dir);
-        if (STATUS_OK(st)) st = prec_attach_stored(&prec, q, nq, &cfg->offload, odir, &acct);
-        xfree(q);
-        st = agree(comm, st);
+            return status_errorf("step %ld: checkpoint failed: %s%s", step + 1, st.msg,
+                                 stop[2] > 0 ? " (after the metrics log failed too)" : "");
     }
-    if (STATUS_OK(st)) {
-        MemProc p0;
-        memacct_reset_peaks(&acct);
-        double t0 = time_now();
-        EvalOut ev = evaluate(&m, &ds, sp, 0, B, &prec);
-        double eval_s = time_now() - t0;
-        st = agree(comm, prec_status(&prec));
-        OffloadStats os;
-        prec_offload_totals(&prec, &os);
-        if (!STATUS_OK(memacct_proc(&p0))) memset(&p0, 0, sizeof p0);
-        enum { NCOL = 14 };
-        double mine[NCOL] = {(double)memacct_tier_peak(&acct, MEM_TIER_DEVICE), (double)memacct_tier_current(&acct, MEM_TIER_DEVICE),
-                             (double)os.hits, (double)os.misses, (double)os.bytes_in, os.stall_s, eval_s,
-                             (double)p0.hwm, (double)m.n_cat[PCAT_EXPERT] * 4.0, (double)m.n_cat[PCAT_DENSE] * 4.0,
-                             (double)os.prefetches, (double)os.prefetch_hits, (double)os.evictions,
-                             (double)(memacct_tier_peak(&acct, MEM_TIER_HOST) + memacct_tier_peak(&acct, MEM_TIER_FILE))};
-        double *all = xcalloc(sizeof(double) * NCOL * (size_t)comm->size);
-        comm_gather_bytes(comm, mine, all, sizeof mine, 0);
-        if (STATUS_OK(st) && comm->rank == 0) {
-            const char *pn = stored ? "stored" : "fp32";
-            double hits = 0, miss = 0, stall = 0, secs = 0;
-            for (int r = 0; r < comm->size; r++) {
-                hits += all[r * NCOL + 2]; miss += all[r * NCOL + 3];
-                if (all[r * NCOL + 5] > stall) stall = all[r * NCOL + 5];
-                if (all[r * NCOL + 6] > secs) secs = all[r * NCOL + 6];
-            }
-            if (cfg->model.task == TASK_LM)
-                printf("eval %s | checkpoint step %lld | precision %s | %s loss %.4f | ppl %.2f | unigram ppl %.2f | %ld tokens\n",
-                       ckpt, (long long)pos.step, pn, split, ev.loss, ev.ppl, data_unigram_ppl(&ds, sp), ev.n);
-            else
-                printf("eval %s | checkpoint step %lld | precision %s | %s loss %.4f | %s %.4f | %ld examples\n", ckpt,
-                       (long long)pos.step, pn, split, ev.loss, cls_metric_name(ds.metric), ev.metric, ev.n);
-            if (stored)
-                printf("stored experts: peak resident %.1f KiB on rank 0 | offload %s | hits %.0f misses %.0f (hit rate %.3f) | "
-                       "stall %.3f s of %.3f s (%.2f%%)\n", all[0] / 1024.0, cfg->offload.enabled ? "on" : "off",
-                       hits, miss, hits + miss > 0 ? hits / (hits + miss) : 1.0, stall, secs, secs > 0 ? 100 * stall / secs : 0);
-            char jpath[4200];
-            str_fmt(jpath, sizeof jpath, "%s/eval_%s_%s%s.json", ckpt, split, pn, cfg->offload.enabled ? "_offload" : "");
-            FILE *f = fopen(jpath, "w");
-            if (!f) st = status_errorf("%s: cannot write the eval report", jpath);
-            else {
-                fprintf(f, "{\n  \"checkpoint\": \"%s\",\n  \"step\": %lld,\n  \"split\": \"%s\",\n  \"precision\": \"%s\",\n",
-                        ckpt, (long long)pos.step, split, pn);
-                fprintf(f, "  \"loss\": %.17g,\n  \"ppl\": %.17g,\n  \"metric\": %.17g,\n  \"n\": %ld,\n", ev.loss, ev.ppl, ev.metric, ev.n);
-                fprintf(f, "  \"ranks\": %d,\n  \"offload_enabled\": %s,\n  \"max_resident_groups\": %d,\n  \"tier\": \"%s\",\n",
-                        comm->size, cfg->offload.enabled ? "true" : "false", cfg->offload.max_resident_groups,
-                        cfg->offload.tier == OFFLOAD_FILE ? "file" : "host");
-                fprintf(f, "  \"hit_rate\": %.17g,\n  \"stall_fraction\": %.17g,\n", hits + miss > 0 ? hits / (hits + miss) : 1.0,
-                        secs > 0 ? stall / secs : 0);
-                static const char *const cols[NCOL] = {"peak_resident_expert_bytes", "resident_expert_bytes_end", "hits", "misses",
-                                                       "bytes_in", "stall_s", "eval_s", "vmhwm_bytes", "fp32_expert_param_bytes",
-                                                       "fp32_dense_param_bytes", "prefetches", "prefetch_hits", "evictions",
-                                                       "backing_tier_peak_bytes"};
-                for (int c = 0; c < NCOL; c++) json_rank_array(f, cols[c], all, comm->size, NCOL, c, c == NCOL - 1);
-                fprintf(f, "}\n");
-                if (fclose(f) != 0) st = status_errorf("%s: write failed", jpath);
-            }
+    if (stop[2] > 0)   /* a failed log write stops the run once the last checkpoint attempt succeeded */
+        return status_errorf("step %ld: writing %s failed: %s; a checkpoint of step %ld was written, continue with "
+                             "--resume once the disk has room", step + 1, r->log_path,
+                             r->rank == 0 && !STATUS_OK(log_err) ? log_err.msg : "(rank 0 has the message)", step + 1);
+    if (stopping && r->rank == 0) {
+        if (stop[1] > 0)
+            printf("signal %s received: checkpoint written at step %ld, stopping (continue with --resume)\n",
+                   (int)stop[1] == SIGTERM ? "SIGTERM" : (int)stop[1] == SIGUSR1 ? "SIGUSR1" : "(other)", step + 1);
+        else
+            printf("--stop-at reached: checkpoint written at step %ld, stopping (continue with --resume)\n", step + 1);
+    }
+    return status_ok();
+}
+
+/* a signal during start-up: checkpoint where we are (unless resumed from exactly here) and stop */
+static Status startup_signal(Run *r) {
+    double sig = (double)g_stop_signal;
+    comm_allreduce_max_f64(r->comm, &sig, 1);
+    if (sig <= 0 || r->pos.step >= r->cfg->train.steps) return status_ok();
+    if (!r->ckpt[0]) {
+        r->pos.elapsed_s = time_now() - r->t_start;
+        runlog_flush(&r->log);
+        TRY(checkpoint_save(r->dir, &r->m, &r->pos, r->cfg->checkpoint.keep));
+    }
+    if (r->rank == 0)
+        printf("signal received during start-up: %s at step %lld, stopping (continue with --resume)\n",
+               r->ckpt[0] ? "the run stays" : "checkpoint written", (long long)r->pos.step);
+    r->res->interrupted = true;
+    return status_ok();
+}
+
+/* the last step is done: the final validation when resumed exactly there (killed after the
+ * final checkpoint, before DONE; recomputed, deterministic, rows written once), the test split,
+ * the final rows */
+static void final_evaluation(Run *r, long first_step) {
+    const TrainConfig *tc = &r->cfg->train;
+    if (first_step >= tc->steps) {
+        if (r->rank == 0) printf("resumed at the last step (%lld): finishing the final evaluation\n", (long long)r->pos.step);
+        validate(r, (long)r->pos.step, true);
+    }
+    if (r->cfg->model.task != TASK_LM) return;
+    EvalOut ev = evaluate(&r->m, &r->ds, SPLIT_TEST, tc->eval_batches, tc->batch_size, &r->prec);
+    r->res->test_loss = ev.loss;
+    r->res->test_ppl = ev.ppl;
+    runlog_final(&r->log, (long)r->pos.step, r->res->valid_ppl, ev.ppl, ev.loss);
+    if (r->rank != 0) return;
+    if (ev.n > 0)
+        printf("final | valid ppl %.2f | test ppl %.2f | unigram ppl (valid) %.2f | %.1f s\n", r->res->valid_ppl, ev.ppl,
+               r->unigram_ppl, time_now() - r->t_start);
+    else
+        printf("final | valid ppl %.2f | test split shorter than one window | unigram ppl (valid) %.2f | %.1f s\n",
+               r->res->valid_ppl, r->unigram_ppl, time_now() - r->t_start);
+}
+
+/* ---- the run ---- */
+
+static Status train_loop(Run *r) {
+    const Config *cfg = r->cfg;
+    const TrainConfig *tc = &cfg->train;
+    TRY(startup_signal(r));
+    long first_step = r->pos.step;
+    for (long step = r->pos.step; step < tc->steps && !r->res->interrupted; step++) {
+        StepOut o;
+        TRY(train_step(r, step, &o));
+        r->res->final_train_loss = o.loss;
+        TRY(finish_step(r, step, &o));
+        bool is_last = step + 1 == tc->steps;
+        if (model_n_clustered_layers(&r->m) > 0 && cfg->clustering.enabled && step + 1 >= r->warm &&
+            (step + 1) % cfg->clustering.interval == 0 && !is_last)
+            TRY(recluster_event(r, step));
+        if ((tc->eval_interval > 0 && (step + 1) % tc->eval_interval == 0) || is_last) validate(r, step + 1, false);
+        int stop;
+        TRY(checkpoint_and_stop(r, step, &stop));
+        if (stop) r->res->interrupted = true;
+    }
+    if (!r->res->interrupted && r->pos.step >= tc->steps) final_evaluation(r, first_step);
+    return status_ok();
+}
+
+static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res, int *lock_fd) {
+    memset(res, 0, sizeof *res);
+    if (cfg->train.batch_size % comm->size != 0)
+        return status_errorf("train.batch_size=%d is not divisible by the %d ranks", cfg->train.batch_size, comm->size);
+    if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
+        return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "
+                             "storage (the QAT shadow weights are rebuilt from every master each step)");
+    Run *r = xcalloc(sizeof *r);
+    *r = (Run){.cfg = cfg, .opt = opt, .comm = comm, .res = res, .P = comm->size, .rank = comm->rank,
+               .Bl = cfg->train.batch_size / comm->size, .T = cfg->model.seq_len};
+    train_run_dir(cfg, r->dir, sizeof r->dir);
+    str_fmt(r->vocab_path, sizeof r->vocab_path, "%s/vocab.txt", r->dir);
+    str_fmt(r->log_path, sizeof r->log_path, "%s/metrics.h5", r->dir);
+    train_install_signal_handlers();
+    /* the run folder is locked for the whole run (a second start is refused naming the holder) */
+    int done = 0;
+    Status st = claim_run_folder(r, lock_fd, &done);
+    if (STATUS_OK(st) && done) res->already_done = true;
+    else if (STATUS_OK(st)) {
+        st = run_setup(r);
+        if (STATUS_OK(st)) st = train_loop(r);
+        res->steps_done = r->pos.step;
+        if (r->stage >= 7) {
+            Status fs = runlog_flush(&r->log);
+            if (STATUS_OK(st) && !STATUS_OK(fs)) st = status_errorf("writing %s failed: %s", r->log_path, fs.msg);
+            runlog_close(&r->log);
         }
-        xfree(all);
+        /* DONE marks a run that reached train.steps (launchers skip it); written last, atomically */
+        if (r->rank == 0 && STATUS_OK(st) && !res->interrupted && r->pos.step >= cfg->train.steps) {
+            char done_path[4096], text[128];
+            str_fmt(done_path, sizeof done_path, "%s/DONE", r->dir);
+            int nd = snprintf(text, sizeof text, "steps %lld\n", (long long)r->pos.step);
+            st = file_write_atomic(done_path, text, (size_t)nd);
+        }
         st = agree(comm, st);
     }
-    prec_free(&prec);
-    model_free(&m);
-    data_free(&ds);
-    backend_free(&be);
+    run_teardown(r);
+    xfree(r);
+    return st;
+}
+
+/* the run folder's lock is held from the first checks to the end, whatever the outcome */
+Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res) {
+    int lock_fd = -1;
+    Status st = train_run_locked(cfg, opt, comm, res, &lock_fd);
+    char run_dir[2048];
+    train_run_dir(cfg, run_dir, sizeof run_dir);
+    run_lock_release(run_dir, lock_fd);
     return st;
 }

@@ -26,10 +26,6 @@ typedef struct TrainResult {
 } TrainResult;
 
 Status train_run(const Config *cfg, const TrainOptions *opt, Comm *comm, TrainResult *res);
-/* evaluate the newest (or given) checkpoint of a run on a split ("valid" or "test") */
-/* precision: "fp32", "stored" (clustered experts from the checkpoint's experts.q), or NULL =
- * stored when cfg->precision.mode is storage or qat; offloading per cfg->offload */
-Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, const char *precision, Comm *comm);
 /* run folder of a config: out_dir/name */
 void train_run_dir(const Config *cfg, char *dst, size_t cap);
 /* SIGTERM / SIGUSR1 request a checkpoint at the end of the current step; main installs the

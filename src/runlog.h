@@ -1,0 +1,78 @@
+/* runlog: the training run's HDF5 record (metrics.h5): the schema (every series and root
+ * attribute declared in one place), the per-step rows, re-clustering events, evaluations and
+ * the final row. Rank 0 owns the file; on other ranks a RunLog stays closed and every call is
+ * a no-op, so the training loop calls it unconditionally.
+ * Does not: decide when to log (train.c) or define the metrics (metrics.c). */
+#ifndef DCMOE_RUNLOG_H
+#define DCMOE_RUNLOG_H
+
+#include "data.h"
+#include "evaluate.h"
+#include "h5log.h"
+#include "model.h"
+#include "recluster.h"
+#include "topology.h"
+#include "traffic.h"
+
+typedef struct LogIds {
+    int loss, ce, aux, z, lr, gnorm, tokens;
+    int step_s, tok_s, flops_frac, time_split, comm_bytes;
+    int eval_loss, eval_ppl, eval_metric;
+    int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
+    int rank_compute_s, rank_peak_rss;
+    int tpg, gcv2, gmaxvio, gdrop, events, group_of;
+    int final_valid_ppl, final_test_ppl, final_test_loss;
+    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
+    int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
+    int mem_bytes, mem_hwm, mem_rss;
+} LogIds;
+
+typedef struct RunLog {
+    H5log lg;
+    LogIds id;
+    bool open;               /* rank 0 after runlog_open succeeded */
+    char path[4096];
+    int P, E, G, n_moe, n_clus;
+    double *row, *crow, *orow, *mat, *rank_row;   /* row scratch */
+    Status err;              /* the first failed write (a full disk): the run must stop */
+} RunLog;
+
+/* what one training step logs (rank 0's view of the agreed values) */
+typedef struct StepRecord {
+    long step;                           /* 1-based: steps completed */
+    double loss, ce, aux, z, lr, gnorm;
+    int64_t tokens;
+    double step_s, tok_s, flops_frac;    /* step_s: the slowest rank */
+    double split[4];                     /* forward, backward, allreduce, optimizer (s) */
+    double allreduce_bytes;
+    const double *offload7;              /* NULL: offloading off */
+    const TrafficStep *ts;
+    const Traffic *traffic;
+    bool traffic_matrices;               /* write the (src, dst) matrices this step */
+    bool owners;                         /* write parallel/owner (start, after a placement change) */
+    double migration_bytes;
+    const double *rank_compute_s, *rank_rss;   /* [P] */
+    const double *qerr;                  /* NULL: not this step */
+    const double *mem_all;               /* [P, MEM_N_KINDS + 2]; NULL: not this step */
+} StepRecord;
+
+/* rank 0: create the log (resume_step < 0) or reopen it for appending, dropping rows after
+ * resume_step; declare the series; on a new log write the root attributes. Collective-free. */
+Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *comm, const Dataset *ds,
+                   const Topology *topo, long resume_step, double peak_gflops, const char *peak_how, double unigram_ppl);
+/* every per-step series; returns the mean load CV² over the MoE layers (for the progress line) */
+double runlog_step(RunLog *rl, const Model *m, const StepRecord *r);
+void runlog_mem(RunLog *rl, long step, const double *all);
+void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *evs, int n_ev, double probe_before,
+                  double probe_after);
+/* the eval series at step; with once, nothing if a row at that step exists already (a resumed final step) */
+void runlog_eval(RunLog *rl, long step, const EvalOut *ev, bool once);
+/* the final series at the last step, each row only if it is not there yet */
+void runlog_final(RunLog *rl, long step, double valid_ppl, double test_ppl, double test_loss);
+/* the first write error since the last call (a full disk), ok otherwise */
+Status runlog_take_error(RunLog *rl);
+Status runlog_flush(RunLog *rl);
+/* close; after a failed write, reopen and drop every row with an invalid step */
+void runlog_close(RunLog *rl);
+
+#endif
