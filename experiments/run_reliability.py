@@ -537,7 +537,7 @@ def reference(work, sets=(), steps=STEPS):
     dur = time.monotonic() - t0
     run_dir = os.path.join(out, RUN_NAME)
     if L.rc != 0 or not os.path.exists(os.path.join(run_dir, "DONE")):
-        sys.exit(f"reference run failed (rc {L.rc}): {L.last_error()} (see {L.log_prefix}.err)")
+        raise RuntimeError(f"reference run failed (rc {L.rc}): {L.last_error()} (see {L.log_prefix}.err)")
     st = run_state(run_dir, steps)
     st["duration"] = dur
     st["model_bytes"] = os.path.getsize(os.path.join(run_dir, "ckpt", f"step_{steps:08d}", "model.bin"))
@@ -777,7 +777,10 @@ def disk_full_case(ref, work, case):
         size = int(H + 2.5 * S) + 64 * 1024
     else:
         sets = ["checkpoint.interval=0", f"train.steps={LOG_STEPS}"]
-        ref = reference(os.path.join(out, "ref"), sets, LOG_STEPS)
+        try:
+            ref = reference(os.path.join(out, "ref"), sets, LOG_STEPS)
+        except RuntimeError as e:
+            return _disk_row(case, [f"the {LOG_STEPS}-step reference: {e}"])
         size = 64 << 20
         plan = {"moment": "progress", "k": 100, "after": 0.0, "action": lambda: fill(mnt, 16 << 10)}
     t = Tmpfs(mnt, size)
