@@ -26,6 +26,7 @@ RENDERED = [
     ("experiments/run_sweep_clusters.py", "results/sweep-clusters/README.md"),
     ("bench/bench_cpu.py", "results/bench-cpu.md"),
     ("bench/run_alltoall.py", "results/bench-alltoall.md"),
+    ("bench/run_placement.py", "results/bench-placement.md"),
 ]
 # written by analysis/report from run logs that are not committed (run_sweep_clusters.py copies
 # it); nothing committed can re-render it
