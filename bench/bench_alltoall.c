@@ -198,7 +198,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     Traffic tr;
-    traffic_init(&tr, P, rank, &topo);
+    traffic_init(&tr, P, rank, &topo, P);
 
     double *w = calloc((size_t)P * P, sizeof(double));
     size_t *bytes = calloc((size_t)P * P, sizeof(size_t));
@@ -272,7 +272,7 @@ int main(int argc, char **argv) {
 
         /* the profiler must have seen every off-diagonal byte of every dcmoe call */
         TrafficStep ts;
-        traffic_step_end(&tr, &comm, &ts);
+        traffic_step_end(&tr, &comm, &ts, true);
         double offdiag = 0;
         for (int s = 0; s < P; s++)
             for (int d = 0; d < P; d++)

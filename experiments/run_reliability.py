@@ -895,7 +895,7 @@ def render(out_dir):
     disk = [r for r in rows if r["part"] == "disk"]
     L = ["# Reliability campaign: kill -9, a rank dies, disk full", "",
          "Generated entirely by `" + SCRIPT + "`; do not edit by hand (notes go in `results/reliability.notes.md`).", "",
-         "```", meta["command"], "```", "",
+         "Command: `" + meta["command"] + "`", "",
          rl.rerender(SCRIPT, ["results/reliability.csv", "results/reliability.meta.json"]), "",
          f"Run {meta['date']} at {meta['git_revision']} (dcmoe binary sha256 {meta.get('dcmoe_sha256', '?')}…) "
          f"on {meta['machine']}, {meta['wall_s'] / 60:.1f} min under `nice -n 10`; "

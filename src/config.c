@@ -166,7 +166,10 @@ static const KeyDef keys[] = {
             "topology placement: keep the rank-level load MaxVio within this where the unit loads allow it"),
     K_FLOAT(parallel.min_gain, 0, 0.0, 1.0, 0, 0.05,
             "migrate only when the placement objective (inter-node co-selection cut; rank MaxVio for eplb) improves by more than this fraction"),
-    K_INT(parallel.traffic_interval, 1, INT_MAX, 50, "write the (src, dst) byte matrices to HDF5 every n steps"),
+    K_INT(parallel.traffic_interval, 1, INT_MAX, 50, "write the node x node (and rank x rank) byte matrices to HDF5 every n steps"),
+    K_INT(parallel.rank_matrix_max, 0, 1 << 20, 256,
+          "rank x rank traffic matrices (comm/bytes, comm/msgs) only up to this many ranks; node x node matrices "
+          "and per-rank marginals are always logged"),
     /* precision */
     K_ENUM(precision.mode, precision_names, PRECISION_FP32,
            "fp32; storage = FP32 masters, FP16 bases and INT4 factors at rest (checkpoints, offload, eval); qat = fake-quantised factors in the forward"),

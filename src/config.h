@@ -115,6 +115,7 @@ typedef struct ParallelConfig {
     double max_imbalance;    /* topology placement: cap on rank-level load MaxVio where unit loads allow */
     double min_gain;         /* migrate only when the placement objective improves by more than this fraction */
     int traffic_interval;    /* write (src, dst) byte matrices every n steps */
+    int rank_matrix_max;     /* rank x rank matrices only up to this many ranks */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

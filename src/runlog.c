@@ -2,7 +2,10 @@
  * in log_declare; every row is written through h5log, whose first error is kept in rl->err. */
 #include "runlog.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <time.h>
 
@@ -60,8 +63,15 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->c_time = h5log_series(lg, "comm/summary/time_s", H5LOG_F64, 1, dph);
     id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
     id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4);
-    id->c_matrix = h5log_series(lg, "comm/bytes", H5LOG_F64, 3, dmat);
-    id->c_msgmat = h5log_series(lg, "comm/msgs", H5LOG_F64, 3, dmat);
+    /* rank x rank only up to parallel.rank_matrix_max ranks; node x node and marginals always */
+    int rank_mat = m->comm->size <= m->cfg.parallel.rank_matrix_max;
+    id->c_matrix = rank_mat ? h5log_series(lg, "comm/bytes", H5LOG_F64, 3, dmat) : 0;
+    id->c_msgmat = rank_mat ? h5log_series(lg, "comm/msgs", H5LOG_F64, 3, dmat) : 0;
+    int n_nodes = m->comm->topo && m->comm->topo->n_nodes > 0 ? m->comm->topo->n_nodes : 1;
+    uint64_t dnn[3] = {COMM_N_PHASES, (uint64_t)n_nodes, (uint64_t)n_nodes}, dpp[2] = {COMM_N_PHASES, (uint64_t)m->comm->size};
+    id->c_nodemat = h5log_series(lg, "comm/node_bytes", H5LOG_F64, 3, dnn);
+    id->c_sent = h5log_series(lg, "comm/rank_sent", H5LOG_F64, 2, dpp);
+    id->c_recv = h5log_series(lg, "comm/rank_recv", H5LOG_F64, 2, dpp);
     id->rank_maxvio = h5log_series(lg, "moe/balance_rank/maxvio", H5LOG_F64, 1, dl);
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
@@ -127,8 +137,14 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
-    TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
-    TRY(h5log_attr_str(lg, "/comm/msgs", "axes", "phase, src rank, dst rank: messages, written with /comm/bytes"));
+    if (comm->size <= m->cfg.parallel.rank_matrix_max) {
+        TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
+        TRY(h5log_attr_str(lg, "/comm/msgs", "axes", "phase, src rank, dst rank: messages, written with /comm/bytes"));
+    }
+    TRY(h5log_attr_str(lg, "/comm/node_bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src node, dst node: bytes between "
+                       "different ranks (a rank's bytes to itself excluded); written every parallel.traffic_interval steps"));
+    TRY(h5log_attr_str(lg, "/comm/rank_sent", "axes", "phase, rank: bytes the rank sent to other ranks this step"));
+    TRY(h5log_attr_str(lg, "/comm/rank_recv", "axes", "phase, rank: bytes the rank received from other ranks this step"));
     TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
                        "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
                        "nodes touched (sum over token-layers), token-layers routed"));
@@ -209,6 +225,24 @@ static void owner_rows(const Model *m, double *out) {
 }
 
 
+/* stream copy (the log can be large) */
+static Status copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb");
+    if (!a) return status_errorf("%s: cannot open: %s", from, strerror(errno));
+    FILE *b = fopen(to, "wb");
+    if (!b) { fclose(a); return status_errorf("%s: cannot create: %s", to, strerror(errno)); }
+    char *buf = xmalloc(1 << 20);
+    size_t n;
+    Status st = status_ok();
+    while ((n = fread(buf, 1, 1 << 20, a)) > 0)
+        if (fwrite(buf, 1, n, b) != n) { st = status_errorf("%s: write failed: %s", to, strerror(errno)); break; }
+    if (STATUS_OK(st) && ferror(a)) st = status_errorf("%s: read failed", from);
+    xfree(buf);
+    fclose(a);
+    if (fclose(b) != 0 && STATUS_OK(st)) st = status_errorf("%s: write failed: %s", to, strerror(errno));
+    return st;
+}
+
 Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *comm, const Dataset *ds,
                    const Topology *topo, long resume_step, double peak_gflops, const char *peak_how, double unigram_ppl) {
     memset(rl, 0, sizeof *rl);
@@ -216,13 +250,33 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->err = status_ok();
     str_fmt(rl->path, sizeof rl->path, "%s", path);
     const Config *cfg = &m->cfg;
-    Status st = resume_step >= 0 ? h5log_open_append(&rl->lg, path, cfg->log.swmr, cfg->log.flush_interval, resume_step)
-                                 : h5log_create(&rl->lg, path, cfg->log.swmr, cfg->log.flush_interval);
+    /* the log is prepared under a temporary name (a copy, when continuing) and renamed into
+     * place once SWMR writing has started and it is on disk: between creating or reopening a
+     * file and starting SWMR, HDF5 leaves it unreadable to others if the process is killed,
+     * so metrics.h5 is always either the previous, readable file or the new one */
+    char tmp[4200];
+    str_fmt(tmp, sizeof tmp, "%s.opening", path);
+    unlink(tmp);
+    Status st = resume_step >= 0 ? copy_file(path, tmp) : status_ok();
+    if (STATUS_OK(st))
+        st = resume_step >= 0 ? h5log_open_append(&rl->lg, tmp, cfg->log.swmr, cfg->log.flush_interval, resume_step)
+                              : h5log_create(&rl->lg, tmp, cfg->log.swmr, cfg->log.flush_interval);
     if (STATUS_OK(st)) st = log_declare(&rl->lg, m, &rl->id);
     if (STATUS_OK(st) && resume_step < 0) st = log_attrs(&rl->lg, m, comm, ds, peak_gflops, unigram_ppl, topo);
     if (STATUS_OK(st) && resume_step < 0) st = h5log_attr_str(&rl->lg, "/", "sgemm_peak_source", peak_how);
     if (STATUS_OK(st)) st = h5log_start(&rl->lg);
-    if (!STATUS_OK(st)) { h5log_close(&rl->lg); return st; }
+    if (STATUS_OK(st)) st = h5log_flush(&rl->lg);
+    if (STATUS_OK(st)) {
+        if (rename(tmp, path) != 0) st = status_errorf("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+        else {
+            str_fmt(rl->lg.path, sizeof rl->lg.path, "%s", path);
+            char dir[4096];
+            str_fmt(dir, sizeof dir, "%s", path);
+            char *slash = strrchr(dir, '/');
+            if (slash) { *slash = 0; dir_fsync(dir); }
+        }
+    }
+    if (!STATUS_OK(st)) { h5log_close(&rl->lg); unlink(tmp); return st; }
     rl->open = true;
     rl->P = comm->size;
     rl->E = cfg->moe.n_experts;
@@ -233,7 +287,7 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->row = xcalloc(sizeof(double) * (size_t)nm * (E > 6 ? E : 6) * 8);
     rl->crow = xcalloc(sizeof(double) * (size_t)nc * (rl->G + E + 3 + 16) * (RECLUSTER_N_COLS + 2));
     rl->orow = xcalloc(sizeof(double) * (size_t)nm * (E + P + 1));
-    rl->mat = xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P);
+    rl->mat = comm->size <= cfg->parallel.rank_matrix_max ? xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P) : NULL;
     rl->rank_row = xcalloc(sizeof(double) * 2 * (size_t)P);
     return status_ok();
 }
@@ -269,7 +323,10 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
     h5log_append(lg, id->c_msgs, s, ts->msgs);
     double disp[4] = {ts->rows_dispatched, ts->pairs_routed, ts->nodes_touched, ts->tokens};
     h5log_append(lg, id->c_dispatch, s, disp);
-    if (r->traffic_matrices) {
+    h5log_append(lg, id->c_sent, s, r->traffic->sent);
+    h5log_append(lg, id->c_recv, s, r->traffic->recv);
+    if (r->traffic_matrices) h5log_append(lg, id->c_nodemat, s, r->traffic->node_matrix);
+    if (r->traffic_matrices && r->traffic->has_rank_matrix) {
         double *mat = rl->mat;
         for (size_t q = 0; q < (size_t)COMM_N_PHASES * P * P; q++) mat[q] = (double)r->traffic->matrix[q];
         h5log_append(lg, id->c_matrix, s, mat);

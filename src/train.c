@@ -338,7 +338,7 @@ static Status run_setup(Run *r) {
     TRY(agree(comm, r->rank == 0 && !have_vocab ? vocab_save(&r->ds.vocab, r->vocab_path) : status_ok()));
     TRY(agree(comm, topology_init(&r->topo, comm, &cfg->topology)));
     r->stage = 3;
-    traffic_init(&r->traffic, r->P, r->rank, &r->topo);
+    traffic_init(&r->traffic, r->P, r->rank, &r->topo, r->cfg->parallel.rank_matrix_max);
     comm->topo = &r->topo;
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
     TRY(agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
@@ -518,7 +518,8 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     double off7[7] = {rs.hits, rs.misses, rs.evictions, rs.bytes_in, rs.bytes_out, rs.stall_s, rs.resident_units};
     if (r->resid.enabled) comm_allreduce_sum_f64(comm, off7, 7);
     TrafficStep ts;
-    traffic_step_end(&r->traffic, comm, &ts);
+    bool matrices = (step + 1) % cfg->parallel.traffic_interval == 0 || step + 1 == tc->steps;
+    traffic_step_end(&r->traffic, comm, &ts, matrices);
     comm->traffic = NULL;
     double t3 = time_now();
     o->dt = t3 - o->t0;
@@ -546,7 +547,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .split = {o->t1 - o->t0, o->t2 - o->t1, ar_s, t3 - o->t2 - ar_s},
         .allreduce_bytes = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - o->ar_bytes0),
         .offload7 = r->resid.enabled ? off7 : NULL, .ts = &ts, .traffic = &r->traffic,
-        .traffic_matrices = s % cfg->parallel.traffic_interval == 0 || s == tc->steps,
+        .traffic_matrices = matrices,
         .owners = r->log_owner || migr > 0, .migration_bytes = migr,
         .rank_compute_s = r->rank_cols, .rank_rss = r->rank_cols + P,
         .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL};

@@ -27,6 +27,7 @@ RENDERED = [
     ("bench/bench_cpu.py", "results/bench-cpu.md"),
     ("bench/run_alltoall.py", "results/bench-alltoall.md"),
     ("bench/run_placement.py", "results/bench-placement.md"),
+    ("experiments/run_reliability.py", "results/reliability.md"),
 ]
 # written by analysis/report from run logs that are not committed (run_sweep_clusters.py copies
 # it); nothing committed can re-render it
