@@ -5,9 +5,9 @@
  *  - eplb: DeepSeek-EPLB-style hierarchical packing: units sorted by load (heaviest first)
  *    go to the least-loaded node with room, then inside each node to the least-loaded rank;
  *  - topology: graph partitioning of the co-selection affinity A (A[u][v] = how often a
- *    token selects both u and v): greedy growth of node parts, then Kernighan-Lin /
- *    Fiduccia-Mattheyses swap passes minimising the inter-node cut weight (ties: lower
- *    load imbalance), then the same inside each node for the inter-rank cut.
+ *    token selects both u and v), units -> nodes minimising the inter-node cut weight, then
+ *    inside each node units -> ranks for the inter-rank cut; each level by METIS k-way or
+ *    by greedy growth + Kernighan-Lin swap passes (small levels: both, the better kept).
  * All functions are deterministic (same inputs -> same placement on every rank).
  * Does not: move weights (migration is the model's job) or measure affinity. */
 #ifndef DCMOE_PLACEMENT_H
