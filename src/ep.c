@@ -153,6 +153,19 @@ static void add_stats(EpMap *em, int N, int k, const int32_t *sel, const int32_t
     }
 }
 
+/* the MPI executor: Comm's profiled wrappers (the traffic profiler sees every byte there).
+ * An NCCL executor fills the same two slots; see exchange.h. */
+static void mpi_alltoall(void *ctx, const void *send, void *recv, size_t n, int phase) {
+    comm_alltoall_bytes((Comm *)ctx, send, recv, n, phase);
+}
+static void mpi_alltoallv(void *ctx, const void *send, const size_t *sc, const size_t *sd, void *recv,
+                          const size_t *rc, const size_t *rd, int phase) {
+    comm_alltoallv_bytes((Comm *)ctx, send, sc, sd, recv, rc, rd, phase);
+}
+static ExchangeExecutor exec_mpi(Comm *comm) {
+    return (ExchangeExecutor){.name = "mpi", .alltoall = mpi_alltoall, .alltoallv = mpi_alltoallv, .ctx = comm};
+}
+
 void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate) {
     epx_plan_to(x, em, be, comm, N, k, sel, kept, gate, em->expert_owner, em->expert_lslot, 1);
@@ -160,64 +173,28 @@ void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, co
 
 void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
                  const int32_t *kept, const float *gate, const int32_t *dest, const int32_t *slot, int stats) {
-    int P = x->P;
     ASSERTF(N <= x->n_src_max && k <= x->kmax, "epx_plan: %d tokens x %d slots exceed the buffers", N, k);
+    int P = x->P;
     x->N = N;
     if (stats && em->collect) add_stats(em, N, k, sel, kept);
-    memset(x->scnt, 0, sizeof(size_t) * P);
-    memset(x->sent_cnt, 0, sizeof(size_t) * P);
-    for (size_t i = 0; i < (size_t)N * x->kmax; i++) { x->tok_row[i] = -1; x->ts_entry[i] = -1; }
-    /* destination-major: for each destination, the tokens (ascending) with a kept expert there */
-    int n_rows = 0, n_ent = 0;
-    double pairs = 0, nodes_touched = 0;
-    const Topology *topo = comm->traffic ? comm->traffic->topo : NULL;
-    for (int d = 0; d < P; d++) {
-        int row0 = n_rows;
-        for (int t = 0; t < N; t++) {
-            int here = 0;
-            for (int s = 0; s < k; s++) {
-                size_t ts = (size_t)t * k + s;
-                if (kept[ts] < 0 || dest[sel[ts]] != d) continue;
-                if (!here) {
-                    x->srow_token[n_rows] = t;
-                    int j = 0;
-                    while (x->tok_row[(size_t)t * x->kmax + j] >= 0) j++;
-                    x->tok_row[(size_t)t * x->kmax + j] = n_rows;
-                    n_rows++;
-                    here = 1;
-                }
-                x->sent[n_ent].row = n_rows - 1 - row0;
-                x->sent[n_ent].slot = slot[sel[ts]];
-                x->sent[n_ent].gate = gate[ts];
-                x->ts_entry[(size_t)t * x->kmax + s] = n_ent;
-                n_ent++;
-                pairs += 1;
-                x->sent_cnt[d]++;
-            }
-        }
-        x->scnt[d] = (size_t)(n_rows - row0);
-    }
+    /* the plan (pure): this rank's rows and entries per destination, viewing EpX's arrays */
+    ExchangeStage pl = {.P = P, .n_max = x->n_src_max, .kmax = x->kmax, .rows = x->scnt, .ents = x->sent_cnt,
+                        .row_token = x->srow_token, .tok_row = x->tok_row, .ent = x->sent,
+                        .ts_entry = x->ts_entry};
+    exchange_stage_build(&pl, N, k, sel, kept, gate, dest, slot);
+    int n_rows = pl.n_rows;
     x->n_srows = n_rows;
-    x->n_sent = n_ent;
-    /* nodes touched: walk destination blocks (rows of block d go to rank d) */
-    if (topo && stats) {
-        /* per token, bitmask of nodes (exact up to 64 nodes; beyond, nodes >= 63 share a bit) */
-        uint64_t *mask = xcalloc(sizeof(uint64_t) * (size_t)N);
-        int row = 0;
-        for (int d = 0; d < P; d++)
-            for (size_t q = 0; q < x->scnt[d]; q++, row++) {
-                int node = topo->node_of[d];
-                mask[x->srow_token[row]] |= (uint64_t)1 << (node < 64 ? node : 63);
-            }
-        for (int t = 0; t < N; t++) nodes_touched += __builtin_popcountll(mask[t]);
-        xfree(mask);
-    }
-    if (comm->traffic && stats) traffic_add_dispatch(comm->traffic, n_rows, pairs, nodes_touched, N);
+    x->n_sent = pl.n_ent;
+    const Topology *topo = comm->traffic ? comm->traffic->topo : NULL;
+    if (comm->traffic && stats)
+        traffic_add_dispatch(comm->traffic, n_rows, (double)pl.n_ent, topo ? exchange_stage_nodes_touched(&pl, topo) : 0,
+                             N);
+    ExchangeExecutor ex = exec_mpi(comm);
 
     /* counts first: [rows, entries] per destination */
     int64_t *cs = xcalloc(sizeof(int64_t) * 2 * P), *cr = xcalloc(sizeof(int64_t) * 2 * P);
     for (int d = 0; d < P; d++) { cs[2 * d] = (int64_t)x->scnt[d]; cs[2 * d + 1] = (int64_t)x->sent_cnt[d]; }
-    comm_alltoall_bytes(comm, cs, cr, 2 * sizeof(int64_t), COMM_PHASE_DISPATCH);
+    ex.alltoall(ex.ctx, cs, cr, 2 * sizeof(int64_t), COMM_PHASE_DISPATCH);
     size_t rows = 0, ents = 0;
     for (int s = 0; s < P; s++) {
         x->rcnt[s] = (size_t)cr[2 * s];
@@ -233,7 +210,7 @@ void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k,
     /* entries */
     bytes_of(x->sent_cnt, sizeof(EpEntry), P, x->b_sc, x->b_sd);
     bytes_of(x->recv_cnt, sizeof(EpEntry), P, x->b_rc, x->b_rd);
-    comm_alltoallv_bytes(comm, x->sent, x->b_sc, x->b_sd, x->recv, x->b_rc, x->b_rd, COMM_PHASE_DISPATCH);
+    ex.alltoallv(ex.ctx, x->sent, x->b_sc, x->b_sd, x->recv, x->b_rc, x->b_rd, COMM_PHASE_DISPATCH);
     /* rows relative to the source block -> index into the received rows */
     size_t e0 = 0, r0 = 0;
     for (int s = 0; s < P; s++) {
@@ -252,12 +229,13 @@ static void exchange_rows(EpX *x, const Backend *be, Comm *comm, const float *se
     size_t row = sizeof(float) * (size_t)x->D;
     bytes_of(cs, row, x->P, x->b_sc, x->b_sd);
     bytes_of(cr, row, x->P, x->b_rc, x->b_rd);
+    ExchangeExecutor ex = exec_mpi(comm);
     if (!hs) {
-        comm_alltoallv_bytes(comm, send, x->b_sc, x->b_sd, recv, x->b_rc, x->b_rd, phase);
+        ex.alltoallv(ex.ctx, send, x->b_sc, x->b_sd, recv, x->b_rc, x->b_rd, phase);
         return;
     }
     be->ops->to_host(be->ctx, hs, send, row * n_send);
-    comm_alltoallv_bytes(comm, hs, x->b_sc, x->b_sd, hr, x->b_rc, x->b_rd, phase);
+    ex.alltoallv(ex.ctx, hs, x->b_sc, x->b_sd, hr, x->b_rc, x->b_rd, phase);
     be->ops->from_host(be->ctx, recv, hr, row * n_recv);
 }
 
@@ -279,7 +257,8 @@ void epx_combine(EpX *x, const Backend *be, float *y) {
 void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase) {
     bytes_of(x->recv_cnt, sizeof(float), x->P, x->b_rc, x->b_rd);
     bytes_of(x->sent_cnt, sizeof(float), x->P, x->b_sc, x->b_sd);
-    comm_alltoallv_bytes(comm, rvals, x->b_rc, x->b_rd, x->sval, x->b_sc, x->b_sd, phase);
+    ExchangeExecutor ex = exec_mpi(comm);
+    ex.alltoallv(ex.ctx, rvals, x->b_rc, x->b_rd, x->sval, x->b_sc, x->b_sd, phase);
 }
 
 /* ---- the layer-facing path: flat (one exchange) or two-level (node peer, then owner) ---- */
@@ -329,14 +308,7 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
     /* stage A: one row per (token, destination node), to the rank of that node with this
      * rank's index inside its node (the node peer), entries carry global expert ids */
     if (pp->peer_version != em->version) {    /* the owners changed since the last plan */
-        int me = comm->rank, li = t->local_index[me];
-        for (int e = 0; e < em->E; e++) {
-            int node = t->node_of[em->expert_owner[e]], peer = -1;
-            for (int r = 0; r < t->n_ranks; r++)
-                if (t->node_of[r] == node && t->local_index[r] == li % t->node_size[node]) { peer = r; break; }
-            ASSERT(peer >= 0);
-            pp->peer_of_expert[e] = peer;
-        }
+        exchange_peer_map(t, comm->rank, em->expert_owner, em->E, pp->peer_of_expert);
         pp->peer_version = em->version;
     }
     epx_plan_to(&pp->a, em, be, comm, N, k, sel, kept, gate, pp->peer_of_expert, pp->gid, 1);

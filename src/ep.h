@@ -8,8 +8,10 @@
  *   destination side: rows and entries arrive in (source rank, row) order, the layer computes
  *   one output row per received row (gates applied, members summed) and sends it back;
  *   backward mirrors both exchanges (dout rows out; dx rows and per-entry dgate back).
- * Counts go first (one MPI_Alltoall), then the entries and rows (MPI_Alltoallv). Every
- * byte passes the communicator's profiled wrappers (phases dispatch / combine).
+ * Who sends what to whom is planned by exchange.h's pure planner (exchange_stage_build);
+ * this file is the MPI executor of such a plan: counts go first (one MPI_Alltoall), then
+ * the entries and rows (MPI_Alltoallv), exactly as the plan lists them. Every byte passes the
+ * communicator's profiled wrappers (phases dispatch / combine), through an ExchangeExecutor.
  * Does not: decide routing (moe.c, clustered.c) or placement (comm/placement.c). */
 #ifndef DCMOE_EP_H
 #define DCMOE_EP_H
@@ -17,6 +19,7 @@
 #include <stdint.h>
 #include "backend.h"
 #include "comm.h"
+#include "exchange.h"
 #include "placement.h"
 #include "topology.h"
 
@@ -55,7 +58,7 @@ void ep_stats_step(EpMap *em, Comm *comm, double ema);
 int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
                double min_gain, Placement *out);
 
-typedef struct EpEntry { int32_t row, slot; float gate; } EpEntry;
+typedef ExchangeEntry EpEntry;  /* (row, slot, gate): exchange.h */
 
 typedef struct EpX {
     int P, D, kmax;

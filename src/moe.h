@@ -17,6 +17,7 @@
 #include "config.h"
 #include "ep.h"
 #include "quant.h"
+#include "router.h"
 
 /* stored-format experts for the inference path (precision.c provides them): the clustered
  * layer's forward computes directly from FP16/INT4 tensors (quant.h kernels, dequantise on
@@ -69,27 +70,19 @@ typedef struct ClusterState {
     int n_events, n_accepted;
 } ClusterState;
 
-typedef struct MoeStats {        /* of the last forward, global over ranks */
-    double aux_loss;             /* alpha * E * sum f_i P_i (0 if dense) */
-    double z_loss;               /* beta * mean lse^2 */
-    double *counts;              /* [E] tokens kept per expert (after capacity) */
-    double *counts_routed;       /* [E] token-expert pairs routed (before capacity) */
-    double dropped_frac;         /* dropped pairs / routed pairs */
-    double *group_counts;        /* [G] token-group selections per group (clustered) */
-    double group_aux_loss, group_dropped_frac;
-    long capacity;               /* per-expert capacity used (-1 = dropless) */
-} MoeStats;
+typedef RouteStats MoeStats;      /* of the last forward, global over ranks (router.h) */
 
 typedef struct MoeState {
     int n_max;                   /* token capacity of the buffers */
     int N;                       /* tokens in the last forward */
     int M;                       /* routed entries kept */
-    /* routing (host) */
-    float *logits;               /* [N, E] */
-    float *probs;                /* [N, E] */
-    int32_t *topk_expert;        /* [N, k] */
-    float *topk_gate;            /* [N, k] gates (renormalised if configured) */
-    int32_t *pos;                /* [N, k] row in the gathered buffers, -1 = dropped */
+    /* routing (host): the Route of the last forward; the fields below are views into it */
+    Route route;
+    float *logits;               /* [N, E] route.logits */
+    float *probs;                /* [N, E] route.probs */
+    int32_t *topk_expert;        /* [N, k] route.expert */
+    float *topk_gate;            /* [N, k] route.gate (renormalised if configured) */
+    int32_t *pos;                /* [N, k] route.pos: sent-entry index of the pair, -1 = dropped */
     int32_t *entry_token;        /* [M] token of each gathered row (sorted by expert) */
     float *entry_gate;           /* [M] */
     int32_t *expert_off;         /* [E + 1] */
@@ -102,7 +95,7 @@ typedef struct MoeState {
     float *dyg, *da, *dh, *dxg;  /* [M,D] [M,F] [M,F1] [M,D] */
     void *priv;                  /* routing scratch private to moe.c */
     void *cpriv;                 /* clustered-layer scratch private to clustered.c */
-    float *dlogits;              /* [N, E] */
+    float *dlogits;              /* [N, E] route.dlogits */
     size_t act_bytes;            /* backend bytes of the layer's activation and scratch buffers */
     size_t comm_bytes;           /* of which the dispatch/combine send and receive buffers */
     MoeStats stats;
@@ -145,21 +138,30 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
  * selection scores (logit + bias); gates come from the unbiased softmax, and the Switch aux
  * losses are off. */
 void moe_update_bias(const MoeLayer *ml, const MoeState *st);
-/* the update itself: bias[E] += gamma * sign(mean(load) - load[e]) */
-void moe_bias_step(float *bias, const double *load, int E, double gamma);
 
-/* Capacity queues over the global batch (shared by the standard and clustered layers):
- * cnt [n_slots, n_buckets] holds this rank's counts per top-k slot and bucket (expert or
- * group). Every rank's counts are gathered into *cnt_all (grown as needed, *cnt_all_cap
- * elements); base [n_slots, n_buckets] gets the queue position of this rank's first item
- * (slot-major, then rank-major token order) and total [n_buckets] the global count. */
-void moe_queue_bases(Comm *comm, const int32_t *cnt, int n_slots, int n_buckets,
-                     int32_t **cnt_all, size_t *cnt_all_cap, long *base, double *total);
-/* gradient of one token's top-k gates with respect to the chosen experts' probabilities:
- * dg[s] = dloss/dgate_s (0 for dropped slots); renormalised gates g_s = p_s / Z give
- * inc[s] = (dg_s - sum_j dg_j g_j) / Z, raw gates inc[s] = dg_s */
-void moe_gate_backward(int k, const int32_t *sel, const float *gate, const float *probs,
-                       const double *dg, int renorm, double *inc);
+/* The routing pipeline both routed layers (standard, clustered) run, in order:
+ *   moe_route          logits (backend gemm) -> Route: selection, capacity, losses
+ *   moe_dispatch       plan the exchange of the kept pairs, rows out (route.pos becomes
+ *                      each kept pair's sent-entry index)
+ *   moe_need           offloading hook: the local units that received rows
+ *   ... the layer's expert computation and epp_return_combine ...
+ *   moe_route_backward dgates back -> router backward -> dWr, dx
+ * Layer-private state (buffers, accounting) stays in moe.c / clustered.c. */
+typedef struct MoeRouterDev {
+    float *logits, *dlogits;     /* [n_max, E] device copies */
+} MoeRouterDev;
+void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeState *st,
+               const MoeRouterDev *dv, const float *x, int N, long n_global);
+void moe_dispatch(const MoeLayer *ml, EpPath *xp, const Backend *be, Comm *comm, MoeState *st, const float *x);
+void moe_need(const MoeLayer *ml, const int32_t *off, int n_units);
+/* after epp_return_scalars: dgates of the kept pairs from xp->a.sval; dWr += , dx += */
+void moe_route_backward(const MoeLayer *ml, const EpPath *xp, const Backend *be, const MoeParams *p, MoeParams *g,
+                        MoeState *st, const MoeRouterDev *dv, float *dx, const float *x);
+/* backend allocation that adds its bytes to *acc (the layer's activation accounting) */
+static inline void *moe_alloc_counted(const Backend *be, size_t *acc, size_t bytes) {
+    *acc += bytes;
+    return be->ops->alloc(be->ctx, bytes);
+}
 
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max);
@@ -168,8 +170,5 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
                        MoeState *st, float *out, const float *x, int N, long n_global);
 void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                         MoeState *st, float *dx, const float *dout, const float *x);
-/* the aux-loss-free bias update after a step (uses the last forward's global counts); the
- * same as moe_update_bias */
-void clustered_update_bias(const MoeLayer *ml, const MoeState *st);
 
 #endif

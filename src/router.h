@@ -1,0 +1,82 @@
+/* router: the routing decisions of one MoE layer, shared by the standard MoE (one stage: softmax
+ * over all experts, top-k) and the clustered layer (two stages: top groups by prototype score,
+ * then top-k experts inside the chosen groups). A Route holds one forward's decisions on the
+ * host; capacity and the balance losses use the GLOBAL batch (counts gathered over ranks), so
+ * routing does not depend on how the batch is split. Also: the aux-loss-free selection bias
+ * update and the router backward (gates -> logits).
+ * Does not: compute logits (the layer's gemm), move rows (exchange/ep) or own the bias.
+ * Memory: router_init allocates every array of the Route; router_free releases them.
+ *
+ * Legend: N E k G K TG = tokens on this rank, experts, experts per token, groups (0 = one
+ * stage), experts per group, groups per token. */
+#ifndef DCMOE_ROUTER_H
+#define DCMOE_ROUTER_H
+
+#include <stdint.h>
+#include "comm.h"
+#include "config.h"
+#include "util.h"
+
+typedef struct RouteStats {      /* of the last forward, global over ranks */
+    double aux_loss;             /* alpha * E * sum f_i P_i (+ the group term; 0 if dense) */
+    double z_loss;               /* beta * mean lse^2 */
+    double *counts;              /* [E] tokens kept per expert (after capacity) */
+    double *counts_routed;       /* [E] token-expert pairs routed (before expert capacity) */
+    double dropped_frac;         /* dropped pairs / routed pairs */
+    double *group_counts;        /* [G] token-group selections per group (clustered) */
+    double group_aux_loss, group_dropped_frac;
+    long capacity;               /* per-expert capacity used (-1 = dropless) */
+} RouteStats;
+
+typedef struct Route {
+    int n_max, E, k, G, K, TG;   /* G = 0: one stage (standard MoE) */
+    int N;                       /* tokens of the last forward */
+    float *logits;               /* [N, E] router logits (filled by the layer) */
+    float *probs;                /* [N, E] softmax (two stages: in-group softmax, 0 outside the chosen groups) */
+    double *lse;                 /* [N] log-sum-exp of all logits (z-loss) */
+    int32_t *expert;             /* [N, k] chosen experts */
+    float *gate;                 /* [N, k] gates (renormalised if configured) */
+    int32_t *pos;                /* [N, k] 0 kept / -1 dropped (router_capacity); the dispatch
+                                    replaces a kept pair's 0 by its sent-entry index */
+    /* group stage (G > 0) */
+    float *q;                    /* [N, G] group softmax */
+    int32_t *group;              /* [N, TG] chosen groups */
+    int32_t *gtop2;              /* [N, G, 2] top-2 members per group (group_score top2) */
+    int32_t *gkeep;              /* [N, TG] 1 if the (token, group) survived group capacity */
+    /* loss-gradient coefficients of the last forward */
+    double *fcoef_e;             /* [E] alpha*E*f_i/n_global */
+    double *fcoef_g;             /* [G] */
+    double z_coef;               /* 2*beta/n_global */
+    /* scratch */
+    int32_t *cnt, *cnt_all;      /* [slots, buckets] local counts, [P, slots, buckets] gathered */
+    size_t cnt_all_cap;
+    float *dgate;                /* [N, k] dloss/dgate per pair, filled by the layer for router_backward */
+    float *dlogits;              /* [N, E] router backward output */
+    float *dpf;                  /* [E] */
+    double *dpd;                 /* [max(E, G)] */
+} Route;
+
+/* G = 0 for the standard MoE (K and TG ignored) */
+void router_init(Route *r, int n_max, int E, int k, int G, int TG);
+void router_free(Route *r);
+void router_stats_init(RouteStats *s, int E, int G);
+void router_stats_free(RouteStats *s);
+
+/* softmax and top-k for N tokens from r->logits (ties: lower id). bias [E] (aux_free, NULL =
+ * none) shifts only the selection scores, never the gates. members [G, K] for two stages. */
+void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N);
+/* capacity over the global batch (collective): group level (two stages), then expert level;
+ * fills r->pos (0 kept, -1 dropped) and the counts of s. group_of [E] for two stages. */
+void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *group_of, long n_global,
+                     RouteStats *s);
+/* Switch balance losses (moe.balance = aux) and the z-loss with global statistics (one
+ * allreduce of E + G + 1 doubles); sets s's losses and r's gradient coefficients */
+void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *s);
+/* dlogits [N, E] (r->dlogits, overwritten) from dgate [N, k] (dloss/dgate per pair, 0 for
+ * dropped pairs), the balance losses and the z-loss. members [G, K] for two stages. */
+void router_backward(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate);
+
+/* aux-loss-free balancing (DeepSeek-V3): bias[E] += gamma * sign(mean(load) - load[e]) */
+void router_bias_step(float *bias, const double *load, int E, double gamma);
+
+#endif
