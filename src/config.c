@@ -372,13 +372,29 @@ static bool looks_float(const char *s) {
     return *s == 0;
 }
 
+/* one UTF-8 sequence at p: its code point and length, or length 0 when the bytes are not
+ * UTF-8 (overlong forms, surrogates and code points above U+10FFFF included) */
+static size_t utf8_decode(const unsigned char *p, unsigned *cp) {
+    int n = *p < 0x80 ? 0 : (*p & 0xe0) == 0xc0 ? 1 : (*p & 0xf0) == 0xe0 ? 2 : (*p & 0xf8) == 0xf0 ? 3 : -1;
+    if (n < 0) return 0;
+    unsigned c = n == 0 ? *p : (unsigned)(*p & (0x3f >> n));
+    for (int i = 1; i <= n; i++) {
+        if ((p[i] & 0xc0) != 0x80) return 0;
+        c = (c << 6) | (p[i] & 0x3fu);
+    }
+    static const unsigned min_cp[4] = {0, 0x80, 0x800, 0x10000};
+    if (c < min_cp[n] || (c >= 0xd800 && c <= 0xdfff) || c > 0x10ffff) return 0;
+    *cp = c;
+    return (size_t)n + 1;
+}
+
 static bool utf8_valid(const char *s) {
     const unsigned char *p = (const unsigned char *)s;
+    unsigned cp;
     while (*p) {
-        int n = *p < 0x80 ? 0 : (*p & 0xe0) == 0xc0 ? 1 : (*p & 0xf0) == 0xe0 ? 2 : (*p & 0xf8) == 0xf0 ? 3 : -1;
-        if (n < 0 || (n == 1 && *p < 0xc2)) return false;
-        p++;
-        for (int i = 0; i < n; i++, p++) if ((*p & 0xc0) != 0x80) return false;
+        size_t n = utf8_decode(p, &cp);
+        if (n == 0) return false;
+        p += n;
     }
     return true;
 }
@@ -456,12 +472,21 @@ static void format_value(char *out, size_t cap, const Config *c, const KeyDef *k
         size_t n = 0;
         ASSERT(cap >= 8);
         out[n++] = '"';
-        for (; *s && n + 6 < cap; s++) {
+        /* YAML allows only printable characters in a document: escape the others (C0 and C1
+         * controls, DEL, U+FFFE/U+FFFF), the line breaks U+2028/U+2029 (a reader folds them
+         * with the blanks around them) and any byte that is not UTF-8 */
+        while (*s && n + 12 < cap) {
+            unsigned cp = 0;
+            size_t len = utf8_decode(s, &cp);
             if (*s == '"' || *s == '\\') { out[n++] = '\\'; out[n++] = (char)*s; }
             else if (*s == '\n') { out[n++] = '\\'; out[n++] = 'n'; }
             else if (*s == '\t') { out[n++] = '\\'; out[n++] = 't'; }
-            else if (*s < 0x20 || *s == 0x7f) n += (size_t)snprintf(out + n, cap - n, "\\x%02x", *s);
-            else out[n++] = (char)*s;
+            else if (len == 0) n += (size_t)snprintf(out + n, cap - n, "\\x%02x", *s);
+            else if (cp < 0x20 || (cp >= 0x7f && cp < 0xa0) || cp == 0x2028 || cp == 0x2029 || cp == 0xfffe ||
+                     cp == 0xffff)
+                n += (size_t)snprintf(out + n, cap - n, cp < 0x100 ? "\\x%02x" : "\\u%04x", cp);
+            else { memcpy(out + n, s, len); n += len; }
+            s += len ? len : 1;
         }
         ASSERTF(!*s, "config: string value of %s too long to format", k->key);
         out[n++] = '"';
@@ -992,7 +1017,7 @@ char *config_to_yaml(const Config *c) {
             prev_sec = k->key;
             prev_len = sec_len;
         }
-        char val[1200];
+        char val[4 * sizeof c->run.out_dir + 16];   /* a string escapes to at most 4 bytes per byte */
         format_value(val, sizeof val, c, k);
         tb_printf(&b, "  %s: %s\n", leaf, val);
     }
