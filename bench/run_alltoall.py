@@ -107,11 +107,7 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
-    rl.add_args(ap)
-    a = ap.parse_args()
-    if not a.render_only:
-        run_all(a)
-    print(open(render(a.out)).read(), end="")
+    rl.run_main(ap, run_all, render)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--kl-max", type=int, default=1024)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
-    rl.add_args(ap)
-    a = ap.parse_args()
-    if not a.render_only:
-        run_all(a)
-    print(open(render(a.out)).read(), end="")
+    rl.run_main(ap, run_all, render)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,12 @@ def write_md(out_dir, md_name, text):
     with open(p, "w") as f:
         f.write(text if text.endswith("\n") else text + "\n")
     return p
+
+
+def run_main(ap, run_all, render):
+    """the command line every results script shares: run (unless --render-only), then render"""
+    add_args(ap)
+    a = ap.parse_args()
+    if not a.render_only:
+        run_all(a)
+    print(open(render(a.out)).read(), end="")

@@ -72,11 +72,7 @@ def render(out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[])
-    rl.add_args(ap)
-    a = ap.parse_args()
-    if not a.render_only:
-        run_all(a)
-    print(open(render(a.out)).read(), end="")
+    rl.run_main(ap, run_all, render)
 
 
 if __name__ == "__main__":

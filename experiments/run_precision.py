@@ -254,11 +254,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--jobs", type=int, default=2)
-    rl.add_args(ap)
-    a = ap.parse_args()
-    if not a.render_only:
-        run_all(a)
-    print(open(render(a.out)).read(), end="")
+    rl.run_main(ap, run_all, render)
 
 
 if __name__ == "__main__":

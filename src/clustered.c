@@ -106,12 +106,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->dxg = moe_alloc_counted(be, &acc, sizeof(float) * Mg * D);
     router_stats_init(&st->stats, E, G);
     /* the generic fields are views into the route */
-    st->logits = st->route.logits;
-    st->probs = st->route.probs;
-    st->dlogits = st->route.dlogits;
-    st->topk_expert = st->route.expert;
-    st->topk_gate = st->route.gate;
-    st->pos = st->route.pos;
+    moe_state_view_route(st);
     st->cpriv = c;
     /* act_bytes: every backend buffer of the layer incl. the exchange's; comm_bytes: the
      * exchange's send/receive rows and the returned rows (yr) */

@@ -72,12 +72,7 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
     router_stats_init(&st->stats, E, 0);
     if (ml->kind != MOE_KIND_DENSE) {
         router_init(&st->route, n_max, E, k, 0, 0);
-        st->logits = st->route.logits;
-        st->probs = st->route.probs;
-        st->dlogits = st->route.dlogits;
-        st->topk_expert = st->route.expert;
-        st->topk_gate = st->route.gate;
-        st->pos = st->route.pos;
+        moe_state_view_route(st);
         st->entry_token = xcalloc(sizeof(int32_t) * M);
         st->entry_gate = xcalloc(sizeof(float) * M);
         st->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
@@ -319,4 +314,13 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
     epp_return_scalars(XP, comm, X->rval);
 
     moe_route_backward(ml, XP, be, p, g, st, &hs->dev.router, dx, x);
+}
+
+void moe_state_view_route(MoeState *st) {
+    st->logits = st->route.logits;
+    st->probs = st->route.probs;
+    st->dlogits = st->route.dlogits;
+    st->topk_expert = st->route.expert;
+    st->topk_gate = st->route.gate;
+    st->pos = st->route.pos;
 }

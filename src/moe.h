@@ -171,4 +171,8 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
 void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
                         MoeState *st, float *dx, const float *dout, const float *x);
 
+/* the generic MoeState fields (logits, probs, dlogits, topk_expert, topk_gate, pos) as views
+ * into st->route, for both layer kinds */
+void moe_state_view_route(MoeState *st);
+
 #endif
