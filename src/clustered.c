@@ -32,7 +32,9 @@ typedef struct CScratch {
     float *xh;                           /* [N, D] host copy of x (mu_source hidden) */
     int32_t *entry_src;                  /* [M] receive-order index of each expert-sorted entry */
     int32_t *gfill;                      /* [G_loc] scratch */
-    float *yr;                           /* [rows_cap, D] device: output / dx row per received row */
+    float *yr;                           /* [yr_rows, D] device: output / dx row per received row */
+    size_t yr_rows;                      /* = the final exchange's rows_cap (moe_comm_reserve) */
+    size_t act_other;                    /* accounted bytes outside the comm buffers */
     EpPath x;                            /* the dispatch/combine exchange (flat or two-level) */
     int M, Mg;
     /* device */
@@ -65,7 +67,6 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->entry_src = xcalloc(sizeof(int32_t) * M);
     c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
     epp_init(&c->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
-    c->yr = moe_alloc_counted(be, &acc, sizeof(float) * epp_final(&c->x)->rows_cap * D);
     c->entry_token = xcalloc(sizeof(int32_t) * M);
     c->entry_grow = xcalloc(sizeof(int32_t) * M);
     c->entry_gate = xcalloc(sizeof(float) * M);
@@ -110,8 +111,8 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     st->cpriv = c;
     /* act_bytes: every backend buffer of the layer incl. the exchange's; comm_bytes: the
      * exchange's send/receive rows and the returned rows (yr) */
-    st->comm_bytes = epp_buffer_bytes(&c->x) + sizeof(float) * epp_final(&c->x)->rows_cap * D;
-    st->act_bytes = acc + epp_buffer_bytes(&c->x);
+    c->act_other = acc;
+    moe_comm_reserve(st, &c->x, be, D, &c->yr, &c->yr_rows, c->act_other);
     return status_ok();
 }
 
@@ -289,6 +290,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
      * group when groups sit on different ranks) */
     EpPath *XP = &c->x;
     moe_dispatch(ml, XP, be, comm, st, x);
+    moe_comm_reserve(st, XP, be, D, &c->yr, &c->yr_rows, c->act_other);
     const EpX *X = epp_final(XP);
     recv_build(ml, c);
     int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;

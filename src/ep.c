@@ -48,14 +48,53 @@ void ep_map_refresh(EpMap *em, const int32_t *members) {
 }
 
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax) {
-    epx_init_cap(x, be, P, D, n_src_max, kmax, (size_t)n_src_max * kmax * P);
+    epx_init_cap(x, be, P, D, n_src_max, kmax, (size_t)n_src_max * kmax);
+}
+
+/* host array of n elements, zeroed, replacing *p (contents are not kept: every caller
+ * refills the array after growing it) */
+static void host_grow(void *pp, size_t elem, size_t n) {
+    void **p = (void **)pp;
+    xfree(*p);
+    *p = xcalloc(elem * (n ? n : 1));
+}
+static void dev_grow(const Backend *be, void *pp, size_t bytes) {
+    void **p = (void **)pp;
+    if (*p) be->ops->free(be->ctx, *p);
+    *p = be->ops->alloc(be->ctx, bytes ? bytes : sizeof(float));
+}
+
+void epx_reserve_src(EpX *x, const Backend *be, int n_src) {
+    if (x->scnt && n_src <= x->n_src_max) return;
+    x->n_src_max = n_src > x->n_src_max ? n_src : x->n_src_max;
+    size_t S = (size_t)x->n_src_max * x->kmax, D = (size_t)x->D;
+    host_grow(&x->srow_token, sizeof(int32_t), S);
+    host_grow(&x->tok_row, sizeof(int32_t), S);
+    host_grow(&x->sent, sizeof(EpEntry), S);
+    host_grow(&x->ts_entry, sizeof(int32_t), S);
+    host_grow(&x->sval, sizeof(float), S);
+    dev_grow(be, &x->srow_token_d, sizeof(int32_t) * S);
+    dev_grow(be, &x->tok_row_d, sizeof(int32_t) * S);
+    dev_grow(be, &x->sbuf, sizeof(float) * S * D);
+    if (be->kind != BACKEND_CPU) host_grow(&x->hs, sizeof(float), S * D);
+}
+
+void epx_reserve_recv(EpX *x, const Backend *be, size_t rows, size_t ents) {
+    if (ents > x->ents_cap || !x->recv) {
+        x->ents_cap = ents > x->ents_cap ? ents : x->ents_cap;
+        host_grow(&x->recv, sizeof(EpEntry), x->ents_cap);
+        host_grow(&x->rval, sizeof(float), x->ents_cap);
+    }
+    if (rows > x->rows_cap || !x->rbuf) {
+        x->rows_cap = rows > x->rows_cap ? rows : x->rows_cap;
+        dev_grow(be, &x->rbuf, sizeof(float) * x->rows_cap * x->D);
+        if (be->kind != BACKEND_CPU) host_grow(&x->hr, sizeof(float), x->rows_cap * x->D);
+    }
 }
 
 void epx_init_cap(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax, size_t rows_cap) {
     memset(x, 0, sizeof *x);
-    x->P = P; x->D = D; x->kmax = kmax; x->n_src_max = n_src_max;
-    size_t S = (size_t)n_src_max * kmax;
-    x->rows_cap = rows_cap;
+    x->P = P; x->D = D; x->kmax = kmax;
     x->scnt = xcalloc(sizeof(size_t) * P);
     x->sent_cnt = xcalloc(sizeof(size_t) * P);
     x->rcnt = xcalloc(sizeof(size_t) * P);
@@ -64,21 +103,9 @@ void epx_init_cap(EpX *x, const Backend *be, int P, int D, int n_src_max, int km
     x->b_sd = xcalloc(sizeof(size_t) * P);
     x->b_rc = xcalloc(sizeof(size_t) * P);
     x->b_rd = xcalloc(sizeof(size_t) * P);
-    x->srow_token = xcalloc(sizeof(int32_t) * S);
-    x->tok_row = xcalloc(sizeof(int32_t) * S);
-    x->sent = xcalloc(sizeof(EpEntry) * S);
-    x->ts_entry = xcalloc(sizeof(int32_t) * S);
-    x->recv = xcalloc(sizeof(EpEntry) * x->rows_cap);
-    x->sval = xcalloc(sizeof(float) * S);
-    x->rval = xcalloc(sizeof(float) * x->rows_cap);
-    x->srow_token_d = be->ops->alloc(be->ctx, sizeof(int32_t) * S);
-    x->tok_row_d = be->ops->alloc(be->ctx, sizeof(int32_t) * S);
-    x->sbuf = be->ops->alloc(be->ctx, sizeof(float) * S * D);
-    x->rbuf = be->ops->alloc(be->ctx, sizeof(float) * x->rows_cap * D);
-    if (be->kind != BACKEND_CPU) {
-        x->hs = xcalloc(sizeof(float) * S * D);
-        x->hr = xcalloc(sizeof(float) * x->rows_cap * D);
-    }
+    x->n_src_max = -1;
+    epx_reserve_src(x, be, n_src_max);
+    epx_reserve_recv(x, be, rows_cap, rows_cap);
 }
 
 void epx_free(EpX *x, const Backend *be) {
@@ -203,8 +230,8 @@ void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k,
         ents += x->recv_cnt[s];
     }
     xfree(cs); xfree(cr);
-    ASSERTF(rows <= x->rows_cap && ents <= x->rows_cap, "epx_plan: %zu rows / %zu entries received, capacity %zu",
-            rows, ents, x->rows_cap);
+    /* the receive side holds exactly what arrives (high-water mark; never shrinks) */
+    epx_reserve_recv(x, be, rows, ents);
     x->n_rrows = (int)rows;
     x->n_recv = (int)ents;
     /* entries */
@@ -263,6 +290,8 @@ void epx_return_scalars(EpX *x, Comm *comm, const float *rvals, int phase) {
 
 /* ---- the layer-facing path: flat (one exchange) or two-level (node peer, then owner) ---- */
 
+static void epp_reserve_peer(EpPath *pp, const Backend *be, size_t rows_a, size_t ents_a);
+
 void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,
               int n_max, int k) {
     memset(pp, 0, sizeof *pp);
@@ -272,19 +301,33 @@ void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *to
     pp->k = k;
     epx_init(&pp->a, be, P, D, n_max, k);
     if (!pp->two_level) return;
-    /* stage B runs over the rows a peer received (each with up to k entries) */
+    /* stage B runs over the rows a peer received (each with up to k entries); every
+     * buffer sized by them starts at this rank's own pairs and grows in epp_plan */
     size_t rows_a = pp->a.rows_cap;
-    epx_init_cap(&pp->b, be, P, D, (int)rows_a, k, rows_a);
+    epx_init_cap(&pp->b, be, P, D, n_max, k, rows_a);
     pp->topo = topo;
     pp->peer_of_expert = xcalloc(sizeof(int32_t) * em->E);
     pp->peer_version = -1;
     pp->gid = xcalloc(sizeof(int32_t) * em->E);
     for (int e = 0; e < em->E; e++) pp->gid[e] = e;
-    pp->selB = xcalloc(sizeof(int32_t) * rows_a * k);
-    pp->keptB = xcalloc(sizeof(int32_t) * rows_a * k);
-    pp->gateB = xcalloc(sizeof(float) * rows_a * k);
-    pp->a_to_b = xcalloc(sizeof(int32_t) * rows_a);
-    pp->yA = be->ops->alloc(be->ctx, sizeof(float) * rows_a * D);
+    epp_reserve_peer(pp, be, rows_a, pp->a.ents_cap);
+}
+
+/* the peer's stage-B routing arrays and partial sums for rows_a rows / ents_a entries
+ * received in stage A (grow only) */
+static void epp_reserve_peer(EpPath *pp, const Backend *be, size_t rows_a, size_t ents_a) {
+    size_t k = (size_t)pp->k;
+    if (rows_a > pp->rows_a_cap || !pp->yA) {
+        pp->rows_a_cap = rows_a > pp->rows_a_cap ? rows_a : pp->rows_a_cap;
+        host_grow(&pp->selB, sizeof(int32_t), pp->rows_a_cap * k);
+        host_grow(&pp->keptB, sizeof(int32_t), pp->rows_a_cap * k);
+        host_grow(&pp->gateB, sizeof(float), pp->rows_a_cap * k);
+        dev_grow(be, &pp->yA, sizeof(float) * pp->rows_a_cap * pp->a.D);
+    }
+    if (ents_a > pp->ents_a_cap || !pp->a_to_b) {
+        pp->ents_a_cap = ents_a > pp->ents_a_cap ? ents_a : pp->ents_a_cap;
+        host_grow(&pp->a_to_b, sizeof(int32_t), pp->ents_a_cap);
+    }
 }
 
 void epp_free(EpPath *pp, const Backend *be) {
@@ -315,6 +358,8 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
     /* stage B: the peer forwards each received row to the owners of its entries */
     const EpX *A = &pp->a;
     int NB = A->n_rrows;
+    epp_reserve_peer(pp, be, (size_t)NB, (size_t)A->n_recv);
+    epx_reserve_src(&pp->b, be, NB);
     for (size_t i = 0; i < (size_t)NB * k; i++) { pp->keptB[i] = -1; pp->selB[i] = 0; pp->gateB[i] = 0; }
     int32_t *fill = xcalloc(sizeof(int32_t) * (NB ? NB : 1));
     for (int i = 0; i < A->n_recv; i++) {
@@ -367,6 +412,6 @@ static size_t epx_buffer_bytes(const EpX *x) {
 
 size_t epp_buffer_bytes(const EpPath *pp) {
     size_t n = epx_buffer_bytes(&pp->a) + epx_buffer_bytes(&pp->b);
-    if (pp->two_level && pp->yA) n += sizeof(float) * (size_t)pp->b.n_src_max * pp->a.D;
+    if (pp->two_level && pp->yA) n += sizeof(float) * pp->rows_a_cap * pp->a.D;
     return n;
 }

@@ -62,8 +62,9 @@ typedef ExchangeEntry EpEntry;  /* (row, slot, gate): exchange.h */
 
 typedef struct EpX {
     int P, D, kmax;
-    int n_src_max;               /* source tokens capacity */
-    size_t rows_cap;             /* receive rows / entries capacity */
+    int n_src_max;               /* source tokens capacity (grows: epx_reserve_src) */
+    size_t rows_cap, ents_cap;   /* receive rows / entries capacity: the high-water mark of
+                                    what arrived (epx_plan grows them from the counts) */
     /* source side (this rank's tokens) */
     int N, n_srows, n_sent;
     size_t *scnt, *sent_cnt;     /* [P] rows / entries to each destination */
@@ -81,14 +82,21 @@ typedef struct EpX {
     int32_t *srow_token_d, *tok_row_d;   /* device copies */
     float *sbuf;                 /* [n_srows, D] device */
     float *rbuf;                 /* [rows_cap, D] device */
+    /* recv, rval: [ents_cap]; srow_token, tok_row, sent, ts_entry, sval: [n_src_max * kmax] */
     float *hs, *hr;              /* host staging for non-host backends (NULL on the CPU) */
 } EpX;
 
-/* n_src_max tokens per rank, kmax = top-k, D = row width; receive capacity covers the global
- * batch (P * n_src_max * kmax rows) */
+/* n_src_max tokens per rank, kmax = top-k, D = row width. The receive side does not grow
+ * with P: it starts at rows_cap rows and entries (epx_init: n_src_max * kmax, what a rank
+ * receives when the load is balanced) and epx_plan grows it to what the counts exchange
+ * announces when a step needs more (never shrinks, so a steady state allocates nothing;
+ * buffer contents are not kept across a growth, every plan refills them). */
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax);
 void epx_init_cap(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax, size_t rows_cap);
 void epx_free(EpX *x, const Backend *be);
+/* grow (never shrink) the source side to n_src tokens / the receive side to rows, ents */
+void epx_reserve_src(EpX *x, const Backend *be, int n_src);
+void epx_reserve_recv(EpX *x, const Backend *be, size_t rows, size_t ents);
 /* build the exchange for N tokens: sel [N, k] global expert ids, kept [N, k] (>= 0 kept),
  * gate [N, k]; exchanges counts and entries (collective). Also feeds the traffic profiler's
  * dispatch statistics (rows, pairs, nodes touched, tokens). */
@@ -123,12 +131,14 @@ typedef struct EpPath {
     float *gateB;
     int32_t *a_to_b;             /* [entries received in A] stage-B sent-entry index */
     float *yA;                   /* [rows_A, D] partial sums at the peer */
+    size_t rows_a_cap, ents_a_cap;   /* capacity of selB/keptB/gateB/yA and a_to_b (grow in epp_plan) */
 } EpPath;
 
 void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,
               int n_max, int k);
 void epp_free(EpPath *pp, const Backend *be);
-/* backend bytes of the row send/receive buffers (memory accounting) */
+/* backend bytes of the row send/receive buffers now (memory accounting: the high-water
+ * mark, since they only grow) */
 size_t epp_buffer_bytes(const EpPath *pp);
 void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate);

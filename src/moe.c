@@ -53,7 +53,9 @@ typedef struct MoeDev {
 typedef struct MoeHost {
     float *dgate_h;              /* [M] */
     int32_t *entry_src;          /* [Mr] receive-order index of each expert-sorted entry */
-    float *yr;                   /* [rows_cap, D] device: one output (or dx) row per received row */
+    float *yr;                   /* [yr_rows, D] device: one output (or dx) row per received row */
+    size_t yr_rows;              /* = the final exchange's rows_cap (moe_comm_reserve) */
+    size_t act_other;            /* accounted bytes outside the comm buffers */
     EpPath x;                    /* the dispatch/combine exchange (flat or two-level) */
     MoeDev dev;
 } MoeHost;
@@ -83,7 +85,6 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
         hs->dev.gate = moe_alloc_counted(be, &acc, sizeof(float) * Ms);
         hs->entry_src = xcalloc(sizeof(int32_t) * M);
         epp_init(&hs->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
-        hs->yr = moe_alloc_counted(be, &acc, sizeof(float) * epp_final(&hs->x)->rows_cap * D);
         hs->dev.entry_token = moe_alloc_counted(be, &acc, sizeof(int32_t) * M);
         hs->dev.entry_gate = moe_alloc_counted(be, &acc, sizeof(float) * M);
         hs->dev.dgate = moe_alloc_counted(be, &acc, sizeof(float) * M);
@@ -98,10 +99,22 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
     st->dh = moe_alloc_counted(be, &acc, sizeof(float) * M * F1);
     st->priv = hs;
     if (ml->kind != MOE_KIND_DENSE) {
-        st->comm_bytes = epp_buffer_bytes(&hs->x) + sizeof(float) * epp_final(&hs->x)->rows_cap * D;
-        st->act_bytes = acc + st->comm_bytes - sizeof(float) * epp_final(&hs->x)->rows_cap * D;
+        hs->act_other = acc;
+        moe_comm_reserve(st, &hs->x, be, D, &hs->yr, &hs->yr_rows, hs->act_other);
     } else st->act_bytes = acc;
     return status_ok();
+}
+
+void moe_comm_reserve(MoeState *st, const EpPath *xp, const Backend *be, int D, float **yr, size_t *yr_rows,
+                      size_t act_other) {
+    size_t rows = epp_final(xp)->rows_cap;
+    if (!*yr || rows > *yr_rows) {
+        if (*yr) be->ops->free(be->ctx, *yr);
+        *yr_rows = rows;
+        *yr = be->ops->alloc(be->ctx, sizeof(float) * (rows ? rows : 1) * D);
+    }
+    st->comm_bytes = epp_buffer_bytes(xp) + sizeof(float) * *yr_rows * D;
+    st->act_bytes = act_other + st->comm_bytes;
 }
 
 static MoeHost *host_of(const MoeState *st) { return (MoeHost *)st->priv; }
@@ -270,6 +283,7 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     moe_route(ml, be, comm, p, st, &hs->dev.router, x, N, n_global);
     EpPath *XP = &hs->x;
     moe_dispatch(ml, XP, be, comm, st, x);
+    moe_comm_reserve(st, XP, be, D, &hs->yr, &hs->yr_rows, hs->act_other);
     const EpX *X = epp_final(XP);
     recv_entries(ml, st, hs);
     int M = st->M;

@@ -157,6 +157,13 @@ void moe_need(const MoeLayer *ml, const int32_t *off, int n_units);
 /* after epp_return_scalars: dgates of the kept pairs from xp->a.sval; dWr += , dx += */
 void moe_route_backward(const MoeLayer *ml, const EpPath *xp, const Backend *be, const MoeParams *p, MoeParams *g,
                         MoeState *st, const MoeRouterDev *dv, float *dx, const float *x);
+/* the layer's comm buffers: grow yr [*yr_rows, D] (one returned row per received row) to the
+ * final exchange's receive capacity, and set st->comm_bytes = the exchange's row buffers +
+ * yr, st->act_bytes = act_other + comm_bytes. Called after every dispatch (the exchange
+ * grows its receive side from the counts; a steady state reallocates nothing), so the
+ * accounting is the high-water mark actually allocated. */
+void moe_comm_reserve(MoeState *st, const EpPath *xp, const Backend *be, int D, float **yr, size_t *yr_rows,
+                      size_t act_other);
 /* backend allocation that adds its bytes to *acc (the layer's activation accounting) */
 static inline void *moe_alloc_counted(const Backend *be, size_t *acc, size_t bytes) {
     *acc += bytes;

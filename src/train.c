@@ -95,6 +95,18 @@ double train_measure_sgemm_peak(const void *backend) {
     return best;
 }
 
+/* activations and dispatch/combine buffers as the layers hold them now (the exchange's
+ * receive side grows to its high-water mark during the run): set those two kinds */
+static void mem_refresh_layers(MemAcct *a, const Model *m) {
+    int64_t act = (int64_t)m->act_bytes, comm_b = 0;
+    for (int l = 0; l < m->L; l++) {
+        act += (int64_t)(m->acts[l].moe.act_bytes - m->acts[l].moe.comm_bytes);
+        comm_b += (int64_t)m->acts[l].moe.comm_bytes;
+    }
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_ACT, act - memacct_current(a, MEM_TIER_DEVICE, MEM_KIND_ACT));
+    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_COMM, comm_b - memacct_current(a, MEM_TIER_DEVICE, MEM_KIND_COMM));
+}
+
 /* what this rank holds, by kind (the resident/working tier) */
 static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
     memacct_init(a);
@@ -104,13 +116,7 @@ static void mem_register(MemAcct *a, const Model *m, const Precision *pr) {
     if (pr->host) memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_SCRATCH, (int64_t)m->n_cat[PCAT_EXPERT] * 4);  /* QAT staging */
     memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_GRAD, np);
     memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_OPTIM, 2 * np);
-    int64_t act = (int64_t)m->act_bytes, comm_b = 0;
-    for (int l = 0; l < m->L; l++) {
-        act += (int64_t)(m->acts[l].moe.act_bytes - m->acts[l].moe.comm_bytes);
-        comm_b += (int64_t)m->acts[l].moe.comm_bytes;
-    }
-    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_ACT, act);
-    memacct_add(a, MEM_TIER_DEVICE, MEM_KIND_COMM, comm_b);
+    mem_refresh_layers(a, m);
 }
 
 /* collective: every rank's bytes by kind and measured VmHWM / VmRSS -> row [P, kinds + 2] on rank 0 */
@@ -526,7 +532,10 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     /* per rank: compute time, peak RSS, step time (perf/step_s is the slowest rank's) */
     double mine[3] = {o->t2 - o->t0, peak_rss_bytes(), o->dt};
     comm_gather_bytes(comm, mine, r->rank_buf, sizeof mine, 0);
-    if (o->log_step) mem_gather(comm, &r->macct, r->mem_all);
+    if (o->log_step) {
+        mem_refresh_layers(&r->macct, &r->m);
+        mem_gather(comm, &r->macct, r->mem_all);
+    }
     r->pos.step = step + 1;
     r->pos.tokens_seen += (int64_t)tc->batch_size * r->T;
     if (r->rank != 0) return status_ok();
