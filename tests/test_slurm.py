@@ -156,7 +156,7 @@ def main():
             T.check(len(resumed) >= 1 and 0 < int(resumed[-1]) < ref_step,
                     f"{how}: the requeued job resumed from a checkpoint mid-run (steps {resumed})")
             if how == "usr1":
-                T.check("signal received: checkpoint written" in log and "requeueing job" in log,
+                T.check("signal SIGUSR1 received: checkpoint written" in log and "requeueing job" in log,
                         "usr1: the trainer checkpointed on the signal and the script requeued the job")
             if os.path.exists(os.path.join(rd, "metrics.h5")):
                 step, loss = final_loss(rd)
@@ -178,7 +178,7 @@ def main():
         resumed = wait_for(lambda: os.path.exists(out) and "resumed from" in open(out).read(), 150, 0.5)
         log = open(out).read() if os.path.exists(out) else ""
         sc.run(["scancel", job], check=False)
-        T.check(resumed and "received SIGUSR1" in log and "signal received: checkpoint written" in log and
+        T.check(resumed and "received SIGUSR1" in log and "signal SIGUSR1 received: checkpoint written" in log and
                 "requeueing job" in log, "time limit: USR1 before the limit -> checkpoint -> requeue -> resumed")
         if not resumed:
             show(out)

@@ -37,6 +37,7 @@ def tiny_config(path, out_dir, name, extra=""):
   out_dir: {out_dir}
   seed: 11
   threads: 1
+  peak_gflops: 100.0
 data:
   kind: brown
   path: {FIXTURES}/brown
