@@ -49,6 +49,13 @@ CSV_FIELDS = ["target", "function", "executions", "seconds", "exec_per_s", "cras
               "corpus_bytes", "goal_executions", "source", "command"]
 
 
+
+def portable(arg, args):
+    """an argument as it reads on any machine: the fuzz build and work folders as BUILD and WORK,
+    paths in the repository relative to its root"""
+    arg = arg.replace(os.path.abspath(args.build) + "/", "BUILD/").replace(os.path.abspath(args.work) + "/", "WORK/")
+    return arg.replace(ROOT + "/", "")
+
 def parse_budget(text, name):
     """'config=1200,checkpoint=60' or a bare number for every target"""
     out = {}
@@ -132,7 +139,7 @@ def run_target(t, args, seconds, runs):
             cmd.append(f"-max_total_time={int(left_s)}" if left_s is not None else f"-runs={left_runs}")
             cmd += [corpus, seeds]
             if command is None:
-                command = " ".join(shlex.quote(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c) for c in cmd)
+                command = " ".join(shlex.quote(portable(c, args)) for c in cmd)
             t0 = time.monotonic()
             p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                errors="replace")
