@@ -142,3 +142,10 @@ void comm_free(Comm *c) {
     if (c->ctx) free(c->ctx);
     memset(c, 0, sizeof *c);
 }
+
+Status comm_agree(Comm *c, Status st) {
+    double bad = STATUS_OK(st) ? 0 : 1;
+    comm_allreduce_max_f64(c, &bad, 1);
+    if (bad > 0 && STATUS_OK(st)) return status_errorf("another rank failed (see its message)");
+    return st;
+}

@@ -57,6 +57,9 @@ void comm_free(Comm *c);
 
 /* typed wrappers: count bytes and time per phase */
 void comm_barrier(Comm *c);
+/* every rank must agree on a failure: an error on every rank if any rank failed (its own
+ * message where it failed, "another rank failed" elsewhere); one max-allreduce */
+Status comm_agree(Comm *c, Status st);
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase);
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems);
 void comm_allreduce_max_f64(Comm *c, double *buf, size_t n_elems);

@@ -14,14 +14,6 @@
 #include "traffic.h"
 #include "train.h"
 
-/* every rank must agree on a failure; returns an error on all ranks if any rank failed */
-static Status agree(Comm *comm, Status st) {
-    double bad = STATUS_OK(st) ? 0 : 1;
-    comm_allreduce_max_f64(comm, &bad, 1);
-    if (bad > 0 && STATUS_OK(st)) return status_errorf("another rank failed (see its message)");
-    return st;
-}
-
 /* every rank takes part (the MoE layers exchange routing counts); global batches of
  * B_global windows, rank r runs its slice, padding windows have no targets */
 static EvalOut evaluate_inner(Model *m, const Dataset *ds, int split, int max_batches, int B_global, Precision *pr);
@@ -171,7 +163,7 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
         else str_fmt(odir, sizeof odir, "%s/offload", run_dir);
         if (STATUS_OK(st)) st = prec_attach_stored(&prec, q, nq, &cfg->offload, odir, &acct);
         xfree(q);
-        st = agree(comm, st);
+        st = comm_agree(comm, st);
     }
     if (STATUS_OK(st)) {
         MemProc p0;
@@ -179,7 +171,7 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
         double t0 = time_now();
         EvalOut ev = evaluate(&m, &ds, sp, 0, B, &prec);
         double eval_s = time_now() - t0;
-        st = agree(comm, prec_status(&prec));
+        st = comm_agree(comm, prec_status(&prec));
         OffloadStats os;
         prec_offload_totals(&prec, &os);
         if (!STATUS_OK(memacct_proc(&p0))) memset(&p0, 0, sizeof p0);
@@ -232,7 +224,7 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
             }
         }
         xfree(all);
-        st = agree(comm, st);
+        st = comm_agree(comm, st);
     }
     prec_free(&prec);
     model_free(&m);

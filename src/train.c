@@ -171,14 +171,6 @@ static void print_params(const Model *m) {
            (m->n_cat[0] + m->n_cat[1]) * 8.0 / 1048576, m->act_bytes / 1048576.0);
 }
 
-/* every rank must agree on a failure; returns an error on all ranks if any rank failed */
-static Status agree(Comm *comm, Status st) {
-    double bad = STATUS_OK(st) ? 0 : 1;
-    comm_allreduce_max_f64(comm, &bad, 1);
-    if (bad > 0 && STATUS_OK(st)) return status_errorf("another rank failed (see its message)");
-    return st;
-}
-
 /* everything one training run holds, set up by run_setup and released by run_teardown */
 typedef struct Run {
     const Config *cfg;
@@ -271,7 +263,7 @@ static Status claim_run_folder(Run *r, int *lock_fd, int *done) {
                                r->dir);
         }
     }
-    TRY(agree(r->comm, st));
+    TRY(comm_agree(r->comm, st));
     comm_bcast_bytes(r->comm, r->ckpt, sizeof r->ckpt, 0);
     comm_bcast_bytes(r->comm, flags, sizeof flags, 0);
     *done = flags[0];
@@ -334,32 +326,32 @@ static Status run_setup(Run *r) {
     Comm *comm = r->comm;
     int resuming = r->opt->resume || r->opt->resume_from;
     r->threads = blas_threads(cfg, comm);
-    if (cfg->run.backend == BACKEND_CUDA) TRY(agree(comm, backend_cuda_init(&r->be, comm->local_rank)));
+    if (cfg->run.backend == BACKEND_CUDA) TRY(comm_agree(comm, backend_cuda_init(&r->be, comm->local_rank)));
     else TRY(backend_cpu_init(&r->be, r->threads));
     r->stage = 1;
-    TRY(agree(comm, backend_check(&r->be)));
+    TRY(comm_agree(comm, backend_check(&r->be)));
     int have_vocab = resuming && file_exists(r->vocab_path);
-    TRY(agree(comm, data_load(&cfg->data, cfg->model.task, r->T, have_vocab ? r->vocab_path : NULL, &r->ds)));
+    TRY(comm_agree(comm, data_load(&cfg->data, cfg->model.task, r->T, have_vocab ? r->vocab_path : NULL, &r->ds)));
     r->stage = 2;
-    TRY(agree(comm, r->rank == 0 && !have_vocab ? vocab_save(&r->ds.vocab, r->vocab_path) : status_ok()));
-    TRY(agree(comm, topology_init(&r->topo, comm, &cfg->topology)));
+    TRY(comm_agree(comm, r->rank == 0 && !have_vocab ? vocab_save(&r->ds.vocab, r->vocab_path) : status_ok()));
+    TRY(comm_agree(comm, topology_init(&r->topo, comm, &cfg->topology)));
     r->stage = 3;
     traffic_init(&r->traffic, r->P, r->rank, &r->topo, r->cfg->parallel.rank_matrix_max);
     comm->topo = &r->topo;
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
-    TRY(agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
+    TRY(comm_agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
     r->stage = 4;
     model_init_params(&r->m);
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {
-        TRY(agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
+        TRY(comm_agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
         if (r->rank == 0) printf("resumed from %s at step %lld\n", r->ckpt, (long long)r->pos.step);
     }
     /* precision.mode: qat points the clustered layers at fake-quantised shadow weights */
     prec_init(&r->prec, &r->m);
     r->stage = 5;
     /* offload.enabled: idle expert units leave the resident tier between steps */
-    TRY(agree(comm, residency_init(&r->resid, &r->m, &cfg->offload, r->dir)));
+    TRY(comm_agree(comm, residency_init(&r->resid, &r->m, &cfg->offload, r->dir)));
     r->stage = 6;
     r->resid.step = r->pos.step;
     if (r->resid.enabled)
@@ -377,7 +369,7 @@ static Status run_setup(Run *r) {
     }
     r->unigram_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&r->ds, SPLIT_VALID) : 0;
     r->res->unigram_ppl = r->unigram_ppl;
-    TRY(agree(comm, open_log(r)));
+    TRY(comm_agree(comm, open_log(r)));
     r->stage = 7;
     mem_register(&r->macct, &r->m, &r->prec);
     r->mem_all = xcalloc(sizeof(double) * (size_t)r->P * (MEM_N_KINDS + 2));
@@ -519,7 +511,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         if (b > 0) r->log_owner = true;
         migr += b;
     }
-    TRY(agree(comm, residency_end_step(&r->resid, step)));
+    TRY(comm_agree(comm, residency_end_step(&r->resid, step)));
     ResidencyStats rs = residency_take_step(&r->resid);
     double off7[7] = {rs.hits, rs.misses, rs.evictions, rs.bytes_in, rs.bytes_out, rs.stall_s, rs.resident_units};
     if (r->resid.enabled) comm_allreduce_sum_f64(comm, off7, 7);
@@ -584,7 +576,7 @@ static Status recluster_event(Run *r, long step) {
     Model *m = &r->m;
     int bs = r->cfg->train.batch_size;
     double pb = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
-    TRY(agree(r->comm, residency_fetch_all(&r->resid)));
+    TRY(comm_agree(r->comm, residency_fetch_all(&r->resid)));
     int n_ev = recluster_run(m, step + 1, r->evs);
     /* groups changed: re-place them (migration bytes land in the next step's log) */
     if (r->P > 1) r->pending_migr += replace_experts(m, r->cfg, &r->topo);
@@ -640,7 +632,7 @@ static Status checkpoint_and_stop(Run *r, long step, int *stop_out) {
         r->pos.elapsed_s = time_now() - r->t_start;
         Status fs = runlog_flush(&r->log);
         if (STATUS_OK(log_err) && !STATUS_OK(fs)) { log_err = fs; stop[2] = 1; }
-        Status st = agree(r->comm, residency_fetch_all(&r->resid));
+        Status st = comm_agree(r->comm, residency_fetch_all(&r->resid));
         if (STATUS_OK(st)) st = checkpoint_save(r->dir, &r->m, &r->pos, cfg->checkpoint.keep);
         if (!STATUS_OK(st))
             return status_errorf("step %ld: checkpoint failed: %s%s", step + 1, st.msg,
@@ -759,7 +751,7 @@ static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm 
             int nd = snprintf(text, sizeof text, "steps %lld\n", (long long)r->pos.step);
             st = file_write_atomic(done_path, text, (size_t)nd);
         }
-        st = agree(comm, st);
+        st = comm_agree(comm, st);
     }
     run_teardown(r);
     xfree(r);
