@@ -51,8 +51,17 @@ Status comm_single_init(Comm *c) {
     return status_ok();
 }
 
+/* the communicator every sub-communicator was split from: its statistics and profiler
+ * book the bytes of all of them */
+static inline Comm *root_of(Comm *c) {
+    while (c->parent) c = c->parent;
+    return c;
+}
+static inline struct Traffic *traffic_of(Comm *c) { return comm_traffic(c); }
+
 static inline void account(Comm *c, int phase, size_t bytes, double t0) {
     if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
+    c = root_of(c);
     c->stats.bytes[phase] += bytes;
     c->stats.calls[phase] += 1;
     c->stats.seconds[phase] += time_now() - t0;
@@ -67,11 +76,12 @@ void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
     account(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, t0);
     /* the profiler books a ring allreduce: 2 (P-1) messages of n/P elements to the successor
      * (the bytes a ring algorithm sends; MPI may pick another algorithm) */
-    if (c->traffic && c->size > 1) {
+    struct Traffic *tr = traffic_of(c);
+    if (tr && c->size > 1) {
         uint64_t per = (uint64_t)((n_elems + (size_t)c->size - 1) / (size_t)c->size) * sizeof(float);
-        traffic_add(c->traffic, phase, (c->rank + 1) % c->size, per * 2 * (uint64_t)(c->size - 1),
+        traffic_add(tr, phase, comm_world_rank(c, (c->rank + 1) % c->size), per * 2 * (uint64_t)(c->size - 1),
                     2 * (uint64_t)(c->size - 1));
-        traffic_add_time(c->traffic, phase, time_now() - t0);
+        traffic_add_time(tr, phase, time_now() - t0);
     }
 }
 
@@ -111,9 +121,10 @@ void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, 
     double t0 = time_now();
     c->ops->alltoall_bytes(c->ctx, send, recv, n_bytes);
     account(c, phase, n_bytes * (size_t)(c->size - 1), t0);
-    if (c->traffic)
+    struct Traffic *tr = traffic_of(c);
+    if (tr)
         for (int d = 0; d < c->size; d++)
-            if (d != c->rank) traffic_add(c->traffic, phase, d, n_bytes, 1);
+            if (d != c->rank) traffic_add(tr, phase, comm_world_rank(c, d), n_bytes, 1);
 }
 
 void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
@@ -121,13 +132,14 @@ void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, cons
     double t0 = time_now();
     c->ops->alltoallv_bytes(c->ctx, send, scounts, sdispls, recv, rcounts, rdispls);
     size_t sent = 0;
+    struct Traffic *tr = traffic_of(c);
     for (int d = 0; d < c->size; d++) {
         if (d == c->rank) continue;
         sent += scounts[d];
-        if (c->traffic && scounts[d]) traffic_add(c->traffic, phase, d, scounts[d], 1);
+        if (tr && scounts[d]) traffic_add(tr, phase, comm_world_rank(c, d), scounts[d], 1);
     }
     account(c, phase, sent, t0);
-    if (c->traffic) traffic_add_time(c->traffic, phase, time_now() - t0);
+    if (tr) traffic_add_time(tr, phase, time_now() - t0);
 }
 
 void comm_abort(Comm *c, int code) {
@@ -137,9 +149,54 @@ void comm_abort(Comm *c, int code) {
     exit(code);
 }
 
+void comm_split(Comm *parent, int color, int key, Comm *out) {
+    memset(out, 0, sizeof *out);
+    out->ops = parent->ops;
+    out->parent = parent;
+    if (parent->size == 1) {
+        out->ops = &single_ops;
+        out->ctx = NULL;
+        out->rank = 0; out->size = 1; out->local_rank = 0; out->local_size = 1;
+        out->world_of = xcalloc(sizeof(int));
+        out->world_of[0] = comm_world_rank(parent, 0);
+        return;
+    }
+    /* membership: every rank's (color, key, rank) over the parent */
+    int P = parent->size, mine[3] = {color, key, parent->rank};
+    int *all = xcalloc(sizeof(int) * 3 * (size_t)P);
+    parent->ops->allgather_bytes(parent->ctx, mine, all, sizeof mine);
+    out->ctx = parent->ops->split(parent->ctx, color, key);
+    int n = 0;
+    for (int r = 0; r < P; r++) n += all[3 * r] == color;
+    out->size = n;
+    out->world_of = xcalloc(sizeof(int) * (size_t)n);
+    /* the members in (key, parent rank) order, as MPI_Comm_split orders them */
+    int i = 0;
+    for (int r = 0; r < P; r++) {
+        if (all[3 * r] != color) continue;
+        int pos = 0;
+        for (int q = 0; q < P; q++)
+            if (all[3 * q] == color && (all[3 * q + 1] < all[3 * r + 1] || (all[3 * q + 1] == all[3 * r + 1] && q < r)))
+                pos++;
+        out->world_of[pos] = comm_world_rank(parent, r);
+        if (r == parent->rank) out->rank = pos;
+        i++;
+    }
+    ASSERT(i == n);
+    /* node-local rank: members on this rank's node (the parent's shared-memory split is
+     * not re-derived; a sub-communicator's local figures are its members on the node) */
+    out->local_rank = parent->local_rank;
+    out->local_size = parent->local_size;
+    xfree(all);
+}
+
 void comm_free(Comm *c) {
     if (!c) return;
-    if (c->ctx) free(c->ctx);
+    if (c->ctx) {
+        if (c->ops && c->ops->free_ctx) c->ops->free_ctx(c->ctx);
+        else free(c->ctx);
+    }
+    xfree(c->world_of);
     memset(c, 0, sizeof *c);
 }
 

@@ -34,6 +34,10 @@ typedef struct CommOps {
     void (*alltoallv_bytes)(void *ctx, const void *send, const size_t *scounts, const size_t *sdispls,
                             void *recv, const size_t *rcounts, const size_t *rdispls);
     void (*abort)(void *ctx, int code);
+    /* a sub-communicator of the ranks with the same color, ordered by key (collective);
+     * returns the new context (NULL for the single-process communicator: itself) */
+    void *(*split)(void *ctx, int color, int key);
+    void (*free_ctx)(void *ctx);
 } CommOps;
 
 struct Traffic;
@@ -46,14 +50,31 @@ typedef struct Comm {
     int local_rank, local_size;        /* within the node */
     CommStats stats;
     struct Traffic *traffic;           /* optional (src, dst) profiler fed by the wrappers */
-    const struct Topology *topo;       /* optional node map (set by the trainer; NULL = unknown) */
+    const struct Topology *topo;       /* optional node map (set by the trainer; NULL = unknown),
+                                          indexed by this communicator's ranks */
+    /* sub-communicators (comm_split): the communicator they were split from and the world
+     * rank of each member, so the profiler and the per-phase statistics of the world see
+     * every byte with its real (source, destination) ranks */
+    struct Comm *parent;
+    int *world_of;                     /* [size] world rank of each member; NULL = the world */
 } Comm;
 
 /* MPI communicator over MPI_COMM_WORLD (MPI_Init must have been called) */
 Status comm_mpi_init(Comm *c);
 /* single-process communicator (rank 0 of 1) */
 Status comm_single_init(Comm *c);
+/* the ranks of parent with the same color, ordered by key (collective over parent). Bytes
+ * the sub-communicator moves are booked in the root communicator's statistics and traffic
+ * profiler under world ranks; out->topo is left NULL (the caller sets a sub-topology). */
+void comm_split(Comm *parent, int color, int key, Comm *out);
 void comm_free(Comm *c);
+/* the traffic profiler that books this communicator's bytes (the root's) */
+static inline struct Traffic *comm_traffic(const Comm *c) {
+    while (c->parent) c = c->parent;
+    return c->traffic;
+}
+/* world rank of member r (the root communicator's numbering) */
+static inline int comm_world_rank(const Comm *c, int r) { return c->world_of ? c->world_of[r] : r; }
 
 /* typed wrappers: count bytes and time per phase */
 void comm_barrier(Comm *c);

@@ -72,6 +72,20 @@ static void mpi_abort(void *ctx, int code) {
     exit(code);
 }
 
+static void *mpi_split(void *ctx, int color, int key) {
+    MpiCtx *m = ctx, *sub = calloc(1, sizeof *sub);
+    ASSERT(sub);
+    MPI_Comm_split(m->world, color, key, &sub->world);
+    MPI_Comm_split_type(sub->world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &sub->node);
+    return sub;
+}
+static void mpi_free_ctx(void *ctx) {
+    MpiCtx *m = ctx;
+    if (m->world != MPI_COMM_WORLD && m->world != MPI_COMM_NULL) MPI_Comm_free(&m->world);
+    if (m->node != MPI_COMM_NULL) MPI_Comm_free(&m->node);
+    free(m);
+}
+
 static const CommOps mpi_ops = {
     .name = "mpi",
     .barrier = mpi_barrier,
@@ -84,6 +98,8 @@ static const CommOps mpi_ops = {
     .alltoall_bytes = mpi_alltoall,
     .alltoallv_bytes = mpi_alltoallv,
     .abort = mpi_abort,
+    .split = mpi_split,
+    .free_ctx = mpi_free_ctx,
 };
 
 static void abort_hook(int code) { MPI_Abort(MPI_COMM_WORLD, code); }

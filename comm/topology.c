@@ -19,6 +19,75 @@ void topology_free(Topology *t) {
     memset(t, 0, sizeof *t);
 }
 
+void topology_subset(Topology *out, const Topology *t, const int *ranks, int n) {
+    memset(out, 0, sizeof *out);
+    out->n_ranks = n;
+    out->node_of = xcalloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    int *renum = xcalloc(sizeof(int) * (size_t)(t->n_nodes > 0 ? t->n_nodes : 1)), next = 0;
+    for (int q = 0; q < t->n_nodes; q++) renum[q] = -1;
+    for (int i = 0; i < n; i++) {
+        int node = t->node_of[ranks[i]];
+        if (renum[node] < 0) renum[node] = next++;
+        out->node_of[i] = renum[node];
+    }
+    xfree(renum);
+    out->n_nodes = next;
+    out->node_size = xcalloc(sizeof(int) * (size_t)(next > 0 ? next : 1));
+    out->local_index = xcalloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    for (int i = 0; i < n; i++) out->local_index[i] = out->node_size[out->node_of[i]]++;
+    out->is_virtual = t->is_virtual;
+    str_fmt(out->source, sizeof out->source, "%s", t->source);
+    out->intra_gbps = t->intra_gbps;
+    out->inter_gbps = t->inter_gbps;
+    out->latency_us = t->latency_us;
+}
+
+int topology_ep_groups(const Topology *t, int n_ranks, int ep_size, int *group_of, int *pos_of) {
+    if (ep_size < 1 || n_ranks % ep_size != 0) return -1;
+    int *order = xcalloc(sizeof(int) * (size_t)n_ranks);
+    int n = 0;
+    if (t) {
+        for (int node = 0; node < t->n_nodes; node++)
+            for (int r = 0; r < n_ranks; r++)
+                if (t->node_of[r] == node) order[n++] = r;   /* local index order = rank order */
+    } else {
+        for (int r = 0; r < n_ranks; r++) order[n++] = r;
+    }
+    ASSERT(n == n_ranks);
+    /* block b = order[b*S .. (b+1)*S); number the blocks by their lowest rank */
+    int n_groups = n_ranks / ep_size;
+    int *low = xcalloc(sizeof(int) * (size_t)n_groups), *id = xcalloc(sizeof(int) * (size_t)n_groups);
+    for (int b = 0; b < n_groups; b++) {
+        low[b] = n_ranks;
+        for (int i = 0; i < ep_size; i++) if (order[b * ep_size + i] < low[b]) low[b] = order[b * ep_size + i];
+    }
+    for (int b = 0; b < n_groups; b++) {
+        id[b] = 0;
+        for (int c = 0; c < n_groups; c++) id[b] += low[c] < low[b];
+    }
+    for (int b = 0; b < n_groups; b++)
+        for (int i = 0; i < ep_size; i++) {
+            group_of[order[b * ep_size + i]] = id[b];
+            pos_of[order[b * ep_size + i]] = i;
+        }
+    xfree(order); xfree(low); xfree(id);
+    return 0;
+}
+
+int topology_ep_congruent(const Topology *t, int n_ranks, int ep_size, const int *group_of, const int *pos_of) {
+    if (!t) return 1;
+    int n_groups = n_ranks / ep_size;
+    int *at = xcalloc(sizeof(int) * (size_t)n_ranks);   /* [group, pos] -> rank */
+    for (int r = 0; r < n_ranks; r++) at[group_of[r] * ep_size + pos_of[r]] = r;
+    int ok = 1;
+    for (int g = 1; g < n_groups && ok; g++)
+        for (int i = 0; i < ep_size && ok; i++)
+            for (int j = 0; j < ep_size && ok; j++)
+                ok = topology_same_node(t, at[i], at[j]) == topology_same_node(t, at[g * ep_size + i], at[g * ep_size + j]);
+    xfree(at);
+    return ok;
+}
+
 static void copy_links(Topology *t, const TopologyConfig *cfg) {
     if (!cfg) return;
     t->intra_gbps = cfg->intra_gbps;

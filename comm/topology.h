@@ -26,6 +26,20 @@ Status topology_init(Topology *t, Comm *c, const TopologyConfig *cfg);
 /* virtual topology without a communicator (tests, planning, the simulator) */
 Status topology_virtual(Topology *t, int n_ranks, const TopologyConfig *cfg);
 void topology_free(Topology *t);
+/* the topology of a subset of ranks: member i is rank ranks[i] of t (nodes renumbered by
+ * first appearance; links copied) */
+void topology_subset(Topology *out, const Topology *t, const int *ranks, int n);
+/* expert-parallel groups of ep_size ranks that follow the topology: the ranks ordered by
+ * (node, index inside the node) and cut into consecutive blocks, so with ep_size = ranks per
+ * node a group is one node. group_of [n_ranks] / pos_of [n_ranks] get each rank's group and
+ * position inside it (t = NULL: blocks of consecutive ranks). Returns 0, or -1 when
+ * ep_size does not divide the rank count. Groups are numbered by their lowest rank, so
+ * rank 0 is position 0 of group 0. */
+int topology_ep_groups(const Topology *t, int n_ranks, int ep_size, int *group_of, int *pos_of);
+/* 1 when every EP group has the same node layout (position i of every group shares a node
+ * with position j exactly when it does in group 0); placement is computed once for all
+ * groups, so it needs this */
+int topology_ep_congruent(const Topology *t, int n_ranks, int ep_size, const int *group_of, const int *pos_of);
 static inline int topology_same_node(const Topology *t, int a, int b) {
     return t->node_of[a] == t->node_of[b];
 }

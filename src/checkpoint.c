@@ -183,6 +183,33 @@ static void remove_tree(const char *dir) {
     rmdir(dir);
 }
 
+/* parallel.ep_size < world: the ranks at one EP position hold the same units; their
+ * parameters and Adam moments must agree bit for bit (CRC-32 of each array, compared by a
+ * max and a min over the replicas). Collective over the world. */
+static Status replicas_check(Model *m) {
+    if (!m->rep_comm) return status_ok();
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *host = xmalloc(sizeof(float) * (nl ? nl : 1));
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    double hi[3], lo[3];
+    for (int a = 0; a < 3; a++) {
+        m->be->ops->to_host(m->be->ctx, host, arr[a], sizeof(float) * nl);
+        hi[a] = (double)crc32_update(0, host, sizeof(float) * nl);
+        lo[a] = -hi[a];
+    }
+    xfree(host);
+    comm_allreduce_max_f64(m->rep_comm, hi, 3);
+    comm_allreduce_max_f64(m->rep_comm, lo, 3);
+    double bad = 0;
+    for (int a = 0; a < 3; a++) bad += hi[a] != -lo[a];
+    comm_allreduce_max_f64(m->comm, &bad, 1);
+    if (bad > 0)
+        return status_errorf("checkpoint: the replicas of the expert units (parallel.ep_size=%d, %d EP groups) "
+                             "are not bitwise equal; refusing to save a checkpoint of diverged replicas",
+                             m->ep_size, m->n_ep_groups);
+    return status_ok();
+}
+
 Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
@@ -200,12 +227,16 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
     comm_bcast_bytes(comm, &ok, sizeof ok, 0);
     if (!ok) return comm->rank == 0 ? st : status_errorf("checkpoint: rank 0 could not create %s", tmpdir);
 
-    /* every expert, from every rank, in the canonical layout (collective) */
+    /* the replicas of every expert unit (one per EP group) must be bitwise equal: checked
+     * before anything is written */
+    TRY(replicas_check(m));
+    /* every expert, from every rank of EP group 0 (which holds rank 0), in the canonical
+     * layout (collective over that group) */
     float *full[3] = {NULL, NULL, NULL};
     {
         float *loc[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
         for (int a = 0; a < 3; a++) full[a] = xmalloc(sizeof(float) * (m->n_expert_full ? m->n_expert_full : 1));
-        model_ep_gather(m, loc, full, 3);
+        if (m->ep_group == 0) model_ep_gather(m, loc, full, 3);
     }
     if (comm->rank == 0) {
         Buf b = {0};

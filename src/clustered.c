@@ -66,7 +66,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     router_init(&st->route, n_max, E, k, G, TG);
     c->entry_src = xcalloc(sizeof(int32_t) * M);
     c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
-    epp_init(&c->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
+    epp_init(&c->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
     c->entry_token = xcalloc(sizeof(int32_t) * M);
     c->entry_grow = xcalloc(sizeof(int32_t) * M);
     c->entry_gate = xcalloc(sizeof(float) * M);
@@ -349,7 +349,7 @@ combine:
     op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     op->scatter_add_rows(cx, c->yr, c->yg, c->gentry_token_d, NULL, Mg, D);
     op->zero(cx, out, sizeof(float) * (size_t)N * D);
-    epp_return_combine(XP, be, comm, c->yr, out);
+    epp_return_combine(XP, be, moe_xcomm(ml, comm), c->yr, out);
 }
 
 /* ---- backward ---- */
@@ -366,7 +366,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     ASSERTF(!c->last_stored && !p->stored, "clustered_backward: the stored-format path is inference only");
 
     /* dout rows to the groups' ranks (mirror of the combine) */
-    epp_send_rows(XP, be, comm, dout);
+    epp_send_rows(XP, be, moe_xcomm(ml, comm), dout);
     EpX *X = XP->two_level ? &XP->b : &XP->a;
     op->gather_rows(cx, c->dyg, X->rbuf, c->gentry_token_d, Mg, D);
     for (int gg = 0; gg < Gl; gg++) {
@@ -420,11 +420,11 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     /* dx rows back to the tokens' ranks, dgates (base and residual paths) with them */
     op->zero(cx, c->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     op->scatter_add_rows(cx, c->yr, c->dxg, c->gentry_token_d, NULL, Mg, D);
-    epp_return_combine(XP, be, comm, c->yr, dx);
+    epp_return_combine(XP, be, moe_xcomm(ml, comm), c->yr, dx);
     op->to_host(cx, c->dgate_h, c->dgate_d, sizeof(float) * (M ? M : 1));
     op->to_host(cx, c->dgate2_h, c->dgate2_d, sizeof(float) * (M ? M : 1));
     for (int i = 0; i < M; i++) X->rval[c->entry_src[i]] = c->dgate_h[i] + c->dgate2_h[i];
-    epp_return_scalars(XP, comm, X->rval);
+    epp_return_scalars(XP, moe_xcomm(ml, comm), X->rval);
 
     moe_route_backward(ml, XP, be, p, g, st, &c->router, dx, x);
 }

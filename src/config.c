@@ -167,6 +167,10 @@ static const KeyDef keys[] = {
     K_FLOAT(parallel.min_gain, 0, 0.0, 1.0, 0, 0.05,
             "migrate only when the placement objective (inter-node co-selection cut; rank MaxVio for eplb) improves by more than this fraction"),
     K_INT(parallel.traffic_interval, 1, INT_MAX, 50, "write the node x node (and rank x rank) byte matrices to HDF5 every n steps"),
+    K_INT(parallel.ep_size, 0, 1 << 20, 0,
+          "ranks per expert-parallel group (0 = the world): every group holds each expert unit once, units are "
+          "replicated over the world / ep_size groups and their gradients summed over the replicas; groups follow "
+          "the topology (ep_size = ranks per node keeps dispatch and combine inside the node)"),
     K_INT(parallel.rank_matrix_max, 0, 1 << 20, 256,
           "rank x rank traffic matrices (comm/bytes, comm/msgs) only up to this many ranks; node x node matrices "
           "and per-rank marginals are always logged"),

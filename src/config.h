@@ -116,6 +116,7 @@ typedef struct ParallelConfig {
     double min_gain;         /* migrate only when the placement objective improves by more than this fraction */
     int traffic_interval;    /* write (src, dst) byte matrices every n steps */
     int rank_matrix_max;     /* rank x rank matrices only up to this many ranks */
+    int ep_size;             /* ranks per expert-parallel group; 0 = the world */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

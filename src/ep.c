@@ -212,9 +212,11 @@ void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k,
     int n_rows = pl.n_rows;
     x->n_srows = n_rows;
     x->n_sent = pl.n_ent;
-    const Topology *topo = comm->traffic ? comm->traffic->topo : NULL;
-    if (comm->traffic && stats)
-        traffic_add_dispatch(comm->traffic, n_rows, (double)pl.n_ent, topo ? exchange_stage_nodes_touched(&pl, topo) : 0,
+    /* nodes touched in this communicator's numbering (an EP group's topology) */
+    Traffic *tr = comm_traffic(comm);
+    const Topology *topo = comm->topo && comm->topo->n_ranks == P ? comm->topo : NULL;
+    if (tr && stats)
+        traffic_add_dispatch(tr, n_rows, (double)pl.n_ent, topo ? exchange_stage_nodes_touched(&pl, topo) : 0,
                              N);
     ExchangeExecutor ex = exec_mpi(comm);
 

@@ -126,6 +126,44 @@ static void bind_views(Model *m, float *base[PCAT_N], ModelParams *v) {
     ASSERT(i == m->n_tensors);
 }
 
+/* EP groups of parallel.ep_size ranks (topology_ep_groups): ep_comm over my group (position
+ * = EP rank), rep_comm over the ranks at my position in every group, and my group's topology */
+static Status ep_groups_setup(Model *m, const Config *cfg, Comm *comm) {
+    int P = comm->size, S = cfg->parallel.ep_size ? cfg->parallel.ep_size : P;
+    if (S > P || P % S != 0)
+        return status_errorf("parallel.ep_size=%d must divide the %d ranks of the run (0 = all ranks in one "
+                             "expert-parallel group)", cfg->parallel.ep_size, P);
+    const Topology *t = comm->topo;
+    m->ep_size = S;
+    m->n_ep_groups = P / S;
+    int *group_of = m->ep_group_of_rank = xcalloc(sizeof(int) * (size_t)P);
+    int *pos_of = m->ep_pos_of_rank = xcalloc(sizeof(int) * (size_t)P);
+    if (S == P) {
+        for (int r = 0; r < P; r++) pos_of[r] = r;
+        m->ep_comm = comm;
+        m->ep_topo = (Topology *)t;
+        return status_ok();
+    }
+    ASSERT(topology_ep_groups(t, P, S, group_of, pos_of) == 0);
+    if (!topology_ep_congruent(t, P, S, group_of, pos_of)) {
+        return status_errorf("parallel.ep_size=%d: the expert-parallel groups would have different node layouts "
+                             "(%d nodes of uneven size); choose an ep_size that divides the ranks per node or is a "
+                             "multiple of it", S, t ? t->n_nodes : 1);
+    }
+    m->ep_owned = 1;
+    m->ep_group = group_of[comm->rank];
+    m->ep_comm = xcalloc(sizeof(Comm));
+    m->rep_comm = xcalloc(sizeof(Comm));
+    comm_split(comm, group_of[comm->rank], pos_of[comm->rank], m->ep_comm);
+    comm_split(comm, pos_of[comm->rank], group_of[comm->rank], m->rep_comm);
+    if (t) {
+        m->ep_topo = xcalloc(sizeof(Topology));
+        topology_subset(m->ep_topo, t, m->ep_comm->world_of, S);
+        m->ep_comm->topo = m->ep_topo;
+    }
+    return status_ok();
+}
+
 static void *balloc(Model *m, size_t bytes) {
     m->act_bytes += bytes;
     return m->be->ops->alloc(m->be->ctx, bytes);
@@ -168,19 +206,24 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         cs->mu_seen = xcalloc(sizeof(int32_t) * f->E);
         f->cs = cs;
     }
-    /* expert parallelism: every MoE layer's units (groups or experts) split over the ranks */
+    /* expert parallelism: every MoE layer's units (groups or experts) split over the ranks
+     * of an EP group */
+    TRY(ep_groups_setup(m, cfg, comm));
+    Comm *xc = m->ep_comm;
     m->ep = xcalloc(sizeof(EpMap) * m->L);
     for (int l = 0; l < m->L; l++) {
         MoeLayer *f = &m->ffn[l];
         if (f->kind == MOE_KIND_DENSE) continue;
         int K = f->kind == MOE_KIND_CLUSTERED ? f->K : 1, U = f->E / K;
-        if (U % comm->size != 0)
-            return status_errorf("%s=%d cannot be split evenly over %d ranks (expert parallelism gives every "
-                                 "rank the same number of whole %s)",
-                                 f->kind == MOE_KIND_CLUSTERED ? "moe.n_groups" : "moe.n_experts", U, comm->size,
+        if (U % xc->size != 0)
+            return status_errorf("%s=%d cannot be split evenly over %d ranks%s (expert parallelism gives every "
+                                 "rank of an expert-parallel group the same number of whole %s)",
+                                 f->kind == MOE_KIND_CLUSTERED ? "moe.n_groups" : "moe.n_experts", U, xc->size,
+                                 m->n_ep_groups > 1 ? " (parallel.ep_size)" : "",
                                  f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts");
-        ep_map_init(&m->ep[l], comm->size, comm->rank, f->E, K);
+        ep_map_init(&m->ep[l], xc->size, xc->rank, f->E, K);
         f->ep = &m->ep[l];
+        f->ep_comm = xc;
         f->two_level = cfg->parallel.exchange == EXCHANGE_TWO_LEVEL;
         f->index = l;
     }
@@ -259,6 +302,12 @@ void model_free(Model *m) {
     xfree(m->cstate);
     if (m->ep) for (int l = 0; l < m->L; l++) if (m->ep[l].E) ep_map_free(&m->ep[l]);
     xfree(m->ep);
+    xfree(m->ep_group_of_rank); xfree(m->ep_pos_of_rank);
+    if (m->ep_owned) {
+        comm_free(m->ep_comm); comm_free(m->rep_comm);
+        xfree(m->ep_comm); xfree(m->rep_comm);
+        if (m->ep_topo) { topology_free(m->ep_topo); xfree(m->ep_topo); }
+    }
     xfree(m->res); xfree(m->acts); xfree(m->ffn); xfree(m->p.layers); xfree(m->g.layers);
     memset(m, 0, sizeof *m);
 }
@@ -283,7 +332,7 @@ void model_init_params(Model *m) {
             float *full = xmalloc(sizeof(float) * t->n_full);
             for (size_t j = 0; j < t->n_full; j++) full[j] = t->init_std * rng_normal(&r);
             for (int q = 0; q < t->dims[0]; q++)
-                memcpy(dst + (size_t)q * row, full + (size_t)model_ep_row(m, t, m->comm->rank, q) * row, sizeof(float) * row);
+                memcpy(dst + (size_t)q * row, full + (size_t)model_ep_row(m, t, m->ep_comm->rank, q) * row, sizeof(float) * row);
             xfree(full);
         }
         m->be->ops->from_host(m->be->ctx, m->params[c], host, sizeof(float) * n);
@@ -303,7 +352,7 @@ int model_ep_row(const Model *m, const ParamTensor *t, int r, int s) {
 }
 
 void model_ep_gather(Model *m, float *const *local, float **full, int n) {
-    Comm *comm = m->comm;
+    Comm *comm = m->ep_comm;
     const Backend *be = m->be;
     size_t nl = m->n_cat[PCAT_EXPERT];
     float *mine = xmalloc(sizeof(float) * (nl ? nl : 1));
@@ -337,7 +386,7 @@ void model_ep_scatter(Model *m, float *const *full, float **local, int n) {
             size_t row = t->n / t->dims[0];
             for (int q = 0; q < t->dims[0]; q++)
                 memcpy(mine + t->offset + (size_t)q * row,
-                       full[a] + t->full_offset + (size_t)model_ep_row(m, t, m->comm->rank, q) * row, sizeof(float) * row);
+                       full[a] + t->full_offset + (size_t)model_ep_row(m, t, m->ep_comm->rank, q) * row, sizeof(float) * row);
         }
         be->ops->from_host(be->ctx, local[a], mine, sizeof(float) * nl);
     }
@@ -367,7 +416,7 @@ void model_ep_unit_copy(const Model *m, int l, float *const arr[3], int slot, fl
 }
 
 size_t model_ep_relayout(Model *m, int l, const Placement *np) {
-    Comm *comm = m->comm;
+    Comm *comm = m->ep_comm;
     const Backend *be = m->be;
     EpMap *em = &m->ep[l];
     int P = comm->size, me = comm->rank, U = em->U;

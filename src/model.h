@@ -16,6 +16,7 @@
 #include "config.h"
 #include "moe.h"
 #include "ep.h"
+#include "topology.h"
 
 enum ParamKind { PARAM_EMBED = 0, PARAM_ATTN = 1, PARAM_NORM = 2, PARAM_DENSE_FFN = 3,
                  PARAM_ROUTER = 4, PARAM_EXPERT = 5, PARAM_HEAD = 6, PARAM_BASE = 7,
@@ -71,7 +72,18 @@ typedef struct LayerActs {
 typedef struct Model {
     Config cfg;
     const Backend *be;
-    Comm *comm;
+    Comm *comm;                         /* the world: dense gradients, routing statistics, logs */
+    /* expert parallelism over EP groups of parallel.ep_size ranks (ep.h): the dispatch /
+     * combine exchange, placement, migration and gathers of expert tensors run over ep_comm
+     * (= comm when ep_size is the world); rep_comm joins the ranks that hold the same units
+     * in every EP group (their expert gradients are summed there; NULL when there is one EP
+     * group). Owned by the model. */
+    Comm *ep_comm, *rep_comm;
+    Topology *ep_topo;                  /* this EP group's ranks (EP-local indices) and their nodes
+                                           (NULL without a topology; the world's when ep_size = world) */
+    int ep_size, ep_group, n_ep_groups; /* ranks per EP group, this rank's group, groups */
+    int ep_owned;                       /* 1: ep_comm, rep_comm, ep_topo were split here (freed by model_free) */
+    int *ep_group_of_rank, *ep_pos_of_rank;  /* [world] EP group and position of every rank */
     int V, T, D, H, L, C, task;
     int B_max;                          /* activation capacity (sequences on this rank) */
     MoeLayer *ffn;                      /* [L] layer kinds (dense or MoE per moe.every) */

@@ -84,7 +84,7 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
         hs->dev.pos = moe_alloc_counted(be, &acc, sizeof(int32_t) * Ms);
         hs->dev.gate = moe_alloc_counted(be, &acc, sizeof(float) * Ms);
         hs->entry_src = xcalloc(sizeof(int32_t) * M);
-        epp_init(&hs->x, be, ml->ep, comm->topo, ml->two_level, D, n_max, k);
+        epp_init(&hs->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
         hs->dev.entry_token = moe_alloc_counted(be, &acc, sizeof(int32_t) * M);
         hs->dev.entry_gate = moe_alloc_counted(be, &acc, sizeof(float) * M);
         hs->dev.dgate = moe_alloc_counted(be, &acc, sizeof(float) * M);
@@ -215,9 +215,9 @@ void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParam
 void moe_dispatch(const MoeLayer *ml, EpPath *xp, const Backend *be, Comm *comm, MoeState *st, const float *x) {
     Route *rt = &st->route;
     int N = rt->N, k = ml->k;
-    epp_plan(xp, ml->ep, be, comm, N, k, rt->expert, rt->pos, rt->gate);
+    epp_plan(xp, ml->ep, be, moe_xcomm(ml, comm), N, k, rt->expert, rt->pos, rt->gate);
     for (size_t ts = 0; ts < (size_t)N * k; ts++) rt->pos[ts] = xp->a.ts_entry[ts];
-    epp_send_rows(xp, be, comm, x);
+    epp_send_rows(xp, be, moe_xcomm(ml, comm), x);
 }
 
 void moe_need(const MoeLayer *ml, const int32_t *off, int n_units) {
@@ -296,7 +296,7 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     be->ops->scatter_add_rows(be->ctx, hs->yr, st->yg, hs->dev.entry_token, hs->dev.entry_gate, M, D);
     be->ops->zero(be->ctx, out, sizeof(float) * N * D);
-    epp_return_combine(XP, be, comm, hs->yr, out);
+    epp_return_combine(XP, be, moe_xcomm(ml, comm), hs->yr, out);
 }
 
 void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
@@ -314,7 +314,7 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
     MoeHost *hs = host_of(st);
     EpPath *XP = &hs->x;
     /* dout rows to the experts (the mirror of the combine), dx rows and dgates back */
-    epp_send_rows(XP, be, comm, dout);
+    epp_send_rows(XP, be, moe_xcomm(ml, comm), dout);
     EpX *X = XP->two_level ? &XP->b : &XP->a;
     /* dgate[i] = <dout row_i, yg_i>;  dyg_i = gate_i * dout row_i */
     be->ops->gather_dot(be->ctx, hs->dev.dgate, X->rbuf, st->yg, hs->dev.entry_token, M, D);
@@ -322,10 +322,10 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
     experts_backward(ml, be, p, g, st, st->expert_off, st->xg, st->dyg, st->dxg, 0.0f);
     be->ops->zero(be->ctx, hs->yr, sizeof(float) * (size_t)(X->n_rrows ? X->n_rrows : 1) * D);
     be->ops->scatter_add_rows(be->ctx, hs->yr, st->dxg, hs->dev.entry_token, NULL, M, D);
-    epp_return_combine(XP, be, comm, hs->yr, dx);
+    epp_return_combine(XP, be, moe_xcomm(ml, comm), hs->yr, dx);
     be->ops->to_host(be->ctx, hs->dgate_h, hs->dev.dgate, sizeof(float) * (M ? M : 1));
     for (int i = 0; i < M; i++) X->rval[hs->entry_src[i]] = hs->dgate_h[i];
-    epp_return_scalars(XP, comm, X->rval);
+    epp_return_scalars(XP, moe_xcomm(ml, comm), X->rval);
 
     moe_route_backward(ml, XP, be, p, g, st, &hs->dev.router, dx, x);
 }

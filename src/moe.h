@@ -109,6 +109,8 @@ typedef struct MoeLayer {
     ClusterState *cs;            /* clustered: the model's state for this layer; standard: only
                                     cs->bias is used (moe.balance = aux_free) */
     EpMap *ep;                   /* MoE layers: where the experts live (the model's map) */
+    Comm *ep_comm;               /* the expert-parallel group the exchange runs over (the model's;
+                                    routing statistics use the world communicator passed in) */
     int two_level;               /* parallel.exchange = two_level */
     int index;                   /* transformer block of this layer */
     /* training-time offloading: called after the dispatch with the local units (groups or
@@ -116,6 +118,11 @@ typedef struct MoeLayer {
     Status (*need)(void *ctx, int layer, const int32_t *units, int n);
     void *need_ctx;
 } MoeLayer;
+
+/* the communicator of a layer's exchange: its EP group, or comm when none was set (layers
+ * built outside a model) */
+static inline Comm *moe_xcomm(const MoeLayer *ml, Comm *comm) { return ml->ep_comm ? ml->ep_comm : comm; }
+static inline const Comm *moe_xcomm_c(const MoeLayer *ml, const Comm *comm) { return ml->ep_comm ? ml->ep_comm : comm; }
 
 void moe_layer_setup(MoeLayer *ml, const MoeConfig *mc, int kind, int D, int F, int act);
 /* parameter counts */

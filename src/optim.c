@@ -14,19 +14,24 @@ double optim_lr(const TrainConfig *tc, long step) {
     return floor_lr + 0.5 * (lr - floor_lr) * (1.0 + cos(M_PI * prog));
 }
 
-/* data-parallel parameters only: an expert's gradient is complete on its owner (every
- * token routed to it arrived there), so expert gradients never enter the allreduce */
+/* dense parameters over the world; an expert's gradient is complete inside its EP group
+ * (every token of the group routed to it arrived at its owner), so expert gradients are
+ * summed only over the replicas of the unit, one per EP group (rep_comm; none when the EP
+ * group is the world) */
 void optim_reduce_grads(Model *m) {
     if (m->n_cat[PCAT_DENSE])
         comm_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
+    if (m->rep_comm && m->rep_comm->size > 1 && m->n_cat[PCAT_EXPERT])
+        comm_allreduce_sum_f32(m->rep_comm, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT], COMM_PHASE_ALLREDUCE);
 }
 
-/* global norm: the replicated dense part once, plus every rank's own experts */
+/* global norm: the replicated dense part once, plus every expert once (the ranks of one EP
+ * group hold each expert once; every group holds the same summed gradients) */
 double optim_grad_norm(const Model *m) {
     double dense = 0, expert = 0;
     if (m->n_cat[PCAT_DENSE]) dense = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE]);
     if (m->n_cat[PCAT_EXPERT]) expert = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT]);
-    comm_allreduce_sum_f64(m->comm, &expert, 1);
+    comm_allreduce_sum_f64(m->ep_comm ? m->ep_comm : m->comm, &expert, 1);
     return sqrt(dense + expert);
 }
 

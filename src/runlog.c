@@ -151,7 +151,23 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/offload/train", "columns",
                        "hits,misses,evictions,bytes_in,bytes_out,stall_s,resident_units (summed over ranks; "
                        "training-time offloading, offload.enabled)"));
-    TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change"));
+    TRY(h5log_attr_str(lg, "/parallel/owner", "note", "owning rank of every expert per MoE layer, at start and after every placement change "
+                       "(with parallel.ep_size < world: the position inside the EP group, the same in every group; "
+                       "parallel/ep_group_of_rank and parallel/ep_pos_of_rank map ranks)"));
+    TRY(h5log_attr_i64(lg, "/", "ep_size", m->ep_size));
+    TRY(h5log_attr_i64(lg, "/", "n_ep_groups", m->n_ep_groups));
+    {
+        int64_t *gp = xcalloc(sizeof(int64_t) * 2 * (size_t)comm->size);
+        for (int r = 0; r < comm->size; r++) {
+            gp[r] = m->ep_group_of_rank ? m->ep_group_of_rank[r] : 0;
+            gp[comm->size + r] = m->ep_pos_of_rank ? m->ep_pos_of_rank[r] : r;
+        }
+        uint64_t dg[1] = {(uint64_t)comm->size};
+        Status sg = h5log_write_array(lg, "parallel/ep_group_of_rank", H5LOG_I64, 1, dg, gp);
+        if (STATUS_OK(sg)) sg = h5log_write_array(lg, "parallel/ep_pos_of_rank", H5LOG_I64, 1, dg, gp + comm->size);
+        xfree(gp);
+        TRY(sg);
+    }
     /* "0,2,5": up to 12 characters per layer index */
     size_t cap_layers = (size_t)m->L * 12 + 8, n_layers_txt = 0;
     char *layers = xcalloc(cap_layers);
@@ -345,8 +361,13 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
         for (int l = 0; l < m->L; l++) {
             if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
             const MoeStats *ms = &m->acts[l].moe.stats;
+            /* global counts by EP position; with several EP groups a rank gets its position's
+             * share (tokens / groups: the groups' split of the tokens is not gathered) */
             for (int q = 0; q < P; q++) rt[(size_t)i * P + q] = 0;
-            for (int e = 0; e < E; e++) rt[(size_t)i * P + m->ep[l].expert_owner[e]] += ms->counts[e];
+            for (int e = 0; e < E; e++)
+                for (int q = 0; q < P; q++)
+                    if (m->ep_pos_of_rank[q] == m->ep[l].expert_owner[e])
+                        rt[(size_t)i * P + q] += ms->counts[e] / m->n_ep_groups;
             LoadStats lr_ = metrics_load(rt + (size_t)i * P, P);
             rmv[i] = lr_.maxvio;
             i++;

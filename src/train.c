@@ -504,10 +504,10 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         if (m->ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m->ep[l], comm, cfg->parallel.affinity_ema);
     double migr = r->pending_migr;
     r->pending_migr = 0;
-    if (P > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
+    if (m->ep_size > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
         (step + 1) % cfg->parallel.place_interval == 0 && step + 1 != tc->steps) {
         TRY(residency_fetch_all(&r->resid));
-        double b = replace_experts(m, cfg, &r->topo);
+        double b = replace_experts(m, cfg, m->ep_topo);
         if (b > 0) r->log_owner = true;
         migr += b;
     }
@@ -579,7 +579,7 @@ static Status recluster_event(Run *r, long step) {
     TRY(comm_agree(r->comm, residency_fetch_all(&r->resid)));
     int n_ev = recluster_run(m, step + 1, r->evs);
     /* groups changed: re-place them (migration bytes land in the next step's log) */
-    if (r->P > 1) r->pending_migr += replace_experts(m, r->cfg, &r->topo);
+    if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo);
     double pa = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
     r->last_event = step + 1;
     runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);
