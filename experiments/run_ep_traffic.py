@@ -21,7 +21,7 @@ import resultslib as rl
 ROOT = rl.ROOT
 NAME = "ep-traffic"
 SCRIPT = "experiments/run_ep_traffic.py"
-COLS = ["inter_per_tok", "inter_frac", "nodes_per_tok", "rows_per_tok", "a2a_mb_step", "migr_mb", "maxvio", "rank_maxvio",
+COLS = ["inter_per_tok", "ar_inter_per_tok", "inter_frac", "nodes_per_tok", "rows_per_tok", "a2a_mb_step", "migr_mb", "maxvio", "rank_maxvio",
         "drop", "valid_ppl"]
 CFG = os.path.join(ROOT, "experiments", "ep-traffic.yaml")
 # name, label, --set overrides
@@ -37,6 +37,11 @@ VARIANTS = [
     ("clu2-contig-2lvl", "clustered TG=2, contiguous, two-level", ["moe.top_groups=2", "parallel.placement=contiguous", "parallel.exchange=two_level"]),
     ("clu2-eplb-2lvl", "clustered TG=2, EPLB, two-level", ["moe.top_groups=2", "parallel.placement=eplb", "parallel.exchange=two_level"]),
     ("clu2-topo-2lvl", "clustered TG=2, topology, two-level", ["moe.top_groups=2", "parallel.placement=topology", "parallel.exchange=two_level"]),
+    # expert-parallel groups of one node (parallel.ep_size = ranks per node): dispatch and combine
+    # stay inside the node, expert gradients are summed across the nodes
+    ("std-ep2-flat", "standard top-2, ep_size 2 (EP group = node), flat", ["moe.kind=standard", "parallel.placement=contiguous", "parallel.ep_size=2"]),
+    ("clu1-ep2-flat", "clustered TG=1, topology, ep_size 2, flat", ["parallel.placement=topology", "parallel.ep_size=2"]),
+    ("clu2-ep2-flat", "clustered TG=2, topology, ep_size 2, flat", ["moe.top_groups=2", "parallel.placement=topology", "parallel.ep_size=2"]),
 ]
 
 
@@ -78,6 +83,7 @@ def summarize(h5):
         a2a_intra = intra[:, 1] + intra[:, 2]
         return {
             "inter_per_tok": float(np.mean(a2a_inter / tokens)),
+            "ar_inter_per_tok": float(np.mean(inter[:, 0] / tokens)),
             "inter_frac": float(np.sum(a2a_inter) / np.sum(a2a_inter + a2a_intra)),
             "nodes_per_tok": float(np.mean(disp[:, 2] / tokens)),
             "rows_per_tok": float(np.mean(disp[:, 0] / tokens)),
@@ -112,14 +118,18 @@ def render(out_dir):
     L.append(f"Command: `{meta['command']}` (experiments/ep-traffic.yaml: "
              f"d=128, 2 MoE layers, 16 x 64 tokens per step, {meta['steps']} steps, placement re-run every 50 steps). "
              "Bytes are dispatch + combine (forward and backward, routing metadata included), counted by the "
-             "traffic profiler per (src, dst) rank pair and split by the virtual topology; per-token figures are "
-             "per token and MoE layer, averaged over the second half of training. "
+             "traffic profiler per (src, dst) rank pair and split by the virtual topology; the gradient allreduce "
+             "(dense parameters over the world, plus the expert replicas across EP groups when ep_size < 4) is booked "
+             "as a ring and shown separately; per-token figures are per token and MoE layer (both columns divide by "
+             "the same token-layers), averaged over the second half of training. "
              + rl.rerender(SCRIPT, ["results/ep-traffic.csv", "results/ep-traffic.meta.json"]) + "\n")
-    L.append("| variant | inter-node B/token | vs standard | inter-node fraction | nodes/token | rows/token | "
+    L.append("| variant | inter-node B/token dispatch+combine | vs standard | inter-node B/token gradient allreduce | "
+             "inter-node fraction | nodes/token | rows/token | "
              "all-to-all MiB/step | migration MiB | expert MaxVio | rank MaxVio | dropped | valid ppl |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, label, s in rows:
         L.append(f"| {label} | {s['inter_per_tok']:.0f} | {s['inter_per_tok'] / base['inter_per_tok']:.2f} | "
+                 f"{s['ar_inter_per_tok']:.0f} | "
                  f"{s['inter_frac']:.2f} | {s['nodes_per_tok']:.2f} | {s['rows_per_tok']:.2f} | {s['a2a_mb_step']:.2f} | "
                  f"{s['migr_mb']:.1f} | {s['maxvio']:.2f} | {s['rank_maxvio']:.2f} | {100 * s['drop']:.1f}% | {s['valid_ppl']:.1f} |")
     by = {name: st for name, _, st in rows}
@@ -142,6 +152,14 @@ def render(out_dir):
     L.append("- Goal: equal perplexity (within 5%). Against standard " + f"{ppl_std:.1f}: " + ", ".join(
              f"{n} {by[n]['valid_ppl']:.1f} ({100 * (by[n]['valid_ppl'] / ppl_std - 1):+.1f}%)"
              for n in ("clu1-topo-flat", "clu2-topo-flat", "clu2-topo-2lvl")) + ".")
+    ep = [n for n in ("std-ep2-flat", "clu1-ep2-flat", "clu2-ep2-flat") if n in by]
+    if ep:
+        flat = {"std-ep2-flat": "std-contig-flat", "clu1-ep2-flat": "clu1-topo-flat", "clu2-ep2-flat": "clu2-topo-flat"}
+        L.append("- EP groups of one node (ep_size 2) against flat EP over the world (ep_size 4), total inter-node "
+                 "B/token (dispatch + combine + gradient allreduce): " + "; ".join(
+                     f"{n} {by[n]['inter_per_tok'] + by[n]['ar_inter_per_tok']:.0f} vs {flat[n]} "
+                     f"{by[flat[n]]['inter_per_tok'] + by[flat[n]]['ar_inter_per_tok']:.0f} "
+                     f"(ppl {by[n]['valid_ppl']:.1f} vs {by[flat[n]]['valid_ppl']:.1f})" for n in ep) + ".")
     L += ["", rl.notes(NAME)]
     return rl.write_md(out_dir, NAME, "\n".join(L))
 
