@@ -1,6 +1,7 @@
-/* offload: the residency manager — slots, LRU and idle eviction, EMA prefetch, the host and
- * file backing tiers (atomic writes, CRC-checked reads), codecs, per-step statistics.
- * Does not: overlap transfers with compute, or know what the units mean. */
+/* offload: the residency manager (see offload.h) — slots or in-place units, LRU, idle and cap
+ * eviction, EMA prefetch, the host and file backing tiers with the one unit file format (header,
+ * CRC32, payload; atomic temp + rename writes, checked reads), codecs, per-step statistics.
+ * Does not: overlap transfers with compute, or know what the units mean (hooks do). */
 #include "offload.h"
 
 #include <errno.h>
@@ -92,7 +93,7 @@ static size_t span_slot_bytes(const OffloadManager *m, int s) {
 
 static void acct_resident(OffloadManager *m, int sign) {
     for (int s = 0; s < m->n_spans; s++)
-        if (m->acct) memacct_add(m->acct, MEM_TIER_DEVICE, m->spans[s].kind, sign * (int64_t)span_slot_bytes(m, s));
+        if (m->acct && !m->locate) memacct_add(m->acct, MEM_TIER_DEVICE, m->spans[s].kind, sign * (int64_t)span_slot_bytes(m, s));
     int64_t d = sign * (int64_t)m->raw_bytes;
     OffloadStats *st[2] = {&m->step_stats, &m->total_stats};
     for (int i = 0; i < 2; i++) {
@@ -131,9 +132,20 @@ static void decode_unit(const OffloadManager *m, void *const *dst, const void *e
     }
 }
 
-/* span pointers of a raw unit block (slot memory); ptrs[n_spans] */
-static void raw_ptrs(const OffloadManager *m, void *base, void **ptrs) {
-    for (int s = 0; s < m->n_spans; s++) ptrs[s] = (char *)base + m->raw_off[s];
+/* span pointers of unit in slot (its place in the caller's memory when in place); ptrs[n_spans] */
+static void unit_ptrs(const OffloadManager *m, int unit, int slot, void **ptrs) {
+    for (int s = 0; s < m->n_spans; s++)
+        ptrs[s] = m->locate ? m->locate(m->ctx, unit, s) : (char *)m->slot_mem[slot] + m->raw_off[s];
+}
+
+/* the resident copy of unit is now newer than its backing copy: a host copy is garbage */
+static void mark_dirty(OffloadManager *m, int unit) {
+    m->units[unit].dirty = true;
+    if (m->tier != OFFLOAD_HOST || !m->host[unit]) return;
+    acct_backing(m, MEM_TIER_HOST, -1);
+    xfree(m->host[unit]);
+    m->host[unit] = NULL;
+    m->units[unit].backed = false;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -249,7 +261,7 @@ static int64_t backing_io_bytes(const OffloadManager *m) {
 static Status writeback(OffloadManager *m, int unit) {
     OffloadUnitState *u = &m->units[unit];
     void **p = (void **)m->slot_ptrs;
-    raw_ptrs(m, m->slot_mem[u->slot], p);
+    unit_ptrs(m, unit, u->slot, p);
     TRY(backing_store(m, unit, (const void *const *)p));
     u->dirty = false;
     BUMP(m, writebacks, 1);
@@ -263,6 +275,10 @@ static Status evict_unit(OffloadManager *m, int unit, bool release_mem, bool idl
     if (u->slot < 0) return status_ok();
     if (u->dirty) TRY(writeback(m, unit));
     int s = u->slot;
+    if (m->on_evict) {
+        unit_ptrs(m, unit, s, m->slot_ptrs);
+        m->on_evict(m->ctx, unit, m->slot_ptrs);
+    }
     m->slot_unit[s] = -1;
     u->slot = -1;
     u->prefetched = false;
@@ -273,16 +289,22 @@ static Status evict_unit(OffloadManager *m, int unit, bool release_mem, bool idl
     return status_ok();
 }
 
+/* the least recently used resident unpinned unit (lowest index on ties), or -1 */
+static int lru_victim(const OffloadManager *m) {
+    int victim = -1;
+    for (int u = 0; u < m->n_units; u++) {
+        const OffloadUnitState *st = &m->units[u];
+        if (st->slot < 0 || st->pinned) continue;
+        if (victim < 0 || st->tick < m->units[victim].tick) victim = u;
+    }
+    return victim;
+}
+
 /* a slot for a new unit: a free one, else the LRU unpinned unit's (evicted) */
 static Status find_slot(OffloadManager *m, int for_unit, int *slot) {
     for (int s = 0; s < m->n_slots; s++)
         if (m->slot_unit[s] < 0) { *slot = s; return status_ok(); }
-    int victim = -1;
-    for (int s = 0; s < m->n_slots; s++) {
-        int v = m->slot_unit[s];
-        if (m->units[v].pinned) continue;
-        if (victim < 0 || m->units[v].tick < m->units[victim].tick) victim = v;
-    }
+    int victim = lru_victim(m);
     if (victim < 0)
         return status_errorf("offload: unit %d needs a slot but all %d resident slots hold pinned units "
                              "(raise offload.max_resident_groups or unpin)", for_unit, m->n_slots);
@@ -294,12 +316,12 @@ static Status find_slot(OffloadManager *m, int for_unit, int *slot) {
 static Status fetch(OffloadManager *m, int unit) {
     int s = -1;
     TRY(find_slot(m, unit, &s));
-    if (!m->slot_mem[s]) m->slot_mem[s] = xmalloc(m->raw_bytes ? m->raw_bytes : 1);
+    if (!m->slot_mem[s] && !m->locate) m->slot_mem[s] = xmalloc(m->raw_bytes ? m->raw_bytes : 1);
     void **p = (void **)m->slot_ptrs;
-    raw_ptrs(m, m->slot_mem[s], p);
+    unit_ptrs(m, unit, s, p);
     Status st = backing_load(m, unit, p);
     bool modified = false;
-    if (STATUS_OK(st) && m->on_fetch) st = m->on_fetch(m->on_fetch_ctx, unit, p, &modified);
+    if (STATUS_OK(st) && m->on_fetch) st = m->on_fetch(m->ctx, unit, p, &modified);
     if (!STATUS_OK(st)) {
         xfree(m->slot_mem[s]);
         m->slot_mem[s] = NULL;
@@ -308,7 +330,8 @@ static Status fetch(OffloadManager *m, int unit) {
     if (m->units[unit].backed) BUMP(m, bytes_in, backing_io_bytes(m));
     m->slot_unit[s] = unit;
     m->units[unit].slot = s;
-    m->units[unit].dirty = modified;
+    m->units[unit].dirty = false;
+    if (modified) mark_dirty(m, unit);
     acct_resident(m, +1);
     return status_ok();
 }
@@ -325,11 +348,13 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     if (o->tier != OFFLOAD_HOST && o->tier != OFFLOAD_FILE) return status_errorf("offload: unknown tier %d", (int)o->tier);
     if (o->prefetch == PREFETCH_EMA && !(o->prefetch_ema > 0 && o->prefetch_ema <= 1))
         return status_errorf("offload: prefetch_ema=%g must be in (0, 1]", o->prefetch_ema);
+    if (o->locate && o->prefetch != PREFETCH_NONE)
+        return status_errorf("offload: in-place units (locate) cannot be prefetched");
     if (o->tier == OFFLOAD_FILE) {
         if (!o->dir || !o->dir[0]) return status_errorf("offload: the file tier needs a folder (offload.dir)");
         if (strlen(o->dir) >= sizeof m->dir) return status_errorf("offload: folder name too long: %s", o->dir);
         Status s = dir_make_p(o->dir);
-        if (!STATUS_OK(s)) return status_errorf("offload: cannot create the file-tier folder: %s", s.msg);
+        if (!STATUS_OK(s)) return status_errorf("offload: cannot create the file-tier folder (offload.dir): %s", s.msg);
         str_fmt(m->dir, sizeof m->dir, "%s", o->dir);
         struct stat st;
         if (stat(m->dir, &st) != 0 || !S_ISDIR(st.st_mode))
@@ -341,7 +366,8 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     }
     m->n_units = o->n_units;
     m->n_spans = o->n_spans;
-    m->n_slots = o->max_resident == 0 || o->max_resident > o->n_units ? o->n_units : o->max_resident;
+    m->max_resident = o->max_resident == 0 || o->max_resident > o->n_units ? o->n_units : o->max_resident;
+    m->n_slots = o->locate ? o->n_units : m->max_resident;
     m->idle_steps = o->idle_steps;
     m->tier = o->tier;
     m->prefetch = o->prefetch;
@@ -349,8 +375,10 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     m->prefetch_min = o->prefetch_min > 0 ? o->prefetch_min : 0.25;
     m->acct = o->acct;
     m->no_fsync = o->no_fsync;
+    m->locate = o->locate;
     m->on_fetch = o->on_fetch;
-    m->on_fetch_ctx = o->on_fetch_ctx;
+    m->on_evict = o->on_evict;
+    m->ctx = o->ctx;
     m->spans = xmalloc(sizeof(OffloadSpan) * (size_t)m->n_spans);
     memcpy(m->spans, o->spans, sizeof(OffloadSpan) * (size_t)m->n_spans);
     m->raw_off = xmalloc(sizeof(size_t) * (size_t)m->n_spans);
@@ -372,6 +400,13 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     for (int u = 0; u < m->n_units; u++) m->units[u].slot = -1;
     m->slot_unit = xmalloc(sizeof(int) * (size_t)m->n_slots);
     for (int s = 0; s < m->n_slots; s++) m->slot_unit[s] = -1;
+    if (m->locate)   /* in place: the caller's memory already holds every unit, not yet backed */
+        for (int u = 0; u < m->n_units; u++) {
+            m->slot_unit[u] = u;
+            m->units[u].slot = u;
+            m->units[u].dirty = true;
+            acct_resident(m, +1);
+        }
     m->slot_mem = xcalloc(sizeof(void *) * (size_t)m->n_slots);
     m->host = xcalloc(sizeof(void *) * (size_t)m->n_units);
     m->mark = xcalloc(sizeof(int) * (size_t)m->n_units);
@@ -436,8 +471,8 @@ Status offload_acquire(OffloadManager *m, int unit, enum OffloadAccess acc, void
     u->tick = ++m->clock;
     u->last_step = m->step;
     u->used = true;
-    if (acc == OFFLOAD_WRITE) u->dirty = true;
-    if (spans) raw_ptrs(m, m->slot_mem[u->slot], spans);
+    if (acc == OFFLOAD_WRITE) mark_dirty(m, unit);
+    if (spans) unit_ptrs(m, unit, u->slot, spans);
     return status_ok();
 }
 
@@ -469,6 +504,7 @@ void offload_unpin(OffloadManager *m, int unit) {
 void *offload_span(const OffloadManager *m, int unit, int span) {
     ASSERT(unit >= 0 && unit < m->n_units && span >= 0 && span < m->n_spans);
     ASSERTF(m->units[unit].slot >= 0, "offload: unit %d is not resident (acquire or pin it first)", unit);
+    if (m->locate) return m->locate(m->ctx, unit, span);
     return (char *)m->slot_mem[m->units[unit].slot] + m->raw_off[span];
 }
 
@@ -529,11 +565,25 @@ Status offload_end_step(OffloadManager *m) {
         for (int u = 0; u < m->n_units && STATUS_OK(s); u++)
             if (m->units[u].slot >= 0 && m->step - m->units[u].last_step >= m->idle_steps)
                 s = evict_unit(m, u, true, true);
+    while (STATUS_OK(s) && m->step_stats.resident_units > m->max_resident) s = evict_unit(m, lru_victim(m), true, false);
     if (STATUS_OK(s) && m->prefetch == PREFETCH_EMA) s = prefetch_ema(m);
     double dt = time_now() - t0;
     m->step_stats.background_s += dt;
     m->total_stats.background_s += dt;
     return s;
+}
+
+Status offload_fetch_all(OffloadManager *m) {
+    if (m->n_slots < m->n_units)
+        return status_errorf("offload: fetching all %d units needs a slot for each (there are %d)", m->n_units,
+                             m->n_slots);
+    for (int u = 0; u < m->n_units; u++)
+        if (m->units[u].slot < 0) {
+            BUMP(m, acquires, 1);
+            BUMP(m, misses, 1);
+            TRY(fetch(m, u));
+        }
+    return status_ok();
 }
 
 Status offload_read_unit(OffloadManager *m, int unit, void *const *dst) {
@@ -551,7 +601,7 @@ Status offload_write_unit(OffloadManager *m, int unit, const void *const *src) {
     OffloadUnitState *u = &m->units[unit];
     if (u->slot >= 0) {
         for (int s = 0; s < m->n_spans; s++) memcpy(offload_span(m, unit, s), src[s], m->spans[s].bytes);
-        u->dirty = true;
+        mark_dirty(m, unit);
         return status_ok();
     }
     return backing_store(m, unit, src);

@@ -1,9 +1,13 @@
-/* offload: a per-rank residency manager over n_units units (the expert groups of one layer).
- * A unit is a fixed list of byte spans (e.g. base, factors, their Adam moments); every unit has
- * the same spans. The resident tier is a pool of max_resident slots; a unit that is not resident
- * lives in the backing tier — host memory or one file per unit — optionally in a smaller
- * encoded form (a per-span codec, e.g. FP16/INT4 from quant.h). LRU eviction of unpinned units,
- * idle eviction after idle_steps, optional EMA predictive prefetch, per-step statistics.
+/* offload: THE residency manager of dcmoe (one per rank and layer) over n_units units — the
+ * stored expert groups of inference (precision.c) and the trained expert units with their Adam
+ * moments (residency.c). A unit is a fixed list of byte spans; every unit has the same spans.
+ * The resident tier is either a pool of max_resident slots the manager owns, or the caller's
+ * own memory ("in place": locate gives each span's fixed address; every unit starts resident
+ * and max_resident is enforced at end_step). A unit that is not resident lives in the backing
+ * tier — host memory or one file per unit (header + CRC32 + payload, atomic temp + rename) —
+ * optionally in a smaller encoded form (a per-span codec, e.g. FP16/INT4 from quant.h). LRU
+ * eviction of unpinned units, idle eviction after idle_steps, optional EMA predictive prefetch,
+ * hooks on fetch and eviction, per-step statistics.
  * Does not: run asynchronously (fetches are synchronous; the GPU path will overlap them later),
  * allocate device memory (slots are host memory; the CPU backend computes on them directly),
  * talk to other ranks, or decide what a unit contains. The file tier is this manager's scratch
@@ -11,16 +15,19 @@
  * Memory: the manager owns the slots, the host copies and a staging buffer; pointers from
  * offload_acquire / offload_span are valid until the unit is evicted, i.e. until the next
  * acquire, pin or end_step call that may evict it — pin a unit to keep its pointers for a step.
+ * A host copy made stale by a dirty resident unit is freed at once (a unit's bytes are then in
+ * one tier only); a stale file stays until it is overwritten.
  *
  * Step protocol (one training step):
  *   offload_begin_step(m, step);                 // clears last step's pins and step stats
  *   offload_pin(m, groups, n, OFFLOAD_WRITE);    // after stage-1 routing: fetch all, pin them
  *   ... compute with offload_span(m, unit, span) ...   (or offload_acquire one at a time)
- *   offload_end_step(m);                         // EMA, idle eviction, prefetch
- * Counting: every acquire (and every unit of a pin) is one access: a hit if the unit was
- * resident, a miss otherwise (a failed acquire too); hits + misses == acquires.
- * bytes_in/bytes_out are bytes read from / written to the backing tier (encoded size; file
- * tier: payload + 32-byte header). Writes happen only for dirty units (OFFLOAD_WRITE). */
+ *   offload_end_step(m);                         // EMA, idle eviction, cap, prefetch
+ * Counting: every acquire (and every unit of a pin, and every unit offload_fetch_all brings
+ * back) is one access: a hit if the unit was resident, a miss otherwise (a failed acquire too);
+ * hits + misses == acquires. bytes_in/bytes_out are bytes read from / written to the backing
+ * tier (encoded size, spans at 8-byte aligned offsets; file tier: payload + 32-byte header).
+ * Writes happen only for dirty units (OFFLOAD_WRITE, or an on_fetch that modified the unit). */
 #ifndef DCMOE_OFFLOAD_H
 #define DCMOE_OFFLOAD_H
 
@@ -73,14 +80,23 @@ typedef struct OffloadOptions {
     enum PrefetchKind prefetch;  /* PREFETCH_NONE | PREFETCH_EMA */
     double prefetch_ema;         /* EMA rate a: ema = (1-a) ema + a [used this step] */
     double prefetch_min;         /* prefetch units with ema >= this (0 = 0.25) */
-    MemAcct *acct;               /* optional: resident bytes go to DEVICE, copies to HOST/FILE */
-    /* optional: called after a unit's content arrives in a slot (demand fetch or prefetch),
+    MemAcct *acct;               /* optional: slot bytes go to DEVICE (not in place), copies to HOST/FILE */
+    /* optional, in place: span s of unit u lives at locate(ctx, u, s), a fixed address in the
+     * caller's memory (e.g. the model's expert arrays), which the caller may write while the
+     * unit is resident. The manager then owns no slots: every unit starts resident with the
+     * content found there (dirty: it has no backing copy yet); within a step any number of units
+     * may be resident and offload_end_step evicts down to max_resident (LRU). Not with prefetch. */
+    void *(*locate)(void *ctx, int unit, int span);
+    /* optional: called after a unit's content arrives (demand fetch, prefetch, fetch_all),
      * before anyone sees it; e.g. the trainer catching up the AdamW steps a group skipped
      * while offloaded (run them with zero gradients, in order, for bitwise-equal training).
      * Set *modified (starts false) when the content changed, so eviction writes it back.
      * An error leaves the unit non-resident and is returned to the caller. */
     Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
-    void *on_fetch_ctx;
+    /* optional: called when a unit has left the resident tier (its content is safe in the
+     * backing tier), with its span pointers; e.g. giving the pages of an in-place unit back */
+    void (*on_evict)(void *ctx, int unit, void *const *spans);
+    void *ctx;                   /* for locate, on_fetch, on_evict */
 } OffloadOptions;
 
 /* fill max_resident, idle_steps, tier, dir, prefetch, prefetch_ema from the config section;
@@ -120,6 +136,7 @@ typedef struct OffloadUnitState {  /* private */
 
 typedef struct OffloadManager {
     int n_units, n_spans, n_slots, idle_steps;
+    int max_resident;            /* resident units after end_step (<= n_slots; in place: the cap) */
     enum OffloadTier tier;
     enum PrefetchKind prefetch;
     double prefetch_ema, prefetch_min;
@@ -129,15 +146,17 @@ typedef struct OffloadManager {
     OffloadUnitState *units;     /* [n_units] */
     int *slot_unit;              /* [n_slots] unit in the slot or -1 */
     void **slot_mem;             /* [n_slots] raw unit memory, allocated on first use */
-    void **host;                 /* [n_units] host-tier copies (encoded), allocated on first write */
+    void **host;                 /* [n_units] host-tier copies (encoded), allocated on write, freed when stale */
     void *stage;                 /* file tier: header + encoded unit */
     void **slot_ptrs;            /* [n_spans] scratch span pointers */
     int *mark;                   /* [n_units] scratch for offload_pin */
     char dir[512], name[64];
     bool no_fsync;
     MemAcct *acct;
+    void *(*locate)(void *ctx, int unit, int span);
     Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
-    void *on_fetch_ctx;
+    void (*on_evict)(void *ctx, int unit, void *const *spans);
+    void *ctx;
     long step;
     int64_t clock;
     OffloadStats step_stats, total_stats;
@@ -157,8 +176,12 @@ void offload_unpin(OffloadManager *m, int unit);
 Status offload_acquire(OffloadManager *m, int unit, enum OffloadAccess acc, void **spans);
 /* pointer to span s of a RESIDENT unit (ASSERT otherwise); no stats, no LRU update */
 void *offload_span(const OffloadManager *m, int unit, int span);
-/* EMA update, idle eviction, prefetch */
+/* EMA update, idle eviction, eviction down to max_resident (LRU; in place), prefetch */
 Status offload_end_step(OffloadManager *m);
+/* make every unit resident (before checkpoints, re-clustering, migration); needs a slot per
+ * unit (no cap, or in place). Each fetch counts as a miss, but not as a use: the LRU order and
+ * the idle clock keep the unit's last real access, so it leaves again when idle. */
+Status offload_fetch_all(OffloadManager *m);
 /* explicit eviction (writes back if dirty); no-op if not resident; error if pinned */
 Status offload_evict(OffloadManager *m, int unit);
 /* write every dirty resident unit back (they stay resident and become clean) */

@@ -1,62 +1,76 @@
-/* residency.c: training-time offloading of idle expert units (see residency.h). */
+/* residency.c: training-time offloading of idle expert units (see residency.h) — what is
+ * training-specific: the unit's spans in the model's arrays, giving their pages back, the AdamW
+ * catch-up, the step clock. Tiers, eviction order, the file format and counting are offload.c's. */
 #include "residency.h"
 
-#include <errno.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "offload.h"
 #include "optim.h"
 
-#define RES_MAGIC "DCMRES01"
+/* a unit of layer l has 3 * nt spans: params, Adam m, Adam v, each over the layer's nt expert
+ * tensors in table order (the order of model_ep_unit_copy) */
+struct ResidencyLayer {
+    OffloadManager om;           /* units = this rank's units of the layer */
+    Model *m;
+    int nt;
+    const ParamTensor **tensor;  /* [nt] */
+    size_t *floats;              /* [nt] floats of one unit in each tensor */
+    long *off_since;             /* [per_rank] first step whose update the unit missed */
+    int8_t *resident;            /* [per_rank] = Residency.resident[l] */
+    const float *zero;           /* [max floats] */
+};
 
-/* the spans (arrays x the layer's expert tensors) of unit slot s of layer l, in the order of
- * model_ep_unit_copy */
-typedef void (*SpanFn)(void *ctx, float *span, size_t n, const ParamTensor *t, int array);
-
-static void for_spans(Model *m, int l, int s, SpanFn fn, void *ctx) {
-    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
-    int K = m->ep[l].K;
-    for (int a = 0; a < 3; a++)
-        for (int i = 0; i < m->n_tensors; i++) {
-            const ParamTensor *t = &m->tensors[i];
-            if (!t->ep_unit || t->layer != l) continue;
-            size_t row = t->n / t->dims[0], nr = (size_t)param_unit_rows(t, K);
-            fn(ctx, arr[a] + t->offset + (size_t)s * nr * row, nr * row, t, a);
-        }
+static float *expert_array(const Model *m, int a) {
+    return a == 0 ? m->params[PCAT_EXPERT] : a == 1 ? m->adam_m[PCAT_EXPERT] : m->adam_v[PCAT_EXPERT];
 }
 
-/* give the whole pages inside a span back to the OS (they read as zeros until written) */
-static void release_span(void *ctx, float *span, size_t n, const ParamTensor *t, int array) {
-    (void)ctx; (void)t; (void)array;
+/* where span s of unit u lives (looked up each time: migration may move the arrays) */
+static void *locate(void *ctx, int u, int s) {
+    const ResidencyLayer *ly = ctx;
+    int i = s % ly->nt;
+    return expert_array(ly->m, s / ly->nt) + ly->tensor[i]->offset + (size_t)u * ly->floats[i];
+}
+
+/* the unit is safe in the backing tier: give the whole pages inside its spans back to the OS
+ * (they read as zeros until written) and zero the partial pages at both ends */
+static void on_evict(void *ctx, int u, void *const *spans) {
+    ResidencyLayer *ly = ctx;
     long pg = sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)span, b = (uintptr_t)(span + n);
-    uintptr_t a2 = (a + (uintptr_t)pg - 1) / (uintptr_t)pg * (uintptr_t)pg, b2 = b / (uintptr_t)pg * (uintptr_t)pg;
-    if (b2 > a2) madvise((void *)a2, b2 - a2, MADV_DONTNEED);
-    /* the partial pages at both ends stay; zero the rest of the span so nothing stale remains */
-    memset(span, 0, (size_t)(a2 > b ? b - a : a2 - a));
-    if (b2 >= a2) memset((void *)b2, 0, b - b2);
+    for (int s = 0; s < 3 * ly->nt; s++) {
+        uintptr_t a = (uintptr_t)spans[s], b = a + sizeof(float) * ly->floats[s % ly->nt];
+        uintptr_t a2 = (a + (uintptr_t)pg - 1) / (uintptr_t)pg * (uintptr_t)pg, b2 = b / (uintptr_t)pg * (uintptr_t)pg;
+        if (b2 > a2) madvise((void *)a2, b2 - a2, MADV_DONTNEED);
+        memset((void *)a, 0, (size_t)(a2 > b ? b - a : a2 - a));
+        if (b2 >= a2) memset((void *)b2, 0, b - b2);
+    }
+    ly->resident[u] = 0;
+    ly->off_since[u] = ly->om.step + 1;    /* evicted at the end of step om.step: its update is in */
 }
 
-typedef struct Replay { Model *m; const float *zero; long step; } Replay;
-
-/* AdamW with a zero gradient on the params span; its m and v spans follow at the same
- * tensor offsets in the moment arrays */
-static void replay_span(void *ctx, float *span, size_t n, const ParamTensor *t, int array) {
-    if (array != 0) return;
-    Replay *rp = ctx;
-    Model *m = rp->m;
+/* the unit is back: replay the AdamW updates it missed while away, in step order, with zero
+ * gradients. The optimizer updates every resident unit in place each step, so it is dirty. */
+static Status on_fetch(void *ctx, int u, void *const *spans, bool *modified) {
+    ResidencyLayer *ly = ctx;
+    const Model *m = ly->m;
     const TrainConfig *tc = &m->cfg.train;
-    size_t off = (size_t)(span - m->params[PCAT_EXPERT]);
-    m->be->ops->adamw(m->be->ctx, span, rp->zero, m->adam_m[PCAT_EXPERT] + off, m->adam_v[PCAT_EXPERT] + off, n,
-                      (float)optim_lr(tc, rp->step), (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
-                      t->decay ? (float)tc->weight_decay : 0.0f, (int)(rp->step + 1));
+    for (long st = ly->off_since[u]; st < ly->om.step; st++)
+        for (int i = 0; i < ly->nt; i++)
+            m->be->ops->adamw(m->be->ctx, spans[i], ly->zero, spans[ly->nt + i], spans[2 * ly->nt + i], ly->floats[i],
+                              (float)optim_lr(tc, st), (float)tc->beta1, (float)tc->beta2, (float)tc->eps,
+                              ly->tensor[i]->decay ? (float)tc->weight_decay : 0.0f, (int)(st + 1));
+    ly->resident[u] = 1;
+    *modified = true;
+    return status_ok();
 }
 
-static void unit_path(const Residency *r, int l, int s, char *buf, size_t cap) {
-    str_fmt(buf, cap, "%s/rank%04d_layer%03d_unit%04d.bin", r->dir, r->m->comm->rank, l, s);
+/* a layer's manager runs step r->step (the trainer sets r->step on resume, between steps) */
+static OffloadManager *layer_om(Residency *r, int l) {
+    OffloadManager *om = &r->layers[l].om;
+    if (om->step != r->step) offload_begin_step(om, r->step);
+    return om;
 }
 
 Status residency_init(Residency *r, Model *m, const OffloadConfig *oc, const char *run_dir) {
@@ -66,152 +80,86 @@ Status residency_init(Residency *r, Model *m, const OffloadConfig *oc, const cha
     if (!r->enabled) return status_ok();
     if (m->be->kind != BACKEND_CPU)
         return status_errorf("offload.enabled: training-time offloading needs the CPU backend (host-visible parameters)");
-    r->idle_steps = oc->idle_steps;
-    r->cap = oc->max_resident_groups;
-    r->tier = oc->tier;
-    if (oc->dir[0]) str_fmt(r->dir, sizeof r->dir, "%s", oc->dir);
-    else str_fmt(r->dir, sizeof r->dir, "%s/offload", run_dir);
-    if (r->tier == OFFLOAD_FILE) {
-        Status st = dir_make_p(r->dir);
-        if (!STATUS_OK(st)) return status_errorf("offload.dir: %s", st.msg);
-    }
+    char dir[2048];
+    if (oc->dir[0]) str_fmt(dir, sizeof dir, "%s", oc->dir);
+    else str_fmt(dir, sizeof dir, "%s/offload", run_dir);
     int L = m->L;
+    r->layers = xcalloc(sizeof(ResidencyLayer) * L);
     r->resident = xcalloc(sizeof(int8_t *) * L);
-    r->last_used = xcalloc(sizeof(long *) * L);
-    r->off_since = xcalloc(sizeof(long *) * L);
-    r->host = xcalloc(sizeof(float **) * L);
-    r->unit_floats = xcalloc(sizeof(size_t) * L);
     size_t zmax = 1;
     for (int l = 0; l < L; l++) {
         if (!m->ep[l].E) continue;
+        ResidencyLayer *ly = &r->layers[l];
         int U = m->ep[l].per_rank;
-        r->resident[l] = xcalloc(sizeof(int8_t) * U);
-        r->last_used[l] = xcalloc(sizeof(long) * U);
-        r->off_since[l] = xcalloc(sizeof(long) * U);
-        r->host[l] = xcalloc(sizeof(float *) * U);
+        ly->m = m;
+        ly->tensor = xcalloc(sizeof(ParamTensor *) * m->n_tensors);
+        ly->floats = xcalloc(sizeof(size_t) * m->n_tensors);
+        for (int i = 0; i < m->n_tensors; i++) {
+            const ParamTensor *t = &m->tensors[i];
+            if (!t->ep_unit || t->layer != l) continue;
+            ly->tensor[ly->nt] = t;
+            ly->floats[ly->nt] = (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
+            if (ly->floats[ly->nt] > zmax) zmax = ly->floats[ly->nt];
+            ly->nt++;
+        }
+        ly->off_since = xcalloc(sizeof(long) * U);
+        ly->resident = r->resident[l] = xcalloc(sizeof(int8_t) * U);
         for (int u = 0; u < U; u++) r->resident[l][u] = 1;
-        r->unit_floats[l] = model_ep_unit_floats(m, l);
-        if (r->unit_floats[l] > zmax) zmax = r->unit_floats[l];
+        OffloadSpan *spans = xcalloc(sizeof(OffloadSpan) * 3 * ly->nt);
+        for (int s = 0; s < 3 * ly->nt; s++) {
+            spans[s].bytes = sizeof(float) * ly->floats[s % ly->nt];
+            spans[s].kind = spans[s].stored_kind = s < ly->nt ? MEM_KIND_PARAM_FP32 : MEM_KIND_OPTIM;
+        }
+        OffloadOptions o;
+        memset(&o, 0, sizeof o);
+        offload_options_from_config(&o, oc);
+        char name[64];
+        str_fmt(name, sizeof name, "rank%04d_layer%03d", m->comm->rank, l);
+        o.n_units = U; o.n_spans = 3 * ly->nt; o.spans = spans;
+        o.prefetch = PREFETCH_NONE; o.dir = dir; o.name = name; o.no_fsync = true;
+        o.locate = locate; o.on_fetch = on_fetch; o.on_evict = on_evict; o.ctx = ly;
+        Status st = U > 0 && ly->nt > 0 ? offload_init(&ly->om, &o) : status_ok();
+        xfree(spans);
+        if (!STATUS_OK(st)) {
+            residency_free(r);
+            return status_errorf("layer %d: %s", l, st.msg);
+        }
     }
     r->zero = xcalloc(sizeof(float) * zmax);
+    for (int l = 0; l < L; l++) r->layers[l].zero = r->zero;
     m->ep_resident = r->resident;
     return status_ok();
 }
 
 void residency_free(Residency *r) {
-    if (!r || !r->enabled) return;
+    if (!r || !r->enabled || !r->layers) return;
     for (int l = 0; l < r->m->L; l++) {
-        if (!r->resident[l]) continue;
-        for (int u = 0; u < r->m->ep[l].per_rank; u++) xfree(r->host[l][u]);
-        xfree(r->resident[l]); xfree(r->last_used[l]); xfree(r->off_since[l]); xfree(r->host[l]);
+        ResidencyLayer *ly = &r->layers[l];
+        offload_free(&ly->om);
+        xfree(ly->tensor); xfree(ly->floats); xfree(ly->off_since); xfree(r->resident[l]);
     }
     r->m->ep_resident = NULL;
-    xfree(r->resident); xfree(r->last_used); xfree(r->off_since); xfree(r->host); xfree(r->unit_floats);
-    xfree(r->zero);
+    xfree(r->layers); xfree(r->resident); xfree(r->zero);
     memset(r, 0, sizeof *r);
-}
-
-static Status evict(Residency *r, int l, int s) {
-    Model *m = r->m;
-    size_t n = 3 * r->unit_floats[l];
-    float *buf = xmalloc(sizeof(float) * n);
-    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
-    model_ep_unit_copy(m, l, arr, s, buf, 1);
-    if (r->tier == OFFLOAD_FILE) {
-        char path[2304];
-        unit_path(r, l, s, path, sizeof path);
-        size_t bytes = 16 + sizeof(float) * n;
-        char *img = xmalloc(bytes);
-        uint32_t crc = crc32_update(0, buf, sizeof(float) * n), nn = (uint32_t)n;
-        memcpy(img, RES_MAGIC, 8);
-        memcpy(img + 8, &nn, 4);
-        memcpy(img + 12, &crc, 4);
-        memcpy(img + 16, buf, sizeof(float) * n);
-        Status st = file_write_replace(path, img, bytes, 0);
-        xfree(img);
-        xfree(buf);
-        if (!STATUS_OK(st)) return status_errorf("offload (layer %d, unit %d): %s", l, s, st.msg);
-    } else {
-        r->host[l][s] = buf;
-    }
-    for_spans(m, l, s, release_span, NULL);
-    r->resident[l][s] = 0;
-    r->off_since[l][s] = r->step + 1;      /* the update of step `step` has been applied */
-    r->now.evictions++;
-    r->now.bytes_out += sizeof(float) * (double)n;
-    return status_ok();
-}
-
-static Status fetch(Residency *r, int l, int s) {
-    Model *m = r->m;
-    size_t n = 3 * r->unit_floats[l];
-    float *buf = r->host[l][s];
-    void *img = NULL;
-    if (r->tier == OFFLOAD_FILE) {
-        char path[2304];
-        unit_path(r, l, s, path, sizeof path);
-        size_t len = 0;
-        Status st = file_read_all(path, &img, &len);
-        if (!STATUS_OK(st)) return status_errorf("offload (layer %d, unit %d): %s", l, s, st.msg);
-        uint32_t nn = 0, crc = 0;
-        if (len >= 16) { memcpy(&nn, (char *)img + 8, 4); memcpy(&crc, (char *)img + 12, 4); }
-        if (len != 16 + sizeof(float) * n || memcmp(img, RES_MAGIC, 8) != 0 || nn != n) {
-            free(img);
-            return status_errorf("%s: not the offloaded copy of layer %d unit %d (%zu bytes, expected %zu)", path, l, s,
-                                 len, 16 + sizeof(float) * n);
-        }
-        if (crc32_update(0, (char *)img + 16, sizeof(float) * n) != crc) {
-            free(img);
-            return status_errorf("%s: checksum mismatch (offloaded copy of layer %d unit %d is corrupt)", path, l, s);
-        }
-        buf = (float *)((char *)img + 16);
-    }
-    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
-    model_ep_unit_copy(m, l, arr, s, buf, 0);
-    if (img) free(img);
-    else { xfree(r->host[l][s]); r->host[l][s] = NULL; }
-    /* the AdamW updates the unit missed while away, in step order */
-    for (long st = r->off_since[l][s]; st < r->step; st++) {
-        Replay rp = {m, r->zero, st};
-        for_spans(m, l, s, replay_span, &rp);
-    }
-    r->resident[l][s] = 1;
-    r->now.misses++;
-    r->now.bytes_in += sizeof(float) * (double)n;
-    return status_ok();
 }
 
 Status residency_need(Residency *r, int l, const int32_t *units, int n) {
     if (!r->enabled) return status_ok();
-    double t0 = time_now();
+    OffloadManager *om = layer_om(r, l);
     for (int i = 0; i < n; i++) {
-        int s = units[i];
-        if (r->resident[l][s]) r->now.hits++;
-        else TRY(fetch(r, l, s));
-        r->last_used[l][s] = r->step;
+        Status st = offload_acquire(om, units[i], OFFLOAD_WRITE, NULL);
+        if (!STATUS_OK(st)) return status_errorf("layer %d: %s", l, st.msg);
     }
-    r->now.stall_s += time_now() - t0;
     return status_ok();
 }
 
 Status residency_end_step(Residency *r, long step) {
     if (!r->enabled) return status_ok();
-    Model *m = r->m;
     r->step = step;
-    for (int l = 0; l < m->L; l++) {
-        if (!r->resident[l]) continue;
-        int U = m->ep[l].per_rank, n_res = 0;
-        for (int s = 0; s < U; s++) {
-            if (r->resident[l][s] && step - r->last_used[l][s] >= r->idle_steps) TRY(evict(r, l, s));
-            n_res += r->resident[l][s];
-        }
-        while (r->cap > 0 && n_res > r->cap) {     /* least recently used first (lowest slot on ties) */
-            int v = -1;
-            for (int s = 0; s < U; s++)
-                if (r->resident[l][s] && (v < 0 || r->last_used[l][s] < r->last_used[l][v])) v = s;
-            TRY(evict(r, l, v));
-            n_res--;
-        }
+    for (int l = 0; l < r->m->L; l++) {
+        if (!r->layers[l].om.n_units) continue;
+        Status st = offload_end_step(layer_om(r, l));
+        if (!STATUS_OK(st)) return status_errorf("layer %d: %s", l, st.msg);
     }
     r->step = step + 1;
     return status_ok();
@@ -220,22 +168,27 @@ Status residency_end_step(Residency *r, long step) {
 Status residency_fetch_all(Residency *r) {
     if (!r->enabled) return status_ok();
     for (int l = 0; l < r->m->L; l++) {
-        if (!r->resident[l]) continue;
-        for (int s = 0; s < r->m->ep[l].per_rank; s++)
-            if (!r->resident[l][s]) TRY(fetch(r, l, s));
+        if (!r->layers[l].om.n_units) continue;
+        Status st = offload_fetch_all(layer_om(r, l));
+        if (!STATUS_OK(st)) return status_errorf("layer %d: %s", l, st.msg);
     }
     return status_ok();
 }
 
 ResidencyStats residency_take_step(Residency *r) {
-    ResidencyStats s = r->now;
+    ResidencyStats sum = {0}, s;
     if (r->enabled)
         for (int l = 0; l < r->m->L; l++) {
-            if (!r->resident[l]) continue;
-            for (int u = 0; u < r->m->ep[l].per_rank; u++) { s.units++; s.resident_units += r->resident[l][u]; }
+            const OffloadManager *om = &r->layers[l].om;
+            if (!om->n_units) continue;
+            const OffloadStats *t = offload_total_stats(om);
+            sum.hits += (double)t->hits; sum.misses += (double)t->misses; sum.evictions += (double)t->evictions;
+            sum.bytes_in += (double)t->bytes_in; sum.bytes_out += (double)t->bytes_out; sum.stall_s += t->stall_s;
+            sum.resident_units += t->resident_units; sum.units += om->n_units;
         }
-    r->total.hits += s.hits; r->total.misses += s.misses; r->total.evictions += s.evictions;
-    r->total.bytes_in += s.bytes_in; r->total.bytes_out += s.bytes_out; r->total.stall_s += s.stall_s;
-    memset(&r->now, 0, sizeof r->now);
+    s = sum;
+    s.hits -= r->taken.hits; s.misses -= r->taken.misses; s.evictions -= r->taken.evictions;
+    s.bytes_in -= r->taken.bytes_in; s.bytes_out -= r->taken.bytes_out; s.stall_s -= r->taken.stall_s;
+    r->taken = sum;
     return s;
 }

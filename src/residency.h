@@ -1,15 +1,16 @@
-/* residency: offloading of idle expert groups while TRAINING (offload.enabled in dcmoe train).
- * A placement unit of a MoE layer on this rank (a clustered group, or a standard-MoE expert)
- * unused for offload.idle_steps steps, or beyond offload.max_resident_groups resident units
- * (least recently used first), leaves the resident tier: its FP32 parameters and both Adam
- * moments are copied to the host tier (a heap buffer) or the file tier (one file per unit,
- * temp + rename, CRC-checked on read) and their pages are returned to the OS (madvise), so
- * the measured resident set shrinks. When a batch routes tokens to it (known after the
- * dispatch, before any expert runs) it is fetched back and the AdamW steps it missed are
- * replayed with zero gradients (the update an idle unit gets anyway: momentum and weight
- * decay), with each skipped step's learning rate and step number, so training with
+/* residency: offloading of idle expert units while TRAINING (offload.enabled in dcmoe train),
+ * as a client of the residency manager (offload.h), one manager per MoE layer on this rank.
+ * A unit is a placement unit of the layer (a clustered group, or a standard-MoE expert): its
+ * FP32 parameters and both Adam moments, which stay in place in the model's expert arrays while
+ * resident. The manager decides when a unit leaves — unused for offload.idle_steps steps, or
+ * beyond offload.max_resident_groups resident units after a step (LRU) — and keeps it in its
+ * host or file tier (offload.h's unit file format); this module then gives the unit's pages back
+ * to the OS (madvise), so the measured resident set shrinks. When a batch routes tokens to it
+ * (known after the dispatch, before any expert runs) it is fetched back and the AdamW steps it
+ * missed are replayed with zero gradients (the update an idle unit gets anyway: momentum and
+ * weight decay), with each skipped step's learning rate and step number, so training with
  * offloading gives bitwise the losses of training without it. The optimizer skips offloaded
- * units; gradients stay allocated (they are zero for an idle unit).
+ * units (m->ep_resident); gradients stay allocated (they are zero for an idle unit).
  * Does not: prefetch, work with a non-host backend, or offload non-expert parameters. */
 #ifndef DCMOE_RESIDENCY_H
 #define DCMOE_RESIDENCY_H
@@ -20,19 +21,16 @@ typedef struct ResidencyStats {
     double hits, misses, evictions, bytes_in, bytes_out, stall_s, resident_units, units;
 } ResidencyStats;
 
+typedef struct ResidencyLayer ResidencyLayer;   /* private: a layer's manager and unit layout */
+
 typedef struct Residency {
     Model *m;
-    int enabled, idle_steps, cap, tier;
-    char dir[2048];
-    long step;                   /* the step being trained (catch-up target) */
-    int8_t **resident;           /* [L][per_rank] */
-    long **last_used;            /* [L][per_rank] */
-    long **off_since;            /* [L][per_rank] first step whose update the unit missed */
-    float ***host;               /* [L][per_rank] host-tier copies (NULL when resident or file tier) */
-    size_t *unit_floats;         /* [L] floats of one unit per array (params, m, v each) */
+    int enabled;
+    long step;                   /* the step being trained (catch-up target; the trainer sets it on resume) */
+    ResidencyLayer *layers;      /* [L] */
+    int8_t **resident;           /* [L][per_rank] 1 = resident: the model's view (m->ep_resident) */
     float *zero;                 /* zero gradient for the catch-up */
-    ResidencyStats now, total;
-    Status err;                  /* first fetch error (the layer hook cannot return one) */
+    ResidencyStats taken;        /* counters up to the last residency_take_step */
 } Residency;
 
 /* set up for model m (after model_init): every unit starts resident */

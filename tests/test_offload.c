@@ -2,8 +2,9 @@
  * sequences — content never lost or mixed, LRU order, pins, idle eviction, EMA prefetch,
  * statistics that add up — for the host and file tiers; file-tier I/O errors (corrupt, removed,
  * truncated, foreign file, unusable folder) give clear errors; codecs (quant FP16/INT4 and a
- * custom one); memory accounting (memacct) including the measured process peak.
- * Does not: test the trainer integration. */
+ * custom one); memory accounting (memacct) including the measured process peak; in-place units
+ * (the trainer's mode: caller-owned memory, cap at end_step, eviction/fetch hooks, fetch_all).
+ * Does not: test the trainer integration (test_offload_train.py does). */
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -285,7 +286,7 @@ static void test_fetch_hook(void) {
     make_spans(sp);
     int add = 5;
     OffloadOptions o = {.n_units = 4, .n_spans = N_SPANS, .spans = sp, .max_resident = 1, .tier = OFFLOAD_HOST,
-                        .on_fetch = hook, .on_fetch_ctx = &add};
+                        .on_fetch = hook, .ctx = &add};
     OffloadManager m;
     ASSERT(STATUS_OK(offload_init(&m, &o)));
     offload_begin_step(&m, 0);
@@ -301,6 +302,128 @@ static void test_fetch_hook(void) {
     Status s = offload_acquire(&m, 2, OFFLOAD_READ, NULL);
     ok(!STATUS_OK(s) && strstr(s.msg, "hook refuses unit 2") && !offload_is_resident(&m, 2), "an on_fetch error propagates: %s", s.msg);
     offload_free(&m);
+}
+
+/* in place (the trainer's use): units live in the caller's arrays, all start resident, the cap
+ * holds after end_step (not within a step), hooks see every eviction and fetch, a unit's bytes
+ * are in one tier at a time, fetch_all restores without refreshing recency */
+enum { IP_NU = 5 };
+static uint8_t *ip_base[N_SPANS];
+static int ip_evicted[IP_NU], ip_fetched[IP_NU];
+static void *ip_locate(void *ctx, int unit, int span) { (void)ctx; return ip_base[span] + (size_t)unit * span_bytes[span]; }
+static void ip_evict(void *ctx, int unit, void *const *spans) {
+    (void)ctx;
+    ip_evicted[unit]++;
+    for (int s = 0; s < N_SPANS; s++) memset(spans[s], 0xEE, span_bytes[s]);   /* "pages given back" */
+}
+static Status ip_fetch(void *ctx, int unit, void *const *spans, bool *modified) {
+    (void)ctx; (void)spans;
+    ip_fetched[unit]++;
+    *modified = true;
+    return status_ok();
+}
+
+static void test_in_place(enum OffloadTier tier) {
+    OffloadSpan sp[N_SPANS];
+    make_spans(sp);
+    char dir[512];
+    str_fmt(dir, sizeof dir, "%s/inplace%d", tmpdir, (int)tier);
+    MemAcct acct;
+    memacct_init(&acct);
+    OffloadOptions o = {.n_units = IP_NU, .n_spans = N_SPANS, .spans = sp, .max_resident = 2, .idle_steps = 2,
+                        .tier = tier, .dir = dir, .name = "ip", .no_fsync = true, .acct = &acct,
+                        .locate = ip_locate, .on_fetch = ip_fetch, .on_evict = ip_evict};
+    Rng rng;
+    rng_init(&rng, 77 + (uint64_t)tier, 0, RNG_TEST);
+    uint8_t *shadow[IP_NU][N_SPANS];
+    for (int s = 0; s < N_SPANS; s++) ip_base[s] = xmalloc(span_bytes[s] * IP_NU);
+    for (int u = 0; u < IP_NU; u++)
+        for (int s = 0; s < N_SPANS; s++) {
+            shadow[u][s] = xmalloc(span_bytes[s]);
+            fill_random(&rng, shadow[u][s], span_bytes[s]);
+            memcpy(ip_locate(NULL, u, s), shadow[u][s], span_bytes[s]);
+        }
+    memset(ip_evicted, 0, sizeof ip_evicted);
+    memset(ip_fetched, 0, sizeof ip_fetched);
+    OffloadManager m;
+    Status st = offload_init(&m, &o);
+    ok(STATUS_OK(st), "in place, tier %d: init: %s", (int)tier, st.msg);
+    bool all = true, where = true;
+    for (int u = 0; u < IP_NU; u++) {
+        all &= offload_is_resident(&m, u);
+        for (int s = 0; s < N_SPANS; s++) where &= offload_span(&m, u, s) == ip_locate(NULL, u, s);
+    }
+    ok(all && where && memacct_tier_current(&acct, MEM_TIER_DEVICE) == 0,
+       "every unit starts resident at the caller's address; the caller's memory is not accounted as slots");
+    /* step 0: all 5 used (over the cap of 2 within the step), the caller writes them */
+    offload_begin_step(&m, 0);
+    for (int u = 0; u < IP_NU; u++) ASSERT(STATUS_OK(offload_acquire(&m, u, OFFLOAD_WRITE, NULL)));
+    bool over = offload_step_stats(&m)->resident_units == IP_NU && offload_step_stats(&m)->evictions == 0;
+    for (int u = 0; u < IP_NU; u++) {
+        fill_random(&rng, shadow[u][1], span_bytes[1]);
+        memcpy(ip_locate(NULL, u, 1), shadow[u][1], span_bytes[1]);
+    }
+    ASSERT(STATUS_OK(offload_end_step(&m)));
+    ok(over && offload_is_resident(&m, 3) && offload_is_resident(&m, 4) && !offload_is_resident(&m, 0) &&
+       !offload_is_resident(&m, 1) && !offload_is_resident(&m, 2) && ip_evicted[0] == 1 && ip_evicted[2] == 1 &&
+       ip_evicted[3] == 0, "the cap holds after end_step, not within the step; the 2 most recent stay; on_evict per eviction");
+    int64_t io = (int64_t)m.enc_bytes + (tier == OFFLOAD_FILE ? 32 : 0);
+    enum MemTier bt = tier == OFFLOAD_HOST ? MEM_TIER_HOST : MEM_TIER_FILE;
+    int64_t copy = (int64_t)(span_bytes[0] + span_bytes[1] + span_bytes[2]);   /* accounted without padding */
+    ok(memacct_tier_current(&acct, bt) == 3 * copy, "3 backing copies accounted in the %s tier",
+       memacct_tier_name(bt));
+    /* step 1: unit 0 comes back with its content (the hook scribbled over the caller's pages) */
+    offload_begin_step(&m, 1);
+    ASSERT(STATUS_OK(offload_acquire(&m, 0, OFFLOAD_WRITE, NULL)));
+    bool same = true;
+    for (int s = 0; s < N_SPANS; s++) same &= memcmp(ip_locate(NULL, 0, s), shadow[0][s], span_bytes[s]) == 0;
+    ok(same && ip_fetched[0] == 1 && offload_step_stats(&m)->misses == 1 && offload_step_stats(&m)->bytes_in == io,
+       "a fetched unit comes back in place intact; on_fetch ran; one miss of %lld bytes", (long long)io);
+    if (tier == OFFLOAD_HOST)
+        ok(memacct_tier_current(&acct, MEM_TIER_HOST) == 2 * copy && m.host[0] == NULL,
+           "host tier: the copy of the fetched (modified) unit is freed: its bytes are in one tier only");
+    ASSERT(STATUS_OK(offload_end_step(&m)));   /* 3 (older) leaves for the cap; 4 stays */
+    offload_begin_step(&m, 2);
+    ASSERT(STATUS_OK(offload_acquire(&m, 0, OFFLOAD_WRITE, NULL)));
+    ASSERT(STATUS_OK(offload_end_step(&m)));   /* 4 unused since step 0: idle */
+    ok(offload_is_resident(&m, 0) && !offload_is_resident(&m, 3) && !offload_is_resident(&m, 4) &&
+       offload_total_stats(&m)->idle_evictions == 1 && offload_step_stats(&m)->resident_units == 1,
+       "LRU then idle eviction in place (%lld idle)", (long long)offload_total_stats(&m)->idle_evictions);
+    /* fetch_all: every unit back, counted as misses, recency not refreshed */
+    offload_begin_step(&m, 3);
+    ASSERT(STATUS_OK(offload_acquire(&m, 1, OFFLOAD_WRITE, NULL)));
+    int64_t miss0 = offload_step_stats(&m)->misses;
+    ASSERT(STATUS_OK(offload_fetch_all(&m)));
+    const OffloadStats *ss = offload_step_stats(&m);
+    same = true;
+    for (int u = 0; u < IP_NU; u++)
+        for (int s = 0; s < N_SPANS; s++) same &= memcmp(ip_locate(NULL, u, s), shadow[u][s], span_bytes[s]) == 0;
+    ok(same && ss->resident_units == IP_NU && ss->misses == miss0 + 3 && ss->hits + ss->misses == ss->acquires,
+       "fetch_all: all %d units back intact, %lld misses (3 restored)", IP_NU, (long long)ss->misses);
+    ASSERT(STATUS_OK(offload_end_step(&m)));
+    ok(offload_is_resident(&m, 0) && offload_is_resident(&m, 1) && offload_step_stats(&m)->resident_units == 2,
+       "after fetch_all the units really used (0, 1) stay and the restored ones leave again");
+    const OffloadStats *t = offload_total_stats(&m);
+    ok(t->bytes_out == t->writebacks * io && t->writebacks == t->evictions && t->bytes_in == (t->misses) * io,
+       "bytes out %lld == writebacks %lld x %lld; in %lld == misses x unit", (long long)t->bytes_out,
+       (long long)t->writebacks, (long long)io, (long long)t->bytes_in);
+    offload_free(&m);
+    ok(memacct_tier_current(&acct, MEM_TIER_HOST) == 0 && memacct_tier_current(&acct, MEM_TIER_FILE) == 0,
+       "offload_free returns every accounted byte");
+    if (tier == OFFLOAD_FILE) remove_dir_files(dir, "ip", IP_NU);
+    o.prefetch = PREFETCH_EMA;
+    o.prefetch_ema = 0.5;
+    st = offload_init(&m, &o);
+    ok(!STATUS_OK(st) && strstr(st.msg, "prefetch"), "in place with prefetch is refused: %s", st.msg);
+    offload_free(&m);
+    OffloadOptions o2 = {.n_units = 3, .n_spans = N_SPANS, .spans = sp, .max_resident = 2, .tier = OFFLOAD_HOST};
+    ASSERT(STATUS_OK(offload_init(&m, &o2)));
+    st = offload_fetch_all(&m);
+    ok(!STATUS_OK(st) && strstr(st.msg, "slot for each"), "fetch_all with fewer slots than units fails: %s", st.msg);
+    offload_free(&m);
+    for (int u = 0; u < IP_NU; u++)
+        for (int s = 0; s < N_SPANS; s++) xfree(shadow[u][s]);
+    for (int s = 0; s < N_SPANS; s++) xfree(ip_base[s]);
 }
 
 static void corrupt_byte(const char *path, long off) {
@@ -551,6 +674,7 @@ int main(void) {
         test_random((enum OffloadTier)tier, 2, 3, PREFETCH_EMA, 300 + tier);
         test_random((enum OffloadTier)tier, 0, 2, PREFETCH_NONE, 400 + tier);
         test_codecs((enum OffloadTier)tier);
+        test_in_place((enum OffloadTier)tier);
     }
     test_file_errors();
     rmdir(tmpdir);
