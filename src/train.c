@@ -502,6 +502,9 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     for (int l = 0; l < m->L; l++) moe_update_bias(&m->ffn[l], &m->acts[l].moe);
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m->ep[l], comm, cfg->parallel.affinity_ema);
+    /* offloading closes the step first, so a unit the placement fetches back below has its
+     * catch-up include this step's update */
+    TRY(comm_agree(comm, residency_end_step(&r->resid, step)));
     double migr = r->pending_migr;
     r->pending_migr = 0;
     if (m->ep_size > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
@@ -511,7 +514,6 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         if (b > 0) r->log_owner = true;
         migr += b;
     }
-    TRY(comm_agree(comm, residency_end_step(&r->resid, step)));
     ResidencyStats rs = residency_take_step(&r->resid);
     double off7[7] = {rs.hits, rs.misses, rs.evictions, rs.bytes_in, rs.bytes_out, rs.stall_s, rs.resident_units};
     if (r->resid.enabled) comm_allreduce_sum_f64(comm, off7, 7);
