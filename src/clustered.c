@@ -34,7 +34,8 @@ typedef struct CScratch {
     int32_t *gfill;                      /* [G_loc] scratch */
     float *yr;                           /* [yr_rows, D] device: output / dx row per received row */
     size_t yr_rows;                      /* = the final exchange's rows_cap (moe_comm_reserve) */
-    size_t act_other;                    /* accounted bytes outside the comm buffers */
+    size_t act_other;                    /* accounted bytes outside the comm buffers (fixed + expert side) */
+    size_t act_fixed, act_expert;        /* routing buffers; the expert side now (expert_reserve) */
     EpPath x;                            /* the dispatch/combine exchange (flat or two-level) */
     int M, Mg;
     /* device */
@@ -53,65 +54,92 @@ typedef struct CScratch {
 static CScratch *cs_of(const MoeState *st) { return (CScratch *)st->cpriv; }
 static void dfree(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
+/* the expert side: host and device arrays of M received entries and Mg <= M group rows.
+ * Grown (never shrunk) to what a step's counts exchange announces (Mg <= M: a group row
+ * carries at least one entry), so the memory follows the load, not the rank count; contents
+ * are not kept across a growth (every forward refills them; backward runs on its forward's
+ * sizes). */
+static void expert_reserve(const MoeLayer *ml, CScratch *c, const Backend *be, size_t M) {
+    if (M <= (size_t)c->M_max && c->xe) return;
+    M = M > (size_t)c->M_max ? M : (size_t)c->M_max;
+    if (!M) M = 1;
+    size_t Mg = M, acc = 0;
+    int D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r;
+#define HGROW(p, n) do { xfree(p); p = xcalloc(sizeof(*(p)) * (n)); } while (0)
+#define DGROW(p, bytes) do { dfree(be, p); p = moe_alloc_counted(be, &acc, bytes); } while (0)
+    HGROW(c->entry_src, M);
+    HGROW(c->entry_token, M);
+    HGROW(c->entry_grow, M);
+    HGROW(c->entry_gate, M);
+    HGROW(c->gentry_token, Mg);
+    HGROW(c->dgate_h, M);
+    HGROW(c->dgate2_h, M);
+    DGROW(c->entry_token_d, sizeof(int32_t) * M);
+    DGROW(c->entry_grow_d, sizeof(int32_t) * M);
+    DGROW(c->gentry_token_d, sizeof(int32_t) * Mg);
+    DGROW(c->entry_gate_d, sizeof(float) * M);
+    DGROW(c->dgate_d, sizeof(float) * M);
+    DGROW(c->dgate2_d, sizeof(float) * M);
+    DGROW(c->xg, sizeof(float) * Mg * D);
+    DGROW(c->hb, sizeof(float) * Mg * F1);
+    DGROW(c->S, sizeof(float) * Mg * F);
+    DGROW(c->yg, sizeof(float) * Mg * D);
+    DGROW(c->xe, sizeof(float) * M * D);
+    DGROW(c->u, sizeof(float) * M * r);
+    DGROW(c->h, sizeof(float) * M * F1);
+    DGROW(c->a, sizeof(float) * M * F);
+    DGROW(c->v, sizeof(float) * M * r);
+    DGROW(c->z, sizeof(float) * M * D);
+    DGROW(c->dyg, sizeof(float) * Mg * D);
+    DGROW(c->dS, sizeof(float) * Mg * F);
+    DGROW(c->dz, sizeof(float) * M * D);
+    DGROW(c->dv, sizeof(float) * M * r);
+    DGROW(c->da, sizeof(float) * M * F);
+    DGROW(c->tmpF, sizeof(float) * M * F);
+    DGROW(c->dh, sizeof(float) * M * F1);
+    DGROW(c->du, sizeof(float) * M * r);
+    DGROW(c->dxe, sizeof(float) * M * D);
+    DGROW(c->dhb, sizeof(float) * Mg * F1);
+    DGROW(c->dxg, sizeof(float) * Mg * D);
+#undef HGROW
+#undef DGROW
+    /* the stored path's workspace is sized by M_max: rebuilt on its next use */
+    dfree(be, c->qws);
+    c->qws = NULL;
+    xfree(c->qneed);
+    c->qneed = NULL;
+    c->M_max = (int)M;
+    c->Mg_max = (int)Mg;
+    c->act_expert = acc;
+}
+
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
     st->n_max = n_max;
     CScratch *c = xcalloc(sizeof *c);
-    size_t acc = 0;              /* backend bytes allocated here (accounting) */
-    int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups, D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r;
-    /* source-side arrays: this rank's N tokens; expert-side arrays: what this rank's groups may
-     * receive from every rank (up to the global batch) */
-    size_t N = (size_t)n_max, Ms = N * k, P = (size_t)ml->ep->P, M = Ms * P, Mg = M;
-    c->n_max = n_max; c->M_max = (int)M; c->Mg_max = (int)Mg;
+    size_t acc = 0;              /* backend bytes allocated here besides the expert side (accounting) */
+    int E = ml->E, G = ml->G, k = ml->k, TG = ml->top_groups, D = ml->D;
+    /* source-side arrays: this rank's N tokens; the expert side starts at what a balanced
+     * step brings (N * k entries) and grows from the counts exchange (expert_reserve) */
+    size_t N = (size_t)n_max, Ms = N * k;
+    c->n_max = n_max;
     router_init(&st->route, n_max, E, k, G, TG);
-    c->entry_src = xcalloc(sizeof(int32_t) * M);
     c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
     epp_init(&c->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
-    c->entry_token = xcalloc(sizeof(int32_t) * M);
-    c->entry_grow = xcalloc(sizeof(int32_t) * M);
-    c->entry_gate = xcalloc(sizeof(float) * M);
-    c->gentry_token = xcalloc(sizeof(int32_t) * Mg);
     c->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
     c->group_off = xcalloc(sizeof(int32_t) * (G + 1));
-    c->dgate_h = xcalloc(sizeof(float) * M);
-    c->dgate2_h = xcalloc(sizeof(float) * M);
     c->xh = xcalloc(sizeof(float) * N * D);
     c->router.logits = moe_alloc_counted(be, &acc, sizeof(float) * N * E);
     c->router.dlogits = moe_alloc_counted(be, &acc, sizeof(float) * N * E);
-    c->entry_token_d = moe_alloc_counted(be, &acc, sizeof(int32_t) * M);
-    c->entry_grow_d = moe_alloc_counted(be, &acc, sizeof(int32_t) * M);
-    c->gentry_token_d = moe_alloc_counted(be, &acc, sizeof(int32_t) * Mg);
-    c->entry_gate_d = moe_alloc_counted(be, &acc, sizeof(float) * M);
-    c->dgate_d = moe_alloc_counted(be, &acc, sizeof(float) * M);
-    c->dgate2_d = moe_alloc_counted(be, &acc, sizeof(float) * M);
-    c->xg = moe_alloc_counted(be, &acc, sizeof(float) * Mg * D);
-    c->hb = moe_alloc_counted(be, &acc, sizeof(float) * Mg * F1);
-    c->S = moe_alloc_counted(be, &acc, sizeof(float) * Mg * F);
-    c->yg = moe_alloc_counted(be, &acc, sizeof(float) * Mg * D);
-    c->xe = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-    c->u = moe_alloc_counted(be, &acc, sizeof(float) * M * r);
-    c->h = moe_alloc_counted(be, &acc, sizeof(float) * M * F1);
-    c->a = moe_alloc_counted(be, &acc, sizeof(float) * M * F);
-    c->v = moe_alloc_counted(be, &acc, sizeof(float) * M * r);
-    c->z = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-    c->dyg = moe_alloc_counted(be, &acc, sizeof(float) * Mg * D);
-    c->dS = moe_alloc_counted(be, &acc, sizeof(float) * Mg * F);
-    c->dz = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-    c->dv = moe_alloc_counted(be, &acc, sizeof(float) * M * r);
-    c->da = moe_alloc_counted(be, &acc, sizeof(float) * M * F);
-    c->tmpF = moe_alloc_counted(be, &acc, sizeof(float) * M * F);
-    c->dh = moe_alloc_counted(be, &acc, sizeof(float) * M * F1);
-    c->du = moe_alloc_counted(be, &acc, sizeof(float) * M * r);
-    c->dxe = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-    c->dhb = moe_alloc_counted(be, &acc, sizeof(float) * Mg * F1);
-    c->dxg = moe_alloc_counted(be, &acc, sizeof(float) * Mg * D);
+    expert_reserve(ml, c, be, Ms);
     router_stats_init(&st->stats, E, G);
     /* the generic fields are views into the route */
     moe_state_view_route(st);
     st->cpriv = c;
     /* act_bytes: every backend buffer of the layer incl. the exchange's; comm_bytes: the
      * exchange's send/receive rows and the returned rows (yr) */
-    c->act_other = acc;
+    c->act_fixed = acc;
+    c->act_other = acc + c->act_expert;
     moe_comm_reserve(st, &c->x, be, D, &c->yr, &c->yr_rows, c->act_other);
     return status_ok();
 }
@@ -290,8 +318,10 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
      * group when groups sit on different ranks) */
     EpPath *XP = &c->x;
     moe_dispatch(ml, XP, be, comm, st, x);
-    moe_comm_reserve(st, XP, be, D, &c->yr, &c->yr_rows, c->act_other);
     const EpX *X = epp_final(XP);
+    expert_reserve(ml, c, be, (size_t)X->n_recv);
+    c->act_other = c->act_fixed + c->act_expert;
+    moe_comm_reserve(st, XP, be, D, &c->yr, &c->yr_rows, c->act_other);
     recv_build(ml, c);
     int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;
     moe_need(ml, c->group_off, Gl);

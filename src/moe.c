@@ -55,53 +55,77 @@ typedef struct MoeHost {
     int32_t *entry_src;          /* [Mr] receive-order index of each expert-sorted entry */
     float *yr;                   /* [yr_rows, D] device: one output (or dx) row per received row */
     size_t yr_rows;              /* = the final exchange's rows_cap (moe_comm_reserve) */
-    size_t act_other;            /* accounted bytes outside the comm buffers */
+    size_t act_other;            /* accounted bytes outside the comm buffers (act_fixed + act_expert) */
+    size_t act_fixed;            /* routing buffers (fixed by the token capacity) */
+    size_t act_expert;           /* the expert side now (expert_reserve) */
+    size_t m_cap;                /* entries the expert side holds */
     EpPath x;                    /* the dispatch/combine exchange (flat or two-level) */
     MoeDev dev;
 } MoeHost;
+
+/* the expert side: arrays of M received entries (routing mirrors, gathered rows and the FFN
+ * activations). Grown (never shrunk) to what a step's counts exchange announces, so the
+ * memory follows the load and not the rank count; contents are not kept across a growth
+ * (every forward refills them, and backward runs on the forward's M). */
+static void expert_reserve(const MoeLayer *ml, MoeState *st, MoeHost *hs, const Backend *be, size_t M) {
+    if (M <= hs->m_cap && st->h) return;
+    M = M > hs->m_cap ? M : hs->m_cap;
+    if (!M) M = 1;
+    int D = ml->D, F = ml->F, F1 = ml->F1;
+    size_t acc = 0;
+#define HGROW(p, T) do { xfree(p); p = xcalloc(sizeof(T) * M); } while (0)
+#define DGROW(p, bytes) do { dev_free(be, p); p = moe_alloc_counted(be, &acc, bytes); } while (0)
+    if (ml->kind != MOE_KIND_DENSE) {
+        HGROW(st->entry_token, int32_t);
+        HGROW(st->entry_gate, float);
+        HGROW(hs->dgate_h, float);
+        HGROW(hs->entry_src, int32_t);
+        DGROW(hs->dev.entry_token, sizeof(int32_t) * M);
+        DGROW(hs->dev.entry_gate, sizeof(float) * M);
+        DGROW(hs->dev.dgate, sizeof(float) * M);
+        DGROW(st->xg, sizeof(float) * M * D);
+        DGROW(st->yg, sizeof(float) * M * D);
+        DGROW(st->dyg, sizeof(float) * M * D);
+        DGROW(st->dxg, sizeof(float) * M * D);
+    }
+    DGROW(st->h, sizeof(float) * M * F1);
+    DGROW(st->a, sizeof(float) * M * F);
+    DGROW(st->da, sizeof(float) * M * F);
+    DGROW(st->dh, sizeof(float) * M * F1);
+#undef HGROW
+#undef DGROW
+    hs->m_cap = M;
+    hs->act_expert = acc;
+}
 
 Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max) {
     memset(st, 0, sizeof *st);
     if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_init(st, ml, be, comm, n_max);
     st->n_max = n_max;
-    int E = ml->E, k = ml->k, D = ml->D, F = ml->F, F1 = ml->F1;
-    /* source-side routing arrays hold this rank's n_max * k pairs; the expert-side buffers
-     * hold what this rank's experts may receive from every rank (the global batch) */
+    int E = ml->E, k = ml->k, D = ml->D;
+    /* source-side routing arrays hold this rank's n_max * k pairs; the expert side starts at
+     * what a balanced step brings (n_max * k entries) and grows from the counts exchange */
     size_t Ms = (size_t)n_max * k;
-    size_t M = ml->kind == MOE_KIND_DENSE ? Ms : Ms * (size_t)ml->ep->P;
     MoeHost *hs = xcalloc(sizeof(MoeHost));
-    size_t acc = 0;              /* backend bytes allocated here (accounting) */
+    size_t acc = 0;              /* backend bytes allocated here, besides the expert side */
     router_stats_init(&st->stats, E, 0);
     if (ml->kind != MOE_KIND_DENSE) {
         router_init(&st->route, n_max, E, k, 0, 0);
         moe_state_view_route(st);
-        st->entry_token = xcalloc(sizeof(int32_t) * M);
-        st->entry_gate = xcalloc(sizeof(float) * M);
         st->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
-        hs->dgate_h = xcalloc(sizeof(float) * M);
         hs->dev.router.logits = moe_alloc_counted(be, &acc, sizeof(float) * n_max * E);
         hs->dev.router.dlogits = moe_alloc_counted(be, &acc, sizeof(float) * n_max * E);
         hs->dev.pos = moe_alloc_counted(be, &acc, sizeof(int32_t) * Ms);
         hs->dev.gate = moe_alloc_counted(be, &acc, sizeof(float) * Ms);
-        hs->entry_src = xcalloc(sizeof(int32_t) * M);
         epp_init(&hs->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
-        hs->dev.entry_token = moe_alloc_counted(be, &acc, sizeof(int32_t) * M);
-        hs->dev.entry_gate = moe_alloc_counted(be, &acc, sizeof(float) * M);
-        hs->dev.dgate = moe_alloc_counted(be, &acc, sizeof(float) * M);
-        st->xg = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-        st->yg = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-        st->dyg = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
-        st->dxg = moe_alloc_counted(be, &acc, sizeof(float) * M * D);
     }
-    st->h = moe_alloc_counted(be, &acc, sizeof(float) * M * F1);
-    st->a = moe_alloc_counted(be, &acc, sizeof(float) * M * F);
-    st->da = moe_alloc_counted(be, &acc, sizeof(float) * M * F);
-    st->dh = moe_alloc_counted(be, &acc, sizeof(float) * M * F1);
+    expert_reserve(ml, st, hs, be, Ms);
     st->priv = hs;
+    hs->act_fixed = acc;
     if (ml->kind != MOE_KIND_DENSE) {
-        hs->act_other = acc;
+        hs->act_other = acc + hs->act_expert;
         moe_comm_reserve(st, &hs->x, be, D, &hs->yr, &hs->yr_rows, hs->act_other);
-    } else st->act_bytes = acc;
+    } else st->act_bytes = acc + hs->act_expert;
     return status_ok();
 }
 
@@ -283,8 +307,10 @@ void moe_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePar
     moe_route(ml, be, comm, p, st, &hs->dev.router, x, N, n_global);
     EpPath *XP = &hs->x;
     moe_dispatch(ml, XP, be, comm, st, x);
-    moe_comm_reserve(st, XP, be, D, &hs->yr, &hs->yr_rows, hs->act_other);
     const EpX *X = epp_final(XP);
+    expert_reserve(ml, st, hs, be, (size_t)X->n_recv);
+    hs->act_other = hs->act_fixed + hs->act_expert;
+    moe_comm_reserve(st, XP, be, D, &hs->yr, &hs->yr_rows, hs->act_other);
     recv_entries(ml, st, hs);
     int M = st->M;
     moe_need(ml, st->expert_off, n_local_experts(ml));
