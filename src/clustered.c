@@ -15,7 +15,7 @@
  * Legend: N D F F1 E G K r TG k = tokens on this rank, d_model, expert width, F or 2F
  * (SwiGLU), experts, groups, experts per group, residual rank, groups per token, experts per
  * token; Mg = kept (token, group) rows, M = kept (token, expert) rows. */
-#include "moe.h"
+#include "clustered.h"
 
 #include <math.h>
 #include <stdlib.h>

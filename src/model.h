@@ -15,6 +15,7 @@
 #include "comm.h"
 #include "config.h"
 #include "moe.h"
+#include "clustered.h"
 #include "ep.h"
 #include "topology.h"
 

@@ -2,6 +2,7 @@
  * Legend: N D F F1 E k M = tokens on this rank, d_model, expert width, F or 2F (SwiGLU),
  * experts, top-k, routed entries kept (<= N*k). */
 #include "moe.h"
+#include "clustered.h"
 
 #include <math.h>
 #include <stdlib.h>

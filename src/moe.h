@@ -4,6 +4,8 @@
  * Routing decisions are made on the host from the router logits; capacity and the aux loss
  * use the GLOBAL batch (per-expert counts are gathered over the data-parallel ranks), so the
  * routing does not depend on how the batch is split over ranks.
+ * The clustered layer (two-stage routing, shared bases, low-rank residuals) is the third
+ * kind: its state and entry points are in clustered.h; moe_forward/backward dispatch to it.
  * Does not: own parameters (views into the model's allocations) or communicate gradients.
  *
  * Legend: N D F F1 E k M = tokens on this rank, d_model, expert width, F or 2F (SwiGLU),
@@ -16,31 +18,11 @@
 #include "comm.h"
 #include "config.h"
 #include "ep.h"
-#include "quant.h"
 #include "router.h"
 
-/* stored-format experts for the inference path (precision.c provides them): the clustered
- * layer's forward computes directly from FP16/INT4 tensors (quant.h kernels, dequantise on
- * the fly) when MoeParams.stored is set; no backward exists on this path. */
-typedef struct MoeQGroup {
-    const QTensor *base1, *base2;          /* [D, F1], [F, D] */
-    const QTensor *a1, *b1, *a2, *b2;      /* [K] each: [D,r], [F1,r], [F,r], [D,r] */
-} MoeQGroup;
-typedef struct MoeStored {
-    /* the local groups g[n] (distinct, ascending) are needed by this forward: fetch/pin them
-     * if possible (the fetch point after routing). Returns 1 when they are pinned, 0 when
-     * get() must fetch them one at a time (e.g. more groups than resident slots). */
-    int (*prepare)(void *ctx, const int *g, int n);
-    /* the stored tensors of local group g; non-zero = unavailable (the error is kept by the
-     * provider; the group's output rows are zero) */
-    int (*get)(void *ctx, int g, MoeQGroup *out);
-    /* optional: 1 when group g is resident now; the layer then computes resident groups
-     * first (the order does not change any result: groups write disjoint rows), so a cap
-     * below the groups a batch needs costs one miss per group beyond the cap instead of
-     * LRU's miss on every access of a cyclic sweep */
-    int (*resident)(void *ctx, int g);
-    void *ctx;
-} MoeStored;
+/* defined in clustered.h: the clustered layer's state and its stored-format experts */
+typedef struct MoeStored MoeStored;
+typedef struct ClusterState ClusterState;
 
 typedef struct MoeParams {
     const MoeStored *stored; /* clustered inference path: NULL = compute from the FP32 arrays */
@@ -55,20 +37,6 @@ typedef struct MoeParams {
     float *a2;       /* [E, F, r] */
     float *b2;       /* [E, D, r] */
 } MoeParams;
-
-/* the clustering state of one clustered layer (owned by the model, checkpointed) */
-typedef struct ClusterState {
-    int32_t *group_of;           /* [E] group of each expert */
-    int32_t *members;            /* [G, K] member experts of each group, ascending */
-    float *bias;                 /* [E] aux-loss-free selection bias */
-    float *mu;                   /* [E, Pm] EMA activation centroids */
-    int mu_dim;                  /* Pm */
-    int mu_hidden;               /* 1: mu from hidden inputs (Pm = D), 0: router logits (Pm = E) */
-    int32_t *mu_seen;            /* [E] 1 once mu_i has had a first observation */
-    double *mu_sum;              /* [E, Pm + 1] sums and counts being collected, NULL = not collecting */
-    double *mu_sum_store;        /* the buffer behind mu_sum */
-    int n_events, n_accepted;
-} ClusterState;
 
 typedef RouteStats MoeStats;      /* of the last forward, global over ranks (router.h) */
 
@@ -176,14 +144,6 @@ static inline void *moe_alloc_counted(const Backend *be, size_t *acc, size_t byt
     *acc += bytes;
     return be->ops->alloc(be->ctx, bytes);
 }
-
-/* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
-Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max);
-void clustered_state_free(MoeState *st, const Backend *be);
-void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
-                       MoeState *st, float *out, const float *x, int N, long n_global);
-void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,
-                        MoeState *st, float *dx, const float *dout, const float *x);
 
 /* the generic MoeState fields (logits, probs, dlogits, topk_expert, topk_gate, pos) as views
  * into st->route, for both layer kinds */
