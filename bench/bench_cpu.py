@@ -7,7 +7,11 @@ thread count written the way researchers write it (Hugging Face Mixtral style: a
 experts with index_add). Writes results/bench-cpu.{csv,meta.json,md}.
 
 usage: /usr/bin/python3 bench/bench_cpu.py [--steps 30] [--torch-steps 5] [--build build]
+                                          [--baseline-build DIR --baseline-rev REV]
        /usr/bin/python3 bench/bench_cpu.py --render-only [--out DIR]
+--baseline-build runs every dcmoe row a second time with another build (of revision REV, built
+with the same options), interleaved with the current one (baseline, then current, per row), so
+the "vs baseline" column is a ratio measured in one run on the same machine state.
 --render-only rebuilds results/bench-cpu.md from results/bench-cpu.{csv,meta.json} and the
 hand-written results/bench-cpu.notes.md (nothing is run; no h5py or torch); --out DIR writes it to DIR.
 Needs: a built dcmoe, the Brown corpus (bash tools/fetch-data.sh), python3-torch, h5py.
@@ -205,9 +209,18 @@ def run_all(a):
     exe = os.path.join(a.build, "dcmoe")
     tmp = tempfile.mkdtemp(prefix="dcmoe-bench-")
     rows = []
+    base_exe = os.path.join(a.baseline_build, "dcmoe") if a.baseline_build else None
     for kind, groups in (("dense", 8), ("standard", 8), ("clustered", 4), ("clustered", 8)):
         for ranks, threads in ((2, 1), (1, 2)):
+            base = None
+            if base_exe:
+                btmp = os.path.join(tmp, "baseline")
+                os.makedirs(btmp, exist_ok=True)
+                base = run_dcmoe(base_exe, btmp, kind, ranks, threads, a.steps, groups)
             r = run_dcmoe(exe, tmp, kind, ranks, threads, a.steps, groups)
+            r["base_tok_s"] = base["tok_s"] if base else None
+            if base:
+                print(f"baseline {a.baseline_rev} {base['name']}: {base['tok_s']:.0f} tok/s", flush=True)
             print(f"dcmoe {r['name']}: {r['tok_s']:.0f} tok/s, {100 * r['frac']:.1f}% of sgemm peak "
                   f"({r['peak']:.0f} GFLOP/s)", flush=True)
             rows.append(r)
@@ -221,21 +234,24 @@ def run_all(a):
     peak = max(r["peak"] for r in rows)
     for r in rows:
         r["frac"] = r["fpt"] * r["tok_s"] / (peak * 1e9)
-    csv_lines = ["model,engine,ranks,threads,tok_s,gflops,frac_peak,speedup_vs_torch,fwd_ms,bwd_ms,allreduce_ms,optimizer_ms"]
+    csv_lines = ["model,engine,ranks,threads,tok_s,gflops,frac_peak,speedup_vs_torch,fwd_ms,bwd_ms,allreduce_ms,optimizer_ms,"
+                 "baseline_tok_s"]
     for r in rows:
         gf = r["fpt"] * r["tok_s"] * 1e-9
         sp = r["tok_s"] / torch_tok["standard" if r["kind"] == "clustered" else r["kind"]]
         csv_lines.append(f"{r['label']},dcmoe,{r['ranks']},{r['threads']},{r['tok_s']:.1f},{gf:.2f},{r['frac']:.4f},{sp:.2f},"
-                         f"{1e3 * r['fwd']:.1f},{1e3 * r['bwd']:.1f},{1e3 * r['comm']:.1f},{1e3 * r['opt']:.1f}")
+                         f"{1e3 * r['fwd']:.1f},{1e3 * r['bwd']:.1f},{1e3 * r['comm']:.1f},{1e3 * r['opt']:.1f},"
+                         + (f"{r['base_tok_s']:.1f}" if r["base_tok_s"] else ""))
     for kind in ("dense", "standard"):
         fpt = [r["fpt"] for r in rows if r["kind"] == kind][0]
         t = torch_tok[kind]
-        csv_lines.append(f"{kind},pytorch,1,2,{t:.1f},{fpt * t * 1e-9:.2f},{fpt * t / (peak * 1e9):.4f},1.00,,,,")
+        csv_lines.append(f"{kind},pytorch,1,2,{t:.1f},{fpt * t * 1e-9:.2f},{fpt * t / (peak * 1e9):.4f},1.00,,,,,")
     with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
         f.write("\n".join(csv_lines) + "\n")
     rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": a.steps,
                          "torch_version": __import__("torch").__version__,
-                         "sgemm_peak_gflops": peak, "sgemm_peak_lowest_gflops": min(r["peak"] for r in rows)})
+                         "sgemm_peak_gflops": peak, "sgemm_peak_lowest_gflops": min(r["peak"] for r in rows),
+                         "baseline_rev": a.baseline_rev if base_exe else None})
 
 
 def render(out_dir):
@@ -251,17 +267,31 @@ def render(out_dir):
              "the peak is OpenBLAS sgemm (1024^3) measured by dcmoe at start-up of each run, summed over ranks; "
              "every row uses the highest of those measurements. "
              f"Median over steps after the first {min(5, meta['steps'] // 3)}.", "",
-             "| model | engine | ranks x threads | tokens/s | GFLOP/s | % of sgemm peak | vs PyTorch | fwd ms | bwd ms | allreduce ms | optimizer ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | engine | ranks x threads | tokens/s | GFLOP/s | % of sgemm peak | vs PyTorch | fwd ms | bwd ms | allreduce ms | optimizer ms |"
+             + (" vs baseline |" if meta.get("baseline_rev") else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if meta.get("baseline_rev") else "")]
+    ratios = []
     for r in rows:
         tok, gf, frac, sp = float(r["tok_s"]), float(r["gflops"]), float(r["frac_peak"]), float(r["speedup_vs_torch"])
+        bt = r.get("baseline_tok_s") or ""
+        vs = ""
+        if meta.get("baseline_rev"):
+            vs = f" {tok / float(bt):.3f}x |" if bt else " |"
+            if bt:
+                ratios.append(tok / float(bt))
         if r["engine"] == "dcmoe":
             lines.append(f"| {r['model']} | dcmoe | {r['ranks']} x {r['threads']} | {tok:.0f} | {gf:.1f} | "
                          f"{100 * frac:.1f}% | {sp:.1f}x | {float(r['fwd_ms']):.0f} | {float(r['bwd_ms']):.0f} | "
-                         f"{float(r['allreduce_ms']):.0f} | {float(r['optimizer_ms']):.0f} |")
+                         f"{float(r['allreduce_ms']):.0f} | {float(r['optimizer_ms']):.0f} |" + vs)
         else:
             lines.append(f"| {r['model']} | PyTorch {meta['torch_version']} (Mixtral-style loop + index_add) | "
-                         f"{r['ranks']} x {r['threads']} | {tok:.0f} | {gf:.1f} | {100 * frac:.1f}% | {sp:.1f}x | | | | |")
+                         f"{r['ranks']} x {r['threads']} | {tok:.0f} | {gf:.1f} | {100 * frac:.1f}% | {sp:.1f}x | | | | |" + vs)
+    if ratios:
+        g = float(np.exp(np.mean(np.log(ratios))))
+        lines += ["", f"vs baseline: tokens/s of this build over a build of `{meta['baseline_rev']}` (same options), "
+                  f"each row run back to back with it in this run: geometric mean {g:.3f}x, lowest {min(ratios):.3f}x, "
+                  f"highest {max(ratios):.3f}x. Goal (issue 11): within 3% or better, i.e. >= 0.97x: "
+                  f"**{'met' if g >= 0.97 else 'not met'}** (geometric mean)."]
     std = {r["ranks"]: float(r["tok_s"]) for r in rows if r["model"] == "standard" and r["engine"] == "dcmoe"}
     lines += ["", f"sgemm peak measured: {meta['sgemm_peak_gflops']:.1f} GFLOP/s (2 cores; highest of the runs' start-up "
               f"measurements, lowest {meta['sgemm_peak_lowest_gflops']:.1f}).", "",
@@ -279,6 +309,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--torch-steps", type=int, default=5)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--baseline-build", default=None, help="a build of another revision to compare with, row by row")
+    ap.add_argument("--baseline-rev", default=None, help="the revision --baseline-build was built from (recorded)")
     rl.run_main(ap, run_all, render)
 
 
