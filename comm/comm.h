@@ -8,8 +8,9 @@
 #include <stdint.h>
 #include "util.h"
 
+/* recluster: the re-clustering event's features, travelling members and statistics */
 enum CommPhase { COMM_PHASE_ALLREDUCE = 0, COMM_PHASE_DISPATCH = 1, COMM_PHASE_COMBINE = 2,
-                 COMM_PHASE_MIGRATION = 3, COMM_PHASE_OTHER = 4, COMM_N_PHASES = 5 };
+                 COMM_PHASE_MIGRATION = 3, COMM_PHASE_OTHER = 4, COMM_PHASE_RECLUSTER = 5, COMM_N_PHASES = 6 };
 
 typedef struct CommStats {
     uint64_t bytes[COMM_N_PHASES];     /* bytes this rank sent, per phase */

@@ -1,6 +1,11 @@
-/* recluster.c: centroid EMA, features, the clustering event and the refit.
- * Legend: E G K D F F1 r Pw Pm = experts, groups, experts/group, d_model, expert width,
- * F or 2F, residual rank, parameter-feature dims, centroid dims. */
+/* recluster.c: centroid EMA, features, the clustering event and the refit, run where the
+ * experts live (expert-parallel): each rank reconstructs and sketches only its own experts,
+ * only the features travel to every rank, every rank runs the same clustering, and each
+ * changed group is refit by its owner from members sent rank to rank (phase recluster).
+ * Legend: E G K D F F1 r Pw Pm P = experts, groups, experts/group, d_model, expert width,
+ * F or 2F, residual rank, parameter-feature dims, centroid dims, ranks of the EP group;
+ * Gl El = groups / experts on this rank (El = Gl K); n1 n2 = D F1, F D (one expert's up /
+ * down matrix); nf = (2D + F1 + F) r (one expert's four factors). */
 #include "recluster.h"
 
 #include <math.h>
@@ -8,6 +13,9 @@
 #include <string.h>
 
 #include "compress.h"
+
+/* the expert-parallel group's communicator (the world until the model sets one) */
+static Comm *xcomm(Model *m) { return m->ep_comm ? m->ep_comm : m->comm; }
 
 long recluster_warmup(const Config *cfg) {
     return cfg->clustering.warmup >= 0 ? cfg->clustering.warmup : cfg->train.steps / 10;
@@ -48,79 +56,126 @@ static void sketch_add(const float *x, size_t n, uint64_t salt, float *out, int 
     }
 }
 
-/* one clustered layer's tensors in the canonical (all-experts) arrays gathered from every
- * rank: parameters and the two Adam moments */
-typedef struct LayerHost { float *base1, *base2, *a1, *b1, *a2, *b2; } LayerHost;
-typedef struct FullArrays { float *p, *m, *v; } FullArrays;
+/* one clustered layer's six expert tensors inside an array laid out like this rank's expert
+ * category (parameters, Adam m or Adam v): bases [Gl, ...] by local group slot, factors
+ * [El, ...] by local expert slot (group slot * K + index in the group's members) */
+typedef struct LayerLocal { float *base1, *base2, *a1, *b1, *a2, *b2; } LayerLocal;
 
-static LayerHost layer_view(const Model *m, float *full, int l) {
+static LayerLocal layer_local(const Model *m, float *arr, int l) {
     float *v[6];
     int n = 0;
     for (int i = 0; i < m->n_tensors && n < 6; i++)
-        if (m->tensors[i].layer == l && m->tensors[i].ep_unit) v[n++] = full + m->tensors[i].full_offset;
+        if (m->tensors[i].layer == l && m->tensors[i].ep_unit) v[n++] = arr + m->tensors[i].offset;
     ASSERTF(n == 6, "layer %d: expected 6 clustered expert tensors, found %d", l, n);
-    LayerHost h = {v[0], v[1], v[2], v[3], v[4], v[5]};
+    LayerLocal h = {v[0], v[1], v[2], v[3], v[4], v[5]};
     return h;
 }
 
-/* zero the Adam moments of the n elements at param_view (a view into fa->p) */
-static void reset_adam(const FullArrays *fa, const float *param_view, size_t n) {
-    size_t off = (size_t)(param_view - fa->p);
-    memset(fa->m + off, 0, sizeof(float) * n);
-    memset(fa->v + off, 0, sizeof(float) * n);
+/* the four factors of local expert slot s (a1 [D, r], b1 [F1, r], a2 [F, r], b2 [D, r]),
+ * packed one after the other in buf [nf]: get copies them out, put copies them in */
+static void factors_span(const LayerLocal *h, const MoeLayer *f, int s, float *span[4], size_t len[4]) {
+    int r = f->r;
+    span[0] = h->a1 + (size_t)s * f->D * r; len[0] = (size_t)f->D * r;
+    span[1] = h->b1 + (size_t)s * f->F1 * r; len[1] = (size_t)f->F1 * r;
+    span[2] = h->a2 + (size_t)s * f->F * r; len[2] = (size_t)f->F * r;
+    span[3] = h->b2 + (size_t)s * f->D * r; len[3] = (size_t)f->D * r;
 }
 
-typedef struct ErrStats { double sum, max; int n, rc; } ErrStats;
+static void factors_get(const LayerLocal *h, const MoeLayer *f, int s, float *buf) {
+    float *span[4];
+    size_t len[4];
+    factors_span(h, f, s, span, len);
+    for (int k = 0; k < 4; k++) { memcpy(buf, span[k], sizeof(float) * len[k]); buf += len[k]; }
+}
 
-/* refit one weight kind (m x n matrices) of a group with members mem[K]: W [E, m, n] holds
- * every expert's reconstructed matrix; the new base goes to base [m, n], each member's factors
- * to a_all [E, m, r] and b_all [E, n, r]; Wg, A, Bf, err are scratch */
-static void refit_matrix(const float *W, const int32_t *mem, int K, int m, int n, int r, const ClusterConfig *cc,
-                         Rng *rng, float *base, float *a_all, float *b_all, float *Wg, float *A, float *Bf,
-                         double *err, ErrStats *es) {
-    size_t mn = (size_t)m * n;
-    for (int q = 0; q < K; q++) memcpy(Wg + (size_t)q * mn, W + (size_t)mem[q] * mn, sizeof(float) * mn);
+static void factors_put(const LayerLocal *h, const MoeLayer *f, int s, const float *buf) {
+    float *span[4];
+    size_t len[4];
+    factors_span(h, f, s, span, len);
+    for (int k = 0; k < 4; k++) { memcpy(span[k], buf, sizeof(float) * len[k]); buf += len[k]; }
+}
+
+/* global expert in local expert slot s of rank q under the current maps */
+static int expert_at(const EpMap *em, const ClusterState *cs, int q, int s) {
+    int g = em->place.unit_at[q * em->per_rank + s / em->K];
+    return cs->members[(size_t)g * em->K + s % em->K];
+}
+
+/* refit one weight kind of a group from its members' reconstructed matrices Wg [K, m, n]:
+ * base [m, n], factors a [K, m, r] and b [K, n, r] (the group's K consecutive local slots);
+ * adds the K relative errors to *sum and *max */
+static void refit_matrix(const float *Wg, int K, int m, int n, int r, const ClusterConfig *cc, Rng *rng, float *base,
+                         float *a, float *b, double *err, double *sum, double *max, int l, int g, const char *what) {
     int method = cc->svd == SVD_KIND_EXACT ? SVD_EXACT : SVD_RANDOMIZED;
-    es->rc = compress_refit_group(Wg, K, m, n, r, method, cc->svd_oversample, cc->svd_power_iters, rng, base, A, Bf, err);
-    if (es->rc) return;
+    int rc = compress_refit_group(Wg, K, m, n, r, method, cc->svd_oversample, cc->svd_power_iters, rng, base, a, b, err);
+    ASSERTF(rc == 0, "refit of layer %d group %d (%s projection) failed: LAPACK info %d", l, g, what, rc);
     for (int q = 0; q < K; q++) {
-        memcpy(a_all + (size_t)mem[q] * m * r, A + (size_t)q * m * r, sizeof(float) * m * r);
-        memcpy(b_all + (size_t)mem[q] * n * r, Bf + (size_t)q * n * r, sizeof(float) * n * r);
-        es->sum += err[q];
-        es->n++;
-        if (err[q] > es->max) es->max = err[q];
+        *sum += err[q];
+        if (err[q] > *max) *max = err[q];
     }
 }
 
-static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, const FullArrays *fa) {
+/* byte counts in and displacements out: d[i] = sum of c[0..i) */
+static size_t displs(const size_t *c, size_t *d, int P) {
+    size_t n = 0;
+    for (int q = 0; q < P; q++) { d[q] = n; n += c[q]; }
+    return n;
+}
+
+/* the event for clustered layer l. cur[3]: this rank's expert category on the host before
+ * the event (parameters, Adam m, Adam v), read only; nxt[3]: a copy that receives the new
+ * state; *dirty is set when it changed. The maps (em) still describe the old membership. */
+static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *const cur[3], float *const nxt[3],
+                       int *dirty) {
+    Comm *c = xcomm(m);
     MoeLayer *f = &m->ffn[l];
     ClusterState *cs = &m->cstate[l];
+    const EpMap *em = &m->ep[l];
     const ClusterConfig *cc = &m->cfg.clustering;
     int E = f->E, G = f->G, K = f->K, D = f->D, F = f->F, F1 = f->F1, r = f->r, Pm = cs->mu_dim;
+    int P = c->size, me = c->rank, Gl = em->per_rank, El = Gl * K;
+    ASSERTF(em->P == P && em->K == K, "layer %d: expert map over %d ranks (K %d), communicator of %d (K %d)", l, em->P,
+            em->K, P, K);
     double t0 = time_now();
     memset(ev, 0, sizeof *ev);
     ev->layer = l;
-    LayerHost h = layer_view(m, fa->p, l);
-    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D;
-    /* reconstructed weights of every expert under the current grouping */
-    float *W1 = xmalloc(sizeof(float) * E * n1), *W2 = xmalloc(sizeof(float) * E * n2);
-    for (int i = 0; i < E; i++) {
-        int g = cs->group_of[i];
-        compress_reconstruct(h.base1 + (size_t)g * n1, h.a1 + (size_t)i * D * r, h.b1 + (size_t)i * F1 * r, D, F1, r, W1 + (size_t)i * n1);
-        compress_reconstruct(h.base2 + (size_t)g * n2, h.a2 + (size_t)i * F * r, h.b2 + (size_t)i * D * r, F, D, r, W2 + (size_t)i * n2);
+    LayerLocal h = layer_local(m, cur[0], l);
+    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D, nf = (size_t)(2 * D + F1 + F) * r;
+    /* 1. reconstructed weights of this rank's experts under the current grouping: W1 [El, n1], W2 [El, n2] */
+    float *W1 = xmalloc(sizeof(float) * ((size_t)El * n1 + 1)), *W2 = xmalloc(sizeof(float) * ((size_t)El * n2 + 1));
+    for (int s = 0; s < El; s++) {
+        int u = s / K;
+        compress_reconstruct(h.base1 + (size_t)u * n1, h.a1 + (size_t)s * D * r, h.b1 + (size_t)s * F1 * r, D, F1, r, W1 + (size_t)s * n1);
+        compress_reconstruct(h.base2 + (size_t)u * n2, h.a2 + (size_t)s * F * r, h.b2 + (size_t)s * D * r, F, D, r, W2 + (size_t)s * n2);
     }
-    /* parameter features */
+    /* 2. their parameter features wl [El, Pw]; every rank's block goes to every rank -> w [E, Pw] */
     int Pw = cc->proj_dim > 0 ? cc->proj_dim : (int)(n1 + n2);
-    float *w = xcalloc(sizeof(float) * (size_t)E * Pw);
-    for (int i = 0; i < E; i++) {
+    float *wl = xcalloc(sizeof(float) * ((size_t)El * Pw + 1));
+    for (int s = 0; s < El; s++) {
         if (cc->proj_dim > 0) {
-            sketch_add(W1 + (size_t)i * n1, n1, 0, w + (size_t)i * Pw, Pw);
-            sketch_add(W2 + (size_t)i * n2, n2, n1, w + (size_t)i * Pw, Pw);
+            sketch_add(W1 + (size_t)s * n1, n1, 0, wl + (size_t)s * Pw, Pw);
+            sketch_add(W2 + (size_t)s * n2, n2, n1, wl + (size_t)s * Pw, Pw);
         } else {
-            memcpy(w + (size_t)i * Pw, W1 + (size_t)i * n1, sizeof(float) * n1);
-            memcpy(w + (size_t)i * Pw + n1, W2 + (size_t)i * n2, sizeof(float) * n2);
+            memcpy(wl + (size_t)s * Pw, W1 + (size_t)s * n1, sizeof(float) * n1);
+            memcpy(wl + (size_t)s * Pw + n1, W2 + (size_t)s * n2, sizeof(float) * n2);
         }
     }
+    size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
+    size_t *rc = xcalloc(sizeof(size_t) * P), *rd = xcalloc(sizeof(size_t) * P);
+    size_t blk = sizeof(float) * (size_t)El * Pw;
+    for (int q = 0; q < P; q++) { sc[q] = blk; sd[q] = 0; rc[q] = blk; rd[q] = (size_t)q * blk; }
+    float *wall = xmalloc(blk * P + 1);
+    comm_alltoallv_bytes(c, wl, sc, sd, wall, rc, rd, COMM_PHASE_RECLUSTER);
+    float *w = xmalloc(sizeof(float) * (size_t)E * Pw);
+    int32_t *seen = xcalloc(sizeof(int32_t) * E);
+    for (int q = 0; q < P; q++)
+        for (int s = 0; s < El; s++) {
+            int i = expert_at(em, cs, q, s);
+            memcpy(w + (size_t)i * Pw, wall + ((size_t)q * El + s) * Pw, sizeof(float) * Pw);
+            seen[i]++;
+        }
+    for (int i = 0; i < E; i++) ASSERTF(seen[i] == 1, "layer %d: expert %d held %d times over the ranks", l, i, seen[i]);
+    /* 3. the same deterministic clustering on every rank */
     float *z = xmalloc(sizeof(float) * (size_t)E * (Pw + Pm));
     cluster_fuse_features(w, Pw, cs->mu, Pm, E, cc->alpha, z);
     int32_t *old = xmalloc(sizeof(int32_t) * E);
@@ -137,64 +192,186 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, const Ful
     cs->n_events++;
     if (res.accepted && res.n_moved > 0) {
         cs->n_accepted++;
-        /* refit every group whose membership changed, from the reconstructed weights */
-        ErrStats es = {0, 0, 0, 0};
-        float *Wg1 = xmalloc(sizeof(float) * K * (n1 > n2 ? n1 : n2));
-        float *A = xmalloc(sizeof(float) * (size_t)K * (F > D ? F : D) * r);
-        float *Bf = xmalloc(sizeof(float) * (size_t)K * (F1 > D ? F1 : D) * r);
-        double *err = xmalloc(sizeof(double) * K);
-        int32_t *mem = xmalloc(sizeof(int32_t) * K);
+        *dirty = 1;
+        /* new members (ascending) and the groups whose membership changed: a member came
+         * from elsewhere or an old member left */
+        int32_t *mem = xmalloc(sizeof(int32_t) * (size_t)G * K), *cnt = xcalloc(sizeof(int32_t) * G);
+        char *changed = xcalloc((size_t)G);
+        for (int i = 0; i < E; i++) {
+            int g = cs->group_of[i];
+            ASSERTF(cnt[g] < K, "re-clustering produced a group of more than %d experts", K);
+            mem[(size_t)g * K + cnt[g]++] = i;
+            if (old[i] != g) changed[old[i]] = changed[g] = 1;
+        }
+        for (int g = 0; g < G; g++) ASSERTF(cnt[g] == K, "re-clustering produced a group of %d experts (expected %d)", cnt[g], K);
+        /* 4. members of changed groups whose old group lives on another rank travel to the
+         * new group's owner (the old maps em say where): reconstructed rows [n1 | n2] and,
+         * when the moments are kept, the factor Adam moments [nf | nf]. Packed per
+         * destination in (group, member) order; unpacked in the same order. */
+        int keep_m = !cc->reset_adam;
+        size_t row = n1 + n2 + (keep_m ? 2 * nf : 0), rowb = sizeof(float) * row;
+        memset(sc, 0, sizeof(size_t) * P);
+        memset(rc, 0, sizeof(size_t) * P);
         for (int g = 0; g < G; g++) {
-            int n_mem = 0, changed = 0;
-            for (int i = 0; i < E; i++)
-                if (cs->group_of[i] == g) mem[n_mem++] = i;
-            ASSERTF(n_mem == K, "re-clustering produced a group of %d experts (expected %d)", n_mem, K);
-            /* changed if any member came from elsewhere or any old member left */
-            for (int i = 0; i < E; i++) changed |= (old[i] == g) != (cs->group_of[i] == g);
-            for (int q = 0; q < K; q++) cs->members[(size_t)g * K + q] = mem[q];
-            if (!changed) continue;
-            ev->n_groups_refit++;
-            refit_matrix(W1, mem, K, D, F1, r, cc, &rng, h.base1 + (size_t)g * n1, h.a1, h.b1, Wg1, A, Bf, err, &es);
-            ASSERTF(es.rc == 0, "refit of layer %d group %d (up projection) failed: LAPACK info %d", l, g, es.rc);
-            refit_matrix(W2, mem, K, F, D, r, cc, &rng, h.base2 + (size_t)g * n2, h.a2, h.b2, Wg1, A, Bf, err, &es);
-            ASSERTF(es.rc == 0, "refit of layer %d group %d (down projection) failed: LAPACK info %d", l, g, es.rc);
+            if (!changed[g]) continue;
+            int o = em->place.owner[g];
+            for (int q = 0; q < K; q++) {
+                int src = em->expert_owner[mem[(size_t)g * K + q]];
+                if (src == o) continue;
+                if (src == me) sc[o] += rowb;
+                if (o == me) rc[src] += rowb;
+            }
+        }
+        size_t ns = displs(sc, sd, P), nr = displs(rc, rd, P);
+        float *sbuf = xmalloc(ns + 1), *rbuf = xmalloc(nr + 1);
+        LayerLocal hm = layer_local(m, cur[1], l), hv = layer_local(m, cur[2], l);
+        size_t *fill = xcalloc(sizeof(size_t) * P);
+        for (int g = 0; g < G; g++) {
+            int o = em->place.owner[g];
+            if (!changed[g] || o == me) continue;
+            for (int q = 0; q < K; q++) {
+                int i = mem[(size_t)g * K + q], s = em->expert_lslot[i];
+                if (em->expert_owner[i] != me) continue;
+                float *dst = (float *)((char *)sbuf + sd[o] + fill[o]);
+                memcpy(dst, W1 + (size_t)s * n1, sizeof(float) * n1);
+                memcpy(dst + n1, W2 + (size_t)s * n2, sizeof(float) * n2);
+                if (keep_m) {
+                    factors_get(&hm, f, s, dst + n1 + n2);
+                    factors_get(&hv, f, s, dst + n1 + n2 + nf);
+                }
+                fill[o] += rowb;
+            }
+        }
+        comm_alltoallv_bytes(c, sbuf, sc, sd, rbuf, rc, rd, COMM_PHASE_RECLUSTER);
+        /* 5. on each owner: the groups' slots follow the new membership; changed groups are
+         * refit (base, factors) from their members' weights with the group's own random
+         * stream, so the result depends neither on the rank that refits nor on the order */
+        LayerLocal np = layer_local(m, nxt[0], l), nm = layer_local(m, nxt[1], l), nv = layer_local(m, nxt[2], l);
+        float *Wg1 = xmalloc(sizeof(float) * K * n1), *Wg2 = xmalloc(sizeof(float) * K * n2);
+        float *tmp = xmalloc(sizeof(float) * nf);
+        double *err = xmalloc(sizeof(double) * K);
+        double *gst = xcalloc(sizeof(double) * 2 * G);   /* [G, 2]: error sum, max of each refit group */
+        memset(fill, 0, sizeof(size_t) * P);
+        for (int g = 0; g < G; g++) {
+            if (em->place.owner[g] != me) continue;
+            int u = em->place.slot[g];
+            for (int q = 0; q < K; q++) {
+                int i = mem[(size_t)g * K + q], src = em->expert_owner[i], so = em->expert_lslot[i], sn = u * K + q;
+                if (!changed[g]) {
+                    /* the same members: factors and moments follow them to their slots */
+                    ASSERTF(src == me, "layer %d: unchanged group %d has member %d on rank %d", l, g, i, src);
+                    const LayerLocal *from[3] = {&h, &hm, &hv}, *to[3] = {&np, &nm, &nv};
+                    for (int a = 0; a < 3; a++) {
+                        factors_get(from[a], f, so, tmp);
+                        factors_put(to[a], f, sn, tmp);
+                    }
+                    continue;
+                }
+                const float *w1, *w2, *mom = NULL;
+                if (src == me) {
+                    w1 = W1 + (size_t)so * n1;
+                    w2 = W2 + (size_t)so * n2;
+                } else {
+                    const float *in = (const float *)((const char *)rbuf + rd[src] + fill[src]);
+                    fill[src] += rowb;
+                    w1 = in;
+                    w2 = in + n1;
+                    mom = in + n1 + n2;
+                }
+                memcpy(Wg1 + (size_t)q * n1, w1, sizeof(float) * n1);
+                memcpy(Wg2 + (size_t)q * n2, w2, sizeof(float) * n2);
+                if (keep_m) {
+                    /* the member keeps its factor moments (the group's base keeps its own) */
+                    if (mom) {
+                        factors_put(&nm, f, sn, mom);
+                        factors_put(&nv, f, sn, mom + nf);
+                    } else {
+                        factors_get(&hm, f, so, tmp);
+                        factors_put(&nm, f, sn, tmp);
+                        factors_get(&hv, f, so, tmp);
+                        factors_put(&nv, f, sn, tmp);
+                    }
+                }
+            }
+            if (!changed[g]) continue;
+            Rng rg;
+            rng_init(&rg, (uint64_t)m->cfg.run.seed, ((uint64_t)(g + 1) << 32) | (uint64_t)l,
+                     RNG_CLUSTER + 16 * (uint64_t)step);
+            double *sum = &gst[2 * g], *max = &gst[2 * g + 1];
+            refit_matrix(Wg1, K, D, F1, r, cc, &rg, np.base1 + (size_t)u * n1, np.a1 + (size_t)u * K * D * r,
+                         np.b1 + (size_t)u * K * F1 * r, err, sum, max, l, g, "up");
+            refit_matrix(Wg2, K, F, D, r, cc, &rg, np.base2 + (size_t)u * n2, np.a2 + (size_t)u * K * F * r,
+                         np.b2 + (size_t)u * K * D * r, err, sum, max, l, g, "down");
             if (cc->reset_adam) {
-                reset_adam(fa, h.base1 + (size_t)g * n1, n1);
-                reset_adam(fa, h.base2 + (size_t)g * n2, n2);
-                for (int q = 0; q < K; q++) {
-                    int i = mem[q];
-                    reset_adam(fa, h.a1 + (size_t)i * D * r, (size_t)D * r);
-                    reset_adam(fa, h.b1 + (size_t)i * F1 * r, (size_t)F1 * r);
-                    reset_adam(fa, h.a2 + (size_t)i * F * r, (size_t)F * r);
-                    reset_adam(fa, h.b2 + (size_t)i * D * r, (size_t)D * r);
+                const LayerLocal *mv[2] = {&nm, &nv};
+                memset(tmp, 0, sizeof(float) * nf);
+                for (int a = 0; a < 2; a++) {
+                    memset(mv[a]->base1 + (size_t)u * n1, 0, sizeof(float) * n1);
+                    memset(mv[a]->base2 + (size_t)u * n2, 0, sizeof(float) * n2);
+                    for (int q = 0; q < K; q++) factors_put(mv[a], f, u * K + q, tmp);
                 }
             }
         }
-        ev->recon_err_mean = es.n ? es.sum / es.n : 0;
-        ev->recon_err_max = es.max;
-        xfree(Wg1); xfree(A); xfree(Bf); xfree(err); xfree(mem);
+        /* 6. the event's statistics are global: every owner sends the (error sum, max) of its
+         * refit groups to every rank; all combine them in group order (the same at any P) */
+        int n_changed = 0;
+        memset(rc, 0, sizeof(size_t) * P);
+        for (int g = 0; g < G; g++)
+            if (changed[g]) { n_changed++; rc[em->place.owner[g]] += 2 * sizeof(double); }
+        displs(rc, rd, P);
+        double *gmine = xmalloc(rc[me] + 1), *gall = xmalloc(sizeof(double) * 2 * G + 1);
+        int nmine = 0;
+        for (int g = 0; g < G; g++)
+            if (changed[g] && em->place.owner[g] == me) { gmine[nmine++] = gst[2 * g]; gmine[nmine++] = gst[2 * g + 1]; }
+        for (int q = 0; q < P; q++) { sc[q] = rc[me]; sd[q] = 0; }
+        comm_alltoallv_bytes(c, gmine, sc, sd, gall, rc, rd, COMM_PHASE_RECLUSTER);
+        memset(fill, 0, sizeof(size_t) * P);
+        double esum = 0, emax = 0;
+        for (int g = 0; g < G; g++) {
+            if (!changed[g]) continue;
+            int o = em->place.owner[g];
+            const double *v = (const double *)((const char *)gall + rd[o] + fill[o]);
+            fill[o] += 2 * sizeof(double);
+            esum += v[0];
+            if (v[1] > emax) emax = v[1];
+        }
+        ev->n_groups_refit = n_changed;
+        ev->recon_err_mean = n_changed ? esum / (2.0 * K * n_changed) : 0;
+        ev->recon_err_max = emax;
+        memcpy(cs->members, mem, sizeof(int32_t) * (size_t)G * K);
+        xfree(mem); xfree(cnt); xfree(changed); xfree(sbuf); xfree(rbuf); xfree(fill);
+        xfree(Wg1); xfree(Wg2); xfree(tmp); xfree(err); xfree(gst); xfree(gmine); xfree(gall);
     }
     ev->seconds = time_now() - t0;
-    xfree(W1); xfree(W2); xfree(w); xfree(z); xfree(old);
+    xfree(W1); xfree(W2); xfree(wl); xfree(wall); xfree(w); xfree(seen); xfree(z); xfree(old);
+    xfree(sc); xfree(sd); xfree(rc); xfree(rd);
     return 1;
 }
 
-/* every rank gathers all experts (canonical layout), runs the same deterministic event on
- * them, then keeps its own slots under the new membership (a group stays on its rank; the
- * experts that joined it arrive with the refit) */
+/* every rank works on its own slots (host copies of its expert category); the maps of each
+ * layer are refreshed to the new membership after its event (a group stays on its rank; the
+ * experts that joined it arrived with the refit) */
 int recluster_run(Model *m, long step, ReclusterEvent *ev) {
-    float *loc[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
-    float *full[3];
-    for (int a = 0; a < 3; a++) full[a] = xmalloc(sizeof(float) * (m->n_expert_full ? m->n_expert_full : 1));
-    model_ep_gather(m, loc, full, 3);
-    FullArrays fa = {full[0], full[1], full[2]};
-    int n = 0;
+    const Backend *be = m->be;
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *dev[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    float *cur[3], *nxt[3];
+    for (int a = 0; a < 3; a++) {
+        cur[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
+        nxt[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
+        if (nl) be->ops->to_host(be->ctx, cur[a], dev[a], sizeof(float) * nl);
+        memcpy(nxt[a], cur[a], sizeof(float) * nl);
+    }
+    int n = 0, dirty = 0;
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind == MOE_KIND_CLUSTERED) {
-            n += layer_event(m, l, step, &ev[n], &fa);
+            n += layer_event(m, l, step, &ev[n], cur, nxt, &dirty);
             ep_map_refresh(&m->ep[l], m->cstate[l].members);
         }
-    model_ep_scatter(m, full, loc, 3);
-    for (int a = 0; a < 3; a++) xfree(full[a]);
+    for (int a = 0; a < 3; a++) {
+        if (dirty && nl) be->ops->from_host(be->ctx, dev[a], nxt[a], sizeof(float) * nl);
+        xfree(cur[a]);
+        xfree(nxt[a]);
+    }
     return n;
 }

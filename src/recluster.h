@@ -3,8 +3,14 @@
  * tokens), parameter features (reconstructed weights under a fixed count-sketch projection),
  * the fused balanced k-means with min-gain hysteresis (cluster.c), and the refit of every
  * group whose membership changed (compress.c), with optional Adam-state reset.
- * Every rank runs the same computation on the same replicated state, so all stay identical.
- * Does not: log or evaluate probe losses (train.c does). */
+ * Expert-parallel (over the model's EP communicator): each rank reconstructs and sketches
+ * only the experts it owns; only the features [E, Pw] are exchanged, and every rank runs the
+ * same deterministic clustering on them (the centroids are replicated). A group stays on its
+ * rank: its owner refits it, receiving the reconstructed weights (and, without the Adam
+ * reset, the factor moments) of members that come from other ranks. Every byte is booked to
+ * phase recluster; the event's statistics are global. Each group's refit uses its own random
+ * stream (seed, layer, step, group), so results do not depend on the rank count.
+ * Does not: log or evaluate probe losses, or re-place the groups (train.c does). */
 #ifndef DCMOE_RECLUSTER_H
 #define DCMOE_RECLUSTER_H
 

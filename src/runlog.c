@@ -132,16 +132,18 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     Status sn = h5log_write_array(lg, "parallel/node_of_rank", H5LOG_I64, 1, dn, node_of);
     xfree(node_of);
     TRY(sn);
-    static const char *const phase_cols = "allreduce,dispatch,combine,migration,other";
+    /* enum CommPhase order; one name per phase */
+    static const char *const phase_cols = "allreduce,dispatch,combine,migration,other,recluster";
+    _Static_assert(COMM_N_PHASES == 6, "comm/summary columns: one name per CommPhase");
     TRY(h5log_attr_str(lg, "/comm/summary/intra_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
     if (comm->size <= m->cfg.parallel.rank_matrix_max) {
-        TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src rank, dst rank; written every parallel.traffic_interval steps"));
+        TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other,recluster), src rank, dst rank; written every parallel.traffic_interval steps"));
         TRY(h5log_attr_str(lg, "/comm/msgs", "axes", "phase, src rank, dst rank: messages, written with /comm/bytes"));
     }
-    TRY(h5log_attr_str(lg, "/comm/node_bytes", "axes", "phase (allreduce,dispatch,combine,migration,other), src node, dst node: bytes between "
+    TRY(h5log_attr_str(lg, "/comm/node_bytes", "axes", "phase (allreduce,dispatch,combine,migration,other,recluster), src node, dst node: bytes between "
                        "different ranks (a rank's bytes to itself excluded); written every parallel.traffic_interval steps"));
     TRY(h5log_attr_str(lg, "/comm/rank_sent", "axes", "phase, rank: bytes the rank sent to other ranks this step"));
     TRY(h5log_attr_str(lg, "/comm/rank_recv", "axes", "phase, rank: bytes the rank received from other ranks this step"));

@@ -579,7 +579,9 @@ static Status recluster_event(Run *r, long step) {
     int bs = r->cfg->train.batch_size;
     double pb = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
     TRY(comm_agree(r->comm, residency_fetch_all(&r->resid)));
+    r->comm->traffic = &r->traffic;   /* the event's bytes (phase recluster) land in the next step's row */
     int n_ev = recluster_run(m, step + 1, r->evs);
+    r->comm->traffic = NULL;
     /* groups changed: re-place them (migration bytes land in the next step's log) */
     if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo);
     double pa = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;

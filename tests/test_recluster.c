@@ -4,9 +4,16 @@
  * reconstructed weights and its factors the best rank-r fit of the residual (the reported
  * reconstruction errors equal the discarded singular values' share, computed here with
  * LAPACK in double), reset the Adam moments of refit tensors, and leave a second event on
- * the same features unchanged (min-gain hysteresis). */
+ * the same features unchanged (min-gain hysteresis).
+ * Expert-parallel (`test_recluster --mpi` on 4 ranks, started by the test itself): the event
+ * on 4 ranks gives bitwise the 1-rank event (partition, statistics, every expert's weights and
+ * Adam moments, with and without the Adam reset, randomised SVD), and the bytes it sends are
+ * all booked to phase recluster and equal the analytic volume: the features of this rank's
+ * experts to every other rank, the rows of members that change rank, and the refit groups'
+ * error statistics; far below the old all-gather of every expert's weights and moments. */
 #include <lapacke.h>
 #include <math.h>
+#include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,7 +46,238 @@ static double best_rank_err(const float *W /* [E, m, n] */, const int32_t *mem, 
     return info == 0 ? sqrt(tail / den) : -1;
 }
 
-int main(void) {
+/* ---- expert-parallel: run as `test_recluster --mpi` on 4 ranks ---- */
+
+static int mpi_fails = 0;
+static void mpi_check(int cond, int rank, const char *what) {
+    if (cond) return;
+    if (mpi_fails < 8) fprintf(stderr, "rank %d: %s\n", rank, what);
+    mpi_fails++;
+}
+
+static void mpi_config(Config *cfg, int reset_adam) {
+    config_defaults(cfg);
+    cfg->model.d_model = 16; cfg->model.n_layer = 1; cfg->model.n_head = 2; cfg->model.seq_len = 8;
+    cfg->moe.kind = MOE_KIND_CLUSTERED; cfg->moe.n_experts = 16; cfg->moe.n_groups = 8; cfg->moe.top_k = 2;
+    cfg->moe.d_ff_expert = 12; cfg->moe.rank = 3;
+    cfg->clustering.alpha = 0.3; cfg->clustering.min_gain = 0.02; cfg->clustering.svd = SVD_KIND_RANDOMIZED;
+    cfg->clustering.proj_dim = 16; cfg->clustering.reset_adam = reset_adam;
+}
+
+/* a value for canonical element j of an Adam moment array a (distinct everywhere) */
+static float moment_value(int a, size_t j) { return (float)(a + 1) * 1e-3f + 1e-6f * (float)(j % 100003); }
+
+/* the canonical (all-experts) layout of a one-rank model's expert array loc -> full [n_expert_full] */
+static float *canonical(const Model *M, const float *loc) {
+    float *full = calloc(M->n_expert_full, sizeof(float));
+    for (int i = 0; i < M->n_tensors; i++) {
+        const ParamTensor *t = &M->tensors[i];
+        if (!t->ep_unit) continue;
+        size_t row = t->n / t->dims[0];
+        for (int q = 0; q < t->dims[0]; q++)
+            memcpy(full + t->full_offset + (size_t)model_ep_row(M, t, 0, q) * row, loc + t->offset + (size_t)q * row,
+                   sizeof(float) * row);
+    }
+    return full;
+}
+
+/* an event on 4 ranks (model m4 over world) against the same event on one rank (m1, the
+ * canonical layout); returns through mpi_check */
+static void mpi_case(Comm *world, const Backend *be, int reset_adam) {
+    Config cfg;
+    mpi_config(&cfg, reset_adam);
+    Comm single;
+    comm_single_init(&single);
+    Model m4, m1;
+    Status st = model_init(&m4, &cfg, 20, 0, 2, be, world);
+    ASSERTF(STATUS_OK(st), "%s", st.msg);
+    st = model_init(&m1, &cfg, 20, 0, 2, be, &single);
+    ASSERTF(STATUS_OK(st), "%s", st.msg);
+    model_init_params(&m4);
+    model_init_params(&m1);
+    Comm *ec = m4.ep_comm ? m4.ep_comm : world;
+    int P = ec->size, me = ec->rank;
+    const MoeLayer *f = &m4.ffn[0];
+    int E = f->E, G = f->G, K = f->K, D = f->D, F = f->F, F1 = f->F1, r = f->r;
+    ClusterState *c4 = &m4.cstate[0], *c1 = &m1.cstate[0];
+    EpMap *em = &m4.ep[0];
+    /* Adam moments get distinct values by canonical position, in both models' slots */
+    const Model *both[2] = {&m1, &m4};
+    for (int k = 0; k < 2; k++) {
+        const Model *M = both[k];
+        for (int i = 0; i < M->n_tensors; i++) {
+            const ParamTensor *t = &M->tensors[i];
+            if (!t->ep_unit) continue;
+            size_t row = t->n / t->dims[0];
+            for (int q = 0; q < t->dims[0]; q++) {
+                size_t lo = t->offset + (size_t)q * row, co = t->full_offset + (size_t)model_ep_row(M, t, k ? me : 0, q) * row;
+                for (size_t j = 0; j < row; j++) {
+                    M->adam_m[PCAT_EXPERT][lo + j] = moment_value(0, co + j);
+                    M->adam_v[PCAT_EXPERT][lo + j] = moment_value(1, co + j);
+                }
+            }
+        }
+    }
+    int same_init = 1;
+    float *cw = canonical(&m1, m1.params[PCAT_EXPERT]);
+    for (int i = 0; i < m4.n_tensors; i++) {
+        const ParamTensor *t = &m4.tensors[i];
+        if (!t->ep_unit) continue;
+        size_t row = t->n / t->dims[0];
+        for (int q = 0; q < t->dims[0]; q++) {
+            size_t lo = t->offset + (size_t)q * row, co = t->full_offset + (size_t)model_ep_row(&m4, t, me, q) * row;
+            same_init &= !memcmp(m4.params[PCAT_EXPERT] + lo, cw + co, sizeof(float) * row);
+        }
+    }
+    mpi_check(same_init, me, "4-rank slots hold the canonical initial weights");
+    /* planted centroids: expert i near direction (5 i) mod 8, so every group has to change and
+     * members cross ranks */
+    int Pm = c4->mu_dim;
+    for (int i = 0; i < E; i++)
+        for (int j = 0; j < Pm; j++) {
+            float v = (j % 8 == (5 * i) % 8 ? 1.0f : 0.0f) + 0.01f * (float)((i * 7 + j * 3) % 5);
+            c4->mu[(size_t)i * Pm + j] = v;
+            c1->mu[(size_t)i * Pm + j] = v;
+        }
+    int32_t *old = malloc(sizeof(int32_t) * E);
+    memcpy(old, c4->group_of, sizeof(int32_t) * E);
+    int32_t *old_owner = malloc(sizeof(int32_t) * E);
+    memcpy(old_owner, em->expert_owner, sizeof(int32_t) * E);
+    uint64_t b0[COMM_N_PHASES];
+    memcpy(b0, world->stats.bytes, sizeof b0);
+    ReclusterEvent e4, e1;
+    recluster_run(&m4, 100, &e4);
+    recluster_run(&m1, 100, &e1);
+    /* identical event */
+    mpi_check(e4.accepted && e4.n_moved > 0, me, "the planted partition is accepted and moves experts");
+    mpi_check(e4.cost_before == e1.cost_before && e4.cost_after == e1.cost_after && e4.accepted == e1.accepted &&
+              e4.n_moved == e1.n_moved && e4.jaccard == e1.jaccard && e4.n_groups_refit == e1.n_groups_refit,
+              me, "clustering statistics equal the 1-rank event's (bitwise)");
+    mpi_check(e4.recon_err_mean == e1.recon_err_mean && e4.recon_err_max == e1.recon_err_max && e4.recon_err_max > 0,
+              me, "global reconstruction errors equal the 1-rank event's (bitwise)");
+    mpi_check(!memcmp(c4->group_of, c1->group_of, sizeof(int32_t) * E) &&
+              !memcmp(c4->members, c1->members, sizeof(int32_t) * E), me, "group_of and members equal the 1-rank event's");
+    /* every slot of this rank holds bitwise the reference's expert (weights, Adam m, v) under the new maps */
+    int same_w = 1, same_m = 1;
+    free(cw);
+    cw = canonical(&m1, m1.params[PCAT_EXPERT]);
+    float *cm = canonical(&m1, m1.adam_m[PCAT_EXPERT]), *cv = canonical(&m1, m1.adam_v[PCAT_EXPERT]);
+    for (int i = 0; i < m4.n_tensors; i++) {
+        const ParamTensor *t = &m4.tensors[i];
+        if (!t->ep_unit) continue;
+        size_t row = t->n / t->dims[0];
+        for (int q = 0; q < t->dims[0]; q++) {
+            size_t lo = t->offset + (size_t)q * row, co = t->full_offset + (size_t)model_ep_row(&m4, t, me, q) * row;
+            same_w &= !memcmp(m4.params[PCAT_EXPERT] + lo, cw + co, sizeof(float) * row);
+            same_m &= !memcmp(m4.adam_m[PCAT_EXPERT] + lo, cm + co, sizeof(float) * row) &&
+                      !memcmp(m4.adam_v[PCAT_EXPERT] + lo, cv + co, sizeof(float) * row);
+        }
+    }
+    /* the moments are really kept or reset: a member that crossed ranks carries its own */
+    int kept_ok = 1;
+    for (int i = 0; i < m4.n_tensors; i++) {
+        const ParamTensor *t = &m4.tensors[i];
+        if (t->ep_unit != 1) continue;
+        size_t row = t->n / t->dims[0];
+        for (int q = 0; q < t->dims[0]; q++) {
+            int e = model_ep_row(&m4, t, me, q);
+            size_t lo = t->offset + (size_t)q * row, co = t->full_offset + (size_t)e * row;
+            if (old_owner[e] == me) continue;
+            for (size_t j = 0; j < row; j++)
+                kept_ok &= m4.adam_m[PCAT_EXPERT][lo + j] == (reset_adam ? 0.0f : moment_value(0, co + j));
+        }
+    }
+    free(cw); free(cm); free(cv);
+    mpi_check(same_w, me, "every expert's refit weights on its owner equal the 1-rank event's (bitwise)");
+    mpi_check(same_m, me, "every expert's Adam moments equal the 1-rank event's (bitwise)");
+    mpi_check(kept_ok, me, reset_adam ? "factor moments of members that crossed ranks are reset"
+                                      : "members that crossed ranks keep their own factor moments");
+    /* bytes: all in phase recluster, and exactly the analytic volume. Changed groups and
+     * members that change rank from the old and new partitions (a group keeps its owner). */
+    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D, nf = (size_t)(2 * D + F1 + F) * r;
+    size_t El = (size_t)em->per_rank * K, Pw = (size_t)cfg.clustering.proj_dim;
+    size_t row = n1 + n2 + (reset_adam ? 0 : 2 * nf);
+    double want = 4.0 * El * Pw * (P - 1);       /* features to every other rank */
+    int n_cross = 0, n_changed = 0;
+    for (int g = 0; g < G; g++) {
+        int chg = 0, o = em->place.owner[g];
+        for (int i = 0; i < E; i++) chg |= (old[i] == g) != (c4->group_of[i] == g);
+        if (!chg) continue;
+        n_changed++;
+        if (o == me) want += 16.0 * (P - 1);  /* the group's error sum and max to every other rank */
+        for (int i = 0; i < E; i++)
+            if (c4->group_of[i] == g && old_owner[i] != o) {
+                n_cross++;
+                if (old_owner[i] == me) want += 4.0 * row;   /* the member's rows to the new owner */
+            }
+    }
+    mpi_check(n_cross > 0 && n_changed == e4.n_groups_refit, me, "members cross ranks; changed groups = groups refit");
+    int other_zero = 1;
+    for (int ph = 0; ph < COMM_N_PHASES; ph++)
+        if (ph != COMM_PHASE_RECLUSTER) other_zero &= world->stats.bytes[ph] == b0[ph];
+    double got = (double)(world->stats.bytes[COMM_PHASE_RECLUSTER] - b0[COMM_PHASE_RECLUSTER]);
+    /* the old event: every rank all-gathered the expert category (weights, Adam m and v) */
+    double old_gather = 3.0 * 4.0 * (double)m4.n_cat[PCAT_EXPERT] * (P - 1);
+    char msg[256];
+    snprintf(msg, sizeof msg, "recluster bytes sent %.0f = analytic %.0f (reset_adam %d)", got, want, reset_adam);
+    mpi_check(got == want, me, msg);
+    mpi_check(other_zero, me, "no bytes of the event booked to another phase");
+    /* half of the experts cross ranks here (a larger share than a typical event moves) */
+    snprintf(msg, sizeof msg, "recluster bytes %.0f below 1/5 of the old full gather %.0f", got, old_gather);
+    mpi_check(got * 5 < old_gather, me, msg);
+    double tot[3] = {got, old_gather, (double)n_cross};
+    MPI_Allreduce(MPI_IN_PLACE, tot, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    if (me == 0)
+        printf("# reset_adam %d: %d groups refit, %.0f members crossed ranks; recluster bytes %.0f (all ranks), "
+               "old full gather %.0f (%.1f%%)\n", reset_adam, e4.n_groups_refit, tot[2] / P, tot[0], tot[1],
+               100 * tot[0] / tot[1]);
+    /* a second event on the same features is rejected: only the features travel */
+    memcpy(b0, world->stats.bytes, sizeof b0);
+    recluster_run(&m4, 200, &e4);
+    recluster_run(&m1, 200, &e1);
+    got = (double)(world->stats.bytes[COMM_PHASE_RECLUSTER] - b0[COMM_PHASE_RECLUSTER]);
+    mpi_check(!e4.accepted && !e1.accepted && got == 4.0 * El * Pw * (P - 1),
+              me, "a rejected event sends only the features");
+    free(old); free(old_owner);
+    model_free(&m4);
+    model_free(&m1);
+    comm_free(&single);
+}
+
+static int mpi_child(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    Comm world;
+    Status s = comm_mpi_init(&world);
+    ASSERTF(STATUS_OK(s), "%s", s.msg);
+    Backend be;
+    s = backend_cpu_init(&be, 1);
+    ASSERTF(STATUS_OK(s), "%s", s.msg);
+    mpi_case(&world, &be, 1);
+    mpi_case(&world, &be, 0);
+    int all = 0;
+    MPI_Allreduce(&mpi_fails, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (world.rank == 0) printf("# expert-parallel event: %d mismatch(es) over %d ranks\n", all, world.size);
+    backend_free(&be);
+    MPI_Finalize();
+    return all ? 1 : 0;
+}
+
+static void test_mpi_event(const char *self) {
+    if (system("command -v mpirun > /dev/null 2>&1") != 0) {
+        printf("# mpirun not found: the expert-parallel event is not checked\n");
+        return;
+    }
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd,
+             "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --allow-run-as-root --oversubscribe "
+             "-n 4 %s --mpi", self);
+    int rc = system(cmd);
+    ok(rc == 0, "expert-parallel event on 4 ranks: bitwise the 1-rank event (weights, Adam moments, statistics), "
+       "every byte in phase recluster and equal to the analytic volume, < 1/5 of the old full gather (rc %d)", rc);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--mpi") == 0) return mpi_child(argc, argv);
     Comm comm;
     comm_single_init(&comm);
     Backend be;
@@ -151,5 +389,6 @@ int main(void) {
     free(W1); free(W2); free(Wn); free(snap);
     model_free(&m);
     backend_free(&be);
+    test_mpi_event(argv[0]);
     return harness_done();
 }
