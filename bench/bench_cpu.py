@@ -259,7 +259,8 @@ def render(out_dir):
     with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
         rows = list(csv.DictReader(f))
     lines = ["# CPU training throughput: dcmoe vs a PyTorch reference", "",
-             f"Command: `{meta['command']}` (from the repository root, after building into `build/`). "
+             f"Command: `{meta['command']}` (from the repository root, after building into `build/`, or the "
+             "`--build` folder it names). "
              + rl.rerender(SCRIPT, ["results/bench-cpu.csv", "results/bench-cpu.meta.json"]), "",
              "Config: d_model 256, 4 layers, 8 heads, seq 128, global batch 16, vocab 10000 (Brown corpus), "
              "standard MoE = 32 experts top-2 with d_ff_expert 1024 and capacity 1.25; dense d_ff 2048 "
