@@ -144,6 +144,8 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     return status_ok();
 }
 
+const EpPath *clustered_state_path(const MoeState *st) { return st->cpriv ? &cs_of(st)->x : NULL; }
+
 void clustered_state_free(MoeState *st, const Backend *be) {
     CScratch *c = cs_of(st);
     if (!c) return;

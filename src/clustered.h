@@ -51,6 +51,7 @@ struct ClusterState {
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */
 Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const Comm *comm, int n_max);
 void clustered_state_free(MoeState *st, const Backend *be);
+const EpPath *clustered_state_path(const MoeState *st);
 void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p,
                        MoeState *st, float *out, const float *x, int N, long n_global);
 void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeParams *g,

@@ -118,6 +118,16 @@ static const KeyDef keys[] = {
     K_FLOAT(moe.aux_loss_coef, 0, 0.0, 10.0, 0, 0.01, "Switch/GShard load-balancing loss coefficient alpha"),
     K_FLOAT(moe.z_loss_coef, 0, 0.0, 10.0, 0, 0.0, "router z-loss coefficient; 0 = off"),
     K_BOOL(moe.renormalize, 1, "renormalise the top-k gates to sum 1"),
+    K_INT(moe.max_nodes, 0, 4096, 0,
+          "node-limited routing (DeepSeek-V3): each token picks the max_nodes nodes (of its expert-parallel group) "
+          "with the highest sum of their best group (clustered) or expert (standard) selection scores and routes "
+          "only to units there; 0 = off. Nodes follow the placement (and its migrations)"),
+    K_FLOAT(moe.home_bias, 0, 0.0, 1e30, 0, 0.0,
+            "home-node bias: added to the stage-1 selection score (clustered; top-k score for the standard MoE) of "
+            "units on the token's own node. Selection only: gates, the group softmax and the balance losses are "
+            "unchanged, so it is deterministic and trains like the aux-free bias; a large value (1e30) restricts "
+            "selection to the home node. Nodes stay balanced because every node holds the same number of tokens; "
+            "0 = off"),
     K_INT(moe.n_groups, 1, 4096, 8, "expert groups G (clustered); must divide n_experts"),
     K_INT(moe.top_groups, 1, 4096, 1, "groups chosen per token in routing stage 1 (clustered)"),
     K_INT(moe.rank, 1, 65536, 16, "rank r of each expert's residual A B^T (clustered)"),

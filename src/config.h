@@ -78,6 +78,8 @@ typedef struct MoeConfig {
     double group_capacity_factor;  /* per-group capacity = ceil(cf * tokens * top_groups / G) */
     enum BalanceKind balance;      /* aux (Switch losses) or aux_free (bias method) */
     double bias_gamma;       /* aux-loss-free bias update rate */
+    int max_nodes;           /* node-limited routing: each token's units on at most this many nodes (0 = off) */
+    double home_bias;        /* clustered stage 1 (standard: top-k): selection bonus of units on the token's node */
 } MoeConfig;
 
 typedef struct ClusterConfig {

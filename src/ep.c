@@ -21,6 +21,8 @@ void ep_map_init(EpMap *em, int P, int rank, int E, int K) {
     em->affinity = xcalloc(sizeof(double) * (size_t)em->U * em->U);
     em->load = xcalloc(sizeof(double) * em->U);
     em->aff_step = xcalloc(sizeof(double) * (size_t)em->U * (em->U + 1));
+    em->expert_node = xcalloc(sizeof(int32_t) * E);
+    em->n_nodes = 1;
     ep_map_refresh(em, NULL);
 }
 
@@ -28,7 +30,7 @@ void ep_map_free(EpMap *em) {
     if (!em) return;
     placement_free(&em->place);
     xfree(em->expert_owner); xfree(em->expert_lslot); xfree(em->lslot_expert); xfree(em->lunit);
-    xfree(em->affinity); xfree(em->load); xfree(em->aff_step);
+    xfree(em->affinity); xfree(em->load); xfree(em->aff_step); xfree(em->expert_node);
     memset(em, 0, sizeof *em);
 }
 
@@ -45,6 +47,14 @@ void ep_map_refresh(EpMap *em, const int32_t *members) {
         }
         if (owner == em->rank) em->lunit[slot] = u;
     }
+    for (int e = 0; e < em->E; e++) em->expert_node[e] = em->topo ? em->topo->node_of[em->expert_owner[e]] : 0;
+}
+
+void ep_map_set_topology(EpMap *em, const Topology *topo) {
+    em->topo = topo && topo->n_ranks == em->P ? topo : NULL;
+    em->n_nodes = em->topo ? em->topo->n_nodes : 1;
+    em->home_node = em->topo ? em->topo->node_of[em->rank] : 0;
+    for (int e = 0; e < em->E; e++) em->expert_node[e] = em->topo ? em->topo->node_of[em->expert_owner[e]] : 0;
 }
 
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax) {
@@ -346,9 +356,24 @@ void epp_free(EpPath *pp, const Backend *be) {
 
 const EpX *epp_final(const EpPath *pp) { return pp->two_level ? &pp->b : &pp->a; }
 
+/* rows of one stage to other ranks on this rank's node / elsewhere (no topology: one node) */
+static void count_locality(EpPath *pp, const EpX *x, const Comm *comm) {
+    const Topology *t = comm->topo && comm->topo->n_ranks == x->P ? comm->topo : NULL;
+    for (int d = 0; d < x->P; d++) {
+        if (d == comm->rank || !x->scnt[d]) continue;
+        if (!t || topology_same_node(t, d, comm->rank)) pp->rows_intra += (double)x->scnt[d];
+        else pp->rows_inter += (double)x->scnt[d];
+    }
+}
+
 void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate) {
-    if (!pp->two_level) { epx_plan(&pp->a, em, be, comm, N, k, sel, kept, gate); return; }
+    pp->rows_intra = pp->rows_inter = 0;
+    if (!pp->two_level) {
+        epx_plan(&pp->a, em, be, comm, N, k, sel, kept, gate);
+        count_locality(pp, &pp->a, comm);
+        return;
+    }
     const Topology *t = pp->topo;
     /* stage A: one row per (token, destination node), to the rank of that node with this
      * rank's index inside its node (the node peer), entries carry global expert ids */
@@ -372,6 +397,8 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
         pp->keptB[(size_t)r * k + s] = 0;
     }
     epx_plan_to(&pp->b, em, be, comm, NB, k, pp->selB, pp->keptB, pp->gateB, em->expert_owner, em->expert_lslot, 0);
+    count_locality(pp, &pp->a, comm);
+    count_locality(pp, &pp->b, comm);
     memset(fill, 0, sizeof(int32_t) * (NB ? NB : 1));
     for (int i = 0; i < A->n_recv; i++) {
         int r = A->recv[i].row, s = fill[r]++;

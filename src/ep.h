@@ -39,6 +39,10 @@ typedef struct EpMap {
     int have_stats;
     int collect;                 /* 1 while training: epx_plan adds to aff_step */
     int version;                 /* bumped by every ep_map_refresh (caches of the maps compare it) */
+    /* nodes (ep_map_set_topology): routing's view of where the experts are */
+    const Topology *topo;        /* the EP group's topology (NULL = one node) */
+    int n_nodes, home_node;      /* nodes of the EP group; this rank's node */
+    int32_t *expert_node;        /* [E] node of each expert's owner (refreshed with the maps) */
 } EpMap;
 
 void ep_map_init(EpMap *em, int P, int rank, int E, int K);
@@ -46,6 +50,9 @@ void ep_map_free(EpMap *em);
 /* recompute the expert maps from em->place and the unit membership members [U * K]
  * (NULL = unit u holds expert u; clustered: member j of group g is members[g * K + j]) */
 void ep_map_refresh(EpMap *em, const int32_t *members);
+/* the EP group's topology (indices = EP ranks; NULL = one node): fills expert_node, n_nodes,
+ * home_node now and at every refresh */
+void ep_map_set_topology(EpMap *em, const Topology *topo);
 
 /* end of a training step: sum aff_step over ranks, fold into the EMAs (rate ema; the first
  * step sets them), clear aff_step (collective) */
@@ -132,6 +139,9 @@ typedef struct EpPath {
     int32_t *a_to_b;             /* [entries received in A] stage-B sent-entry index */
     float *yA;                   /* [rows_A, D] partial sums at the peer */
     size_t rows_a_cap, ents_a_cap;   /* capacity of selB/keptB/gateB/yA and a_to_b (grow in epp_plan) */
+    /* the last plan's dispatch rows this rank sends to OTHER ranks of its node / of other
+     * nodes, both stages (per-layer locality: comm/intra_fraction) */
+    double rows_intra, rows_inter;
 } EpPath;
 
 void epp_init(EpPath *pp, const Backend *be, const EpMap *em, const Topology *topo, int two_level, int D,

@@ -222,7 +222,18 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
                                  m->n_ep_groups > 1 ? " (parallel.ep_size)" : "",
                                  f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts");
         ep_map_init(&m->ep[l], xc->size, xc->rank, f->E, K);
+        ep_map_set_topology(&m->ep[l], m->ep_topo);
         f->ep = &m->ep[l];
+        /* node-limited routing needs enough units on the M nodes a token may use */
+        int M = cfg->moe.max_nodes, nn = m->ep[l].n_nodes;
+        if (M > 0 && M < nn) {
+            int need = f->kind == MOE_KIND_CLUSTERED ? f->top_groups : f->k;
+            if ((long)M * (U / nn) < need)
+                return status_errorf("moe.max_nodes=%d: %d node(s) hold %d %s (%d per node of %d), fewer than the %d "
+                                     "a token selects (%s)", M, M, M * (U / nn),
+                                     f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts", U / nn, nn, need,
+                                     f->kind == MOE_KIND_CLUSTERED ? "moe.top_groups" : "moe.top_k");
+        }
         f->ep_comm = xc;
         f->two_level = cfg->parallel.exchange == EXCHANGE_TWO_LEVEL;
         f->index = l;

@@ -229,7 +229,12 @@ void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParam
         bias = ml->cs->bias;
     }
     int two = ml->kind == MOE_KIND_CLUSTERED;
-    router_select(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N);
+    /* node-limited routing / home-node bias: where the units are now (follows migrations) */
+    const EpMap *em = ml->ep;
+    RouteNodes nd = {.n_nodes = em->n_nodes, .expert_node = em->expert_node, .home = em->home_node,
+                     .max_nodes = ml->cfg.max_nodes, .home_bias = (float)ml->cfg.home_bias};
+    router_select(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N, &nd);
+    router_nodes_touched(rt, &nd);
     router_capacity(rt, &ml->cfg, comm, two ? ml->cs->group_of : NULL, n_global, &st->stats);
     router_losses(rt, &ml->cfg, comm, n_global, &st->stats);
 }
@@ -355,6 +360,12 @@ void moe_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const MoePa
     epp_return_scalars(XP, moe_xcomm(ml, comm), X->rval);
 
     moe_route_backward(ml, XP, be, p, g, st, &hs->dev.router, dx, x);
+}
+
+const EpPath *moe_state_path(const MoeLayer *ml, const MoeState *st) {
+    if (ml->kind == MOE_KIND_DENSE || (!st->priv && !st->cpriv)) return NULL;
+    if (ml->kind == MOE_KIND_CLUSTERED) return clustered_state_path(st);
+    return &host_of(st)->x;
 }
 
 void moe_state_view_route(MoeState *st) {

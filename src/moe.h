@@ -145,6 +145,9 @@ static inline void *moe_alloc_counted(const Backend *be, size_t *acc, size_t byt
     return be->ops->alloc(be->ctx, bytes);
 }
 
+/* the layer's dispatch/combine path (NULL for a dense FFN): its last plan's locality counters */
+const EpPath *moe_state_path(const MoeLayer *ml, const MoeState *st);
+
 /* the generic MoeState fields (logits, probs, dlogits, topk_expert, topk_gate, pos) as views
  * into st->route, for both layer kinds */
 void moe_state_view_route(MoeState *st);

@@ -60,6 +60,93 @@ void router_stats_free(RouteStats *s) {
 
 /* ---- selection ---- */
 
+/* ---- nodes ---- */
+
+static int nodes_active(const RouteNodes *nd) {
+    return nd && nd->expert_node && ((nd->max_nodes > 0 && nd->n_nodes > nd->max_nodes) || nd->home_bias != 0.0f);
+}
+
+/* the node filter of one token: score [n_units] selection scores (home bias already added),
+ * node_of [n_units], m units counted per node; keeps the M nodes with the highest sum of their
+ * best m scores (ties: lower node), allowed[u] = 1 for units on them. Without a limit every
+ * unit is allowed. */
+static void node_filter(const RouteNodes *nd, const float *score, const int32_t *node_of, int n_units, int m,
+                        int8_t *allowed) {
+    int M = nd->max_nodes, Nn = nd->n_nodes;
+    if (M <= 0 || Nn <= M) { memset(allowed, 1, (size_t)n_units); return; }
+    float best[64][16];
+    int cnt[64];
+    ASSERTF(Nn <= 64 && m <= 16, "node-limited routing supports at most 64 nodes and 16 units per node score");
+    for (int n = 0; n < Nn; n++) cnt[n] = 0;
+    /* per node: its m best scores (insertion into a short sorted list) */
+    for (int u = 0; u < n_units; u++) {
+        int n = node_of[u], c = cnt[n];
+        float v = score[u];
+        if (c < m) cnt[n]++;
+        else if (v <= best[n][m - 1]) continue;
+        int j = c < m ? c : m - 1;
+        while (j > 0 && best[n][j - 1] < v) { best[n][j] = best[n][j - 1]; j--; }
+        best[n][j] = v;
+    }
+    double ns[64];
+    for (int n = 0; n < Nn; n++) {
+        ns[n] = 0;
+        for (int j = 0; j < cnt[n]; j++) ns[n] += best[n][j];
+        if (!cnt[n]) ns[n] = -INFINITY;
+    }
+    int8_t keep[64] = {0};
+    for (int j = 0; j < M; j++) {
+        int b = -1;
+        for (int n = 0; n < Nn; n++)
+            if (!keep[n] && cnt[n] && (b < 0 || ns[n] > ns[b])) b = n;
+        if (b >= 0) keep[b] = 1;
+    }
+    for (int u = 0; u < n_units; u++) allowed[u] = keep[node_of[u]];
+}
+
+/* one stage with nodes: selection score = logit (+ aux-free bias) (+ home bias), node filter
+ * over experts (m = ceil(k / M)), top-k among the allowed experts; gates as select_one_stage */
+static void select_one_stage_nodes(Route *r, const MoeConfig *mc, const float *bias, const RouteNodes *nd, int N) {
+    int E = r->E, k = r->k, M = nd->max_nodes;
+    int m = M > 0 ? (k + M - 1) / M : 1;
+    float *score = xmalloc(sizeof(float) * E);
+    int8_t *allowed = xmalloc((size_t)E);
+    for (int t = 0; t < N; t++) {
+        const float *l = r->logits + (size_t)t * E;
+        float *p = r->probs + (size_t)t * E;
+        float mx = l[0];
+        for (int e = 1; e < E; e++) if (l[e] > mx) mx = l[e];
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += exp((double)l[e] - mx);
+        for (int e = 0; e < E; e++) p[e] = (float)(exp((double)l[e] - mx) / sum);
+        r->lse[t] = mx + log(sum);
+        for (int e = 0; e < E; e++)
+            score[e] = l[e] + (bias ? bias[e] : 0.0f) + (nd->expert_node[e] == nd->home ? nd->home_bias : 0.0f);
+        node_filter(nd, score, nd->expert_node, E, m, allowed);
+        int32_t *sel = r->expert + (size_t)t * k;
+        float *gate = r->gate + (size_t)t * k;
+        double gsum = 0;
+        for (int s = 0; s < k; s++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                if (!allowed[e]) continue;
+                int taken = 0;
+                for (int q = 0; q < s; q++) taken |= sel[q] == e;
+                if (taken) continue;
+                if (best < 0 || score[e] > score[best]) best = e;
+            }
+            ASSERTF(best >= 0, "node-limited routing: fewer than top_k=%d experts on the chosen nodes", k);
+            sel[s] = best;
+            gate[s] = p[best];
+            gsum += p[best];
+        }
+        if (mc->renormalize && k > 1)
+            for (int s = 0; s < k; s++) gate[s] = (float)(gate[s] / gsum);
+    }
+    xfree(score);
+    xfree(allowed);
+}
+
 /* one stage: softmax rows with log-sum-exp (double accumulation), top-k by probability (ties:
  * lower id), or by logit + bias_e with aux_free bias (the gates stay the unbiased probs) */
 static void select_one_stage(Route *r, const MoeConfig *mc, const float *bias, int N) {
@@ -98,10 +185,17 @@ static int better(float a, int ia, float b, int ib) { return a > b || (a == b &&
 
 /* two stages for every token: group scores, group softmax q, chosen groups, in-group
  * softmax, top-k experts and gates. Selection uses logits + bias; probabilities never do. */
-static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N) {
+static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
+                             const RouteNodes *nd) {
     int E = r->E, G = r->G, K = r->K, k = r->k, TG = r->TG;
     float lam[4096], lsel[4096], sel[4096];
+    int32_t gnode[4096];
+    int8_t gallow[4096];
     ASSERTF(G <= 4096 && E <= 4096, "clustered routing supports at most 4096 experts");
+    int use_nodes = nodes_active(nd);
+    int mg = use_nodes && nd->max_nodes > 0 ? (TG + nd->max_nodes - 1) / nd->max_nodes : 1;
+    if (use_nodes)   /* a group's members live on one rank: the group's node is its first member's */
+        for (int g = 0; g < G; g++) gnode[g] = nd->expert_node[members[(size_t)g * K]];
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
         for (int i = 0; i < E; i++) sel[i] = l[i] + (bias ? bias[i] : 0.0f);
@@ -132,15 +226,22 @@ static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, c
         for (int g = 0; g < G; g++) zs += exp((double)lam[g] - mx);
         float *qt = r->q + (size_t)t * G;
         for (int g = 0; g < G; g++) qt[g] = (float)(exp((double)lam[g] - mx) / zs);
-        /* stage 1: top TG groups by selection score */
+        /* stage 1: top TG groups by selection score (with nodes: home bias, then only groups
+         * on the token's chosen nodes) */
+        if (use_nodes) {
+            for (int g = 0; g < G; g++) if (gnode[g] == nd->home) lsel[g] += nd->home_bias;
+            node_filter(nd, lsel, gnode, G, mg, gallow);
+        }
         int32_t *gs = r->group + (size_t)t * TG;
         for (int j = 0; j < TG; j++) {
             int best = -1;
             for (int g = 0; g < G; g++) {
+                if (use_nodes && !gallow[g]) continue;
                 int taken = 0;
                 for (int q = 0; q < j; q++) taken |= gs[q] == g;
                 if (!taken && (best < 0 || better(lsel[g], g, lsel[best], best))) best = g;
             }
+            ASSERTF(best >= 0, "node-limited routing: fewer than top_groups=%d groups on the chosen nodes", TG);
             gs[j] = best;
         }
         /* stage 2: softmax over the chosen groups' members, top-k by selection score */
@@ -183,11 +284,29 @@ static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, c
     }
 }
 
-void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N) {
+void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
+                   const RouteNodes *nodes) {
     ASSERTF(N <= r->n_max, "router_select: %d tokens > capacity %d", N, r->n_max);
     r->N = N;
-    if (r->G > 0) select_two_stage(r, mc, bias, members, N);
+    if (r->G > 0) select_two_stage(r, mc, bias, members, N, nodes);
+    else if (nodes_active(nodes)) select_one_stage_nodes(r, mc, bias, nodes, N);
     else select_one_stage(r, mc, bias, N);
+}
+
+void router_nodes_touched(Route *r, const RouteNodes *nodes) {
+    r->nodes_sum = 0;
+    r->nodes_over = 0;
+    if (!nodes || !nodes->expert_node) return;
+    for (int t = 0; t < r->N; t++) {
+        uint64_t mask = 0;
+        for (int s = 0; s < r->k; s++) {
+            int n = nodes->expert_node[r->expert[(size_t)t * r->k + s]];
+            mask |= (uint64_t)1 << (n < 63 ? n : 63);
+        }
+        int c = __builtin_popcountll(mask);
+        r->nodes_sum += c;
+        r->nodes_over += nodes->max_nodes > 0 && c > nodes->max_nodes;
+    }
 }
 
 /* ---- capacity ---- */
@@ -296,13 +415,17 @@ void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *g
 void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *st) {
     int E = r->E, G = r->G, k = r->k, TG = r->TG, N = r->N;
     /* global P_i (mean prob), group q, and sum lse^2: one allreduce of E + G + 1 doubles */
-    double *red = xcalloc(sizeof(double) * (E + G + 1));
+    double *red = xcalloc(sizeof(double) * (E + G + 3));
     for (int t = 0; t < N; t++) {
         for (int i = 0; i < E; i++) red[i] += r->probs[(size_t)t * E + i];
         for (int g = 0; g < G; g++) red[E + g] += r->q[(size_t)t * G + g];
         red[E + G] += r->lse[t] * r->lse[t];
     }
-    comm_allreduce_sum_f64(comm, red, E + G + 1);
+    red[E + G + 1] = r->nodes_sum;      /* the node counts ride along (element-wise sums) */
+    red[E + G + 2] = r->nodes_over;
+    comm_allreduce_sum_f64(comm, red, E + G + 3);
+    st->nodes_mean = red[E + G + 1] / (double)n_global;
+    st->nodes_over = red[E + G + 2];
     int aux = mc->balance == BALANCE_AUX;       /* aux_free: the bias balances instead */
     double a_e = aux ? mc->aux_loss_coef : 0, a_g = aux ? mc->group_aux_coef : 0;
     double le = 0, lg = 0;

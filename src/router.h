@@ -26,6 +26,8 @@ typedef struct RouteStats {      /* of the last forward, global over ranks */
     double *group_counts;        /* [G] token-group selections per group (clustered) */
     double group_aux_loss, group_dropped_frac;
     long capacity;               /* per-expert capacity used (-1 = dropless) */
+    double nodes_mean;           /* distinct nodes of a token's selected experts, mean over the batch */
+    double nodes_over;           /* tokens whose experts span more than moe.max_nodes nodes (0 = the limit held) */
 } RouteStats;
 
 typedef struct Route {
@@ -54,7 +56,20 @@ typedef struct Route {
     float *dlogits;              /* [N, E] router backward output */
     float *dpf;                  /* [E] */
     double *dpd;                 /* [max(E, G)] */
+    double nodes_sum, nodes_over;  /* router_nodes_touched (this rank) */
 } Route;
+
+/* Where the units live, for node-limited routing (moe.max_nodes) and the home-node bias
+ * (moe.home_bias): the nodes of the expert-parallel group, the node of every expert's owner
+ * and the node of this rank (the home of its tokens). NULL, or n_nodes <= 1 with no home
+ * bias, leaves routing as without. */
+typedef struct RouteNodes {
+    int n_nodes;
+    const int32_t *expert_node;  /* [E] */
+    int home;                    /* node of this rank's tokens */
+    int max_nodes;               /* 0 = no limit */
+    float home_bias;             /* added to the selection score of units on the home node */
+} RouteNodes;
 
 /* G = 0 for the standard MoE (K and TG ignored) */
 void router_init(Route *r, int n_max, int E, int k, int G, int TG);
@@ -63,8 +78,19 @@ void router_stats_init(RouteStats *s, int E, int G);
 void router_stats_free(RouteStats *s);
 
 /* softmax and top-k for N tokens from r->logits (ties: lower id). bias [E] (aux_free, NULL =
- * none) shifts only the selection scores, never the gates. members [G, K] for two stages. */
-void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N);
+ * none) shifts only the selection scores, never the gates. members [G, K] for two stages.
+ * nodes (NULL = none): with max_nodes M > 0 each token first keeps the M nodes with the
+ * highest sum of their best ceil(k / M) expert (standard) or ceil(TG / M) group (clustered)
+ * selection scores and then selects only units on those nodes; home_bias is added to the
+ * selection score of units on the home node (before the node choice). Gates, the group
+ * softmax and the losses are computed as without (selection only). With nodes active the
+ * standard MoE selects by logit (+ bias) instead of probability (the same order up to ties). */
+void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
+                   const RouteNodes *nodes);
+/* distinct nodes of each token's selected pairs (before capacity), over this rank's tokens:
+ * r->nodes_sum, and r->nodes_over = tokens on more than max_nodes nodes (0 under node-limited
+ * routing); router_losses makes them global (RouteStats nodes_mean, nodes_over) */
+void router_nodes_touched(Route *r, const RouteNodes *nodes);
 /* capacity over the global batch (collective): group level (two stages), then expert level;
  * fills r->pos (0 kept, -1 dropped) and the counts of s. group_of [E] for two stages. */
 void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *group_of, long n_global,

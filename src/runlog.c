@@ -73,6 +73,9 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->c_sent = h5log_series(lg, "comm/rank_sent", H5LOG_F64, 2, dpp);
     id->c_recv = h5log_series(lg, "comm/rank_recv", H5LOG_F64, 2, dpp);
     id->rank_maxvio = h5log_series(lg, "moe/balance_rank/maxvio", H5LOG_F64, 1, dl);
+    uint64_t dl2[2] = {dl[0], 2};
+    id->nodes = h5log_series(lg, "moe/nodes_per_token", H5LOG_F64, 2, dl2);
+    id->intra_frac = h5log_series(lg, "comm/intra_fraction", H5LOG_F64, 1, dl);
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
@@ -147,6 +150,12 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
                        "different ranks (a rank's bytes to itself excluded); written every parallel.traffic_interval steps"));
     TRY(h5log_attr_str(lg, "/comm/rank_sent", "axes", "phase, rank: bytes the rank sent to other ranks this step"));
     TRY(h5log_attr_str(lg, "/comm/rank_recv", "axes", "phase, rank: bytes the rank received from other ranks this step"));
+    TRY(h5log_attr_str(lg, "/moe/nodes_per_token", "columns",
+                       "mean distinct nodes of a token's selected experts (before capacity), tokens whose experts "
+                       "span more than moe.max_nodes nodes (0 when the limit holds)"));
+    TRY(h5log_attr_str(lg, "/comm/intra_fraction", "note",
+                       "per MoE layer: of the dispatch rows sent to other ranks (both stages of a two-level "
+                       "exchange), the fraction whose destination is on the sender's node (1 with one node)"));
     TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
                        "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
                        "nodes touched (sum over token-layers), token-layers routed"));
@@ -302,7 +311,7 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->n_moe = model_n_moe_layers(m);
     rl->n_clus = model_n_clustered_layers(m);
     int nm = rl->n_moe ? rl->n_moe : 1, nc = rl->n_clus ? rl->n_clus : 1, E = rl->E, P = rl->P;
-    rl->row = xcalloc(sizeof(double) * (size_t)nm * (E > 6 ? E : 6) * 8);
+    rl->row = xcalloc(sizeof(double) * (size_t)nm * ((E > 6 ? E : 6) * 8 + 2));
     rl->crow = xcalloc(sizeof(double) * (size_t)nc * (rl->G + E + 3 + 16) * (RECLUSTER_N_COLS + 2));
     rl->orow = xcalloc(sizeof(double) * (size_t)nm * (E + P + 1));
     rl->mat = comm->size <= cfg->parallel.rank_matrix_max ? xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P) : NULL;
@@ -402,6 +411,16 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
         h5log_append(lg, id->entropy, s, ent);
         h5log_append(lg, id->dead, s, dead);
         h5log_append(lg, id->drop, s, drop);
+        double *nodes = row + 7 * nm + (size_t)nm * E;      /* [nm, 2] after tpe */
+        i = 0;
+        for (int l = 0; l < m->L; l++) {
+            if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+            nodes[2 * i] = m->acts[l].moe.stats.nodes_mean;
+            nodes[2 * i + 1] = m->acts[l].moe.stats.nodes_over;
+            i++;
+        }
+        h5log_append(lg, id->nodes, s, nodes);
+        if (r->intra_frac) h5log_append(lg, id->intra_frac, s, r->intra_frac);
         if (cfg->log.expert_interval > 0 && s % cfg->log.expert_interval == 0) h5log_append(lg, id->tpe, s, tpe);
         for (int q = 0; q < nm; q++) mean_cv2 += cv2[q] / nm;
     }

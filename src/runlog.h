@@ -26,6 +26,7 @@ typedef struct LogIds {
     int c_nodemat, c_sent, c_recv;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
+    int nodes, intra_frac;
 } LogIds;
 
 typedef struct RunLog {
@@ -55,6 +56,7 @@ typedef struct StepRecord {
     const double *rank_compute_s, *rank_rss;   /* [P] */
     const double *qerr;                  /* NULL: not this step */
     const double *mem_all;               /* [P, MEM_N_KINDS + 2]; NULL: not this step */
+    const double *intra_frac;            /* [MoE layers] dispatch rows between ranks kept inside the node */
 } StepRecord;
 
 /* rank 0: create the log (resume_step < 0) or reopen it for appending, dropping rows after

@@ -194,6 +194,7 @@ typedef struct Run {
     char peak_how[160];
     int32_t *in, *tg, *len;              /* this rank's batch */
     double *mem_all, *rank_buf, *rank_cols;
+    double *intra_frac;                 /* [MoE layers] + [MoE layers, 2] scratch: comm/intra_fraction */
     ReclusterEvent *evs;
     long last_event, warm;
     double pending_migr;
@@ -408,7 +409,7 @@ static void run_teardown(Run *r) {
     }
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
-    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs);
+    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->intra_frac);
 }
 
 /* ---- one training step ---- */
@@ -530,6 +531,25 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         mem_refresh_layers(&r->macct, &r->m);
         mem_gather(comm, &r->macct, r->mem_all);
     }
+    /* per MoE layer: dispatch rows between ranks that stay inside the node (the last forward's plan) */
+    int nm = model_n_moe_layers(m);
+    if (nm > 0) {
+        if (!r->intra_frac) r->intra_frac = xcalloc(sizeof(double) * 3 * (size_t)nm);
+        double *loc = r->intra_frac + nm;
+        int i = 0;
+        for (int l = 0; l < m->L; l++) {
+            const EpPath *pp = moe_state_path(&m->ffn[l], &m->acts[l].moe);
+            if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+            loc[2 * i] = pp ? pp->rows_intra : 0;
+            loc[2 * i + 1] = pp ? pp->rows_inter : 0;
+            i++;
+        }
+        comm_allreduce_sum_f64(comm, loc, 2 * (size_t)nm);
+        for (i = 0; i < nm; i++) {
+            double tot = loc[2 * i] + loc[2 * i + 1];
+            r->intra_frac[i] = tot > 0 ? loc[2 * i] / tot : 1.0;
+        }
+    }
     r->pos.step = step + 1;
     r->pos.tokens_seen += (int64_t)tc->batch_size * r->T;
     if (r->rank != 0) return status_ok();
@@ -553,7 +573,8 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .traffic_matrices = matrices,
         .owners = r->log_owner || migr > 0, .migration_bytes = migr,
         .rank_compute_s = r->rank_cols, .rank_rss = r->rank_cols + P,
-        .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL};
+        .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL,
+        .intra_frac = r->intra_frac};
     rec.flops_frac = r->flops_tok * rec.tok_s / (r->peak_total * 1e9);
     r->log_owner = false;
     double mean_cv2 = runlog_step(&r->log, m, &rec);

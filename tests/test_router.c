@@ -2,7 +2,10 @@
  * one-stage top-k and renormalised gates, the bias choosing without changing gates, the
  * slot-major capacity queue (counts, drops, dropped fraction), the Switch aux and z losses,
  * the two-stage selection staying inside the chosen groups with group capacity, and the
- * aux-free bias step. The gradients are checked end to end by model_gradcheck.
+ * aux-free bias step; node-limited routing and the home-node bias on random logits against a
+ * brute-force reference (never a unit outside the M chosen nodes; the chosen nodes are the
+ * ones with the best sums), and a finite-difference check of the router backward on those
+ * paths. The other gradients are checked end to end by model_gradcheck.
  * Legend: N E k G K TG = tokens, experts, top-k, groups, experts per group, groups per token. */
 #include <math.h>
 #include <stdlib.h>
@@ -36,7 +39,7 @@ static void test_one_stage(Comm *comm) {
     /* every token prefers 0 then 1 (ties broken towards the lower id in token 3) */
     const float lg[N * E] = {3, 2, 1, 0,  2, 1, 0, -1,  5, 4, 0, 0,  1, 1, 0, 0};
     memcpy(r.logits, lg, sizeof lg);
-    router_select(&r, &mc, NULL, NULL, N);
+    router_select(&r, &mc, NULL, NULL, N, NULL);
     int sel_ok = 1, gate_ok = 1;
     for (int t = 0; t < N; t++) {
         sel_ok &= r.expert[t * k] == 0 && r.expert[t * k + 1] == 1;
@@ -67,7 +70,7 @@ static void test_one_stage(Comm *comm) {
     float g1[N * k];
     memcpy(g1, r.gate, sizeof g1);
     mc.renormalize = false;
-    router_select(&r, &mc, bias, NULL, N);
+    router_select(&r, &mc, bias, NULL, N, NULL);
     int b_ok = 1;
     for (int t = 0; t < N; t++) b_ok &= r.expert[t * k] == 3 && r.gate[t * k] == r.probs[t * E + 3];
     ok(b_ok, "aux_free bias: expert 3 chosen first, its gate is its unbiased probability");
@@ -95,7 +98,7 @@ static void test_two_stage(Comm *comm) {
     /* tokens 0-2 favour group 1 (experts 1, 3), token 3 group 0 */
     const float lg[N * E] = {0, 3, 0, 2,  0, 2, 0, 3,  0, 1, 0, 1,  4, 0, 3, 0};
     memcpy(r.logits, lg, sizeof lg);
-    router_select(&r, &mc, NULL, members, N);
+    router_select(&r, &mc, NULL, members, N, NULL);
     int in_group = 1, zero_out = 1;
     for (int t = 0; t < N; t++) {
         int g = r.group[t];
@@ -116,11 +119,220 @@ static void test_two_stage(Comm *comm) {
     router_free(&r);
 }
 
+
+/* ---- nodes ---- */
+
+static uint64_t lcg(uint64_t *x) { *x = *x * 6364136223846793005ull + 1442695040888963407ull; return *x >> 33; }
+static float urand(uint64_t *x) { return (float)(lcg(x) % 100000) / 100000.0f * 4.0f - 2.0f; }
+
+/* the M nodes with the highest sums of their best m scores (ties: lower node) */
+static void ref_nodes(const float *score, const int32_t *node_of, int n_units, int n_nodes, int m, int M, int *keep) {
+    double ns[64];
+    for (int n = 0; n < n_nodes; n++) {
+        float v[4096];
+        int c = 0;
+        for (int u = 0; u < n_units; u++) if (node_of[u] == n) v[c++] = score[u];
+        for (int i = 0; i < c; i++)          /* selection sort, descending */
+            for (int j = i + 1; j < c; j++) if (v[j] > v[i]) { float t = v[i]; v[i] = v[j]; v[j] = t; }
+        ns[n] = 0;
+        for (int i = 0; i < m && i < c; i++) ns[n] += v[i];
+        keep[n] = 0;
+    }
+    for (int j = 0; j < M; j++) {
+        int b = -1;
+        for (int n = 0; n < n_nodes; n++) if (!keep[n] && (b < 0 || ns[n] > ns[b])) b = n;
+        keep[b] = 1;
+    }
+}
+
+static void test_nodes_one_stage(Comm *comm) {
+    enum { N = 64, E = 16, k = 4, NN = 4, M = 2 };
+    MoeConfig mc = base_cfg();
+    mc.dropless = true;
+    Route r;
+    RouteStats st;
+    router_init(&r, N, E, k, 0, 0);
+    router_stats_init(&st, E, 0);
+    int32_t enode[E];
+    for (int e = 0; e < E; e++) enode[e] = (e * 7 + 3) % NN;   /* a scattered placement */
+    RouteNodes nd = {.n_nodes = NN, .expert_node = enode, .home = 1, .max_nodes = M, .home_bias = 0};
+    uint64_t seed = 12345;
+    for (int i = 0; i < N * E; i++) r.logits[i] = urand(&seed);
+    router_select(&r, &mc, NULL, NULL, N, &nd);
+    int inside = 1, topk = 1;
+    for (int t = 0; t < N; t++) {
+        int keep[NN];
+        ref_nodes(r.logits + (size_t)t * E, enode, E, NN, (k + M - 1) / M, M, keep);
+        for (int s = 0; s < k; s++) inside &= keep[enode[r.expert[t * k + s]]];
+        /* the k best allowed experts by logit, in order */
+        int used[E] = {0};
+        for (int s = 0; s < k; s++) {
+            int b = -1;
+            for (int e = 0; e < E; e++)
+                if (keep[enode[e]] && !used[e] && (b < 0 || r.logits[t * E + e] > r.logits[t * E + b])) b = e;
+            used[b] = 1;
+            topk &= r.expert[t * k + s] == b;
+        }
+    }
+    ok(inside, "max_nodes 2 of 4: every selected expert is on one of the token's 2 best nodes (brute force)");
+    ok(topk, "max_nodes 2: the top-4 experts by logit among the allowed nodes");
+    router_nodes_touched(&r, &nd);
+    router_capacity(&r, &mc, comm, NULL, N, &st);
+    router_losses(&r, &mc, comm, N, &st);
+    ok(st.nodes_over == 0 && st.nodes_mean > 1 && st.nodes_mean <= 2, "node counts: none over the limit, mean %.2f",
+       st.nodes_mean);
+    /* without the limit the same logits reach more nodes */
+    RouteNodes free_nd = nd;
+    free_nd.max_nodes = 0;
+    router_select(&r, &mc, NULL, NULL, N, &free_nd);
+    router_nodes_touched(&r, &nd);
+    ok(r.nodes_over > 0, "without the limit %g of %d tokens span more than 2 nodes", r.nodes_over, N);
+    /* home bias: with a huge bias every token stays on its home node */
+    RouteNodes home = nd;
+    home.max_nodes = 0;
+    home.home_bias = 1e30f;
+    router_select(&r, &mc, NULL, NULL, N, &home);
+    int all_home = 1;
+    for (int i = 0; i < N * k; i++) all_home &= enode[r.expert[i]] == 1;
+    ok(all_home, "home_bias 1e30: every selected expert is on the home node");
+
+    /* finite differences of the router backward on the node-limited path: loss = sum c * gate
+     * + aux + z, selection held (random logits, no ties) */
+    mc.z_loss_coef = 0.01;
+    double c[N * k];
+    for (int i = 0; i < N * k; i++) c[i] = urand(&seed);
+    float dg[N * k];
+    for (int i = 0; i < N * k; i++) dg[i] = (float)c[i];
+    router_select(&r, &mc, NULL, NULL, N, &nd);
+    router_capacity(&r, &mc, comm, NULL, N, &st);
+    router_losses(&r, &mc, comm, N, &st);
+    router_backward(&r, &mc, NULL, dg);
+    int32_t sel0[N * k];
+    memcpy(sel0, r.expert, sizeof sel0);
+    float *dl = xmalloc(sizeof(float) * N * E);
+    memcpy(dl, r.dlogits, sizeof(float) * N * E);
+    double worst = 0;
+    int same_sel = 1;
+    for (int q = 0; q < 40; q++) {
+        int i = (int)(lcg(&seed) % (N * E));
+        double lp[2];
+        float orig = r.logits[i];
+        for (int sgn = 0; sgn < 2; sgn++) {
+            float save[N * E];
+            memcpy(save, r.logits, sizeof save);
+            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
+            router_select(&r, &mc, NULL, NULL, N, &nd);
+            same_sel &= !memcmp(sel0, r.expert, sizeof sel0);
+            router_capacity(&r, &mc, comm, NULL, N, &st);
+            router_losses(&r, &mc, comm, N, &st);
+            double L = st.aux_loss + st.z_loss;
+            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
+            lp[sgn] = L;
+            memcpy(r.logits, save, sizeof save);
+        }
+        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
+        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
+        if (err > worst) worst = err;
+    }
+    ok(same_sel && worst < 2e-2, "router backward on the node-limited path matches finite differences (worst rel %.2e)", worst);
+    xfree(dl);
+    router_stats_free(&st);
+    router_free(&r);
+}
+
+static void test_nodes_two_stage(Comm *comm) {
+    enum { N = 64, E = 16, k = 2, G = 8, K = 2, TG = 2, NN = 4, M = 1 };
+    MoeConfig mc = base_cfg();
+    mc.dropless = true;
+    Route r;
+    RouteStats st;
+    router_init(&r, N, E, k, G, TG);
+    router_stats_init(&st, E, G);
+    int32_t members[G * K], group_of[E], enode[E], gnode[G];
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < K; j++) { members[g * K + j] = j * G + g; group_of[j * G + g] = g; }
+    for (int g = 0; g < G; g++) gnode[g] = (g * 3) % NN;          /* two groups per node, scattered */
+    for (int e = 0; e < E; e++) enode[e] = gnode[group_of[e]];
+    RouteNodes nd = {.n_nodes = NN, .expert_node = enode, .home = 2, .max_nodes = M, .home_bias = 0};
+    uint64_t seed = 999;
+    for (int i = 0; i < N * E; i++) r.logits[i] = urand(&seed);
+    router_select(&r, &mc, NULL, members, N, &nd);
+    int one_node = 1, best_node = 1;
+    for (int t = 0; t < N; t++) {
+        float lam[G];
+        for (int g = 0; g < G; g++) {
+            double sum = 0;
+            for (int j = 0; j < K; j++) sum += r.logits[t * E + members[g * K + j]];
+            lam[g] = (float)(sum / K);
+        }
+        int keep[NN];
+        ref_nodes(lam, gnode, G, NN, TG, M, keep);
+        for (int j = 0; j < TG; j++) best_node &= keep[gnode[r.group[t * TG + j]]];
+        for (int s = 0; s < k; s++) one_node &= enode[r.expert[t * k + s]] == gnode[r.group[t * TG]];
+        one_node &= gnode[r.group[t * TG]] == gnode[r.group[t * TG + 1]];
+    }
+    ok(best_node, "clustered max_nodes 1: both chosen groups on the node with the best two group scores");
+    ok(one_node, "clustered max_nodes 1: every selected expert on that one node");
+    /* home bias (moderate): more tokens keep their groups on the home node than without */
+    RouteNodes h0 = nd, h1 = nd;
+    h0.max_nodes = 0;
+    h1.max_nodes = 0;
+    h1.home_bias = 0.5f;
+    int n0 = 0, n1 = 0;
+    router_select(&r, &mc, NULL, members, N, &h0);
+    for (int i = 0; i < N * TG; i++) n0 += gnode[r.group[i]] == 2;
+    router_select(&r, &mc, NULL, members, N, &h1);
+    for (int i = 0; i < N * TG; i++) n1 += gnode[r.group[i]] == 2;
+    ok(n1 > n0, "home_bias 0.5: %d of %d token-groups on the home node (%d without)", n1, N * TG, n0);
+    /* finite differences of the two-stage router backward with the node limit */
+    float dg[N * k];
+    double c[N * k];
+    for (int i = 0; i < N * k; i++) { c[i] = urand(&seed); dg[i] = (float)c[i]; }
+    router_select(&r, &mc, NULL, members, N, &nd);
+    router_capacity(&r, &mc, comm, group_of, N, &st);
+    router_losses(&r, &mc, comm, N, &st);
+    router_backward(&r, &mc, members, dg);
+    int32_t sel0[N * k];
+    memcpy(sel0, r.expert, sizeof sel0);
+    float *dl = xmalloc(sizeof(float) * N * E);
+    memcpy(dl, r.dlogits, sizeof(float) * N * E);
+    double worst = 0;
+    int same_sel = 1;
+    for (int q = 0; q < 40; q++) {
+        int i = (int)(lcg(&seed) % (N * E));
+        double lp[2];
+        float orig = r.logits[i];
+        for (int sgn = 0; sgn < 2; sgn++) {
+            float save[N * E];
+            memcpy(save, r.logits, sizeof save);
+            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
+            router_select(&r, &mc, NULL, members, N, &nd);
+            same_sel &= !memcmp(sel0, r.expert, sizeof sel0);
+            router_capacity(&r, &mc, comm, group_of, N, &st);
+            router_losses(&r, &mc, comm, N, &st);
+            double L = st.aux_loss + st.z_loss;
+            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
+            lp[sgn] = L;
+            memcpy(r.logits, save, sizeof save);
+        }
+        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
+        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
+        if (err > worst) worst = err;
+    }
+    ok(same_sel && worst < 2e-2, "two-stage router backward with the node limit matches finite differences (worst rel %.2e)",
+       worst);
+    xfree(dl);
+    router_stats_free(&st);
+    router_free(&r);
+}
+
 int main(void) {
     Comm comm;
     Status s = comm_single_init(&comm);
     ok(STATUS_OK(s), "single-rank communicator");
     test_one_stage(&comm);
     test_two_stage(&comm);
+    test_nodes_one_stage(&comm);
+    test_nodes_two_stage(&comm);
     return harness_done();
 }
