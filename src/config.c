@@ -46,6 +46,10 @@ static const char *const data_kind_names[] = {"brown", "wikitext", "glue", "brow
 static const char *const activation_names[] = {"gelu", "swiglu", NULL};
 static const char *const task_names[] = {"lm", "classify", NULL};
 static const char *const pooling_names[] = {"mean", "last", NULL};
+static const char *const sim_hw_names[] = {"h800", "h100", "h200", "a100", "cpu", NULL};
+static const char *const sim_dtype_names[] = {"fp32", "bf16", "fp8", NULL};
+static const char *const sim_overlap_names[] = {"none", "ideal", "fraction", NULL};
+static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", NULL};
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
 static const char *const group_score_names[] = {"mean", "top2", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
@@ -222,6 +226,42 @@ static const KeyDef keys[] = {
     K_INT(checkpoint.keep, 1, 1000, 2,
           "complete checkpoints to keep; saving needs disk room for keep + 1 checkpoints (the new one is "
           "written before the oldest is pruned)"),
+    /* sim (dcmoe simulate) */
+    K_INT(sim.nodes, 1, 1 << 20, 2, "dcmoe simulate: nodes of the simulated cluster"),
+    K_INT(sim.gpus_per_node, 1, 1024, 8, "dcmoe simulate: GPUs (ranks) per node"),
+    K_ENUM(sim.hardware, sim_hw_names, SIM_HW_H800,
+           "dcmoe simulate: hardware preset (link bandwidths and latencies per GPU, dense GEMM rate): h800, h100, "
+           "h200, a100, or cpu (this 2-core machine's measured figures); the sim.* link and rate keys override it"),
+    K_FLOAT(sim.intra_gbps, 0, 0.0, 1e6, 0, 0.0, "dcmoe simulate: intra-node (NVLink) bandwidth per GPU, GB/s; 0 = the preset's"),
+    K_FLOAT(sim.inter_gbps, 0, 0.0, 1e6, 0, 0.0, "dcmoe simulate: inter-node (NIC) bandwidth per NIC, GB/s; 0 = the preset's"),
+    K_FLOAT(sim.intra_latency_us, 0, -1.0, 1e6, 0, -1.0, "dcmoe simulate: latency per intra-node message, us; -1 = the preset's"),
+    K_FLOAT(sim.inter_latency_us, 0, -1.0, 1e6, 0, -1.0, "dcmoe simulate: latency per inter-node message, us; -1 = the preset's"),
+    K_FLOAT(sim.tflops, 0, 0.0, 1e6, 0, 0.0, "dcmoe simulate: dense GEMM rate per GPU (TFLOP/s, the compute dtype); 0 = the preset's"),
+    K_FLOAT(sim.gemm_efficiency, 1, 0.0, 1.0, 0, 0.6, "dcmoe simulate: achieved fraction of the GEMM rate"),
+    K_INT(sim.nics_per_node, 0, 1024, 0, "dcmoe simulate: NICs per node shared by its GPUs; 0 = one per GPU"),
+    K_FLOAT(sim.spine_taper, 1, 0.0, 1e6, 0, 1.0, "dcmoe simulate: inter-node bandwidth divided by this (spine oversubscription)"),
+    K_ENUM(sim.dispatch_dtype, sim_dtype_names, SIM_FP32, "dcmoe simulate: dtype of dispatched rows (fp32 as the trainer; bf16, fp8 what-ifs)"),
+    K_ENUM(sim.combine_dtype, sim_dtype_names, SIM_FP32, "dcmoe simulate: dtype of combined rows"),
+    K_ENUM(sim.grad_dtype, sim_dtype_names, SIM_FP32, "dcmoe simulate: dtype of the gradient allreduce"),
+    K_ENUM(sim.overlap, sim_overlap_names, SIM_OVERLAP_NONE,
+           "dcmoe simulate: exchange / compute overlap: none (serial), ideal (max of the two), fraction (sim.overlap_fraction of the exchange hidden)"),
+    K_FLOAT(sim.overlap_fraction, 0, 0.0, 1.0, 0, 0.5, "dcmoe simulate: hidden fraction of the exchange for overlap: fraction"),
+    K_INT(sim.tokens_per_rank, 1, 1 << 24, 4096, "dcmoe simulate: tokens each GPU routes per step"),
+    K_INT(sim.sample_tokens, 0, 1 << 24, 256,
+          "dcmoe simulate: tokens per rank whose routing is drawn (bytes and loads scaled to tokens_per_rank); 0 = all"),
+    K_INT(sim.steps, 1, 1 << 24, 1, "dcmoe simulate: steps to simulate"),
+    K_ENUM(sim.routing, sim_routing_names, SIM_ROUTE_UNIFORM,
+           "dcmoe simulate: routing source: uniform, zipf (expert popularity ~ 1/rank^zipf_s), lognormal (popularity "
+           "log-normal, sigma), planted (tokens pick a cluster of experts with probability coherence), hotspot "
+           "(hot_fraction of the tokens favour one node's experts), deepep (DeepEP's test generator: |randn|+1 "
+           "scores, top min(nodes,4) nodes by their best score, top-k among them); the router (with moe.max_nodes, "
+           "moe.home_bias, the clustered two stages) chooses from these scores except for deepep"),
+    K_FLOAT(sim.zipf_s, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: Zipf exponent of expert popularity (routing zipf)"),
+    K_FLOAT(sim.lognormal_sigma, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: sigma of log popularity (routing lognormal)"),
+    K_FLOAT(sim.coherence, 0, 0.0, 1.0, 0, 0.8, "dcmoe simulate: probability a token stays in its cluster (routing planted)"),
+    K_FLOAT(sim.hot_fraction, 0, 0.0, 1.0, 0, 0.3, "dcmoe simulate: fraction of tokens drawn to node 0's experts (routing hotspot)"),
+    K_INT(sim.samples, 1, 1000, 3, "dcmoe simulate: independent routing draws per step (min/max band in sim/*)"),
+    K_INT(sim.distinct_layers, 1, 4096, 2, "dcmoe simulate: distinct routings drawn per draw; the other MoE layers reuse them"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

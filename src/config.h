@@ -21,6 +21,11 @@ enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
+enum SimHardware { SIM_HW_H800 = 0, SIM_HW_H100 = 1, SIM_HW_H200 = 2, SIM_HW_A100 = 3, SIM_HW_CPU = 4 };
+enum SimDtype { SIM_FP32 = 0, SIM_BF16 = 1, SIM_FP8 = 2 };
+enum SimOverlap { SIM_OVERLAP_NONE = 0, SIM_OVERLAP_IDEAL = 1, SIM_OVERLAP_FRACTION = 2 };
+enum SimRouting { SIM_ROUTE_UNIFORM = 0, SIM_ROUTE_ZIPF = 1, SIM_ROUTE_LOGNORMAL = 2, SIM_ROUTE_PLANTED = 3,
+                  SIM_ROUTE_HOTSPOT = 4, SIM_ROUTE_DEEPEP = 5 };
 enum PrecisionMode { PRECISION_FP32 = 0, PRECISION_STORAGE = 1, PRECISION_QAT = 2 };
 enum OffloadTier { OFFLOAD_HOST = 0, OFFLOAD_FILE = 1 };
 enum PrefetchKind { PREFETCH_NONE = 0, PREFETCH_EMA = 1 };
@@ -162,6 +167,28 @@ typedef struct CheckpointConfig {
     int keep;                /* complete checkpoints to keep (saving needs room for keep + 1) */
 } CheckpointConfig;
 
+/* dcmoe simulate: the cluster, hardware and routing source of a simulated run (sim.c) */
+typedef struct SimConfig {
+    int nodes, gpus_per_node;        /* the simulated cluster (parallel.ep_size applies; 0 = all GPUs) */
+    enum SimHardware hardware;       /* preset: link bandwidths, latencies, GEMM rate */
+    double intra_gbps, inter_gbps;   /* per GPU, GB/s; 0 = the preset's */
+    double intra_latency_us, inter_latency_us;  /* per message; < 0 = the preset's */
+    double tflops;                   /* dense GEMM rate per GPU in the compute dtype; 0 = the preset's */
+    double gemm_efficiency;          /* achieved fraction of that rate */
+    int nics_per_node;               /* 0 = one per GPU */
+    double spine_taper;              /* inter-node bandwidth divided by this (oversubscription; 1 = none) */
+    enum SimDtype dispatch_dtype, combine_dtype, grad_dtype;
+    enum SimOverlap overlap;
+    double overlap_fraction;         /* overlap: fraction of the exchange hidden behind compute */
+    int tokens_per_rank;             /* tokens each GPU routes per step and layer */
+    int sample_tokens;               /* tokens per rank whose routing is drawn (bytes scaled up); 0 = all */
+    int steps;
+    enum SimRouting routing;
+    double zipf_s, lognormal_sigma, coherence, hot_fraction;
+    int samples;                     /* independent routing draws per step (the uncertainty band) */
+    int distinct_layers;             /* distinct routings drawn per step (the other MoE layers reuse them) */
+} SimConfig;
+
 typedef struct Config {
     RunConfig run;
     DataConfig data;
@@ -175,6 +202,7 @@ typedef struct Config {
     TrainConfig train;
     LogConfig log;
     CheckpointConfig checkpoint;
+    SimConfig sim;
 } Config;
 
 /* defaults for every key */

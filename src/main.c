@@ -9,6 +9,7 @@
 #include "config.h"
 #include "config_build.h"
 #include "launcher.h"
+#include "sim.h"
 #include "sweep.h"
 #include "evaluate.h"
 #include "train.h"
@@ -24,6 +25,7 @@ static void usage_main(void) {
            "  sweep plan FILE     expand and validate the file's sweep: block (runs, ids, settings)\n"
            "  sweep run FILE      run a sweep: --launcher local|slurm (see `dcmoe sweep run --help`)\n"
            "  sweep status FILE   state of every planned run: new, partial, resumable, done\n"
+           "  simulate CONFIG     predict step time, traffic and memory at a scale you cannot run (see simulate --help)\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -54,6 +56,19 @@ static void usage_eval(void) {
            "statistics go to <checkpoint>/eval_<split>_<precision>.json.\n");
 }
 
+static void usage_simulate(void) {
+    printf("usage: dcmoe simulate CONFIG.yaml [--set k=v]... [--quiet]\n"
+           "       dcmoe simulate --validate published\n\n"
+           "Simulates training steps of the experiment's model (model.*, moe.*, parallel.ep_size, parallel.exchange)\n"
+           "on the cluster of its sim: section (sim.nodes x sim.gpus_per_node GPUs, sim.hardware preset, dtypes,\n"
+           "overlap, routing generator): the trainer's router picks the experts, the exchange is counted with the\n"
+           "planner's rules and costed per link class. Writes run.out_dir/run.name/metrics.h5 (the trainer's perf/*\n"
+           "and comm/* series plus sim/*) and DONE.\n"
+           "  --validate published  replay DeepEP's published V1 numbers with DeepEP's byte accounting, fit the\n"
+           "                        link model on the calibration rows and print predicted vs published (exit 1\n"
+           "                        when a predicted row is out of tolerance)\n");
+}
+
 static void usage_config(void) {
     printf("usage: dcmoe config [CONFIG.yaml] [--set k=v]...   print the resolved config\n"
            "       dcmoe config --reference                      Markdown table of every key\n");
@@ -75,7 +90,7 @@ typedef struct Args {
     const char *sets[64];
     int n_sets;
     int resume, print_config, quiet, reference, help;
-    const char *checkpoint, *split, *precision, *resume_from;
+    const char *checkpoint, *split, *precision, *resume_from, *validate;
     long stop_at;
 } Args;
 
@@ -96,7 +111,7 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             if (*end || a->stop_at <= 0) return status_errorf("--stop-at %s: expected a positive step count", argv[i]);
         }
         else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split") ||
-                 !strcmp(s, "--precision") || !strcmp(s, "--resume-from")) {
+                 !strcmp(s, "--precision") || !strcmp(s, "--resume-from") || !strcmp(s, "--validate")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             const char *v = argv[++i];
             if (!strcmp(s, "--set")) {
@@ -105,6 +120,7 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             } else if (!strcmp(s, "--checkpoint")) a->checkpoint = v;
             else if (!strcmp(s, "--resume-from")) a->resume_from = v;
             else if (!strcmp(s, "--precision")) a->precision = v;
+            else if (!strcmp(s, "--validate")) a->validate = v;
             else a->split = v;
         } else if (!strncmp(s, "--set=", 6)) {
             if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
@@ -203,6 +219,20 @@ int main(int argc, char **argv) {
             }
         }
         sweep_free(&sw);
+    } else if (!strcmp(cmd, "simulate")) {
+        /* one process models the whole cluster: rank 0 works, other ranks (if any) wait */
+        if (a.help) { if (comm.rank == 0) usage_simulate(); MPI_Finalize(); return 0; }
+        if (a.validate) {
+            if (strcmp(a.validate, "published") != 0)
+                return fail(&comm, status_errorf("simulate --validate %s: the only reference set is 'published'", a.validate));
+            if (comm.rank == 0) rc = sim_validate_published(stdout) ? 1 : 0;
+        } else {
+            if (!a.config) return fail(&comm, status_errorf("simulate: missing CONFIG.yaml (see dcmoe simulate --help)"));
+            st = load_config(&a, &cfg);
+            if (!STATUS_OK(st)) return fail(&comm, st);
+            if (comm.rank == 0) st = sim_run(&cfg, a.quiet);
+            if (!STATUS_OK(st)) return fail(&comm, st);
+        }
     } else if (!strcmp(cmd, "config")) {
         if (a.help) { if (comm.rank == 0) usage_config(); MPI_Finalize(); return 0; }
         if (a.reference) {
@@ -213,7 +243,7 @@ int main(int argc, char **argv) {
             if (comm.rank == 0) { char *y = config_to_yaml(&cfg); fputs(y, stdout); free(y); }
         }
     } else {
-        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, sweep, version)\n", cmd);
+        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, sweep, simulate, version)\n", cmd);
         rc = 2;
     }
     MPI_Finalize();

@@ -1,0 +1,120 @@
+"""integration: `dcmoe simulate`.
+- a simulated run writes metrics.h5 in the trainer's schema (perf/step_s, perf/time_split,
+  comm/summary/*, comm/dispatch, comm/node_bytes, comm/rank_sent) plus sim/* and DONE; the time
+  breakdown adds up (step = compute + exposed communication + optimizer);
+- the gradient allreduce bytes it books equal what the trainer's profiler booked for the same
+  model on the same topology (4 ranks as 2 virtual nodes x 2; dense over the world, and the
+  expert replicas with parallel.ep_size 2): the same ring accounting;
+- ep_size = GPUs per node keeps every dispatch/combine byte inside the node; two-level moves
+  fewer inter-node bytes than flat for the same routing; node-limited routing caps nodes per
+  token;
+- bad sim input is a located error: an unknown preset names the key and the allowed values,
+  an ep_size that does not divide the GPUs names parallel.ep_size, an unknown sim key names it;
+- `--validate published` prints DeepEP's rows with predictions; its exit status says whether
+  a predicted row is out of tolerance (the normal-kernel rows must be within 15%)."""
+import os
+import re
+import h5py
+import numpy as np
+from testlib import check, finish, run, run_plain, series, tiny_config, tmpdir
+
+d = tmpdir("dcmoe-sim-")
+
+
+def sim(name, sets, cfg_extra=""):
+    cfg = os.path.join(d, f"{name}.yaml")
+    tiny_config(cfg, d, name, cfg_extra)
+    p = run_plain(["simulate", cfg, "--quiet"] + sets)
+    check(p.returncode == 0, f"{name}: simulate exits 0 ({p.stderr.strip()[-200:]})")
+    return os.path.join(d, name, "metrics.h5")
+
+
+SMALL = ["--set", "sim.nodes=2", "--set", "sim.gpus_per_node=4", "--set", "sim.tokens_per_rank=512",
+         "--set", "sim.sample_tokens=0", "--set", "moe.n_experts=16", "--set", "moe.top_k=2", "--set", "sim.steps=3"]
+h = sim("base", SMALL)
+if os.path.exists(h):
+    check(os.path.exists(os.path.join(d, "base", "DONE")), "DONE written")
+    with h5py.File(h, "r") as f:
+        names = set()
+        f.visit(names.add)
+        need = ["perf/step_s", "perf/tok_s", "perf/time_split", "comm/summary/intra_bytes", "comm/summary/inter_bytes",
+                "comm/dispatch", "comm/node_bytes", "comm/rank_sent", "sim/time_breakdown", "sim/layer_s", "sim/step_band",
+                "sim/mem_bytes"]
+        check(all(n in names for n in need), f"trainer schema + sim series present (missing {[n for n in need if n not in names]})")
+        check(f.attrs["mode"] == "simulate" and f.attrs["world_size"] == 8, "root attributes: mode, world_size")
+        tb = f["sim/time_breakdown/value"][...]
+        band = f["sim/step_band/value"][...]
+        step = f["perf/step_s/value"][...]
+    check(len(step) == 3 and np.allclose(tb[:, 0] + tb[:, 1] + tb[:, 6] + tb[:, 5], tb[:, 7], rtol=1e-12),
+          "step = forward + backward compute + exposed communication + optimizer")
+    check(np.all(band[:, 0] <= band[:, 1]) and np.all(band[:, 1] <= band[:, 2]) and np.all(step >= band[:, 0]),
+          "uncertainty band: min <= mean <= max over routing draws")
+
+# ---- the allreduce accounting equals the trainer's ----
+VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
+for ep in (0, 2):
+    name = f"train-ep{ep}"
+    cfg = os.path.join(d, f"{name}.yaml")
+    tiny_config(cfg, d, name)
+    p = run(["train", cfg, "--quiet", "--set", f"parallel.ep_size={ep}"] + VIRT, ranks=4)
+    if not check(p.returncode == 0, f"{name}: 4-rank training run exits 0"):
+        continue
+    th = os.path.join(d, name, "metrics.h5")
+    with h5py.File(th, "r", swmr=True) as f:
+        vocab = int(f.attrs["vocab_size"])
+    _, ti = series(th, "comm/summary/intra_bytes")
+    _, tn = series(th, "comm/summary/inter_bytes")
+    sh = sim(f"sim-ep{ep}", ["--set", "sim.nodes=2", "--set", "sim.gpus_per_node=2", "--set", f"parallel.ep_size={ep}",
+                             "--set", f"data.vocab_max={vocab}", "--set", "sim.tokens_per_rank=32"])
+    if os.path.exists(sh):
+        _, si = series(sh, "comm/summary/intra_bytes")
+        _, sn = series(sh, "comm/summary/inter_bytes")
+        check(si[0, 0] == ti[0, 0] and sn[0, 0] == tn[0, 0],
+              f"ep_size {ep}: simulated allreduce bytes = the trainer's (intra {si[0, 0]:.0f} vs {ti[0, 0]:.0f}, "
+              f"inter {sn[0, 0]:.0f} vs {tn[0, 0]:.0f})")
+
+# ---- locality options in the simulator ----
+h_flat = sim("flat", SMALL)
+h_node = sim("epnode", SMALL + ["--set", "parallel.ep_size=4"])
+h_two = sim("two", SMALL + ["--set", "parallel.exchange=two_level", "--set", "moe.top_k=4"])
+h_flat4 = sim("flat4", SMALL + ["--set", "moe.top_k=4"])
+h_lim = sim("limit", SMALL + ["--set", "sim.nodes=4", "--set", "sim.gpus_per_node=2", "--set", "moe.top_k=4",
+                              "--set", "moe.max_nodes=1"])
+h_free = sim("free", SMALL + ["--set", "sim.nodes=4", "--set", "sim.gpus_per_node=2", "--set", "moe.top_k=4"])
+if all(os.path.exists(x) for x in (h_flat, h_node, h_two, h_flat4, h_lim, h_free)):
+    _, n_node = series(h_node, "comm/summary/inter_bytes")
+    _, n_flat = series(h_flat, "comm/summary/inter_bytes")
+    check(np.all(n_node[:, 1:3] == 0) and np.all(n_flat[:, 1:3] > 0),
+          "ep_size = GPUs per node: no dispatch/combine byte crosses a node (flat EP over the world: some do)")
+    _, a = series(h_flat4, "comm/summary/inter_bytes")
+    _, b = series(h_two, "comm/summary/inter_bytes")
+    check(b[:, 1:3].sum() < a[:, 1:3].sum(), f"two-level: fewer inter-node bytes than flat ({b[:, 1:3].sum():.3g} < {a[:, 1:3].sum():.3g})")
+    _, dl = series(h_lim, "comm/dispatch")
+    _, dfree = series(h_free, "comm/dispatch")
+    check(np.allclose(dl[:, 2] / dl[:, 3], 1.0) and np.all(dfree[:, 2] / dfree[:, 3] > 1.5),
+          f"max_nodes 1: one node per token ({(dl[:, 2] / dl[:, 3]).max():.3f}); without: {(dfree[:, 2] / dfree[:, 3]).mean():.2f}")
+
+# ---- bad input ----
+cfg = os.path.join(d, "bad.yaml")
+tiny_config(cfg, d, "bad")
+p = run_plain(["simulate", cfg, "--set", "sim.hardware=b200"])
+check(p.returncode != 0 and "sim.hardware" in p.stderr and "h800" in p.stderr,
+      f"unknown preset: error names the key and the presets ({p.stderr.strip()[:160]!r})")
+p = run_plain(["simulate", cfg, "--set", "sim.nodes=2", "--set", "sim.gpus_per_node=4", "--set", "parallel.ep_size=3"])
+check(p.returncode != 0 and "parallel.ep_size=3" in p.stderr, f"ep_size 3 of 8 GPUs: located error ({p.stderr.strip()[:160]!r})")
+with open(cfg, "a") as f:
+    f.write("sim:\n  nodes: 2\n  gpu_per_node: 4\n")
+p = run_plain(["simulate", cfg])
+check(p.returncode != 0 and "gpu_per_node" in p.stderr and re.search(r"bad\.yaml:\d+", p.stderr) is not None,
+      f"unknown sim key: error names file:line and the key ({p.stderr.strip()[:160]!r})")
+
+# ---- published numbers ----
+p = run_plain(["simulate", "--validate", "published"], timeout=300)
+rows = [r for r in p.stdout.splitlines() if r.startswith("| dispatch") or r.startswith("| combine")]
+normal = [r for r in rows[:8]]
+deltas = [float(r.split("|")[-2].strip().rstrip(" OUT").rstrip("%")) for r in normal if "predicted" in r]
+out = [r for r in rows if r.rstrip().endswith("OUT |")]
+check(len(rows) == 18 and len(deltas) == 4 and all(abs(x) <= 15 for x in deltas),
+      f"DeepEP normal kernels: every predicted row within 15% ({deltas})")
+check((p.returncode != 0) == (len(out) > 0), f"exit status {p.returncode} says whether a row is out of tolerance ({len(out)} out)")
+finish()
