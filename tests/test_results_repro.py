@@ -28,6 +28,9 @@ RENDERED = [
     ("bench/run_alltoall.py", "results/bench-alltoall.md"),
     ("bench/run_placement.py", "results/bench-placement.md"),
     ("experiments/run_reliability.py", "results/reliability.md"),
+    ("experiments/run_sim.py", "results/sim-study.md"),
+    ("experiments/run_sim.py", "results/sim-validate.md"),
+    ("experiments/run_sim.py", "results/sim-scale.md"),
 ]
 # written by analysis/report from run logs that are not committed (run_sweep_clusters.py copies
 # it); nothing committed can re-render it
