@@ -52,6 +52,7 @@ static const char *const sim_overlap_names[] = {"none", "ideal", "fraction", NUL
 static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", NULL};
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
 static const char *const group_score_names[] = {"mean", "top2", NULL};
+static const char *const group_gate_names[] = {"renorm", "product", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", NULL};
@@ -135,6 +136,11 @@ static const KeyDef keys[] = {
     K_INT(moe.n_groups, 1, 4096, 8, "expert groups G (clustered); must divide n_experts"),
     K_INT(moe.top_groups, 1, 4096, 1, "groups chosen per token in routing stage 1 (clustered)"),
     K_INT(moe.rank, 1, 65536, 16, "rank r of each expert's residual A B^T (clustered)"),
+    K_ENUM(moe.group_gate, group_gate_names, GROUP_GATE_RENORM,
+           "clustered gates: renorm = the chosen experts' probabilities renormalised over all chosen (stage 1 then "
+           "gets no task gradient: with top_groups 1 the group prototype's is exactly zero); product = q_g x the "
+           "expert's probability renormalised over the chosen experts of its group, q = softmax over the group "
+           "scores (hierarchical MoE gating: the task trains stage 1)"),
     K_ENUM(moe.group_score, group_score_names, GROUP_SCORE_MEAN,
            "stage-1 group score: mean of member logits (prototype = mean router row) or sum of the top-2 member logits"),
     K_FLOAT(moe.group_aux_coef, 0, 0.0, 10.0, 0, 0.01, "group-level Switch balance loss coefficient (clustered)"),

@@ -183,6 +183,14 @@ static void select_one_stage(Route *r, const MoeConfig *mc, const float *bias, i
 
 static int better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
+/* index j of the chosen group gs[j] that holds expert e (members [G, K]), -1 if none */
+static int group_pos(const int32_t *members, int K, const int32_t *gs, int TG, int e) {
+    for (int j = 0; j < TG; j++)
+        for (int q = 0; q < K; q++)
+            if (members[(size_t)gs[j] * K + q] == e) return j;
+    return -1;
+}
+
 /* two stages for every token: group scores, group softmax q, chosen groups, in-group
  * softmax, top-k experts and gates. Selection uses logits + bias; probabilities never do. */
 static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
@@ -273,7 +281,16 @@ static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, c
             gt[s] = pt[best];
             gsum += pt[best];
         }
-        if (mc->renormalize && k > 1)
+        if (mc->group_gate == GROUP_GATE_PRODUCT) {
+            /* gate = q_g x p renormalised over the chosen experts of the expert's group */
+            for (int j = 0; j < TG; j++) {
+                double zg = 0;
+                for (int s = 0; s < k; s++)
+                    if (group_pos(members, K, gs, TG, tk[s]) == j) zg += pt[tk[s]];
+                for (int s = 0; s < k; s++)
+                    if (group_pos(members, K, gs, TG, tk[s]) == j) gt[s] = (float)(qt[gs[j]] * (pt[tk[s]] / zg));
+            }
+        } else if (mc->renormalize && k > 1)
             for (int s = 0; s < k; s++) gt[s] = (float)(gt[s] / gsum);
         /* z-loss over every expert logit */
         float am = l[0];
@@ -500,10 +517,30 @@ static void backward_two_stage(Route *r, const MoeConfig *mc, const int32_t *mem
         /* candidates: members of the chosen groups; in-group aux gradient on every candidate */
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; dp[i] = r->fcoef_e[i]; }
-        double dg[64], inc[64];
+        double dg[64], inc[64], ag[64] = {0}, atot = 0;
+        int product = mc->group_gate == GROUP_GATE_PRODUCT;
         for (int s = 0; s < k; s++) dg[s] = (double)dgate[(size_t)t * k + s];
-        gate_backward(k, tk, gt, pt, dg, mc->renormalize && k > 1, inc);
-        for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
+        if (!product) {
+            gate_backward(k, tk, gt, pt, dg, mc->renormalize && k > 1, inc);
+            for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
+        } else {
+            /* gate_s = q_g p~_s, p~ = p renormalised over C_g (the chosen experts of group g):
+             * within the group dl_i += q_g p~_i (dg_i - sum_C dg p~); through q: A_g = sum_C dg gate */
+            for (int j = 0; j < TG; j++) {
+                double zg = 0, dot = 0;
+                for (int s = 0; s < k; s++)
+                    if (group_pos(members, K, gs, TG, tk[s]) == j) zg += pt[tk[s]];
+                for (int s = 0; s < k; s++)
+                    if (group_pos(members, K, gs, TG, tk[s]) == j) dot += dg[s] * (pt[tk[s]] / zg);
+                for (int s = 0; s < k; s++) {
+                    if (group_pos(members, K, gs, TG, tk[s]) != j) continue;
+                    double pn = pt[tk[s]] / zg;
+                    dl[tk[s]] += (float)(qt[gs[j]] * pn * (dg[s] - dot));
+                    ag[j] += dg[s] * gt[s];
+                }
+                atot += ag[j];
+            }
+        }
         double spd = 0;
         for (int j = 0; j < TG; j++)
             for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; spd += pt[i] * dp[i]; }
@@ -517,6 +554,11 @@ static void backward_two_stage(Route *r, const MoeConfig *mc, const int32_t *mem
         for (int gg = 0; gg < G; gg++) { dq[gg] = r->fcoef_g[gg]; sqd += qt[gg] * dq[gg]; }
         for (int gg = 0; gg < G; gg++) {
             double dlam = qt[gg] * (dq[gg] - sqd);
+            if (product) {   /* the task term through q_g: A_g - q_g sum A */
+                double a = 0;
+                for (int j = 0; j < TG; j++) if (gs[j] == gg) a = ag[j];
+                dlam += a - qt[gg] * atot;
+            }
             if (dlam == 0) continue;
             if (mc->group_score == GROUP_SCORE_TOP2 && K >= 2) {
                 dl[r->gtop2[((size_t)t * G + gg) * 2]] += (float)dlam;

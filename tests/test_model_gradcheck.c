@@ -21,6 +21,7 @@ typedef struct Case {
     int kind, act, task, pooling, dropless, renorm;
     double cf, z;
     int top_groups, group_score, balance;   /* clustered */
+    int group_gate;                         /* clustered: renorm (0) or product */
 } Case;
 
 /* routing signature of the last forward: a hash of every MoE layer's chosen experts and
@@ -58,6 +59,7 @@ static void run_case(const Case *c, Comm *comm, const Backend *be) {
     cfg.moe.n_groups = 2; cfg.moe.rank = 2; cfg.moe.group_aux_coef = 0.05;
     cfg.moe.top_groups = c->top_groups ? c->top_groups : 1;
     cfg.moe.group_score = c->group_score; cfg.moe.balance = c->balance;
+    cfg.moe.group_gate = c->group_gate;
     cfg.moe.group_capacity_factor = c->cf;
     cfg.run.seed = 7;
     int V = 29, B = 3, T = 8, C = 3;
@@ -333,18 +335,22 @@ int main(void) {
     Status st = backend_cpu_init(&be, 1);
     ok(STATUS_OK(st), "cpu backend");
     const Case cases[] = {
-        {"dense-gelu", MOE_KIND_DENSE, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0},
-        {"dense-swiglu", MOE_KIND_DENSE, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0},
-        {"moe-dropless-renorm-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, 0, 0},
-        {"moe-capacity-drops", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.5, 0, 1, 0, 0},
-        {"moe-no-renorm-swiglu", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 1e-2, 1, 0, 0},
-        {"classify-mean", MOE_KIND_STANDARD, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, 0, 0},
-        {"classify-last", MOE_KIND_DENSE, ACT_GELU, TASK_CLASSIFY, POOL_LAST, 1, 1, 1.25, 0, 1, 0, 0},
-        {"clustered-dropless-z", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX},
-        {"clustered-capacity", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.6, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX},
-        {"clustered-top2-swiglu", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_TOP2, BALANCE_AUX},
-        {"clustered-2groups-norenorm", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 2, GROUP_SCORE_MEAN, BALANCE_AUX},
-        {"clustered-auxfree-classify", MOE_KIND_CLUSTERED, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX_FREE},
+        {"dense-gelu", MOE_KIND_DENSE, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0},
+        {"dense-swiglu", MOE_KIND_DENSE, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0},
+        {"moe-dropless-renorm-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, 0, 0, 0},
+        {"moe-capacity-drops", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.5, 0, 1, 0, 0, 0},
+        {"moe-no-renorm-swiglu", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 1e-2, 1, 0, 0, 0},
+        {"classify-mean", MOE_KIND_STANDARD, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, 0, 0, 0},
+        {"classify-last", MOE_KIND_DENSE, ACT_GELU, TASK_CLASSIFY, POOL_LAST, 1, 1, 1.25, 0, 1, 0, 0, 0},
+        {"clustered-dropless-z", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
+        {"clustered-capacity", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.6, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
+        {"clustered-top2-swiglu", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_TOP2, BALANCE_AUX, 0},
+        {"clustered-2groups-norenorm", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 2, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
+        {"clustered-auxfree-classify", MOE_KIND_CLUSTERED, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX_FREE, 0},
+        {"clustered-product-gate", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX,
+         GROUP_GATE_PRODUCT},
+        {"clustered-product-2groups-top2", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 0.9, 0, 2, GROUP_SCORE_TOP2,
+         BALANCE_AUX, GROUP_GATE_PRODUCT},
         {"moe-auxfree-capacity-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.0, 1e-2, 1, 0, BALANCE_AUX_FREE},
         {"moe-auxfree-dropless-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 1, 0, BALANCE_AUX_FREE},
     };

@@ -5,7 +5,10 @@
  * aux-free bias step; node-limited routing and the home-node bias on random logits against a
  * brute-force reference (never a unit outside the M chosen nodes; the chosen nodes are the
  * ones with the best sums), and a finite-difference check of the router backward on those
- * paths. The other gradients are checked end to end by model_gradcheck.
+ * paths; product gating (moe.group_gate) against finite differences, and the reason it exists:
+ * with renorm gating and one group per token the task gradient on every group prototype is
+ * exactly zero, with product gating it is not. The other gradients are checked end to end by
+ * model_gradcheck.
  * Legend: N E k G K TG = tokens, experts, top-k, groups, experts per group, groups per token. */
 #include <math.h>
 #include <stdlib.h>
@@ -326,6 +329,103 @@ static void test_nodes_two_stage(Comm *comm) {
     router_free(&r);
 }
 
+/* loss = sum c * gate + aux + z on two-stage routing; finite differences of the logits vs router_backward */
+static double fd_two_stage(Comm *comm, MoeConfig *mc, int N, int E, int k, int G, int TG, uint64_t seed) {
+    int K = E / G;
+    Route r;
+    RouteStats st;
+    router_init(&r, N, E, k, G, TG);
+    router_stats_init(&st, E, G);
+    int32_t *members = xmalloc(sizeof(int32_t) * E), *group_of = xmalloc(sizeof(int32_t) * E);
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < K; j++) { members[g * K + j] = j * G + g; group_of[j * G + g] = g; }
+    for (int i = 0; i < N * E; i++) r.logits[i] = urand(&seed);
+    double *c = xmalloc(sizeof(double) * N * k);
+    float *dg = xmalloc(sizeof(float) * N * k);
+    for (int i = 0; i < N * k; i++) { c[i] = urand(&seed); dg[i] = (float)c[i]; }
+    router_select(&r, mc, NULL, members, N, NULL);
+    router_capacity(&r, mc, comm, group_of, N, &st);
+    router_losses(&r, mc, comm, N, &st);
+    router_backward(&r, mc, members, dg);
+    int32_t *sel0 = xmalloc(sizeof(int32_t) * N * k);
+    memcpy(sel0, r.expert, sizeof(int32_t) * N * k);
+    float *dl = xmalloc(sizeof(float) * N * E), *save = xmalloc(sizeof(float) * N * E);
+    memcpy(dl, r.dlogits, sizeof(float) * N * E);
+    double worst = 0;
+    for (int q = 0; q < 40; q++) {
+        int i = (int)(lcg(&seed) % (uint64_t)(N * E));
+        double lp[2];
+        float orig = r.logits[i];
+        for (int sgn = 0; sgn < 2; sgn++) {
+            memcpy(save, r.logits, sizeof(float) * N * E);
+            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
+            router_select(&r, mc, NULL, members, N, NULL);
+            if (memcmp(sel0, r.expert, sizeof(int32_t) * N * k)) worst = 1;   /* selection changed: invalid probe */
+            router_capacity(&r, mc, comm, group_of, N, &st);
+            router_losses(&r, mc, comm, N, &st);
+            double L = st.aux_loss + st.z_loss;
+            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
+            lp[sgn] = L;
+            memcpy(r.logits, save, sizeof(float) * N * E);
+        }
+        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
+        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
+        if (err > worst) worst = err;
+    }
+    xfree(members); xfree(group_of); xfree(c); xfree(dg); xfree(sel0); xfree(dl); xfree(save);
+    router_stats_free(&st);
+    router_free(&r);
+    return worst;
+}
+
+static void test_group_gate(Comm *comm) {
+    enum { N = 48, E = 16, G = 4, K = 4 };
+    MoeConfig mc = base_cfg();
+    mc.dropless = true;
+    mc.group_gate = GROUP_GATE_PRODUCT;
+    for (int TG = 1; TG <= 2; TG++)
+        for (int score = 0; score < 2; score++) {
+            mc.group_score = score ? GROUP_SCORE_TOP2 : GROUP_SCORE_MEAN;
+            double w = fd_two_stage(comm, &mc, N, E, 2, G, TG, 4242 + TG * 10 + score);
+            ok(w < 2e-2, "product gating, top_groups %d, group score %s: router backward = finite differences (worst rel %.2e)",
+               TG, score ? "top2" : "mean", w);
+        }
+    /* the task gradient on the group prototypes (mean score: sum of the members' dlogits) with
+     * one group per token and no balance or z losses */
+    mc.aux_loss_coef = mc.group_aux_coef = mc.z_loss_coef = 0;
+    mc.group_score = GROUP_SCORE_MEAN;
+    Route r;
+    RouteStats st;
+    int32_t members[E], group_of[E];
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < K; j++) { members[g * K + j] = j * G + g; group_of[j * G + g] = g; }
+    double proto[2];
+    for (int gate = 0; gate < 2; gate++) {
+        mc.group_gate = gate ? GROUP_GATE_PRODUCT : GROUP_GATE_RENORM;
+        router_init(&r, N, E, 2, G, 1);
+        router_stats_init(&st, E, G);
+        uint64_t seed = 31337;
+        for (int i = 0; i < N * E; i++) r.logits[i] = urand(&seed);
+        float dg[N * 2];
+        for (int i = 0; i < N * 2; i++) dg[i] = urand(&seed);
+        router_select(&r, &mc, NULL, members, N, NULL);
+        router_capacity(&r, &mc, comm, group_of, N, &st);
+        router_losses(&r, &mc, comm, N, &st);
+        router_backward(&r, &mc, members, dg);
+        proto[gate] = 0;
+        for (int t = 0; t < N; t++)
+            for (int g = 0; g < G; g++) {
+                double sdl = 0;
+                for (int j = 0; j < K; j++) sdl += r.dlogits[t * E + members[g * K + j]];
+                if (fabs(sdl) > proto[gate]) proto[gate] = fabs(sdl);
+            }
+        router_stats_free(&st);
+        router_free(&r);
+    }
+    ok(proto[0] < 1e-6, "renorm gating, top_groups 1: the task gradient on every group prototype is zero (max %.1e)", proto[0]);
+    ok(proto[1] > 1e-2, "product gating, top_groups 1: the group prototypes get a task gradient (max %.3f)", proto[1]);
+}
+
 int main(void) {
     Comm comm;
     Status s = comm_single_init(&comm);
@@ -334,5 +434,6 @@ int main(void) {
     test_two_stage(&comm);
     test_nodes_one_stage(&comm);
     test_nodes_two_stage(&comm);
+    test_group_gate(&comm);
     return harness_done();
 }
