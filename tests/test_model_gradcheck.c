@@ -351,8 +351,8 @@ int main(void) {
          GROUP_GATE_PRODUCT},
         {"clustered-product-2groups-top2", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 0.9, 0, 2, GROUP_SCORE_TOP2,
          BALANCE_AUX, GROUP_GATE_PRODUCT},
-        {"moe-auxfree-capacity-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.0, 1e-2, 1, 0, BALANCE_AUX_FREE},
-        {"moe-auxfree-dropless-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 1, 0, BALANCE_AUX_FREE},
+        {"moe-auxfree-capacity-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.0, 1e-2, 1, 0, BALANCE_AUX_FREE, 0},
+        {"moe-auxfree-dropless-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 1, 0, BALANCE_AUX_FREE, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &comm, &be);
     test_aux_free_selection(&comm, &be);
