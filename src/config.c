@@ -227,6 +227,9 @@ static const KeyDef keys[] = {
     K_INT(log.flush_interval, 1, INT_MAX, 10, "flush the HDF5 log every n steps"),
     K_BOOL(log.swmr, 1, "HDF5 single-writer/multiple-reader mode (read the log while training)"),
     K_INT(log.expert_interval, 1, INT_MAX, 10, "write per-expert count matrices every n steps"),
+    K_INT(log.trace_interval, 0, INT_MAX, 0,
+          "write every token's routing (trace/routing: expert per top-k slot, -1 = dropped, all MoE layers and ranks) "
+          "and the expert -> rank map (trace/owner) every n steps, for `dcmoe simulate` with sim.routing: trace; 0 = off"),
     /* checkpoint */
     K_INT(checkpoint.interval, 0, INT_MAX, 0, "checkpoint every n steps; 0 = only at the end"),
     K_INT(checkpoint.keep, 1, 1000, 2,

@@ -162,6 +162,7 @@ typedef struct LogConfig {
     int flush_interval;      /* HDF5 flush every n steps */
     bool swmr;
     int expert_interval;     /* per-expert count matrices every n steps */
+    int trace_interval;      /* per-token routing (trace/routing) every n steps; 0 = off */
 } LogConfig;
 
 typedef struct CheckpointConfig {

@@ -76,6 +76,11 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     uint64_t dl2[2] = {dl[0], 2};
     id->nodes = h5log_series(lg, "moe/nodes_per_token", H5LOG_F64, 2, dl2);
     id->intra_frac = h5log_series(lg, "comm/intra_fraction", H5LOG_F64, 1, dl);
+    if (m->cfg.log.trace_interval > 0 && nm > 0) {
+        uint64_t dtr[3] = {(uint64_t)nm, (uint64_t)m->comm->size, (uint64_t)m->B_max * m->T * m->cfg.moe.top_k};
+        id->trace = h5log_series(lg, "trace/routing", H5LOG_I64, 3, dtr);
+        id->trace_owner = h5log_series(lg, "trace/owner", H5LOG_I64, 2, dle);
+    } else id->trace = id->trace_owner = 0;
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
@@ -102,6 +107,26 @@ static int id_qerr_declared(const H5log *lg) {
     for (int i = 0; i < lg->n_series; i++)
         if (!strcmp(lg->series[i].path, "precision/quant_err")) return 1;
     return 0;
+}
+
+void runlog_trace(RunLog *rl, const Model *m, long step, const int32_t *all) {
+    if (!rl->open || rl->id.trace <= 0) return;
+    int nm = rl->n_moe, P = rl->P, E = rl->E;
+    size_t nk = (size_t)m->B_max * m->T * m->cfg.moe.top_k;
+    int64_t *row = xmalloc(sizeof(int64_t) * (size_t)nm * P * nk), *own = xmalloc(sizeof(int64_t) * (size_t)nm * E);
+    for (int l = 0; l < nm; l++)
+        for (int p = 0; p < P; p++)
+            for (size_t q = 0; q < nk; q++) row[((size_t)l * P + p) * nk + q] = all[((size_t)p * nm + l) * nk + q];
+    int i = 0;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+        for (int e = 0; e < E; e++) own[(size_t)i * E + e] = m->ep[l].expert_owner[e];
+        i++;
+    }
+    h5log_append(&rl->lg, rl->id.trace, step, row);
+    h5log_append(&rl->lg, rl->id.trace_owner, step, own);
+    xfree(row);
+    xfree(own);
 }
 
 static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
@@ -150,6 +175,13 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
                        "different ranks (a rank's bytes to itself excluded); written every parallel.traffic_interval steps"));
     TRY(h5log_attr_str(lg, "/comm/rank_sent", "axes", "phase, rank: bytes the rank sent to other ranks this step"));
     TRY(h5log_attr_str(lg, "/comm/rank_recv", "axes", "phase, rank: bytes the rank received from other ranks this step"));
+    if (m->cfg.log.trace_interval > 0 && model_n_moe_layers(m) > 0) {
+        TRY(h5log_attr_str(lg, "/trace/routing", "axes",
+                           "MoE layer, rank, token x top-k slot of the step's training forward: the expert, or -1 for a "
+                           "pair dropped by capacity; every log.trace_interval steps"));
+        TRY(h5log_attr_str(lg, "/trace/owner", "axes",
+                           "MoE layer, expert: its owner (rank inside the expert-parallel group) at that step"));
+    }
     TRY(h5log_attr_str(lg, "/moe/nodes_per_token", "columns",
                        "mean distinct nodes of a token's selected experts (before capacity), tokens whose experts "
                        "span more than moe.max_nodes nodes (0 when the limit holds)"));

@@ -27,6 +27,7 @@ typedef struct LogIds {
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
     int nodes, intra_frac;
+    int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
 } LogIds;
 
 typedef struct RunLog {
@@ -72,6 +73,9 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
 void runlog_eval(RunLog *rl, long step, const EvalOut *ev, bool once);
 /* the final series at the last step, each row only if it is not there yet */
 void runlog_final(RunLog *rl, long step, double valid_ppl, double test_ppl, double test_loss);
+/* routing trace of one step: all [P, MoE layers, N * k] (every rank's tokens, gathered; expert
+ * per top-k slot, -1 = dropped) -> trace/routing [MoE layers, P, N * k], plus trace/owner */
+void runlog_trace(RunLog *rl, const Model *m, long step, const int32_t *all);
 /* the first write error since the last call (a full disk), ok otherwise */
 Status runlog_take_error(RunLog *rl);
 Status runlog_flush(RunLog *rl);
