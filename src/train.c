@@ -60,6 +60,30 @@ static int test_nan_at(long step1, int rank) {
     return n >= 1 && s == step1 && r == rank;
 }
 
+/* test hook: DCMOE_TEST_REPLICA_FLIP_AT=step flips the lowest bit of the first parameter of
+ * every filled replica slot after that step's update (the copies then differ from their
+ * primaries: the mismatch series and the checkpoint's check must see it) */
+static void test_replica_flip(Model *m, long step1) {
+    const char *e = getenv("DCMOE_TEST_REPLICA_FLIP_AT");
+    if (!e || !e[0] || atol(e) != step1) return;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (!t->ep_unit) continue;
+        const EpMap *em = &m->ep[t->layer];
+        size_t span = (size_t)param_unit_rows(t, em->K) * (t->n / t->dims[0]);
+        for (int s = 0; s < em->n_rep; s++) {
+            if (em->lunit[em->per_rank + s] < 0) continue;
+            float *p = m->params[PCAT_EXPERT] + t->offset + (size_t)(em->per_rank + s) * span, v;
+            uint32_t b;
+            m->be->ops->to_host(m->be->ctx, &v, p, sizeof v);
+            memcpy(&b, &v, 4);
+            b ^= 1u;
+            memcpy(&v, &b, 4);
+            m->be->ops->from_host(m->be->ctx, p, &v, sizeof v);
+        }
+    }
+}
+
 void train_run_dir(const Config *cfg, char *dst, size_t cap) {
     str_fmt(dst, cap, "%s/%s", cfg->run.out_dir, cfg->run.name);
 }
@@ -524,6 +548,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         migr += b;
     }
     /* replicated hot units: copies bitwise equal to their primaries (checked on log steps) */
+    test_replica_flip(m, step + 1);
     double *rep_bad = NULL;
     if (o->log_step && model_ep_has_replicas(m)) {
         if (!r->rep_bad) r->rep_bad = xcalloc(sizeof(double) * (size_t)(model_n_moe_layers(m) + 1));
