@@ -349,6 +349,15 @@ static void print_banner(const Run *r) {
     char mtab[2048];
     memacct_format(&r->macct, mtab, sizeof mtab);
     printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
+    if (r->cfg->parallel.replicas > 0) {
+        const EpMap *em = NULL;
+        for (int l = 0; l < r->m.L && !em; l++) if (r->m.ep[l].E) em = &r->m.ep[l];
+        if (em && em->R)
+            printf("parallel.replicas: %d copies per MoE layer, %d extra unit slot(s) per rank (chosen at each placement)\n",
+                   em->R, em->n_rep);
+        else if (em)
+            printf("parallel.replicas: no effect (each expert-parallel group spans one node)\n");
+    }
     if (r->cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", r->unigram_ppl);
     printf("run folder: %s\n", r->dir);
     fflush(stdout);
