@@ -145,6 +145,55 @@ static void placement_unpack(Model *m, const char *buf) {
     }
 }
 
+/* replicated hot units (parallel.replicas), an optional section written when a layer has
+ * replica slots: per MoE layer i32 P, i32 n_rep, i32 rep_unit[P * n_rep]. Loaded only at
+ * the same EP size, replica slots and placement, and only when every copy still sits on a
+ * node without another copy of its unit (otherwise the run starts without copies and
+ * re-chooses them at the next placement) */
+static size_t replicas_blob_size(const Model *m) {
+    size_t n = 0;
+    for (int l = 0; l < m->L; l++)
+        if (m->ep[l].E) n += 8 + 4 * (size_t)m->ep[l].P * m->ep[l].n_rep;
+    return n;
+}
+
+static void replicas_pack(const Model *m, char *buf) {
+    size_t off = 0;
+    for (int l = 0; l < m->L; l++) {
+        const EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        int32_t hdr[2] = {em->P, em->n_rep};
+        memcpy(buf + off, hdr, 8); off += 8;
+        memcpy(buf + off, em->rep_unit, 4 * (size_t)em->P * em->n_rep); off += 4 * (size_t)em->P * em->n_rep;
+    }
+}
+
+static void replicas_unpack(Model *m, const char *buf, size_t n) {
+    size_t off = 0;
+    for (int l = 0; l < m->L; l++) {
+        EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        int32_t hdr[2];
+        if (off + 8 > n) return;
+        memcpy(hdr, buf + off, 8); off += 8;
+        size_t len = 4 * (size_t)(hdr[0] > 0 ? hdr[0] : 0) * (size_t)(hdr[1] > 0 ? hdr[1] : 0);
+        if (off + len > n) return;
+        if (hdr[0] == em->P && hdr[1] == em->n_rep && em->n_rep && em->topo) {
+            const int32_t *ru = (const int32_t *)(buf + off);
+            int ok = 1, NR = em->n_rep;
+            for (int i = 0; i < em->P * NR && ok; i++) {
+                int u = ru[i], node = em->topo->node_of[i / NR];
+                if (u < 0) continue;
+                ok = u < em->U && em->topo->node_of[em->place.owner[u]] != node;
+                for (int j = 0; j < i && ok; j++) ok = !(ru[j] == u && em->topo->node_of[j / NR] == node);
+            }
+            for (int i = 0; i < em->P * NR; i++) em->rep_unit[i] = ok ? ru[i] : -1;
+            ep_map_refresh(em, em->K > 1 ? m->cstate[l].members : NULL);
+        }
+        off += len;
+    }
+}
+
 static int step_dir_cmp(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -230,6 +279,14 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
     /* the replicas of every expert unit (one per EP group) must be bitwise equal: checked
      * before anything is written */
     TRY(replicas_check(m));
+    /* replicated hot units (parallel.replicas): every copy bitwise equal to its primary */
+    if (model_ep_has_replicas(m)) {
+        int bad = model_ep_replicas_mismatch(m, NULL);
+        if (bad > 0)
+            return status_errorf("checkpoint: %d copies of replicated units (parallel.replicas=%d) differ from their "
+                                 "primary; refusing to save a checkpoint of diverged copies", bad,
+                                 m->cfg.parallel.replicas);
+    }
     /* every expert, from every rank of EP group 0 (which holds rank 0), in the canonical
      * layout (collective over that group) */
     float *full[3] = {NULL, NULL, NULL};
@@ -271,6 +328,13 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
             char *blob = xmalloc(pb);
             placement_pack(m, blob);
             put_section(&b, "placement", blob, pb); n_sec++;
+            xfree(blob);
+        }
+        if (model_ep_has_replicas(m)) {
+            size_t rb = replicas_blob_size(m);
+            char *blob = xmalloc(rb);
+            replicas_pack(m, blob);
+            put_section(&b, "replicas", blob, rb); n_sec++;
             xfree(blob);
         }
         size_t cb = cluster_blob_size(m);
@@ -576,6 +640,21 @@ Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int f
         char *blob = bcast_section(comm, path, img, n, "placement", pb);
         placement_unpack(m, blob);
         xfree(blob);
+    }
+    /* the copies of replicated units (optional section; the slots are filled by the scatter) */
+    if (model_ep_has_replicas(m)) {
+        uint64_t rn = 0;
+        const char *d = NULL;
+        size_t len = 0;
+        if (comm->rank == 0 && STATUS_OK(find_section(path, img, n, "replicas", &d, &len))) rn = len;
+        comm_bcast_bytes(comm, &rn, sizeof rn, 0);
+        if (rn) {
+            char *blob = xmalloc((size_t)rn);
+            if (comm->rank == 0) memcpy(blob, d, (size_t)rn);
+            comm_bcast_bytes(comm, blob, (size_t)rn, 0);
+            replicas_unpack(m, blob, (size_t)rn);
+            xfree(blob);
+        }
     }
     for (int c = 0; c < PCAT_N; c++) {
         if (c == PCAT_EXPERT && (flags & CKPT_LOAD_NO_EXPERTS)) continue;

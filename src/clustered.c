@@ -124,7 +124,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     size_t N = (size_t)n_max, Ms = N * k;
     c->n_max = n_max;
     router_init(&st->route, n_max, E, k, G, TG);
-    c->gfill = xcalloc(sizeof(int32_t) * (G + 1));
+    c->gfill = xcalloc(sizeof(int32_t) * ((G > ml->ep->n_slots ? G : ml->ep->n_slots) + 1));
     epp_init(&c->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
     c->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
     c->group_off = xcalloc(sizeof(int32_t) * (G + 1));
@@ -170,7 +170,7 @@ void clustered_state_free(MoeState *st, const Backend *be) {
  * (stable), each pointing at its group row. */
 static void recv_build(const MoeLayer *ml, CScratch *c) {
     const EpX *X = epp_final(&c->x);
-    int K = ml->K, Gl = ml->ep->per_rank, El = Gl * K, n = X->n_recv;
+    int K = ml->K, Gl = ml->ep->n_slots, El = Gl * K, n = X->n_recv;
     int32_t *gcount = c->gfill;
     memset(gcount, 0, sizeof(int32_t) * (Gl + 1));
     memset(c->expert_off, 0, sizeof(int32_t) * (El + 1));
@@ -228,7 +228,7 @@ static void recv_build(const MoeLayer *ml, CScratch *c) {
 static void stored_experts(const MoeLayer *ml, const Backend *be, const MoeStored *sd, CScratch *c) {
     const BackendOps *op = be->ops;
     void *cx = be->ctx;
-    int D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r, K = ml->K, Gl = ml->ep->per_rank;
+    int D = ml->D, F = ml->F, F1 = ml->F1, r = ml->r, K = ml->K, Gl = ml->ep->n_slots;
     int M = c->M, Mg = c->Mg;
     if (!c->qws) {
         int wide = F1 > D ? F1 : D, in_max = D > F ? D : F;
@@ -325,7 +325,7 @@ void clustered_forward(const MoeLayer *ml, const Backend *be, Comm *comm, const 
     c->act_other = c->act_fixed + c->act_expert;
     moe_comm_reserve(st, XP, be, D, &c->yr, &c->yr_rows, c->act_other);
     recv_build(ml, c);
-    int M = c->M, Mg = c->Mg, Gl = ml->ep->per_rank, El = Gl * ml->K;
+    int M = c->M, Mg = c->Mg, Gl = ml->ep->n_slots, El = Gl * ml->K;
     moe_need(ml, c->group_off, Gl);
     op->from_host(cx, c->entry_token_d, c->entry_token, sizeof(int32_t) * (M ? M : 1));
     op->from_host(cx, c->entry_grow_d, c->entry_grow, sizeof(int32_t) * (M ? M : 1));
@@ -393,7 +393,7 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     void *cx = be->ctx;
     int D = ml->D, K = ml->K;
     int F = ml->F, F1 = ml->F1, r = ml->r, M = c->M, Mg = c->Mg;
-    int Gl = ml->ep->per_rank, El = Gl * K;
+    int Gl = ml->ep->n_slots, El = Gl * K;
     EpPath *XP = &c->x;
     ASSERTF(!c->last_stored && !p->stored, "clustered_backward: the stored-format path is inference only");
 

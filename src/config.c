@@ -191,6 +191,12 @@ static const KeyDef keys[] = {
           "ranks per expert-parallel group (0 = the world): every group holds each expert unit once, units are "
           "replicated over the world / ep_size groups and their gradients summed over the replicas; groups follow "
           "the topology (ep_size = ranks per node keeps dispatch and combine inside the node)"),
+    K_INT(parallel.replicas, 0, 1 << 20, 0,
+          "replicated hot units (DeepSeek EPLB's redundant experts): R extra copies per MoE layer of the most loaded "
+          "placement units (a clustered group, a standard-MoE expert), on nodes of the expert-parallel group other than "
+          "the owner's; a token uses the copy on its own node; copies are re-chosen at every placement and summed "
+          "with the owner's gradient, so they stay bitwise equal; 0 = off. Each rank holds ceil(R / ep_size) extra "
+          "unit slots (memory). Node-limited routing (moe.max_nodes) counts the owners' nodes"),
     K_INT(parallel.rank_matrix_max, 0, 1 << 20, 256,
           "rank x rank traffic matrices (comm/bytes, comm/msgs) only up to this many ranks; node x node matrices "
           "and per-rank marginals are always logged"),

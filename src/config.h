@@ -126,6 +126,7 @@ typedef struct ParallelConfig {
     int traffic_interval;    /* write (src, dst) byte matrices every n steps */
     int rank_matrix_max;     /* rank x rank matrices only up to this many ranks */
     int ep_size;             /* ranks per expert-parallel group; 0 = the world */
+    int replicas;            /* extra copies per MoE layer of the most loaded units (0 = off) */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

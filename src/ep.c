@@ -16,8 +16,11 @@ void ep_map_init(EpMap *em, int P, int rank, int E, int K) {
     em->per_rank = em->place.per_rank;
     em->expert_owner = xcalloc(sizeof(int32_t) * E);
     em->expert_lslot = xcalloc(sizeof(int32_t) * E);
+    em->n_slots = em->per_rank;
     em->lslot_expert = xcalloc(sizeof(int32_t) * (size_t)em->per_rank * K);
     em->lunit = xcalloc(sizeof(int32_t) * em->per_rank);
+    em->route_dest = xcalloc(sizeof(int32_t) * E);
+    em->route_slot = xcalloc(sizeof(int32_t) * E);
     em->affinity = xcalloc(sizeof(double) * (size_t)em->U * em->U);
     em->load = xcalloc(sizeof(double) * em->U);
     em->aff_step = xcalloc(sizeof(double) * (size_t)em->U * (em->U + 1));
@@ -31,6 +34,7 @@ void ep_map_free(EpMap *em) {
     placement_free(&em->place);
     xfree(em->expert_owner); xfree(em->expert_lslot); xfree(em->lslot_expert); xfree(em->lunit);
     xfree(em->affinity); xfree(em->load); xfree(em->aff_step); xfree(em->expert_node);
+    xfree(em->rep_unit); xfree(em->route_dest); xfree(em->route_slot);
     memset(em, 0, sizeof *em);
 }
 
@@ -48,6 +52,22 @@ void ep_map_refresh(EpMap *em, const int32_t *members) {
         if (owner == em->rank) em->lunit[slot] = u;
     }
     for (int e = 0; e < em->E; e++) em->expert_node[e] = em->topo ? em->topo->node_of[em->expert_owner[e]] : 0;
+    /* routing: the owner, or the copy on this rank's node (at most one per node) */
+    memcpy(em->route_dest, em->expert_owner, sizeof(int32_t) * em->E);
+    memcpy(em->route_slot, em->expert_lslot, sizeof(int32_t) * em->E);
+    for (int r = 0; r < em->P; r++)
+        for (int s = 0; s < em->n_rep; s++) {
+            int u = em->rep_unit[r * em->n_rep + s], ls = em->per_rank + s;
+            if (r == em->rank) em->lunit[ls] = u;
+            for (int j = 0; j < K; j++) {
+                int e = u < 0 ? -1 : members ? members[(size_t)u * K + j] : u * K + j;
+                if (r == em->rank) em->lslot_expert[ls * K + j] = e;
+                if (e >= 0 && em->topo && em->topo->node_of[r] == em->home_node) {
+                    em->route_dest[e] = r;
+                    em->route_slot[e] = ls * K + j;
+                }
+            }
+        }
 }
 
 void ep_map_set_topology(EpMap *em, const Topology *topo) {
@@ -55,6 +75,100 @@ void ep_map_set_topology(EpMap *em, const Topology *topo) {
     em->n_nodes = em->topo ? em->topo->n_nodes : 1;
     em->home_node = em->topo ? em->topo->node_of[em->rank] : 0;
     for (int e = 0; e < em->E; e++) em->expert_node[e] = em->topo ? em->topo->node_of[em->expert_owner[e]] : 0;
+}
+
+void ep_map_set_replicas(EpMap *em, int R) {
+    int nn = em->topo ? em->n_nodes : 1;
+    long cap = (long)em->U * (nn - 1);
+    em->R = R <= 0 || nn < 2 ? 0 : (int)(R < cap ? R : cap);
+    em->n_rep = (em->R + em->P - 1) / em->P;
+    em->n_slots = em->per_rank + em->n_rep;
+    xfree(em->rep_unit); xfree(em->lslot_expert); xfree(em->lunit);
+    int n_rep_all = em->P * em->n_rep;
+    em->rep_unit = xmalloc(sizeof(int32_t) * (size_t)(n_rep_all > 0 ? n_rep_all : 1));
+    for (int i = 0; i < em->P * em->n_rep; i++) em->rep_unit[i] = -1;
+    em->lslot_expert = xcalloc(sizeof(int32_t) * (size_t)em->n_slots * em->K);
+    em->lunit = xcalloc(sizeof(int32_t) * em->n_slots);
+    /* the membership is the identity or whatever the last refresh used; the caller refreshes
+     * with its members after any change (the copies are empty now, so only primaries count) */
+    ep_map_refresh(em, NULL);
+}
+
+/* rank loads under a copy count per unit: every copy carries load / copies */
+static void rank_loads(const EpMap *em, const int *copies, const int32_t *rep, double *rl) {
+    for (int r = 0; r < em->P; r++) rl[r] = 0;
+    for (int u = 0; u < em->U; u++) rl[em->place.owner[u]] += em->load[u] / copies[u];
+    for (int i = 0; i < em->P * em->n_rep; i++)
+        if (rep[i] >= 0) rl[i / em->n_rep] += em->load[rep[i]] / copies[rep[i]];
+}
+
+int ep_replicas_choose(const EpMap *em, int32_t *out) {
+    int P = em->P, U = em->U, NR = em->n_rep, nn = em->n_nodes;
+    for (int i = 0; i < P * NR; i++) out[i] = -1;
+    if (!NR || !em->have_stats || !em->topo) return 0;
+    const int *node_of = em->topo->node_of;
+    int *copies = xmalloc(sizeof(int) * U), *freeslots = xmalloc(sizeof(int) * P);
+    char *on_node = xcalloc((size_t)U * nn);                 /* [U, nodes] a copy of u is there */
+    int32_t *chosen = xmalloc(sizeof(int32_t) * (size_t)P * NR);   /* per rank, in choice order */
+    double *rl = xmalloc(sizeof(double) * P);
+    for (int u = 0; u < U; u++) { copies[u] = 1; on_node[(size_t)u * nn + node_of[em->place.owner[u]]] = 1; }
+    for (int r = 0; r < P; r++) freeslots[r] = NR;
+    for (int i = 0; i < P * NR; i++) chosen[i] = -1;
+    int n = 0;
+    for (int it = 0; it < em->R; it++) {
+        rank_loads(em, copies, chosen, rl);
+        int best = -1, brank = -1;
+        for (int u = 0; u < U; u++) {
+            if (!(em->load[u] > 0)) continue;
+            if (best >= 0 && !(em->load[u] / copies[u] > em->load[best] / copies[best])) continue;
+            /* an eligible rank: a free slot on a node without a copy of u; the rank that held
+             * this copy before first, else the least loaded (ties: lower rank) */
+            int pick = -1, prev = -1;
+            for (int r = 0; r < P; r++) {
+                if (!freeslots[r] || on_node[(size_t)u * nn + node_of[r]]) continue;
+                for (int s = 0; s < NR; s++) if (em->rep_unit[r * NR + s] == u && prev < 0) prev = r;
+                if (pick < 0 || rl[r] < rl[pick]) pick = r;
+            }
+            if (pick < 0) continue;
+            best = u;
+            brank = prev >= 0 ? prev : pick;
+        }
+        if (best < 0) break;
+        chosen[brank * NR + (NR - freeslots[brank])] = best;
+        freeslots[brank]--;
+        copies[best]++;
+        on_node[(size_t)best * nn + node_of[brank]] = 1;
+        n++;
+    }
+    /* slots: a copy the rank held before keeps its slot, the others fill the free slots in order */
+    for (int r = 0; r < P; r++) {
+        const int32_t *old = em->rep_unit + (size_t)r * NR;
+        int32_t *dst = out + (size_t)r * NR;
+        char *placed = xcalloc((size_t)NR);
+        for (int c = 0; c < NR; c++) {
+            int u = chosen[r * NR + c];
+            for (int s = 0; s < NR && u >= 0; s++)
+                if (old[s] == u && dst[s] < 0) { dst[s] = u; placed[c] = 1; break; }
+        }
+        for (int c = 0; c < NR; c++) {
+            int u = chosen[r * NR + c];
+            if (u < 0 || placed[c]) continue;
+            int s = 0;
+            while (dst[s] >= 0) s++;
+            dst[s] = u;
+        }
+        xfree(placed);
+    }
+    xfree(copies); xfree(freeslots); xfree(on_node); xfree(chosen); xfree(rl);
+    return n;
+}
+
+int ep_replicas_list(const EpMap *em, int32_t *unit, int32_t *rank) {
+    int n = 0;
+    for (int i = 0; i < em->R; i++) unit[i] = rank[i] = -1;
+    for (int i = 0; i < em->P * em->n_rep && n < em->R; i++)
+        if (em->rep_unit[i] >= 0) { unit[n] = em->rep_unit[i]; rank[n] = i / em->n_rep; n++; }
+    return n;
 }
 
 void epx_init(EpX *x, const Backend *be, int P, int D, int n_src_max, int kmax) {
@@ -205,7 +319,7 @@ static ExchangeExecutor exec_mpi(Comm *comm) {
 
 void epx_plan(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
               const int32_t *kept, const float *gate) {
-    epx_plan_to(x, em, be, comm, N, k, sel, kept, gate, em->expert_owner, em->expert_lslot, 1);
+    epx_plan_to(x, em, be, comm, N, k, sel, kept, gate, em->route_dest, em->route_slot, 1);
 }
 
 void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k, const int32_t *sel,
@@ -376,13 +490,16 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
     }
     const Topology *t = pp->topo;
     /* stage A: one row per (token, destination node), to the rank of that node with this
-     * rank's index inside its node (the node peer), entries carry global expert ids */
-    if (pp->peer_version != em->version) {    /* the owners changed since the last plan */
-        exchange_peer_map(t, comm->rank, em->expert_owner, em->E, pp->peer_of_expert);
+     * rank's index inside its node (the node peer), entries carry global expert ids. The
+     * destination node is the owner's, or this node when a copy of the unit is here */
+    if (pp->peer_version != em->version) {    /* the owners or copies changed since the last plan */
+        exchange_peer_map(t, comm->rank, em->route_dest, em->E, pp->peer_of_expert);
         pp->peer_version = em->version;
     }
     epx_plan_to(&pp->a, em, be, comm, N, k, sel, kept, gate, pp->peer_of_expert, pp->gid, 1);
-    /* stage B: the peer forwards each received row to the owners of its entries */
+    /* stage B: the peer forwards each received row to the owners of its entries (or the
+     * copies on its node: a row reaches a node other than the source's only when that node
+     * holds the owner, and then no copy lives there) */
     const EpX *A = &pp->a;
     int NB = A->n_rrows;
     epp_reserve_peer(pp, be, (size_t)NB, (size_t)A->n_recv);
@@ -396,7 +513,7 @@ void epp_plan(EpPath *pp, EpMap *em, const Backend *be, Comm *comm, int N, int k
         pp->gateB[(size_t)r * k + s] = A->recv[i].gate;
         pp->keptB[(size_t)r * k + s] = 0;
     }
-    epx_plan_to(&pp->b, em, be, comm, NB, k, pp->selB, pp->keptB, pp->gateB, em->expert_owner, em->expert_lslot, 0);
+    epx_plan_to(&pp->b, em, be, comm, NB, k, pp->selB, pp->keptB, pp->gateB, em->route_dest, em->route_slot, 0);
     count_locality(pp, &pp->a, comm);
     count_locality(pp, &pp->b, comm);
     memset(fill, 0, sizeof(int32_t) * (NB ? NB : 1));

@@ -12,6 +12,11 @@
  * this file is the MPI executor of such a plan: counts go first (one MPI_Alltoall), then
  * the entries and rows (MPI_Alltoallv), exactly as the plan lists them. Every byte passes the
  * communicator's profiled wrappers (phases dispatch / combine), through an ExchangeExecutor.
+ * Replicated hot units (parallel.replicas, EpMap.rep_unit): n_rep extra unit slots per rank,
+ * after the per_rank primary slots, hold copies of the most loaded units on nodes other than
+ * their owner's; routing sends a token's entries to the copy on its own node when there is
+ * one (EpMap.route_dest / route_slot), the owner otherwise. The model keeps the copies
+ * bitwise equal to their primary (model.h: model_ep_replicas_*).
  * Does not: decide routing (moe.c, clustered.c) or placement (comm/placement.c). */
 #ifndef DCMOE_EP_H
 #define DCMOE_EP_H
@@ -30,8 +35,8 @@ typedef struct EpMap {
     Placement place;             /* unit -> (owner rank, local slot) */
     int32_t *expert_owner;       /* [E] */
     int32_t *expert_lslot;       /* [E] local expert slot on its owner: slot(unit) * K + index in unit */
-    int32_t *lslot_expert;       /* [per_rank * K] global expert held in each local slot of this rank */
-    int32_t *lunit;              /* [per_rank] global unit held in each local unit slot of this rank */
+    int32_t *lslot_expert;       /* [n_slots * K] global expert held in each local slot of this rank (-1: empty replica slot) */
+    int32_t *lunit;              /* [n_slots] global unit held in each local unit slot of this rank (-1: empty) */
     /* co-selection statistics for topology-aware placement */
     double *affinity;            /* [U, U] EMA of pair counts (global) */
     double *load;                /* [U] EMA of token-unit selections (global) */
@@ -43,6 +48,12 @@ typedef struct EpMap {
     const Topology *topo;        /* the EP group's topology (NULL = one node) */
     int n_nodes, home_node;      /* nodes of the EP group; this rank's node */
     int32_t *expert_node;        /* [E] node of each expert's owner (refreshed with the maps) */
+    /* replicated hot units (ep_map_set_replicas): local unit slots per_rank .. n_slots - 1 */
+    int R;                       /* copies per layer this map may place (parallel.replicas, capped) */
+    int n_rep, n_slots;          /* replica unit slots per rank (ceil(R / P)); per_rank + n_rep */
+    int32_t *rep_unit;           /* [P * n_rep] unit copied in replica slot s of rank r (-1 = empty) */
+    int32_t *route_dest;         /* [E] where this rank sends expert e: the copy on its node, else the owner */
+    int32_t *route_slot;         /* [E] the local expert slot there */
 } EpMap;
 
 void ep_map_init(EpMap *em, int P, int rank, int E, int K);
@@ -53,6 +64,21 @@ void ep_map_refresh(EpMap *em, const int32_t *members);
 /* the EP group's topology (indices = EP ranks; NULL = one node): fills expert_node, n_nodes,
  * home_node now and at every refresh */
 void ep_map_set_topology(EpMap *em, const Topology *topo);
+
+/* parallel.replicas = R copies per layer (after ep_map_set_topology; 0 = off): n_rep =
+ * ceil(R' / P) replica slots per rank with R' = min(R, U * (n_nodes - 1)) (a unit has at most
+ * one copy per node besides its owner's); no replicas with one node. Starts empty. */
+void ep_map_set_replicas(EpMap *em, int R);
+/* the replica map for the current placement and load statistics (pure, identical on every
+ * rank): copies go, one at a time, to the unit with the highest load per copy (load / copies;
+ * ties: lower id; units without load get none), each on the least loaded rank (load / copies of
+ * every unit it holds) with a free replica slot on a node that holds neither the unit nor a
+ * copy of it, preferring a rank that held the same copy before; a copy kept on its rank keeps
+ * its slot. Before statistics exist: none. out [P * n_rep]; returns the copies placed. */
+int ep_replicas_choose(const EpMap *em, int32_t *out);
+/* the copies as a list in (rank, slot) order: unit [R] and rank [R] (-1 past the end);
+ * returns how many */
+int ep_replicas_list(const EpMap *em, int32_t *unit, int32_t *rank);
 
 /* end of a training step: sum aff_step over ranks, fold into the EMAs (rate ema; the first
  * step sets them), clear aff_step (collective) */

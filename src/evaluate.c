@@ -134,6 +134,11 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
     TRY(data_load(&cfg->data, cfg->model.task, cfg->model.seq_len, vocab_path, &ds));
     int B = cfg->train.batch_size;
     if (B % comm->size) B = comm->size * (B / comm->size + 1);
+    /* inference keeps every unit once (no replicated hot units: the checkpoint's copies are
+     * not loaded, and the stored path addresses the primary slots only) */
+    Config ecfg = *cfg;
+    ecfg.parallel.replicas = 0;
+    cfg = &ecfg;
     Model m;
     TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,
                    B / comm->size, &be, comm));

@@ -72,7 +72,7 @@ static void plan_params(Model *m) {
             /* factors start so that A B^T has about half the std of a base entry */
             float sf = (float)sqrt(0.5 * std / sqrt((double)f->r)), sfo = (float)sqrt(0.5 * std_out / sqrt((double)f->r));
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
-            int Gl = m->ep[l].per_rank, El = Gl * f->K;
+            int Gl = m->ep[l].n_slots, El = Gl * f->K;   /* primaries, then replica slots */
             str_fmt(nm, sizeof nm, "h.%d.ffn.base1", l); add_ep_tensor(m, nm, PARAM_BASE, 2, f->G, Gl, D, f->F1, std);
             str_fmt(nm, sizeof nm, "h.%d.ffn.base2", l); add_ep_tensor(m, nm, PARAM_BASE, 2, f->G, Gl, f->F, D, std_out);
             str_fmt(nm, sizeof nm, "h.%d.ffn.a1", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, D, f->r, sf);
@@ -81,7 +81,7 @@ static void plan_params(Model *m) {
             str_fmt(nm, sizeof nm, "h.%d.ffn.b2", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, D, f->r, sfo);
         } else {
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
-            int El = m->ep[l].per_rank;
+            int El = m->ep[l].n_slots;   /* primaries, then replica slots */
             str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w1", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, D, f->F1, std);
             str_fmt(nm, sizeof nm, "h.%d.ffn.experts.w2", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, f->F, D, std_out);
         }
@@ -209,6 +209,9 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
     /* expert parallelism: every MoE layer's units (groups or experts) split over the ranks
      * of an EP group */
     TRY(ep_groups_setup(m, cfg, comm));
+    if (cfg->parallel.replicas > 0 && cfg->offload.enabled)
+        return status_errorf("parallel.replicas=%d: replicated units and training-time offloading (offload.enabled) "
+                             "cannot be combined; set one of them off", cfg->parallel.replicas);
     Comm *xc = m->ep_comm;
     m->ep = xcalloc(sizeof(EpMap) * m->L);
     for (int l = 0; l < m->L; l++) {
@@ -223,6 +226,7 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
                                  f->kind == MOE_KIND_CLUSTERED ? "groups" : "experts");
         ep_map_init(&m->ep[l], xc->size, xc->rank, f->E, K);
         ep_map_set_topology(&m->ep[l], m->ep_topo);
+        ep_map_set_replicas(&m->ep[l], cfg->parallel.replicas);
         f->ep = &m->ep[l];
         /* node-limited routing needs enough units on the M nodes a token may use */
         int M = cfg->moe.max_nodes, nn = m->ep[l].n_nodes;
@@ -342,8 +346,10 @@ void model_init_params(Model *m) {
             size_t row = t->n / t->dims[0];
             float *full = xmalloc(sizeof(float) * t->n_full);
             for (size_t j = 0; j < t->n_full; j++) full[j] = t->init_std * rng_normal(&r);
-            for (int q = 0; q < t->dims[0]; q++)
-                memcpy(dst + (size_t)q * row, full + (size_t)model_ep_row(m, t, m->ep_comm->rank, q) * row, sizeof(float) * row);
+            for (int q = 0; q < t->dims[0]; q++) {
+                int g = model_ep_row(m, t, m->ep_comm->rank, q);
+                if (g >= 0) memcpy(dst + (size_t)q * row, full + (size_t)g * row, sizeof(float) * row);
+            }
             xfree(full);
         }
         m->be->ops->from_host(m->be->ctx, m->params[c], host, sizeof(float) * n);
@@ -353,11 +359,15 @@ void model_init_params(Model *m) {
     }
 }
 
+/* unit slot of leading-dim row s: primaries 0..per_rank-1, then the replica slots */
+static int row_unit_slot(const EpMap *em, const ParamTensor *t, int s) { return t->ep_unit == 2 ? s : s / em->K; }
+
 int model_ep_row(const Model *m, const ParamTensor *t, int r, int s) {
     const EpMap *em = &m->ep[t->layer];
-    int K = em->K;
-    if (t->ep_unit == 2) return em->place.unit_at[r * em->per_rank + s];
-    int u = em->place.unit_at[r * em->per_rank + s / K];
+    int K = em->K, us = row_unit_slot(em, t, s);
+    int u = us < em->per_rank ? em->place.unit_at[r * em->per_rank + us] : em->rep_unit[r * em->n_rep + us - em->per_rank];
+    if (u < 0) return -1;
+    if (t->ep_unit == 2) return u;
     const int32_t *mem = K > 1 ? m->cstate[t->layer].members : NULL;
     return mem ? mem[(size_t)u * K + s % K] : u * K + s % K;
 }
@@ -376,8 +386,10 @@ void model_ep_gather(Model *m, float *const *local, float **full, int n) {
             const ParamTensor *t = &m->tensors[i];
             if (!t->ep_unit) continue;
             size_t row = t->n / t->dims[0];
+            /* the primaries only: the canonical layout holds every unit once */
+            int nq = m->ep[t->layer].per_rank * param_unit_rows(t, m->ep[t->layer].K);
             for (int r = 0; r < comm->size; r++)
-                for (int q = 0; q < t->dims[0]; q++)
+                for (int q = 0; q < nq; q++)
                     memcpy(full[a] + t->full_offset + (size_t)model_ep_row(m, t, r, q) * row,
                            all + (size_t)r * nl + t->offset + (size_t)q * row, sizeof(float) * row);
         }
@@ -395,9 +407,12 @@ void model_ep_scatter(Model *m, float *const *full, float **local, int n) {
             const ParamTensor *t = &m->tensors[i];
             if (!t->ep_unit) continue;
             size_t row = t->n / t->dims[0];
-            for (int q = 0; q < t->dims[0]; q++)
-                memcpy(mine + t->offset + (size_t)q * row,
-                       full[a] + t->full_offset + (size_t)model_ep_row(m, t, m->ep_comm->rank, q) * row, sizeof(float) * row);
+            /* primaries and the copies in the replica slots (an empty slot is zero) */
+            for (int q = 0; q < t->dims[0]; q++) {
+                int g = model_ep_row(m, t, m->ep_comm->rank, q);
+                if (g >= 0) memcpy(mine + t->offset + (size_t)q * row, full[a] + t->full_offset + (size_t)g * row, sizeof(float) * row);
+                else memset(mine + t->offset + (size_t)q * row, 0, sizeof(float) * row);
+            }
         }
         be->ops->from_host(be->ctx, local[a], mine, sizeof(float) * nl);
     }
@@ -482,6 +497,213 @@ size_t model_ep_relayout(Model *m, int l, const Placement *np) {
     ep_map_refresh(em, em->K > 1 ? m->cstate[l].members : NULL);
     xfree(tmp); xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
     return ns;
+}
+
+/* ---- replicated hot units (parallel.replicas): copies in the replica slots ---- */
+
+/* one unit slot of layer l in a backend array laid out like the expert category (the
+ * layer's expert tensors in table order) to the host buffer (out = 1) or back (out = 0) */
+static void unit_span_io(const Model *m, int l, float *arr, int slot, float *buf, int out) {
+    const Backend *be = m->be;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (!t->ep_unit || t->layer != l) continue;
+        size_t n = (size_t)param_unit_rows(t, m->ep[l].K) * (t->n / t->dims[0]);
+        float *span = arr + t->offset + (size_t)slot * n;
+        if (out) be->ops->to_host(be->ctx, buf, span, sizeof(float) * n);
+        else be->ops->from_host(be->ctx, span, buf, sizeof(float) * n);
+        buf += n;
+    }
+}
+
+int model_ep_has_replicas(const Model *m) {
+    for (int l = 0; l < m->L; l++)
+        if (m->ep[l].E && m->ep[l].n_rep) return 1;
+    return 0;
+}
+
+size_t model_ep_replicas_update(Model *m, int l, int force, int *changed) {
+    EpMap *em = &m->ep[l];
+    if (!em->n_rep) return 0;
+    Comm *comm = m->ep_comm;
+    int P = comm->size, me = comm->rank, NR = em->n_rep;
+    int32_t *nu = xmalloc(sizeof(int32_t) * (size_t)P * NR);
+    ep_replicas_choose(em, nu);
+    /* a slot whose copy changed (or every filled slot when forced: the units' contents
+     * changed, e.g. re-clustering) gets params + Adam moments from the unit's owner */
+    size_t uf = model_ep_unit_floats(m, l), ub = 3 * uf * sizeof(float);
+    size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
+    size_t *rc = xcalloc(sizeof(size_t) * P), *rd = xcalloc(sizeof(size_t) * P);
+    int diff = 0;
+    for (int i = 0; i < P * NR; i++) {
+        diff |= nu[i] != em->rep_unit[i];
+        if (nu[i] < 0 || (nu[i] == em->rep_unit[i] && !force)) continue;
+        int r = i / NR, o = em->place.owner[nu[i]];
+        if (o == me) sc[r] += ub;
+        if (r == me) rc[o] += ub;
+    }
+    size_t ns = 0, nr = 0;
+    for (int r = 0; r < P; r++) { sd[r] = ns; ns += sc[r]; rd[r] = nr; nr += rc[r]; }
+    char *sbuf = xmalloc(ns ? ns : 1), *rbuf = xmalloc(nr ? nr : 1);
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    /* pack at the owners: destination-major, (rank, slot) ascending */
+    size_t *fill = xcalloc(sizeof(size_t) * P);
+    for (int i = 0; i < P * NR; i++) {
+        if (nu[i] < 0 || (nu[i] == em->rep_unit[i] && !force) || em->place.owner[nu[i]] != me) continue;
+        int r = i / NR;
+        float *dst = (float *)(sbuf + sd[r] + fill[r]);
+        for (int a = 0; a < 3; a++) unit_span_io(m, l, arr[a], em->place.slot[nu[i]], dst + a * uf, 1);
+        fill[r] += ub;
+    }
+    comm_alltoallv_bytes(comm, sbuf, sc, sd, rbuf, rc, rd, COMM_PHASE_MIGRATION);
+    /* unpack into my replica slots in the same order; a slot that became empty is zeroed */
+    memset(fill, 0, sizeof(size_t) * P);
+    float *zero = xcalloc(sizeof(float) * (uf ? uf : 1));
+    for (int s = 0; s < NR; s++) {
+        int i = me * NR + s, ls = em->per_rank + s;
+        if (nu[i] < 0) {
+            if (em->rep_unit[i] >= 0)
+                for (int a = 0; a < 3; a++) unit_span_io(m, l, arr[a], ls, zero, 0);
+            continue;
+        }
+        if (nu[i] == em->rep_unit[i] && !force) continue;
+        int o = em->place.owner[nu[i]];
+        const float *src = (const float *)(rbuf + rd[o] + fill[o]);
+        for (int a = 0; a < 3; a++) unit_span_io(m, l, arr[a], ls, (float *)src + a * uf, 0);
+        fill[o] += ub;
+    }
+    memcpy(em->rep_unit, nu, sizeof(int32_t) * (size_t)P * NR);
+    ep_map_refresh(em, em->K > 1 ? m->cstate[l].members : NULL);
+    if (changed) *changed |= diff;
+    xfree(zero); xfree(nu); xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+    return ns;
+}
+
+void model_ep_replicas_reduce(Model *m) {
+    Comm *comm = m->ep_comm;
+    int P = comm->size, me = comm->rank;
+    for (int l = 0; l < m->L; l++) {
+        EpMap *em = &m->ep[l];
+        if (!em->E || !em->n_rep) continue;
+        int NR = em->n_rep, any = 0;
+        for (int i = 0; i < P * NR; i++) any |= em->rep_unit[i] >= 0;
+        if (!any) continue;
+        size_t uf = model_ep_unit_floats(m, l), ub = uf * sizeof(float);
+        float *g = m->grads[PCAT_EXPERT];
+        size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P);
+        size_t *rc = xcalloc(sizeof(size_t) * P), *rd = xcalloc(sizeof(size_t) * P);
+        for (int i = 0; i < P * NR; i++) {
+            int u = em->rep_unit[i];
+            if (u < 0) continue;
+            int r = i / NR, o = em->place.owner[u];
+            if (r == me) sc[o] += ub;
+            if (o == me) rc[r] += ub;
+        }
+        size_t ns = 0, nr = 0;
+        for (int r = 0; r < P; r++) { sd[r] = ns; ns += sc[r]; rd[r] = nr; nr += rc[r]; }
+        char *sbuf = xmalloc(ns ? ns : 1), *rbuf = xmalloc(nr ? nr : 1);
+        /* copies -> owners: my replica slots in slot order (destination-major) */
+        size_t *fill = xcalloc(sizeof(size_t) * P);
+        for (int s = 0; s < NR; s++) {
+            int u = em->rep_unit[me * NR + s];
+            if (u < 0) continue;
+            int o = em->place.owner[u];
+            unit_span_io(m, l, g, em->per_rank + s, (float *)(sbuf + sd[o] + fill[o]), 1);
+            fill[o] += ub;
+        }
+        comm_alltoallv_bytes(comm, sbuf, sc, sd, rbuf, rc, rd, COMM_PHASE_ALLREDUCE);
+        /* owners: own gradient first, then the copies' by ascending (rank, slot) */
+        float *acc = xcalloc(sizeof(float) * (size_t)em->per_rank * (uf ? uf : 1));
+        char *have = xcalloc((size_t)em->per_rank);
+        memset(fill, 0, sizeof(size_t) * P);
+        for (int i = 0; i < P * NR; i++) {
+            int u = em->rep_unit[i];
+            if (u < 0 || em->place.owner[u] != me) continue;
+            int r = i / NR, ps = em->place.slot[u];
+            float *a = acc + (size_t)ps * uf;
+            if (!have[ps]) { unit_span_io(m, l, g, ps, a, 1); have[ps] = 1; }
+            const float *in = (const float *)(rbuf + rd[r] + fill[r]);
+            for (size_t j = 0; j < uf; j++) a[j] += in[j];
+            fill[r] += ub;
+        }
+        /* the sums: into the owners' slots and back to every copy (the reverse exchange) */
+        memset(fill, 0, sizeof(size_t) * P);
+        for (int i = 0; i < P * NR; i++) {
+            int u = em->rep_unit[i];
+            if (u < 0 || em->place.owner[u] != me) continue;
+            int r = i / NR;
+            memcpy(rbuf + rd[r] + fill[r], acc + (size_t)em->place.slot[u] * uf, ub);
+            fill[r] += ub;
+        }
+        for (int ps = 0; ps < em->per_rank; ps++)
+            if (have[ps]) unit_span_io(m, l, g, ps, acc + (size_t)ps * uf, 0);
+        comm_alltoallv_bytes(comm, rbuf, rc, rd, sbuf, sc, sd, COMM_PHASE_ALLREDUCE);
+        memset(fill, 0, sizeof(size_t) * P);
+        for (int s = 0; s < NR; s++) {
+            int u = em->rep_unit[me * NR + s];
+            if (u < 0) continue;
+            int o = em->place.owner[u];
+            unit_span_io(m, l, g, em->per_rank + s, (float *)(sbuf + sd[o] + fill[o]), 0);
+            fill[o] += ub;
+        }
+        xfree(acc); xfree(have); xfree(sbuf); xfree(rbuf); xfree(fill); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+    }
+}
+
+double model_ep_primary_sumsq(const Model *m, const float *arr) {
+    double s = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->cat != PCAT_EXPERT || !t->ep_unit) continue;
+        const EpMap *em = &m->ep[t->layer];
+        size_t n = (size_t)em->per_rank * param_unit_rows(t, em->K) * (t->n / t->dims[0]);
+        if (n) s += m->be->ops->sumsq(m->be->ctx, arr + t->offset, n);
+    }
+    return s;
+}
+
+/* CRC-32 of one unit slot's params + Adam moments */
+static double unit_crc(const Model *m, int l, int slot, float *tmp, size_t uf) {
+    float *arr[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    uint32_t c = 0;
+    for (int a = 0; a < 3; a++) {
+        unit_span_io(m, l, arr[a], slot, tmp, 1);
+        c = crc32_update(c, tmp, sizeof(float) * uf);
+    }
+    return (double)c;
+}
+
+int model_ep_replicas_mismatch(Model *m, double *per_layer) {
+    Comm *comm = m->ep_comm;
+    int P = comm->size, me = comm->rank, total = 0, i = 0;
+    for (int l = 0; l < m->L; l++) {
+        EpMap *em = &m->ep[l];
+        if (!em->E) continue;
+        double bad = 0;
+        int NR = em->n_rep;
+        if (NR) {
+            size_t uf = model_ep_unit_floats(m, l), n = (size_t)P * NR;
+            float *tmp = xmalloc(sizeof(float) * (uf ? uf : 1));
+            double *crc = xmalloc(sizeof(double) * 2 * n);   /* [copy, primary] per replica slot, -1 = not mine */
+            for (size_t q = 0; q < 2 * n; q++) crc[q] = -1;
+            for (size_t q = 0; q < n; q++) {
+                int u = em->rep_unit[q];
+                if (u < 0) continue;
+                if ((int)(q / NR) == me) crc[q] = unit_crc(m, l, em->per_rank + (int)(q % NR), tmp, uf);
+                if (em->place.owner[u] == me) crc[n + q] = unit_crc(m, l, em->place.slot[u], tmp, uf);
+            }
+            comm_allreduce_max_f64(comm, crc, 2 * n);
+            for (size_t q = 0; q < n; q++) bad += em->rep_unit[q] >= 0 && crc[q] != crc[n + q];
+            xfree(tmp); xfree(crc);
+        }
+        if (per_layer) per_layer[i] = bad;
+        total += (int)bad;
+        i++;
+    }
+    /* every EP group checks its own copies: the world agrees on the largest count */
+    double t = total;
+    comm_allreduce_max_f64(m->comm, &t, 1);
+    return (int)t;
 }
 
 size_t model_n_params(const Model *m) {

@@ -156,6 +156,27 @@ void model_ep_unit_copy(const Model *m, int l, float *const arr[3], int slot, fl
 /* global row (expert or group) held in leading-dim slot s of tensor t on rank r */
 int model_ep_row(const Model *m, const ParamTensor *t, int r, int s);
 
+/* replicated hot units (parallel.replicas, ep.h): the expert tensors hold n_rep replica unit
+ * slots after the per_rank primaries; gather skips them, scatter and init fill them from
+ * their unit. */
+int model_ep_has_replicas(const Model *m);
+/* re-choose the copies of MoE layer l (ep_replicas_choose) and fill every replica slot whose
+ * unit changed (force: every filled slot) with params + Adam moments from the unit's owner
+ * (phase migration), zero the slots that became empty, refresh the maps; *changed |= 1 when
+ * the map changed. Collective over the EP group; returns the bytes this rank sent. */
+size_t model_ep_replicas_update(Model *m, int l, int force, int *changed);
+/* after the gradient reduction: every copy's expert gradient goes to the unit's owner, which
+ * sums its own, then the copies' in ascending (rank, slot) order, and sends the sum back, so
+ * owner and copies hold the same bits (phase allreduce, over the EP group) */
+void model_ep_replicas_reduce(Model *m);
+/* sum of squares of the primary unit slots of an array laid out like the expert category
+ * (every unit once: the gradient norm) */
+double model_ep_primary_sumsq(const Model *m, const float *arr);
+/* replica slots whose params or Adam moments differ from their primary (CRC-32 per slot);
+ * per_layer [MoE layers] or NULL. Collective over the world; returns the largest count over
+ * the EP groups. */
+int model_ep_replicas_mismatch(Model *m, double *per_layer);
+
 /* LM: inputs/targets [B,T] (target < 0 = ignored). CLS: inputs [B,T], lengths [B],
  * labels [B] passed as targets. n_global = targets in the global batch (loss normaliser).
  * Returns the global-mean loss contribution of this rank's tokens plus aux losses. */

@@ -165,7 +165,7 @@ void moe_state_free(MoeState *st, const Backend *be) {
 
 /* run every expert's FFN on its slice of the gathered rows: yg = act(xg W1_e) W2_e */
 static int n_local_experts(const MoeLayer *ml) {
-    return ml->kind == MOE_KIND_DENSE ? 1 : ml->ep->per_rank * ml->ep->K;
+    return ml->kind == MOE_KIND_DENSE ? 1 : ml->ep->n_slots * ml->ep->K;   /* primaries, then replica slots */
 }
 
 static void experts_forward(const MoeLayer *ml, const Backend *be, const MoeParams *p,

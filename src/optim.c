@@ -23,14 +23,18 @@ void optim_reduce_grads(Model *m) {
         comm_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
     if (m->rep_comm && m->rep_comm->size > 1 && m->n_cat[PCAT_EXPERT])
         comm_allreduce_sum_f32(m->rep_comm, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT], COMM_PHASE_ALLREDUCE);
+    /* replicated hot units: last, so the owner's sum is the final value its copies receive */
+    if (model_ep_has_replicas(m)) model_ep_replicas_reduce(m);
 }
 
 /* global norm: the replicated dense part once, plus every expert once (the ranks of one EP
- * group hold each expert once; every group holds the same summed gradients) */
+ * group hold each expert once; every group holds the same summed gradients; copies of
+ * replicated units are not counted) */
 double optim_grad_norm(const Model *m) {
     double dense = 0, expert = 0;
     if (m->n_cat[PCAT_DENSE]) dense = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE]);
-    if (m->n_cat[PCAT_EXPERT]) expert = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT]);
+    if (model_ep_has_replicas(m)) expert = model_ep_primary_sumsq(m, m->grads[PCAT_EXPERT]);
+    else if (m->n_cat[PCAT_EXPERT]) expert = m->be->ops->sumsq(m->be->ctx, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT]);
     comm_allreduce_sum_f64(m->ep_comm ? m->ep_comm : m->comm, &expert, 1);
     return sqrt(dense + expert);
 }

@@ -84,6 +84,14 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    if (m->cfg.parallel.replicas > 0 && nm > 0) {
+        /* replicated hot units: unit and EP rank of every copy (-1 = unused), written with
+         * parallel/owner; copies that differ from their primary, on log steps */
+        uint64_t dlr[2] = {(uint64_t)nm, (uint64_t)m->cfg.parallel.replicas};
+        id->replicas = h5log_series(lg, "parallel/replicas", H5LOG_F64, 2, dlr);
+        id->replica_rank = h5log_series(lg, "parallel/replica_rank", H5LOG_F64, 2, dlr);
+        id->replica_bad = h5log_series(lg, "parallel/replica_mismatch", H5LOG_F64, 1, dl);
+    }
     uint64_t d7[1] = {7};
     id->off_train = h5log_series(lg, "offload/train", H5LOG_F64, 1, d7);
     uint64_t dmk[2] = {(uint64_t)m->comm->size, MEM_N_KINDS};
@@ -284,6 +292,24 @@ static void owner_rows(const Model *m, double *out) {
 }
 
 
+/* the copies of every MoE layer: units [MoE layers, R] then EP ranks [MoE layers, R], -1 = unused */
+static void replica_rows(const Model *m, RunLog *rl) {
+    int R = m->cfg.parallel.replicas, nm = rl->n_moe, i = 0;
+    int32_t *u = xmalloc(sizeof(int32_t) * (size_t)R), *r = xmalloc(sizeof(int32_t) * (size_t)R);
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+        const EpMap *em = &m->ep[l];
+        for (int q = 0; q < R; q++) u[q] = r[q] = -1;
+        if (em->R) ep_replicas_list(em, u, r);
+        for (int q = 0; q < R; q++) {
+            rl->rrow[(size_t)i * R + q] = u[q];
+            rl->rrow[(size_t)(nm + i) * R + q] = r[q];
+        }
+        i++;
+    }
+    xfree(u); xfree(r);
+}
+
 /* stream copy (the log can be large) */
 static Status copy_file(const char *from, const char *to) {
     FILE *a = fopen(from, "rb");
@@ -348,6 +374,7 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->orow = xcalloc(sizeof(double) * (size_t)nm * (E + P + 1));
     rl->mat = comm->size <= cfg->parallel.rank_matrix_max ? xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P) : NULL;
     rl->rank_row = xcalloc(sizeof(double) * 2 * (size_t)P);
+    rl->rrow = xcalloc(sizeof(double) * 2 * (size_t)nm * (cfg->parallel.replicas + 1));
     return status_ok();
 }
 
@@ -396,7 +423,11 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
         owner_rows(m, rl->orow);
         h5log_append(lg, id->owner, s, rl->orow);
         h5log_append(lg, id->migr, s, &r->migration_bytes);
+        if (id->replicas) replica_rows(m, rl);
+        if (id->replicas) h5log_append(lg, id->replicas, s, rl->rrow);
+        if (id->replicas) h5log_append(lg, id->replica_rank, s, rl->rrow + (size_t)nm * cfg->parallel.replicas);
     }
+    if (id->replica_bad && r->replica_mismatch) h5log_append(lg, id->replica_bad, s, r->replica_mismatch);
     if (nm > 0) {
         /* tokens each rank's experts received (after capacity) and the rank-level MaxVio */
         double *rt = rl->orow, *rmv = rl->orow + (size_t)nm * P;
@@ -545,7 +576,7 @@ void runlog_close(RunLog *rl) {
             if (!STATUS_OK(rs)) fprintf(stderr, "dcmoe: warning: %s\n", rs.msg);
         }
     }
-    xfree(rl->row); xfree(rl->crow); xfree(rl->orow); xfree(rl->mat); xfree(rl->rank_row);
-    rl->row = rl->crow = rl->orow = rl->mat = rl->rank_row = NULL;
+    xfree(rl->row); xfree(rl->crow); xfree(rl->orow); xfree(rl->mat); xfree(rl->rank_row); xfree(rl->rrow);
+    rl->row = rl->crow = rl->orow = rl->mat = rl->rank_row = rl->rrow = NULL;
     rl->open = false;
 }

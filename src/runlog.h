@@ -28,6 +28,7 @@ typedef struct LogIds {
     int mem_bytes, mem_hwm, mem_rss;
     int nodes, intra_frac;
     int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
+    int replicas, replica_rank, replica_bad;   /* 0 = not logged (parallel.replicas = 0) */
 } LogIds;
 
 typedef struct RunLog {
@@ -36,7 +37,7 @@ typedef struct RunLog {
     bool open;               /* rank 0 after runlog_open succeeded */
     char path[4096];
     int P, E, G, n_moe, n_clus;
-    double *row, *crow, *orow, *mat, *rank_row;   /* row scratch */
+    double *row, *crow, *orow, *mat, *rank_row, *rrow;   /* row scratch */
     Status err;              /* the first failed write (a full disk): the run must stop */
 } RunLog;
 
@@ -58,6 +59,7 @@ typedef struct StepRecord {
     const double *qerr;                  /* NULL: not this step */
     const double *mem_all;               /* [P, MEM_N_KINDS + 2]; NULL: not this step */
     const double *intra_frac;            /* [MoE layers] dispatch rows between ranks kept inside the node */
+    const double *replica_mismatch;      /* [MoE layers] copies that differ from their primary; NULL: not this step */
 } StepRecord;
 
 /* rank 0: create the log (resume_step < 0) or reopen it for appending, dropping rows after

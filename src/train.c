@@ -60,6 +60,30 @@ static int test_nan_at(long step1, int rank) {
     return n >= 1 && s == step1 && r == rank;
 }
 
+/* test hook: DCMOE_TEST_REPLICA_FLIP_AT=step flips the lowest bit of the first parameter of
+ * every filled replica slot after that step's update (the copies then differ from their
+ * primaries: the mismatch series and the checkpoint's check must see it) */
+static void test_replica_flip(Model *m, long step1) {
+    const char *e = getenv("DCMOE_TEST_REPLICA_FLIP_AT");
+    if (!e || !e[0] || atol(e) != step1) return;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (!t->ep_unit) continue;
+        const EpMap *em = &m->ep[t->layer];
+        size_t span = (size_t)param_unit_rows(t, em->K) * (t->n / t->dims[0]);
+        for (int s = 0; s < em->n_rep; s++) {
+            if (em->lunit[em->per_rank + s] < 0) continue;
+            float *p = m->params[PCAT_EXPERT] + t->offset + (size_t)(em->per_rank + s) * span, v;
+            uint32_t b;
+            m->be->ops->to_host(m->be->ctx, &v, p, sizeof v);
+            memcpy(&b, &v, 4);
+            b ^= 1u;
+            memcpy(&v, &b, 4);
+            m->be->ops->from_host(m->be->ctx, p, &v, sizeof v);
+        }
+    }
+}
+
 void train_run_dir(const Config *cfg, char *dst, size_t cap) {
     str_fmt(dst, cap, "%s/%s", cfg->run.out_dir, cfg->run.name);
 }
@@ -130,19 +154,26 @@ static void mem_gather(Comm *comm, const MemAcct *a, double *all) {
     comm_gather_bytes(comm, mine, all, sizeof mine, 0);
 }
 
-/* re-run the placement policy on every MoE layer and migrate the units that change owner;
- * returns the bytes moved (all ranks) */
-static double replace_experts(Model *m, const Config *cfg, const Topology *topo) {
+/* re-run the placement policy on every MoE layer and migrate the units that change owner,
+ * then re-choose the replicated hot units (parallel.replicas) and fill the changed copies
+ * (every copy when refill: the units' contents changed); returns the bytes moved (all
+ * ranks); *changed = 1 when an owner or a copy changed */
+static double replace_experts(Model *m, const Config *cfg, const Topology *topo, int refill, bool *changed) {
     double bytes = 0;
+    int ch = 0;
     for (int l = 0; l < m->L; l++) {
         if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
         Placement np;
         if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes,
-                       cfg->parallel.max_imbalance, cfg->parallel.min_gain, &np))
+                       cfg->parallel.max_imbalance, cfg->parallel.min_gain, &np)) {
             bytes += (double)model_ep_relayout(m, l, &np);
+            ch = 1;
+        }
         placement_free(&np);
+        bytes += (double)model_ep_replicas_update(m, l, refill, &ch);
     }
     comm_allreduce_sum_f64(m->comm, &bytes, 1);
+    if (changed && ch) *changed = true;
     return bytes;
 }
 
@@ -195,6 +226,7 @@ typedef struct Run {
     int32_t *in, *tg, *len;              /* this rank's batch */
     double *mem_all, *rank_buf, *rank_cols;
     double *intra_frac;                 /* [MoE layers] + [MoE layers, 2] scratch: comm/intra_fraction */
+    double *rep_bad;                    /* [MoE layers] replica slots that differ from their primary */
     ReclusterEvent *evs;
     long last_event, warm;
     double pending_migr;
@@ -317,6 +349,15 @@ static void print_banner(const Run *r) {
     char mtab[2048];
     memacct_format(&r->macct, mtab, sizeof mtab);
     printf("memory accounted on rank 0 (mem/bytes in metrics.h5):\n%s", mtab);
+    if (r->cfg->parallel.replicas > 0) {
+        const EpMap *em = NULL;
+        for (int l = 0; l < r->m.L && !em; l++) if (r->m.ep[l].E) em = &r->m.ep[l];
+        if (em && em->R)
+            printf("parallel.replicas: %d copies per MoE layer, %d extra unit slot(s) per rank (chosen at each placement)\n",
+                   em->R, em->n_rep);
+        else if (em)
+            printf("parallel.replicas: no effect (each expert-parallel group spans one node)\n");
+    }
     if (r->cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", r->unigram_ppl);
     printf("run folder: %s\n", r->dir);
     fflush(stdout);
@@ -409,7 +450,7 @@ static void run_teardown(Run *r) {
     }
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
-    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->intra_frac);
+    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->intra_frac); xfree(r->rep_bad);
 }
 
 /* ---- one training step ---- */
@@ -511,9 +552,17 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     if (m->ep_size > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
         (step + 1) % cfg->parallel.place_interval == 0 && step + 1 != tc->steps) {
         TRY(residency_fetch_all(&r->resid));
-        double b = replace_experts(m, cfg, m->ep_topo);
+        double b = replace_experts(m, cfg, m->ep_topo, 0, &r->log_owner);
         if (b > 0) r->log_owner = true;
         migr += b;
+    }
+    /* replicated hot units: copies bitwise equal to their primaries (checked on log steps) */
+    test_replica_flip(m, step + 1);
+    double *rep_bad = NULL;
+    if (o->log_step && model_ep_has_replicas(m)) {
+        if (!r->rep_bad) r->rep_bad = xcalloc(sizeof(double) * (size_t)(model_n_moe_layers(m) + 1));
+        model_ep_replicas_mismatch(m, r->rep_bad);
+        rep_bad = r->rep_bad;
     }
     ResidencyStats rs = residency_take_step(&r->resid);
     double off7[7] = {rs.hits, rs.misses, rs.evictions, rs.bytes_in, rs.bytes_out, rs.stall_s, rs.resident_units};
@@ -593,7 +642,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .owners = r->log_owner || migr > 0, .migration_bytes = migr,
         .rank_compute_s = r->rank_cols, .rank_rss = r->rank_cols + P,
         .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL,
-        .intra_frac = r->intra_frac};
+        .intra_frac = r->intra_frac, .replica_mismatch = rep_bad};
     rec.flops_frac = r->flops_tok * rec.tok_s / (r->peak_total * 1e9);
     r->log_owner = false;
     double mean_cv2 = runlog_step(&r->log, m, &rec);
@@ -623,7 +672,7 @@ static Status recluster_event(Run *r, long step) {
     int n_ev = recluster_run(m, step + 1, r->evs);
     r->comm->traffic = NULL;
     /* groups changed: re-place them (migration bytes land in the next step's log) */
-    if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo);
+    if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner);
     double pa = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
     r->last_event = step + 1;
     runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);

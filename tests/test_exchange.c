@@ -5,6 +5,10 @@
  *   - random routing (uneven token counts, drops, shuffled placement): the plan's per
  *     (src, dst) rows and entries, flat and two-level, against a brute-force count, and
  *     every entry's slot / gate / token;
+ *   - replicated hot units (ep.c): the replica choice on a hand-worked case (hottest units,
+ *     least loaded rank on another node), its invariants on random loads (never on the
+ *     owner's node, one copy per node, capped counts), stability, and the routing maps (a
+ *     token goes to the copy on its node, else the owner);
  *   - the MPI executor (ep.c) on 4 ranks: this binary re-runs itself under mpirun (skipped
  *     when mpirun is missing) and checks that the dispatch / combine bytes the communicator
  *     booked equal the plan's byte matrices, and that the rows arrive in the plan's order.
@@ -243,6 +247,84 @@ static void test_random(void) {
 }
 
 /* ---- the MPI executor: run as `test_exchange --mpi` on 4 ranks ---- */
+static void test_replicas(void) {
+    /* 8 units on 2 nodes x 2 ranks, contiguous (ranks 0, 1: units 0-3 on node 0) */
+    Topology topo = virt(2, 2);
+    EpMap em;
+    ep_map_init(&em, 4, 2, 8, 1);
+    ep_map_set_topology(&em, &topo);
+    ep_map_set_replicas(&em, 3);
+    ok(em.R == 3 && em.n_rep == 1 && em.n_slots == 3, "3 replicas on 4 ranks: 1 replica slot per rank (R %d, n_rep %d)",
+       em.R, em.n_rep);
+    int32_t out[64];
+    ok(ep_replicas_choose(&em, out) == 0 && out[0] == -1 && out[3] == -1, "no statistics yet: no copies");
+    double load[8] = {10, 1, 1, 1, 8, 1, 1, 6};
+    memcpy(em.load, load, sizeof load);
+    em.have_stats = 1;
+    /* unit 0 (10) -> node 1, rank 3 (load 7 < 9); unit 4 (8) -> node 0, rank 1 (2 < 6);
+     * unit 7 (6 > 0's 10/2) -> node 0, rank 0 (the only free slot there) */
+    int n = ep_replicas_choose(&em, out);
+    ok(n == 3 && out[0] == 7 && out[1] == 4 && out[2] == -1 && out[3] == 0,
+       "hand-worked choice: copies [7, 4, -1, 0] (got %d: [%d, %d, %d, %d])", n, out[0], out[1], out[2], out[3]);
+    memcpy(em.rep_unit, out, sizeof(int32_t) * 4);
+    ep_map_refresh(&em, NULL);
+    int32_t again[64];
+    ep_replicas_choose(&em, again);
+    ok(!memcmp(again, out, sizeof(int32_t) * 4), "the choice is stable under the same statistics");
+    /* rank 2 (node 1): unit 0 via the copy on rank 3 (slot 2 = per_rank + 0); units 4 and 7 on
+     * their owners (no copy on node 1) */
+    ok(em.route_dest[0] == 3 && em.route_slot[0] == 2 && em.route_dest[4] == 2 && em.route_slot[4] == 0 &&
+       em.route_dest[7] == 3 && em.route_slot[7] == 1 && em.lunit[2] == -1,
+       "rank 2's routing: unit 0 -> copy on rank 3 slot 2, units 4 and 7 -> owners");
+    ep_map_free(&em);
+    ep_map_init(&em, 4, 0, 8, 1);
+    ep_map_set_topology(&em, &topo);
+    ep_map_set_replicas(&em, 3);
+    memcpy(em.rep_unit, out, sizeof(int32_t) * 4);
+    ep_map_refresh(&em, NULL);
+    ok(em.route_dest[4] == 1 && em.route_slot[4] == 2 && em.route_dest[7] == 0 && em.route_slot[7] == 2 &&
+       em.route_dest[0] == 0 && em.route_slot[0] == 0 && em.lunit[2] == 7 && em.lslot_expert[2] == 7,
+       "rank 0's routing: unit 4 -> copy on rank 1, unit 7 -> its own replica slot, unit 0 -> itself");
+    ep_map_free(&em);
+    /* the cap: at most one copy per other node per unit */
+    ep_map_init(&em, 4, 0, 8, 1);
+    ep_map_set_topology(&em, &topo);
+    ep_map_set_replicas(&em, 100);
+    ok(em.R == 8 && em.n_rep == 2, "100 replicas of 8 units on 2 nodes are capped at 8 (%d), 2 slots per rank", em.R);
+    ep_map_free(&em);
+    ep_map_init(&em, 4, 0, 8, 1);
+    ep_map_set_replicas(&em, 3);
+    ok(em.R == 0 && em.n_slots == em.per_rank, "one node (no topology): no replica slots");
+    ep_map_free(&em);
+    topology_free(&topo);
+    /* invariants on random loads: 4 nodes x 2 ranks, 16 units, 11 copies */
+    Topology t4 = virt(4, 2);
+    int bad = 0, placed = 0;
+    for (int trial = 0; trial < 50; trial++) {
+        ep_map_init(&em, 8, 0, 16, 1);
+        ep_map_set_topology(&em, &t4);
+        ep_map_set_replicas(&em, 11);
+        for (int u = 0; u < 16; u++) em.load[u] = (double)(rnd() % 100) * (rnd() % 4 == 0 ? 10 : 1);
+        em.have_stats = 1;
+        int nr = ep_replicas_choose(&em, out);
+        placed += nr;
+        int cnt = 0;
+        for (int i = 0; i < 8 * em.n_rep; i++) {
+            int u = out[i];
+            if (u < 0) continue;
+            cnt++;
+            int node = t4.node_of[i / em.n_rep];
+            bad += t4.node_of[em.place.owner[u]] == node || !(em.load[u] > 0);
+            for (int j = 0; j < i; j++) bad += out[j] == u && t4.node_of[j / em.n_rep] == node;
+        }
+        bad += cnt != nr || nr > 11;
+        ep_map_free(&em);
+    }
+    ok(bad == 0 && placed > 0, "random loads: copies never on the owner's node, one per node and unit, at most R "
+       "(%d violations, %d copies placed)", bad, placed);
+    topology_free(&t4);
+}
+
 static int mpi_child(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     Comm comm;
@@ -335,6 +417,7 @@ int main(int argc, char **argv) {
     test_uniform(2);
     test_uniform(4);
     test_random();
+    test_replicas();
     test_mpi_executor(argv[0]);
     return harness_done();
 }
