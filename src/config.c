@@ -49,7 +49,7 @@ static const char *const pooling_names[] = {"mean", "last", NULL};
 static const char *const sim_hw_names[] = {"h800", "h100", "h200", "a100", "cpu", NULL};
 static const char *const sim_dtype_names[] = {"fp32", "bf16", "fp8", NULL};
 static const char *const sim_overlap_names[] = {"none", "ideal", "fraction", NULL};
-static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", NULL};
+static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", "trace", NULL};
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
 static const char *const group_score_names[] = {"mean", "top2", NULL};
 static const char *const group_gate_names[] = {"renorm", "product", NULL};
@@ -270,13 +270,18 @@ static const KeyDef keys[] = {
            "log-normal, sigma), planted (tokens pick a cluster of experts with probability coherence), hotspot "
            "(hot_fraction of the tokens favour one node's experts), deepep (DeepEP's test generator: |randn|+1 "
            "scores, top min(nodes,4) nodes by their best score, top-k among them); the router (with moe.max_nodes, "
-           "moe.home_bias, the clustered two stages) chooses from these scores except for deepep"),
+           "moe.home_bias, the clustered two stages) chooses from these scores except for deepep; trace = replay a "
+           "trained run's recorded routing (sim.trace)"),
     K_FLOAT(sim.zipf_s, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: Zipf exponent of expert popularity (routing zipf)"),
     K_FLOAT(sim.lognormal_sigma, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: sigma of log popularity (routing lognormal)"),
     K_FLOAT(sim.coherence, 0, 0.0, 1.0, 0, 0.8, "dcmoe simulate: probability a token stays in its cluster (routing planted)"),
     K_FLOAT(sim.hot_fraction, 0, 0.0, 1.0, 0, 0.3, "dcmoe simulate: fraction of tokens drawn to node 0's experts (routing hotspot)"),
     K_INT(sim.samples, 1, 1000, 3, "dcmoe simulate: independent routing draws per step (min/max band in sim/*)"),
     K_INT(sim.distinct_layers, 1, 4096, 2, "dcmoe simulate: distinct routings drawn per draw; the other MoE layers reuse them"),
+    K_STR(sim.trace, "",
+          "dcmoe simulate, routing trace: the metrics.h5 of a run trained with log.trace_interval; every recorded "
+          "token's routing and the expert map are replayed on sim.nodes x sim.gpus_per_node = its ranks"),
+    K_LONG(sim.trace_step, 0, LONG_MAX, 0, "dcmoe simulate, routing trace: the recorded step to replay; 0 = every recorded step in order"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

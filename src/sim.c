@@ -11,6 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <hdf5.h>
+
 #include "h5log.h"
 #include "placement.h"
 #include "router.h"
@@ -69,13 +71,14 @@ static void traffic_alloc(SimTraffic *tr, int P, int n_nodes) {
                     &tr->msgs_inter, &tr->recv_entries, &tr->recv_rows};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) *a[i] = xcalloc(sizeof(double) * (size_t)P);
     tr->node_rows = xcalloc(sizeof(double) * (size_t)n_nodes * n_nodes);
+    tr->node_ents = xcalloc(sizeof(double) * (size_t)n_nodes * n_nodes);
 }
 
 void sim_traffic_free(SimTraffic *tr) {
     if (!tr) return;
     double *a[] = {tr->rows_to, tr->rows_intra_s, tr->rows_inter_s, tr->rows_intra_r, tr->rows_inter_r,
                    tr->ents_intra_s, tr->ents_inter_s, tr->ents_intra_r, tr->ents_inter_r, tr->msgs_intra,
-                   tr->msgs_inter, tr->recv_entries, tr->recv_rows, tr->node_rows};
+                   tr->msgs_inter, tr->recv_entries, tr->recv_rows, tr->node_rows, tr->node_ents};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) xfree(a[i]);
     memset(tr, 0, sizeof *tr);
 }
@@ -93,6 +96,7 @@ static void add_row(SimTraffic *tr, const Topology *t, int s, int d, double ne, 
     (same ? tr->ents_intra_r : tr->ents_inter_r)[d] += ne * scale;
     if (first) (same ? tr->msgs_intra : tr->msgs_inter)[s] += 1;
     tr->node_rows[(size_t)t->node_of[s] * tr->n_nodes + t->node_of[d]] += scale;
+    tr->node_ents[(size_t)t->node_of[s] * tr->n_nodes + t->node_of[d]] += ne * scale;
 }
 
 /* the peer of source s on node `node`: the rank there with s's index inside its node
@@ -116,8 +120,10 @@ void sim_traffic_count(SimTraffic *tr, const int32_t *sel, int S, int n, int k, 
         for (int tk = 0; tk < n; tk++) {
             const int32_t *e = sel + ((size_t)s * n + tk) * k;
             /* distinct destination ranks of the token, with their entry counts, in order of first use */
-            int nd = 0;
+            int nd = 0, kept = 0;
             for (int q = 0; q < k; q++) {
+                if (e[q] < 0) continue;          /* dropped by capacity (traces): not sent */
+                kept++;
                 int d = owner[e[q]], j = 0;
                 while (j < nd && dst[j] != d) j++;
                 if (j == nd) { dst[nd] = d; cnt[nd] = 0; nd++; }
@@ -130,7 +136,7 @@ void sim_traffic_count(SimTraffic *tr, const int32_t *sel, int S, int n, int k, 
                 if (q == nn) nodes_l[nn++] = node;
             }
             tr[0].nodes_touched += nn * scale;
-            tr[0].pairs_total += k * scale;
+            tr[0].pairs_total += kept * scale;
             tr[0].tokens += scale;
             if (!two_level) {
                 for (int j = 0; j < nd; j++) {
@@ -369,6 +375,13 @@ typedef struct SimCtx {
     Topology world, ep;                          /* the cluster; EP group 0's ranks */
     Placement place;
     int32_t *owner, *members, *expert_node;      /* [E] (EP-local ranks) */
+    int *world_of;                               /* [R, S] world rank of each (EP group, position) */
+    /* sim.routing: trace (a trained run's trace/routing and trace/owner) */
+    int trace;
+    int64_t *trace_sel, *trace_owner;            /* [rows, MoE layers, P, N k], [rows, MoE layers, E] */
+    long *trace_steps, n_trace;                  /* the recorded steps */
+    size_t trace_nk;                             /* tokens x top-k per rank */
+    long trace_row;                              /* the row being replayed */
 } SimCtx;
 
 static void step_alloc(StepSim *s, const SimCtx *c) {
@@ -388,12 +401,14 @@ static void step_free(StepSim *s) {
 }
 
 /* book one stage's bytes (dispatch direction rows, reverse = combine direction) into the
- * world's phase counters: every EP group moves the same volume (groups are congruent) */
-static void book(StepSim *s, const SimCtx *c, const SimTraffic *tr, double row_b, double ent_b, int reverse, int phase) {
+ * world's phase counters: wmap [S] = world rank of each EP-local rank of the group, times =
+ * how many congruent groups these counts stand for (their world ranks follow by +S each) */
+static void book(StepSim *s, const SimCtx *c, const SimTraffic *tr, double row_b, double ent_b, int reverse, int phase,
+                 const int *wmap, int times) {
     int P = c->P, S = c->S, N = c->world.n_nodes;
-    for (int g = 0; g < c->R; g++)
+    for (int g = 0; g < times; g++)
         for (int r = 0; r < S; r++) {
-            int w = g * S + r;
+            int w = wmap[r] + g * S;
             double is = tr->rows_intra_s[r] * row_b + tr->ents_intra_s[r] * ent_b;
             double ir = tr->rows_intra_r[r] * row_b + tr->ents_intra_r[r] * ent_b;
             double ns = tr->rows_inter_s[r] * row_b + tr->ents_inter_s[r] * ent_b;
@@ -405,18 +420,36 @@ static void book(StepSim *s, const SimCtx *c, const SimTraffic *tr, double row_b
             s->rank_sent[(size_t)phase * P + w] += is + ns;
             s->rank_recv[(size_t)phase * P + w] += ir + nr;
         }
-    /* node matrix: rows (and their share of entries) by node pair of EP group g, offset by the
-     * group's first node */
-    double per_row = row_b;
-    for (int g = 0; g < c->R; g++) {
-        int n0 = c->world.node_of[g * S];
+    /* node matrix: rows by node pair, EP-local nodes mapped through the group's first ranks */
+    int *node_w = xmalloc(sizeof(int) * (size_t)(tr->n_nodes > 0 ? tr->n_nodes : 1));
+    for (int r = S - 1; r >= 0; r--) node_w[c->ep.node_of[r]] = c->world.node_of[wmap[r]];
+    for (int g = 0; g < times; g++) {
+        int shift = g > 0 ? c->world.node_of[wmap[0] + g * S] - c->world.node_of[wmap[0]] : 0;
         for (int a = 0; a < tr->n_nodes; a++)
             for (int b = 0; b < tr->n_nodes; b++) {
-                double v = tr->node_rows[(size_t)a * tr->n_nodes + b] * per_row;
-                int sa = reverse ? b : a, sb = reverse ? a : b;
-                if (n0 + sa < N && n0 + sb < N) s->node_bytes[((size_t)phase * N + n0 + sa) * N + n0 + sb] += v;
+                double v = tr->node_rows[(size_t)a * tr->n_nodes + b] * row_b + tr->node_ents[(size_t)a * tr->n_nodes + b] * ent_b;
+                int sa = node_w[reverse ? b : a] + shift, sb = node_w[reverse ? a : b] + shift;
+                if (sa < N && sb < N) s->node_bytes[((size_t)phase * N + sa) * N + sb] += v;
             }
     }
+    xfree(node_w);
+}
+
+/* the counts message of one exchange stage: 2 int64 from every rank of the group to every
+ * other (an alltoall, phase dispatch), as ep.c sends it */
+static void book_counts(StepSim *s, const SimCtx *c, const int *wmap, int times) {
+    int P = c->P, S = c->S, N = c->world.n_nodes;
+    for (int g = 0; g < times; g++)
+        for (int a = 0; a < S; a++)
+            for (int b = 0; b < S; b++) {
+                if (a == b) continue;
+                int wa = wmap[a] + g * S, wb = wmap[b] + g * S, same = topology_same_node(&c->world, wa, wb);
+                (same ? s->intra : s->inter)[COMM_PHASE_DISPATCH] += 16;
+                s->msgs[COMM_PHASE_DISPATCH] += 1;
+                s->rank_sent[(size_t)COMM_PHASE_DISPATCH * P + wa] += 16;
+                s->rank_recv[(size_t)COMM_PHASE_DISPATCH * P + wb] += 16;
+                if (!same) s->node_bytes[((size_t)COMM_PHASE_DISPATCH * N + c->world.node_of[wa]) * N + c->world.node_of[wb]] += 16;
+            }
 }
 
 static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) {
@@ -426,37 +459,80 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     const Hw *h = &c->hw;
     int S = c->S, n = sc->sample_tokens > 0 && sc->sample_tokens < sc->tokens_per_rank ? sc->sample_tokens : sc->tokens_per_rank;
     double scale = (double)sc->tokens_per_rank / n, N = sc->tokens_per_rank, D = sh->D;
+    if (c->trace) N = (double)(c->trace_nk / (size_t)sh->k);   /* the recorded tokens per rank */
     step_alloc(out, c);
     int nd = sc->distinct_layers < sh->n_moe ? sc->distinct_layers : (sh->n_moe > 0 ? sh->n_moe : 1);
     double fwd_dense = sh->dense_flops_tok * N / h->flops;          /* every rank: the replicated part */
     double comm_total = 0, compute_total = 0, bwd_compute_total = 0, max_recv_rows = 0;
-    for (int ld = 0; ld < nd && sh->n_moe > 0; ld++) {
-        Draw dw;
-        uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
-        draw_routing(cfg, &dw, S, n, c->members, c->expert_node, &c->ep, seed);
-        SimTraffic tr[2];
-        sim_traffic_count(tr, dw.sel, S, n, sh->k, c->owner, &c->ep, c->two_level, scale);
-        /* the MoE layers this draw stands for */
-        int reps = sh->n_moe / nd + (ld < sh->n_moe % nd);
-        double rd = dtype_bytes(sc->dispatch_dtype) * D, rc = dtype_bytes(sc->combine_dtype) * D;
-        /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout rows
-         * out (the combine dtype), dx rows back (the dispatch dtype) and 4-byte dgates per entry */
-        StageCost df = stage_cost(&tr[0], rd, 12, 0, 1, h, &c->ep), cf = stage_cost(&tr[0], rc, 0, 1, 0, h, &c->ep);
-        StageCost db = stage_cost(&tr[0], rc, 0, 0, 0, h, &c->ep), cb = stage_cost(&tr[0], rd, 4, 1, 0, h, &c->ep);
-        if (c->two_level) {
-            StageCost b[4] = {stage_cost(&tr[1], rd, 12, 0, 1, h, &c->ep), stage_cost(&tr[1], rc, 0, 1, 0, h, &c->ep),
-                              stage_cost(&tr[1], rc, 0, 0, 0, h, &c->ep), stage_cost(&tr[1], rd, 4, 1, 0, h, &c->ep)};
-            df.t += b[0].t; cf.t += b[1].t; db.t += b[2].t; cb.t += b[3].t;
-        }
-        /* expert work: the slowest rank's received rows (one base product each, clustered) and entries */
+    double rd = dtype_bytes(sc->dispatch_dtype) * D, rc = dtype_bytes(sc->combine_dtype) * D;
+    int n_units_l = c->trace ? sh->n_moe : nd;         /* layer routings this step */
+    int groups = c->trace ? c->R : 1;                  /* groups counted one by one (traces) or one for all */
+    int32_t *tsel = c->trace ? xmalloc(sizeof(int32_t) * (size_t)S * c->trace_nk) : NULL;
+    for (int ld = 0; ld < n_units_l && sh->n_moe > 0; ld++) {
+        int reps = c->trace ? 1 : sh->n_moe / nd + (ld < sh->n_moe % nd);   /* MoE layers this routing stands for */
         double worst = 0;
-        const SimTraffic *fin = c->two_level ? &tr[1] : &tr[0];
-        for (int r = 0; r < S; r++) {
-            double f = fin->recv_rows[r] * sh->unit_flops + fin->recv_entries[r] * (sh->two ? sh->pair_flops : sh->unit_flops);
-            if (!sh->two) f = fin->recv_entries[r] * sh->unit_flops;
-            if (f > worst) worst = f;
-            if (fin->recv_rows[r] > max_recv_rows) max_recv_rows = fin->recv_rows[r];
+        StageCost df = {0, 0, 0}, cf = df, db = df, cb = df;
+        double tokens_l = 0;
+        for (int g = 0; g < groups; g++) {
+            SimTraffic tr[2];
+            Draw dw = {0};
+            const int32_t *owner = c->owner;
+            if (c->trace) {
+                /* the recorded routing of this group's ranks (EP positions 0..S-1) at this step */
+                long row = c->trace_row;
+                for (int r = 0; r < S; r++) {
+                    int w = c->world_of[g * S + r];
+                    const int64_t *src = c->trace_sel + (((size_t)row * sh->n_moe + ld) * c->P + w) * c->trace_nk;
+                    for (size_t q = 0; q < c->trace_nk; q++) tsel[(size_t)r * c->trace_nk + q] = (int32_t)src[q];
+                }
+                for (int e = 0; e < sh->E; e++) c->owner[e] = (int32_t)c->trace_owner[((size_t)row * sh->n_moe + ld) * sh->E + e];
+                sim_traffic_count(tr, tsel, S, (int)(c->trace_nk / sh->k), sh->k, owner, &c->ep, c->two_level, 1.0);
+            } else {
+                uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
+                draw_routing(cfg, &dw, S, n, c->members, c->expert_node, &c->ep, seed);
+                sim_traffic_count(tr, dw.sel, S, n, sh->k, owner, &c->ep, c->two_level, scale);
+            }
+            /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout
+             * rows out (the combine dtype), dx rows back (the dispatch dtype) and 4-byte dgates per entry */
+            StageCost x[4] = {stage_cost(&tr[0], rd, 12, 0, 1, h, &c->ep), stage_cost(&tr[0], rc, 0, 1, 0, h, &c->ep),
+                              stage_cost(&tr[0], rc, 0, 0, 0, h, &c->ep), stage_cost(&tr[0], rd, 4, 1, 0, h, &c->ep)};
+            if (c->two_level) {
+                StageCost b[4] = {stage_cost(&tr[1], rd, 12, 0, 1, h, &c->ep), stage_cost(&tr[1], rc, 0, 1, 0, h, &c->ep),
+                                  stage_cost(&tr[1], rc, 0, 0, 0, h, &c->ep), stage_cost(&tr[1], rd, 4, 1, 0, h, &c->ep)};
+                for (int q = 0; q < 4; q++) x[q].t += b[q].t;
+            }
+            if (x[0].t > df.t) df = x[0];
+            if (x[1].t > cf.t) cf = x[1];
+            if (x[2].t > db.t) db = x[2];
+            if (x[3].t > cb.t) cb = x[3];
+            /* expert work: the slowest rank's received rows (one base product each, clustered) and entries */
+            const SimTraffic *fin = c->two_level ? &tr[1] : &tr[0];
+            for (int r = 0; r < S; r++) {
+                double f = sh->two ? fin->recv_rows[r] * sh->unit_flops + fin->recv_entries[r] * sh->pair_flops
+                                   : fin->recv_entries[r] * sh->unit_flops;
+                if (f > worst) worst = f;
+                if (fin->recv_rows[r] > max_recv_rows) max_recv_rows = fin->recv_rows[r];
+            }
+            const int *wmap = c->trace ? c->world_of + (size_t)g * S : c->world_of;
+            int times = c->trace ? 1 : c->R;
+            for (int q = 0; q < reps; q++)
+                for (int st = 0; st <= c->two_level; st++) {
+                    book_counts(out, c, wmap, times);
+                    book(out, c, &tr[st], rd, 12, 0, COMM_PHASE_DISPATCH, wmap, times);
+                    book(out, c, &tr[st], rc, 0, 0, COMM_PHASE_DISPATCH, wmap, times);
+                    book(out, c, &tr[st], rc, 0, 1, COMM_PHASE_COMBINE, wmap, times);
+                    book(out, c, &tr[st], rd, 4, 1, COMM_PHASE_COMBINE, wmap, times);
+                }
+            out->disp4[0] += (double)reps * times * tr[0].rows_total;   /* as the trainer: stage A / flat rows */
+            out->disp4[1] += (double)reps * times * tr[0].pairs_total;
+            out->disp4[2] += (double)reps * times * tr[0].nodes_touched;
+            out->disp4[3] += (double)reps * times * tr[0].tokens;
+            tokens_l += tr[0].tokens;
+            sim_traffic_free(&tr[0]);
+            if (c->two_level) sim_traffic_free(&tr[1]);
+            xfree(dw.sel);
         }
+        (void)tokens_l;
         double cfw = worst / h->flops, cbw = 2 * worst / h->flops;
         double xf = df.t + cf.t, xb = db.t + cb.t;
         double lt;
@@ -464,7 +540,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         else if (sc->overlap == SIM_OVERLAP_FRACTION) lt = cfw + cbw + (1 - sc->overlap_fraction) * (xf + xb);
         else lt = cfw + cbw + xf + xb;
         for (int q = 0; q < reps; q++) {
-            int l = ld + q * nd;
+            int l = ld + q * n_units_l;
             out->layer_s[l] = lt;
             out->bound_rank[l] = df.bound_rank;
             out->bound_link[l] = df.bound_link;
@@ -477,21 +553,8 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         bwd_compute_total += reps * cbw;
         out->fwd_compute += reps * cfw;
         out->bwd_compute += reps * cbw;
-        for (int q = 0; q < reps; q++)
-            for (int st = 0; st <= c->two_level; st++) {
-                book(out, c, &tr[st], rd, 12, 0, COMM_PHASE_DISPATCH);
-                book(out, c, &tr[st], rc, 0, 0, COMM_PHASE_DISPATCH);
-                book(out, c, &tr[st], rc, 0, 1, COMM_PHASE_COMBINE);
-                book(out, c, &tr[st], rd, 4, 1, COMM_PHASE_COMBINE);
-            }
-        out->disp4[0] += reps * c->R * tr[0].rows_total;   /* as the trainer: stage A / flat rows */
-        out->disp4[1] += reps * c->R * tr[0].pairs_total;
-        out->disp4[2] += reps * c->R * tr[0].nodes_touched;
-        out->disp4[3] += reps * c->R * tr[0].tokens;
-        sim_traffic_free(&tr[0]);
-        if (c->two_level) sim_traffic_free(&tr[1]);
-        xfree(dw.sel);
     }
+    xfree(tsel);
     /* the replicated part of every layer (attention, router, dense FFN, head) */
     out->fwd_compute += fwd_dense;
     out->bwd_compute += 2 * fwd_dense;
@@ -544,6 +607,69 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     out->mem[3] = out->mem[0] + out->mem[1] + out->mem[2];
 }
 
+/* ---- routing traces ---- */
+
+/* a whole int64 dataset of a trained run's log; dims[nd] out (nd <= 4) */
+static Status read_i64(hid_t f, const char *path, const char *file, int64_t **out, hsize_t *dims, int *nd) {
+    *out = NULL;
+    if (H5Lexists(f, path, H5P_DEFAULT) <= 0)
+        return status_errorf("sim.trace=%s: no dataset %s (train with log.trace_interval > 0)", file, path);
+    hid_t d = H5Dopen2(f, path, H5P_DEFAULT), sp = H5Dget_space(d);
+    *nd = H5Sget_simple_extent_ndims(sp);
+    ASSERT(*nd >= 1 && *nd <= 4);
+    H5Sget_simple_extent_dims(sp, dims, NULL);
+    size_t n = 1;
+    for (int i = 0; i < *nd; i++) n *= dims[i];
+    *out = xmalloc(sizeof(int64_t) * (n ? n : 1));
+    herr_t rc = n ? H5Dread(d, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, *out) : 0;
+    H5Sclose(sp);
+    H5Dclose(d);
+    if (rc < 0) return status_errorf("sim.trace=%s: cannot read %s", file, path);
+    return status_ok();
+}
+
+static Status load_trace(SimCtx *c, const Config *cfg) {
+    const char *file = cfg->sim.trace;
+    if (!file[0]) return status_errorf("sim.routing=trace needs sim.trace (the metrics.h5 of a run trained with log.trace_interval)");
+    if (access(file, R_OK) != 0) return status_errorf("sim.trace=%s: cannot read the file", file);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return status_errorf("sim.trace=%s: not an HDF5 file", file);
+    hsize_t dr[4], ds[4], dw[4], dg[4];
+    int nr, ns, nw, ng;
+    int64_t *steps = NULL, *gof = NULL, *pos = NULL;
+    Status st = read_i64(f, "trace/routing/value", file, &c->trace_sel, dr, &nr);
+    if (STATUS_OK(st)) st = read_i64(f, "trace/routing/step", file, &steps, ds, &ns);
+    if (STATUS_OK(st)) st = read_i64(f, "trace/owner/value", file, &c->trace_owner, dw, &nw);
+    if (STATUS_OK(st)) st = read_i64(f, "parallel/ep_group_of_rank", file, &gof, dg, &ng);
+    if (STATUS_OK(st)) st = read_i64(f, "parallel/ep_pos_of_rank", file, &pos, dg, &ng);
+    H5Fclose(f);
+    if (STATUS_OK(st) && (nr != 4 || (int)dr[1] != c->sh.n_moe || (int)dr[2] != c->P || dr[3] % (hsize_t)c->sh.k))
+        st = status_errorf("sim.trace=%s: trace/routing is [%llu, %llu, %llu, %llu], but the config gives %d MoE layers, "
+                           "%d GPUs (sim.nodes x sim.gpus_per_node) and top_k %d", file, (unsigned long long)dr[0],
+                           (unsigned long long)dr[1], (unsigned long long)(nr > 2 ? dr[2] : 0),
+                           (unsigned long long)(nr > 3 ? dr[3] : 0), c->sh.n_moe, c->P, c->sh.k);
+    if (STATUS_OK(st) && (int)dg[0] != c->P) st = status_errorf("sim.trace=%s: the run had %llu ranks, the simulation %d GPUs",
+                                                               file, (unsigned long long)dg[0], c->P);
+    if (STATUS_OK(st)) {
+        c->n_trace = (long)dr[0];
+        c->trace_nk = (size_t)dr[3];
+        c->trace_steps = xmalloc(sizeof(long) * (size_t)(c->n_trace ? c->n_trace : 1));
+        for (long i = 0; i < c->n_trace; i++) c->trace_steps[i] = (long)steps[i];
+        /* the run's EP groups: world rank of every (group, position) */
+        for (int r = 0; r < c->P; r++) {
+            if (gof[r] < 0 || gof[r] >= c->R || pos[r] < 0 || pos[r] >= c->S) {
+                st = status_errorf("sim.trace=%s: the run's EP groups do not match parallel.ep_size=%d", file, c->S);
+                break;
+            }
+            c->world_of[gof[r] * c->S + pos[r]] = r;
+        }
+        if (c->n_trace == 0) st = status_errorf("sim.trace=%s: no step was recorded", file);
+    }
+    xfree(steps); xfree(gof); xfree(pos);
+    return st;
+}
+
 /* ---- the run ---- */
 
 static Status ctx_init(SimCtx *c, const Config *cfg) {
@@ -581,6 +707,8 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
     TRY(placement_init(&c->place, c->sh.U, c->S));
     placement_contiguous(&c->place);
     int E = c->sh.E, K = c->sh.K;
+    c->world_of = xmalloc(sizeof(int) * (size_t)c->P);
+    for (int r = 0; r < c->P; r++) c->world_of[r] = r;   /* group g = ranks g S .. g S + S - 1 */
     c->owner = xmalloc(sizeof(int32_t) * E);
     c->members = xmalloc(sizeof(int32_t) * E);
     c->expert_node = xmalloc(sizeof(int32_t) * E);
@@ -591,6 +719,10 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
             c->owner[e] = c->place.owner[u];
             c->expert_node[e] = c->ep.node_of[c->place.owner[u]];
         }
+    if (sc->routing == SIM_ROUTE_TRACE) {
+        c->trace = 1;
+        TRY(load_trace(c, cfg));
+    }
     return status_ok();
 }
 
@@ -598,7 +730,8 @@ static void ctx_free(SimCtx *c) {
     topology_free(&c->world);
     topology_free(&c->ep);
     placement_free(&c->place);
-    xfree(c->owner); xfree(c->members); xfree(c->expert_node);
+    xfree(c->owner); xfree(c->members); xfree(c->expert_node); xfree(c->world_of);
+    xfree(c->trace_sel); xfree(c->trace_owner); xfree(c->trace_steps);
 }
 
 Status sim_run(const Config *cfg, int quiet) {
@@ -661,15 +794,28 @@ Status sim_run(const Config *cfg, int quiet) {
     h5log_attr_str(&lg, "/comm/summary/inter_bytes", "columns", "allreduce,dispatch,combine,migration,other,recluster");
     st = h5log_start(&lg);
     double t0 = time_now();
-    for (long s = 0; s < sc->steps && STATUS_OK(st); s++) {
+    /* a trace replays its recorded steps (or the one asked for) under their own step numbers */
+    long n_steps = sc->steps;
+    if (c.trace) {
+        n_steps = sc->trace_step > 0 ? 1 : c.n_trace;
+        if (sc->trace_step > 0) {
+            c.trace_row = -1;
+            for (long i = 0; i < c.n_trace; i++) if (c.trace_steps[i] == sc->trace_step) c.trace_row = i;
+            if (c.trace_row < 0) st = status_errorf("sim.trace_step=%ld: %s recorded no routing at that step", sc->trace_step, sc->trace);
+        }
+    }
+    for (long s = 0; s < n_steps && STATUS_OK(st); s++) {
         StepSim ss;
         double lo = INFINITY, hi = 0, mean = 0;
-        for (int q = 0; q < sc->samples; q++) {
+        if (c.trace && sc->trace_step == 0) c.trace_row = s;
+        long step_no = c.trace ? c.trace_steps[c.trace_row] : s + 1;
+        int samples = c.trace ? 1 : sc->samples;
+        for (int q = 0; q < samples; q++) {
             StepSim tmp;
             simulate_step(&c, s, q, &tmp);
             if (tmp.step_s < lo) lo = tmp.step_s;
             if (tmp.step_s > hi) hi = tmp.step_s;
-            mean += tmp.step_s / sc->samples;
+            mean += tmp.step_s / samples;
             if (q == 0) ss = tmp;
             else step_free(&tmp);
         }
@@ -678,27 +824,27 @@ Status sim_run(const Config *cfg, int quiet) {
                            ss.allreduce, ss.optimizer};
         double tb[8] = {ss.fwd_compute, ss.bwd_compute, ss.dispatch, ss.combine, ss.allreduce, ss.optimizer, ss.exposed, ss.step_s};
         double band[3] = {lo, mean, hi};
-        h5log_append(&lg, id_step, s + 1, &ss.step_s);
-        h5log_append(&lg, id_tok, s + 1, &tok_s);
-        h5log_append(&lg, id_split, s + 1, split);
-        h5log_append(&lg, id_intra, s + 1, ss.intra);
-        h5log_append(&lg, id_inter, s + 1, ss.inter);
-        h5log_append(&lg, id_msgs, s + 1, ss.msgs);
-        h5log_append(&lg, id_disp, s + 1, ss.disp4);
-        h5log_append(&lg, id_nm, s + 1, ss.node_bytes);
-        h5log_append(&lg, id_sent, s + 1, ss.rank_sent);
-        h5log_append(&lg, id_recv, s + 1, ss.rank_recv);
-        h5log_append(&lg, id_tb, s + 1, tb);
-        h5log_append(&lg, id_layer, s + 1, ss.layer_s);
-        h5log_append(&lg, id_brank, s + 1, ss.bound_rank);
-        h5log_append(&lg, id_blink, s + 1, ss.bound_link);
-        h5log_append(&lg, id_band, s + 1, band);
-        h5log_append(&lg, id_mem, s + 1, ss.mem);
-        st = h5log_step_done(&lg, s + 1);
+        h5log_append(&lg, id_step, step_no, &ss.step_s);
+        h5log_append(&lg, id_tok, step_no, &tok_s);
+        h5log_append(&lg, id_split, step_no, split);
+        h5log_append(&lg, id_intra, step_no, ss.intra);
+        h5log_append(&lg, id_inter, step_no, ss.inter);
+        h5log_append(&lg, id_msgs, step_no, ss.msgs);
+        h5log_append(&lg, id_disp, step_no, ss.disp4);
+        h5log_append(&lg, id_nm, step_no, ss.node_bytes);
+        h5log_append(&lg, id_sent, step_no, ss.rank_sent);
+        h5log_append(&lg, id_recv, step_no, ss.rank_recv);
+        h5log_append(&lg, id_tb, step_no, tb);
+        h5log_append(&lg, id_layer, step_no, ss.layer_s);
+        h5log_append(&lg, id_brank, step_no, ss.bound_rank);
+        h5log_append(&lg, id_blink, step_no, ss.bound_link);
+        h5log_append(&lg, id_band, step_no, band);
+        h5log_append(&lg, id_mem, step_no, ss.mem);
+        st = h5log_step_done(&lg, step_no);
         if (!quiet)
             printf("sim step %ld/%d | %d GPUs (%d x %d), ep_size %d | step %.2f ms [%.2f, %.2f] | compute %.2f ms | "
                    "exposed comm %.2f ms | inter-node %.0f B/token | %.0f tok/s | %.1f GiB/GPU | %.2f s\n",
-                   s + 1, sc->steps, P, sc->nodes, sc->gpus_per_node, c.S, 1e3 * ss.step_s, 1e3 * lo, 1e3 * hi,
+                   step_no, sc->steps, P, sc->nodes, sc->gpus_per_node, c.S, 1e3 * ss.step_s, 1e3 * lo, 1e3 * hi,
                    1e3 * (ss.fwd_compute + ss.bwd_compute), 1e3 * ss.exposed,
                    (ss.inter[COMM_PHASE_DISPATCH] + ss.inter[COMM_PHASE_COMBINE]) / (ss.disp4[3] > 0 ? ss.disp4[3] : 1),
                    tok_s, ss.mem[3] / (1024.0 * 1024 * 1024), time_now() - t0);
@@ -711,7 +857,7 @@ Status sim_run(const Config *cfg, int quiet) {
     TRY(fl);
     str_fmt(path, sizeof path, "%s/DONE", dir);
     char done[64];
-    int n = snprintf(done, sizeof done, "simulated %d steps\n", sc->steps);
+    int n = snprintf(done, sizeof done, "simulated %ld steps\n", n_steps);
     return file_write_atomic(path, done, (size_t)n);
 }
 

@@ -37,6 +37,7 @@ typedef struct SimTraffic {
     double *recv_entries;    /* [P] entries received (incl. from self): expert work of the rank */
     double *recv_rows;       /* [P] rows received (incl. from self) */
     double *node_rows;       /* [nodes, nodes] rows between different ranks, by node */
+    double *node_ents;       /* [nodes, nodes] their entries */
     double rows_total, pairs_total, nodes_touched, tokens;   /* all ranks (comm/dispatch columns) */
 } SimTraffic;
 

@@ -544,6 +544,27 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     for (int l = 0; l < m->L; l++) moe_update_bias(&m->ffn[l], &m->acts[l].moe);
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind != MOE_KIND_DENSE) ep_stats_step(&m->ep[l], comm, cfg->parallel.affinity_ema);
+    /* routing trace (log.trace_interval): every token's kept experts and the expert map the
+     * step's exchange used (before any re-placement below), gathered to rank 0 */
+    int nm_tr = model_n_moe_layers(m);
+    if (cfg->log.trace_interval > 0 && nm_tr > 0 && (step + 1) % cfg->log.trace_interval == 0) {
+        int k = cfg->moe.top_k;
+        size_t nk = (size_t)m->B_max * m->T * k;
+        int32_t *local = xmalloc(sizeof(int32_t) * (size_t)nm_tr * nk);
+        int32_t *all = r->rank == 0 ? xmalloc(sizeof(int32_t) * (size_t)nm_tr * nk * P) : NULL;
+        int i = 0;
+        for (int l = 0; l < m->L; l++) {
+            if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
+            const Route *rt = &m->acts[l].moe.route;
+            for (size_t q = 0; q < nk; q++)
+                local[(size_t)i * nk + q] = q < (size_t)rt->N * k && rt->pos[q] >= 0 ? rt->expert[q] : -1;
+            i++;
+        }
+        comm_gather_bytes(comm, local, all, sizeof(int32_t) * (size_t)nm_tr * nk, 0);
+        if (r->rank == 0) runlog_trace(&r->log, m, step + 1, all);
+        xfree(local);
+        xfree(all);
+    }
     /* offloading closes the step first, so a unit the placement fetches back below has its
      * catch-up include this step's update */
     TRY(comm_agree(comm, residency_end_step(&r->resid, step)));
@@ -598,25 +619,6 @@ static Status finish_step(Run *r, long step, StepOut *o) {
             double tot = loc[2 * i] + loc[2 * i + 1];
             r->intra_frac[i] = tot > 0 ? loc[2 * i] / tot : 1.0;
         }
-    }
-    /* routing trace (log.trace_interval): every token's kept experts, gathered to rank 0 */
-    if (cfg->log.trace_interval > 0 && nm > 0 && (step + 1) % cfg->log.trace_interval == 0) {
-        int k = cfg->moe.top_k;
-        size_t nk = (size_t)m->B_max * m->T * k;
-        int32_t *local = xmalloc(sizeof(int32_t) * (size_t)nm * nk);
-        int32_t *all = r->rank == 0 ? xmalloc(sizeof(int32_t) * (size_t)nm * nk * P) : NULL;
-        int i = 0;
-        for (int l = 0; l < m->L; l++) {
-            if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
-            const Route *rt = &m->acts[l].moe.route;
-            for (size_t q = 0; q < nk; q++)
-                local[(size_t)i * nk + q] = q < (size_t)rt->N * k && rt->pos[q] >= 0 ? rt->expert[q] : -1;
-            i++;
-        }
-        comm_gather_bytes(comm, local, all, sizeof(int32_t) * (size_t)nm * nk, 0);
-        if (r->rank == 0) runlog_trace(&r->log, m, step + 1, all);
-        xfree(local);
-        xfree(all);
     }
     r->pos.step = step + 1;
     r->pos.tokens_seen += (int64_t)tc->batch_size * r->T;

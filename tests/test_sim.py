@@ -11,7 +11,12 @@
 - bad sim input is a located error: an unknown preset names the key and the allowed values,
   an ep_size that does not divide the GPUs names parallel.ep_size, an unknown sim key names it;
 - `--validate published` prints DeepEP's rows with predictions; its exit status says whether
-  a predicted row is out of tolerance (the normal-kernel rows must be within 15%)."""
+  a predicted row is out of tolerance (the normal-kernel rows must be within 15%);
+- byte-exact replay: a run trained with log.trace_interval 1 on 4 ranks (2 virtual nodes x 2)
+  and simulated with sim.routing trace books, at every step, exactly the trainer's allreduce,
+  dispatch and combine bytes (intra and inter node) and comm/dispatch rows, pairs, nodes and
+  tokens: flat, two-level, ep_size 2, and clustered with units migrating every 2 steps;
+  a missing trace file is an error naming sim.trace."""
 import os
 import re
 import h5py
@@ -107,6 +112,44 @@ with open(cfg, "a") as f:
 p = run_plain(["simulate", cfg])
 check(p.returncode != 0 and "gpu_per_node" in p.stderr and re.search(r"bad\.yaml:\d+", p.stderr) is not None,
       f"unknown sim key: error names file:line and the key ({p.stderr.strip()[:160]!r})")
+
+# ---- byte-exact replay of recorded routing ----
+CLU = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=8", "--set", "moe.rank=4", "--set", "moe.top_groups=2",
+       "--set", "clustering.enabled=false"]
+REPLAY = {"flat": CLU, "two-level": CLU + ["--set", "parallel.exchange=two_level"],
+          "ep_size2": CLU + ["--set", "parallel.ep_size=2"],
+          "migrating": CLU + ["--set", "parallel.placement=topology", "--set", "parallel.place_interval=2",
+                              "--set", "parallel.min_gain=0"],
+          "standard-drops": ["--set", "moe.capacity_factor=0.6"]}
+for name, sets in REPLAY.items():
+    cfg = os.path.join(d, f"rp-{name}.yaml")
+    tiny_config(cfg, d, f"rp-{name}")
+    p = run(["train", cfg, "--quiet", "--set", "log.trace_interval=1"] + sets + VIRT, ranks=4)
+    if not check(p.returncode == 0, f"replay {name}: 4-rank training run with traces exits 0"):
+        continue
+    th = os.path.join(d, f"rp-{name}", "metrics.h5")
+    with h5py.File(th, "r", swmr=True) as f:
+        vocab = int(f.attrs["vocab_size"])
+    p = run_plain(["simulate", cfg, "--quiet", "--set", f"run.name=sp-{name}", "--set", "sim.routing=trace",
+                   "--set", f"sim.trace={th}", "--set", "sim.nodes=2", "--set", "sim.gpus_per_node=2",
+                   "--set", f"data.vocab_max={vocab}"] + sets)
+    if not check(p.returncode == 0, f"replay {name}: simulate exits 0 ({p.stderr.strip()[-200:]})"):
+        continue
+    sh = os.path.join(d, f"sp-{name}", "metrics.h5")
+    same = True
+    for k, cols in (("comm/summary/intra_bytes", [0, 1, 2]), ("comm/summary/inter_bytes", [0, 1, 2]),
+                    ("comm/dispatch", [0, 1, 2, 3])):
+        st, a = series(th, k)
+        ss, b = series(sh, k)
+        same &= list(st) == list(ss) and np.array_equal(a[:, cols], b[:, cols])
+    _, mig = series(th, "parallel/migration_bytes")
+    _, drop = series(th, "moe/balance/drop")
+    check(same, f"replay {name}: every step's allreduce, dispatch and combine bytes and dispatch rows equal the trainer's"
+                + (f" (migrated {mig.sum():.0f} bytes)" if name == "migrating" else "")
+                + (f" (dropped {drop.mean():.2f} of the pairs)" if name == "standard-drops" else ""))
+p = run_plain(["simulate", cfg, "--set", "sim.routing=trace", "--set", f"sim.trace={d}/nope/metrics.h5",
+               "--set", "sim.nodes=2", "--set", "sim.gpus_per_node=2"])
+check(p.returncode != 0 and "sim.trace=" in p.stderr, f"missing trace file: error names sim.trace ({p.stderr.strip()[:160]!r})")
 
 # ---- published numbers ----
 p = run_plain(["simulate", "--validate", "published"], timeout=300)
