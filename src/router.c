@@ -49,12 +49,13 @@ void router_stats_init(RouteStats *s, int E, int G) {
     memset(s, 0, sizeof *s);
     s->counts = xcalloc(sizeof(double) * E);
     s->counts_routed = xcalloc(sizeof(double) * E);
+    s->counts_selected = xcalloc(sizeof(double) * E);
     if (G > 0) s->group_counts = xcalloc(sizeof(double) * G);
 }
 
 void router_stats_free(RouteStats *s) {
     if (!s) return;
-    xfree(s->counts); xfree(s->counts_routed); xfree(s->group_counts);
+    xfree(s->counts); xfree(s->counts_routed); xfree(s->counts_selected); xfree(s->group_counts);
     memset(s, 0, sizeof *s);
 }
 
@@ -432,17 +433,19 @@ void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *g
 void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *st) {
     int E = r->E, G = r->G, k = r->k, TG = r->TG, N = r->N;
     /* global P_i (mean prob), group q, and sum lse^2: one allreduce of E + G + 1 doubles */
-    double *red = xcalloc(sizeof(double) * (E + G + 3));
+    double *red = xcalloc(sizeof(double) * (2 * E + G + 3));
     for (int t = 0; t < N; t++) {
         for (int i = 0; i < E; i++) red[i] += r->probs[(size_t)t * E + i];
         for (int g = 0; g < G; g++) red[E + g] += r->q[(size_t)t * G + g];
         red[E + G] += r->lse[t] * r->lse[t];
     }
-    red[E + G + 1] = r->nodes_sum;      /* the node counts ride along (element-wise sums) */
+    red[E + G + 1] = r->nodes_sum;      /* the node counts and selections ride along (element-wise sums) */
     red[E + G + 2] = r->nodes_over;
-    comm_allreduce_sum_f64(comm, red, E + G + 3);
+    for (size_t q = 0; q < (size_t)N * r->k; q++) red[E + G + 3 + r->expert[q]] += 1;
+    comm_allreduce_sum_f64(comm, red, 2 * E + G + 3);
     st->nodes_mean = red[E + G + 1] / (double)n_global;
     st->nodes_over = red[E + G + 2];
+    for (int i = 0; i < E; i++) st->counts_selected[i] = red[E + G + 3 + i];
     int aux = mc->balance == BALANCE_AUX;       /* aux_free: the bias balances instead */
     double a_e = aux ? mc->aux_loss_coef : 0, a_g = aux ? mc->group_aux_coef : 0;
     double le = 0, lg = 0;

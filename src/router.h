@@ -21,7 +21,9 @@ typedef struct RouteStats {      /* of the last forward, global over ranks */
     double aux_loss;             /* alpha * E * sum f_i P_i (+ the group term; 0 if dense) */
     double z_loss;               /* beta * mean lse^2 */
     double *counts;              /* [E] tokens kept per expert (after capacity) */
-    double *counts_routed;       /* [E] token-expert pairs routed (before expert capacity) */
+    double *counts_routed;       /* [E] token-expert pairs routed (before expert capacity; clustered: after group capacity) */
+    double *counts_selected;     /* [E] token-expert pairs the router selected, before any capacity: the load
+                                    every layer kind's balance metrics (CV², MaxVio) use */
     double dropped_frac;         /* dropped pairs / routed pairs */
     double *group_counts;        /* [G] token-group selections per group (clustered) */
     double group_aux_loss, group_dropped_frac;

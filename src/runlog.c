@@ -190,6 +190,9 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
         TRY(h5log_attr_str(lg, "/trace/owner", "axes",
                            "MoE layer, expert: its owner (rank inside the expert-parallel group) at that step"));
     }
+    TRY(h5log_attr_str(lg, "/moe/balance/cv2", "note",
+                       "expert load = token-expert pairs the router selected, before any capacity (group or expert), "
+                       "for every layer kind; var, maxvio, max_over_mean, entropy and dead use the same load"));
     TRY(h5log_attr_str(lg, "/moe/nodes_per_token", "columns",
                        "mean distinct nodes of a token's selected experts (before capacity), tokens whose experts "
                        "span more than moe.max_nodes nodes (0 when the limit holds)"));
@@ -461,7 +464,7 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
         for (int l = 0; l < m->L; l++) {
             if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
             const MoeStats *ms = &m->acts[l].moe.stats;
-            LoadStats ls = metrics_load(ms->counts_routed, E);
+            LoadStats ls = metrics_load(ms->counts_selected, E);   /* every kind: selections before capacity */
             cv2[i] = ls.cv2; var[i] = ls.var; mv[i] = ls.maxvio; mm[i] = ls.max_over_mean;
             ent[i] = ls.entropy; dead[i] = ls.dead_frac; drop[i] = ms->dropped_frac;
             memcpy(tpe + (size_t)i * E, ms->counts_routed, sizeof(double) * E);

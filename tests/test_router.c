@@ -118,6 +118,17 @@ static void test_two_stage(Comm *comm) {
     router_losses(&r, &mc, comm, N, &st);
     ok(st.group_aux_loss > 0 && st.aux_loss > st.group_aux_loss, "two stage: group and in-group aux losses (%g, %g)",
        st.group_aux_loss, st.aux_loss);
+    /* the load every kind's balance metrics use: selections before any capacity (token 2's pairs
+     * count although group capacity dropped them; counts_routed does not have them) */
+    double sel_cnt[E] = {0};
+    for (int i = 0; i < N * k; i++) sel_cnt[r.expert[i]] += 1;
+    int same = 1;
+    for (int e = 0; e < E; e++) same &= st.counts_selected[e] == sel_cnt[e];
+    double routed = 0, selected = 0;
+    for (int e = 0; e < E; e++) { routed += st.counts_routed[e]; selected += st.counts_selected[e]; }
+    ok(same && selected == N * k && routed == selected - k,
+       "counts_selected = every selection before capacity (%g), counts_routed lacks the group-dropped pairs (%g)", selected,
+       routed);
     router_stats_free(&st);
     router_free(&r);
 }
