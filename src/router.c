@@ -61,6 +61,16 @@ void router_stats_free(RouteStats *s) {
 
 /* ---- selection ---- */
 
+/* p[E] = softmax(l[E]) with double accumulation; returns the log-sum-exp */
+static double softmax_row(const float *l, float *p, int E) {
+    float mx = l[0];
+    for (int e = 1; e < E; e++) if (l[e] > mx) mx = l[e];
+    double sum = 0;
+    for (int e = 0; e < E; e++) sum += exp((double)l[e] - mx);
+    for (int e = 0; e < E; e++) p[e] = (float)(exp((double)l[e] - mx) / sum);
+    return mx + log(sum);
+}
+
 /* ---- nodes ---- */
 
 static int nodes_active(const RouteNodes *nd) {
@@ -115,12 +125,7 @@ static void select_one_stage_nodes(Route *r, const MoeConfig *mc, const float *b
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
         float *p = r->probs + (size_t)t * E;
-        float mx = l[0];
-        for (int e = 1; e < E; e++) if (l[e] > mx) mx = l[e];
-        double sum = 0;
-        for (int e = 0; e < E; e++) sum += exp((double)l[e] - mx);
-        for (int e = 0; e < E; e++) p[e] = (float)(exp((double)l[e] - mx) / sum);
-        r->lse[t] = mx + log(sum);
+        r->lse[t] = softmax_row(l, p, E);
         for (int e = 0; e < E; e++)
             score[e] = l[e] + (bias ? bias[e] : 0.0f) + (nd->expert_node[e] == nd->home ? nd->home_bias : 0.0f);
         node_filter(nd, score, nd->expert_node, E, m, allowed);
@@ -155,12 +160,7 @@ static void select_one_stage(Route *r, const MoeConfig *mc, const float *bias, i
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
         float *p = r->probs + (size_t)t * E;
-        float mx = l[0];
-        for (int e = 1; e < E; e++) if (l[e] > mx) mx = l[e];
-        double sum = 0;
-        for (int e = 0; e < E; e++) sum += exp((double)l[e] - mx);
-        for (int e = 0; e < E; e++) p[e] = (float)(exp((double)l[e] - mx) / sum);
-        r->lse[t] = mx + log(sum);
+        r->lse[t] = softmax_row(l, p, E);
         int32_t *sel = r->expert + (size_t)t * k;
         float *gate = r->gate + (size_t)t * k;
         double gsum = 0;

@@ -11,7 +11,7 @@
 import os
 import shutil
 import numpy as np
-from testlib import check, finish, read_checkpoint, run, series, tiny_config, tmpdir
+from testlib import check, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-ep-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -30,13 +30,6 @@ def train(name, ranks, sets, extra=""):
 read_ckpt = read_checkpoint
 
 
-def table(sec):
-    rows = []
-    for line in sec["table"].split(b"\0")[0].decode().strip().splitlines():
-        name, cat, d0, d1, d2, offset = line.split()
-        n = int(d0) * (int(d1) or 1) * (int(d2) or 1)
-        rows.append((name, int(cat), int(d0), n, int(offset)))
-    return rows
 
 
 # ---- 1 vs 4 ranks ----
@@ -133,16 +126,6 @@ if os.path.exists(h4):
         rel = np.max(np.abs(lr_ - l4[6:]) / np.abs(l4[6:])) if len(lr_) == 6 else 1.0
         check(list(st_) == list(range(7, 13)) and rel < 2e-4, f"steps 7..12 at {ranks} rank(s) match the 4-rank run ({rel:.2e})")
         got = read_ckpt(os.path.join(d, name, "ckpt", "step_00000012", "model.bin"))
-        a = np.frombuffer(ref["params.expert"], dtype=np.float32)
-        b = np.frombuffer(got["params.expert"], dtype=np.float32)
-        bad = []
-        for (tname, cat, d0, n, off) in table(ref):
-            if cat != 1:
-                continue
-            ra, rb = a[off:off + n].reshape(d0, -1), b[off:off + n].reshape(d0, -1)
-            for i in range(d0):
-                err = np.linalg.norm(ra[i] - rb[i]) / max(np.linalg.norm(ra[i]), 1e-30)
-                if not (np.linalg.norm(rb[i]) > 0 and err < 1e-3):
-                    bad.append(f"{tname}[{i}] rel err {err:.2e}")
+        bad = expert_rows_bad(ref, got)
         check(not bad, f"every expert row intact after 4 -> {ranks} ranks ({len(bad)} bad: {bad[:3]})")
 finish()

@@ -15,7 +15,7 @@
 import os
 import shutil
 import numpy as np
-from testlib import check, finish, read_checkpoint, run, series, tiny_config, tmpdir
+from testlib import check, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-epsize-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -38,12 +38,6 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
-def table(sec):
-    rows = []
-    for line in sec["table"].split(b"\0")[0].decode().strip().splitlines():
-        name, cat, d0, d1, d2, offset = line.split()
-        rows.append((name, int(cat), int(d0), int(d0) * (int(d1) or 1) * (int(d2) or 1), int(offset)))
-    return rows
 
 
 # ---- equal losses at every EP layout ----
@@ -149,17 +143,7 @@ if os.path.exists(h42):
             check(list(st_)[-6:] == list(range(7, 13)) and r < 2e-4,
                   f"steps 7..12 at {ranks} rank(s), ep_size {ep} match the (4, 2) run ({r:.2e})")
         got = read_checkpoint(os.path.join(d, name, "ckpt", "step_00000012", "model.bin"))
-        a = np.frombuffer(ref["params.expert"], dtype=np.float32)
-        b = np.frombuffer(got["params.expert"], dtype=np.float32)
-        bad = []
-        for (tname, cat, d0, n, off) in table(ref):
-            if cat != 1:
-                continue
-            ra, rb = a[off:off + n].reshape(d0, -1), b[off:off + n].reshape(d0, -1)
-            for i in range(d0):
-                err = np.linalg.norm(ra[i] - rb[i]) / max(np.linalg.norm(ra[i]), 1e-30)
-                if not (np.linalg.norm(rb[i]) > 0 and err < 1e-3):
-                    bad.append(f"{tname}[{i}] rel err {err:.2e}")
+        bad = expert_rows_bad(ref, got)
         check(not bad, f"every expert row intact after (4, 2) -> ({ranks}, {ep}) ({len(bad)} bad: {bad[:3]})")
 
 # ---- bad ep_size ----

@@ -16,7 +16,7 @@
 import os
 import shutil
 import numpy as np
-from testlib import check, finish, read_checkpoint, run, series, tiny_config, tmpdir
+from testlib import check, checkpoint_table, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-replicas-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -48,12 +48,6 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
-def table(sec):
-    rows = []
-    for line in sec["table"].split(b"\0")[0].decode().strip().splitlines():
-        name, cat, d0, d1, d2, offset = line.split()
-        rows.append((name, int(cat), int(d0), int(d0) * (int(d1) or 1) * (int(d2) or 1), int(offset)))
-    return rows
 
 
 def replicas_ok(h, what, node_of_ep_rank, standard):
@@ -123,7 +117,7 @@ if ("clustered", "flat") in runs:
     _, lc = series(hc, "train/loss")
     src = os.path.join(d, "clustered-flat")
     ref = read_checkpoint(os.path.join(src, "ckpt", "step_00000012", "model.bin"))
-    n_full = sum(n for (_, cat, _, n, _) in table(ref) if cat == 1)
+    n_full = sum(n for (_, cat, _, n, _) in checkpoint_table(ref) if cat == 1)
     check("replicas" in ref and len(ref["params.expert"]) // 4 >= n_full and len(ref["params.expert"]) // 4 < n_full + 64,
           f"checkpoint: a replicas section, every expert stored once ({len(ref['params.expert']) // 4} floats, "
           f"{n_full} in the table)")
@@ -150,15 +144,7 @@ if ("clustered", "flat") in runs:
         if ranks == 4:
             check(np.array_equal(a, b), "same layout: the step-12 experts bitwise equal")
             continue
-        bad = []
-        for (tname, cat, d0, n, off) in table(ref):
-            if cat != 1:
-                continue
-            ra, rb = a[off:off + n].reshape(d0, -1), b[off:off + n].reshape(d0, -1)
-            for i in range(d0):
-                err = np.linalg.norm(ra[i] - rb[i]) / max(np.linalg.norm(ra[i]), 1e-30)
-                if not (np.linalg.norm(rb[i]) > 0 and err < 1e-3):
-                    bad.append(f"{tname}[{i}] rel err {err:.2e}")
+        bad = expert_rows_bad(ref, got)
         check(not bad, f"every expert row intact after 4 ranks with replicas -> 1 rank ({len(bad)} bad: {bad[:3]})")
 
 # ---- a copy that differs is seen, and no checkpoint is written of it ----

@@ -115,3 +115,30 @@ def read_checkpoint(path):
         out[name] = img[off:off + n]
         off += n
     return out
+
+
+def checkpoint_table(sec):
+    """the tensor table of a checkpoint (read_checkpoint's dict): (name, category, rows, elements, offset)"""
+    rows = []
+    for line in sec["table"].split(b"\0")[0].decode().strip().splitlines():
+        name, cat, d0, d1, d2, offset = line.split()
+        rows.append((name, int(cat), int(d0), int(d0) * (int(d1) or 1) * (int(d2) or 1), int(offset)))
+    return rows
+
+
+def expert_rows_bad(ref, got, tol=1e-3):
+    """the expert rows (one per expert or group of every expert tensor) of checkpoint got that are
+    zero or differ from ref's by more than tol (relative); [] when every expert is intact"""
+    import numpy as np
+    a = np.frombuffer(ref["params.expert"], dtype=np.float32)
+    b = np.frombuffer(got["params.expert"], dtype=np.float32)
+    bad = []
+    for (tname, cat, d0, n, off) in checkpoint_table(ref):
+        if cat != 1:
+            continue
+        ra, rb = a[off:off + n].reshape(d0, -1), b[off:off + n].reshape(d0, -1)
+        for i in range(d0):
+            err = np.linalg.norm(ra[i] - rb[i]) / max(np.linalg.norm(ra[i]), 1e-30)
+            if not (np.linalg.norm(rb[i]) > 0 and err < tol):
+                bad.append(f"{tname}[{i}] rel err {err:.2e}")
+    return bad
