@@ -159,6 +159,48 @@ static void ref_nodes(const float *score, const int32_t *node_of, int n_units, i
     }
 }
 
+/* finite differences of loss = sum c * gate + aux + z against router_backward on the logits
+ * already in r (40 random coordinates, step 1e-2): returns the worst relative error, or 1 if a
+ * probe changed the selection (no ties on random logits, so it should not) */
+static double fd_router(Comm *comm, const MoeConfig *mc, Route *r, RouteStats *st, const int32_t *members,
+                        const int32_t *group_of, const RouteNodes *nd, uint64_t *seed) {
+    int N = r->n_max, E = r->E, k = r->k;
+    double *c = xmalloc(sizeof(double) * N * k);
+    float *dg = xmalloc(sizeof(float) * N * k);
+    for (int i = 0; i < N * k; i++) { c[i] = urand(seed); dg[i] = (float)c[i]; }
+    router_select(r, mc, NULL, members, N, nd);
+    router_capacity(r, mc, comm, group_of, N, st);
+    router_losses(r, mc, comm, N, st);
+    router_backward(r, mc, members, dg);
+    int32_t *sel0 = xmalloc(sizeof(int32_t) * N * k);
+    memcpy(sel0, r->expert, sizeof(int32_t) * N * k);
+    float *dl = xmalloc(sizeof(float) * N * E), *save = xmalloc(sizeof(float) * N * E);
+    memcpy(dl, r->dlogits, sizeof(float) * N * E);
+    double worst = 0;
+    for (int q = 0; q < 40; q++) {
+        int i = (int)(lcg(seed) % (uint64_t)(N * E));
+        double lp[2];
+        float orig = r->logits[i];
+        for (int sgn = 0; sgn < 2; sgn++) {
+            memcpy(save, r->logits, sizeof(float) * N * E);
+            r->logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
+            router_select(r, mc, NULL, members, N, nd);
+            if (memcmp(sel0, r->expert, sizeof(int32_t) * N * k)) worst = 1;
+            router_capacity(r, mc, comm, group_of, N, st);
+            router_losses(r, mc, comm, N, st);
+            double L = st->aux_loss + st->z_loss;
+            for (int j = 0; j < N * k; j++) L += c[j] * r->gate[j];
+            lp[sgn] = L;
+            memcpy(r->logits, save, sizeof(float) * N * E);
+        }
+        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
+        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
+        if (err > worst) worst = err;
+    }
+    xfree(c); xfree(dg); xfree(sel0); xfree(dl); xfree(save);
+    return worst;
+}
+
 static void test_nodes_one_stage(Comm *comm) {
     enum { N = 64, E = 16, k = 4, NN = 4, M = 2 };
     MoeConfig mc = base_cfg();
@@ -210,46 +252,10 @@ static void test_nodes_one_stage(Comm *comm) {
     for (int i = 0; i < N * k; i++) all_home &= enode[r.expert[i]] == 1;
     ok(all_home, "home_bias 1e30: every selected expert is on the home node");
 
-    /* finite differences of the router backward on the node-limited path: loss = sum c * gate
-     * + aux + z, selection held (random logits, no ties) */
+    /* finite differences of the router backward on the node-limited path */
     mc.z_loss_coef = 0.01;
-    double c[N * k];
-    for (int i = 0; i < N * k; i++) c[i] = urand(&seed);
-    float dg[N * k];
-    for (int i = 0; i < N * k; i++) dg[i] = (float)c[i];
-    router_select(&r, &mc, NULL, NULL, N, &nd);
-    router_capacity(&r, &mc, comm, NULL, N, &st);
-    router_losses(&r, &mc, comm, N, &st);
-    router_backward(&r, &mc, NULL, dg);
-    int32_t sel0[N * k];
-    memcpy(sel0, r.expert, sizeof sel0);
-    float *dl = xmalloc(sizeof(float) * N * E);
-    memcpy(dl, r.dlogits, sizeof(float) * N * E);
-    double worst = 0;
-    int same_sel = 1;
-    for (int q = 0; q < 40; q++) {
-        int i = (int)(lcg(&seed) % (N * E));
-        double lp[2];
-        float orig = r.logits[i];
-        for (int sgn = 0; sgn < 2; sgn++) {
-            float save[N * E];
-            memcpy(save, r.logits, sizeof save);
-            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
-            router_select(&r, &mc, NULL, NULL, N, &nd);
-            same_sel &= !memcmp(sel0, r.expert, sizeof sel0);
-            router_capacity(&r, &mc, comm, NULL, N, &st);
-            router_losses(&r, &mc, comm, N, &st);
-            double L = st.aux_loss + st.z_loss;
-            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
-            lp[sgn] = L;
-            memcpy(r.logits, save, sizeof save);
-        }
-        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
-        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
-        if (err > worst) worst = err;
-    }
-    ok(same_sel && worst < 2e-2, "router backward on the node-limited path matches finite differences (worst rel %.2e)", worst);
-    xfree(dl);
+    double worst = fd_router(comm, &mc, &r, &st, NULL, NULL, &nd, &seed);
+    ok(worst < 2e-2, "router backward on the node-limited path matches finite differences (worst rel %.2e)", worst);
     router_stats_free(&st);
     router_free(&r);
 }
@@ -299,43 +305,8 @@ static void test_nodes_two_stage(Comm *comm) {
     for (int i = 0; i < N * TG; i++) n1 += gnode[r.group[i]] == 2;
     ok(n1 > n0, "home_bias 0.5: %d of %d token-groups on the home node (%d without)", n1, N * TG, n0);
     /* finite differences of the two-stage router backward with the node limit */
-    float dg[N * k];
-    double c[N * k];
-    for (int i = 0; i < N * k; i++) { c[i] = urand(&seed); dg[i] = (float)c[i]; }
-    router_select(&r, &mc, NULL, members, N, &nd);
-    router_capacity(&r, &mc, comm, group_of, N, &st);
-    router_losses(&r, &mc, comm, N, &st);
-    router_backward(&r, &mc, members, dg);
-    int32_t sel0[N * k];
-    memcpy(sel0, r.expert, sizeof sel0);
-    float *dl = xmalloc(sizeof(float) * N * E);
-    memcpy(dl, r.dlogits, sizeof(float) * N * E);
-    double worst = 0;
-    int same_sel = 1;
-    for (int q = 0; q < 40; q++) {
-        int i = (int)(lcg(&seed) % (N * E));
-        double lp[2];
-        float orig = r.logits[i];
-        for (int sgn = 0; sgn < 2; sgn++) {
-            float save[N * E];
-            memcpy(save, r.logits, sizeof save);
-            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
-            router_select(&r, &mc, NULL, members, N, &nd);
-            same_sel &= !memcmp(sel0, r.expert, sizeof sel0);
-            router_capacity(&r, &mc, comm, group_of, N, &st);
-            router_losses(&r, &mc, comm, N, &st);
-            double L = st.aux_loss + st.z_loss;
-            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
-            lp[sgn] = L;
-            memcpy(r.logits, save, sizeof save);
-        }
-        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
-        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
-        if (err > worst) worst = err;
-    }
-    ok(same_sel && worst < 2e-2, "two-stage router backward with the node limit matches finite differences (worst rel %.2e)",
-       worst);
-    xfree(dl);
+    double worst = fd_router(comm, &mc, &r, &st, members, group_of, &nd, &seed);
+    ok(worst < 2e-2, "two-stage router backward with the node limit matches finite differences (worst rel %.2e)", worst);
     router_stats_free(&st);
     router_free(&r);
 }
@@ -351,39 +322,8 @@ static double fd_two_stage(Comm *comm, MoeConfig *mc, int N, int E, int k, int G
     for (int g = 0; g < G; g++)
         for (int j = 0; j < K; j++) { members[g * K + j] = j * G + g; group_of[j * G + g] = g; }
     for (int i = 0; i < N * E; i++) r.logits[i] = urand(&seed);
-    double *c = xmalloc(sizeof(double) * N * k);
-    float *dg = xmalloc(sizeof(float) * N * k);
-    for (int i = 0; i < N * k; i++) { c[i] = urand(&seed); dg[i] = (float)c[i]; }
-    router_select(&r, mc, NULL, members, N, NULL);
-    router_capacity(&r, mc, comm, group_of, N, &st);
-    router_losses(&r, mc, comm, N, &st);
-    router_backward(&r, mc, members, dg);
-    int32_t *sel0 = xmalloc(sizeof(int32_t) * N * k);
-    memcpy(sel0, r.expert, sizeof(int32_t) * N * k);
-    float *dl = xmalloc(sizeof(float) * N * E), *save = xmalloc(sizeof(float) * N * E);
-    memcpy(dl, r.dlogits, sizeof(float) * N * E);
-    double worst = 0;
-    for (int q = 0; q < 40; q++) {
-        int i = (int)(lcg(&seed) % (uint64_t)(N * E));
-        double lp[2];
-        float orig = r.logits[i];
-        for (int sgn = 0; sgn < 2; sgn++) {
-            memcpy(save, r.logits, sizeof(float) * N * E);
-            r.logits[i] = orig + (sgn ? -1e-2f : 1e-2f);
-            router_select(&r, mc, NULL, members, N, NULL);
-            if (memcmp(sel0, r.expert, sizeof(int32_t) * N * k)) worst = 1;   /* selection changed: invalid probe */
-            router_capacity(&r, mc, comm, group_of, N, &st);
-            router_losses(&r, mc, comm, N, &st);
-            double L = st.aux_loss + st.z_loss;
-            for (int j = 0; j < N * k; j++) L += c[j] * r.gate[j];
-            lp[sgn] = L;
-            memcpy(r.logits, save, sizeof(float) * N * E);
-        }
-        double fd = (lp[0] - lp[1]) / 2e-2, an = dl[i];
-        double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
-        if (err > worst) worst = err;
-    }
-    xfree(members); xfree(group_of); xfree(c); xfree(dg); xfree(sel0); xfree(dl); xfree(save);
+    double worst = fd_router(comm, mc, &r, &st, members, group_of, NULL, &seed);
+    xfree(members); xfree(group_of);
     router_stats_free(&st);
     router_free(&r);
     return worst;
