@@ -53,6 +53,7 @@ static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", 
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
 static const char *const group_score_names[] = {"mean", "top2", NULL};
 static const char *const group_gate_names[] = {"renorm", "product", NULL};
+static const char *const expert_init_names[] = {"independent", "shared", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", NULL};
@@ -141,6 +142,11 @@ static const KeyDef keys[] = {
            "gets no task gradient: with top_groups 1 the group prototype's is exactly zero); product = q_g x the "
            "expert's probability renormalised over the chosen experts of its group, q = softmax over the group "
            "scores (hierarchical MoE gating: the task trains stage 1)"),
+    K_ENUM(moe.expert_init, expert_init_names, EXPERT_INIT_INDEPENDENT,
+           "expert initialisation: independent draws, or shared = expert 0's draw copied to every expert (clustered: "
+           "group 0's base to every group) plus noise of moe.init_noise x the init std, as in upcycling; the clustered "
+           "residual factors stay independent"),
+    K_FLOAT(moe.init_noise, 0, 0.0, 10.0, 0, 0.01, "shared expert init: noise std relative to the init std"),
     K_ENUM(moe.group_score, group_score_names, GROUP_SCORE_MEAN,
            "stage-1 group score: mean of member logits (prototype = mean router row) or sum of the top-2 member logits"),
     K_FLOAT(moe.group_aux_coef, 0, 0.0, 10.0, 0, 0.01, "group-level Switch balance loss coefficient (clustered)"),

@@ -17,6 +17,7 @@ enum Pooling { POOL_MEAN = 0, POOL_LAST = 1 };
 enum BackendKind { BACKEND_CPU = 0, BACKEND_CUDA = 1 };
 enum GroupScore { GROUP_SCORE_MEAN = 0, GROUP_SCORE_TOP2 = 1 };
 enum GroupGate { GROUP_GATE_RENORM = 0, GROUP_GATE_PRODUCT = 1 };
+enum ExpertInit { EXPERT_INIT_INDEPENDENT = 0, EXPERT_INIT_SHARED = 1 };
 enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
 enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
@@ -81,6 +82,8 @@ typedef struct MoeConfig {
     int rank;                /* r (clustered residual rank) */
     enum GroupScore group_score;   /* group prototype: mean of member router rows, or top-2 sum */
     enum GroupGate group_gate;     /* clustered gates: renormalised in-group probabilities, or q_g x in-group */
+    enum ExpertInit expert_init;   /* independent draws, or one FFN copied to every expert plus noise (upcycling) */
+    double init_noise;             /* shared init: noise std relative to the init std */
     double group_aux_coef;   /* group-level Switch balance loss coefficient (clustered) */
     double group_capacity_factor;  /* per-group capacity = ceil(cf * tokens * top_groups / G) */
     enum BalanceKind balance;      /* aux (Switch losses) or aux_free (bias method) */

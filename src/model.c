@@ -346,6 +346,16 @@ void model_init_params(Model *m) {
             size_t row = t->n / t->dims[0];
             float *full = xmalloc(sizeof(float) * t->n_full);
             for (size_t j = 0; j < t->n_full; j++) full[j] = t->init_std * rng_normal(&r);
+            /* shared (upcycling): row 0 (expert 0, or group 0's base) copied to every row plus noise
+             * from its own stream, so the main stream stays as with independent draws */
+            if (m->cfg.moe.expert_init == EXPERT_INIT_SHARED && (t->kind == PARAM_EXPERT || t->kind == PARAM_BASE)) {
+                Rng nr;
+                rng_init(&nr, (uint64_t)m->cfg.run.seed, 1 + (uint64_t)i, RNG_INIT);
+                size_t rl = t->n_full / t->full0;
+                for (int q = 1; q < t->full0; q++)
+                    for (size_t j = 0; j < rl; j++)
+                        full[(size_t)q * rl + j] = full[j] + (float)(m->cfg.moe.init_noise * t->init_std) * rng_normal(&nr);
+            }
             for (int q = 0; q < t->dims[0]; q++) {
                 int g = model_ep_row(m, t, m->ep_comm->rank, q);
                 if (g >= 0) memcpy(dst + (size_t)q * row, full + (size_t)g * row, sizeof(float) * row);
