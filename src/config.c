@@ -46,6 +46,7 @@ static const char *const data_kind_names[] = {"brown", "wikitext", "glue", "brow
 static const char *const activation_names[] = {"gelu", "swiglu", NULL};
 static const char *const task_names[] = {"lm", "classify", NULL};
 static const char *const pooling_names[] = {"mean", "last", NULL};
+static const char *const run_mode_names[] = {"train", "simulate", NULL};
 static const char *const sim_hw_names[] = {"h800", "h100", "h200", "a100", "cpu", NULL};
 static const char *const sim_dtype_names[] = {"fp32", "bf16", "fp8", NULL};
 static const char *const sim_overlap_names[] = {"none", "ideal", "fraction", NULL};
@@ -83,6 +84,9 @@ static const KeyDef keys[] = {
     /* run */
     K_STR(run.name, "run", "run name; outputs go to out_dir/name"),
     K_STR(run.out_dir, "runs", "parent folder of run outputs"),
+    K_ENUM(run.mode, run_mode_names, RUN_MODE_TRAIN,
+           "what the sweep launchers run for this config: train (dcmoe train, under mpirun with the run's ranks) or "
+           "simulate (dcmoe simulate, one process, the sim: section); `dcmoe train` refuses a simulate config"),
     K_LONG(run.seed, 0, LONG_MAX, 1234, "seed of every RNG stream (derived per rank and purpose)"),
     K_ENUM(run.backend, backend_names, BACKEND_CPU, "compute backend of every rank"),
     K_INT(run.threads, 0, 1024, 0, "BLAS threads per rank; 0 = cores / ranks on the node"),

@@ -23,6 +23,7 @@ enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
+enum RunMode { RUN_MODE_TRAIN = 0, RUN_MODE_SIMULATE = 1 };
 enum SimHardware { SIM_HW_H800 = 0, SIM_HW_H100 = 1, SIM_HW_H200 = 2, SIM_HW_A100 = 3, SIM_HW_CPU = 4 };
 enum SimDtype { SIM_FP32 = 0, SIM_BF16 = 1, SIM_FP8 = 2 };
 enum SimOverlap { SIM_OVERLAP_NONE = 0, SIM_OVERLAP_IDEAL = 1, SIM_OVERLAP_FRACTION = 2 };
@@ -40,6 +41,7 @@ typedef struct RunConfig {
     enum BackendKind backend;
     int threads;             /* BLAS threads per rank; 0 = cores / ranks-on-node */
     double peak_gflops;      /* > 0: the calibrated sgemm peak of all ranks (GFLOP/s); 0 = measure */
+    int mode;                /* enum RunMode: what the sweep launchers run (dcmoe train or dcmoe simulate) */
 } RunConfig;
 
 typedef struct DataConfig {

@@ -282,15 +282,23 @@ static Status run_local(const Sweep *sw, const LaunchOptions *opt, const char *d
         snprintf(n_str, sizeof n_str, "%d", r->ranks);
         char *argv[16];
         int a = 0;
-        argv[a++] = mpirun;
-        if (geteuid() == 0) argv[a++] = "--allow-run-as-root";
-        if (r->ranks > cores) argv[a++] = "--oversubscribe";
-        argv[a++] = "-n";
-        argv[a++] = n_str;
-        argv[a++] = exe;
-        argv[a++] = "train";
-        argv[a++] = (char *)pl[i].config;
-        if (s == RUN_RESUMABLE) argv[a++] = "--resume";
+        if (r->cfg.run.mode == RUN_MODE_SIMULATE) {
+            /* one process models the whole cluster; a simulation has no checkpoint: rerun */
+            argv[a++] = exe;
+            argv[a++] = "simulate";
+            argv[a++] = (char *)pl[i].config;
+            argv[a++] = "--quiet";
+        } else {
+            argv[a++] = mpirun;
+            if (geteuid() == 0) argv[a++] = "--allow-run-as-root";
+            if (r->ranks > cores) argv[a++] = "--oversubscribe";
+            argv[a++] = "-n";
+            argv[a++] = n_str;
+            argv[a++] = exe;
+            argv[a++] = "train";
+            argv[a++] = (char *)pl[i].config;
+            if (s == RUN_RESUMABLE) argv[a++] = "--resume";
+        }
         argv[a] = NULL;
         char log[LPATH + 64];
         str_fmt(log, sizeof log, "%s/logs/%s.out", dir, r->id);

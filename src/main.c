@@ -190,6 +190,9 @@ int main(int argc, char **argv) {
             MPI_Finalize();
             return 0;
         }
+        if (cfg.run.mode == RUN_MODE_SIMULATE)
+            return fail(&comm, status_errorf("%s: run.mode is simulate: run it with `dcmoe simulate %s` (or set run.mode: train)",
+                                             a.config, a.config));
         TrainOptions opt = {.resume = a.resume != 0, .quiet = a.quiet != 0, .stop_at = a.stop_at, .config_path = a.config,
                             .resume_from = a.resume_from};
         TrainResult res;

@@ -6,6 +6,8 @@
   - SIGTERM to the launcher makes the running trainer checkpoint (forwarded as SIGUSR1); the next
     invocation resumes that run from the checkpoint and completes it;
   - a run folder killed before its first checkpoint is moved aside and started again;
+  - a sweep of run.mode simulate runs `dcmoe simulate` for every point (one process each: sim.nodes x
+    ep_size grid), each to DONE with a simulated log; `dcmoe train` refuses such a config;
   - bad options fail with a message naming what is allowed."""
 import os
 import re
@@ -107,6 +109,29 @@ def main():
     T.check(p.returncode == 0 and "partial" in p.stdout and os.path.exists(os.path.join(runs, "part-y", "DONE")) and
             os.path.exists(os.path.join(runs, "part-y.partial-1", "metrics.h5")),
             "a partial run folder is moved aside (part-y.partial-1) and the run starts again")
+
+    # a sweep of simulations
+    simc = T.tiny_config(os.path.join(tmp, "sim.yaml"), runs, "sim",
+                         extra="sim:\n  gpus_per_node: 4\n  tokens_per_rank: 256\n"
+                               "sweep:\n  grid:\n    run.mode: [simulate]\n    sim.nodes: [1, 2]\n    parallel.ep_size: [0, 4]\n")
+    p = sweep_run(simc)
+    T.check(p.returncode == 0, f"simulate sweep exits 0 ({p.stderr.strip()[-300:]})")
+    import h5py
+    done = [d for d in sorted(os.listdir(runs)) if d.startswith("sim-") and os.path.exists(os.path.join(runs, d, "DONE"))]
+    modes = []
+    for d in done:
+        with h5py.File(os.path.join(runs, d, "metrics.h5"), "r") as f:
+            modes.append((f.attrs["mode"], int(f.attrs["world_size"]), int(f.attrs["ep_size"])))
+    T.check(len(done) == 4 and all(m[0] == "simulate" for m in modes) and sorted({m[1] for m in modes}) == [4, 8]
+            and sorted(m[2] for m in modes) == [4, 4, 4, 8],
+            f"4 simulated runs, one per grid point, at 4 and 8 GPUs, EP groups of 4 or all ({modes})")
+    one = T.tiny_config(os.path.join(tmp, "sim1.yaml"), runs, "sim1", extra="sim:\n  gpus_per_node: 4\n")
+    with open(one) as f:
+        text = f.read().replace("  peak_gflops: 100.0\n", "  peak_gflops: 100.0\n  mode: simulate\n")
+    with open(one, "w") as f:
+        f.write(text)
+    p = T.run_plain(["train", one])
+    T.check(p.returncode != 0 and "run.mode is simulate" in p.stderr, f"dcmoe train refuses a simulate config ({p.stderr.strip()[:120]})")
 
     # errors
     p = sweep_run(sw.replace("two.yaml", "two.yaml"), "--throttle", "0")
