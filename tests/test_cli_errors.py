@@ -79,7 +79,7 @@ with open(sec, "w") as f:
     f.write(good + "optimiser:\n  lr: 1\n")
 expect_error(["train", sec], [sec + ":", "unknown section 'optimiser'",
                               "run, data, model, moe, clustering, topology, parallel, precision, offload, train, "
-                              "log, checkpoint, sweep"], "unknown section lists all sections")
+                              "log, checkpoint, sim, sweep"], "unknown section lists all sections")
 
 # a good run, then protect its outputs
 p = run(["train", base, "--quiet"], ranks=1)

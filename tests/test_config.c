@@ -199,7 +199,7 @@ static void test_load_errors(void) {
                       "unknown key 'model.top_k' (did you mean 'moe.top_k'?)");
     expect_load_error("misspelled section", "run:\n  seed: 1\nmodle:\n  d_model: 64\n", "3:1",
                       "unknown section 'modle' (sections: run, data, model, moe, clustering, topology, parallel, "
-                      "precision, offload, train, log, checkpoint, sweep; did you mean 'model'?)");
+                      "precision, offload, train, log, checkpoint, sim, sweep; did you mean 'model'?)");
     expect_load_error("key at the top level", "d_model: 64\n", "1:1", "did you mean 'model.d_model'?");
     /* duplicates */
     expect_load_error("duplicate key", "moe:\n  top_k: 2\n  n_experts: 8\n  top_k: 4\n", "4:3",
@@ -321,7 +321,7 @@ static void test_section_list(void) {
             }
             p = eol ? eol + 1 : NULL;
         }
-        ok(n_sec == 12 && n_missing == 0 && strstr(s.msg, "checkpoint, sweep"),
+        ok(n_sec == 13 && n_missing == 0 && strstr(s.msg, "checkpoint, sim, sweep"),
            "error %d lists all %zu sections and sweep (%zu missing): %s", t, n_sec, n_missing, s.msg);
     }
     free(yaml);
