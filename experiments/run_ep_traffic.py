@@ -133,7 +133,7 @@ def render(out_dir):
                  f"{s['inter_frac']:.2f} | {s['nodes_per_tok']:.2f} | {s['rows_per_tok']:.2f} | {s['a2a_mb_step']:.2f} | "
                  f"{s['migr_mb']:.1f} | {s['maxvio']:.2f} | {s['rank_maxvio']:.2f} | {100 * s['drop']:.1f}% | {s['valid_ppl']:.1f} |")
     by = {name: st for name, _, st in rows}
-    best = min((st["inter_per_tok"], name) for name, st in by.items() if name.startswith("clu") and "-ep" not in name)
+    best = min((st["inter_per_tok"], name) for name, st in by.items() if name.startswith("clu") and "-ep2" not in name)
     ppl_std = base["valid_ppl"]
     topo = [by[n]["inter_per_tok"] / base["inter_per_tok"] for n in ("clu1-topo-flat", "clu2-topo-flat", "clu2-topo-2lvl")]
     beats_eplb = all(by[f"clu2-topo-{x}"]["inter_per_tok"] < by[f"clu2-eplb-{x}"]["inter_per_tok"] for x in ("flat", "2lvl"))
