@@ -7,7 +7,8 @@
   profiler's bytes equal the analytic volume of a fixed routing (every token to every expert
   of its group, dropless) for dispatch, combine and both gradient allreduces (dense over the
   world, experts over the replicas);
-- migrating units every step inside the EP groups leaves the model bitwise unchanged;
+- migrating units every step inside the EP groups leaves the model bitwise unchanged, and so
+  does offloading idle units (offload.enabled) under EP groups;
 - checkpoints stay canonical: a run saved at (4 ranks, ep_size 2) resumes bitwise at the same
   layout, and at (4, ep_size 4), (2, the world) and 1 rank with matching losses and every
   expert intact;
@@ -117,6 +118,13 @@ if os.path.exists(ha) and os.path.exists(hb):
     _, lb = series(hb, "train/loss")
     check(mb.sum() > 0, f"ep_size 2: units migrated inside the groups ({mb.sum():.0f} bytes)")
     check(np.array_equal(la, lb), "ep_size 2: losses with migration every step bitwise equal to losses without")
+    ho, _, _ = train("mig-never-offload", 4, mig + ["--set", "parallel.place_interval=0", "--set", "offload.enabled=true",
+                                                   "--set", "offload.idle_steps=1", "--set", "offload.max_resident_groups=1"])
+    if os.path.exists(ho):
+        _, lo = series(ho, "train/loss")
+        _, ot = series(ho, "offload/train")
+        check(ot[:, 2].sum() > 0 and np.array_equal(lo, lb),
+              f"ep_size 2 with offloading ({ot[:, 2].sum():.0f} evictions): losses bitwise equal to without")
 
 # ---- checkpoints: save at (4, ep 2), resume at other layouts ----
 ck = CLUS + ["--set", "checkpoint.interval=6", "--set", "clustering.enabled=false"]
