@@ -183,8 +183,8 @@ void comm_split(Comm *parent, int color, int key, Comm *out) {
         i++;
     }
     ASSERT(i == n);
-    /* node-local rank: members on this rank's node (the parent's shared-memory split is
-     * not re-derived; a sub-communicator's local figures are its members on the node) */
+    /* local_rank / local_size stay the parent's: they describe the node (BLAS threads per
+     * rank, the device of the rank), not the sub-communicator */
     out->local_rank = parent->local_rank;
     out->local_size = parent->local_size;
     xfree(all);
