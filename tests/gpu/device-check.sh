@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# device-check.sh: the one prepared check for a GPU machine (issue 15 item 7). Run it from the
+# repository root on a machine with one NVIDIA GPU (written for an H200: -Dgpu_sm=90):
+#     bash tests/gpu/device-check.sh            # output under $OUT, else ./device-check-out
+# It does, in order, each step logged and timed, stopping early only if the build fails:
+#   1. build into build-gpu with -Dcuda=enabled -Dgpu_sm=90 (meson setup only the first time);
+#   2. tests/checkbackend --backend cuda: every BackendOps slot against the checker's reference,
+#      plus --bench (time per op); then the cuda_backend test (test_cuda.c);
+#   3. 20 training steps of a tiny dense, standard-MoE and clustered-MoE model (the configs of
+#      tests/test_mpi.py, one rank, no mpirun) with run.backend=cpu and run.backend=cuda:
+#      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
+#      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
+#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first.
+# Files written under $OUT (flat, at most 8): summary.txt (one PASS/FAIL line per step and the
+# verdict), device-check.log (everything), checkbackend-cuda.log, test-cuda.log, train.log.
+# Exit status: 0 when every step passed, 1 otherwise. Budget: well under 8 minutes (the build
+# takes most of it; the checks and the 9 tiny runs take seconds each).
+# Needs: the CPU build's system packages (meson, ninja, a C compiler, MPI, HDF5, libyaml,
+# OpenBLAS, LAPACKE, METIS), CUDA 13 (nvcc, cuBLAS, NCCL), and python3 with numpy and h5py
+# (DCMOE_PYTHON to choose another interpreter).
+# Status: written on a machine without a GPU; it has not been run yet. It is kept simple on
+# purpose (no retries, no parsing of stdout: losses come from each run's metrics.h5).
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/device-check-out}
+mkdir -p "$OUT"
+LOG=$OUT/device-check.log
+SUMMARY=$OUT/summary.txt
+# the first interpreter that has numpy and h5py
+PY=
+for cand in ${DCMOE_PYTHON:-} python3 /usr/bin/python3; do
+    if "$cand" -c 'import numpy, h5py' > /dev/null 2>&1; then PY=$cand; break; fi
+done
+BUILD=$ROOT/build-gpu
+: > "$LOG"
+: > "$SUMMARY"
+export OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+T0=$(date +%s)
+failed=0
+
+say() { echo "$*" | tee -a "$LOG"; }
+# step NAME COMMAND...: run, log, record PASS/FAIL (77 = SKIP) with the seconds it took
+step() {
+    local name=$1; shift
+    local t=$(date +%s)
+    say "=== $name: $*"
+    "$@" >> "$LOG" 2>&1
+    local rc=$?
+    local verdict=PASS
+    if [ $rc -eq 77 ]; then verdict=SKIP; failed=1
+    elif [ $rc -ne 0 ]; then verdict="FAIL (exit $rc)"; failed=1; fi
+    echo "$verdict  $name  ($(( $(date +%s) - t )) s)" | tee -a "$SUMMARY" "$LOG"
+    return $rc
+}
+
+{
+    echo "device-check $(date -u +%Y-%m-%dT%H:%M:%SZ) git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    else echo "nvidia-smi: not found"; fi
+    if command -v nvcc > /dev/null; then nvcc --version 2>&1 | tail -1; else echo "nvcc: not found"; fi
+    echo "python for the loss comparison: ${PY:-none with numpy and h5py}"
+} | tee -a "$SUMMARY" "$LOG"
+
+# 1. build
+if [ -f "$BUILD/build.ninja" ]; then
+    step "build (ninja)" ninja -C "$BUILD" || { echo "verdict: FAIL (build)" | tee -a "$SUMMARY"; exit 1; }
+else
+    step "configure" meson setup "$BUILD" -Dcuda=enabled -Dgpu_sm=90 || { echo "verdict: FAIL (configure)" | tee -a "$SUMMARY"; exit 1; }
+    step "build" ninja -C "$BUILD" || { echo "verdict: FAIL (build)" | tee -a "$SUMMARY"; exit 1; }
+fi
+
+# 2. every slot against the reference, then test_cuda
+check_cuda() { "$BUILD/tests/checkbackend" --backend cuda --bench > "$OUT/checkbackend-cuda.log" 2>&1; local rc=$?;
+               grep -E '^not ok|^# bench|failed|skipped' "$OUT/checkbackend-cuda.log" | head -60; return $rc; }
+step "checkbackend --backend cuda (every slot)" check_cuda
+test_cuda() { (cd "$BUILD/tests" && ./test_cuda_backend) > "$OUT/test-cuda.log" 2>&1; }
+step "test_cuda (cuda_backend)" test_cuda
+
+# 3 and 4. tiny trainings: cpu vs cuda, and cuda twice
+train_compare() {
+    [ -n "$PY" ] || { echo "no python3 with numpy and h5py (set DCMOE_PYTHON)"; return 1; }
+    DCMOE_EXE=$BUILD/dcmoe DCMOE_SOURCE_ROOT=$ROOT "$PY" - "$OUT/train.log" <<'PYEOF'
+import os, subprocess, sys, tempfile
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["DCMOE_SOURCE_ROOT"], "tests"))
+from testlib import series, tiny_config
+exe, log = os.environ["DCMOE_EXE"], open(sys.argv[1], "w")
+d = tempfile.mkdtemp(prefix="dcmoe-devcheck-")
+cases = {   # as tests/test_mpi.py
+    "dense": ["--set", "moe.kind=dense"],
+    "standard": [],
+    "clustered": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
+                  "--set", "clustering.interval=4", "--set", "clustering.warmup=2",
+                  "--set", "moe.capacity_factor=0.8", "--set", "moe.group_capacity_factor=0.9"],
+}
+bad = 0
+def out(msg):
+    global bad
+    print(msg, flush=True); log.write(msg + "\n"); log.flush()
+    if msg.startswith("FAIL"): bad += 1
+for name, sets in cases.items():
+    cfg = os.path.join(d, f"{name}.yaml")
+    tiny_config(cfg, d, name)
+    losses = {}
+    for tag, backend in [("cpu", "cpu"), ("cuda", "cuda"), ("cuda2", "cuda")]:
+        run = f"{name}-{tag}"
+        p = subprocess.run([exe, "train", cfg, "--quiet", "--set", f"run.name={run}", "--set", "train.steps=20",
+                            "--set", f"run.backend={backend}"] + sets, capture_output=True, text=True, timeout=240)
+        log.write(f"--- {run}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n")
+        if p.returncode != 0:
+            out(f"FAIL {run}: exit {p.returncode}: {(p.stderr or p.stdout)[-400:]}")
+            continue
+        losses[tag] = series(os.path.join(d, run, "metrics.h5"), "train/loss")[1].astype(np.float64)
+    if "cpu" in losses and "cuda" in losses:
+        a, b = losses["cpu"], losses["cuda"]
+        if len(a) != len(b) or len(a) != 20:
+            out(f"FAIL {name}: {len(a)} cpu and {len(b)} cuda steps logged, expected 20")
+            continue
+        rel = np.abs(a - b) / np.abs(a)
+        out(f"{'PASS' if rel[0] <= 1e-5 else 'FAIL'} {name}: step-1 loss cpu {a[0]:.7f} cuda {b[0]:.7f} (rel diff {rel[0]:.2e}, tolerance 1e-5)")
+        out(f"{'PASS' if rel.max() <= 1e-3 else 'FAIL'} {name}: 20 steps, max rel diff {rel.max():.2e} at step {int(rel.argmax()) + 1} "
+            f"(tolerance 1e-3); last loss cpu {a[-1]:.6f} cuda {b[-1]:.6f}")
+    if "cuda" in losses and "cuda2" in losses:
+        same = np.array_equal(losses["cuda"], losses["cuda2"])
+        out(f"{'PASS' if same else 'FAIL'} {name}: a second cuda run gives bitwise-equal train losses")
+sys.exit(1 if bad else 0)
+PYEOF
+}
+step "train 20 steps: cpu vs cuda (dense, standard, clustered) and a bitwise second cuda run" train_compare
+
+say "total $(( $(date +%s) - T0 )) s"
+if [ $failed -eq 0 ]; then echo "verdict: PASS" | tee -a "$SUMMARY"; else echo "verdict: FAIL (see above and device-check.log)" | tee -a "$SUMMARY"; fi
+exit $failed
