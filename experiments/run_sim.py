@@ -140,7 +140,8 @@ def render(out_dir):
     # validation
     vm = rl.read_meta("sim-validate")
     V = ["# Simulator against DeepEP's published V1 numbers\n",
-         f"Command: `{vm['command']}`; exit status {vm['exit_status']} (non-zero: a predicted row is out of tolerance). "
+         f"Command: `{meta['command']}`, which runs `build/dcmoe simulate --validate published`; its exit status was "
+         f"{vm['exit_status']} (non-zero: a predicted row is out of tolerance). "
          + rl.rerender(SCRIPT, ["results/sim-validate.meta.json"]) + "\n", "```", vm["output"].rstrip(), "```", "",
          rl.notes("sim-validate")]
     outs.append(rl.write_md(out_dir, "sim-validate", "\n".join(V)))

@@ -23,6 +23,7 @@ RENDERED = [
     ("experiments/run_precision.py", "results/precision-offload.md"),
     ("experiments/run_offload_train.py", "results/offload-train.md"),
     ("experiments/run_ep_traffic.py", "results/ep-traffic.md"),
+    ("experiments/run_locality.py", "results/locality.md"),
     ("experiments/run_sweep_clusters.py", "results/sweep-clusters/README.md"),
     ("bench/bench_cpu.py", "results/bench-cpu.md"),
     ("bench/run_alltoall.py", "results/bench-alltoall.md"),
