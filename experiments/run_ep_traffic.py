@@ -167,11 +167,7 @@ def render(out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0)
-    rl.add_args(ap)
-    args = ap.parse_args()
-    if not args.render_only:
-        run_all(args)
-    print(open(render(args.out)).read(), end="")
+    rl.run_main(ap, run_all, render)
 
 
 if __name__ == "__main__":
