@@ -66,7 +66,7 @@ static void traffic_alloc(SimTraffic *tr, int P, int n_nodes) {
     memset(tr, 0, sizeof *tr);
     tr->P = P;
     tr->n_nodes = n_nodes;
-    double **a[] = {&tr->rows_to, &tr->rows_intra_s, &tr->rows_inter_s, &tr->rows_intra_r, &tr->rows_inter_r,
+    double **a[] = {&tr->rows_intra_s, &tr->rows_inter_s, &tr->rows_intra_r, &tr->rows_inter_r,
                     &tr->ents_intra_s, &tr->ents_inter_s, &tr->ents_intra_r, &tr->ents_inter_r, &tr->msgs_intra,
                     &tr->msgs_inter, &tr->recv_entries, &tr->recv_rows};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) *a[i] = xcalloc(sizeof(double) * (size_t)P);
@@ -76,7 +76,7 @@ static void traffic_alloc(SimTraffic *tr, int P, int n_nodes) {
 
 void sim_traffic_free(SimTraffic *tr) {
     if (!tr) return;
-    double *a[] = {tr->rows_to, tr->rows_intra_s, tr->rows_inter_s, tr->rows_intra_r, tr->rows_inter_r,
+    double *a[] = {tr->rows_intra_s, tr->rows_inter_s, tr->rows_intra_r, tr->rows_inter_r,
                    tr->ents_intra_s, tr->ents_inter_s, tr->ents_intra_r, tr->ents_inter_r, tr->msgs_intra,
                    tr->msgs_inter, tr->recv_entries, tr->recv_rows, tr->node_rows, tr->node_ents};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) xfree(a[i]);
@@ -89,7 +89,6 @@ static void add_row(SimTraffic *tr, const Topology *t, int s, int d, double ne, 
     tr->recv_entries[d] += ne * scale;
     if (s == d) return;
     int same = topology_same_node(t, s, d);
-    tr->rows_to[s] += scale;
     (same ? tr->rows_intra_s : tr->rows_inter_s)[s] += scale;
     (same ? tr->rows_intra_r : tr->rows_inter_r)[d] += scale;
     (same ? tr->ents_intra_s : tr->ents_inter_s)[s] += ne * scale;
@@ -172,11 +171,6 @@ void sim_traffic_count(SimTraffic *tr, const int32_t *sel, int S, int n, int k, 
 
 /* ---- routing draws ---- */
 
-typedef struct Draw {
-    int S, n, k;
-    int32_t *sel;            /* [S, n, k] */
-} Draw;
-
 /* expert popularity (log weights) of the generators that have one */
 static void popularity(const SimConfig *sc, int E, Rng *rng, float *logw) {
     for (int e = 0; e < E; e++) logw[e] = 0;
@@ -231,15 +225,15 @@ static void deepep_token(Rng *rng, int E, int k, int n_nodes, int32_t *out, floa
 }
 
 /* draw the routing of S ranks x n tokens: scores from the generator, selection by the
- * trainer's router (one or two stages, node limit, home bias), or DeepEP's rule */
-static void draw_routing(const Config *cfg, Draw *dw, int S, int n, const int32_t *members, const int32_t *expert_node,
+ * trainer's router (one or two stages, node limit, home bias), or DeepEP's rule; returns
+ * the experts [S, n, k] (caller frees) */
+static int32_t *draw_routing(const Config *cfg, int S, int n, const int32_t *members, const int32_t *expert_node,
                          const Topology *t, uint64_t seed) {
     const SimConfig *sc = &cfg->sim;
     const MoeConfig *mc = &cfg->moe;
     int E = mc->n_experts, k = mc->top_k, two = mc->kind == MOE_KIND_CLUSTERED;
     int G = two ? mc->n_groups : 0, TG = two ? mc->top_groups : 0, K = two ? E / G : 1;
-    dw->S = S; dw->n = n; dw->k = k;
-    dw->sel = xmalloc(sizeof(int32_t) * (size_t)S * n * k);
+    int32_t *sel = xmalloc(sizeof(int32_t) * (size_t)S * n * k);
     Rng rng;
     rng_init(&rng, seed, 0, RNG_TEST);
     float *logw = xmalloc(sizeof(float) * E), *score = xmalloc(sizeof(float) * E);
@@ -253,7 +247,7 @@ static void draw_routing(const Config *cfg, Draw *dw, int S, int n, const int32_
         rng_init(&rr, seed, (uint64_t)s + 1, RNG_TEST);
         if (sc->routing == SIM_ROUTE_DEEPEP) {
             for (int tk = 0; tk < n; tk++)
-                deepep_token(&rr, E, k, t->n_nodes, dw->sel + ((size_t)s * n + tk) * k, score);
+                deepep_token(&rr, E, k, t->n_nodes, sel + ((size_t)s * n + tk) * k, score);
             continue;
         }
         for (int tk = 0; tk < n; tk++) {
@@ -277,10 +271,11 @@ static void draw_routing(const Config *cfg, Draw *dw, int S, int n, const int32_
         RouteNodes nd = {.n_nodes = t->n_nodes, .expert_node = expert_node, .home = t->node_of[s],
                          .max_nodes = mc->max_nodes, .home_bias = (float)mc->home_bias};
         router_select(&rt, &sel_cfg, NULL, two ? members : NULL, n, &nd);
-        memcpy(dw->sel + (size_t)s * n * k, rt.expert, sizeof(int32_t) * (size_t)n * k);
+        memcpy(sel + (size_t)s * n * k, rt.expert, sizeof(int32_t) * (size_t)n * k);
     }
     router_free(&rt);
     xfree(logw); xfree(score);
+    return sel;
 }
 
 /* ---- the cost model ---- */
@@ -463,7 +458,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     step_alloc(out, c);
     int nd = sc->distinct_layers < sh->n_moe ? sc->distinct_layers : (sh->n_moe > 0 ? sh->n_moe : 1);
     double fwd_dense = sh->dense_flops_tok * N / h->flops;          /* every rank: the replicated part */
-    double comm_total = 0, compute_total = 0, bwd_compute_total = 0, max_recv_rows = 0;
+    double compute_total = 0, bwd_compute_total = 0, max_recv_rows = 0;
     double rd = dtype_bytes(sc->dispatch_dtype) * D, rc = dtype_bytes(sc->combine_dtype) * D;
     int n_units_l = c->trace ? sh->n_moe : nd;         /* layer routings this step */
     int groups = c->trace ? c->R : 1;                  /* groups counted one by one (traces) or one for all */
@@ -472,10 +467,9 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         int reps = c->trace ? 1 : sh->n_moe / nd + (ld < sh->n_moe % nd);   /* MoE layers this routing stands for */
         double worst = 0;
         StageCost df = {0, 0, 0}, cf = df, db = df, cb = df;
-        double tokens_l = 0;
         for (int g = 0; g < groups; g++) {
             SimTraffic tr[2];
-            Draw dw = {0};
+            int32_t *drawn = NULL;
             const int32_t *owner = c->owner;
             if (c->trace) {
                 /* the recorded routing of this group's ranks (EP positions 0..S-1) at this step */
@@ -489,8 +483,8 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 sim_traffic_count(tr, tsel, S, (int)(c->trace_nk / sh->k), sh->k, owner, &c->ep, c->two_level, 1.0);
             } else {
                 uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
-                draw_routing(cfg, &dw, S, n, c->members, c->expert_node, &c->ep, seed);
-                sim_traffic_count(tr, dw.sel, S, n, sh->k, owner, &c->ep, c->two_level, scale);
+                drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed);
+                sim_traffic_count(tr, drawn, S, n, sh->k, owner, &c->ep, c->two_level, scale);
             }
             /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout
              * rows out (the combine dtype), dx rows back (the dispatch dtype) and 4-byte dgates per entry */
@@ -527,12 +521,10 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             out->disp4[1] += (double)reps * times * tr[0].pairs_total;
             out->disp4[2] += (double)reps * times * tr[0].nodes_touched;
             out->disp4[3] += (double)reps * times * tr[0].tokens;
-            tokens_l += tr[0].tokens;
             sim_traffic_free(&tr[0]);
             if (c->two_level) sim_traffic_free(&tr[1]);
-            xfree(dw.sel);
+            xfree(drawn);
         }
-        (void)tokens_l;
         double cfw = worst / h->flops, cbw = 2 * worst / h->flops;
         double xf = df.t + cf.t, xb = db.t + cb.t;
         double lt;
@@ -548,7 +540,6 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         out->dispatch += reps * (df.t + db.t);
         out->combine += reps * (cf.t + cb.t);
         out->exposed += reps * (lt - cfw - cbw);
-        comm_total += reps * (xf + xb);
         compute_total += reps * (cfw + cbw);
         bwd_compute_total += reps * cbw;
         out->fwd_compute += reps * cfw;
@@ -597,7 +588,6 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     else if (sc->overlap == SIM_OVERLAP_FRACTION) ar_exposed = (1 - sc->overlap_fraction) * out->allreduce;
     out->exposed += ar_exposed;
     out->step_s = compute_total + (out->exposed) + out->optimizer;
-    (void)comm_total;
     /* memory per rank (fp32 as the trainer: params, grads, two Adam moments; activations of
      * the layer buffers; the exchange's receive rows and their returned rows) */
     out->mem[0] = 16.0 * local_params;
@@ -842,9 +832,9 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_append(&lg, id_mem, step_no, ss.mem);
         st = h5log_step_done(&lg, step_no);
         if (!quiet)
-            printf("sim step %ld/%d | %d GPUs (%d x %d), ep_size %d | step %.2f ms [%.2f, %.2f] | compute %.2f ms | "
+            printf("sim step %ld/%ld | %d GPUs (%d x %d), ep_size %d | step %.2f ms [%.2f, %.2f] | compute %.2f ms | "
                    "exposed comm %.2f ms | inter-node %.0f B/token | %.0f tok/s | %.1f GiB/GPU | %.2f s\n",
-                   step_no, sc->steps, P, sc->nodes, sc->gpus_per_node, c.S, 1e3 * ss.step_s, 1e3 * lo, 1e3 * hi,
+                   step_no, c.trace ? c.trace_steps[c.n_trace - 1] : (long)sc->steps, P, sc->nodes, sc->gpus_per_node, c.S, 1e3 * ss.step_s, 1e3 * lo, 1e3 * hi,
                    1e3 * (ss.fwd_compute + ss.bwd_compute), 1e3 * ss.exposed,
                    (ss.inter[COMM_PHASE_DISPATCH] + ss.inter[COMM_PHASE_COMBINE]) / (ss.disp4[3] > 0 ? ss.disp4[3] : 1),
                    tok_s, ss.mem[3] / (1024.0 * 1024 * 1024), time_now() - t0);

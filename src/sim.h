@@ -30,8 +30,7 @@
  * tokens_per_rank; the row and entry counts follow exchange.h's rules */
 typedef struct SimTraffic {
     int P, n_nodes;
-    double *rows_to;         /* [P] rows each rank sends to OTHER ranks (node-local and remote split below) */
-    double *rows_intra_s, *rows_inter_s, *rows_intra_r, *rows_inter_r;   /* [P] sent / received rows */
+    double *rows_intra_s, *rows_inter_s, *rows_intra_r, *rows_inter_r;   /* [P] rows to / from OTHER ranks, same node or not */
     double *ents_intra_s, *ents_inter_s, *ents_intra_r, *ents_inter_r;   /* [P] entries */
     double *msgs_intra, *msgs_inter;     /* [P] non-empty messages sent */
     double *recv_entries;    /* [P] entries received (incl. from self): expert work of the rank */
