@@ -440,11 +440,10 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
             const MoeStats *ms = &m->acts[l].moe.stats;
             /* global counts by EP position; with several EP groups a rank gets its position's
              * share (tokens / groups: the groups' split of the tokens is not gathered) */
-            for (int q = 0; q < P; q++) rt[(size_t)i * P + q] = 0;
-            for (int e = 0; e < E; e++)
-                for (int q = 0; q < P; q++)
-                    if (m->ep_pos_of_rank[q] == m->ep[l].expert_owner[e])
-                        rt[(size_t)i * P + q] += ms->counts[e] / m->n_ep_groups;
+            double *pos_load = xcalloc(sizeof(double) * (size_t)m->ep_size);
+            for (int e = 0; e < E; e++) pos_load[m->ep[l].expert_owner[e]] += ms->counts[e] / m->n_ep_groups;
+            for (int q = 0; q < P; q++) rt[(size_t)i * P + q] = pos_load[m->ep_pos_of_rank[q]];
+            xfree(pos_load);
             LoadStats lr_ = metrics_load(rt + (size_t)i * P, P);
             rmv[i] = lr_.maxvio;
             i++;
