@@ -104,6 +104,15 @@ static const KeyDef keys[] = {
     K_BOOL(data.lowercase, 1, "lowercase words before building the vocabulary"),
     K_FLOAT(data.valid_frac, 0, 0.0, 1.0, 1, 0.1, "brown: fraction of files (per genre) held out for validation"),
     K_FLOAT(data.test_frac, 0, 0.0, 1.0, 1, 0.1, "brown: fraction of files (per genre) held out for test"),
+    K_STR(data.genres, "",
+          "brown LM: genres of the training batches (before data.switch_at when it is set): Brown genre letters "
+          "(a-h, j-n, p, r), `nonfiction` (a-j) or `fiction` (k-r); empty = every genre"),
+    K_STR(data.genres_after, "",
+          "brown LM: genres of the training batches from step data.switch_at on (same forms); empty = every genre"),
+    K_INT(data.switch_at, 0, 1 << 30, 0,
+          "brown LM: training step at which batches switch from data.genres to data.genres_after (a distribution "
+          "shift, for drift experiments); 0 = one phase. The vocabulary is built from both phases' training files"),
+    K_STR(data.eval_genres, "", "brown LM: genres of the validation and test files (same forms); empty = every genre"),
     /* model */
     K_INT(model.d_model, 1, 65536, 256, "model width D"),
     K_INT(model.n_layer, 1, 1024, 4, "transformer blocks"),
@@ -999,6 +1008,45 @@ Status config_set(Config *c, const char *assignment) {
  * cross-key checks
  * ------------------------------------------------------------------------------------------ */
 
+/* the Brown genres (file names c<genre><nn>): letters a-h, j-n, p, r */
+static const char brown_genre_letters[] = "abcdefghjklmnpr";
+
+int config_genre_mask(const char *spec, uint32_t *mask) {
+    *mask = 0;
+    if (!spec[0]) { for (const char *g = brown_genre_letters; *g; g++) *mask |= 1u << (*g - 'a'); return 1; }
+    if (!strcmp(spec, "nonfiction")) spec = "abcdefghj";
+    else if (!strcmp(spec, "fiction")) spec = "klmnpr";
+    for (const char *p = spec; *p; p++) {
+        if (!strchr(brown_genre_letters, *p)) return 0;
+        *mask |= 1u << (*p - 'a');
+    }
+    return 1;
+}
+
+/* the genre-phase keys: well-formed, only for the Brown LM corpus, the switch inside the run */
+static Status genres_check(const DataConfig *d, int steps) {
+    const char *names[3] = {"data.genres", "data.genres_after", "data.eval_genres"};
+    const char *vals[3] = {d->genres, d->genres_after, d->eval_genres};
+    bool any = d->switch_at > 0;
+    for (int i = 0; i < 3; i++) {
+        uint32_t m;
+        if (!config_genre_mask(vals[i], &m))
+            return status_errorf("%s=%s: not a genre list; use Brown genre letters (a-h, j-n, p, r, e.g. `kln`), "
+                                 "`nonfiction` (a-j) or `fiction` (k-r)", names[i], vals[i]);
+        any |= vals[i][0] != 0;
+    }
+    if (!any) return status_ok();
+    if (d->kind != DATA_BROWN)
+        return status_errorf("data.genres, data.genres_after, data.switch_at and data.eval_genres apply to data.kind=brown "
+                             "only (this run has data.kind=%s)", data_kind_names[d->kind]);
+    if (d->genres_after[0] && d->switch_at == 0)
+        return status_errorf("data.genres_after=%s needs data.switch_at (the step of the switch)", d->genres_after);
+    if (d->switch_at >= steps)
+        return status_errorf("data.switch_at=%d: must be below train.steps=%d (the switch would never happen)",
+                             d->switch_at, steps);
+    return status_ok();
+}
+
 Status config_validate(const Config *c) {
     const ModelConfig *m = &c->model;
     const MoeConfig *e = &c->moe;
@@ -1026,6 +1074,7 @@ Status config_validate(const Config *c) {
     if (c->data.valid_frac + c->data.test_frac >= 1.0)
         return status_errorf("data.valid_frac=%g + data.test_frac=%g leave no training data",
                              c->data.valid_frac, c->data.test_frac);
+    TRY(genres_check(&c->data, c->train.steps));
     bool classify_data = c->data.kind == DATA_GLUE || c->data.kind == DATA_BROWN_GENRE;
     if (classify_data && m->task != TASK_CLASSIFY)
         return status_errorf("data.kind=%s is a classification set: needs model.task=classify, not %s",

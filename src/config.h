@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include "util.h"
 
 enum MoeKind { MOE_KIND_DENSE = 0, MOE_KIND_STANDARD = 1, MOE_KIND_CLUSTERED = 2 };
@@ -53,6 +54,11 @@ typedef struct DataConfig {
     bool lowercase;
     double valid_frac;       /* brown: fraction of files (per genre) in valid; same for test */
     double test_frac;
+    /* brown LM, genre phases (drift experiments): genre letters, or nonfiction / fiction */
+    char genres[32];         /* training batches before switch_at come from these genres; "" = all */
+    char genres_after[32];   /* training batches from switch_at on; "" = all */
+    int switch_at;           /* step of the switch; 0 = one phase */
+    char eval_genres[32];    /* validation and test files of these genres only; "" = all */
 } DataConfig;
 
 typedef struct ModelConfig {
@@ -230,6 +236,9 @@ Status config_validate(const Config *c);
 char *config_to_yaml(const Config *c);
 /* Markdown reference table of every key (type, range, default, doc); caller frees */
 char *config_reference_markdown(void);
+/* data.genres-style list (Brown genre letters, nonfiction, fiction; "" = every genre) ->
+ * bit (letter - 'a') per genre; 0 when the list is malformed */
+int config_genre_mask(const char *spec, uint32_t *mask);
 /* derived: dense FFN width */
 static inline int config_d_ff_dense(const Config *c) {
     return c->model.d_ff > 0 ? c->model.d_ff : c->moe.top_k * c->moe.d_ff_expert;

@@ -345,6 +345,7 @@ typedef struct Builder {
     I32Vec rows[3];          /* classification: [n, seq_len] word ids padded with <pad> (id 0) */
     I32Vec lengths[3], labels[3];
     I32Vec scratch1, scratch2;
+    I32Vec file_span;        /* brown LM genre phases: per train file [start, end, genre letter - 'a'] of lm[train] */
     long n_sentences;
 } Builder;
 
@@ -363,7 +364,7 @@ static void builder_free(Builder *b) {
     for (int s = 0; s < 3; s++) {
         i32_free(&b->lm[s]); i32_free(&b->rows[s]); i32_free(&b->lengths[s]); i32_free(&b->labels[s]);
     }
-    i32_free(&b->scratch1); i32_free(&b->scratch2);
+    i32_free(&b->scratch1); i32_free(&b->scratch2); i32_free(&b->file_span);
 }
 
 /* a word of an LM split (lowercased in place if asked) */
@@ -745,22 +746,65 @@ static Status brown_read_file(Builder *b, const char *dir, const char *name, int
 static Status load_brown(const DataConfig *dc, Builder *b, bool genre, Dataset *ds, char *stats, size_t stats_cap) {
     BrownFiles bf;
     TRY(brown_open(dc->path, dc->valid_frac, dc->test_frac, &bf));
+    /* genre phases (LM only; config_validate checked the lists): train files of either phase,
+     * valid/test files of data.eval_genres */
+    uint32_t m_train = ~0u, m_eval = ~0u;
+    if (!genre) {
+        uint32_t m0, m1;
+        config_genre_mask(dc->genres, &m0);
+        config_genre_mask(dc->genres_after, &m1);
+        config_genre_mask(dc->eval_genres, &m_eval);
+        m_train = dc->switch_at > 0 ? m0 | m1 : m0;
+    }
     int n_files[3] = {0, 0, 0};
     int genres[26] = {0};
     int n_genres = 0;
     for (int i = 0; i < bf.n; i++) {
+        int g = bf.names[i][1] - 'a';
+        if (!((bf.split[i] == SPLIT_TRAIN ? m_train : m_eval) >> g & 1)) continue;
         int label = genre ? (bf.names[i][1] >= 'k') : -1;   /* k..r are fiction */
+        int32_t start = (int32_t)b->lm[SPLIT_TRAIN].n;
         Status s = brown_read_file(b, bf.dir, bf.names[i], bf.split[i], label);
         if (!STATUS_OK(s)) { brown_close(&bf); return s; }
+        if (!genre && bf.split[i] == SPLIT_TRAIN) {
+            i32_push(&b->file_span, start);
+            i32_push(&b->file_span, (int32_t)b->lm[SPLIT_TRAIN].n);
+            i32_push(&b->file_span, g);
+        }
         n_files[bf.split[i]]++;
-        if (!genres[bf.names[i][1] - 'a']++) n_genres++;
+        if (!genres[g]++) n_genres++;
     }
     snprintf(stats, stats_cap, "%ld sentences, %d files in %d genres (train %d/valid %d/test %d)", b->n_sentences,
-             bf.n, n_genres, n_files[0], n_files[1], n_files[2]);
+             n_files[0] + n_files[1] + n_files[2], n_genres, n_files[0], n_files[1], n_files[2]);
     brown_close(&bf);
+    if (!genre && (n_files[SPLIT_VALID] == 0 || n_files[SPLIT_TEST] == 0) && dc->eval_genres[0])
+        return status_errorf("data.eval_genres=%s: no validation or test file of these genres (data.valid_frac=%g, "
+                             "data.test_frac=%g)", dc->eval_genres, dc->valid_frac, dc->test_frac);
     if (genre) {
         ds->n_classes = 2;
         ds->metric = CLS_METRIC_ACCURACY;
+    }
+    return status_ok();
+}
+
+/* the training stream of one genre phase: the train files of the genres in mask, in file order */
+static Status phase_split(const TokenSplit *train, const I32Vec *span, uint32_t mask, const char *key,
+                          const char *spec, int seq_len, TokenSplit *out) {
+    size_t n = 0;
+    for (size_t f = 0; f + 2 < span->n; f += 3)
+        if (mask >> span->a[f + 2] & 1) n += (size_t)(span->a[f + 1] - span->a[f]);
+    if (n < (size_t)seq_len + 1)
+        return status_errorf("%s=%s: the training files of these genres hold %zu tokens, a training window needs "
+                             "seq_len+1 = %d", key, spec[0] ? spec : "(every genre)", n, seq_len + 1);
+    out->tokens = xmalloc(sizeof(int32_t) * n);
+    out->n_tokens = 0;
+    out->n_unk = 0;
+    for (size_t f = 0; f + 2 < span->n; f += 3) {
+        if (!(mask >> span->a[f + 2] & 1)) continue;
+        for (int32_t i = span->a[f]; i < span->a[f + 1]; i++) {
+            out->tokens[out->n_tokens++] = train->tokens[i];
+            out->n_unk += train->tokens[i] == TOK_UNK;
+        }
     }
     return status_ok();
 }
@@ -1053,7 +1097,22 @@ Status data_load(const DataConfig *dc, int task, int seq_len, const char *vocab_
     }
     long n_sentences = b.n_sentences;
     builder_finish(&b, ds);
+    if (dc->kind == DATA_BROWN && (dc->genres[0] || dc->switch_at > 0)) {
+        uint32_t m0, m1;
+        config_genre_mask(dc->genres, &m0);
+        config_genre_mask(dc->genres_after, &m1);
+        s = phase_split(&ds->lm[SPLIT_TRAIN], &b.file_span, m0, "data.genres", dc->genres, seq_len, &ds->phase[0]);
+        if (STATUS_OK(s) && dc->switch_at > 0)
+            s = phase_split(&ds->lm[SPLIT_TRAIN], &b.file_span, m1, "data.genres_after", dc->genres_after, seq_len,
+                            &ds->phase[1]);
+        ds->switch_at = dc->switch_at;
+        ds->n_phases = dc->switch_at > 0 ? 2 : 1;
+    }
     builder_free(&b);
+    if (!STATUS_OK(s)) {
+        data_free(ds);
+        return s;
+    }
 
     int V = ds->vocab.n_words;
     if (dc->kind == DATA_BROWN || dc->kind == DATA_WIKITEXT) {
@@ -1086,6 +1145,7 @@ Status data_load(const DataConfig *dc, int task, int seq_len, const char *vocab_
 
 void data_free(Dataset *ds) {
     vocab_free(&ds->vocab);
+    for (int p = 0; p < 2; p++) free(ds->phase[p].tokens);
     for (int s = 0; s < 3; s++) {
         free(ds->lm[s].tokens);   /* realloc'd or xcalloc'd; xfree == free */
         free(ds->cls[s].tokens);
@@ -1131,6 +1191,11 @@ double data_unigram_ppl(const Dataset *ds, int split) {
 }
 
 /* ---------------------------------------------------------------- batching */
+
+const TokenSplit *data_lm_train_split(const Dataset *ds, long step) {
+    if (ds->n_phases == 0) return &ds->lm[SPLIT_TRAIN];
+    return &ds->phase[ds->n_phases > 1 && step >= ds->switch_at ? 1 : 0];
+}
 
 void data_lm_train_batch(const TokenSplit *s, uint64_t seed, long step, int first, int n, int T,
                          int32_t *inputs, int32_t *targets) {

@@ -45,6 +45,12 @@ typedef struct Dataset {
     int n_classes;
     int metric;              /* enum ClsMetric: the task's headline metric */
     char description[256];   /* e.g. "brown: 1161192 words, 500 files, vocab 10000" */
+    /* brown LM genre phases (data.genres / genres_after / switch_at): the training streams of
+     * the phases, subsets of lm[train] (which holds both, for the vocabulary and the unigram
+     * baseline); n_phases 0 = no phases, train batches come from lm[train] */
+    TokenSplit phase[2];
+    int n_phases;
+    long switch_at;
 } Dataset;
 
 enum { SPLIT_TRAIN = 0, SPLIT_VALID = 1, SPLIT_TEST = 2 };
@@ -70,6 +76,8 @@ double data_unigram_ppl(const Dataset *ds, int split);
  * inputs/targets: [n, T] */
 void data_lm_train_batch(const TokenSplit *s, uint64_t seed, long step, int first, int n, int T,
                          int32_t *inputs, int32_t *targets);
+/* the training stream of global step `step` (0-based): lm[train], or the genre phase's */
+const TokenSplit *data_lm_train_split(const Dataset *ds, long step);
 /* number of non-overlapping evaluation windows of T tokens in a split */
 long data_lm_n_windows(const TokenSplit *s, int T);
 /* evaluation window w: inputs/targets [T] */

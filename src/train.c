@@ -345,6 +345,15 @@ static void print_banner(const Run *r) {
     printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total (%s)\n",
            DCMOE_VERSION, DCMOE_GIT_REVISION, r->P, r->threads, r->be.ops->name, r->peak_total, r->peak_how);
     printf("data: %s\n", r->ds.description);
+    if (r->ds.n_phases > 0) {
+        const DataConfig *dc = &r->cfg->data;
+        printf("data phases: train batches from genres %s (%zu tokens)", dc->genres[0] ? dc->genres : "(all)",
+               r->ds.phase[0].n_tokens);
+        if (r->ds.n_phases > 1)
+            printf(" until step %ld, then genres %s (%zu tokens)", r->ds.switch_at,
+                   dc->genres_after[0] ? dc->genres_after : "(all)", r->ds.phase[1].n_tokens);
+        printf("; validation and test: genres %s\n", dc->eval_genres[0] ? dc->eval_genres : "(all)");
+    }
     print_params(&r->m);
     char mtab[2048];
     memacct_format(&r->macct, mtab, sizeof mtab);
@@ -482,7 +491,7 @@ static Status train_step(Run *r, long step, StepOut *o) {
     o->ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
     o->ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
     if (cfg->model.task == TASK_LM)
-        data_lm_train_batch(&r->ds.lm[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->T, r->in, r->tg);
+        data_lm_train_batch(data_lm_train_split(&r->ds, step), (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->T, r->in, r->tg);
     else
         data_cls_train_batch(&r->ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->in, r->len, r->tg);
     model_zero_grad(m);

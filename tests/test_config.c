@@ -450,6 +450,18 @@ static void test_validate(void) {
     c.model.seq_len = 1;
     expect_invalid("seq_len 1", &c, "model.seq_len=1: need at least 2 tokens");
     config_defaults(&c);
+    snprintf(c.data.genres, sizeof c.data.genres, "ai");
+    expect_invalid("genre i (Brown has none)", &c, "data.genres=ai: not a genre list");
+    snprintf(c.data.genres, sizeof c.data.genres, "nonfiction");
+    snprintf(c.data.genres_after, sizeof c.data.genres_after, "fiction");
+    expect_invalid("genres_after without switch_at", &c, "data.genres_after=fiction needs data.switch_at");
+    c.data.switch_at = c.train.steps;
+    expect_invalid("switch after the run", &c, "must be below train.steps");
+    c.data.switch_at = 10;
+    ok(STATUS_OK(config_validate(&c)), "nonfiction then fiction at step 10 is valid (%s)", config_validate(&c).msg);
+    c.data.kind = DATA_WIKITEXT;
+    expect_invalid("genres on wikitext", &c, "apply to data.kind=brown only");
+    config_defaults(&c);
     c.moe.n_experts = 4;
     c.moe.top_k = 8;
     expect_invalid("top_k > n_experts", &c, "moe.top_k=8 exceeds moe.n_experts=4");

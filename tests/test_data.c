@@ -607,6 +607,55 @@ static void test_broken_glue(void) {
     if (STATUS_OK(s)) data_free(&ds);
 }
 
+/* genre phases (data.genres / genres_after / switch_at / eval_genres) on the fixture: train
+ * files ca02 (a) ck02 (k) cn01 (n), valid ca01 ck01, test ca03 ck03 */
+static void test_brown_phases(void) {
+    DataConfig dc = config_for(DATA_BROWN, "brown", NULL);
+    Dataset all, ds;
+    Status s = data_load(&dc, TASK_LM, 8, NULL, &all);
+    ok(STATUS_OK(s) && all.n_phases == 0 && data_lm_train_split(&all, 99) == &all.lm[0],
+       "no genre keys: one training stream, lm[train] (%s)", s.msg);
+    snprintf(dc.genres, sizeof dc.genres, "a");
+    snprintf(dc.genres_after, sizeof dc.genres_after, "kn");
+    snprintf(dc.eval_genres, sizeof dc.eval_genres, "k");
+    dc.switch_at = 5;
+    s = data_load(&dc, TASK_LM, 8, NULL, &ds);
+    ok(STATUS_OK(s), "genre phases load (%s)", s.msg);
+    if (!STATUS_OK(s)) { data_free(&all); return; }
+    size_t n0 = ds.phase[0].n_tokens, n1 = ds.phase[1].n_tokens;
+    ok(ds.n_phases == 2 && n0 > 0 && n1 > 0 && n0 + n1 == all.lm[0].n_tokens && ds.lm[0].n_tokens == all.lm[0].n_tokens,
+       "phases split the train files: %zu + %zu == %zu tokens", n0, n1, all.lm[0].n_tokens);
+    ok(ds.vocab.n_words == all.vocab.n_words && memcmp(ds.phase[0].tokens, all.lm[0].tokens, sizeof(int32_t) * n0) == 0 &&
+       memcmp(ds.phase[1].tokens, all.lm[0].tokens + n0, sizeof(int32_t) * n1) == 0,
+       "phase 0 = ca02's tokens, phase 1 = ck02 + cn01's, with the vocabulary of both phases");
+    ok(data_lm_train_split(&ds, 4) == &ds.phase[0] && data_lm_train_split(&ds, 5) == &ds.phase[1],
+       "steps before switch_at draw from phase 0, from switch_at on from phase 1");
+    ok(ds.lm[1].n_tokens > 0 && ds.lm[1].n_tokens < all.lm[1].n_tokens && ds.lm[2].n_tokens < all.lm[2].n_tokens,
+       "eval_genres k keeps ck01 / ck03 only (valid %zu of %zu tokens)", ds.lm[1].n_tokens, all.lm[1].n_tokens);
+    int32_t in[2 * 8], tg[2 * 8];
+    data_lm_train_batch(data_lm_train_split(&ds, 7), 1, 7, 0, 2, 8, in, tg);
+    int inside = 1;
+    for (int i = 0; i < 16; i++) {
+        int found = 0;
+        for (size_t j = 0; j < n1 && !found; j++) found = ds.phase[1].tokens[j] == in[i];
+        inside &= found;
+    }
+    ok(inside, "a batch after the switch holds phase-1 tokens only");
+    data_free(&ds);
+    /* one phase: data.genres alone restricts the training files */
+    DataConfig d1 = config_for(DATA_BROWN, "brown", NULL);
+    snprintf(d1.genres, sizeof d1.genres, "fiction");
+    s = data_load(&d1, TASK_LM, 8, NULL, &ds);
+    ok(STATUS_OK(s) && ds.n_phases == 1 && ds.lm[0].n_tokens == n1 && ds.phase[0].n_tokens == n1 &&
+       data_lm_train_split(&ds, 1000) == &ds.phase[0], "genres fiction = the k and n train files (%s)", s.msg);
+    if (STATUS_OK(s)) data_free(&ds);
+    /* a phase too small for one window names its key */
+    dc.switch_at = 5;
+    s = data_load(&dc, TASK_LM, (int)n0, NULL, &ds);
+    ok(!STATUS_OK(s) && strstr(s.msg, "data.genres=a") && strstr(s.msg, "seq_len+1"), "short phase: %s", s.msg);
+    data_free(&all);
+}
+
 /* ---------------------------------------------------------------- the real corpus (optional) */
 
 static void test_real_brown(void) {
@@ -660,6 +709,7 @@ int main(void) {
     test_wikitext_vocab();
     test_brown();
     test_brown_errors();
+    test_brown_phases();
     test_brown_genre();
     test_glue();
     test_vocab_errors();
