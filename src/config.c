@@ -1075,6 +1075,13 @@ Status config_validate(const Config *c) {
         return status_errorf("data.valid_frac=%g + data.test_frac=%g leave no training data",
                              c->data.valid_frac, c->data.test_frac);
     TRY(genres_check(&c->data, c->train.steps));
+    /* what the CUDA backend does not run yet: refused here rather than failing on device pointers */
+    if (c->run.backend == BACKEND_CUDA && c->precision.mode != PRECISION_FP32)
+        return status_errorf("precision.mode=%s: the FP16/INT4 stored formats and QAT shadows run on the host only; "
+                             "run.backend=cuda needs precision.mode=fp32", precision_names[c->precision.mode]);
+    if (c->run.backend == BACKEND_CUDA && c->offload.enabled)
+        return status_errorf("offload.enabled: offloading works on host memory only; run.backend=cuda needs "
+                             "offload.enabled=false");
     bool classify_data = c->data.kind == DATA_GLUE || c->data.kind == DATA_BROWN_GENRE;
     if (classify_data && m->task != TASK_CLASSIFY)
         return status_errorf("data.kind=%s is a classification set: needs model.task=classify, not %s",

@@ -127,8 +127,15 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
         if (!ckpt[0]) return status_errorf("%s: no complete checkpoint to evaluate", run_dir);
     }
     if (!file_exists(vocab_path)) return status_errorf("%s: missing (the run's vocabulary)", vocab_path);
+    if (cfg->run.backend == BACKEND_CUDA && stored)
+        return status_errorf("--precision stored: the FP16/INT4 stored-format kernels run on the host only; evaluate a "
+                             "run.backend=cuda run with --precision fp32 (or --set run.backend=cpu)");
+    /* the run's backend (run.backend), as dcmoe train chose it */
     Backend be;
-    TRY(backend_cpu_init(&be, 0));
+    if (cfg->run.backend == BACKEND_CUDA) TRY(comm_agree(comm, backend_cuda_init(&be, comm->local_rank)));
+    else TRY(comm_agree(comm, backend_cpu_init(&be, 0)));
+    Status bs = comm_agree(comm, backend_check(&be));
+    if (!STATUS_OK(bs)) { backend_free(&be); return bs; }
     Dataset ds;
     memset(&ds, 0, sizeof ds);
     TRY(data_load(&cfg->data, cfg->model.task, cfg->model.seq_len, vocab_path, &ds));

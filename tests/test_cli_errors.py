@@ -91,6 +91,14 @@ if p.returncode == 0:
     # starting the same run again refuses to overwrite it
     expect_error(["train", base], ["already holds a run", "--resume"], "refuses to overwrite a run")
     check(sha(h5) == h_before, "metrics.h5 untouched by the refused start")
+    # dcmoe eval runs on the run's backend: without a GPU, run.backend=cuda is an error naming
+    # CUDA (an eval that ignored the key would succeed on the CPU); stored formats stay host-only
+    if shutil.which("nvidia-smi") is None:
+        expect_error(["eval", base, "--set", "run.backend=cuda"], ["cuda"], "eval honours run.backend=cuda")
+    expect_error(["eval", base, "--set", "run.backend=cuda", "--precision", "stored"],
+                 ["--precision stored", "host only"], "eval: stored formats refused on cuda")
+    expect_error(["train", base, "--set", "run.backend=cuda", "--set", "precision.mode=storage"],
+                 ["precision.mode=storage", "run.backend=cuda"], "train: storage precision refused on cuda")
     ck = os.path.join(run_dir, "ckpt", "step_00000012")
     mb = os.path.join(ck, "model.bin")
     data = bytearray(open(mb, "rb").read())
