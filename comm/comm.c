@@ -70,9 +70,7 @@ static inline void account(Comm *c, int phase, size_t bytes, double t0) {
 void comm_barrier(Comm *c) { c->ops->barrier(c->ctx); }
 
 /* bytes counted as this rank's contribution (n * 4); ring algorithms send ~2(P-1)/P of it */
-void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
-    double t0 = time_now();
-    if (c->size > 1) c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
+static void book_allreduce_f32(Comm *c, size_t n_elems, int phase, double t0) {
     account(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, t0);
     /* the profiler books a ring allreduce: 2 (P-1) messages of n/P elements to the successor
      * (the bytes a ring algorithm sends; MPI may pick another algorithm) */
@@ -83,6 +81,19 @@ void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
                     2 * (uint64_t)(c->size - 1));
         traffic_add_time(tr, phase, time_now() - t0);
     }
+}
+
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
+    double t0 = time_now();
+    if (c->size > 1) c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
+    book_allreduce_f32(c, n_elems, phase, t0);
+}
+
+void comm_dev_allreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, int phase) {
+    if (!c->dops) { comm_allreduce_sum_f32(c, dbuf, n_elems, phase); return; }
+    double t0 = time_now();
+    if (c->size > 1) c->dops->allreduce_sum_f32(c->dctx, dbuf, n_elems);
+    book_allreduce_f32(c, n_elems, phase, t0);
 }
 
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems) {
@@ -127,10 +138,7 @@ void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, 
             if (d != c->rank) traffic_add(tr, phase, comm_world_rank(c, d), n_bytes, 1);
 }
 
-void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
-                          void *recv, const size_t *rcounts, const size_t *rdispls, int phase) {
-    double t0 = time_now();
-    c->ops->alltoallv_bytes(c->ctx, send, scounts, sdispls, recv, rcounts, rdispls);
+static void book_alltoallv(Comm *c, const size_t *scounts, int phase, double t0) {
     size_t sent = 0;
     struct Traffic *tr = traffic_of(c);
     for (int d = 0; d < c->size; d++) {
@@ -140,6 +148,21 @@ void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, cons
     }
     account(c, phase, sent, t0);
     if (tr) traffic_add_time(tr, phase, time_now() - t0);
+}
+
+void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
+                          void *recv, const size_t *rcounts, const size_t *rdispls, int phase) {
+    double t0 = time_now();
+    c->ops->alltoallv_bytes(c->ctx, send, scounts, sdispls, recv, rcounts, rdispls);
+    book_alltoallv(c, scounts, phase, t0);
+}
+
+void comm_dev_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
+                              void *recv, const size_t *rcounts, const size_t *rdispls, int phase) {
+    if (!c->dops) { comm_alltoallv_bytes(c, send, scounts, sdispls, recv, rcounts, rdispls, phase); return; }
+    double t0 = time_now();
+    c->dops->alltoallv_bytes(c->dctx, send, scounts, sdispls, recv, rcounts, rdispls);
+    book_alltoallv(c, scounts, phase, t0);
 }
 
 void comm_abort(Comm *c, int code) {
@@ -192,6 +215,7 @@ void comm_split(Comm *parent, int color, int key, Comm *out) {
 
 void comm_free(Comm *c) {
     if (!c) return;
+    if (c->dops && c->dops->free_ctx) c->dops->free_ctx(c->dctx);
     if (c->ctx) {
         if (c->ops && c->ops->free_ctx) c->ops->free_ctx(c->ctx);
         else free(c->ctx);

@@ -44,9 +44,23 @@ typedef struct CommOps {
 struct Traffic;
 struct Topology;
 
+/* collectives on backend (device) memory, when a device library is attached to a Comm
+ * (parallel.collectives = nccl: cuda/comm_nccl.c). Without one, comm_dev_* use the host ops
+ * on the same pointers (right for the CPU backend, and for device memory only with a
+ * CUDA-aware MPI). Counts and displacements in BYTES. */
+typedef struct DevCommOps {
+    const char *name;
+    void (*allreduce_sum_f32)(void *ctx, float *dbuf, size_t n_elems);
+    void (*alltoallv_bytes)(void *ctx, const void *send, const size_t *scounts, const size_t *sdispls,
+                            void *recv, const size_t *rcounts, const size_t *rdispls);
+    void (*free_ctx)(void *ctx);
+} DevCommOps;
+
 typedef struct Comm {
     const CommOps *ops;
     void *ctx;
+    const DevCommOps *dops;            /* device collectives (NULL = the host ops); see DevCommOps */
+    void *dctx;
     int rank, size;
     int local_rank, local_size;        /* within the node */
     CommStats stats;
@@ -93,6 +107,12 @@ void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, 
  * are counted per destination in the profiler (the part a rank keeps is not traffic) */
 void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
                           void *recv, const size_t *rcounts, const size_t *rdispls, int phase);
+/* the same collectives on backend memory: through the attached device library (NCCL), else
+ * the host ops; booked exactly like the host versions (bytes, calls, seconds, profiler) */
+void comm_dev_allreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, int phase);
+void comm_dev_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
+                              void *recv, const size_t *rcounts, const size_t *rdispls, int phase);
+static inline int comm_has_dev(const Comm *c) { return c && c->dops != NULL; }
 /* end every rank: MPI_Abort in MPI runs, exit otherwise */
 void comm_abort(Comm *c, int code) __attribute__((noreturn));
 

@@ -60,6 +60,7 @@ static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
+static const char *const collectives_names[] = {"mpi", "nccl", NULL};
 static const char *const precision_names[] = {"fp32", "storage", "qat", NULL};
 static const char *const tier_names[] = {"host", "file", NULL};
 static const char *const prefetch_names[] = {"none", "ema", NULL};
@@ -198,6 +199,10 @@ static const KeyDef keys[] = {
            "expert groups -> ranks: contiguous (Megatron), eplb (groups packed evenly onto nodes), topology (affinity graph partitioning)"),
     K_ENUM(parallel.exchange, exchange_names, EXCHANGE_FLAT,
            "dispatch/combine: one flat all-to-all, or two-level (inside the node, then between node peers)"),
+    K_ENUM(parallel.collectives, collectives_names, COLLECTIVES_MPI,
+           "collectives on backend memory (the gradient allreduce, the exchange's rows): mpi (host memory; with "
+           "run.backend=cuda the rows are staged through the host), or nccl (device pointers, no staging; needs "
+           "run.backend=cuda and a CUDA build). Counts, routing metadata and statistics always use MPI"),
     K_INT(parallel.place_interval, 0, INT_MAX, 200, "re-run placement every n steps and after each re-clustering; 0 = only after re-clustering"),
     K_FLOAT(parallel.affinity_ema, 1, 0.0, 1.0, 0, 0.1, "EMA rate of the group co-selection affinity matrix"),
     K_INT(parallel.refine_passes, 0, 1000, 8, "Kernighan-Lin / Fiduccia-Mattheyses refinement passes of the placement"),
@@ -1079,6 +1084,8 @@ Status config_validate(const Config *c) {
     if (c->run.backend == BACKEND_CUDA && c->precision.mode != PRECISION_FP32)
         return status_errorf("precision.mode=%s: the FP16/INT4 stored formats and QAT shadows run on the host only; "
                              "run.backend=cuda needs precision.mode=fp32", precision_names[c->precision.mode]);
+    if (c->parallel.collectives == COLLECTIVES_NCCL && c->run.backend != BACKEND_CUDA)
+        return status_errorf("parallel.collectives=nccl: NCCL works on device memory; it needs run.backend=cuda");
     if (c->run.backend == BACKEND_CUDA && c->offload.enabled)
         return status_errorf("offload.enabled: offloading works on host memory only; run.backend=cuda needs "
                              "offload.enabled=false");

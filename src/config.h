@@ -24,6 +24,7 @@ enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
+enum Collectives { COLLECTIVES_MPI = 0, COLLECTIVES_NCCL = 1 };
 enum RunMode { RUN_MODE_TRAIN = 0, RUN_MODE_SIMULATE = 1 };
 enum SimHardware { SIM_HW_H800 = 0, SIM_HW_H100 = 1, SIM_HW_H200 = 2, SIM_HW_A100 = 3, SIM_HW_CPU = 4 };
 enum SimDtype { SIM_FP32 = 0, SIM_BF16 = 1, SIM_FP8 = 2 };
@@ -138,6 +139,7 @@ typedef struct ParallelConfig {
     int rank_matrix_max;     /* rank x rank matrices only up to this many ranks */
     int ep_size;             /* ranks per expert-parallel group; 0 = the world */
     int replicas;            /* extra copies per MoE layer of the most loaded units (0 = off) */
+    enum Collectives collectives;  /* gradient allreduce and exchange rows on backend memory: MPI or NCCL */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

@@ -375,13 +375,18 @@ void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k,
     be->ops->from_host(be->ctx, x->tok_row_d, x->tok_row, sizeof(int32_t) * (size_t)N * x->kmax);
 }
 
-/* one row exchange: send [count_s rows] -> recv [count_r rows], host staging if needed */
+/* one row exchange: send [count_s rows] -> recv [count_r rows] of backend memory: the device
+ * collectives when attached (NCCL), else MPI with host staging for a non-CPU backend */
 static void exchange_rows(EpX *x, const Backend *be, Comm *comm, const float *send, const size_t *cs,
                           float *recv, const size_t *cr, size_t n_send, size_t n_recv, float *hs, float *hr,
                           int phase) {
     size_t row = sizeof(float) * (size_t)x->D;
     bytes_of(cs, row, x->P, x->b_sc, x->b_sd);
     bytes_of(cr, row, x->P, x->b_rc, x->b_rd);
+    if (comm_has_dev(comm)) {   /* NCCL on the backend's buffers: no staging */
+        comm_dev_alltoallv_bytes(comm, send, x->b_sc, x->b_sd, recv, x->b_rc, x->b_rd, phase);
+        return;
+    }
     ExchangeExecutor ex = exec_mpi(comm);
     if (!hs) {
         ex.alltoallv(ex.ctx, send, x->b_sc, x->b_sd, recv, x->b_rc, x->b_rd, phase);

@@ -17,12 +17,12 @@ double optim_lr(const TrainConfig *tc, long step) {
 /* dense parameters over the world; an expert's gradient is complete inside its EP group
  * (every token of the group routed to it arrived at its owner), so expert gradients are
  * summed only over the replicas of the unit, one per EP group (rep_comm; none when the EP
- * group is the world) */
+ * group is the world). The gradients are backend memory: comm_dev_* (NCCL when attached). */
 void optim_reduce_grads(Model *m) {
     if (m->n_cat[PCAT_DENSE])
-        comm_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
+        comm_dev_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
     if (m->rep_comm && m->rep_comm->size > 1 && m->n_cat[PCAT_EXPERT])
-        comm_allreduce_sum_f32(m->rep_comm, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT], COMM_PHASE_ALLREDUCE);
+        comm_dev_allreduce_sum_f32(m->rep_comm, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT], COMM_PHASE_ALLREDUCE);
     /* replicated hot units: last, so the owner's sum is the final value its copies receive */
     if (model_ep_has_replicas(m)) model_ep_replicas_reduce(m);
 }

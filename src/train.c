@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "checkpoint.h"
+#include "comm_nccl.h"
 #include "config_build.h"
 #include "data.h"
 #include "evaluate.h"
@@ -392,6 +393,14 @@ static Status run_setup(Run *r) {
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
     TRY(comm_agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
     r->stage = 4;
+    /* parallel.collectives = nccl: the world, the EP group and the replica group get NCCL for
+     * their device collectives (each attach is collective over its communicator) */
+    if (cfg->parallel.collectives == COLLECTIVES_NCCL) {
+        TRY(comm_agree(comm, comm_nccl_attach(comm)));
+        if (r->m.ep_comm && r->m.ep_comm != comm) TRY(comm_agree(comm, comm_nccl_attach(r->m.ep_comm)));
+        if (r->m.rep_comm) TRY(comm_agree(comm, comm_nccl_attach(r->m.rep_comm)));
+        if (r->rank == 0) printf("parallel.collectives: nccl (gradient allreduce and exchange rows on device memory)\n");
+    }
     model_init_params(&r->m);
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {

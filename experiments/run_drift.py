@@ -1,0 +1,118 @@
+#!/usr/bin/python3
+"""Run the drift experiment (experiments/drift.yaml: non-fiction, then fiction at step 400) and
+write results/drift.{csv,meta.json,md}.
+
+usage: /usr/bin/python3 experiments/run_drift.py [--jobs 2] [--only a,b] [--set k=v ...]
+       /usr/bin/python3 experiments/run_drift.py --render-only [--out DIR]
+Every variant runs with seeds 1, 2 and 3 (paired); complete runs are not rerun (the runs and
+the per-run summary are those of experiments/run_recluster.py). --render-only rebuilds
+results/drift.md from results/drift.{csv,meta.json} and the hand-written results/drift.notes.md."""
+import argparse
+import csv
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import resultslib as rl
+import run_recluster as rr
+
+NAME = "drift"
+SCRIPT = "experiments/run_drift.py"
+CONFIG = "experiments/drift.yaml"
+SEEDS = rr.SEEDS
+SWITCH = 400
+# name, --set list, static twin, what it is
+VARIANTS = [
+    ("standard", ["moe.kind=standard"], "", "standard MoE (shared init), no compression"),
+    ("static", [], "", "warm-up, learned compression at step 200, static partition"),
+    ("dynamic", ["clustering.enabled=true"], "static",
+     "as static, then re-clustering every 100 steps after the switch (unverified moves)"),
+]
+COLS = rr.COLS + ["ppl_at_switch", "ppl_after_100"]
+
+
+def eval_at(h5, step):
+    import h5py
+    with h5py.File(h5, "r", swmr=True) as f:
+        s = np.array(f["eval/ppl/step"])
+        v = np.array(f["eval/ppl/value"])
+    i = np.where(s == step)[0]
+    return float(v[i[-1]]) if len(i) else float("nan")
+
+
+def run_all(a):
+    only = set(a.only.split(",")) if a.only else None
+    jobs = [(name, sets, seed) for name, sets, _, _ in VARIANTS if not only or name in only for seed in SEEDS]
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        h5s = list(ex.map(lambda j: rr.run(a, *j, config=CONFIG, group=NAME), jobs))
+    if only:
+        return
+    lines = [",".join(["variant", "seed"] + COLS[2:])]
+    for (name, _, seed), h5 in zip(jobs, h5s):
+        r = rr.summarize(h5)
+        r["ppl_at_switch"] = eval_at(h5, SWITCH)
+        r["ppl_after_100"] = eval_at(h5, SWITCH + 100)
+        lines.append(",".join([name, str(seed)] + [f"{r[k]:.6g}" for k in COLS[2:]]))
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "seeds": SEEDS, "switch_at": SWITCH})
+
+
+def render(out_dir):
+    meta = rl.read_meta(NAME)
+    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
+        rows = list(csv.DictReader(f))
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], {})[int(r["seed"])] = {k: float(v) for k, v in r.items() if k not in ("variant", "seed")}
+    seeds = meta["seeds"]
+
+    def series(v, k):
+        return np.array([by[v][s][k] for s in seeds])
+
+    lines = ["# Drift: non-fiction, then fiction; does dynamic re-clustering follow the shift?", "",
+             f"Command: `{meta['command']}` (config `{CONFIG}`: the model of experiments/recluster.yaml, trained on the "
+             f"Brown non-fiction genres a-j until step {meta['switch_at']} and on the fiction genres k-r after it; "
+             "validation and test are fiction files only; the clustered rows are compressed at step 200 with the "
+             f"learned partition; seeds {', '.join(map(str, seeds))} in every row, mean ± sd). "
+             + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
+             f"| variant | fiction valid ppl at step {meta['switch_at']} (before the switch) | 100 steps after | final valid ppl | "
+             "final test ppl | re-cluster events accepted / layer-events | experts moved | refit err | probe Δloss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, _, _, desc in VARIANTS:
+        if name not in by:
+            continue
+        m = lambda k: float(np.nanmean(series(name, k)))
+        ev = m("layer_events")
+        events = "-" if ev == 0 else f"{m('accepted'):.1f} / {ev:.0f}"
+        moved = "-" if ev == 0 else f"{m('moved'):.1f}"
+        refit = "-" if np.isnan(m("refit_err")) else f"{100 * m('refit_err'):.1f}%"
+        probe = "-" if np.isnan(m("probe_delta")) else f"{m('probe_delta'):+.4f}"
+        lines.append(f"| **{name}**: {desc} | {rr.fmt_ms(series(name, 'ppl_at_switch'))} | "
+                     f"{rr.fmt_ms(series(name, 'ppl_after_100'))} | {rr.fmt_ms(series(name, 'valid_ppl'))} | "
+                     f"{rr.fmt_ms(series(name, 'test_ppl'))} | {events} | {moved} | {refit} | {probe} |")
+    lines += ["", "## Paired differences (valid perplexity on fiction, same seed)", "",
+              "| variant | twin | Δ final valid ppl | Δ 100 steps after the switch | seeds better |", "|---|---|---:|---:|---:|"]
+    for name, _, twin, _ in VARIANTS:
+        if not twin or name not in by or twin not in by:
+            continue
+        d = series(name, "valid_ppl") - series(twin, "valid_ppl")
+        d1 = series(name, "ppl_after_100") - series(twin, "ppl_after_100")
+        lines.append(f"| {name} | {twin} | {rr.fmt_ms(d)} | {rr.fmt_ms(d1)} | {int(np.sum(d < 0))}/{len(d)} |")
+    lines += ["", rl.notes(NAME)]
+    return rl.write_md(out_dir, NAME, "\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
+    rl.run_main(ap, run_all, render)
+
+
+if __name__ == "__main__":
+    main()
