@@ -774,6 +774,7 @@ static Status compress_swap(Run *r, long step) {
                "co-selection in groups %.1f%% (random %.1f%%) | probe loss %.4f -> %.4f | %.2f s\n", step + 1, n,
                pn[cfg->clustering.compress_partition], 100 * we, 100 * wmax, 100 * oe, 100 * cs,
                n ? 100 * r->cevs[0].cosel_random : 0, pb, pa, time_now() - t0);
+        print_params(&r->m);
         fflush(stdout);
     }
     return status_ok();
