@@ -1,7 +1,7 @@
 /* runlog: the training run's HDF5 record (metrics.h5): the schema (every series and root
- * attribute declared in one place), the per-step rows, re-clustering and compression events, evaluations and
- * the final row. Rank 0 owns the file; on other ranks a RunLog stays closed and every call is
- * a no-op, so the training loop calls it unconditionally.
+ * attribute declared in one place), the per-step rows, re-clustering and compression events,
+ * evaluations and the final row. Rank 0 owns the file; on other ranks a RunLog stays closed
+ * and every call is a no-op, so the training loop calls it unconditionally.
  * Does not: decide when to log (train.c) or define the metrics (metrics.c). */
 #ifndef DCMOE_RUNLOG_H
 #define DCMOE_RUNLOG_H
