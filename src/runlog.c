@@ -550,7 +550,7 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
     h5log_append(&rl->lg, rl->id.group_of, step, er);
 }
 
-void runlog_compress(RunLog *rl, long step, const CompressEvent *evs, int n_ev) {
+void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev) {
     if (!rl->open || rl->id.compress <= 0) return;
     double *er = rl->crow;
     for (int i = 0; i < n_ev; i++) {
@@ -561,6 +561,14 @@ void runlog_compress(RunLog *rl, long step, const CompressEvent *evs, int n_ev) 
         memcpy(er + (size_t)i * COMPRESS_N_COLS, v, sizeof v);
     }
     h5log_append(&rl->lg, rl->id.compress, step, er);
+    /* the partition the compression chose (cluster/group_of at its step) */
+    int i = 0, E = rl->E;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        for (int e = 0; e < E; e++) er[(size_t)i * E + e] = m->cstate[l].group_of[e];
+        i++;
+    }
+    if (i > 0) h5log_append(&rl->lg, rl->id.group_of, step, er);
 }
 
 void runlog_set_model(RunLog *rl, const Model *m) {

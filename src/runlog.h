@@ -73,8 +73,9 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r);
 void runlog_mem(RunLog *rl, long step, const double *all);
 void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *evs, int n_ev, double probe_before,
                   double probe_after);
-/* the compression event (cluster/compress): one row of COMPRESS_N_COLS per MoE layer */
-void runlog_compress(RunLog *rl, long step, const CompressEvent *evs, int n_ev);
+/* the compression event (cluster/compress): one row of COMPRESS_N_COLS per MoE layer, and
+ * the chosen partition (cluster/group_of) of the clustered model m */
+void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev);
 /* after the model was replaced (the compression): the per-step rows follow its layer kinds */
 void runlog_set_model(RunLog *rl, const Model *m);
 /* the eval series at step; with once, nothing if a row at that step exists already (a resumed final step) */

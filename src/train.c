@@ -760,7 +760,7 @@ static Status compress_swap(Run *r, long step) {
     r->log_owner = true;   /* groups are the placement units now */
     double pa = evaluate(&r->m, &r->ds, SPLIT_VALID, cfg->clustering.probe_batches, bs, &r->prec).loss;
     for (int i = 0; i < n; i++) { r->cevs[i].probe_before = pb; r->cevs[i].probe_after = pa; }
-    runlog_compress(&r->log, step + 1, r->cevs, n);
+    runlog_compress(&r->log, &r->m, step + 1, r->cevs, n);
     if (r->rank == 0) {
         double we = 0, wmax = 0, oe = 0, cs = 0;
         for (int i = 0; i < n; i++) {

@@ -4,7 +4,9 @@ MoE for steps 1..5 (its losses equal a plain standard run's, bitwise), compresse
 (one /cluster/compress row per MoE layer: weight and output errors in (0, 1), co-selection
 fraction in [0, 1], probe losses before and after, the clustered model's parameter counts),
 then trains the clustered model; re-clustering keeps working after it (its warm-up counts from
-the compression). Stopped before the event (step 3) or after it (step 7) and resumed, the run
+the compression). The co-selection fraction equals the one recomputed from the routing trace
+(dropless: the trace holds every token's top-k) as an EMA over the warm-up steps and the
+partition logged in cluster/group_of. Stopped before the event (step 3) or after it (step 7) and resumed, the run
 gives bitwise the uninterrupted losses, eval losses and compression row. 4 ranks (flat expert
 parallelism, and ep_size 2 on a virtual 2x2 topology) give the 1-rank losses within the
 tolerance of test_ep_size. Bad input: compress_at with moe.kind standard, compress_at >=
@@ -20,7 +22,7 @@ import dcmoe_logs  # noqa: E402
 d = tmpdir("dcmoe-compress-")
 COMP = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=4", "--set", "moe.rank=4",
         "--set", "clustering.compress_at=5", "--set", "clustering.interval=4", "--set", "clustering.warmup=2",
-        "--set", "clustering.min_gain=0", "--set", "clustering.probe_batches=2"]
+        "--set", "clustering.min_gain=0", "--set", "clustering.probe_batches=2", "--set", "moe.dropless=true"]
 
 
 def train(name, ranks, sets, extra=()):
@@ -38,8 +40,8 @@ def rel_err(a, b):
 
 
 # ---- the event in one run ----
-h, cfg, p = train("full", 1, COMP)
-hs, _, _ = train("std", 1, [])
+h, cfg, p = train("full", 1, COMP, ["--set", "log.trace_interval=1"])   # the trace does not change training
+hs, _, _ = train("std", 1, ["--set", "moe.dropless=true"])
 if os.path.exists(h) and os.path.exists(hs):
     s, loss = series(h, "train/loss")
     _, loss_std = series(hs, "train/loss")
@@ -102,11 +104,36 @@ if os.path.exists(h) and os.path.exists(hs):
         check(c4.shape == comp.shape and np.allclose(c4[:, :, 2:4], comp[:, :, 2:4], rtol=1e-3),
               f"4 ranks ({tag}): the same weight-space errors")
 
-    # ---- the random partition (the control) ----
-    hr, _, _ = train("random", 1, COMP + ["--set", "clustering.compress_partition=random"])
-    if os.path.exists(hr):
-        _, cr = series(hr, "cluster/compress")
-        check(np.all(cr[0, :, 1] == 1), "random partition logged as 1")
+    # ---- the co-activation statistics, recomputed from the routing trace (dropless: every
+    # selected pair is kept, so the trace holds each token's flat top-k) ----
+    ht = h
+    if True:
+        st, tr = series(ht, "trace/routing")          # [steps, layers, ranks, tokens * k]
+        sg, gof = series(ht, "cluster/group_of")
+        _, ct = series(ht, "cluster/compress")
+        check(5 in list(sg), f"the compression's partition is logged in cluster/group_of at step 5 ({list(sg)})")
+        if 5 in list(sg) and len(st) >= 5:
+            E, k, beta = 8, 2, 0.05
+            g5 = gof[list(sg).index(5)]
+            for layer in range(2):
+                ema = None
+                for step in range(5):
+                    sel = tr[step, layer, 0].reshape(-1, k)
+                    c = np.zeros((E, E))
+                    for row in sel:
+                        for a in range(k):
+                            for b in range(a + 1, k):
+                                if row[a] != row[b]:
+                                    c[row[a], row[b]] += 1
+                                    c[row[b], row[a]] += 1
+                    c /= len(sel)
+                    ema = c if ema is None else (1 - beta) * ema + beta * c
+                iu = np.triu_indices(E, 1)
+                same = (g5[layer][:, None] == g5[layer][None, :])[iu]
+                want = ema[iu][same].sum() / ema[iu].sum()
+                check(abs(ct[0, layer, 6] - want) < 1e-9,
+                      f"layer {layer}: co-selection fraction {ct[0, layer, 6]:.6f} = the one recomputed from the "
+                      f"routing trace and the logged partition ({want:.6f})")
 
 # ---- bad input ----
 cfg = os.path.join(d, "bad.yaml")
