@@ -4,13 +4,13 @@ MoE for steps 1..5 (its losses equal a plain standard run's, bitwise), compresse
 (one /cluster/compress row per MoE layer: weight and output errors in (0, 1), co-selection
 fraction in [0, 1], probe losses before and after, the clustered model's parameter counts),
 then trains the clustered model; re-clustering keeps working after it (its warm-up counts from
-the compression). The co-selection fraction equals the one recomputed from the routing trace
-(dropless: the trace holds every token's top-k) as an EMA over the warm-up steps and the
-partition logged in cluster/group_of. Stopped before the event (step 3) or after it (step 7) and resumed, the run
-gives bitwise the uninterrupted losses, eval losses and compression row. 4 ranks (flat expert
-parallelism, and ep_size 2 on a virtual 2x2 topology) give the 1-rank losses within the
-tolerance of test_ep_size. Bad input: compress_at with moe.kind standard, compress_at >=
-train.steps are refused naming the key."""
+the compression). The co-selection fraction equals the one recomputed from the routing
+trace (dropless: the trace holds every token's top-k) as an EMA over the warm-up steps and the
+partition logged in cluster/group_of. Stopped before the event (step 3), at it (5) or after it
+(7) and resumed, the run gives bitwise the uninterrupted losses, eval losses and compression
+row. 4 ranks (flat expert parallelism, and ep_size 2 on a virtual 2x2 topology) give the
+1-rank losses within the tolerance of test_ep_size. Bad input: compress_at with moe.kind
+standard, compress_at >= train.steps are refused naming the key."""
 import os
 import sys
 import numpy as np
