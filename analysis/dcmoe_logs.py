@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 __all__ = ["Run", "load", "load_run", "load_sweep", "series_table", "scalars_table", "expert_load_table",
-           "events_table", "summary_table", "write_csv", "parse_config", "read_plan"]
+           "events_table", "compress_table", "summary_table", "write_csv", "parse_config", "read_plan"]
 
 
 def parse_config(text):
@@ -280,14 +280,15 @@ def expert_load_table(runs, name="moe/tokens_per_expert"):
     return _concat(parts, ["run", "step", "layer", "expert", "tokens"])
 
 
-def events_table(runs):
-    """re-clustering events: run, step, then the named columns of cluster/events"""
+def events_table(runs, dataset="cluster/events"):
+    """re-clustering events: run, step, then the named columns of cluster/events (or of
+    another per-layer event series with a `columns` attribute)"""
     parts, cols = [], None
     for r in runs:
-        if not r.has("cluster/events"):
+        if not r.has(dataset):
             continue
-        s, v = r.series["cluster/events"]
-        labels = r.column_labels("cluster/events") or [f"c{i}" for i in range(v.shape[-1])]
+        s, v = r.series[dataset]
+        labels = r.column_labels(dataset) or [f"c{i}" for i in range(v.shape[-1])]
         cols = cols or labels
         v2 = v.reshape(-1, v.shape[-1])
         k = v.shape[1] if v.ndim == 3 else 1
@@ -296,6 +297,12 @@ def events_table(runs):
             part[c] = v2[:, i]
         parts.append(part)
     return _concat(parts, ["run", "step"] + (cols or []))
+
+
+def compress_table(runs):
+    """compression events (clustering.compress_at): run, step, then the named columns of
+    cluster/compress, one row per MoE layer"""
+    return events_table(runs, "cluster/compress")
 
 
 def _last(r, name, reduce=None):

@@ -65,12 +65,18 @@ static char *tensor_table_text(const Model *m) {
 }
 
 /* the clustering state of every clustered layer, packed: per layer group_of, members,
- * mu_seen (i32 [E] each), bias [E] and mu [E, Pm] (f32), n_events and n_accepted (i32) */
+ * mu_seen (i32 [E] each), bias [E] and mu [E, Pm] (f32), n_events and n_accepted (i32);
+ * per standard layer its aux-free bias [E] (f32) and, in the warm-up of a compression run,
+ * the co-activation EMA [E, E] and selection EMA [E] (f64) */
 static size_t cluster_blob_size(const Model *m) {
     size_t n = 0;
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
-        if (f->kind == MOE_KIND_STANDARD && f->cfg.balance == BALANCE_AUX_FREE) { n += 4 * (size_t)f->E; continue; }
+        if (f->kind == MOE_KIND_STANDARD) {
+            if (f->cfg.balance == BALANCE_AUX_FREE) n += 4 * (size_t)f->E;
+            if (m->cstate[l].coact) n += 8 * ((size_t)f->E * f->E + (size_t)f->E);
+            continue;
+        }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         n += 4 * (3 * (size_t)f->E) + 4 * ((size_t)f->E + (size_t)f->E * m->cstate[l].mu_dim) + 8;
     }
@@ -83,7 +89,15 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
         /* the standard layer's aux-free bias (the only state it has besides its parameters) */
-        if (f->kind == MOE_KIND_STANDARD && f->cfg.balance == BALANCE_AUX_FREE) { MOVE(m->cstate[l].bias, 4 * (size_t)f->E); continue; }
+        if (f->kind == MOE_KIND_STANDARD) {
+            if (f->cfg.balance == BALANCE_AUX_FREE) MOVE(m->cstate[l].bias, 4 * (size_t)f->E);
+            /* the co-activation statistics of a compression run's warm-up (clustering.compress_at) */
+            if (m->cstate[l].coact) {
+                MOVE(m->cstate[l].coact, 8 * (size_t)f->E * f->E);
+                MOVE(m->cstate[l].coact_n, 8 * (size_t)f->E);
+            }
+            continue;
+        }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         ClusterState *cs = &m->cstate[l];
         size_t E = (size_t)f->E;

@@ -46,6 +46,10 @@ struct ClusterState {
     double *mu_sum;              /* [E, Pm + 1] sums and counts being collected, NULL = not collecting */
     double *mu_sum_store;        /* the buffer behind mu_sum */
     int n_events, n_accepted;
+    /* standard layers of a run with clustering.compress_at (compress_event.c), else NULL:
+     * EMA over steps of how often experts i and j are both in one token's top-k (before
+     * capacity, global over ranks) [E, E], and of each expert's selections [E] */
+    double *coact, *coact_n;
 };
 
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */

@@ -58,6 +58,7 @@ static const char *const expert_init_names[] = {"independent", "shared", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", NULL};
+static const char *const compress_partition_names[] = {"learned", "random", "contiguous", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
 static const char *const collectives_names[] = {"mpi", "nccl", NULL};
@@ -176,7 +177,8 @@ static const KeyDef keys[] = {
     K_INT(clustering.interval, 1, INT_MAX, 500, "re-cluster every T steps"),
     K_INT(clustering.warmup, -1, INT_MAX, -1, "no re-clustering before this step; -1 = 10% of train.steps"),
     K_FLOAT(clustering.alpha, 0, 0.0, 1.0, 0, 0.6, "weight of parameter similarity in S = a cos(w) + (1-a) cos(mu)"),
-    K_FLOAT(clustering.ema_beta, 1, 0.0, 1.0, 0, 0.05, "EMA rate of the per-expert activation centroids mu"),
+    K_FLOAT(clustering.ema_beta, 1, 0.0, 1.0, 0, 0.05,
+            "EMA rate of the per-expert activation centroids mu, and of the co-activation statistics of a compression run's warm-up"),
     K_ENUM(clustering.mu_source, mu_source_names, MU_ROUTER,
            "activation centroid: router-logit vectors of routed tokens (the paper's semantic embedding) or hidden inputs"),
     K_INT(clustering.proj_dim, 0, 1048576, 256, "fixed random projection of the flattened expert weights; 0 = none"),
@@ -188,6 +190,16 @@ static const KeyDef keys[] = {
     K_INT(clustering.svd_power_iters, 0, 64, 2, "randomised SVD power iterations q"),
     K_BOOL(clustering.reset_adam, 1, "reset the Adam moments of refit bases and factors"),
     K_INT(clustering.router_freeze, 0, INT_MAX, 0, "steps the router stays frozen after a re-clustering event"),
+    K_INT(clustering.compress_at, 0, INT_MAX, 0,
+          "warm-up then compress (moe.kind clustered only): train a standard MoE (same experts, top_k, router) "
+          "for the steps before this one, then compress every MoE layer once into the clustered layout (partition "
+          "from weight + co-activation features, base = member mean, rank-r SVD residuals, router kept, expert Adam "
+          "state reset) and train the clustered model from there; 0 = clustered from step 0"),
+    K_ENUM(clustering.compress_partition, compress_partition_names, COMPRESS_LEARNED,
+           "partition of the compression event: learned (balanced k-means on weight features centred on the "
+           "expert mean fused by clustering.alpha with co-activation rows), random (seeded balanced) or contiguous"),
+    K_INT(clustering.probe_batches, 1, 100000, 8,
+          "fixed validation batches (the first ones of the split) whose loss the compression event logs before and after"),
     /* topology */
     K_INT(topology.nodes, 0, 1048576, 0, "0 = real topology (shared-memory split, Slurm node ids); n > 0 = n virtual nodes"),
     K_INT(topology.ranks_per_node, 0, 1048576, 0, "virtual topology: ranks per node (nodes * ranks_per_node must equal the rank count)"),
@@ -1118,6 +1130,15 @@ Status config_validate(const Config *c) {
         int lim = m->d_model < e->d_ff_expert ? m->d_model : e->d_ff_expert;
         if (e->rank > lim)
             return status_errorf("moe.rank=%d exceeds min(model.d_model, moe.d_ff_expert)=%d", e->rank, lim);
+    }
+    if (c->clustering.compress_at > 0) {
+        if (e->kind != MOE_KIND_CLUSTERED)
+            return status_errorf("clustering.compress_at=%d needs moe.kind=clustered (the compression turns the "
+                                 "warm-up's standard MoE into the clustered layout), not %s", c->clustering.compress_at,
+                                 moe_kind_names[e->kind]);
+        if (c->clustering.compress_at >= c->train.steps)
+            return status_errorf("clustering.compress_at=%d must be below train.steps=%d (no clustered step would "
+                                 "follow the compression)", c->clustering.compress_at, c->train.steps);
     }
     if ((c->topology.nodes > 0) != (c->topology.ranks_per_node > 0))
         return status_errorf("topology.nodes=%d and topology.ranks_per_node=%d: a virtual topology needs both "

@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "checkpoint.h"
+#include "compress_event.h"
 #include "memacct.h"
 #include "traffic.h"
 #include "train.h"
@@ -145,6 +146,20 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
      * not loaded, and the stored path addresses the primary slots only) */
     Config ecfg = *cfg;
     ecfg.parallel.replicas = 0;
+    /* a checkpoint from the warm-up of a compression run (clustering.compress_at) holds the
+     * standard MoE: the model follows the checkpoint's step */
+    if (ecfg.clustering.compress_at > 0) {
+        void *pd = NULL;
+        size_t npd = 0;
+        TRY(checkpoint_read_section(ckpt, "pos", comm, &pd, &npd));
+        TrainPos cp;
+        memset(&cp, 0, sizeof cp);
+        if (npd == sizeof cp) memcpy(&cp, pd, sizeof cp);
+        xfree(pd);
+        Config pc;
+        compress_phase_config(&ecfg, (long)cp.step, &pc);
+        ecfg = pc;
+    }
     cfg = &ecfg;
     Model m;
     TRY(model_init(&m, cfg, ds.vocab.n_words, cfg->model.n_classes > 0 ? cfg->model.n_classes : ds.n_classes,

@@ -192,6 +192,10 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         if (f->kind == MOE_KIND_STANDARD) {   /* aux-loss-free selection bias (moe_update_bias) */
             m->cstate[l].bias = xcalloc(sizeof(float) * f->E);
             f->cs = &m->cstate[l];
+            if (cfg->clustering.compress_at > 0) {   /* warm-up of a compression run: co-activation statistics */
+                m->cstate[l].coact = xcalloc(sizeof(double) * (size_t)f->E * f->E);
+                m->cstate[l].coact_n = xcalloc(sizeof(double) * (size_t)f->E);
+            }
         }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         ClusterState *cs = &m->cstate[l];
@@ -313,6 +317,7 @@ void model_free(Model *m) {
     if (m->cstate) for (int l = 0; l < m->L; l++) {
         ClusterState *cs = &m->cstate[l];
         xfree(cs->group_of); xfree(cs->members); xfree(cs->bias); xfree(cs->mu); xfree(cs->mu_sum_store); xfree(cs->mu_seen);
+        xfree(cs->coact); xfree(cs->coact_n);
     }
     xfree(m->cstate);
     if (m->ep) for (int l = 0; l < m->L; l++) if (m->ep[l].E) ep_map_free(&m->ep[l]);

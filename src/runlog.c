@@ -44,7 +44,8 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->tpe = h5log_series(lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle);
     id->rank_compute_s = h5log_series(lg, "perf/rank_compute_s", H5LOG_F64, 1, dp);
     id->rank_peak_rss = h5log_series(lg, "perf/rank_peak_rss_bytes", H5LOG_F64, 1, dp);
-    int nc = model_n_clustered_layers(m);
+    /* a compression run (clustering.compress_at) declares the clustered series from the start */
+    int nc = m->cfg.clustering.compress_at > 0 ? nm : model_n_clustered_layers(m);
     uint64_t dc[1] = {(uint64_t)(nc ? nc : 1)};
     uint64_t dcg[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_groups};
     uint64_t dce[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_experts};
@@ -55,6 +56,10 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
     id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
     id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
+    if (m->cfg.clustering.compress_at > 0) {
+        uint64_t dcc[2] = {(uint64_t)(nm ? nm : 1), COMPRESS_N_COLS};
+        id->compress = h5log_series(lg, "cluster/compress", H5LOG_F64, 2, dcc);
+    } else id->compress = 0;
     uint64_t dph[1] = {COMM_N_PHASES};
     uint64_t dmat[3] = {COMM_N_PHASES, (uint64_t)m->comm->size, (uint64_t)m->comm->size};
     uint64_t dlp[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->comm->size};
@@ -139,7 +144,11 @@ void runlog_trace(RunLog *rl, const Model *m, long step, const int32_t *all) {
 
 static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Dataset *ds,
                         double peak_gflops, double unigram_ppl, const Topology *topo) {
-    char *yaml = config_to_yaml(&m->cfg);
+    /* the run's config: during the warm-up of a compression run the model's copy says
+     * moe.kind standard (compress_at > 0 is valid only with clustered) */
+    Config rc = m->cfg;
+    if (rc.clustering.compress_at > 0) rc.moe.kind = MOE_KIND_CLUSTERED;
+    char *yaml = config_to_yaml(&rc);
     TRY(h5log_attr_str(lg, "/", "config", yaml));
     free(yaml);
     TRY(h5log_attr_str(lg, "/", "version", DCMOE_VERSION));
@@ -254,6 +263,11 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
                        "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after"));
+    if (m->cfg.clustering.compress_at > 0)
+        TRY(h5log_attr_str(lg, "/cluster/compress", "columns",
+                           "layer,partition,weight_err_mean,weight_err_max,output_err_mean,output_err_max,"
+                           "coselect_frac,coselect_frac_random,seconds,bytes,probe_loss_before,probe_loss_after,"
+                           "params_total,params_expert"));
     double by_kind[PARAM_N_KINDS], total, active;
     model_param_counts(m, by_kind, &total, &active);
     uint64_t dk[1] = {PARAM_N_KINDS};
@@ -371,7 +385,7 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->G = cfg->moe.n_groups;
     rl->n_moe = model_n_moe_layers(m);
     rl->n_clus = model_n_clustered_layers(m);
-    int nm = rl->n_moe ? rl->n_moe : 1, nc = rl->n_clus ? rl->n_clus : 1, E = rl->E, P = rl->P;
+    int nm = rl->n_moe ? rl->n_moe : 1, nc = nm, E = rl->E, P = rl->P;   /* nc: room for a compression's layers */
     rl->row = xcalloc(sizeof(double) * (size_t)nm * ((E > 6 ? E : 6) * 8 + 2));
     rl->crow = xcalloc(sizeof(double) * (size_t)nc * (rl->G + E + 3 + 16) * (RECLUSTER_N_COLS + 2));
     rl->orow = xcalloc(sizeof(double) * (size_t)nm * (E + P + 1));
@@ -534,6 +548,31 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
         i++;
     }
     h5log_append(&rl->lg, rl->id.group_of, step, er);
+}
+
+void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev) {
+    if (!rl->open || rl->id.compress <= 0) return;
+    double *er = rl->crow;
+    for (int i = 0; i < n_ev; i++) {
+        const CompressEvent *e = &evs[i];
+        double v[COMPRESS_N_COLS] = {e->layer, e->partition, e->werr_mean, e->werr_max, e->oerr_mean, e->oerr_max,
+                                     e->cosel, e->cosel_random, e->seconds, e->bytes, e->probe_before, e->probe_after,
+                                     e->params_total, e->params_expert};
+        memcpy(er + (size_t)i * COMPRESS_N_COLS, v, sizeof v);
+    }
+    h5log_append(&rl->lg, rl->id.compress, step, er);
+    /* the partition the compression chose (cluster/group_of at its step) */
+    int i = 0, E = rl->E;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        for (int e = 0; e < E; e++) er[(size_t)i * E + e] = m->cstate[l].group_of[e];
+        i++;
+    }
+    if (i > 0) h5log_append(&rl->lg, rl->id.group_of, step, er);
+}
+
+void runlog_set_model(RunLog *rl, const Model *m) {
+    if (rl->open) rl->n_clus = model_n_clustered_layers(m);
 }
 
 void runlog_eval(RunLog *rl, long step, const EvalOut *ev, bool once) {

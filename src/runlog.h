@@ -1,13 +1,14 @@
 /* runlog: the training run's HDF5 record (metrics.h5): the schema (every series and root
- * attribute declared in one place), the per-step rows, re-clustering events, evaluations and
- * the final row. Rank 0 owns the file; on other ranks a RunLog stays closed and every call is
- * a no-op, so the training loop calls it unconditionally.
+ * attribute declared in one place), the per-step rows, re-clustering and compression events,
+ * evaluations and the final row. Rank 0 owns the file; on other ranks a RunLog stays closed
+ * and every call is a no-op, so the training loop calls it unconditionally.
  * Does not: decide when to log (train.c) or define the metrics (metrics.c). */
 #ifndef DCMOE_RUNLOG_H
 #define DCMOE_RUNLOG_H
 
 #include "data.h"
 #include "evaluate.h"
+#include "compress_event.h"
 #include "h5log.h"
 #include "model.h"
 #include "recluster.h"
@@ -29,6 +30,7 @@ typedef struct LogIds {
     int nodes, intra_frac;
     int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
     int replicas, replica_rank, replica_bad;   /* 0 = not logged (parallel.replicas = 0) */
+    int compress;            /* 0 = not logged (clustering.compress_at = 0) */
 } LogIds;
 
 typedef struct RunLog {
@@ -71,6 +73,11 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r);
 void runlog_mem(RunLog *rl, long step, const double *all);
 void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *evs, int n_ev, double probe_before,
                   double probe_after);
+/* the compression event (cluster/compress): one row of COMPRESS_N_COLS per MoE layer, and
+ * the chosen partition (cluster/group_of) of the clustered model m */
+void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev);
+/* after the model was replaced (the compression): the per-step rows follow its layer kinds */
+void runlog_set_model(RunLog *rl, const Model *m);
 /* the eval series at step; with once, nothing if a row at that step exists already (a resumed final step) */
 void runlog_eval(RunLog *rl, long step, const EvalOut *ev, bool once);
 /* the final series at the last step, each row only if it is not there yet */

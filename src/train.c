@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "checkpoint.h"
 #include "comm_nccl.h"
+#include "compress_event.h"
 #include "config_build.h"
 #include "data.h"
 #include "evaluate.h"
@@ -229,6 +230,7 @@ typedef struct Run {
     double *intra_frac;                 /* [MoE layers] + [MoE layers, 2] scratch: comm/intra_fraction */
     double *rep_bad;                    /* [MoE layers] replica slots that differ from their primary */
     ReclusterEvent *evs;
+    CompressEvent *cevs;                 /* [L] rows of the compression event */
     long last_event, warm;
     double pending_migr;
     bool log_owner;
@@ -373,6 +375,20 @@ static void print_banner(const Run *r) {
     fflush(stdout);
 }
 
+/* parallel.collectives = nccl: the world, the model's EP group and its replica group get NCCL
+ * for their device collectives (each attach is collective over its communicator; attaching
+ * the world again is a no-op). Called for every model the run builds. */
+static Status attach_collectives(Run *r, Model *m, bool announce) {
+    Comm *comm = r->comm;
+    if (r->cfg->parallel.collectives != COLLECTIVES_NCCL) return status_ok();
+    TRY(comm_agree(comm, comm_nccl_attach(comm)));
+    if (m->ep_comm && m->ep_comm != comm) TRY(comm_agree(comm, comm_nccl_attach(m->ep_comm)));
+    if (m->rep_comm) TRY(comm_agree(comm, comm_nccl_attach(m->rep_comm)));
+    if (announce && r->rank == 0)
+        printf("parallel.collectives: nccl (gradient allreduce and exchange rows on device memory)\n");
+    return status_ok();
+}
+
 static Status run_setup(Run *r) {
     const Config *cfg = r->cfg;
     Comm *comm = r->comm;
@@ -391,16 +407,24 @@ static Status run_setup(Run *r) {
     traffic_init(&r->traffic, r->P, r->rank, &r->topo, r->cfg->parallel.rank_matrix_max);
     comm->topo = &r->topo;
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
-    TRY(comm_agree(comm, model_init(&r->m, cfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
-    r->stage = 4;
-    /* parallel.collectives = nccl: the world, the EP group and the replica group get NCCL for
-     * their device collectives (each attach is collective over its communicator) */
-    if (cfg->parallel.collectives == COLLECTIVES_NCCL) {
-        TRY(comm_agree(comm, comm_nccl_attach(comm)));
-        if (r->m.ep_comm && r->m.ep_comm != comm) TRY(comm_agree(comm, comm_nccl_attach(r->m.ep_comm)));
-        if (r->m.rep_comm) TRY(comm_agree(comm, comm_nccl_attach(r->m.rep_comm)));
-        if (r->rank == 0) printf("parallel.collectives: nccl (gradient allreduce and exchange rows on device memory)\n");
+    /* clustering.compress_at: the model of the phase the run is in (the warm-up's standard MoE
+     * until the compression, which happens after step compress_at; a checkpoint's step says) */
+    long steps_done = 0;
+    if (cfg->clustering.compress_at > 0 && r->ckpt[0]) {
+        void *pd = NULL;
+        size_t npd = 0;
+        TRY(comm_agree(comm, checkpoint_read_section(r->ckpt, "pos", comm, &pd, &npd)));
+        TrainPos cp;
+        memset(&cp, 0, sizeof cp);
+        if (npd == sizeof cp) memcpy(&cp, pd, sizeof cp);
+        steps_done = (long)cp.step;
+        xfree(pd);
     }
+    Config mcfg;
+    compress_phase_config(cfg, steps_done, &mcfg);
+    TRY(comm_agree(comm, model_init(&r->m, &mcfg, r->ds.vocab.n_words, n_classes, r->Bl, &r->be, comm)));
+    r->stage = 4;
+    TRY(attach_collectives(r, &r->m, true));
     model_init_params(&r->m);
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {
@@ -445,8 +469,10 @@ static Status run_setup(Run *r) {
     r->rank_buf = xcalloc(sizeof(double) * 3 * r->P);
     r->rank_cols = xcalloc(sizeof(double) * 2 * r->P);
     r->evs = xcalloc(sizeof(ReclusterEvent) * (size_t)(r->m.L ? r->m.L : 1));
+    r->cevs = xcalloc(sizeof(CompressEvent) * (size_t)(r->m.L ? r->m.L : 1));
     r->last_event = -1;
-    r->warm = recluster_warmup(cfg);
+    /* after a compression, re-clustering's warm-up counts from it */
+    r->warm = cfg->clustering.compress_at + recluster_warmup(cfg);
     r->n_global = cfg->model.task == TASK_LM ? (long)cfg->train.batch_size * r->T : cfg->train.batch_size;
     r->t_start = time_now() - r->pos.elapsed_s;
     r->log_owner = true;
@@ -468,7 +494,7 @@ static void run_teardown(Run *r) {
     }
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
-    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->intra_frac); xfree(r->rep_bad);
+    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->cevs); xfree(r->intra_frac); xfree(r->rep_bad);
 }
 
 /* ---- one training step ---- */
@@ -558,6 +584,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     Model *m = &r->m;
     int P = r->P;
     if (model_n_clustered_layers(m) > 0 && cfg->clustering.enabled) recluster_mu_step(m);
+    if (compress_pending(m)) compress_coact_step(m);   /* the warm-up's co-activation statistics */
     /* moe.balance: aux_free, for the standard and the clustered layers (a no-op otherwise) */
     for (int l = 0; l < m->L; l++) moe_update_bias(&m->ffn[l], &m->acts[l].moe);
     for (int l = 0; l < m->L; l++)
@@ -711,6 +738,74 @@ static Status recluster_event(Run *r, long step) {
     return status_ok();
 }
 
+/* clustering.compress_at: after step compress_at, the warm-up's standard MoE becomes the
+ * clustered model. The new model is built from the run's config, filled from the old one
+ * (compress_event.c), and replaces it; everything that holds the model (precision, offloading,
+ * memory accounting, FLOPs per token, the log's layer kinds) is set up again for it. The
+ * probe loss on clustering.probe_batches fixed validation batches is logged before and after. */
+static Status compress_swap(Run *r, long step) {
+    const Config *cfg = r->cfg;
+    Comm *comm = r->comm;
+    Model *old = &r->m;
+    int bs = cfg->train.batch_size;
+    double t0 = time_now();
+    /* a sample of every MoE layer's inputs (the last training forward's, rank 0) for the
+     * output-space error, taken before the probe overwrites the activations */
+    int nx = 0;
+    float **x = xcalloc(sizeof(float *) * (size_t)old->L);
+    if (r->rank == 0) {
+        nx = old->B * old->T < 256 ? old->B * old->T : 256;
+        for (int l = 0; l < old->L; l++) {
+            if (old->ffn[l].kind == MOE_KIND_DENSE) continue;
+            x[l] = xmalloc(sizeof(float) * (size_t)nx * old->D + 1);
+            r->be.ops->to_host(r->be.ctx, x[l], old->acts[l].ln2, sizeof(float) * (size_t)nx * old->D);
+        }
+    }
+    double pb = evaluate(old, &r->ds, SPLIT_VALID, cfg->clustering.probe_batches, bs, &r->prec).loss;
+    TRY(comm_agree(comm, residency_fetch_all(&r->resid)));
+    Model nw;
+    TRY(comm_agree(comm, model_init(&nw, cfg, r->ds.vocab.n_words, old->C, r->Bl, &r->be, comm)));
+    TRY(attach_collectives(r, &nw, false));
+    model_init_params(&nw);
+    int n = compress_event_run(old, &nw, step + 1, x, nx, r->cevs);
+    for (int l = 0; l < old->L; l++) xfree(x[l]);
+    xfree(x);
+    /* the caches of the old model go, the new one takes its place */
+    residency_free(&r->resid);
+    prec_free(&r->prec);
+    model_free(old);
+    r->m = nw;
+    prec_init(&r->prec, &r->m);
+    TRY(comm_agree(comm, residency_init(&r->resid, &r->m, &cfg->offload, r->dir)));
+    r->resid.step = step + 1;
+    if (r->resid.enabled)
+        for (int l = 0; l < r->m.L; l++) { r->m.ffn[l].need = residency_hook; r->m.ffn[l].need_ctx = &r->resid; }
+    mem_register(&r->macct, &r->m, &r->prec);
+    r->flops_tok = model_flops_per_token(&r->m);
+    runlog_set_model(&r->log, &r->m);
+    r->log_owner = true;   /* groups are the placement units now */
+    double pa = evaluate(&r->m, &r->ds, SPLIT_VALID, cfg->clustering.probe_batches, bs, &r->prec).loss;
+    for (int i = 0; i < n; i++) { r->cevs[i].probe_before = pb; r->cevs[i].probe_after = pa; }
+    runlog_compress(&r->log, &r->m, step + 1, r->cevs, n);
+    if (r->rank == 0) {
+        double we = 0, wmax = 0, oe = 0, cs = 0;
+        for (int i = 0; i < n; i++) {
+            we += r->cevs[i].werr_mean / n;
+            oe += r->cevs[i].oerr_mean / n;
+            cs += r->cevs[i].cosel / n;
+            if (r->cevs[i].werr_max > wmax) wmax = r->cevs[i].werr_max;
+        }
+        static const char *const pn[] = {"learned", "random", "contiguous"};
+        printf("compress step %ld | %d layer(s) | %s partition | weight err %.2f%% (max %.2f%%) | output err %.2f%% | "
+               "co-selection in groups %.1f%% (random %.1f%%) | probe loss %.4f -> %.4f | %.2f s\n", step + 1, n,
+               pn[cfg->clustering.compress_partition], 100 * we, 100 * wmax, 100 * oe, 100 * cs,
+               n ? 100 * r->cevs[0].cosel_random : 0, pb, pa, time_now() - t0);
+        print_params(&r->m);
+        fflush(stdout);
+    }
+    return status_ok();
+}
+
 /* validation at `step` (1-based); with once, no second eval row at a step that has one */
 static void validate(Run *r, long step, bool once) {
     EvalOut ev = evaluate(&r->m, &r->ds, SPLIT_VALID, r->cfg->train.eval_batches, r->cfg->train.batch_size, &r->prec);
@@ -818,6 +913,8 @@ static Status train_loop(Run *r) {
         r->res->final_train_loss = o.loss;
         TRY(finish_step(r, step, &o));
         bool is_last = step + 1 == tc->steps;
+        if (cfg->clustering.compress_at > 0 && step + 1 == cfg->clustering.compress_at && compress_pending(&r->m))
+            TRY(compress_swap(r, step));
         if (model_n_clustered_layers(&r->m) > 0 && cfg->clustering.enabled && step + 1 >= r->warm &&
             (step + 1) % cfg->clustering.interval == 0 && !is_last)
             TRY(recluster_event(r, step));
