@@ -108,6 +108,7 @@ def render(out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
+    ap.add_argument("--build", default="build", help="build folder of the dcmoe to run (default build)")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")

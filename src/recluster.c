@@ -115,6 +115,30 @@ static void refit_matrix(const float *Wg, int K, int m, int n, int r, const Clus
     }
 }
 
+/* mean cosine of the rows of x [E, d] over pairs of experts in the same group and in different
+ * groups (rows of zero norm count as cosine 0) */
+static void cos_within_cross(const float *x, int E, int d, const int32_t *group, double *within, double *cross) {
+    double *nrm = xmalloc(sizeof(double) * (E > 0 ? E : 1));
+    for (int i = 0; i < E; i++) {
+        double q = 0;
+        for (int j = 0; j < d; j++) q += (double)x[(size_t)i * d + j] * x[(size_t)i * d + j];
+        nrm[i] = sqrt(q);
+    }
+    double sw = 0, sc = 0;
+    long nw = 0, nc = 0;
+    for (int i = 0; i < E; i++)
+        for (int k = i + 1; k < E; k++) {
+            double dot = 0;
+            for (int j = 0; j < d; j++) dot += (double)x[(size_t)i * d + j] * x[(size_t)k * d + j];
+            double c = nrm[i] > 0 && nrm[k] > 0 ? dot / (nrm[i] * nrm[k]) : 0;
+            if (group[i] == group[k]) { sw += c; nw++; }
+            else { sc += c; nc++; }
+        }
+    *within = nw ? sw / nw : 0;
+    *cross = nc ? sc / nc : 0;
+    xfree(nrm);
+}
+
 /* byte counts in and displacements out: d[i] = sum of c[0..i) */
 static size_t displs(const size_t *c, size_t *d, int P) {
     size_t n = 0;
@@ -166,6 +190,11 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
     for (int q = 0; q < P; q++) { sc[q] = blk; sd[q] = 0; rc[q] = blk; rd[q] = (size_t)q * blk; }
     float *wall = xmalloc(blk * P + 1);
     comm_alltoallv_bytes(c, wl, sc, sd, wall, rc, rd, COMM_PHASE_RECLUSTER);
+    /* the event's bytes over every rank, known to all without communicating (the volumes
+     * follow from the maps and the partitions): the features here, the members' rows and
+     * statistics of changed groups below; every EP group runs the same event */
+    double groups = (double)(m->comm->size / P);
+    ev->bytes = groups * (double)P * (double)blk * (P - 1);
     float *w = xmalloc(sizeof(float) * (size_t)E * Pw);
     int32_t *seen = xcalloc(sizeof(int32_t) * E);
     for (int q = 0; q < P; q++)
@@ -175,6 +204,9 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
             seen[i]++;
         }
     for (int i = 0; i < E; i++) ASSERTF(seen[i] == 1, "layer %d: expert %d held %d times over the ranks", l, i, seen[i]);
+    /* how much the features confirm the current grouping (the same on every rank) */
+    cos_within_cross(w, E, Pw, cs->group_of, &ev->w_cos_within, &ev->w_cos_cross);
+    cos_within_cross(cs->mu, E, Pm, cs->group_of, &ev->mu_cos_within, &ev->mu_cos_cross);
     /* 3. the same deterministic clustering on every rank */
     float *z = xmalloc(sizeof(float) * (size_t)E * (Pw + Pm));
     cluster_fuse_features(w, Pw, cs->mu, Pm, E, cc->alpha, z);
@@ -215,9 +247,11 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
         for (int g = 0; g < G; g++) {
             if (!changed[g]) continue;
             int o = em->place.owner[g];
+            ev->bytes += groups * 16.0 * (P - 1);   /* step 6: the group's error sum and max */
             for (int q = 0; q < K; q++) {
                 int src = em->expert_owner[mem[(size_t)g * K + q]];
                 if (src == o) continue;
+                ev->bytes += groups * (double)rowb;
                 if (src == me) sc[o] += rowb;
                 if (o == me) rc[src] += rowb;
             }

@@ -18,6 +18,7 @@
 #include "model.h"
 
 #define RECLUSTER_N_COLS 10
+#define RECLUSTER_N_EXTRA 5   /* logged after the two probe-loss columns (see runlog_event) */
 /* one row per clustered layer and event */
 typedef struct ReclusterEvent {
     int layer;
@@ -26,6 +27,11 @@ typedef struct ReclusterEvent {
     double jaccard;
     double recon_err_mean, recon_err_max;  /* relative reconstruction error of the refit experts */
     double seconds;
+    /* self-confirmation, on the partition before the event: mean pairwise cosine of the
+     * parameter features (weight sketches) and of the activation centroids between experts of
+     * the same group and of different groups */
+    double w_cos_within, w_cos_cross, mu_cos_within, mu_cos_cross;
+    double bytes;                        /* the event's recluster-phase bytes, all ranks */
 } ReclusterEvent;
 
 /* fold this step's collected centroid sums into the EMA (collective: sums over ranks) */

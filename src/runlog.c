@@ -49,7 +49,7 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     uint64_t dc[1] = {(uint64_t)(nc ? nc : 1)};
     uint64_t dcg[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_groups};
     uint64_t dce[2] = {(uint64_t)(nc ? nc : 1), (uint64_t)m->cfg.moe.n_experts};
-    uint64_t dev[2] = {(uint64_t)(nc ? nc : 1), RECLUSTER_N_COLS + 2};
+    uint64_t dev[2] = {(uint64_t)(nc ? nc : 1), RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA};
     id->tpg = h5log_series(lg, "moe/tokens_per_group", H5LOG_F64, 2, dcg);
     id->gcv2 = h5log_series(lg, "moe/balance_group/cv2", H5LOG_F64, 1, dc);
     id->gmaxvio = h5log_series(lg, "moe/balance_group/maxvio", H5LOG_F64, 1, dc);
@@ -262,7 +262,8 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
                            "all groups/experts of the layer; every log step"));
     TRY(h5log_attr_str(lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
-                       "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after"));
+                       "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after,"
+                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes"));
     if (m->cfg.clustering.compress_at > 0)
         TRY(h5log_attr_str(lg, "/cluster/compress", "columns",
                            "layer,partition,weight_err_mean,weight_err_max,output_err_mean,output_err_max,"
@@ -387,7 +388,7 @@ Status runlog_open(RunLog *rl, const char *path, const Model *m, const Comm *com
     rl->n_clus = model_n_clustered_layers(m);
     int nm = rl->n_moe ? rl->n_moe : 1, nc = nm, E = rl->E, P = rl->P;   /* nc: room for a compression's layers */
     rl->row = xcalloc(sizeof(double) * (size_t)nm * ((E > 6 ? E : 6) * 8 + 2));
-    rl->crow = xcalloc(sizeof(double) * (size_t)nc * (rl->G + E + 3 + 16) * (RECLUSTER_N_COLS + 2));
+    rl->crow = xcalloc(sizeof(double) * (size_t)nc * (rl->G + E + 3 + 16) * (RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA));
     rl->orow = xcalloc(sizeof(double) * (size_t)nm * (E + P + 1));
     rl->mat = comm->size <= cfg->parallel.rank_matrix_max ? xcalloc(sizeof(double) * (size_t)COMM_N_PHASES * P * P) : NULL;
     rl->rank_row = xcalloc(sizeof(double) * 2 * (size_t)P);
@@ -535,10 +536,11 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
     int E = rl->E;
     for (int i = 0; i < n_ev; i++) {
         const ReclusterEvent *e = &evs[i];
-        double v[RECLUSTER_N_COLS + 2] = {e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved,
-                                          e->n_groups_refit, e->jaccard, e->recon_err_mean, e->recon_err_max,
-                                          e->seconds, pb, pa};
-        memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2), v, sizeof v);
+        double v[RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA] = {
+            e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved, e->n_groups_refit, e->jaccard,
+            e->recon_err_mean, e->recon_err_max, e->seconds, pb, pa,
+            e->w_cos_within, e->w_cos_cross, e->mu_cos_within, e->mu_cos_cross, e->bytes};
+        memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA), v, sizeof v);
     }
     h5log_append(&rl->lg, rl->id.events, step, er);
     int i = 0;

@@ -713,14 +713,14 @@ static Status finish_step(Run *r, long step, StepOut *o) {
 static Status recluster_event(Run *r, long step) {
     Model *m = &r->m;
     int bs = r->cfg->train.batch_size;
-    double pb = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
+    double pb = evaluate(m, &r->ds, SPLIT_VALID, r->cfg->clustering.probe_batches, bs, &r->prec).loss;
     TRY(comm_agree(r->comm, residency_fetch_all(&r->resid)));
     r->comm->traffic = &r->traffic;   /* the event's bytes (phase recluster) land in the next step's row */
     int n_ev = recluster_run(m, step + 1, r->evs);
     r->comm->traffic = NULL;
     /* groups changed: re-place them (migration bytes land in the next step's log) */
     if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner);
-    double pa = evaluate(m, &r->ds, SPLIT_VALID, 1, bs, &r->prec).loss;
+    double pa = evaluate(m, &r->ds, SPLIT_VALID, r->cfg->clustering.probe_batches, bs, &r->prec).loss;
     r->last_event = step + 1;
     runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);
     if (r->rank == 0) {

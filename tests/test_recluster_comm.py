@@ -86,6 +86,12 @@ if os.path.exists(h4):
             m += mc
             old[c] = new
         want_rows[int(s) + 1] = m        # the event runs after step s: its bytes land in the next row
+        check(evs.shape[2] == 17 and evs[i, :, 16].sum() == m.sum(),
+              f"event at step {s}: the bytes column ({evs[i, :, 16].sum():.0f}) = analytic {m.sum():.0f}")
+        wi, wc, mi, mcr = (evs[i, :, j] for j in (12, 13, 14, 15))
+        check(np.all(np.abs(np.concatenate([wi, wc, mi, mcr])) <= 1 + 1e-9) and np.all(wi > wc),
+              f"event at step {s}: feature cosines in [-1, 1], weights within > across groups "
+              f"({wi.mean():.3f} vs {wc.mean():.3f}: the self-confirmation the issue names)")
     check(crossed > 0, f"members crossed ranks ({crossed} rank pairs carried members)")
     expert_floats = by_kind[kinds.index("base")] + by_kind[kinds.index("factor")]
     old_gather = 3 * 4.0 * expert_floats * (P - 1) * P
