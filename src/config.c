@@ -199,7 +199,8 @@ static const KeyDef keys[] = {
            "partition of the compression event: learned (balanced k-means on weight features centred on the "
            "expert mean fused by clustering.alpha with co-activation rows), random (seeded balanced) or contiguous"),
     K_INT(clustering.probe_batches, 1, 100000, 8,
-          "fixed validation batches (the first ones of the split) whose loss the compression event logs before and after"),
+          "fixed validation batches (the first ones of the split) whose loss the compression and re-clustering events "
+          "log before and after"),
     /* topology */
     K_INT(topology.nodes, 0, 1048576, 0, "0 = real topology (shared-memory split, Slurm node ids); n > 0 = n virtual nodes"),
     K_INT(topology.ranks_per_node, 0, 1048576, 0, "virtual topology: ranks per node (nodes * ranks_per_node must equal the rank count)"),
