@@ -4,7 +4,7 @@ write results/drift.{csv,meta.json,md}.
 
 usage: /usr/bin/python3 experiments/run_drift.py [--jobs 2] [--only a,b] [--set k=v ...]
        /usr/bin/python3 experiments/run_drift.py --render-only [--out DIR]
-Every variant runs with seeds 1, 2 and 3 (paired); complete runs are not rerun (the runs and
+Every variant runs with the seeds of run_recluster.py (paired); complete runs are not rerun (the runs and
 the per-run summary are those of experiments/run_recluster.py). --render-only rebuilds
 results/drift.md from results/drift.{csv,meta.json} and the hand-written results/drift.notes.md."""
 import argparse
