@@ -292,6 +292,10 @@ static const KeyDef keys[] = {
           "dcmoe simulate, routing trace: the metrics.h5 of a run trained with log.trace_interval; every recorded "
           "token's routing and the expert map are replayed on sim.nodes x sim.gpus_per_node = its ranks"),
     K_LONG(sim.trace_step, 0, LONG_MAX, 0, "dcmoe simulate, routing trace: the recorded step to replay; 0 = every recorded step in order"),
+    K_STR(sim.hardware_file, "",
+          "dcmoe simulate: a hardware file measured by `dcmoe bench calibrate` (GEMM rate by shape, the trainer's ops per "
+          "element, memory bandwidth, all-to-all and allreduce curves); used instead of sim.hardware's compute and "
+          "collective figures; \"\" = the preset"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

@@ -198,6 +198,7 @@ typedef struct SimConfig {
     int distinct_layers;             /* distinct routings drawn per step (the other MoE layers reuse them) */
     char trace[4096];                /* routing trace: a trained run's metrics.h5 (log.trace_interval) */
     long trace_step;                 /* the recorded step to replay; 0 = every recorded step in order */
+    char hardware_file[4096];        /* measured hardware file (dcmoe bench calibrate); "" = the preset */
 } SimConfig;
 
 typedef struct Config {

@@ -47,6 +47,11 @@ void sim_traffic_count(SimTraffic *tr, const int32_t *sel, int S, int n, int k, 
                        const Topology *topo, int two_level, double scale);
 void sim_traffic_free(SimTraffic *tr);
 
+/* the GEMM shapes one rank of cfg's model runs per training step at P ranks (uniform
+ * routing's expert rows): `dcmoe bench calibrate` measures them; returns the count (<= cap) */
+typedef struct SimGemmShape { int ta, tb, M, N, K; } SimGemmShape;
+int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap);
+
 /* `dcmoe simulate`: the run described by cfg (its sim: section), written to
  * run.out_dir/run.name; prints a summary line per step */
 Status sim_run(const Config *cfg, int quiet);
