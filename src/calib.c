@@ -375,10 +375,12 @@ static void mem_fn(void *p) {
 static double time_coll(Comm *comm, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd, size_t *rc,
                         size_t *rd, double *spread) {
     int P = comm->size;
-    for (int d = 0; d < P; d++) {
+    size_t off = 0;
+    for (int d = 0; d < P; d++) {   /* bytes split evenly over the other ranks, packed */
         size_t per = d == comm->rank ? 0 : bytes / (size_t)(P - 1);
         sc[d] = rc[d] = per;
-        sd[d] = rd[d] = (size_t)d * (bytes / (size_t)(P - 1));
+        sd[d] = rd[d] = off;
+        off += per;
     }
     int inner = bytes < 65536 ? 50 : bytes < (1u << 20) ? 10 : 3;
     double s[REPEATS];

@@ -812,6 +812,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
          * norm, per-layer placement statistics, the traffic profiler's sums and gathers) */
         const HwFile *hf = &c->hwf;
         out->optimizer = local_params * (hf->op_ns[HW_OP_SUMSQ] + hf->op_ns[HW_OP_ADAMW]) * 1e-9 +
+                         (cfg->train.grad_clip > 0 ? 8.0 * local_params / (hf->copy_gbs * 1e9) : 0) +   /* clipping (active early in training) */
                          (c->P > 1 ? (5.0 + sh->n_moe) * hwfile_curve_s(hf->allreduce, hf->n_allreduce, 64) : 0);
     }
     double ar_exposed = out->allreduce;
