@@ -229,7 +229,7 @@ static void deepep_token(Rng *rng, int E, int k, int n_nodes, int32_t *out, floa
  * trainer's router (one or two stages, node limit, home bias), or DeepEP's rule; returns
  * the experts [S, n, k] (caller frees) */
 static int32_t *draw_routing(const Config *cfg, int S, int n, const int32_t *members, const int32_t *expert_node,
-                         const Topology *t, uint64_t seed) {
+                         const Topology *t, uint64_t seed, const float *layer_logw) {
     const SimConfig *sc = &cfg->sim;
     const MoeConfig *mc = &cfg->moe;
     int E = mc->n_experts, k = mc->top_k, two = mc->kind == MOE_KIND_CLUSTERED;
@@ -239,6 +239,7 @@ static int32_t *draw_routing(const Config *cfg, int S, int n, const int32_t *mem
     rng_init(&rng, seed, 0, RNG_TEST);
     float *logw = xmalloc(sizeof(float) * E), *score = xmalloc(sizeof(float) * E);
     popularity(sc, E, &rng, logw);
+    if (layer_logw) memcpy(logw, layer_logw, sizeof(float) * E);   /* aggregate: the trained run's loads */
     Route rt;
     router_init(&rt, n, E, k, G, TG);
     MoeConfig sel_cfg = *mc;
@@ -560,6 +561,7 @@ typedef struct SimCtx {
     size_t trace_nk;                             /* tokens x top-k per rank */
     long trace_row;                              /* the row being replayed */
     HwFile hwf;                                  /* sim.hardware_file (has_hwf) */
+    float *agg_logw;                             /* [MoE layers, E] log popularity (routing aggregate) */
     int has_hwf;
 } SimCtx;
 
@@ -667,7 +669,8 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 sim_traffic_count(tr, tsel, S, (int)(c->trace_nk / sh->k), sh->k, owner, &c->ep, c->two_level, 1.0);
             } else {
                 uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
-                drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed);
+                drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed,
+                                     c->agg_logw ? c->agg_logw + (size_t)ld * sh->E : NULL);
                 sim_traffic_count(tr, drawn, S, n, sh->k, owner, &c->ep, c->two_level, scale);
             }
             /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout
@@ -892,6 +895,59 @@ static Status load_trace(SimCtx *c, const Config *cfg) {
     return st;
 }
 
+/* ---- aggregate routing: a trained run's per-expert loads ---- */
+
+/* log popularity per MoE layer = log of the layer's share of the routed pairs, averaged over
+ * the last half of the run's logged rows of moe/tokens_per_expert [rows, MoE layers, E]. The
+ * trainer logs no co-selection statistics, so experts are drawn independently (Gumbel top-k)
+ * with these popularities; the router then applies the model's rules as for the generators. */
+static Status load_aggregate(SimCtx *c, const Config *cfg) {
+    const char *file = cfg->sim.aggregate;
+    if (!file[0]) return status_errorf("sim.routing=aggregate needs sim.aggregate (the metrics.h5 of a trained run)");
+    if (access(file, R_OK) != 0) return status_errorf("sim.aggregate=%s: cannot read the file", file);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return status_errorf("sim.aggregate=%s: not an HDF5 file", file);
+    int L = c->sh.n_moe, E = c->sh.E;
+    Status st = status_ok();
+    double *v = NULL;
+    hsize_t dims[3] = {0, 0, 0};
+    if (H5Lexists(f, "moe", H5P_DEFAULT) <= 0 || H5Lexists(f, "moe/tokens_per_expert", H5P_DEFAULT) <= 0 ||
+        H5Lexists(f, "moe/tokens_per_expert/value", H5P_DEFAULT) <= 0)
+        st = status_errorf("sim.aggregate=%s: no dataset moe/tokens_per_expert/value (a dcmoe training log with MoE layers)", file);
+    else {
+        hid_t d = H5Dopen2(f, "moe/tokens_per_expert/value", H5P_DEFAULT), sp = H5Dget_space(d);
+        int nd = H5Sget_simple_extent_ndims(sp);
+        if (nd == 3) H5Sget_simple_extent_dims(sp, dims, NULL);
+        if (nd != 3 || (int)dims[1] != L || (int)dims[2] != E || dims[0] == 0)
+            st = status_errorf("sim.aggregate=%s: moe/tokens_per_expert is [%llu, %llu, %llu]; the config has %d MoE layers of "
+                               "%d experts", file, (unsigned long long)dims[0], (unsigned long long)dims[1],
+                               (unsigned long long)dims[2], L, E);
+        else {
+            v = xmalloc(sizeof(double) * dims[0] * dims[1] * dims[2]);
+            if (H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) < 0)
+                st = status_errorf("sim.aggregate=%s: cannot read moe/tokens_per_expert", file);
+        }
+        H5Sclose(sp);
+        H5Dclose(d);
+    }
+    H5Fclose(f);
+    if (STATUS_OK(st)) {
+        c->agg_logw = xmalloc(sizeof(float) * (size_t)L * E);
+        size_t rows = dims[0], r0 = rows / 2;
+        for (int l = 0; l < L; l++) {
+            double tot = 0, *load = xcalloc(sizeof(double) * E);
+            for (size_t r = r0; r < rows; r++)
+                for (int e = 0; e < E; e++) load[e] += v[(r * L + l) * E + e];
+            for (int e = 0; e < E; e++) tot += load[e];
+            for (int e = 0; e < E; e++) c->agg_logw[(size_t)l * E + e] = (float)log(tot > 0 && load[e] > 0 ? load[e] / tot : 1e-12);
+            xfree(load);
+        }
+    }
+    xfree(v);
+    return st;
+}
+
 /* ---- the run ---- */
 
 static Status ctx_init(SimCtx *c, const Config *cfg) {
@@ -944,6 +1000,7 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
         c->trace = 1;
         TRY(load_trace(c, cfg));
     }
+    if (sc->routing == SIM_ROUTE_AGGREGATE) TRY(load_aggregate(c, cfg));
     if (sc->hardware_file[0]) {
         Status st = hwfile_load(&c->hwf, sc->hardware_file);
         if (!STATUS_OK(st)) return status_errorf("sim.hardware_file: %s", st.msg);
@@ -962,6 +1019,7 @@ static void ctx_free(SimCtx *c) {
     xfree(c->owner); xfree(c->members); xfree(c->expert_node); xfree(c->world_of);
     xfree(c->trace_sel); xfree(c->trace_owner); xfree(c->trace_steps);
     hwfile_free(&c->hwf);
+    xfree(c->agg_logw);
 }
 
 Status sim_run(const Config *cfg, int quiet) {
@@ -1021,8 +1079,11 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_attr_str(&lg, "/", "hardware_file_date", c.hwf.date);
         h5log_attr_str(&lg, "/", "hardware_file_description", c.hwf.description);
     } else h5log_attr_str(&lg, "/", "calibration", "preset (no fit to training runs)");
-    static const char *const routing[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep"};
-    h5log_attr_str(&lg, "/", "routing_source", routing[sc->routing]);
+    static const char *const routing[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", "trace", "aggregate"};
+    if (sc->routing == SIM_ROUTE_TRACE) str_fmt(txt, sizeof txt, "trace %s", sc->trace);
+    else if (sc->routing == SIM_ROUTE_AGGREGATE) str_fmt(txt, sizeof txt, "aggregate %s (moe/tokens_per_expert, last half of the rows)", sc->aggregate);
+    else str_fmt(txt, sizeof txt, "%s", routing[sc->routing]);
+    h5log_attr_str(&lg, "/", "routing_source", txt);
     h5log_attr_str(&lg, "/sim/time_breakdown", "columns",
                    "forward compute, backward compute, dispatch, combine, gradient allreduce, optimizer, exposed communication, step (seconds)");
     h5log_attr_str(&lg, "/sim/bound_link", "note", "link class that bounds each MoE layer's forward dispatch: 0 intra-node, 1 inter-node, 2 message latency");
