@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""This-machine check of `dcmoe simulate`: measure the machine with `dcmoe bench calibrate` (1 rank
-and 2 ranks under mpirun), predict the step time of the quickstart model (dense, standard,
-clustered) at 1 and 2 ranks from those hardware files ONLY (nothing is fitted to training runs),
-then train each case 3 times for a few steps and compare, per step and per component (forward and
-backward including their exchanges, the exchange alone, the gradient allreduce, the optimizer
-bucket). Writes results/sim-machine.{csv,meta.json,md} and the two hardware files
-results/sim-machine-hw{1,2}.yaml.
+"""This-machine check of `dcmoe simulate`: for the quickstart model (dense, standard, clustered) at
+1 and 2 ranks, 3 times each: measure the machine with `dcmoe bench calibrate CONFIG --model-only`
+(1 rank, or 2 under mpirun), predict the step from that hardware file ONLY (nothing is fitted to
+training runs), then train the case for a few steps; compare the medians per step and per
+component (forward and backward including their exchanges, the exchange alone, the gradient
+allreduce, the optimizer bucket). The machine is shared, so each prediction is calibrated right
+before the run it predicts. Writes results/sim-machine.{csv,meta.json,md}; the hardware files
+stay in runs/sim-machine/.
 
 usage: /usr/bin/python3 experiments/run_sim_machine.py [--steps N] [--repeats R]
        /usr/bin/python3 experiments/run_sim_machine.py --render-only [--out DIR]
@@ -37,19 +38,20 @@ LABELS = {"step": "step", "forward": "forward (incl. its exchange)", "backward":
           "exchange": "exchange (dispatch + combine)", "allreduce": "gradient allreduce",
           "optimizer": "optimizer bucket (norm, AdamW, step bookkeeping)"}
 TOL = {"step": 10.0}
-COLS = ["variant", "ranks", "component", "measured_ms", "measured_spread", "predicted_ms", "pred_lo_ms", "pred_hi_ms", "delta_pct"]
+COLS = ["variant", "ranks", "component", "measured_ms", "measured_spread", "predicted_ms", "predicted_spread", "delta_pct"]
 
 
-def hwfile(P):
-    return os.path.join(rl.RESULTS, f"{NAME}-hw{P}.yaml")
+def hwfile(v, P, rep):
+    return os.path.join(OUT, f"hw-{v}-{P}-{rep}.yaml")
 
 
 def launch(P, args):
     return ([EXE] if P == 1 else MPI + ["-n", str(P), EXE]) + args
 
 
-def calibrate(P):
-    cmd = launch(P, ["bench", "calibrate", os.path.join(ROOT, CFG), "--out", hwfile(P)])
+def calibrate(v, P, rep, sets):
+    cmd = launch(P, ["bench", "calibrate", os.path.join(ROOT, CFG), "--model-only", "--out", hwfile(v, P, rep)] +
+                 [x for s in sets + ["run.threads=1"] for x in ("--set", s)])
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"calibrate failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
@@ -81,11 +83,11 @@ def train(name, P, sets, steps):
             "exchange": np.median(exch), "allreduce": np.median(split[:, 2]), "optimizer": np.median(split[:, 3])}
 
 
-def simulate(name, P, sets):
+def simulate(name, P, sets, hw):
     import h5py
     tok = 16 // P * 64                          # quickstart: 16 sequences of 64 tokens per step
     cmd = [EXE, "simulate", os.path.join(ROOT, CFG), "--quiet"] + common_sets(
-        name, sets + [f"sim.hardware_file={hwfile(P)}", "sim.hardware=cpu", "sim.nodes=1", f"sim.gpus_per_node={P}",
+        name, sets + [f"sim.hardware_file={hw}", "sim.hardware=cpu", "sim.nodes=1", f"sim.gpus_per_node={P}",
                       "parallel.ep_size=0", f"sim.tokens_per_rank={tok}", "sim.sample_tokens=0", "sim.samples=3",
                       "sim.routing=uniform", "sim.distinct_layers=2"])
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -103,35 +105,31 @@ def simulate(name, P, sets):
 def run_all(args):
     os.makedirs(OUT, exist_ok=True)
     load0 = os.getloadavg()
-    for P in RANKS:
-        calibrate(P)
-    pred = {}
-    for v, _, sets in VARIANTS:
-        for P in RANKS:
-            pred[(v, P)] = simulate(f"sim-{v}-{P}", P, sets)
-    meas = {}
+    pred, meas = {}, {}
     for rep in range(args.repeats):             # interleaved, so a change in the machine's load hits every case
         for v, _, sets in VARIANTS:
             for P in RANKS:
+                calibrate(v, P, rep, sets)      # right before the run it predicts
+                pr = simulate(f"sim-{v}-{P}-{rep}", P, sets, hwfile(v, P, rep))
                 m = train(f"train-{v}-{P}-{rep}", P, sets, args.steps)
+                pred.setdefault((v, P), []).append(pr)
                 meas.setdefault((v, P), []).append(m)
-                print(f"{v:9s} P={P} run {rep}: step {1e3 * m['step']:.1f} ms (predicted {1e3 * pred[(v, P)][0]['step']:.1f})",
-                      flush=True)
+                print(f"{v:9s} P={P} run {rep}: step {1e3 * m['step']:.1f} ms (predicted {1e3 * pr[0]['step']:.1f})", flush=True)
     load1 = os.getloadavg()
     with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
         w = csv.writer(f)
         w.writerow(COLS)
         for v, _, _ in VARIANTS:
             for P in RANKS:
-                pr, band = pred[(v, P)]
                 for c in COMPONENTS:
                     xs = np.array([m[c] for m in meas[(v, P)]])
-                    med = float(np.median(xs))
+                    ps = np.array([pr[c] for pr, _ in pred[(v, P)]])
+                    med, pmed = float(np.median(xs)), float(np.median(ps))
                     spread = float((xs.max() - xs.min()) / med) if med > 0 else 0.0
-                    lo, hi = (band[0], band[2]) if c == "step" else (pr[c], pr[c])
-                    delta = 100 * (pr[c] / med - 1) if med > 0 else float("nan")
-                    w.writerow([v, P, c, f"{1e3 * med:.4g}", f"{spread:.3f}", f"{1e3 * pr[c]:.4g}", f"{1e3 * lo:.4g}",
-                                f"{1e3 * hi:.4g}", f"{delta:.1f}"])
+                    pspread = float((ps.max() - ps.min()) / pmed) if pmed > 0 else 0.0
+                    delta = 100 * (pmed / med - 1) if med > 0 else float("nan")
+                    w.writerow([v, P, c, f"{1e3 * med:.4g}", f"{spread:.3f}", f"{1e3 * pmed:.4g}", f"{pspread:.3f}",
+                                f"{delta:.1f}"])
     rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "config": CFG, "steps": args.steps,
                          "repeats": args.repeats, "loadavg_1min_start_end": [round(load0[0], 2), round(load1[0], 2)],
                          "cores": os.cpu_count()})
@@ -144,18 +142,18 @@ def render(out_dir):
     labels = {v: l for v, l, _ in VARIANTS}
     L = ["# Simulator on this machine: predicted from calibration only vs measured\n",
          f"Command: `{meta['command']}` (`{meta['config']}`: d_model 128, 2 layers, seq 64, 16 sequences per step, "
-         f"vocabulary 10000). It measures the machine with `dcmoe bench calibrate {meta['config']}` on 1 rank and under "
-         "`mpirun -n 2` (the hardware files `results/sim-machine-hw1.yaml` and `results/sim-machine-hw2.yaml`), predicts "
-         "each case with `dcmoe simulate` and `sim.hardware_file` (uniform routing, every token's routing drawn, "
-         "3 draws), and then trains each case "
-         f"{meta['repeats']} times for {meta['steps']} steps. Measured: the median over steps 6..{meta['steps']} of each run, "
-         f"then the median over the {meta['repeats']} runs; spread = (max - min) / median of the run medians. "
+         f"vocabulary 10000). For each case, {meta['repeats']} times: `dcmoe bench calibrate {meta['config']} --model-only` "
+         "(the model's GEMM shapes, the trainer's ops, one collective size per octave; on 1 rank or under `mpirun -n 2`), "
+         "then `dcmoe simulate` with that `sim.hardware_file` (uniform routing, every token's routing drawn, 3 draws), "
+         f"then `dcmoe train` for {meta['steps']} steps. Measured: the median over steps 6..{meta['steps']} of each run; "
+         f"the table gives the median over the {meta['repeats']} runs and over the {meta['repeats']} predictions; "
+         "spread = (max - min) / median over the repeats. "
          + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]) + "\n",
          f"Targets: step within ±10%, each component within ±20%. The machine had {meta['cores']} cores and a 1-minute "
          f"load average of {meta['loadavg_1min_start_end'][0]} at the start and {meta['loadavg_1min_start_end'][1]} at "
          "the end of the run (other jobs shared it).\n",
-         "| model | ranks | component | measured ms | spread | predicted ms | Δ% | target |",
-         "|---|---:|---|---:|---:|---:|---:|---|"]
+         "| model | ranks | component | measured ms | spread | predicted ms | spread | Δ% | target |",
+         "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     n_ok = n_all = s_ok = s_all = 0
     for r in rows:
         c, d = r["component"], float(r["delta_pct"])
@@ -170,11 +168,8 @@ def render(out_dir):
             n_all += 1
             n_ok += ok
         verdict = "n/a (below 0.05 ms)" if small else ("met" if ok else "not met")
-        pred = f"{float(r['predicted_ms']):.3g}"
-        if c == "step":
-            pred += f" [{float(r['pred_lo_ms']):.3g}-{float(r['pred_hi_ms']):.3g}]"
         L.append(f"| {labels[r['variant']]} | {r['ranks']} | {LABELS[c]} | {meas:.3g} | {100 * float(r['measured_spread']):.0f}% | "
-                 f"{pred} | {d:+.1f}% | {verdict} (±{tol:.0f}%) |")
+                 f"{float(r['predicted_ms']):.3g} | {100 * float(r['predicted_spread']):.0f}% | {d:+.1f}% | {verdict} (±{tol:.0f}%) |")
     L += ["", f"Step time within ±10%: {s_ok} of {s_all} cases. Components within ±20% (those above 0.05 ms): "
           f"{n_ok} of {n_all}.", "", rl.notes(NAME)]
     return rl.write_md(out_dir, NAME, "\n".join(L))

@@ -421,7 +421,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     static const int tt[3][2] = {{0, 0}, {0, 1}, {1, 0}};
     static const int Ms[] = {8, 32, 128, 512, 2048}, NKs[][2] = {{128, 128}, {384, 128}, {128, 384}, {256, 128}, {128, 256},
                                                                  {512, 128}, {128, 512}, {64, 64}, {8, 128}, {128, 8}};
-    int nM = o->quick ? 2 : 5, nNK = o->quick ? 2 : 10;
+    int nM = o->quick ? 2 : o->model_only ? 0 : 5, nNK = o->quick ? 2 : 10;
     for (int t = 0; t < 3; t++)
         for (int i = 0; i < nM; i++)
             for (int j = 0; j < nNK; j++)
@@ -535,7 +535,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
                *rd = xcalloc(sizeof(size_t) * P);
         h.alltoall = calloc((size_t)nmax, sizeof(HwPoint));
         h.allreduce = calloc((size_t)nmax, sizeof(HwPoint));
-        for (int i = 0; i < nmax; i++) {
+        for (int i = 0; i < nmax; i += o->model_only ? 2 : 1) {
             size_t ab = (size_t)(64.0 * pow(2.0, i / 2.0)) / 4 * 4;
             size_t bytes = ab / (size_t)(P - 1) * (size_t)(P - 1);
             double sp;
@@ -572,7 +572,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     struct utsname u;
     const char *mach = uname(&u) == 0 ? u.machine : "?";
     str_fmt(h.description, sizeof h.description, "%s (%s), %d MPI rank(s) x %d BLAS thread(s), OpenBLAS sgemm fp32%s", cpu,
-            mach, h.ranks, h.threads, o->quick ? ", quick grid" : "");
+            mach, h.ranks, h.threads, o->quick ? ", quick grid" : o->model_only ? ", the model's GEMM shapes only" : "");
     Status st = status_ok();
     if (rank0) {
         st = hwfile_write(&h, o->out);

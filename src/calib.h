@@ -70,6 +70,8 @@ typedef struct CalibOptions {
     const char *out;                /* hardware file to write */
     const Config *cfg;              /* NULL or a model whose GEMM shapes and op sizes join the grid */
     int quick;                      /* a tiny grid (tests) */
+    int model_only;                 /* GEMMs: only cfg's shapes; collectives one size per octave (a short
+                                       calibration taken right before the runs it predicts) */
     int threads;                    /* BLAS threads per rank */
 } CalibOptions;
 

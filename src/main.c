@@ -72,7 +72,7 @@ static void usage_simulate(void) {
 }
 
 static void usage_bench(void) {
-    printf("usage: [mpirun -n P] dcmoe bench calibrate [CONFIG.yaml] [--set k=v]... [--out FILE] [--quick]\n\n"
+    printf("usage: [mpirun -n P] dcmoe bench calibrate [CONFIG.yaml] [--set k=v]... [--out FILE] [--quick] [--model-only]\n\n"
            "Measures this machine into a hardware file (YAML) that `dcmoe simulate` reads with\n"
            "sim.hardware_file: FILE: sgemm GFLOP/s over a grid of shapes (plus CONFIG's model shapes at P ranks),\n"
            "copy and triad memory bandwidth, the trainer's non-GEMM ops per element (LayerNorm, attention,\n"
@@ -80,6 +80,8 @@ static void usage_bench(void) {
            "over sizes 64 B .. 16 MiB (two per octave) between the P ranks; every point is a median of 5 repeats with its spread.\n"
            "  --out FILE   the hardware file (default hardware.yaml)\n"
            "  --quick      a tiny grid (seconds; for tests)\n"
+           "  --model-only only CONFIG's GEMM shapes and one collective size per octave (a short calibration\n"
+           "               taken right before the runs it is to predict)\n"
            "Run.threads of CONFIG (default 1) sets the BLAS threads per rank.\n");
 }
 
@@ -105,7 +107,7 @@ typedef struct Args {
     int n_sets;
     int resume, print_config, quiet, reference, help;
     const char *checkpoint, *split, *precision, *resume_from, *validate, *out;
-    int quick;
+    int quick, model_only;
     long stop_at;
 } Args;
 
@@ -120,6 +122,7 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
         else if (!strcmp(s, "--quiet")) a->quiet = 1;
         else if (!strcmp(s, "--reference")) a->reference = 1;
         else if (!strcmp(s, "--quick")) a->quick = 1;
+        else if (!strcmp(s, "--model-only")) a->model_only = 1;
         else if (!strcmp(s, "--stop-at")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             char *end;
@@ -263,7 +266,9 @@ int main(int argc, char **argv) {
         int have_cfg = a.config != NULL;
         st = load_config(&a, &cfg);
         if (!STATUS_OK(st)) return fail(&comm, st);
+        if (a.model_only && !have_cfg) return fail(&comm, status_errorf("bench calibrate --model-only needs CONFIG.yaml (its GEMM shapes)"));
         CalibOptions co = {.out = a.out ? a.out : "hardware.yaml", .cfg = have_cfg ? &cfg : NULL, .quick = a.quick,
+                           .model_only = a.model_only,
                            .threads = cfg.run.threads > 0 ? cfg.run.threads : 1};
         st = calib_run(&comm, &co);
         if (!STATUS_OK(st)) return fail(&comm, st);
