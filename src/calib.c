@@ -23,6 +23,9 @@ void hwfile_free(HwFile *h) {
     free(h->gemm);
     free(h->alltoall);
     free(h->allreduce);
+    free(h->straggle);
+    h->straggle = NULL;
+    h->n_straggle = 0;
     h->gemm = NULL;
     h->alltoall = h->allreduce = NULL;
     h->n_gemm = h->n_alltoall = h->n_allreduce = 0;
@@ -107,8 +110,8 @@ static Status load_doc(HwFile *h, Ld *L) {
     yaml_node_t *root = yaml_document_get_root_node(&L->doc);
     if (!root) return status_errorf("%s: empty hardware file (write one with `dcmoe bench calibrate --out FILE`)", L->name);
     static const char *const top[] = {"format", "date", "description", "ranks", "threads", "memory", "ops", "gemm",
-                                      "alltoall", "allreduce"};
-    TRY(only_keys(L, root, "hardware file", top, 10));
+                                      "alltoall", "allreduce", "straggle"};
+    TRY(only_keys(L, root, "hardware file", top, 11));
     yaml_node_t *n = get(L, root, "format");
     if (!scalar(n) || strcmp(scalar(n), "dcmoe-hardware-1") != 0)
         return at(L, n, "expected 'dcmoe-hardware-1' (a file written by `dcmoe bench calibrate`)", "format:");
@@ -159,6 +162,22 @@ static Status load_doc(HwFile *h, Ld *L) {
     }
     TRY(load_curve(L, get(L, root, "alltoall"), "alltoall:", &h->alltoall, &h->n_alltoall));
     TRY(load_curve(L, get(L, root, "allreduce"), "allreduce:", &h->allreduce, &h->n_allreduce));
+    yaml_node_t *sg = get(L, root, "straggle");
+    if (sg->type != YAML_SEQUENCE_NODE) return at(L, sg, "expected a list of {interval_s, overhead, spread}", "straggle:");
+    int nsg = (int)(sg->data.sequence.items.top - sg->data.sequence.items.start);
+    h->straggle = calloc((size_t)(nsg ? nsg : 1), sizeof(HwStrag));
+    static const char *const sk[] = {"interval_s", "overhead", "spread"};
+    for (int i = 0; i < nsg; i++) {
+        yaml_node_t *it = yaml_document_get_node(&L->doc, sg->data.sequence.items.start[i]);
+        TRY(only_keys(L, it, "straggle:", sk, 3));
+        HwStrag *p = &h->straggle[i];
+        TRY(num(L, get(L, it, "interval_s"), "straggle:", 1e-12, &p->interval_s));
+        TRY(num(L, get(L, it, "overhead"), "straggle:", -1, &p->overhead));
+        TRY(num(L, get(L, it, "spread"), "straggle:", 0, &p->spread));
+        if (i > 0 && p->interval_s <= h->straggle[i - 1].interval_s)
+            return at(L, get(L, it, "interval_s"), "intervals must increase down the list", "straggle:");
+        h->n_straggle++;
+    }
     if (h->ranks > 1 && (h->n_alltoall < 2 || h->n_allreduce < 2))
         return at(L, root, "needs at least 2 alltoall and 2 allreduce sizes (measured between ranks > 1)", "hardware file:");
     return status_ok();
@@ -222,6 +241,11 @@ Status hwfile_write(const HwFile *h, const char *path) {
         h->n_allreduce ? "" : "\n  []");
     for (int i = 0; i < h->n_allreduce; i++)
         OUT("  - {bytes: %.0f, seconds: %.5g, spread: %.3f}\n", h->allreduce[i].bytes, h->allreduce[i].seconds, h->allreduce[i].spread);
+    OUT("straggle: # the same work on every rank, then a synchronisation: slowest / mean rank time - 1, by interval%s\n",
+        h->n_straggle ? "" : "\n  []");
+    for (int i = 0; i < h->n_straggle; i++)
+        OUT("  - {interval_s: %.5g, overhead: %.4f, spread: %.4f}\n", h->straggle[i].interval_s, h->straggle[i].overhead,
+            h->straggle[i].spread);
 #undef OUT
     ASSERT(len < cap);
     Status st = file_write_atomic(path, buf, len);
@@ -271,6 +295,18 @@ double hwfile_curve_s(const HwPoint *p, int n, double bytes) {
     double x0 = p[i - 1].bytes, x1 = p[i].bytes, y0 = p[i - 1].seconds, y1 = p[i].seconds;
     double t = y0 + (y1 - y0) * (bytes - x0) / (x1 - x0);
     return t > p[0].seconds ? t : p[0].seconds;
+}
+
+double hwfile_straggle(const HwFile *h, double t) {
+    int n = h->n_straggle;
+    if (n <= 0 || t <= 0) return 0;
+    const HwStrag *s = h->straggle;
+    if (t <= s[0].interval_s) return s[0].overhead;
+    if (t >= s[n - 1].interval_s) return s[n - 1].overhead;
+    int i = 1;
+    while (s[i].interval_s < t) i++;
+    double a = log(t / s[i - 1].interval_s) / log(s[i].interval_s / s[i - 1].interval_s);
+    return s[i - 1].overhead + a * (s[i].overhead - s[i - 1].overhead);
 }
 
 /* ---- measuring ---- */
@@ -545,6 +581,54 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
             h.allreduce[h.n_allreduce++] = (HwPoint){(double)ab, t, sp};
         }
         xfree(sb); xfree(rb); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+        /* straggling: the same count of 128^3 sgemms on every rank, then a max-allreduce of
+         * the rank's own time (the synchronisation), for intervals of ~0.5 to 32 ms */
+        int n = 128;
+        GemmArg g = {.be = &be, .M = n, .N = n, .K = n};
+        g.a = be.ops->alloc(be.ctx, sizeof(float) * n * n);
+        g.b = be.ops->alloc(be.ctx, sizeof(float) * n * n);
+        g.c = be.ops->alloc(be.ctx, sizeof(float) * n * n);
+        double sp, unit = time_fn(gemm_fn, &g, target, &sp);
+        comm_allreduce_max_f64(comm, &unit, 1);
+        static const double ints[] = {0.5e-3, 2e-3, 8e-3, 32e-3};
+        int n_int = o->quick ? 2 : 4, blocks = 5, per = o->quick ? 2 : 8;
+        h.straggle = calloc((size_t)n_int, sizeof(HwStrag));
+        for (int q = 0; q < n_int; q++) {
+            double reps_d = ints[q] / unit;
+            comm_allreduce_max_f64(comm, &reps_d, 1);
+            int reps = reps_d < 1 ? 1 : (int)reps_d;
+            double ov[5], t_sum = 0;
+            for (int b = 0; b < blocks; b++) {
+                double mx = 0, mean = 0;
+                comm_barrier(comm);
+                for (int i = 0; i < per; i++) {
+                    double t0 = time_now();
+                    for (int r = 0; r < reps; r++) gemm_fn(&g);
+                    double t[2] = {time_now() - t0, 0};
+                    t[1] = t[0];
+                    comm_allreduce_max_f64(comm, t, 1);
+                    comm_allreduce_sum_f64(comm, t + 1, 1);
+                    mx += t[0];
+                    mean += t[1] / P;
+                    t_sum += t[1] / P;
+                }
+                ov[b] = mean > 0 ? mx / mean - 1 : 0;
+            }
+            double lo = ov[0], hi = ov[0];
+            for (int b = 1; b < blocks; b++) { if (ov[b] < lo) lo = ov[b]; if (ov[b] > hi) hi = ov[b]; }
+            double med = median_spread(ov, blocks, &sp);
+            h.straggle[h.n_straggle++] = (HwStrag){t_sum / (blocks * per), med, hi - lo};
+        }
+        be.ops->free(be.ctx, g.a); be.ops->free(be.ctx, g.b); be.ops->free(be.ctx, g.c);
+        /* by increasing interval (a change of the machine's load can reorder them); equal ones merged */
+        for (int i = 1; i < h.n_straggle; i++)
+            for (int j = i; j > 0 && h.straggle[j].interval_s < h.straggle[j - 1].interval_s; j--) {
+                HwStrag x = h.straggle[j]; h.straggle[j] = h.straggle[j - 1]; h.straggle[j - 1] = x;
+            }
+        int w = 0;
+        for (int i = 0; i < h.n_straggle; i++)
+            if (w == 0 || h.straggle[i].interval_s > h.straggle[w - 1].interval_s) h.straggle[w++] = h.straggle[i];
+        h.n_straggle = w;
     }
     backend_free(&be);
     /* -- provenance: date and a description without host names or paths -- */

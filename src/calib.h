@@ -33,6 +33,10 @@ enum HwOp {
 
 typedef struct HwGemm { int ta, tb, M, N, K; double gflops, spread; } HwGemm;
 typedef struct HwPoint { double bytes, seconds, spread; } HwPoint;
+/* bulk-synchronous straggling: every rank runs the same work of interval_s, then they
+ * synchronise; overhead = sum over intervals of the slowest rank's time / the mean rank's - 1
+ * (median over blocks; spread = max - min of the blocks' overheads) */
+typedef struct HwStrag { double interval_s, overhead, spread; } HwStrag;
 
 typedef struct HwFile {
     char path[4096];
@@ -47,6 +51,8 @@ typedef struct HwFile {
     int n_alltoall;
     HwPoint *allreduce;             /* [n_allreduce] buffer bytes -> seconds */
     int n_allreduce;
+    HwStrag *straggle;              /* [n_straggle] by increasing interval (ranks > 1) */
+    int n_straggle;
 } HwFile;
 
 extern const char *const hw_op_names[HW_OP_N];
@@ -65,6 +71,9 @@ double hwfile_gemm_s(const HwFile *h, int ta, int tb, int M, int N, int K);
 /* seconds of one collective moving `bytes`: piecewise linear between measured sizes, the end
  * segments extended (clamped at the smallest size's time below it) */
 double hwfile_curve_s(const HwPoint *p, int n, double bytes);
+/* straggling overhead for synchronisation intervals of t seconds: linear in log t between the
+ * measured intervals, the end values beyond them; 0 without measurements */
+double hwfile_straggle(const HwFile *h, double t);
 
 typedef struct CalibOptions {
     const char *out;                /* hardware file to write */

@@ -822,6 +822,25 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     if (sc->overlap == SIM_OVERLAP_IDEAL) ar_exposed = out->allreduce > bwd_compute_total ? out->allreduce - bwd_compute_total : 0;
     else if (sc->overlap == SIM_OVERLAP_FRACTION) ar_exposed = (1 - sc->overlap_fraction) * out->allreduce;
     out->exposed += ar_exposed;
+    /* bulk-synchronous straggling (hardware file, P > 1): at every synchronisation the ranks wait
+     * for the slowest, measured as an overhead on the compute between synchronisations. MoE: 9
+     * exchanges per layer (forward: capacity counts, loss statistics, counts, entries, rows,
+     * combine; backward: rows, rows back, gates) plus the loss and gradient reductions; the wait
+     * lands in the exchanges. Dense: one interval per step, absorbed by the loss allreduce that
+     * opens the optimizer bucket. */
+    if (c->has_hwf && c->P > 1 && c->hwf.n_straggle > 0) {
+        int n_sync = 9 * sh->n_moe + 2;
+        double ov = hwfile_straggle(&c->hwf, compute_total / n_sync);
+        if (ov < 0) ov = 0;
+        if (sh->n_moe > 0) {
+            double wf = ov * out->fwd_compute, wb = ov * out->bwd_compute;
+            out->fwd_exch += wf;
+            out->bwd_exch += wb;
+            out->dispatch += (wf + wb) / 2;
+            out->combine += (wf + wb) / 2;
+            out->exposed += wf + wb;
+        } else out->optimizer += ov * compute_total;
+    }
     out->step_s = compute_total + (out->exposed) + out->optimizer;
     /* memory per rank (fp32 as the trainer: params, grads, two Adam moments; activations of
      * the layer buffers; the exchange's receive rows and their returned rows) */

@@ -3,7 +3,7 @@
  * missing field, not a number, below the minimum, sizes not increasing, wrong format, a missing
  * file); the interpolation: a measured GEMM shape gives exactly 2 M N K / rate, an unmeasured one
  * a rate between its neighbours', the collective curve is linear between measured sizes and
- * extended beyond them. */
+ * extended beyond them, the straggling overhead linear in log interval and clamped. */
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -29,7 +29,10 @@ static char *good_yaml(void) {
                           "  - {bytes: 2100, seconds: 4.0e-6, spread: 0.1}\n"
                           "allreduce:\n"
                           "  - {bytes: 64, seconds: 2.0e-6, spread: 0.1}\n"
-                          "  - {bytes: 1064, seconds: 3.0e-6, spread: 0.1}\n");
+                          "  - {bytes: 1064, seconds: 3.0e-6, spread: 0.1}\n"
+                          "straggle:\n"
+                          "  - {interval_s: 0.001, overhead: 0.1, spread: 0.01}\n"
+                          "  - {interval_s: 0.004, overhead: 0.3, spread: 0.01}\n");
     return buf;
 }
 
@@ -96,6 +99,9 @@ int main(void) {
     ok(fabs(hwfile_curve_s(h.alltoall, h.n_alltoall, 600) - 1.5e-6) < 1e-15, "curve: linear between sizes");
     ok(fabs(hwfile_curve_s(h.alltoall, h.n_alltoall, 3100) - 6.0e-6) < 1e-15, "curve: last segment extended");
     ok(hwfile_curve_s(h.alltoall, h.n_alltoall, 10) == 1.0e-6, "curve: below the smallest size, its time");
+    ok(h.n_straggle == 2 && fabs(hwfile_straggle(&h, 0.002) - 0.2) < 1e-12, "straggle: linear in log interval (%.6f)",
+       hwfile_straggle(&h, 0.002));
+    ok(hwfile_straggle(&h, 1e-6) == 0.1 && hwfile_straggle(&h, 1.0) == 0.3, "straggle: end values beyond the intervals");
     hwfile_free(&h);
 
     /* bad input: located errors naming the field */
@@ -111,6 +117,8 @@ int main(void) {
     expect_error("{bytes: 2100", "{bytes: 1000", (const char *const[]){"alltoall", "increase", NULL}, "sizes not increasing");
     expect_error("ta: 1,", "ta: 2,", (const char *const[]){"gemm", "0 or 1", NULL}, "bad transposition flag");
     expect_error("  router_bwd:", "  router_bwx:", (const char *const[]){"unknown field 'router_bwx'", NULL}, "misspelt op");
+    expect_error("interval_s: 0.004", "interval_s: 0.0005", (const char *const[]){"straggle", "increase", NULL},
+                 "straggle intervals not increasing");
     expect_error("memory:\n", "memory: [\n", (const char *const[]){"hw.yaml:", "YAML syntax error", NULL}, "syntax error");
     st = hwfile_load(&h, "/nonexistent/hw.yaml");
     ok(!STATUS_OK(st) && strstr(st.msg, "/nonexistent/hw.yaml") && strstr(st.msg, "bench calibrate"),
