@@ -159,7 +159,7 @@ def render(out_dir):
         c, d = r["component"], float(r["delta_pct"])
         tol = TOL.get(c, 20.0)
         meas = float(r["measured_ms"])
-        small = c in ("exchange", "allreduce") and meas < 0.05
+        small = c in ("exchange", "allreduce") and meas < 0.05 or d != d
         ok = abs(d) <= tol
         if c == "step":
             s_all += 1
@@ -169,7 +169,8 @@ def render(out_dir):
             n_ok += ok
         verdict = "n/a (below 0.05 ms)" if small else ("met" if ok else "not met")
         L.append(f"| {labels[r['variant']]} | {r['ranks']} | {LABELS[c]} | {meas:.3g} | {100 * float(r['measured_spread']):.0f}% | "
-                 f"{float(r['predicted_ms']):.3g} | {100 * float(r['predicted_spread']):.0f}% | {d:+.1f}% | {verdict} (±{tol:.0f}%) |")
+                 f"{float(r['predicted_ms']):.3g} | {100 * float(r['predicted_spread']):.0f}% | {'-' if small else f'{d:+.1f}%'} | "
+                 f"{verdict}{'' if small else f' (±{tol:.0f}%)'} |")
     L += ["", f"Step time within ±10%: {s_ok} of {s_all} cases. Components within ±20% (those above 0.05 ms): "
           f"{n_ok} of {n_all}.", "", rl.notes(NAME)]
     return rl.write_md(out_dir, NAME, "\n".join(L))
