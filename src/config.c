@@ -50,7 +50,7 @@ static const char *const run_mode_names[] = {"train", "simulate", NULL};
 static const char *const sim_hw_names[] = {"h800", "h100", "h200", "a100", "cpu", NULL};
 static const char *const sim_dtype_names[] = {"fp32", "bf16", "fp8", NULL};
 static const char *const sim_overlap_names[] = {"none", "ideal", "fraction", NULL};
-static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", "trace", NULL};
+static const char *const sim_routing_names[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", "trace", "aggregate", NULL};
 static const char *const moe_kind_names[] = {"dense", "standard", "clustered", NULL};
 static const char *const group_score_names[] = {"mean", "top2", NULL};
 static const char *const group_gate_names[] = {"renorm", "product", NULL};
@@ -308,7 +308,8 @@ static const KeyDef keys[] = {
            "(hot_fraction of the tokens favour one node's experts), deepep (DeepEP's test generator: |randn|+1 "
            "scores, top min(nodes,4) nodes by their best score, top-k among them); the router (with moe.max_nodes, "
            "moe.home_bias, the clustered two stages) chooses from these scores except for deepep; trace = replay a "
-           "trained run's recorded routing (sim.trace)"),
+           "trained run's recorded routing (sim.trace); aggregate = per-expert popularity from a trained run's "
+           "logged loads (sim.aggregate: moe/tokens_per_expert, last half of its rows, per MoE layer)"),
     K_FLOAT(sim.zipf_s, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: Zipf exponent of expert popularity (routing zipf)"),
     K_FLOAT(sim.lognormal_sigma, 0, 0.0, 100.0, 0, 1.0, "dcmoe simulate: sigma of log popularity (routing lognormal)"),
     K_FLOAT(sim.coherence, 0, 0.0, 1.0, 0, 0.8, "dcmoe simulate: probability a token stays in its cluster (routing planted)"),
@@ -319,6 +320,13 @@ static const KeyDef keys[] = {
           "dcmoe simulate, routing trace: the metrics.h5 of a run trained with log.trace_interval; every recorded "
           "token's routing and the expert map are replayed on sim.nodes x sim.gpus_per_node = its ranks"),
     K_LONG(sim.trace_step, 0, LONG_MAX, 0, "dcmoe simulate, routing trace: the recorded step to replay; 0 = every recorded step in order"),
+    K_STR(sim.hardware_file, "",
+          "dcmoe simulate: a hardware file measured by `dcmoe bench calibrate` (GEMM rate by shape, the trainer's ops per "
+          "element, memory bandwidth, all-to-all and allreduce curves); used instead of sim.hardware's compute and "
+          "collective figures; \"\" = the preset"),
+    K_STR(sim.aggregate, "",
+          "dcmoe simulate, routing aggregate: the metrics.h5 of a trained run with the same n_experts and MoE layers; "
+          "its logged tokens per expert (moe/tokens_per_expert) become each layer's expert popularity"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

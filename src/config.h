@@ -31,7 +31,8 @@ enum SimHardware { SIM_HW_H800 = 0, SIM_HW_H100 = 1, SIM_HW_H200 = 2, SIM_HW_A10
 enum SimDtype { SIM_FP32 = 0, SIM_BF16 = 1, SIM_FP8 = 2 };
 enum SimOverlap { SIM_OVERLAP_NONE = 0, SIM_OVERLAP_IDEAL = 1, SIM_OVERLAP_FRACTION = 2 };
 enum SimRouting { SIM_ROUTE_UNIFORM = 0, SIM_ROUTE_ZIPF = 1, SIM_ROUTE_LOGNORMAL = 2, SIM_ROUTE_PLANTED = 3,
-                  SIM_ROUTE_HOTSPOT = 4, SIM_ROUTE_DEEPEP = 5, SIM_ROUTE_TRACE = 6 };
+                  SIM_ROUTE_HOTSPOT = 4, SIM_ROUTE_DEEPEP = 5, SIM_ROUTE_TRACE = 6,
+                  SIM_ROUTE_AGGREGATE = 7 };
 enum PrecisionMode { PRECISION_FP32 = 0, PRECISION_STORAGE = 1, PRECISION_QAT = 2 };
 enum OffloadTier { OFFLOAD_HOST = 0, OFFLOAD_FILE = 1 };
 enum PrefetchKind { PREFETCH_NONE = 0, PREFETCH_EMA = 1 };
@@ -210,6 +211,8 @@ typedef struct SimConfig {
     int distinct_layers;             /* distinct routings drawn per step (the other MoE layers reuse them) */
     char trace[4096];                /* routing trace: a trained run's metrics.h5 (log.trace_interval) */
     long trace_step;                 /* the recorded step to replay; 0 = every recorded step in order */
+    char hardware_file[4096];        /* measured hardware file (dcmoe bench calibrate); "" = the preset */
+    char aggregate[4096];            /* routing aggregate: a trained run's metrics.h5 (moe/tokens_per_expert) */
 } SimConfig;
 
 typedef struct Config {

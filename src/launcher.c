@@ -5,6 +5,8 @@
  *   configs/<id>.yaml   the resolved config of each run (what `dcmoe train` reads)
  *   logs/               console output of every run (local: <id>.out; Slurm: slurm-<job>_<task>.out)
  *   slurm-jobs.txt      the sbatch commands and job ids (slurm)
+ *   packs.tsv           with --pack K (slurm): task, run indices (comma-separated) of each array
+ *                       task; up to K consecutive unfinished simulate runs share a task
  * A run folder is complete when it holds DONE (written by train after the last step).
  * Does not: run under MPI, parse the sweep block (sweep.c) or decide anything inside a Slurm job
  * (slurm/dcmoe-job.sh applies the same DONE / checkpoint rule there). */
@@ -258,6 +260,7 @@ static Status run_local(const Sweep *sw, const LaunchOptions *opt, const char *d
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     if (opt->throttle > 0)
         printf("note: --throttle applies to --launcher slurm; the local launcher runs one run at a time\n");
+    if (opt->pack > 1) printf("note: --pack applies to --launcher slurm; the local launcher runs one run at a time\n");
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -354,11 +357,48 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
     self_exe(exe, sizeof exe);
     TRY(find_root(exe, root, sizeof root));
     abs_path(".", cwd, sizeof cwd);
+    /* --pack K: array task t runs the unfinished indices on line t of packs.tsv (up to K
+     * consecutive simulate runs; a train run has a task of its own) */
+    char packs_path[LPATH + 32] = "";
+    int n_packs = 0;
+    if (opt->pack > 1) {
+        size_t cap = 64 + (size_t)sw->n_runs * 12, len = 0;
+        char *tsv = xmalloc(cap);
+        len += (size_t)snprintf(tsv, cap, "task\tindices\n");
+        int max_r = 1, n_runs_todo = 0;
+        for (int i = 0; i < sw->n_runs;) {
+            RunState s = launcher_run_state(pl[i].run_dir);
+            printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(s));
+            if (s == RUN_DONE) { i++; continue; }
+            int sim = sw->runs[i].cfg.run.mode == RUN_MODE_SIMULATE, n_in = 0;
+            len += (size_t)snprintf(tsv + len, cap - len, "%d\t", n_packs);
+            for (; i < sw->n_runs && n_in < (sim ? opt->pack : 1); i++) {
+                if (n_in > 0) {
+                    RunState sj = launcher_run_state(pl[i].run_dir);
+                    if (sj == RUN_DONE) continue;
+                    if (sw->runs[i].cfg.run.mode != RUN_MODE_SIMULATE) break;
+                    printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(sj));
+                }
+                if (sw->runs[i].ranks > max_r) max_r = sw->runs[i].ranks;
+                len += (size_t)snprintf(tsv + len, cap - len, "%s%d", n_in ? "," : "", i);
+                n_in++;
+                n_runs_todo++;
+            }
+            len += (size_t)snprintf(tsv + len, cap - len, "\n");
+            n_packs++;
+        }
+        str_fmt(packs_path, sizeof packs_path, "%s/packs.tsv", dir);
+        Status pst = file_write_atomic(packs_path, tsv, len);
+        xfree(tsv);
+        TRY(pst);
+        if (n_packs > 0) printf("--pack %d: %d run(s) in %d array task(s) (%s)\n", opt->pack, n_runs_todo, n_packs, packs_path);
+        (void)max_r;
+    }
     /* the array holds the runs that are not complete yet */
     char array[8192] = "";
     int max_ranks = 1, n_todo = 0;
     size_t al = 0;
-    for (int i = 0; i < sw->n_runs; i++) {
+    for (int i = 0; i < sw->n_runs && opt->pack <= 1; i++) {
         RunState s = launcher_run_state(pl[i].run_dir);
         printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(s));
         if (s == RUN_DONE) continue;
@@ -378,6 +418,12 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
         al += (size_t)k;
         n_todo++;
     }
+    if (opt->pack > 1 && n_packs > 0) {
+        for (int i = 0; i < sw->n_runs; i++)
+            if (launcher_run_state(pl[i].run_dir) != RUN_DONE && sw->runs[i].ranks > max_ranks) max_ranks = sw->runs[i].ranks;
+        al = (size_t)snprintf(array, sizeof array, n_packs > 1 ? "0-%d" : "%d", n_packs - 1);
+        n_todo = n_packs;
+    }
     if (opt->throttle > 0 && n_todo > 0) snprintf(array + al, sizeof array - al, "%%%d", opt->throttle);
     char stem[256], rec_path[LPATH + 32], opt_array[8300], opt_ntasks[32], opt_name[300], opt_out[LPATH + 64],
          opt_chdir[LPATH + 16], opt_export[4 * LPATH], script[LPATH + 64], rscript[LPATH + 64], opt_dep[128],
@@ -387,7 +433,8 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
     str_fmt(rec_path, sizeof rec_path, "%s/slurm-jobs.txt", dir);
     FILE *record = opt->dry_run ? NULL : fopen(rec_path, "a");
     str_fmt(opt_chdir, sizeof opt_chdir, "--chdir=%s", cwd);
-    str_fmt(opt_export, sizeof opt_export, "--export=ALL,DCMOE_ROOT=%s,DCMOE_EXE=%s,DCMOE_SWEEP_DIR=%s", root, exe, dir);
+    str_fmt(opt_export, sizeof opt_export, "--export=ALL,DCMOE_ROOT=%s,DCMOE_EXE=%s,DCMOE_SWEEP_DIR=%s,DCMOE_PACKS=%s", root, exe,
+            dir, packs_path);
     str_fmt(script, sizeof script, "%s/slurm/sweep-array.sbatch", root);
     str_fmt(rscript, sizeof rscript, "%s/slurm/report.sbatch", root);
     char array_id[64] = "";
@@ -400,8 +447,8 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
         char *argv[] = {sbatch, "--parsable", opt_name, opt_array, opt_ntasks, opt_out, opt_chdir, opt_export,
                         script, sdir, NULL};
         st = submit(argv, opt->dry_run, "array", array_id, sizeof array_id, record);
-        if (STATUS_OK(st)) printf("%s job array %s: %d run(s) (indices %s)\n", opt->dry_run ? "would submit" : "submitted",
-                                   array_id, n_todo, array);
+        if (STATUS_OK(st)) printf("%s job array %s: %d %s (indices %s)\n", opt->dry_run ? "would submit" : "submitted",
+                                   array_id, n_todo, opt->pack > 1 ? "task(s) of packed runs" : "run(s)", array);
     } else printf("every run is complete; submitting only the report\n");
     if (STATUS_OK(st)) {
         char report_id[64];
@@ -449,7 +496,7 @@ Status launcher_run(const Sweep *sw, const LaunchOptions *opt, int *n_failed) {
 }
 
 static void usage_run(void) {
-    printf("usage: dcmoe sweep run FILE.yaml --launcher local|slurm [--throttle N] [--dry-run] [--dir DIR] [--set k=v]...\n\n"
+    printf("usage: dcmoe sweep run FILE.yaml --launcher local|slurm [--throttle N] [--pack K] [--dry-run] [--dir DIR] [--set k=v]...\n\n"
            "Plans the sweep (as `dcmoe sweep plan`), writes DIR (default <run.out_dir>/sweep-<file stem>, or <run.out_dir>/<file stem>\n"
            "when the stem starts with \"sweep\"): plan.tsv,\n"
            "configs/<id>.yaml (each run's resolved config) and logs/, then\n"
@@ -459,6 +506,8 @@ static void usage_run(void) {
            "          checkpoints and the sweep stops (a second signal kills it).\n"
            "  slurm   submits one job array of the unfinished runs (slurm/sweep-array.sbatch; task id = run index,\n"
            "          --throttle N = at most N at once) and a report job after it (--dependency=afterany).\n"
+           "          --pack K: up to K consecutive unfinished simulate runs per array task (packs.tsv: task id ->\n"
+           "          run indices), for sweeps of many short simulations; train runs keep a task each.\n"
            "  --dry-run  write the folder and print the commands; run and submit nothing.\n");
 }
 
@@ -496,7 +545,8 @@ int launcher_main(int argc, char **argv) {
             return 0;
         }
         else if (!strcmp(s, "--dry-run")) opt.dry_run = true;
-        else if (!strcmp(s, "--launcher") || !strcmp(s, "--throttle") || !strcmp(s, "--dir") || !strcmp(s, "--set")) {
+        else if (!strcmp(s, "--launcher") || !strcmp(s, "--throttle") || !strcmp(s, "--dir") || !strcmp(s, "--set") ||
+                 !strcmp(s, "--pack")) {
             if (!val) { st = status_errorf("%s needs a value", s); break; }
             i++;
             if (!strcmp(s, "--launcher")) {
@@ -508,6 +558,11 @@ int launcher_main(int argc, char **argv) {
                 long t = strtol(val, &end, 10);
                 if (*end || t < 1 || t > 100000) st = status_errorf("--throttle %s: expected a count in [1, 100000]", val);
                 opt.throttle = (int)t;
+            } else if (!strcmp(s, "--pack")) {
+                char *end;
+                long t = strtol(val, &end, 10);
+                if (*end || t < 1 || t > 100000) st = status_errorf("--pack %s: expected a count in [1, 100000]", val);
+                opt.pack = (int)t;
             } else if (!strcmp(s, "--dir")) opt.sweep_dir = val;
             else if (n_sets < 64) sets[n_sets++] = val;
             else st = status_errorf("too many --set options (max 64)");

@@ -15,6 +15,7 @@ typedef enum LauncherKind { LAUNCHER_LOCAL = 0, LAUNCHER_SLURM = 1 } LauncherKin
 typedef struct LaunchOptions {
     LauncherKind kind;
     int throttle;            /* slurm: at most this many array tasks at once (%N); 0 = no limit */
+    int pack;                /* slurm: up to this many simulate runs per array task (packs.tsv); <= 1 = one run per task */
     bool dry_run;            /* write the sweep folder and print the commands, run nothing */
     const char *sweep_file;  /* the experiment file (for names and messages) */
     const char *sweep_dir;   /* NULL: <run.out_dir>/sweep-<file stem> (<file stem> if it starts with "sweep") */

@@ -1,10 +1,11 @@
-/* main.c: the dcmoe command line: train, eval, config, version. Every subcommand runs
+/* main.c: the dcmoe command line: train, eval, config, sweep, simulate, bench calibrate, version. Every subcommand runs
  * under MPI (a plain `dcmoe ...` is a one-rank job); fatal errors end every rank. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "calib.h"
 #include "comm.h"
 #include "config.h"
 #include "config_build.h"
@@ -26,6 +27,7 @@ static void usage_main(void) {
            "  sweep run FILE      run a sweep: --launcher local|slurm (see `dcmoe sweep run --help`)\n"
            "  sweep status FILE   state of every planned run: new, partial, resumable, done\n"
            "  simulate CONFIG     predict step time, traffic and memory at a scale you cannot run (see simulate --help)\n"
+           "  bench calibrate     measure this machine into a hardware file for simulate (see bench calibrate --help)\n"
            "  version             print version and build facts\n", DCMOE_VERSION);
 }
 
@@ -62,11 +64,27 @@ static void usage_simulate(void) {
            "Simulates training steps of the experiment's model (model.*, moe.*, parallel.ep_size, parallel.exchange)\n"
            "on the cluster of its sim: section (sim.nodes x sim.gpus_per_node GPUs, sim.hardware preset, dtypes,\n"
            "overlap, routing generator): the trainer's router picks the experts, the exchange is counted with the\n"
-           "planner's rules and costed per link class. Writes run.out_dir/run.name/metrics.h5 (the trainer's perf/*\n"
+           "planner's rules and costed per link class; with sim.hardware_file: FILE (written by `dcmoe bench calibrate`)\n"
+           "every GEMM and op of the trainer and its collectives are costed from that file's measured curves.\n"
+           "Writes run.out_dir/run.name/metrics.h5 (the trainer's perf/*\n"
            "and comm/* series plus sim/*) and DONE.\n"
            "  --validate published  replay DeepEP's published V1 numbers with DeepEP's byte accounting, fit the\n"
            "                        link model on the calibration rows and print predicted vs published (exit 1\n"
            "                        when a predicted row is out of tolerance)\n");
+}
+
+static void usage_bench(void) {
+    printf("usage: [mpirun -n P] dcmoe bench calibrate [CONFIG.yaml] [--set k=v]... [--out FILE] [--quick] [--model-only]\n\n"
+           "Measures this machine into a hardware file (YAML) that `dcmoe simulate` reads with\n"
+           "sim.hardware_file: FILE: sgemm GFLOP/s over a grid of shapes (plus CONFIG's model shapes at P ranks),\n"
+           "copy and triad memory bandwidth, the trainer's non-GEMM ops per element (LayerNorm, attention,\n"
+           "activation, cross-entropy, embedding, row gathers, AdamW, the router), and alltoallv and allreduce\n"
+           "over sizes 64 B .. 16 MiB (two per octave) between the P ranks; every point is a median of 5 repeats with its spread.\n"
+           "  --out FILE   the hardware file (default hardware.yaml)\n"
+           "  --quick      a tiny grid (seconds; for tests)\n"
+           "  --model-only only CONFIG's GEMM shapes and one collective size per octave (a short calibration\n"
+           "               taken right before the runs it is to predict)\n"
+           "Run.threads of CONFIG (default 1) sets the BLAS threads per rank.\n");
 }
 
 static void usage_config(void) {
@@ -90,7 +108,8 @@ typedef struct Args {
     const char *sets[64];
     int n_sets;
     int resume, print_config, quiet, reference, help;
-    const char *checkpoint, *split, *precision, *resume_from, *validate;
+    const char *checkpoint, *split, *precision, *resume_from, *validate, *out;
+    int quick, model_only;
     long stop_at;
 } Args;
 
@@ -104,6 +123,8 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
         else if (!strcmp(s, "--print-config")) a->print_config = 1;
         else if (!strcmp(s, "--quiet")) a->quiet = 1;
         else if (!strcmp(s, "--reference")) a->reference = 1;
+        else if (!strcmp(s, "--quick")) a->quick = 1;
+        else if (!strcmp(s, "--model-only")) a->model_only = 1;
         else if (!strcmp(s, "--stop-at")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             char *end;
@@ -111,7 +132,7 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             if (*end || a->stop_at <= 0) return status_errorf("--stop-at %s: expected a positive step count", argv[i]);
         }
         else if (!strcmp(s, "--set") || !strcmp(s, "--checkpoint") || !strcmp(s, "--split") ||
-                 !strcmp(s, "--precision") || !strcmp(s, "--resume-from") || !strcmp(s, "--validate")) {
+                 !strcmp(s, "--precision") || !strcmp(s, "--resume-from") || !strcmp(s, "--validate") || !strcmp(s, "--out")) {
             if (i + 1 >= argc) return status_errorf("%s needs a value", s);
             const char *v = argv[++i];
             if (!strcmp(s, "--set")) {
@@ -121,6 +142,7 @@ static Status parse_args(int argc, char **argv, int first, Args *a) {
             else if (!strcmp(s, "--resume-from")) a->resume_from = v;
             else if (!strcmp(s, "--precision")) a->precision = v;
             else if (!strcmp(s, "--validate")) a->validate = v;
+            else if (!strcmp(s, "--out")) a->out = v;
             else a->split = v;
         } else if (!strncmp(s, "--set=", 6)) {
             if (a->n_sets >= 64) return status_errorf("too many --set options (max 64)");
@@ -167,7 +189,12 @@ int main(int argc, char **argv) {
         MPI_Finalize();
         return 0;
     }
-    int is_sweep = !strcmp(cmd, "sweep");
+    int is_sweep = !strcmp(cmd, "sweep"), is_bench = !strcmp(cmd, "bench");
+    if (is_bench && (argc < 3 || strcmp(argv[2], "calibrate") != 0)) {
+        if (comm.rank == 0) usage_bench();
+        MPI_Finalize();
+        return argc >= 3 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h")) ? 0 : 2;
+    }
     if (is_sweep && (argc < 3 || strcmp(argv[2], "plan") != 0)) {
         if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n"
                                    "       dcmoe sweep run FILE.yaml --launcher local|slurm [...] (see sweep run --help)\n\n"
@@ -177,7 +204,7 @@ int main(int argc, char **argv) {
         MPI_Finalize();
         return argc >= 3 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h")) ? 0 : 2;
     }
-    st = parse_args(argc, argv, is_sweep ? 3 : 2, &a);
+    st = parse_args(argc, argv, is_sweep || is_bench ? 3 : 2, &a);
     if (!STATUS_OK(st)) return fail(&comm, st);
     Config cfg;
     if (!strcmp(cmd, "train")) {
@@ -236,6 +263,17 @@ int main(int argc, char **argv) {
             if (comm.rank == 0) st = sim_run(&cfg, a.quiet);
             if (!STATUS_OK(st)) return fail(&comm, st);
         }
+    } else if (is_bench) {
+        if (a.help) { if (comm.rank == 0) usage_bench(); MPI_Finalize(); return 0; }
+        int have_cfg = a.config != NULL;
+        st = load_config(&a, &cfg);
+        if (!STATUS_OK(st)) return fail(&comm, st);
+        if (a.model_only && !have_cfg) return fail(&comm, status_errorf("bench calibrate --model-only needs CONFIG.yaml (its GEMM shapes)"));
+        CalibOptions co = {.out = a.out ? a.out : "hardware.yaml", .cfg = have_cfg ? &cfg : NULL, .quick = a.quick,
+                           .model_only = a.model_only,
+                           .threads = cfg.run.threads > 0 ? cfg.run.threads : 1};
+        st = calib_run(&comm, &co);
+        if (!STATUS_OK(st)) return fail(&comm, st);
     } else if (!strcmp(cmd, "config")) {
         if (a.help) { if (comm.rank == 0) usage_config(); MPI_Finalize(); return 0; }
         if (a.reference) {
@@ -246,7 +284,7 @@ int main(int argc, char **argv) {
             if (comm.rank == 0) { char *y = config_to_yaml(&cfg); fputs(y, stdout); free(y); }
         }
     } else {
-        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, sweep, simulate, version)\n", cmd);
+        if (comm.rank == 0) fprintf(stderr, "dcmoe: error: unknown command '%s' (commands: train, eval, config, sweep, simulate, bench, version)\n", cmd);
         rc = 2;
     }
     MPI_Finalize();

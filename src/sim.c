@@ -14,6 +14,7 @@
 #include <hdf5.h>
 
 #include "h5log.h"
+#include "calib.h"
 #include "placement.h"
 #include "router.h"
 
@@ -228,7 +229,7 @@ static void deepep_token(Rng *rng, int E, int k, int n_nodes, int32_t *out, floa
  * trainer's router (one or two stages, node limit, home bias), or DeepEP's rule; returns
  * the experts [S, n, k] (caller frees) */
 static int32_t *draw_routing(const Config *cfg, int S, int n, const int32_t *members, const int32_t *expert_node,
-                         const Topology *t, uint64_t seed) {
+                         const Topology *t, uint64_t seed, const float *layer_logw) {
     const SimConfig *sc = &cfg->sim;
     const MoeConfig *mc = &cfg->moe;
     int E = mc->n_experts, k = mc->top_k, two = mc->kind == MOE_KIND_CLUSTERED;
@@ -238,6 +239,7 @@ static int32_t *draw_routing(const Config *cfg, int S, int n, const int32_t *mem
     rng_init(&rng, seed, 0, RNG_TEST);
     float *logw = xmalloc(sizeof(float) * E), *score = xmalloc(sizeof(float) * E);
     popularity(sc, E, &rng, logw);
+    if (layer_logw) memcpy(logw, layer_logw, sizeof(float) * E);   /* aggregate: the trained run's loads */
     Route rt;
     router_init(&rt, n, E, k, G, TG);
     MoeConfig sel_cfg = *mc;
@@ -314,10 +316,30 @@ static StageCost stage_cost(const SimTraffic *tr, double row_b, double ent_b, in
     return c;
 }
 
+/* the same exchange costed from a hardware file's measured alltoall(v) curve: the trainer's
+ * calls one by one (counts alltoall, entries, rows), each the time the curve gives for the
+ * slowest rank's max(sent, received) bytes to other ranks, plus its rows to itself as a copy */
+static StageCost stage_cost_hw(const SimTraffic *tr, double row_b, double ent_b, int reverse, int counts, const HwFile *hf) {
+    StageCost c = {0, 0, 0};
+    int P = tr->P;
+    for (int r = 0; r < P; r++) {
+        double rs = tr->rows_intra_s[r] + tr->rows_inter_s[r], rr = tr->rows_intra_r[r] + tr->rows_inter_r[r];
+        double es = tr->ents_intra_s[r] + tr->ents_inter_s[r], er = tr->ents_intra_r[r] + tr->ents_inter_r[r];
+        double self = tr->recv_rows[r] - rr;
+        double t = 0;
+        if (row_b > 0) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, (rs > rr ? rs : rr) * row_b) + self * row_b * 2 / (hf->copy_gbs * 1e9);
+        if (ent_b > 0) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, (es > er ? es : er) * ent_b);
+        if (counts) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, 16.0 * (P - 1));
+        (void)reverse;
+        if (t > c.t) { c.t = t; c.bound_rank = r; c.bound_link = 0; }
+    }
+    return c;
+}
+
 /* ---- parameters and FLOPs (model.c's accounting, without building a model) ---- */
 
 typedef struct Shape {
-    int D, F, F1, E, k, G, K, TG, r, L, n_moe, T, V, H, U, two;
+    int D, F, F1, E, k, G, K, TG, r, L, n_moe, T, V, H, U, two, Fd, F1d, swiglu;
     double dense_params, unit_params;        /* replicated parameters; one placement unit's */
     double dense_flops_tok;                  /* forward FLOPs per token outside the experts (all layers) */
     double unit_flops, pair_flops;           /* forward FLOPs per (token, unit) row and per (token, expert) pair */
@@ -335,6 +357,7 @@ static Shape shape_of(const Config *c) {
     s.r = s.two ? mc->rank : 0;
     s.U = s.G;
     double D = s.D, Fd = config_d_ff_dense(c), F1d = c->model.activation == ACT_SWIGLU ? 2 * Fd : Fd;
+    s.Fd = (int)Fd; s.F1d = (int)F1d; s.swiglu = c->model.activation == ACT_SWIGLU;
     s.dense_params = (double)s.V * D + (double)s.T * D + 2 * D;
     for (int l = 0; l < s.L; l++) {
         int moe = mc->kind != MOE_KIND_DENSE && l % mc->every == 0;
@@ -350,10 +373,170 @@ static Shape shape_of(const Config *c) {
     return s;
 }
 
+/* ---- the trainer's ops, one rank (costed from a hardware file) ---- */
+
+/* Every GEMM and backend op model.c, moe.c and clustered.c run for one rank's step, with their
+ * shapes: the sink either sums their time from the hardware file's curves (interpolated GEMM
+ * rate per shape, ns per element of each op, memory bandwidth for copies and zeroing) or
+ * collects the GEMM shapes (for `dcmoe bench calibrate`). */
+typedef struct OpSink {
+    const HwFile *hw;                        /* NULL: only collect shapes */
+    double t[2];                             /* forward, backward seconds */
+    SimGemmShape *shapes;
+    int n_shapes, cap;
+} OpSink;
+
+static void sk_gemm(OpSink *k, int bwd, int ta, int tb, double Mf, int N, int K) {
+    int M = (int)(Mf + 0.5);
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (k->hw) { k->t[bwd] += hwfile_gemm_s(k->hw, ta, tb, M, N, K); return; }
+    for (int i = 0; i < k->n_shapes; i++) {
+        const SimGemmShape *g = &k->shapes[i];
+        if (g->ta == ta && g->tb == tb && g->M == M && g->N == N && g->K == K) return;
+    }
+    if (k->n_shapes < k->cap) k->shapes[k->n_shapes++] = (SimGemmShape){ta, tb, M, N, K};
+}
+static void sk_op(OpSink *k, int bwd, int op, double units) { if (k->hw && units > 0) k->t[bwd] += units * k->hw->op_ns[op] * 1e-9; }
+/* bytes read + written by a copy, or written by a zero fill */
+static void sk_mem(OpSink *k, int bwd, double bytes) { if (k->hw && bytes > 0) k->t[bwd] += bytes / (k->hw->copy_gbs * 1e9); }
+
+/* the replicated part of a step on N tokens (B sequences of T): embedding, per layer the
+ * attention block and the norms and residual copies, the head and the loss; the FFN is ops_ffn */
+static void ops_dense(OpSink *k, const Shape *s, double N, double params_local) {
+    double D = s->D, B = N / s->T, hd = (double)s->D / s->H, att = B * s->H * (double)s->T * s->T * hd;
+    int Ni = (int)N;
+    sk_mem(k, 0, 4.0 * params_local);                                /* model_zero_grad */
+    sk_op(k, 0, HW_OP_EMBED_FWD, N * D);
+    for (int l = 0; l < s->L; l++) {
+        sk_op(k, 0, HW_OP_LAYERNORM_FWD, N * D);
+        sk_gemm(k, 0, 0, 0, N, 3 * s->D, s->D);
+        sk_op(k, 0, HW_OP_ATTENTION_FWD, att);
+        sk_mem(k, 0, 8 * N * D);
+        sk_gemm(k, 0, 0, 0, N, s->D, s->D);
+        sk_op(k, 0, HW_OP_LAYERNORM_FWD, N * D);
+        sk_mem(k, 0, 8 * N * D + 12 * N * D);                         /* residual copy + axpy */
+        /* backward */
+        sk_mem(k, 1, 8 * N * D + 4 * N * D);                          /* copy dmid, zero dtmp */
+        sk_op(k, 1, HW_OP_LAYERNORM_BWD, N * D);
+        sk_gemm(k, 1, 1, 0, s->D, s->D, Ni);
+        sk_gemm(k, 1, 0, 1, N, s->D, s->D);
+        sk_mem(k, 1, 12 * N * D);                                     /* zero dqkv */
+        sk_op(k, 1, HW_OP_ATTENTION_BWD, att);
+        sk_gemm(k, 1, 1, 0, s->D, 3 * s->D, Ni);
+        sk_gemm(k, 1, 0, 1, N, s->D, 3 * s->D);
+        sk_mem(k, 1, 8 * N * D);
+        sk_op(k, 1, HW_OP_LAYERNORM_BWD, N * D);
+    }
+    sk_op(k, 0, HW_OP_LAYERNORM_FWD, N * D);
+    sk_gemm(k, 0, 0, 1, N, s->V, s->D);
+    sk_op(k, 0, HW_OP_XENT_FWD, N * s->V);
+    sk_mem(k, 1, 8 * N * D);                                          /* zero dtmp, dres */
+    sk_op(k, 1, HW_OP_XENT_BWD, N * s->V);
+    sk_gemm(k, 1, 1, 0, s->V, s->D, Ni);
+    sk_gemm(k, 1, 0, 0, N, s->D, s->V);
+    sk_op(k, 1, HW_OP_LAYERNORM_BWD, N * D);
+    sk_op(k, 1, HW_OP_EMBED_BWD, N * D);
+}
+
+/* one FFN layer on this rank: N own tokens; dense: one FFN on them. MoE: El local experts and
+ * Gl local units receive M entries in R rows (Mg group rows, clustered), the rank sent Ssent
+ * rows; even split over the local experts and units (the routing's per-rank loads decide M) */
+static void ops_ffn(OpSink *k, const Shape *s, int dense, double N, double M, double R, double Mg, double Ssent, int El,
+                    int Gl) {
+    double D = s->D;
+    if (dense) {
+        sk_gemm(k, 0, 0, 0, N, s->F1d, s->D);
+        sk_op(k, 0, HW_OP_ACT_FWD, N * s->Fd * (s->swiglu ? 2 : 1));
+        sk_gemm(k, 0, 0, 0, N, s->D, s->Fd);
+        sk_gemm(k, 1, 1, 0, s->Fd, s->D, (int)N);
+        sk_gemm(k, 1, 0, 1, N, s->Fd, s->D);
+        sk_op(k, 1, HW_OP_ACT_BWD, N * s->Fd * (s->swiglu ? 2 : 1));
+        sk_gemm(k, 1, 1, 0, s->D, s->F1d, (int)N);
+        sk_gemm(k, 1, 0, 1, N, s->D, s->F1d);
+        return;
+    }
+    double ne = El > 0 ? M / El : 0, ng = Gl > 0 ? Mg / Gl : 0, af = s->swiglu ? 2 : 1;
+    /* router and the dispatch's local work (gather the sent rows, scatter received entries) */
+    sk_gemm(k, 0, 0, 0, N, s->E, s->D);
+    sk_op(k, 0, HW_OP_ROUTER_FWD, N * s->E);
+    sk_op(k, 0, HW_OP_ROWS, Ssent * D);
+    sk_op(k, 1, HW_OP_ROWS, Ssent * D);                               /* dout rows out */
+    if (!s->two) {
+        sk_op(k, 0, HW_OP_ROWS, M * D);                               /* gather xg */
+        for (int e = 0; e < El; e++) {
+            sk_gemm(k, 0, 0, 0, ne, s->F1, s->D);
+            sk_op(k, 0, HW_OP_ACT_FWD, ne * s->F * af);
+            sk_gemm(k, 0, 0, 0, ne, s->D, s->F);
+            sk_gemm(k, 1, 1, 0, s->F, s->D, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 1, ne, s->F, s->D);
+            sk_op(k, 1, HW_OP_ACT_BWD, ne * s->F * af);
+            sk_gemm(k, 1, 1, 0, s->D, s->F1, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 1, ne, s->D, s->F1);
+        }
+        sk_mem(k, 0, 4 * R * D + 4 * N * D);                          /* zero yr, out */
+        sk_op(k, 0, HW_OP_ROWS, M * D + N * s->k * D);                /* scatter-add, combine */
+        sk_op(k, 1, HW_OP_ROWS, 3 * M * D + N * s->k * D);            /* gather_dot, gather_rows_scaled, scatter-add, combine */
+        sk_mem(k, 1, 4 * R * D);
+    } else {
+        double r = s->r, F1 = s->F1, F = s->F;
+        sk_op(k, 0, HW_OP_ROWS, Mg * D + M * D + M * F1);             /* gather xg, xe, h */
+        for (int g = 0; g < Gl; g++) {
+            sk_gemm(k, 0, 0, 0, ng, s->F1, s->D);
+            sk_gemm(k, 0, 0, 0, ng, s->D, s->F);
+            sk_gemm(k, 1, 1, 0, s->F, s->D, (int)(ng + 0.5));
+            sk_gemm(k, 1, 0, 1, ng, s->F, s->D);
+            sk_gemm(k, 1, 1, 0, s->D, s->F1, (int)(ng + 0.5));
+            sk_gemm(k, 1, 0, 1, ng, s->D, s->F1);
+        }
+        for (int e = 0; e < El && r > 0; e++) {
+            sk_gemm(k, 0, 0, 0, ne, s->r, s->D);
+            sk_gemm(k, 0, 0, 1, ne, s->F1, s->r);
+            sk_gemm(k, 0, 0, 0, ne, s->r, s->F);
+            sk_gemm(k, 0, 0, 1, ne, s->D, s->r);
+            sk_gemm(k, 1, 1, 0, s->D, s->r, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 0, ne, s->r, s->D);
+            sk_gemm(k, 1, 1, 0, s->F, s->r, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 1, ne, s->F, s->r);
+            sk_gemm(k, 1, 1, 0, s->F1, s->r, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 0, ne, s->r, s->F1);
+            sk_gemm(k, 1, 1, 0, s->D, s->r, (int)(ne + 0.5));
+            sk_gemm(k, 1, 0, 1, ne, s->D, s->r);
+        }
+        sk_op(k, 0, HW_OP_ACT_FWD, M * F * af);
+        sk_mem(k, 0, 4 * Mg * F + 4 * R * D + 4 * N * D);
+        sk_op(k, 0, HW_OP_ROWS, M * F + M * D + Mg * D + N * s->k * D);
+        sk_op(k, 1, HW_OP_ACT_BWD, M * F * af);
+        sk_op(k, 1, HW_OP_ROWS, Mg * D + 2 * M * D + 2 * M * F + M * F1 + M * D + Mg * D + N * s->k * D);
+        sk_mem(k, 1, 12 * M * F + 4 * Mg * F1 + 4 * R * D);           /* axpy da, zero dhb, yr */
+        (void)r;
+    }
+    sk_op(k, 1, HW_OP_ROUTER_BWD, N * s->E);
+    sk_gemm(k, 1, 1, 0, s->D, s->E, (int)N);
+    sk_gemm(k, 1, 0, 1, N, s->D, s->E);
+}
+
+int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap) {
+    Shape s = shape_of(cfg);
+    OpSink k = {.shapes = out, .cap = cap};
+    double N = (double)(cfg->train.batch_size / (P > 0 ? P : 1)) * s.T;
+    ops_dense(&k, &s, N, 0);
+    int S = cfg->parallel.ep_size > 0 ? cfg->parallel.ep_size : P;
+    if (cfg->moe.kind == MOE_KIND_DENSE) ops_ffn(&k, &s, 1, N, 0, 0, 0, 0, 0, 0);
+    else {
+        /* uniform routing: every rank receives N k entries (capacity aside) in about N
+         * min(k, S) rows over its U / S units */
+        int Gl = s.U / (S > 0 ? S : 1), El = Gl * s.K;
+        double M = N * s.k, Mg = N * (s.two ? s.TG : s.k), R = N * (s.k < S ? s.k : S);
+        ops_ffn(&k, &s, 0, N, M, R, Mg, R, El, Gl);
+    }
+    return k.n_shapes;
+}
+
 /* ---- one simulated step ---- */
 
 typedef struct StepSim {
     double step_s, fwd_compute, bwd_compute, dispatch, combine, allreduce, optimizer, exposed;
+    double fwd_exch, bwd_exch;                   /* exposed exchange time in the forward and the backward pass */
     double intra[COMM_N_PHASES], inter[COMM_N_PHASES], msgs[COMM_N_PHASES];
     double disp4[4];
     double *layer_s, *bound_rank, *bound_link;   /* [n_moe] */
@@ -377,6 +560,9 @@ typedef struct SimCtx {
     long *trace_steps, n_trace;                  /* the recorded steps */
     size_t trace_nk;                             /* tokens x top-k per rank */
     long trace_row;                              /* the row being replayed */
+    HwFile hwf;                                  /* sim.hardware_file (has_hwf) */
+    float *agg_logw;                             /* [MoE layers, E] log popularity (routing aggregate) */
+    int has_hwf;
 } SimCtx;
 
 static void step_alloc(StepSim *s, const SimCtx *c) {
@@ -465,7 +651,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     int32_t *tsel = c->trace ? xmalloc(sizeof(int32_t) * (size_t)S * c->trace_nk) : NULL;
     for (int ld = 0; ld < n_units_l && sh->n_moe > 0; ld++) {
         int reps = c->trace ? 1 : sh->n_moe / nd + (ld < sh->n_moe % nd);   /* MoE layers this routing stands for */
-        double worst = 0;
+        double worst = 0, hw_fwd = 0, hw_bwd = 0;
         StageCost df = {0, 0, 0}, cf = df, db = df, cb = df;
         for (int g = 0; g < groups; g++) {
             SimTraffic tr[2];
@@ -483,13 +669,21 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 sim_traffic_count(tr, tsel, S, (int)(c->trace_nk / sh->k), sh->k, owner, &c->ep, c->two_level, 1.0);
             } else {
                 uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
-                drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed);
+                drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed,
+                                     c->agg_logw ? c->agg_logw + (size_t)ld * sh->E : NULL);
                 sim_traffic_count(tr, drawn, S, n, sh->k, owner, &c->ep, c->two_level, scale);
             }
             /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout
              * rows out (the combine dtype), dx rows back (the dispatch dtype) and 4-byte dgates per entry */
             StageCost x[4] = {stage_cost(&tr[0], rd, 12, 0, 1, h, &c->ep), stage_cost(&tr[0], rc, 0, 1, 0, h, &c->ep),
                               stage_cost(&tr[0], rc, 0, 0, 0, h, &c->ep), stage_cost(&tr[0], rd, 4, 1, 0, h, &c->ep)};
+            if (c->has_hwf) {
+                const HwFile *hf = &c->hwf;
+                StageCost y[4] = {stage_cost_hw(&tr[0], rd, 12, 0, 1, hf), stage_cost_hw(&tr[0], rc, 0, 1, 0, hf),
+                                  stage_cost_hw(&tr[0], rc, 0, 0, 0, hf), stage_cost_hw(&tr[0], 0, 4, 1, 0, hf)};
+                y[3].t += stage_cost_hw(&tr[0], rd, 0, 1, 0, hf).t;
+                for (int q = 0; q < 4; q++) x[q] = y[q];
+            }
             if (c->two_level) {
                 StageCost b[4] = {stage_cost(&tr[1], rd, 12, 0, 1, h, &c->ep), stage_cost(&tr[1], rc, 0, 1, 0, h, &c->ep),
                                   stage_cost(&tr[1], rc, 0, 0, 0, h, &c->ep), stage_cost(&tr[1], rd, 4, 1, 0, h, &c->ep)};
@@ -501,6 +695,17 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             if (x[3].t > cb.t) cb = x[3];
             /* expert work: the slowest rank's received rows (one base product each, clustered) and entries */
             const SimTraffic *fin = c->two_level ? &tr[1] : &tr[0];
+            if (c->has_hwf) {
+                /* the slowest rank's expert work from the trainer's op list */
+                int Gl = sh->U / S, El = Gl * sh->K;
+                for (int r = 0; r < S; r++) {
+                    OpSink k = {.hw = &c->hwf};
+                    double R = fin->recv_rows[r];
+                    ops_ffn(&k, sh, 0, N, fin->recv_entries[r], R, R, R, El, Gl);
+                    if (k.t[0] > hw_fwd) hw_fwd = k.t[0];
+                    if (k.t[1] > hw_bwd) hw_bwd = k.t[1];
+                }
+            }
             for (int r = 0; r < S; r++) {
                 double f = sh->two ? fin->recv_rows[r] * sh->unit_flops + fin->recv_entries[r] * sh->pair_flops
                                    : fin->recv_entries[r] * sh->unit_flops;
@@ -526,6 +731,12 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             xfree(drawn);
         }
         double cfw = worst / h->flops, cbw = 2 * worst / h->flops;
+        if (c->has_hwf) {
+            /* + the router's small collectives (capacity counts, loss statistics) */
+            double small = c->P > 1 ? 2 * hwfile_curve_s(c->hwf.allreduce, c->hwf.n_allreduce, 64) : 0;
+            cfw = hw_fwd + small;
+            cbw = hw_bwd;
+        }
         double xf = df.t + cf.t, xb = db.t + cb.t;
         double lt;
         if (sc->overlap == SIM_OVERLAP_IDEAL) lt = (cfw > xf ? cfw : xf) + (cbw > xb ? cbw : xb);
@@ -540,6 +751,9 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         out->dispatch += reps * (df.t + db.t);
         out->combine += reps * (cf.t + cb.t);
         out->exposed += reps * (lt - cfw - cbw);
+        double ef = sc->overlap == SIM_OVERLAP_IDEAL ? (xf > cfw ? xf - cfw : 0) : sc->overlap == SIM_OVERLAP_FRACTION ? (1 - sc->overlap_fraction) * xf : xf;
+        out->fwd_exch += reps * ef;
+        out->bwd_exch += reps * (lt - cfw - cbw - ef);
         compute_total += reps * (cfw + cbw);
         bwd_compute_total += reps * cbw;
         out->fwd_compute += reps * cfw;
@@ -547,13 +761,22 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     }
     xfree(tsel);
     /* the replicated part of every layer (attention, router, dense FFN, head) */
+    double local_units = (double)sh->U / S;
+    double local_params = sh->dense_params + local_units * sh->unit_params * sh->n_moe;
+    double bwd_dense = 2 * fwd_dense;
+    if (c->has_hwf) {
+        OpSink k = {.hw = &c->hwf};
+        ops_dense(&k, sh, N, local_params);
+        for (int l = 0; l < sh->L - sh->n_moe; l++) ops_ffn(&k, sh, 1, N, 0, 0, 0, 0, 0, 0);
+        fwd_dense = k.t[0];
+        bwd_dense = k.t[1];
+    }
     out->fwd_compute += fwd_dense;
-    out->bwd_compute += 2 * fwd_dense;
-    compute_total += 3 * fwd_dense;
-    bwd_compute_total += 2 * fwd_dense;
+    out->bwd_compute += bwd_dense;
+    compute_total += fwd_dense + bwd_dense;
+    bwd_compute_total += bwd_dense;
     /* gradient allreduce, booked as rings: dense over all P GPUs, experts over the R replicas */
     double gb = dtype_bytes(sc->grad_dtype), P = c->P, R = c->R;
-    double local_units = (double)sh->U / S;
     /* booked as comm.c books them: 2 (n - 1) chunks of ceil(elements / n) to the successor */
     double ar_dense = P > 1 ? 2 * (P - 1) * ceil(sh->dense_params / P) * gb : 0;
     double ar_exp = R > 1 ? 2 * (R - 1) * ceil(local_units * sh->unit_params * sh->n_moe / R) * gb : 0;
@@ -563,6 +786,11 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     double bw_exp = rep_inter ? h->bn : h->bi, lat_exp = rep_inter ? h->an : h->ai;
     out->allreduce = (P > 1 ? ar_dense / bw_dense + 2 * (P - 1) * lat_dense : 0) +
                      (R > 1 ? ar_exp / bw_exp + 2 * (R - 1) * lat_exp : 0);
+    if (c->has_hwf) {   /* the measured allreduce curve at the buffer sizes the trainer reduces */
+        const HwFile *hf = &c->hwf;
+        out->allreduce = (P > 1 ? hwfile_curve_s(hf->allreduce, hf->n_allreduce, sh->dense_params * gb) : 0) +
+                         (R > 1 ? hwfile_curve_s(hf->allreduce, hf->n_allreduce, local_units * sh->unit_params * sh->n_moe * gb) : 0);
+    }
     for (int w = 0; w < c->P; w++) {
         out->rank_sent[(size_t)COMM_PHASE_ALLREDUCE * c->P + w] = ar_dense + ar_exp;
         out->rank_recv[(size_t)COMM_PHASE_ALLREDUCE * c->P + w] = ar_dense + ar_exp;
@@ -581,12 +809,38 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
         out->msgs[COMM_PHASE_ALLREDUCE] += 2 * (P - 1) + (R > 1 ? 2 * (R - 1) : 0);
     }
     /* optimizer: AdamW reads and writes param, grad, m, v (32 bytes per local parameter) */
-    double local_params = sh->dense_params + local_units * sh->unit_params * sh->n_moe;
     out->optimizer = 32.0 * local_params / h->hbm;
+    if (c->has_hwf) {
+        /* the gradient norm (sum of squares), AdamW, and the step's small collectives (loss,
+         * norm, per-layer placement statistics, the traffic profiler's sums and gathers) */
+        const HwFile *hf = &c->hwf;
+        out->optimizer = local_params * (hf->op_ns[HW_OP_SUMSQ] + hf->op_ns[HW_OP_ADAMW]) * 1e-9 +
+                         (cfg->train.grad_clip > 0 ? 8.0 * local_params / (hf->copy_gbs * 1e9) : 0) +   /* clipping (active early in training) */
+                         (c->P > 1 ? (5.0 + sh->n_moe) * hwfile_curve_s(hf->allreduce, hf->n_allreduce, 64) : 0);
+    }
     double ar_exposed = out->allreduce;
     if (sc->overlap == SIM_OVERLAP_IDEAL) ar_exposed = out->allreduce > bwd_compute_total ? out->allreduce - bwd_compute_total : 0;
     else if (sc->overlap == SIM_OVERLAP_FRACTION) ar_exposed = (1 - sc->overlap_fraction) * out->allreduce;
     out->exposed += ar_exposed;
+    /* bulk-synchronous straggling (hardware file, P > 1): at every synchronisation the ranks wait
+     * for the slowest, measured as an overhead on the compute between synchronisations. MoE: 9
+     * exchanges per layer (forward: capacity counts, loss statistics, counts, entries, rows,
+     * combine; backward: rows, rows back, gates) plus the loss and gradient reductions; the wait
+     * lands in the exchanges. Dense: one interval per step, absorbed by the loss allreduce that
+     * opens the optimizer bucket. */
+    if (c->has_hwf && c->P > 1 && c->hwf.n_straggle > 0) {
+        int n_sync = 9 * sh->n_moe + 2;
+        double ov = hwfile_straggle(&c->hwf, compute_total / n_sync);
+        if (ov < 0) ov = 0;
+        if (sh->n_moe > 0) {
+            double wf = ov * out->fwd_compute, wb = ov * out->bwd_compute;
+            out->fwd_exch += wf;
+            out->bwd_exch += wb;
+            out->dispatch += (wf + wb) / 2;
+            out->combine += (wf + wb) / 2;
+            out->exposed += wf + wb;
+        } else out->optimizer += ov * compute_total;
+    }
     out->step_s = compute_total + (out->exposed) + out->optimizer;
     /* memory per rank (fp32 as the trainer: params, grads, two Adam moments; activations of
      * the layer buffers; the exchange's receive rows and their returned rows) */
@@ -660,6 +914,59 @@ static Status load_trace(SimCtx *c, const Config *cfg) {
     return st;
 }
 
+/* ---- aggregate routing: a trained run's per-expert loads ---- */
+
+/* log popularity per MoE layer = log of the layer's share of the routed pairs, averaged over
+ * the last half of the run's logged rows of moe/tokens_per_expert [rows, MoE layers, E]. The
+ * trainer logs no co-selection statistics, so experts are drawn independently (Gumbel top-k)
+ * with these popularities; the router then applies the model's rules as for the generators. */
+static Status load_aggregate(SimCtx *c, const Config *cfg) {
+    const char *file = cfg->sim.aggregate;
+    if (!file[0]) return status_errorf("sim.routing=aggregate needs sim.aggregate (the metrics.h5 of a trained run)");
+    if (access(file, R_OK) != 0) return status_errorf("sim.aggregate=%s: cannot read the file", file);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t f = H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) return status_errorf("sim.aggregate=%s: not an HDF5 file", file);
+    int L = c->sh.n_moe, E = c->sh.E;
+    Status st = status_ok();
+    double *v = NULL;
+    hsize_t dims[3] = {0, 0, 0};
+    if (H5Lexists(f, "moe", H5P_DEFAULT) <= 0 || H5Lexists(f, "moe/tokens_per_expert", H5P_DEFAULT) <= 0 ||
+        H5Lexists(f, "moe/tokens_per_expert/value", H5P_DEFAULT) <= 0)
+        st = status_errorf("sim.aggregate=%s: no dataset moe/tokens_per_expert/value (a dcmoe training log with MoE layers)", file);
+    else {
+        hid_t d = H5Dopen2(f, "moe/tokens_per_expert/value", H5P_DEFAULT), sp = H5Dget_space(d);
+        int nd = H5Sget_simple_extent_ndims(sp);
+        if (nd == 3) H5Sget_simple_extent_dims(sp, dims, NULL);
+        if (nd != 3 || (int)dims[1] != L || (int)dims[2] != E || dims[0] == 0)
+            st = status_errorf("sim.aggregate=%s: moe/tokens_per_expert is [%llu, %llu, %llu]; the config has %d MoE layers of "
+                               "%d experts", file, (unsigned long long)dims[0], (unsigned long long)dims[1],
+                               (unsigned long long)dims[2], L, E);
+        else {
+            v = xmalloc(sizeof(double) * dims[0] * dims[1] * dims[2]);
+            if (H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) < 0)
+                st = status_errorf("sim.aggregate=%s: cannot read moe/tokens_per_expert", file);
+        }
+        H5Sclose(sp);
+        H5Dclose(d);
+    }
+    H5Fclose(f);
+    if (STATUS_OK(st)) {
+        c->agg_logw = xmalloc(sizeof(float) * (size_t)L * E);
+        size_t rows = dims[0], r0 = rows / 2;
+        for (int l = 0; l < L; l++) {
+            double tot = 0, *load = xcalloc(sizeof(double) * E);
+            for (size_t r = r0; r < rows; r++)
+                for (int e = 0; e < E; e++) load[e] += v[(r * L + l) * E + e];
+            for (int e = 0; e < E; e++) tot += load[e];
+            for (int e = 0; e < E; e++) c->agg_logw[(size_t)l * E + e] = (float)log(tot > 0 && load[e] > 0 ? load[e] / tot : 1e-12);
+            xfree(load);
+        }
+    }
+    xfree(v);
+    return st;
+}
+
 /* ---- the run ---- */
 
 static Status ctx_init(SimCtx *c, const Config *cfg) {
@@ -677,8 +984,7 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
         return status_errorf("parallel.ep_size=%d: EP groups must be whole nodes or divide a node (sim.gpus_per_node=%d)",
                              c->S, sc->gpus_per_node);
     c->R = c->P / c->S;
-    if (cfg->moe.kind == MOE_KIND_DENSE) return status_errorf("dcmoe simulate models MoE layers: moe.kind is dense");
-    if (c->sh.U % c->S)
+    if (cfg->moe.kind != MOE_KIND_DENSE && c->sh.U % c->S)
         return status_errorf("%s=%d cannot be split evenly over an EP group of %d GPUs",
                              c->sh.two ? "moe.n_groups" : "moe.n_experts", c->sh.U, c->S);
     if (sc->routing == SIM_ROUTE_DEEPEP && (c->sh.two || c->sh.E % (c->S / (c->S < sc->gpus_per_node ? c->S : sc->gpus_per_node))))
@@ -713,6 +1019,15 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
         c->trace = 1;
         TRY(load_trace(c, cfg));
     }
+    if (sc->routing == SIM_ROUTE_AGGREGATE) TRY(load_aggregate(c, cfg));
+    if (sc->hardware_file[0]) {
+        Status st = hwfile_load(&c->hwf, sc->hardware_file);
+        if (!STATUS_OK(st)) return status_errorf("sim.hardware_file: %s", st.msg);
+        c->has_hwf = 1;
+        if (c->P > 1 && c->hwf.ranks < 2)
+            return status_errorf("sim.hardware_file=%s was measured on one rank (no collectives); %d GPUs need a file from "
+                                 "`mpirun -n 2 dcmoe bench calibrate`", sc->hardware_file, c->P);
+    }
     return status_ok();
 }
 
@@ -722,6 +1037,8 @@ static void ctx_free(SimCtx *c) {
     placement_free(&c->place);
     xfree(c->owner); xfree(c->members); xfree(c->expert_node); xfree(c->world_of);
     xfree(c->trace_sel); xfree(c->trace_owner); xfree(c->trace_steps);
+    hwfile_free(&c->hwf);
+    xfree(c->agg_logw);
 }
 
 Status sim_run(const Config *cfg, int quiet) {
@@ -772,9 +1089,20 @@ Status sim_run(const Config *cfg, int quiet) {
             c.hw.nics, sc->spine_taper, c.hw.ai * 1e6, c.hw.an * 1e6, c.hw.flops / sc->gemm_efficiency / 1e12, sc->gemm_efficiency,
             c.hw.hbm / 1e9);
     h5log_attr_str(&lg, "/", "hardware", txt);
-    h5log_attr_str(&lg, "/", "calibration", "preset (no fit to training runs)");
-    static const char *const routing[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep"};
-    h5log_attr_str(&lg, "/", "routing_source", routing[sc->routing]);
+    if (c.has_hwf) {
+        str_fmt(txt, sizeof txt, "measured hardware file %s (dcmoe bench calibrate, %s): %s; compute and collectives from "
+                "its curves, collectives measured between %d rank(s); no fit to training runs", sc->hardware_file, c.hwf.date,
+                c.hwf.description, c.hwf.ranks);
+        h5log_attr_str(&lg, "/", "calibration", txt);
+        h5log_attr_str(&lg, "/", "hardware_file", sc->hardware_file);
+        h5log_attr_str(&lg, "/", "hardware_file_date", c.hwf.date);
+        h5log_attr_str(&lg, "/", "hardware_file_description", c.hwf.description);
+    } else h5log_attr_str(&lg, "/", "calibration", "preset (no fit to training runs)");
+    static const char *const routing[] = {"uniform", "zipf", "lognormal", "planted", "hotspot", "deepep", "trace", "aggregate"};
+    if (sc->routing == SIM_ROUTE_TRACE) str_fmt(txt, sizeof txt, "trace %s", sc->trace);
+    else if (sc->routing == SIM_ROUTE_AGGREGATE) str_fmt(txt, sizeof txt, "aggregate %s (moe/tokens_per_expert, last half of the rows)", sc->aggregate);
+    else str_fmt(txt, sizeof txt, "%s", routing[sc->routing]);
+    h5log_attr_str(&lg, "/", "routing_source", txt);
     h5log_attr_str(&lg, "/sim/time_breakdown", "columns",
                    "forward compute, backward compute, dispatch, combine, gradient allreduce, optimizer, exposed communication, step (seconds)");
     h5log_attr_str(&lg, "/sim/bound_link", "note", "link class that bounds each MoE layer's forward dispatch: 0 intra-node, 1 inter-node, 2 message latency");
@@ -810,8 +1138,8 @@ Status sim_run(const Config *cfg, int quiet) {
             else step_free(&tmp);
         }
         double tok_s = (double)sc->tokens_per_rank * P / ss.step_s;
-        double split[4] = {ss.fwd_compute + ss.dispatch / 2 + ss.combine / 2, ss.bwd_compute + ss.dispatch / 2 + ss.combine / 2,
-                           ss.allreduce, ss.optimizer};
+        double split[4] = {ss.fwd_compute + ss.fwd_exch, ss.bwd_compute + ss.bwd_exch, ss.exposed - ss.fwd_exch - ss.bwd_exch,
+                           ss.optimizer};
         double tb[8] = {ss.fwd_compute, ss.bwd_compute, ss.dispatch, ss.combine, ss.allreduce, ss.optimizer, ss.exposed, ss.step_s};
         double band[3] = {lo, mean, hi};
         h5log_append(&lg, id_step, step_no, &ss.step_s);

@@ -7,14 +7,19 @@
  * row per token and destination rank, or per destination node then owner for two-level), and
  * costs them with a bulk-synchronous alpha-beta max-load model per link class (NVLink inside
  * a node, the NIC between nodes, NIC sharing and spine taper), a ring allreduce for the
- * gradients, and GEMM time from the hardware preset. It writes metrics.h5 in the trainer's
+ * gradients, and GEMM time from the hardware preset; or, with sim.hardware_file (a file of
+ * `dcmoe bench calibrate`, calib.h), every GEMM and backend op the trainer runs per rank costed
+ * from the measured curves, and the exchanges and allreduce from the measured all-to-all(v) and
+ * allreduce curves. Routing comes from the synthetic generators or a trained run's recorded
+ * trace (sim.routing: trace, replayed byte for byte). It writes metrics.h5 in the trainer's
  * schema (perf, comm/summary, comm/dispatch, comm/node_bytes, comm/rank_sent and rank_recv)
  * plus the sim series and DONE.
  * `dcmoe simulate --validate published` replays DeepEP's published V1 kernel numbers with
  * DeepEP's own byte accounting, fits the model's link bandwidths on the calibration rows and
  * prints predicted vs published for the others (exit 1 when a row is out of tolerance).
  * Does not: model packet-level congestion, pipeline parallelism, re-clustering events or
- * migrations in the timeline, or read routing traces (the synthetic generators only).
+ * migrations in the timeline, or the aggregate routing source (per-unit loads and affinity of a
+ * trained run); a hardware file's collectives hold only for the rank count it was measured on.
  *
  * Legend: P S R = GPUs, EP group size, replicas of a unit (P / S); N k E D = tokens per rank,
  * experts per token, experts, d_model. */
@@ -46,6 +51,11 @@ typedef struct SimTraffic {
 void sim_traffic_count(SimTraffic *tr, const int32_t *sel, int S, int n, int k, const int32_t *owner,
                        const Topology *topo, int two_level, double scale);
 void sim_traffic_free(SimTraffic *tr);
+
+/* the GEMM shapes one rank of cfg's model runs per training step at P ranks (uniform
+ * routing's expert rows): `dcmoe bench calibrate` measures them; returns the count (<= cap) */
+typedef struct SimGemmShape { int ta, tb, M, N, K; } SimGemmShape;
+int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap);
 
 /* `dcmoe simulate`: the run described by cfg (its sim: section), written to
  * run.out_dir/run.name; prints a summary line per step */

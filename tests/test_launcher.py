@@ -8,6 +8,8 @@
   - a run folder killed before its first checkpoint is moved aside and started again;
   - a sweep of run.mode simulate runs `dcmoe simulate` for every point (one process each: sim.nodes x
     ep_size grid), each to DONE with a simulated log; `dcmoe train` refuses such a config;
+  - --pack K (slurm, dry run): simulate runs share array tasks K at a time (packs.tsv), and the array
+    script run by hand for each task completes every run of its line;
   - bad options fail with a message naming what is allowed."""
 import os
 import re
@@ -133,7 +135,33 @@ def main():
     p = T.run_plain(["train", one])
     T.check(p.returncode != 0 and "run.mode is simulate" in p.stderr, f"dcmoe train refuses a simulate config ({p.stderr.strip()[:120]})")
 
+    # --pack K (slurm): 6 simulate runs in array tasks of up to 4 (packs.tsv); the array script
+    # run by hand for each task (no Slurm needed) completes every run of its line
+    pk = T.tiny_config(os.path.join(tmp, "pk.yaml"), runs, "pk",
+                       extra="sim:\n  gpus_per_node: 4\n  tokens_per_rank: 128\n"
+                             "sweep:\n  grid:\n    run.mode: [simulate]\n    sim.nodes: [1, 2]\n    sim.samples: [1, 2, 3]\n")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([T.EXE, "sweep", "run", pk, "--launcher", "slurm", "--dry-run", "--pack", "4"], capture_output=True,
+                       text=True, env=env, cwd=tmp)
+    pdir = os.path.join(runs, "sweep-pk")
+    packs = open(os.path.join(pdir, "packs.tsv")).read().splitlines() if os.path.exists(os.path.join(pdir, "packs.tsv")) else []
+    T.check(p.returncode == 0 and packs == ["task\tindices", "0\t0,1,2,3", "1\t4,5"] and "--array=0-1" in p.stdout
+            and "DCMOE_PACKS=" + os.path.join(pdir, "packs.tsv") in p.stdout,
+            f"--pack 4: 6 runs in 2 array tasks ({packs}; {p.stderr.strip()[-200:]})")
+    for task in ("0", "1"):
+        q = subprocess.run(["bash", os.path.join(T.SRC, "slurm", "sweep-array.sbatch"), pdir], capture_output=True, text=True,
+                           env=dict(env, DCMOE_ROOT=T.SRC, DCMOE_EXE=T.EXE, DCMOE_PACKS=os.path.join(pdir, "packs.tsv"),
+                                    SLURM_ARRAY_TASK_ID=task), timeout=300)
+        T.check(q.returncode == 0, f"packed task {task} exits 0 ({q.stderr.strip()[-200:]})")
+    pdone = [d for d in os.listdir(runs) if d.startswith("pk-") and os.path.exists(os.path.join(runs, d, "DONE"))]
+    T.check(len(pdone) == 6, f"every packed run complete ({len(pdone)} of 6)")
+    p = subprocess.run([T.EXE, "sweep", "run", pk, "--launcher", "slurm", "--dry-run", "--pack", "4"], capture_output=True,
+                       text=True, env=env, cwd=tmp)
+    T.check("every run is complete" in p.stdout, "--pack: a complete sweep submits only the report")
+
     # errors
+    p = sweep_run(sw, "--pack", "0")
+    T.check(p.returncode == 2 and "--pack 0" in p.stderr, f"--pack 0 is refused ({p.stderr.strip()})")
     p = sweep_run(sw.replace("two.yaml", "two.yaml"), "--throttle", "0")
     T.check(p.returncode == 2 and "--throttle 0" in p.stderr, f"--throttle 0 is refused ({p.stderr.strip()})")
     p = subprocess.run([T.EXE, "sweep", "run", sw, "--launcher", "pbs"], capture_output=True, text=True)

@@ -16,7 +16,9 @@
   and simulated with sim.routing trace books, at every step, exactly the trainer's allreduce,
   dispatch and combine bytes (intra and inter node) and comm/dispatch rows, pairs, nodes and
   tokens: flat, two-level, ep_size 2, and clustered with units migrating every 2 steps;
-  a missing trace file is an error naming sim.trace."""
+  a missing trace file is an error naming sim.trace;
+- aggregate routing: a logged load on half the experts sends every pair to the rank holding
+  them; a file with another expert count is an error naming sim.aggregate."""
 import os
 import re
 import h5py
@@ -150,6 +152,25 @@ for name, sets in REPLAY.items():
 p = run_plain(["simulate", cfg, "--set", "sim.routing=trace", "--set", f"sim.trace={d}/nope/metrics.h5",
                "--set", "sim.nodes=2", "--set", "sim.gpus_per_node=2"])
 check(p.returncode != 0 and "sim.trace=" in p.stderr, f"missing trace file: error names sim.trace ({p.stderr.strip()[:160]!r})")
+
+# ---- aggregate routing: a trained run's per-expert loads become the experts' popularity ----
+agg = os.path.join(d, "agg.h5")
+with h5py.File(agg, "w") as f:
+    load = np.zeros((4, 2, 8))
+    load[:, :, :4] = 100.0                    # every routed pair on experts 0-3: EP rank 0 of 2
+    f.create_dataset("moe/tokens_per_expert/value", data=load)
+    f.create_dataset("moe/tokens_per_expert/step", data=np.arange(1, 5))
+AGG = ["--set", "sim.routing=aggregate", "--set", f"sim.aggregate={agg}", "--set", "sim.nodes=1", "--set", "sim.gpus_per_node=2",
+       "--set", "sim.tokens_per_rank=64", "--set", "sim.sample_tokens=0", "--set", "sim.samples=1"]
+h = sim("agg", AGG)
+if os.path.exists(h):
+    with h5py.File(h, "r") as f:
+        recv = f["comm/rank_recv/value"][0][1]   # dispatch phase, [P]
+        check(recv[0] > 1000 and recv[1] <= 16 * 2 * 2, f"aggregate: rank 0's experts get every pair, rank 1 only counts ({recv})")
+        check("aggregate" in f.attrs["routing_source"], "aggregate: routing_source names it")
+p = run_plain(["simulate", os.path.join(d, "agg.yaml"), "--quiet"] + AGG + ["--set", "moe.n_experts=16"])
+check(p.returncode != 0 and "sim.aggregate=" in p.stderr and "16 experts" in p.stderr,
+      f"aggregate: expert count mismatch is a named error ({p.stderr.strip()[:200]!r})")
 
 # ---- published numbers ----
 p = run_plain(["simulate", "--validate", "published"], timeout=300)

@@ -1,0 +1,187 @@
+#!/usr/bin/python3
+"""This-machine check of `dcmoe simulate`: for the quickstart model (dense, standard, clustered) at
+1 and 2 ranks, 3 times each: measure the machine with `dcmoe bench calibrate CONFIG --model-only`
+(1 rank, or 2 under mpirun), predict the step from that hardware file ONLY (nothing is fitted to
+training runs), then train the case for a few steps; compare the medians per step and per
+component (forward and backward including their exchanges, the exchange alone, the gradient
+allreduce, the optimizer bucket). The machine is shared, so each prediction is calibrated right
+before the run it predicts. Writes results/sim-machine.{csv,meta.json,md}; the hardware files
+stay in runs/sim-machine/.
+
+usage: /usr/bin/python3 experiments/run_sim_machine.py [--steps N] [--repeats R]
+       /usr/bin/python3 experiments/run_sim_machine.py --render-only [--out DIR]
+--render-only rebuilds results/sim-machine.md from results/sim-machine.{csv,meta.json} and the
+hand-written results/sim-machine.notes.md (nothing is run; no h5py)."""
+import argparse
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import resultslib as rl
+
+ROOT = rl.ROOT
+NAME = "sim-machine"
+SCRIPT = "experiments/run_sim_machine.py"
+CFG = "experiments/quickstart.yaml"
+EXE = os.environ.get("DCMOE_EXE", os.path.join(ROOT, "build", "dcmoe"))
+MPI = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+OUT = os.path.join(ROOT, "runs", NAME)
+VARIANTS = [("dense", "dense FFN (d_ff 512)", ["moe.kind=dense"]),
+            ("standard", "standard MoE, 8 experts, top-2", ["moe.kind=standard"]),
+            ("clustered", "clustered MoE, 4 groups of 2, rank 4", ["moe.kind=clustered", "moe.n_groups=4", "moe.rank=4"])]
+RANKS = [1, 2]
+COMPONENTS = ["step", "forward", "backward", "exchange", "allreduce", "optimizer"]
+LABELS = {"step": "step", "forward": "forward (incl. its exchange)", "backward": "backward (incl. its exchange)",
+          "exchange": "exchange (dispatch + combine)", "allreduce": "gradient allreduce",
+          "optimizer": "optimizer bucket (norm, AdamW, step bookkeeping)"}
+TOL = {"step": 10.0}
+COLS = ["variant", "ranks", "component", "measured_ms", "measured_spread", "predicted_ms", "predicted_spread", "delta_pct"]
+
+
+def hwfile(v, P, rep):
+    return os.path.join(OUT, f"hw-{v}-{P}-{rep}.yaml")
+
+
+def launch(P, args):
+    return ([EXE] if P == 1 else MPI + ["-n", str(P), EXE]) + args
+
+
+def calibrate(v, P, rep, sets):
+    cmd = launch(P, ["bench", "calibrate", os.path.join(ROOT, CFG), "--model-only", "--out", hwfile(v, P, rep)] +
+                 [x for s in sets + ["run.threads=1"] for x in ("--set", s)])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"calibrate failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    print(p.stdout.strip(), flush=True)
+
+
+def common_sets(name, sets):
+    return [x for s in sets + [f"run.name={name}", f"run.out_dir={OUT}", "run.threads=1"] for x in ("--set", s)]
+
+
+def train(name, P, sets, steps):
+    import h5py
+    cmd = launch(P, ["train", os.path.join(ROOT, CFG), "--quiet"] +
+                 common_sets(name, sets + [f"train.steps={steps}", "train.eval_interval=0", "train.eval_batches=1",
+                                           f"log.flush_interval={steps}"]))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    with h5py.File(os.path.join(OUT, name, "metrics.h5"), "r") as f:
+        steps_v = f["perf/step_s/step"][()]
+        keep = steps_v > 5                      # the first steps fault pages in and grow buffers
+        step = f["perf/step_s/value"][()][keep]
+        split = f["perf/time_split/value"][()][f["perf/time_split/step"][()] > 5]
+        ct = f["comm/summary/time_s/value"][()][f["comm/summary/time_s/step"][()] > 5]
+        cols = f["comm/summary/time_s"].attrs["columns"]
+        cols = (cols.decode() if isinstance(cols, bytes) else cols).split(",")
+    exch = ct[:, cols.index("dispatch")] + ct[:, cols.index("combine")]
+    return {"step": np.median(step), "forward": np.median(split[:, 0]), "backward": np.median(split[:, 1]),
+            "exchange": np.median(exch), "allreduce": np.median(split[:, 2]), "optimizer": np.median(split[:, 3])}
+
+
+def simulate(name, P, sets, hw):
+    import h5py
+    tok = 16 // P * 64                          # quickstart: 16 sequences of 64 tokens per step
+    cmd = [EXE, "simulate", os.path.join(ROOT, CFG), "--quiet"] + common_sets(
+        name, sets + [f"sim.hardware_file={hw}", "sim.hardware=cpu", "sim.nodes=1", f"sim.gpus_per_node={P}",
+                      "parallel.ep_size=0", f"sim.tokens_per_rank={tok}", "sim.sample_tokens=0", "sim.samples=3",
+                      "sim.routing=uniform", "sim.distinct_layers=2"])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    with h5py.File(os.path.join(OUT, name, "metrics.h5"), "r") as f:
+        split = f["perf/time_split/value"][0]
+        tb = f["sim/time_breakdown/value"][0]
+        band = f["sim/step_band/value"][0]
+    pred = {"step": tb[7], "forward": split[0], "backward": split[1], "exchange": tb[2] + tb[3], "allreduce": split[2],
+            "optimizer": split[3]}
+    return pred, band
+
+
+def run_all(args):
+    os.makedirs(OUT, exist_ok=True)
+    load0 = os.getloadavg()
+    pred, meas = {}, {}
+    for rep in range(args.repeats):             # interleaved, so a change in the machine's load hits every case
+        for v, _, sets in VARIANTS:
+            for P in RANKS:
+                calibrate(v, P, rep, sets)      # right before the run it predicts
+                pr = simulate(f"sim-{v}-{P}-{rep}", P, sets, hwfile(v, P, rep))
+                m = train(f"train-{v}-{P}-{rep}", P, sets, args.steps)
+                pred.setdefault((v, P), []).append(pr)
+                meas.setdefault((v, P), []).append(m)
+                print(f"{v:9s} P={P} run {rep}: step {1e3 * m['step']:.1f} ms (predicted {1e3 * pr[0]['step']:.1f})", flush=True)
+    load1 = os.getloadavg()
+    with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
+        w = csv.writer(f)
+        w.writerow(COLS)
+        for v, _, _ in VARIANTS:
+            for P in RANKS:
+                for c in COMPONENTS:
+                    xs = np.array([m[c] for m in meas[(v, P)]])
+                    ps = np.array([pr[c] for pr, _ in pred[(v, P)]])
+                    med, pmed = float(np.median(xs)), float(np.median(ps))
+                    spread = float((xs.max() - xs.min()) / med) if med > 0 else 0.0
+                    pspread = float((ps.max() - ps.min()) / pmed) if pmed > 0 else 0.0
+                    delta = 100 * (pmed / med - 1) if med > 0 else float("nan")
+                    w.writerow([v, P, c, f"{1e3 * med:.4g}", f"{spread:.3f}", f"{1e3 * pmed:.4g}", f"{pspread:.3f}",
+                                f"{delta:.1f}"])
+    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "config": CFG, "steps": args.steps,
+                         "repeats": args.repeats, "loadavg_1min_start_end": [round(load0[0], 2), round(load1[0], 2)],
+                         "cores": os.cpu_count()})
+
+
+def render(out_dir):
+    meta = rl.read_meta(NAME)
+    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
+        rows = list(csv.DictReader(f))
+    labels = {v: l for v, l, _ in VARIANTS}
+    L = ["# Simulator on this machine: predicted from calibration only vs measured\n",
+         f"Command: `{meta['command']}` (`{meta['config']}`: d_model 128, 2 layers, seq 64, 16 sequences per step, "
+         f"vocabulary 10000). For each case, {meta['repeats']} times: `dcmoe bench calibrate {meta['config']} --model-only` "
+         "(the model's GEMM shapes, the trainer's ops, one collective size per octave; on 1 rank or under `mpirun -n 2`), "
+         "then `dcmoe simulate` with that `sim.hardware_file` (uniform routing, every token's routing drawn, 3 draws), "
+         f"then `dcmoe train` for {meta['steps']} steps. Measured: the median over steps 6..{meta['steps']} of each run; "
+         f"the table gives the median over the {meta['repeats']} runs and over the {meta['repeats']} predictions; "
+         "spread = (max - min) / median over the repeats. "
+         + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]) + "\n",
+         f"Targets: step within ±10%, each component within ±20%. The machine had {meta['cores']} cores and a 1-minute "
+         f"load average of {meta['loadavg_1min_start_end'][0]} at the start and {meta['loadavg_1min_start_end'][1]} at "
+         "the end of the run (other jobs shared it).\n",
+         "| model | ranks | component | measured ms | spread | predicted ms | spread | Δ% | target |",
+         "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    n_ok = n_all = s_ok = s_all = 0
+    for r in rows:
+        c, d = r["component"], float(r["delta_pct"])
+        tol = TOL.get(c, 20.0)
+        meas = float(r["measured_ms"])
+        small = c in ("exchange", "allreduce") and meas < 0.05 or d != d
+        ok = abs(d) <= tol
+        if c == "step":
+            s_all += 1
+            s_ok += ok
+        elif not small:
+            n_all += 1
+            n_ok += ok
+        verdict = "n/a (below 0.05 ms)" if small else ("met" if ok else "not met")
+        L.append(f"| {labels[r['variant']]} | {r['ranks']} | {LABELS[c]} | {meas:.3g} | {100 * float(r['measured_spread']):.0f}% | "
+                 f"{float(r['predicted_ms']):.3g} | {100 * float(r['predicted_spread']):.0f}% | {'-' if small else f'{d:+.1f}%'} | "
+                 f"{verdict}{'' if small else f' (±{tol:.0f}%)'} |")
+    L += ["", f"Step time within ±10%: {s_ok} of {s_all} cases. Components within ±20% (those above 0.05 ms): "
+          f"{n_ok} of {n_all}.", "", rl.notes(NAME)]
+    return rl.write_md(out_dir, NAME, "\n".join(L))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    rl.run_main(ap, run_all, render)
+
+
+if __name__ == "__main__":
+    main()
