@@ -67,7 +67,8 @@ static char *tensor_table_text(const Model *m) {
 /* the clustering state of every clustered layer, packed: per layer group_of, members,
  * mu_seen (i32 [E] each), bias [E] and mu [E, Pm] (f32), n_events and n_accepted (i32);
  * per standard layer its aux-free bias [E] (f32) and, in the warm-up of a compression run,
- * the co-activation EMA [E, E] and selection EMA [E] (f64) */
+ * the co-activation EMA [E, E] and selection EMA [E] (f64); per clustered layer with
+ * clustering.mu_source = coact the same two EMAs after n_accepted */
 static size_t cluster_blob_size(const Model *m) {
     size_t n = 0;
     for (int l = 0; l < m->L; l++) {
@@ -79,6 +80,7 @@ static size_t cluster_blob_size(const Model *m) {
         }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         n += 4 * (3 * (size_t)f->E) + 4 * ((size_t)f->E + (size_t)f->E * m->cstate[l].mu_dim) + 8;
+        if (m->cstate[l].coact) n += 8 * ((size_t)f->E * f->E + (size_t)f->E);
     }
     return n;
 }
@@ -108,6 +110,11 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
         MOVE(cs->mu, 4 * E * cs->mu_dim);
         MOVE(&cs->n_events, 4);
         MOVE(&cs->n_accepted, 4);
+        /* clustering.mu_source = coact: the unconstrained co-activation EMA */
+        if (cs->coact) {
+            MOVE(cs->coact, 8 * E * E);
+            MOVE(cs->coact_n, 8 * E);
+        }
     }
 #undef MOVE
 }

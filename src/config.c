@@ -57,7 +57,7 @@ static const char *const group_gate_names[] = {"renorm", "product", NULL};
 static const char *const expert_init_names[] = {"independent", "shared", NULL};
 static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
-static const char *const mu_source_names[] = {"router", "hidden", NULL};
+static const char *const mu_source_names[] = {"router", "hidden", "coact", NULL};
 static const char *const compress_partition_names[] = {"learned", "random", "contiguous", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
@@ -180,7 +180,9 @@ static const KeyDef keys[] = {
     K_FLOAT(clustering.ema_beta, 1, 0.0, 1.0, 0, 0.05,
             "EMA rate of the per-expert activation centroids mu, and of the co-activation statistics of a compression run's warm-up"),
     K_ENUM(clustering.mu_source, mu_source_names, MU_ROUTER,
-           "activation centroid: router-logit vectors of routed tokens (the paper's semantic embedding) or hidden inputs"),
+           "activation features: router (EMA of the router-logit vectors of each expert's routed tokens, the paper's "
+           "semantic embedding), hidden (of their hidden inputs), or coact (rows of the EMA co-activation of the "
+           "unconstrained top-k over all E expert logits, ignoring the groups: not conditioned on the partition)"),
     K_INT(clustering.proj_dim, 0, 1048576, 256, "fixed random projection of the flattened expert weights; 0 = none"),
     K_FLOAT(clustering.min_gain, 0, 0.0, 1.0, 0, 0.02, "keep the old partition unless the clustering cost drops by more than this fraction"),
     K_INT(clustering.kmeans_iters, 1, 10000, 50, "Lloyd iterations of balanced k-means"),
@@ -190,6 +192,13 @@ static const KeyDef keys[] = {
     K_INT(clustering.svd_power_iters, 0, 64, 2, "randomised SVD power iterations q"),
     K_BOOL(clustering.reset_adam, 1, "reset the Adam moments of refit bases and factors"),
     K_INT(clustering.router_freeze, 0, INT_MAX, 0, "steps the router stays frozen after a re-clustering event"),
+    K_BOOL(clustering.verify, 0,
+           "verified re-clustering: after an event that moved experts, the loss on the clustering.probe_batches fixed "
+           "validation batches decides; if it rose by more than clustering.max_probe_increase the event is rolled back "
+           "(weights, Adam moments, groups restored bitwise) and logged as rolled back"),
+    K_FLOAT(clustering.max_probe_increase, 0, -10.0, 10.0, 0, 0.0,
+            "verified re-clustering: the largest rise of the probe loss (nats) an event may cause and be kept; "
+            "negative = it must lower the loss by at least that much"),
     K_INT(clustering.compress_at, 0, INT_MAX, 0,
           "warm-up then compress (moe.kind clustered only): train a standard MoE (same experts, top_k, router) "
           "for the steps before this one, then compress every MoE layer once into the clustered layout (partition "
@@ -1105,6 +1114,9 @@ Status config_validate(const Config *c) {
     if (c->run.backend == BACKEND_CUDA && c->precision.mode != PRECISION_FP32)
         return status_errorf("precision.mode=%s: the FP16/INT4 stored formats and QAT shadows run on the host only; "
                              "run.backend=cuda needs precision.mode=fp32", precision_names[c->precision.mode]);
+    if (c->clustering.verify && c->offload.enabled)
+        return status_errorf("clustering.verify: a rolled-back event restores the experts in place; it cannot be combined "
+                             "with offload.enabled (set one of them off)");
     if (c->parallel.collectives == COLLECTIVES_NCCL && c->run.backend != BACKEND_CUDA)
         return status_errorf("parallel.collectives=nccl: NCCL works on device memory; it needs run.backend=cuda");
     if (c->run.backend == BACKEND_CUDA && c->offload.enabled)

@@ -21,7 +21,7 @@ enum GroupGate { GROUP_GATE_RENORM = 0, GROUP_GATE_PRODUCT = 1 };
 enum ExpertInit { EXPERT_INIT_INDEPENDENT = 0, EXPERT_INIT_SHARED = 1 };
 enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
 enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
-enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1 };
+enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1, MU_COACT = 2 };
 enum CompressPartition { COMPRESS_LEARNED = 0, COMPRESS_RANDOM = 1, COMPRESS_CONTIGUOUS = 2 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
@@ -119,6 +119,8 @@ typedef struct ClusterConfig {
     int svd_power_iters;
     bool reset_adam;         /* reset Adam moments of refit tensors */
     int router_freeze;       /* steps the router stays frozen after an event */
+    bool verify;             /* keep an event only if the probe loss does not rise by more than max_probe_increase */
+    double max_probe_increase;  /* verified events: allowed rise of the probe loss (nats) */
     int compress_at;         /* > 0: standard MoE before this step, then one compression into the clustered layout */
     enum CompressPartition compress_partition;  /* the compression's partition: learned, random or contiguous */
     int probe_batches;       /* fixed validation batches of the compression's probe loss */

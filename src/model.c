@@ -205,6 +205,10 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         cs->bias = xcalloc(sizeof(float) * f->E);
         cs->mu_hidden = cfg->clustering.mu_source == MU_HIDDEN;
         cs->mu_dim = cs->mu_hidden ? m->D : f->E;
+        if (cfg->clustering.mu_source == MU_COACT) {   /* unconstrained co-activation (recluster_mu_step) */
+            cs->coact = xcalloc(sizeof(double) * (size_t)f->E * f->E);
+            cs->coact_n = xcalloc(sizeof(double) * f->E);
+        }
         cs->mu = xcalloc(sizeof(float) * (size_t)f->E * cs->mu_dim);
         cs->mu_sum_store = xcalloc(sizeof(double) * (size_t)f->E * (cs->mu_dim + 1));
         cs->mu_seen = xcalloc(sizeof(int32_t) * f->E);
@@ -780,7 +784,7 @@ double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, co
     m->z_loss = 0;
     for (int l = 0; l < m->L; l++)
         if (m->ffn[l].kind == MOE_KIND_CLUSTERED)
-            m->cstate[l].mu_sum = m->collect_mu ? m->cstate[l].mu_sum_store : NULL;
+            m->cstate[l].mu_sum = m->collect_mu && !m->cstate[l].coact ? m->cstate[l].mu_sum_store : NULL;
     for (int l = 0; l < m->L; l++) {
         const LayerParams *lp = &m->p.layers[l];
         LayerActs *a = &m->acts[l];

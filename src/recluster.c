@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "compress.h"
+#include "compress_event.h"
 
 /* the expert-parallel group's communicator (the world until the model sets one) */
 static Comm *xcomm(Model *m) { return m->ep_comm ? m->ep_comm : m->comm; }
@@ -21,12 +22,57 @@ long recluster_warmup(const Config *cfg) {
     return cfg->clustering.warmup >= 0 ? cfg->clustering.warmup : cfg->train.steps / 10;
 }
 
+/* clustering.mu_source = coact: this step's unconstrained co-activation of clustered layer l
+ * (every token's top-k over all E expert logits, ignoring the groups; ties to the lower id),
+ * summed over the ranks, folded into the EMA; mu = its normalised rows */
+static void coact_step(Model *m, int l, double beta) {
+    const MoeLayer *f = &m->ffn[l];
+    ClusterState *cs = &m->cstate[l];
+    const Route *rt = &m->acts[l].moe.route;
+    int E = f->E, k = f->k, N = rt->N;
+    size_t EE = (size_t)E * E;
+    double *c = xcalloc(sizeof(double) * (EE + E + 1));   /* pairs [E, E], selections [E], tokens */
+    int32_t *top = xmalloc(sizeof(int32_t) * (k > 0 ? k : 1));
+    for (int n = 0; n < N; n++) {
+        const float *lg = rt->logits + (size_t)n * E;
+        for (int a = 0; a < k; a++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int used = 0;
+                for (int b = 0; b < a; b++) used |= top[b] == e;
+                if (!used && (best < 0 || lg[e] > lg[best])) best = e;
+            }
+            top[a] = best;
+            c[EE + best] += 1;
+            for (int b = 0; b < a; b++) {
+                c[(size_t)top[a] * E + top[b]] += 1;
+                c[(size_t)top[b] * E + top[a]] += 1;
+            }
+        }
+    }
+    c[EE + E] = N;
+    comm_allreduce_sum_f64(m->comm, c, EE + E + 1);   /* integer counts: exact at any rank count */
+    if (c[EE + E] > 0) {
+        int first = 1;
+        for (int i = 0; i < E && first; i++) first = cs->coact_n[i] == 0;
+        for (size_t q = 0; q < EE; q++)
+            cs->coact[q] = first ? c[q] / c[EE + E] : (1 - beta) * cs->coact[q] + beta * c[q] / c[EE + E];
+        for (int i = 0; i < E; i++)
+            cs->coact_n[i] = first ? c[EE + i] / c[EE + E] : (1 - beta) * cs->coact_n[i] + beta * c[EE + i] / c[EE + E];
+        compress_coact_features(cs->coact, cs->coact_n, E, cs->mu);
+        for (int i = 0; i < E; i++) cs->mu_seen[i] = 1;
+    }
+    xfree(c);
+    xfree(top);
+}
+
 void recluster_mu_step(Model *m) {
     double beta = m->cfg.clustering.ema_beta;
     for (int l = 0; l < m->L; l++) {
         MoeLayer *f = &m->ffn[l];
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         ClusterState *cs = &m->cstate[l];
+        if (cs->coact) { coact_step(m, l, beta); continue; }
         int Pm = cs->mu_dim;
         size_t n = (size_t)f->E * (Pm + 1);
         comm_allreduce_sum_f64(m->comm, cs->mu_sum_store, n);

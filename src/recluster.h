@@ -18,7 +18,7 @@
 #include "model.h"
 
 #define RECLUSTER_N_COLS 10
-#define RECLUSTER_N_EXTRA 5   /* logged after the two probe-loss columns (see runlog_event) */
+#define RECLUSTER_N_EXTRA 6   /* logged after the two probe-loss columns (see runlog_event) */
 /* one row per clustered layer and event */
 typedef struct ReclusterEvent {
     int layer;
@@ -32,6 +32,7 @@ typedef struct ReclusterEvent {
      * the same group and of different groups */
     double w_cos_within, w_cos_cross, mu_cos_within, mu_cos_cross;
     double bytes;                        /* the event's recluster-phase bytes, all ranks */
+    int rolled_back;                     /* clustering.verify: the accepted change was undone (probe loss rose) */
 } ReclusterEvent;
 
 /* fold this step's collected centroid sums into the EMA (collective: sums over ranks) */

@@ -263,7 +263,7 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
                        "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after,"
-                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes"));
+                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back"));
     if (m->cfg.clustering.compress_at > 0)
         TRY(h5log_attr_str(lg, "/cluster/compress", "columns",
                            "layer,partition,weight_err_mean,weight_err_max,output_err_mean,output_err_max,"
@@ -539,7 +539,7 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
         double v[RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA] = {
             e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved, e->n_groups_refit, e->jaccard,
             e->recon_err_mean, e->recon_err_max, e->seconds, pb, pa,
-            e->w_cos_within, e->w_cos_cross, e->mu_cos_within, e->mu_cos_cross, e->bytes};
+            e->w_cos_within, e->w_cos_cross, e->mu_cos_within, e->mu_cos_cross, e->bytes, e->rolled_back};
         memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA), v, sizeof v);
     }
     h5log_append(&rl->lg, rl->id.events, step, er);

@@ -709,30 +709,99 @@ static Status finish_step(Run *r, long step, StepOut *o) {
 
 /* ---- events between steps ---- */
 
-/* re-cluster every clustered layer, re-place the groups, log the event with probe losses */
+/* clustering.verify: what an event may change (this rank's expert category: weights and Adam
+ * moments; every clustered layer's groups), so that a rejected event is undone bitwise */
+typedef struct EventSnapshot {
+    float *arr[3];
+    int32_t *groups;                    /* per clustered layer group_of [E] then members [E] */
+    int *n_accepted;                    /* [L] */
+} EventSnapshot;
+
+static void snapshot_take(EventSnapshot *sn, const Model *m) {
+    size_t nl = m->n_cat[PCAT_EXPERT], ng = 0;
+    const float *dev[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    for (int a = 0; a < 3; a++) {
+        sn->arr[a] = xmalloc(sizeof(float) * (nl ? nl : 1));
+        if (nl) m->be->ops->to_host(m->be->ctx, sn->arr[a], dev[a], sizeof(float) * nl);
+    }
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind == MOE_KIND_CLUSTERED) ng += 2 * (size_t)m->ffn[l].E;
+    sn->groups = xmalloc(sizeof(int32_t) * (ng ? ng : 1));
+    sn->n_accepted = xcalloc(sizeof(int) * m->L);
+    int32_t *g = sn->groups;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        int E = m->ffn[l].E;
+        memcpy(g, m->cstate[l].group_of, sizeof(int32_t) * E);
+        memcpy(g + E, m->cstate[l].members, sizeof(int32_t) * E);
+        g += 2 * E;
+        sn->n_accepted[l] = m->cstate[l].n_accepted;
+    }
+}
+
+static void snapshot_restore(const EventSnapshot *sn, Model *m) {
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *dev[3] = {m->params[PCAT_EXPERT], m->adam_m[PCAT_EXPERT], m->adam_v[PCAT_EXPERT]};
+    for (int a = 0; a < 3; a++)
+        if (nl) m->be->ops->from_host(m->be->ctx, dev[a], sn->arr[a], sizeof(float) * nl);
+    const int32_t *g = sn->groups;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        int E = m->ffn[l].E;
+        memcpy(m->cstate[l].group_of, g, sizeof(int32_t) * E);
+        memcpy(m->cstate[l].members, g + E, sizeof(int32_t) * E);
+        g += 2 * E;
+        m->cstate[l].n_accepted = sn->n_accepted[l];
+        ep_map_refresh(&m->ep[l], m->cstate[l].members);
+    }
+}
+
+static void snapshot_free(EventSnapshot *sn) {
+    for (int a = 0; a < 3; a++) xfree(sn->arr[a]);
+    xfree(sn->groups);
+    xfree(sn->n_accepted);
+    memset(sn, 0, sizeof *sn);
+}
+
+/* re-cluster every clustered layer, re-place the groups, log the event with probe losses.
+ * clustering.verify: an event that moved experts is kept only if the probe loss rose by at
+ * most clustering.max_probe_increase; otherwise it is undone bitwise (nothing is re-placed)
+ * and its rows say rolled back. The probe "after" is the proposal's in both cases. */
 static Status recluster_event(Run *r, long step) {
     Model *m = &r->m;
+    const ClusterConfig *cc = &r->cfg->clustering;
     int bs = r->cfg->train.batch_size;
-    double pb = evaluate(m, &r->ds, SPLIT_VALID, r->cfg->clustering.probe_batches, bs, &r->prec).loss;
+    double pb = evaluate(m, &r->ds, SPLIT_VALID, cc->probe_batches, bs, &r->prec).loss;
     TRY(comm_agree(r->comm, residency_fetch_all(&r->resid)));
+    EventSnapshot sn = {0};
+    if (cc->verify) snapshot_take(&sn, m);
     r->comm->traffic = &r->traffic;   /* the event's bytes (phase recluster) land in the next step's row */
     int n_ev = recluster_run(m, step + 1, r->evs);
     r->comm->traffic = NULL;
-    /* groups changed: re-place them (migration bytes land in the next step's log) */
-    if (m->ep_size > 1) r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner);
-    double pa = evaluate(m, &r->ds, SPLIT_VALID, r->cfg->clustering.probe_batches, bs, &r->prec).loss;
+    int moved = 0, refit = 0;
+    for (int i = 0; i < n_ev; i++) {
+        moved += r->evs[i].accepted ? r->evs[i].n_moved : 0;
+        refit += r->evs[i].n_groups_refit;
+    }
+    double pa = evaluate(m, &r->ds, SPLIT_VALID, cc->probe_batches, bs, &r->prec).loss;
+    int rolled_back = cc->verify && moved > 0 && pa - pb > cc->max_probe_increase;
+    if (rolled_back) {
+        snapshot_restore(&sn, m);
+        for (int i = 0; i < n_ev; i++) r->evs[i].rolled_back = r->evs[i].accepted && r->evs[i].n_moved > 0;
+    } else if (m->ep_size > 1) {
+        /* groups changed: re-place them (migration bytes land in the next step's log) */
+        r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner);
+    }
+    if (cc->verify) snapshot_free(&sn);
     r->last_event = step + 1;
     runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);
     if (r->rank == 0) {
-        int moved = 0, refit = 0;
         double emax = 0;
-        for (int i = 0; i < n_ev; i++) {
-            moved += r->evs[i].n_moved;
-            refit += r->evs[i].n_groups_refit;
+        for (int i = 0; i < n_ev; i++)
             if (r->evs[i].recon_err_max > emax) emax = r->evs[i].recon_err_max;
-        }
         printf("re-cluster step %ld | %d layer(s) | moved %d experts | refit %d groups | max recon err %.2f%% | "
-               "probe loss %.4f -> %.4f\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa);
+               "probe loss %.4f -> %.4f%s\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa,
+               !cc->verify || moved == 0 ? "" : rolled_back ? " | rolled back (verify)" : " | kept (verify)");
         fflush(stdout);
     }
     return status_ok();
