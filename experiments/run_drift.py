@@ -27,8 +27,11 @@ SWITCH = 400
 VARIANTS = [
     ("standard", ["moe.kind=standard"], "", "standard MoE (shared init), no compression"),
     ("static", [], "", "warm-up, learned compression at step 200, static partition"),
-    ("dynamic", ["clustering.enabled=true"], "static",
-     "as static, then re-clustering every 100 steps after the switch (unverified moves)"),
+    ("dynamic", ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"], "static",
+     "as static, then re-clustering every 100 steps after the switch, proposed from the unconstrained co-activation "
+     "(forced moves)"),
+    ("verified", ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0", "clustering.verify=true",
+                  "clustering.max_probe_increase=0"], "static", "as dynamic, each event kept only if the probe loss does not rise"),
 ]
 COLS = rr.COLS + ["ppl_at_switch", "ppl_after_100"]
 

@@ -24,6 +24,8 @@ SCRIPT = "experiments/run_recluster.py"
 CONFIG = "experiments/recluster.yaml"
 SEEDS = [1, 2]
 COMPRESS = ["moe.expert_init=shared", "clustering.compress_at=200"]
+# re-clustering after a compression: proposals not conditioned on the partition
+MOVES = ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"]
 # name, --set list, the static twin the paired differences are taken against ("" = none), what it is
 VARIANTS = [
     ("dense", ["moe.kind=dense"], "", "dense FFN, d_ff 512 (the active width of top-2)"),
@@ -37,11 +39,15 @@ VARIANTS = [
      "standard MoE (shared init) to step 200, then compression with a random partition, static"),
     ("compress-learned", COMPRESS + ["clustering.compress_partition=learned"], "compress-random",
      "as above with the learned partition (weights + co-activation), static"),
-    ("compress-learned-dynamic", COMPRESS + ["clustering.compress_partition=learned", "clustering.enabled=true"],
-     "compress-learned", "learned compression, then re-clustering every 200 steps with forced moves (unverified)"),
+    ("compress-learned-dynamic", COMPRESS + ["clustering.compress_partition=learned"] + MOVES,
+     "compress-learned", "learned compression, then re-clustering every 200 steps proposed from the unconstrained "
+     "co-activation (mu_source coact, alpha 0), every proposal applied (forced moves, no verification)"),
+    ("compress-learned-verified", COMPRESS + ["clustering.compress_partition=learned"] + MOVES +
+     ["clustering.verify=true", "clustering.max_probe_increase=0"], "compress-learned",
+     "as above, each event kept only if the loss on 8 fixed probe batches does not rise (verified)"),
 ]
 COLS = ["variant", "seed", "valid_ppl", "test_ppl", "total_params", "expert_params", "flops_per_token", "tok_s",
-        "tok_s_with_events", "event_s", "cv2", "group_cv2", "layer_events", "accepted", "moved", "refit_err",
+        "tok_s_with_events", "event_s", "cv2", "group_cv2", "layer_events", "accepted", "rolled_back", "moved", "refit_err",
         "probe_delta", "compress_err_w", "compress_err_out", "coselect", "compress_probe_delta"]
 
 
@@ -108,7 +114,10 @@ def summarize(h5):
         ev_s = float(ev[:, :, 9].sum()) if ev.shape[0] else 0.0
         r["layer_events"] = int(ev.shape[0] * ev.shape[1]) if ev.shape[0] else 0
         r["accepted"] = int(ev[:, :, 3].sum()) if ev.shape[0] else 0
-        r["moved"] = int(ev[:, :, 4].sum()) if ev.shape[0] else 0
+        r["rolled_back"] = int(ev[:, :, 17].sum()) if ev.shape[0] and ev.shape[2] > 17 else 0
+        # experts that really moved: accepted by the clustering and not rolled back
+        kept = ev[:, :, 3] * (1 - ev[:, :, 17]) if ev.shape[0] and ev.shape[2] > 17 else ev[:, :, 3]
+        r["moved"] = int((kept * ev[:, :, 4]).sum()) if ev.shape[0] else 0
         refit = ev[:, :, 5] > 0 if ev.shape[0] else None
         r["refit_err"] = float(ev[:, :, 7][refit].mean()) if ev.shape[0] and refit.any() else nan
         r["probe_delta"] = float(np.mean(ev[:, 0, 11] - ev[:, 0, 10])) if ev.shape[0] else nan
@@ -199,7 +208,7 @@ def render(out_dir):
              "'with events' divides all tokens by all step time plus re-clustering and compression time. "
              + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
              "| variant | valid ppl | test ppl | total params | expert params | FLOPs/token | tok/s | tok/s with events | "
-             "load CV² (expert) | CV² (group) | events accepted / layer-events | experts moved | refit err | probe Δloss |",
+             "load CV² (expert) | CV² (group) | events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     desc = {name: d for name, _, _, d in VARIANTS}
     for name, _, _, _ in VARIANTS:
@@ -207,7 +216,7 @@ def render(out_dir):
             continue
         m = lambda k: float(np.nanmean(series(name, k)))
         ev = m("layer_events")
-        events = "-" if ev == 0 else f"{m('accepted'):.1f} / {ev:.0f}"
+        events = "-" if ev == 0 else f"{m('accepted'):.1f} / {m('rolled_back'):.1f} / {ev:.0f}"
         moved = "-" if ev == 0 else f"{m('moved'):.1f}"
         refit = "-" if np.isnan(m("refit_err")) else f"{100 * m('refit_err'):.1f}%"
         probe = "-" if np.isnan(m("probe_delta")) else f"{m('probe_delta'):+.4f}"
@@ -265,17 +274,22 @@ def answers(by, series):
     out = ["## Answers", "",
            f"- Does learned clustering beat a random partition? {verdict('compress-learned', 'compress-random')}.",
            f"- Does dynamic re-clustering beat static (clustered from step 0)? {verdict('clustered-dynamic', 'clustered-static')}.",
-           f"- Does dynamic re-clustering beat static after a learned compression? "
-           f"{verdict('compress-learned-dynamic', 'compress-learned')}.",
+           f"- Does dynamic re-clustering beat static after a learned compression? Forced moves: "
+           f"{verdict('compress-learned-dynamic', 'compress-learned')}; verified: "
+           f"{verdict('compress-learned-verified', 'compress-learned')}.",
            f"- Does product gating beat renorm gating (clustered from step 0)? "
            f"{verdict('clustered-static-product', 'clustered-static')}.",
            f"- Does warm-up + learned compression beat clustering from step 0? {verdict('compress-learned', 'clustered-static')}."]
-    if "compress-learned-dynamic" in by:
-        mv = np.mean(series("compress-learned-dynamic", "moved"))
-        pd = np.nanmean(series("compress-learned-dynamic", "probe_delta"))
-        es = np.mean(series("compress-learned-dynamic", "event_s"))
-        out.append(f"- What do moves cost? compress-learned-dynamic moved {mv:.1f} experts per run on average; the "
-                   f"probe loss changed by {pd:+.4f} per event and the events took {es:.2f} s per run in all.")
+    for v in ("compress-learned-dynamic", "compress-learned-verified"):
+        if v not in by:
+            continue
+        mv = np.mean(series(v, "moved"))
+        rb = np.mean(series(v, "rolled_back"))
+        pd = np.nanmean(series(v, "probe_delta"))
+        es = np.mean(series(v, "event_s"))
+        out.append(f"- What do moves cost ({v})? {mv:.1f} experts moved per run on average ({rb:.1f} layer-events "
+                   f"rolled back); the probe loss changed by {pd:+.4f} per event (before any rollback) and the events "
+                   f"and the compression took {es:.2f} s per run in all.")
     return "\n".join(out)
 
 

@@ -271,3 +271,13 @@ ClusterResult cluster_update(const float *z /* [E, P] */, int E, int P, int G, d
     xfree(prop);
     return res;
 }
+
+void cluster_sketch_add(const float *x, size_t n, uint64_t salt, float *out, int P) {
+    for (size_t j = 0; j < n; j++) {
+        uint64_t z = (j + salt) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        out[z % (uint64_t)P] += (z >> 63) ? x[j] : -x[j];
+    }
+}

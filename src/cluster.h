@@ -49,4 +49,9 @@ ClusterResult cluster_update(const float *z, int E, int P, int G, double min_gai
  * assign[i] = column of row i. Exposed for tests and placement. */
 void cluster_hungarian(const double *cost, int n, int m, int32_t *assign);
 
+/* count-sketch projection of x[n] into out[P] (+=): coordinate j (+ salt) goes to bucket h(j)
+ * with sign s(j), both from a fixed hash, so the projection is the same on every rank and call
+ * (the parameter features of re-clustering and of the compression event) */
+void cluster_sketch_add(const float *x, size_t n, uint64_t salt, float *out, int P);
+
 #endif

@@ -61,17 +61,6 @@ void compress_coact_step(Model *m) {
     }
 }
 
-/* count-sketch projection of x[n] into out[P] (+=): the same fixed hash as recluster.c's
- * parameter features */
-static void sketch_add(const float *x, size_t n, uint64_t salt, float *out, int P) {
-    for (size_t j = 0; j < n; j++) {
-        uint64_t z = (j + salt) * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        out[z % (uint64_t)P] += (z >> 63) ? x[j] : -x[j];
-    }
-}
 
 void compress_weight_features(const float *W1, const float *W2, int E, size_t n1, size_t n2, int proj_dim, float *w) {
     int Pw = proj_dim > 0 ? proj_dim : (int)(n1 + n2);
@@ -86,8 +75,8 @@ void compress_weight_features(const float *W1, const float *W2, int E, size_t n1
         for (size_t j = 0; j < n1; j++) row[j] = W1[(size_t)i * n1 + j] - mean[j];
         for (size_t j = 0; j < n2; j++) row[n1 + j] = W2[(size_t)i * n2 + j] - mean[n1 + j];
         if (proj_dim > 0) {
-            sketch_add(row, n1, 0, w + (size_t)i * Pw, Pw);
-            sketch_add(row + n1, n2, n1, w + (size_t)i * Pw, Pw);
+            cluster_sketch_add(row, n1, 0, w + (size_t)i * Pw, Pw);
+            cluster_sketch_add(row + n1, n2, n1, w + (size_t)i * Pw, Pw);
         } else {
             memcpy(w + (size_t)i * Pw, row, sizeof(float) * (n1 + n2));
         }

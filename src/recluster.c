@@ -90,17 +90,6 @@ void recluster_mu_step(Model *m) {
     }
 }
 
-/* count-sketch projection of x[n] into out[P] (+=): coordinate j goes to bucket h(j) with
- * sign s(j), both from a fixed hash, so the projection is the same on every rank and call */
-static void sketch_add(const float *x, size_t n, uint64_t salt, float *out, int P) {
-    for (size_t j = 0; j < n; j++) {
-        uint64_t z = (j + salt) * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        out[z % (uint64_t)P] += (z >> 63) ? x[j] : -x[j];
-    }
-}
 
 /* one clustered layer's six expert tensors inside an array laid out like this rank's expert
  * category (parameters, Adam m or Adam v): bases [Gl, ...] by local group slot, factors
@@ -223,8 +212,8 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
     float *wl = xcalloc(sizeof(float) * ((size_t)El * Pw + 1));
     for (int s = 0; s < El; s++) {
         if (cc->proj_dim > 0) {
-            sketch_add(W1 + (size_t)s * n1, n1, 0, wl + (size_t)s * Pw, Pw);
-            sketch_add(W2 + (size_t)s * n2, n2, n1, wl + (size_t)s * Pw, Pw);
+            cluster_sketch_add(W1 + (size_t)s * n1, n1, 0, wl + (size_t)s * Pw, Pw);
+            cluster_sketch_add(W2 + (size_t)s * n2, n2, n1, wl + (size_t)s * Pw, Pw);
         } else {
             memcpy(wl + (size_t)s * Pw, W1 + (size_t)s * n1, sizeof(float) * n1);
             memcpy(wl + (size_t)s * Pw + n1, W2 + (size_t)s * n2, sizeof(float) * n2);
