@@ -132,6 +132,7 @@ typedef struct ParallelConfig {
     int rank_matrix_max;     /* rank x rank matrices only up to this many ranks */
     int ep_size;             /* ranks per expert-parallel group; 0 = the world */
     int replicas;            /* extra copies per MoE layer of the most loaded units (0 = off) */
+    bool home_spread;        /* with moe.home_bias: topology placement spreads co-selected units over the nodes */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {
