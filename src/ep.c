@@ -315,6 +315,65 @@ static double objective(const EpMap *em, int policy, const Topology *topo, const
     return node + 1e-3 * placement_cut(p, aff, topo, 1);
 }
 
+/* balance polish counting the copies: with the copies ep_replicas_choose picks for p fixed as
+ * background load, swap units between the heaviest rank and another one while that lowers the
+ * heavier of the two and does not raise the objective (node term, plus 1e-3 x the rank cut, of
+ * the symmetrised affinity aff; spread: the node term counts the affinity inside the nodes).
+ * load [U] per holder (load / copies). Greedy, deterministic (ties: lower ids). */
+static void polish_with_copies(const EpMap *em, const Topology *t, Placement *p, const double *aff,
+                               const double *load, int spread) {
+    int U = em->U, P = em->P, n_all = P * em->n_rep;
+    int *c = xmalloc(sizeof(int) * U);
+    int32_t *rep = xmalloc(sizeof(int32_t) * (size_t)(n_all > 0 ? n_all : 1));
+    copy_counts(em, p, c, rep);
+    double *rl = xcalloc(sizeof(double) * P), tot = 0;
+    for (int i = 0; i < n_all; i++) if (rep[i] >= 0) rl[i / em->n_rep] += em->load[rep[i]] / c[rep[i]];
+    for (int u = 0; u < U; u++) { rl[p->owner[u]] += load[u]; tot += load[u]; }
+    double leps = 1e-12 * (tot > 0 ? tot : 1), oeps = 0;
+    for (size_t i = 0; i < (size_t)U * U; i++) oeps += fabs(aff[i]);
+    oeps = 1e-9 * (oeps > 0 ? oeps : 1);
+    const int *node = t->node_of;
+    for (int it = 0; it < 4 * U; it++) {
+        int h = 0;
+        for (int r = 1; r < P; r++) if (rl[r] > rl[h] + leps) h = r;
+        int bu = -1, bv = -1;
+        double bmax = rl[h] - leps, bobj = 0;
+        for (int u = 0; u < U; u++) {
+            if (p->owner[u] != h) continue;
+            for (int v = 0; v < U; v++) {
+                int b = p->owner[v];
+                if (b == h) continue;
+                double nh = rl[h] - load[u] + load[v], nb = rl[b] - load[v] + load[u];
+                double mx = nh > nb ? nh : nb;
+                if (!(mx < bmax - leps)) continue;
+                /* objective change of moving u to b and v to h */
+                double dn = 0, dr = 0;
+                for (int w = 0; w < U; w++) {
+                    if (w == u || w == v) continue;
+                    int rw = p->owner[w];
+                    double auw = 0.5 * (aff[(size_t)u * U + w] + aff[(size_t)w * U + u]);
+                    double avw = 0.5 * (aff[(size_t)v * U + w] + aff[(size_t)w * U + v]);
+                    dn += auw * ((node[b] != node[rw]) - (node[h] != node[rw])) +
+                          avw * ((node[h] != node[rw]) - (node[b] != node[rw]));
+                    dr += auw * ((b != rw) - (h != rw)) + avw * ((h != rw) - (b != rw));
+                }
+                double dobj = (spread ? -dn : dn) + 1e-3 * dr;
+                if (dobj > oeps) continue;
+                bu = u; bv = v; bmax = mx; bobj = dobj;
+            }
+        }
+        (void)bobj;
+        if (bu < 0) break;
+        int b = p->owner[bv];
+        rl[h] += load[bv] - load[bu];
+        rl[b] += load[bu] - load[bv];
+        p->owner[bu] = b;
+        p->owner[bv] = h;
+    }
+    placement_fill_slots(p);
+    xfree(c); xfree(rep); xfree(rl);
+}
+
 int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
                double min_gain, Placement *out) {
     return ep_propose_ex(em, policy, topo, refine_passes, max_imbalance, min_gain, NULL, out, NULL);
@@ -380,7 +439,11 @@ int ep_propose_ex(const EpMap *em, int policy, const Topology *topo, int refine_
             ASSERTF(STATUS_OK(st), "%s", st.msg);
             placement_topology_ex(&p2, aff_node, aff, load, bg, topo, refine_passes, mi, PLACEMENT_PART_AUTO);
             double v1 = ep_placement_maxvio(em, out), v2 = ep_placement_maxvio(em, &p2);
-            if (v2 < v1 - 1e-12) placement_copy(out, &p2);
+            if (v2 < v1 - 1e-12) { placement_copy(out, &p2); v1 = v2; }
+            /* then swaps off the heaviest rank that keep the objective, with the copies as load */
+            placement_copy(&p2, out);
+            polish_with_copies(em, topo, &p2, aff, load, spread);
+            if (ep_placement_maxvio(em, &p2) < v1 - 1e-12) placement_copy(out, &p2);
             placement_free(&p2);
             xfree(rep); xfree(c1); xfree(bg);
         }
@@ -391,12 +454,20 @@ int ep_propose_ex(const EpMap *em, int policy, const Topology *topo, int refine_
         inf.obj_before = objective(em, policy, topo, &em->place, aff, load, spread);
         inf.obj_after = objective(em, policy, topo, out, aff, load, spread);
     }
-    if (placement_equal(out, &em->place)) accept = 0;
-    else if (policy == PLACEMENT_CONTIGUOUS || !stats) accept = 1;
-    else accept = inf.obj_after < inf.obj_before * (1.0 - min_gain);
     if (stats) {
         inf.maxvio_before = ep_placement_maxvio(em, &em->place);
         inf.maxvio_after = ep_placement_maxvio(em, out);
+    }
+    if (placement_equal(out, &em->place)) accept = 0;
+    else if (policy == PLACEMENT_CONTIGUOUS || !stats) accept = 1;
+    else {
+        accept = inf.obj_after < inf.obj_before * (1.0 - min_gain);
+        /* with copies the rank loads move at every event (the copies follow the loads): a
+         * proposal that keeps the objective and lowers the rank MaxVio counting the copies by
+         * more than min_gain is taken too */
+        if (!accept && use_rep)
+            accept = inf.obj_after <= inf.obj_before + 1e-9 * (fabs(inf.obj_before) + 1) &&
+                     inf.maxvio_after < inf.maxvio_before - min_gain;
     }
     inf.accepted = accept;
     if (info) *info = inf;

@@ -546,6 +546,21 @@ static void test_replica_aware(void) {
        "info.maxvio_after is the placement's MaxVio with its copies");
     placement_free(&blind);
     placement_free(&aware);
+    /* no co-selection (objective 0 either way): from {0, 2} {1, 3} {4, 6} {5, 7} the aware
+     * proposal is taken on balance alone (the copy lands on a rank with {3, 1}); the blind one,
+     * which only compares the cut, is not */
+    int32_t start[8] = {0, 1, 0, 1, 2, 3, 2, 3};
+    memcpy(em.place.owner, start, sizeof start);
+    placement_fill_slots(&em.place);
+    ep_map_refresh(&em, NULL);
+    int acc_b = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, &ob, &blind, &ib);
+    int acc_a = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, &oa, &aware, &ia);
+    ok(acc_a && !acc_b && ia.obj_after == 0 && fabs(ia.maxvio_before - 7 / 5.75 + 1) < 1e-9 &&
+       ia.maxvio_after < ia.maxvio_before - 0.05,
+       "zero co-selection: the aware proposal is taken on balance (rank MaxVio with the copy %.3f -> %.3f), the blind "
+       "one is not (%d)", ia.maxvio_before, ia.maxvio_after, acc_b);
+    placement_free(&blind);
+    placement_free(&aware);
     ep_map_free(&em);
     topology_free(&t);
 
