@@ -16,6 +16,7 @@ import argparse
 import csv
 import fnmatch
 import os
+import shlex
 import subprocess
 import sys
 
@@ -160,7 +161,8 @@ def run_all(args):
             f.write(f"{name},{seed}," + ",".join(f"{s[c]:.6g}" for c in COLS) + "\n")
     if only:
         meta = rl.read_meta(NAME)
-        meta.setdefault("reruns", []).append({"command": rl.command(SCRIPT, sys.argv[1:]), "rows": rerun})
+        argv = [shlex.quote(a) for a in sys.argv[1:]]   # --only patterns hold shell wildcards
+        meta.setdefault("reruns", []).append({"command": rl.command(SCRIPT, argv), "rows": rerun})
         rl.write_meta(NAME, meta)
     else:
         rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": args.steps or 300,
@@ -230,6 +232,10 @@ def render(out_dir):
              "topology-aware group placement. The replicas rows (`parallel.replicas`: copies of the hottest units on "
              "other nodes, chosen at each placement event from step 50) were run after the others by a later build "
              "(see the notes). "
+             + (("Rows " + "; ".join(f"{', '.join(r['rows'])} (`{r['command']}`)" for r in meta["reruns"])
+                 + " were run again, or added, each command keeping every other row of the CSV, by a later build "
+                 "whose placement plans the replicas and follows node-aware routing (see the notes). ")
+                if meta.get("reruns") else "")
              + rl.rerender(SCRIPT, ["results/locality.csv", "results/locality.meta.json"]) + "\n")
     labels = {f"{m}-{o}": label for m, o, label, _, _ in VARIANTS}
     label = lambda n: labels[n.split("-", 1)[1]]
