@@ -8,7 +8,9 @@
  * that lower the load of the heavier part. With a load cap (placement_topology_capped) the
  * growth takes only units that fit, over-cap parts are repaired by the cheapest swaps that
  * lower the excess, and no refinement swap adds excess. Ties are broken by load, then by
- * index, so every rank computes the same placement from the same inputs.
+ * index, so every rank computes the same placement from the same inputs. placement_topology_ex
+ * takes a separate affinity per level (the home-bias spread maximises the node cut through its
+ * complement) and a background load per rank (replicas), which lowers that rank's load cap.
  * Does not: move weights or measure affinity; no randomness anywhere.
  * Legend: U = units, R = ranks, N = nodes, m = units in the set being split, k = parts. */
 #include "placement.h"

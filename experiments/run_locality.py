@@ -61,6 +61,11 @@ VARIANTS = [
     ("clu2", "homepack", "clustered TG=2, home_bias 1.0, no spread", CLU2 + ["moe.home_bias=1.0",
                                                                            "parallel.home_spread=false"],
      ("2x2", "4x2")),
+    # node limit with the node-level exchange (one copy per destination node), as DeepSeek-V3
+    ("std", "mn1tl", "standard top-2, max_nodes 1, two_level exchange",
+     STD + ["moe.max_nodes=1", "parallel.exchange=two_level"], ("2x2", "4x2")),
+    ("clu2", "mn1tl", "clustered TG=2, max_nodes 1, two_level exchange",
+     CLU2 + ["moe.max_nodes=1", "parallel.exchange=two_level"], ("2x2", "4x2")),
 ]
 
 

@@ -17,7 +17,11 @@
  * their owner's; routing sends a token's entries to the copy on its own node when there is
  * one (EpMap.route_dest / route_slot), the owner otherwise. The model keeps the copies
  * bitwise equal to their primary (model.h: model_ep_replicas_*).
- * Does not: decide routing (moe.c, clustered.c) or placement (comm/placement.c). */
+ * Placement proposals (ep_propose_ex) turn the co-selection statistics into a new placement with
+ * comm/placement.c's partitioner: replica-aware (the planned copies weigh loads and affinities),
+ * spreading preferred units over the nodes under the home bias; under node-aware routing the
+ * statistics' pairs come from the units tokens prefer (ep_stats_add_pairs, router_preferred).
+ * Does not: decide routing (moe.c, clustered.c) or partition graphs (comm/placement.c). */
 #ifndef DCMOE_EP_H
 #define DCMOE_EP_H
 
