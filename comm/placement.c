@@ -8,7 +8,9 @@
  * that lower the load of the heavier part. With a load cap (placement_topology_capped) the
  * growth takes only units that fit, over-cap parts are repaired by the cheapest swaps that
  * lower the excess, and no refinement swap adds excess. Ties are broken by load, then by
- * index, so every rank computes the same placement from the same inputs.
+ * index, so every rank computes the same placement from the same inputs. placement_topology_ex
+ * takes a separate affinity per level (the home-bias spread maximises the node cut through its
+ * complement) and a background load per rank (replicas), which lowers that rank's load cap.
  * Does not: move weights or measure affinity; no randomness anywhere.
  * Legend: U = units, R = ranks, N = nodes, m = units in the set being split, k = parts. */
 #include "placement.h"
@@ -759,9 +761,15 @@ void placement_topology_capped(Placement *p, const double *affinity, const doubl
 
 void placement_topology_part(Placement *p, const double *affinity, const double *load, const Topology *t,
                              int refine_passes, double max_imbalance, int partitioner) {
+    placement_topology_ex(p, affinity, affinity, load, NULL, t, refine_passes, max_imbalance, partitioner);
+}
+
+void placement_topology_ex(Placement *p, const double *aff_node, const double *aff_rank, const double *load,
+                           const double *rank_bg, const Topology *t, int refine_passes, double max_imbalance,
+                           int partitioner) {
     ASSERTF(t && t->n_ranks == p->n_ranks, "placement_topology: topology has %d ranks, placement %d",
             t ? t->n_ranks : -1, p->n_ranks);
-    ASSERT(affinity);
+    ASSERT(aff_node && aff_rank);
     ASSERTF(!(max_imbalance < 0), "placement_topology: max_imbalance %g must be >= 0", max_imbalance);
     int U = p->n_units, R = p->n_ranks, N = t->n_nodes, K = N > R ? N : R;
     int *ids = xcalloc(sizeof(int) * (size_t)U);
@@ -770,20 +778,26 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
     int *cap = xcalloc(sizeof(int) * (size_t)K);           /* [max(N, R)] */
     double *lcap = xcalloc(sizeof(double) * (size_t)K);
     int *ranks = xcalloc(sizeof(int) * (size_t)R);
-    /* a rank may carry (1 + max_imbalance) x the mean rank load, a node that times its ranks */
+    /* a rank may carry (1 + max_imbalance) x the mean rank load (its background load
+     * included, which then leaves less room for units), a node that times its ranks */
     double total = 0;
     for (int u = 0; u < U; u++) total += unit_load(load, u);
+    if (rank_bg)
+        for (int r = 0; r < R; r++) total += rank_bg[r];
     double rank_cap = isinf(max_imbalance) || !load ? INFINITY : (1.0 + max_imbalance) * total / R;
+#define BG(r) (rank_bg ? rank_bg[r] : 0.0)
 
-    /* level 0: units -> nodes */
+    /* level 0: units -> nodes (aff_node) */
     for (int u = 0; u < U; u++) ids[u] = u;
     for (int n = 0; n < N; n++) {
         cap[n] = t->node_size[n] * p->per_rank;
         lcap[n] = rank_cap * t->node_size[n];
     }
-    split_any(ids, U, cap, lcap, N, U, affinity, load, refine_passes, max_imbalance, partitioner, node_of_unit);
+    if (rank_bg && !isinf(rank_cap))
+        for (int r = 0; r < R; r++) lcap[t->node_of[r]] -= rank_bg[r];
+    split_any(ids, U, cap, lcap, N, U, aff_node, load, refine_passes, max_imbalance, partitioner, node_of_unit);
 
-    /* level 1: inside each node, its units -> its ranks (in local-index order) */
+    /* level 1: inside each node, its units -> its ranks (in local-index order; aff_rank) */
     for (int n = 0; n < N; n++) {
         int m = 0, k = 0;
         for (int u = 0; u < U; u++)
@@ -792,9 +806,9 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
             if (t->node_of[r] == n) ranks[t->local_index[r]] = r, k++;
         for (int q = 0; q < k; q++) {
             cap[q] = p->per_rank;
-            lcap[q] = rank_cap;
+            lcap[q] = rank_cap - (isinf(rank_cap) ? 0.0 : BG(ranks[q]));
         }
-        split_any(ids, m, cap, lcap, k, U, affinity, load, refine_passes, max_imbalance, partitioner, part);
+        split_any(ids, m, cap, lcap, k, U, aff_rank, load, refine_passes, max_imbalance, partitioner, part);
         for (int i = 0; i < m; i++) p->owner[ids[i]] = ranks[part[i]];
     }
 
@@ -804,14 +818,14 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
         double *rl = xcalloc(sizeof(double) * (size_t)R);
         for (int u = 0; u < U; u++) rl[p->owner[u]] += load[u];
         int over_cap = 0;
-        for (int r = 0; r < R; r++) over_cap |= rl[r] > rank_cap * (1 + 1e-12);
+        for (int r = 0; r < R; r++) over_cap |= rl[r] + BG(r) > rank_cap * (1 + 1e-12);
         xfree(rl);
         if (over_cap && R > 1) {
             for (int u = 0; u < U; u++) ids[u] = u;
-            for (int r = 0; r < R; r++) { cap[r] = p->per_rank; lcap[r] = rank_cap; }
+            for (int r = 0; r < R; r++) { cap[r] = p->per_rank; lcap[r] = rank_cap - BG(r); }
             if (partitioner == PLACEMENT_PART_KL || (partitioner == PLACEMENT_PART_AUTO && U <= PLACEMENT_KL_MAX)) {
                 Split s;
-                split_init(&s, ids, U, cap, lcap, R, U, affinity, load);
+                split_init(&s, ids, U, cap, lcap, R, U, aff_rank, load);
                 memcpy(s.part, p->owner, sizeof(int) * (size_t)U);
                 split_recompute(&s);
                 split_repair(&s);
@@ -819,7 +833,7 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
                 split_release(&s);
             } else {
                 Big b;
-                big_init(&b, ids, U, cap, lcap, R, U, affinity, load);
+                big_init(&b, ids, U, cap, lcap, R, U, aff_rank, load);
                 memcpy(b.part, p->owner, sizeof(int) * (size_t)U);
                 big_recompute(&b);
                 big_fix_caps(&b);
@@ -828,6 +842,7 @@ void placement_topology_part(Placement *p, const double *affinity, const double 
             }
         }
     }
+#undef BG
     placement_fill_slots(p);
     xfree(ids); xfree(part); xfree(node_of_unit); xfree(cap); xfree(lcap); xfree(ranks);
 }

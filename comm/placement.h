@@ -52,6 +52,14 @@ enum PlacementPartitioner { PLACEMENT_PART_AUTO = 0, PLACEMENT_PART_KL = 1, PLAC
 #define PLACEMENT_KL_MAX 128
 void placement_topology_part(Placement *p, const double *affinity, const double *load, const Topology *t,
                              int refine_passes, double max_imbalance, int partitioner);
+/* the same with a separate affinity per level and a background load per rank:
+ * aff_node [U, U] drives units -> nodes, aff_rank [U, U] a node's units -> its ranks (and the
+ * final over-cap repair); rank_bg [n_ranks] (NULL = none) is load a rank already carries
+ * (e.g. replicas of other units): it counts in the mean the cap is taken from and lowers the
+ * room left on that rank and its node. placement_topology_part(a, a, load, NULL) = this. */
+void placement_topology_ex(Placement *p, const double *aff_node, const double *aff_rank, const double *load,
+                           const double *rank_bg, const Topology *t, int refine_passes, double max_imbalance,
+                           int partitioner);
 /* sum of affinity over unit pairs split across nodes (level 0) or ranks (level 1) */
 double placement_cut(const Placement *p, const double *affinity, const Topology *t, int level);
 /* max over ranks of the summed load / mean - 1 (MaxVio at rank level) */

@@ -2,16 +2,21 @@
 """Run experiments/locality.yaml's variants on virtual 2 nodes x 2 ranks (4 ranks) and 4 nodes x 2
 ranks (8 ranks), seeds 1 and 2, and write results/locality.{csv,meta.json,md} (issue 12).
 
-usage: /usr/bin/python3 experiments/run_locality.py [--steps N]
+usage: /usr/bin/python3 experiments/run_locality.py [--steps N] [--only NAME[,NAME...]]
        /usr/bin/python3 experiments/run_locality.py --render-only [--out DIR]
 --render-only rebuilds results/locality.md from results/locality.{csv,meta.json} and the
 hand-written results/locality.notes.md (no training, no h5py); --out DIR writes it to DIR.
 Runs already complete are not rerun. Figures are averaged over the second half of training;
 the CSV has one row per run (variant, seed), the .md shows the means of the two seeds.
-The replicas rows (parallel.replicas) were added after the first sweep and run by a later build."""
+The replicas rows (parallel.replicas) were added after the first sweep and run by a later build.
+--only reruns the listed rows (names as in the CSV, e.g. 2x2-clu1-rep; shell-style wildcards
+allowed) and keeps every other row of the committed CSV as it is; meta.json records each such
+partial rerun (command and rows) under "reruns"."""
 import argparse
 import csv
+import fnmatch
 import os
+import shlex
 import subprocess
 import sys
 
@@ -51,6 +56,16 @@ VARIANTS = [
     # event, i.e. from step 50): run after the rows above, by a later build (see the notes)
     ("std", "rep", "standard top-2, replicas 8", STD + ["parallel.replicas=8"], ("2x2", "4x2")),
     ("clu1", "rep", "clustered TG=1, replicas 4", CLU1 + ["parallel.replicas=4"], ("2x2", "4x2")),
+    # the home-node bias with the placement that packs preferred groups onto one node (as before
+    # parallel.home_spread): isolates what spreading them over the nodes does
+    ("clu2", "homepack", "clustered TG=2, home_bias 1.0, no spread", CLU2 + ["moe.home_bias=1.0",
+                                                                           "parallel.home_spread=false"],
+     ("2x2", "4x2")),
+    # node limit with the node-level exchange (one copy per destination node), as DeepSeek-V3
+    ("std", "mn1tl", "standard top-2, max_nodes 1, two_level exchange",
+     STD + ["moe.max_nodes=1", "parallel.exchange=two_level"], ("2x2", "4x2")),
+    ("clu2", "mn1tl", "clustered TG=2, max_nodes 1, two_level exchange",
+     CLU2 + ["moe.max_nodes=1", "parallel.exchange=two_level"], ("2x2", "4x2")),
 ]
 
 
@@ -120,22 +135,43 @@ def summarize(h5):
 def run_all(args):
     rows = []
     csv_path = os.path.join(rl.RESULTS, NAME + ".csv")
-    old = {}  # load averages of runs done by an earlier invocation (complete runs are not rerun)
+    old = {}  # rows of an earlier invocation: kept as they are outside --only, loads reused
     if os.path.exists(csv_path):
         with open(csv_path) as f:
-            old = {(r["name"], r["seed"]): float(r["load"]) for r in csv.DictReader(f)}
+            old = {(r["name"], r["seed"]): r for r in csv.DictReader(f)}
+    only = [p for p in (args.only or "").split(",") if p]
+    picked = lambda name: not only or any(fnmatch.fnmatch(name, p) for p in only)
+    all_names = [v[0] for v in variants()]
+    for p in only:
+        if not any(fnmatch.fnmatch(n, p) for n in all_names):
+            sys.exit(f"--only {p}: matches no row (rows: {', '.join(all_names)})")
+    rerun = []
     for name, topo, nodes, label, sets in variants():
         for seed in SEEDS:
+            if not picked(name):
+                if (name, str(seed)) in old:
+                    r = old[(name, str(seed))]
+                    rows.append((name, seed, {c: float(r[c]) for c in COLS}))
+                continue
+            if only and seed == SEEDS[0]:
+                rerun.append(name)
             h5, load = run(name, nodes, seed, sets, args.steps)
             s = summarize(h5)
-            s["load"] = load if load is not None else old.get((name, str(seed)), float("nan"))
+            prev = old.get((name, str(seed)))
+            s["load"] = load if load is not None else float(prev["load"]) if prev else float("nan")
             rows.append((name, seed, s))
     with open(csv_path, "w") as f:
         f.write("name,seed," + ",".join(COLS) + "\n")
         for name, seed, s in rows:
             f.write(f"{name},{seed}," + ",".join(f"{s[c]:.6g}" for c in COLS) + "\n")
-    rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": args.steps or 300,
-                         "seeds": list(SEEDS)})
+    if only:
+        meta = rl.read_meta(NAME)
+        argv = [shlex.quote(a) for a in sys.argv[1:]]   # --only patterns hold shell wildcards
+        meta.setdefault("reruns", []).append({"command": rl.command(SCRIPT, argv), "rows": rerun})
+        rl.write_meta(NAME, meta)
+    else:
+        rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "steps": args.steps or 300,
+                             "seeds": list(SEEDS)})
 
 
 def load_rows():
@@ -201,6 +237,10 @@ def render(out_dir):
              "topology-aware group placement. The replicas rows (`parallel.replicas`: copies of the hottest units on "
              "other nodes, chosen at each placement event from step 50) were run after the others by a later build "
              "(see the notes). "
+             + (("Rows " + "; ".join(f"{', '.join(r['rows'])} (`{r['command']}`)" for r in meta["reruns"])
+                 + " were run again, or added, each command keeping every other row of the CSV, by a later build "
+                 "whose placement plans the replicas and follows node-aware routing (see the notes). ")
+                if meta.get("reruns") else "")
              + rl.rerender(SCRIPT, ["results/locality.csv", "results/locality.meta.json"]) + "\n")
     labels = {f"{m}-{o}": label for m, o, label, _, _ in VARIANTS}
     label = lambda n: labels[n.split("-", 1)[1]]
@@ -306,6 +346,8 @@ def render(out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated row names (wildcards allowed) to rerun; "
+                    "the other rows of the CSV are kept")
     rl.run_main(ap, run_all, render)
 
 

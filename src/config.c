@@ -243,6 +243,10 @@ static const KeyDef keys[] = {
           "the owner's; a token uses the copy on its own node; copies are re-chosen at every placement and summed "
           "with the owner's gradient, so they stay bitwise equal; 0 = off. Each rank holds ceil(R / ep_size) extra "
           "unit slots (memory). Node-limited routing (moe.max_nodes) counts the owners' nodes"),
+    K_BOOL(parallel.home_spread, 1,
+           "with moe.home_bias > 0, topology placement spreads the units tokens prefer together (their top groups, or "
+           "top-k experts, before the bias) over different nodes instead of packing them onto one, so a token finds a "
+           "unit it wants on its own node; false = pack them as without the bias"),
     K_INT(parallel.rank_matrix_max, 0, 1 << 20, 256,
           "rank x rank traffic matrices (comm/bytes, comm/msgs) only up to this many ranks; node x node matrices "
           "and per-rank marginals are always logged"),

@@ -147,6 +147,7 @@ typedef struct ParallelConfig {
     int ep_size;             /* ranks per expert-parallel group; 0 = the world */
     int replicas;            /* extra copies per MoE layer of the most loaded units (0 = off) */
     enum Collectives collectives;  /* gradient allreduce and exchange rows on backend memory: MPI or NCCL */
+    bool home_spread;        /* with moe.home_bias: topology placement spreads co-selected units over the nodes */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

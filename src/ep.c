@@ -263,24 +263,219 @@ void ep_stats_step(EpMap *em, Comm *comm, double ema) {
     memset(em->aff_step, 0, sizeof(double) * n);
 }
 
-static double objective(const EpMap *em, int policy, const Topology *topo, const Placement *p) {
-    if (policy == PLACEMENT_EPLB) return placement_rank_maxvio(p, em->load);
-    return placement_cut(p, em->affinity, topo, 0) + 1e-3 * placement_cut(p, em->affinity, topo, 1);
+/* a view of em with placement p (read-only: for ep_replicas_choose on a candidate) */
+static EpMap view_with(const EpMap *em, const Placement *p) {
+    EpMap v = *em;
+    v.place = *p;
+    return v;
+}
+
+/* copies per unit (1 + replicas) that ep_replicas_choose picks for placement p; returns the
+ * replicas placed, rep [P * n_rep] gets them (may be NULL) */
+static int copy_counts(const EpMap *em, const Placement *p, int *copies, int32_t *rep) {
+    int n_all = em->P * em->n_rep;
+    int32_t *r = rep ? rep : xmalloc(sizeof(int32_t) * (size_t)(n_all > 0 ? n_all : 1));
+    for (int u = 0; u < em->U; u++) copies[u] = 1;
+    int n = 0;
+    if (em->n_rep) {
+        EpMap v = view_with(em, p);
+        n = ep_replicas_choose(&v, r);
+        for (int i = 0; i < n_all; i++) if (r[i] >= 0) copies[r[i]]++;
+    }
+    if (!rep) xfree(r);
+    return n;
+}
+
+double ep_placement_maxvio(const EpMap *em, const Placement *p) {
+    int P = em->P, U = em->U, n_all = P * em->n_rep;
+    int *copies = xmalloc(sizeof(int) * U);
+    int32_t *rep = xmalloc(sizeof(int32_t) * (size_t)(n_all > 0 ? n_all : 1));
+    copy_counts(em, p, copies, rep);
+    double *rl = xcalloc(sizeof(double) * P), total = 0, mx = 0;
+    for (int u = 0; u < U; u++) { rl[p->owner[u]] += em->load[u] / copies[u]; total += em->load[u]; }
+    for (int i = 0; i < n_all; i++) if (rep[i] >= 0) rl[i / em->n_rep] += em->load[rep[i]] / copies[rep[i]];
+    for (int r = 0; r < P; r++) if (rl[r] > mx) mx = rl[r];
+    xfree(copies); xfree(rep); xfree(rl);
+    return total > 0 ? mx / (total / P) - 1.0 : 0.0;
+}
+
+/* the placement objective: eplb: rank MaxVio of the (effective) loads; topology: the
+ * inter-node cut of the (effective) affinity plus 1e-3 x the inter-rank cut; with spread the
+ * node term is the affinity kept INSIDE the nodes instead (placement spreads co-selected units) */
+static double objective(const EpMap *em, int policy, const Topology *topo, const Placement *p, const double *aff,
+                        const double *load, int spread) {
+    if (policy == PLACEMENT_EPLB) return placement_rank_maxvio(p, load);
+    double node = placement_cut(p, aff, topo, 0);
+    if (spread) {
+        double tot = 0;
+        for (size_t i = 0; i < (size_t)em->U * em->U; i++) tot += aff[i];
+        for (int u = 0; u < em->U; u++) tot -= aff[(size_t)u * em->U + u];
+        node = 0.5 * tot - node;
+    }
+    return node + 1e-3 * placement_cut(p, aff, topo, 1);
+}
+
+/* balance polish counting the copies: with the copies ep_replicas_choose picks for p fixed as
+ * background load, swap units between the heaviest rank and another one while that lowers the
+ * heavier of the two and does not raise the objective (node term, plus 1e-3 x the rank cut, of
+ * the symmetrised affinity aff; spread: the node term counts the affinity inside the nodes).
+ * load [U] per holder (load / copies). Greedy, deterministic (ties: lower ids). */
+static void polish_with_copies(const EpMap *em, const Topology *t, Placement *p, const double *aff,
+                               const double *load, int spread) {
+    int U = em->U, P = em->P, n_all = P * em->n_rep;
+    int *c = xmalloc(sizeof(int) * U);
+    int32_t *rep = xmalloc(sizeof(int32_t) * (size_t)(n_all > 0 ? n_all : 1));
+    copy_counts(em, p, c, rep);
+    double *rl = xcalloc(sizeof(double) * P), tot = 0;
+    for (int i = 0; i < n_all; i++) if (rep[i] >= 0) rl[i / em->n_rep] += em->load[rep[i]] / c[rep[i]];
+    for (int u = 0; u < U; u++) { rl[p->owner[u]] += load[u]; tot += load[u]; }
+    double leps = 1e-12 * (tot > 0 ? tot : 1), oeps = 0;
+    for (size_t i = 0; i < (size_t)U * U; i++) oeps += fabs(aff[i]);
+    oeps = 1e-9 * (oeps > 0 ? oeps : 1);
+    const int *node = t->node_of;
+    for (int it = 0; it < 4 * U; it++) {
+        int h = 0;
+        for (int r = 1; r < P; r++) if (rl[r] > rl[h] + leps) h = r;
+        int bu = -1, bv = -1;
+        double bmax = rl[h] - leps, bobj = 0;
+        for (int u = 0; u < U; u++) {
+            if (p->owner[u] != h) continue;
+            for (int v = 0; v < U; v++) {
+                int b = p->owner[v];
+                if (b == h) continue;
+                double nh = rl[h] - load[u] + load[v], nb = rl[b] - load[v] + load[u];
+                double mx = nh > nb ? nh : nb;
+                if (!(mx < bmax - leps)) continue;
+                /* objective change of moving u to b and v to h */
+                double dn = 0, dr = 0;
+                for (int w = 0; w < U; w++) {
+                    if (w == u || w == v) continue;
+                    int rw = p->owner[w];
+                    double auw = 0.5 * (aff[(size_t)u * U + w] + aff[(size_t)w * U + u]);
+                    double avw = 0.5 * (aff[(size_t)v * U + w] + aff[(size_t)w * U + v]);
+                    dn += auw * ((node[b] != node[rw]) - (node[h] != node[rw])) +
+                          avw * ((node[h] != node[rw]) - (node[b] != node[rw]));
+                    dr += auw * ((b != rw) - (h != rw)) + avw * ((h != rw) - (b != rw));
+                }
+                double dobj = (spread ? -dn : dn) + 1e-3 * dr;
+                if (dobj > oeps) continue;
+                bu = u; bv = v; bmax = mx; bobj = dobj;
+            }
+        }
+        (void)bobj;
+        if (bu < 0) break;
+        int b = p->owner[bv];
+        rl[h] += load[bv] - load[bu];
+        rl[b] += load[bu] - load[bv];
+        p->owner[bu] = b;
+        p->owner[bv] = h;
+    }
+    placement_fill_slots(p);
+    xfree(c); xfree(rep); xfree(rl);
 }
 
 int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
                double min_gain, Placement *out) {
-    Status st = placement_init(out, em->U, em->P);
+    return ep_propose_ex(em, policy, topo, refine_passes, max_imbalance, min_gain, NULL, out, NULL);
+}
+
+int ep_propose_ex(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
+                  double min_gain, const EpPlaceOpts *opts, Placement *out, EpPlaceInfo *info) {
+    int U = em->U, P = em->P;
+    EpPlaceOpts o = opts ? *opts : (EpPlaceOpts){0};
+    EpPlaceInfo inf = {0};
+    Status st = placement_init(out, U, P);
     ASSERTF(STATUS_OK(st), "%s", st.msg);
-    if (policy == PLACEMENT_EPLB) placement_eplb(out, em->have_stats ? em->load : NULL, topo);
-    else if (policy == PLACEMENT_TOPOLOGY)
-        placement_topology_capped(out, em->affinity, em->have_stats ? em->load : NULL, topo, refine_passes,
-                                  em->have_stats ? max_imbalance : INFINITY);
-    else placement_contiguous(out);
-    if (placement_equal(out, &em->place)) return 0;
-    if (policy == PLACEMENT_CONTIGUOUS || !em->have_stats) return 1;
-    double cur = objective(em, policy, topo, &em->place), nxt = objective(em, policy, topo, out);
-    return nxt < cur * (1.0 - min_gain);
+    int stats = em->have_stats;
+    int use_rep = stats && em->n_rep && !o.replica_blind && topo && policy != PLACEMENT_CONTIGUOUS;
+    int spread = o.spread && stats && topo && topo->n_nodes > 1 && policy == PLACEMENT_TOPOLOGY;
+    /* effective statistics: a unit with c copies (owner included) carries load / c on each
+     * rank holding it (ep_replicas_choose's model), and a token goes to its owner only from
+     * the n - c + 1 of n nodes that hold no copy, so the unit's co-selection counts in the
+     * cut with the weight s = (n - c + 1) / n. The copy counts are what ep_replicas_choose
+     * picks on the current placement (they depend on the loads, hardly on the placement). */
+    double *load = em->load, *aff = em->affinity;
+    int *copies = xmalloc(sizeof(int) * U);
+    for (int u = 0; u < U; u++) copies[u] = 1;
+    if (use_rep) {
+        inf.copies = copy_counts(em, &em->place, copies, NULL);
+        int nn = em->n_nodes;
+        load = xmalloc(sizeof(double) * U);
+        aff = xmalloc(sizeof(double) * (size_t)U * U);
+        for (int u = 0; u < U; u++) load[u] = em->load[u] / copies[u];
+        for (int u = 0; u < U; u++)
+            for (int v = 0; v < U; v++) {
+                double su = (double)(nn - copies[u] + 1) / nn, sv = (double)(nn - copies[v] + 1) / nn;
+                aff[(size_t)u * U + v] = em->affinity[(size_t)u * U + v] * su * sv;
+            }
+    }
+    /* spread: the node level minimises the complement (max - A off the diagonal), i.e.
+     * maximises the node cut of A at fixed node sizes; the rank level keeps A */
+    double *aff_node = aff;
+    if (spread) {
+        double amax = 0;
+        for (size_t i = 0; i < (size_t)U * U; i++) if (aff[i] > amax) amax = aff[i];
+        aff_node = xmalloc(sizeof(double) * (size_t)U * U);
+        for (int u = 0; u < U; u++)
+            for (int v = 0; v < U; v++)
+                aff_node[(size_t)u * U + v] = u == v ? 0.0 : amax - 0.5 * (aff[(size_t)u * U + v] + aff[(size_t)v * U + u]);
+    }
+    if (policy == PLACEMENT_EPLB) placement_eplb(out, stats ? load : NULL, topo);
+    else if (policy == PLACEMENT_TOPOLOGY) {
+        double mi = stats ? max_imbalance : INFINITY;
+        placement_topology_ex(out, aff_node, aff, stats ? load : NULL, NULL, topo, refine_passes, mi,
+                              PLACEMENT_PART_AUTO);
+        if (use_rep && !isinf(mi)) {
+            /* round 2: the copies chosen for round 1's placement are background load on
+             * their ranks; keep the round whose rank MaxVio counting the copies is lower */
+            int n_all = P * em->n_rep;
+            int32_t *rep = xmalloc(sizeof(int32_t) * (size_t)n_all);
+            int *c1 = xmalloc(sizeof(int) * U);
+            copy_counts(em, out, c1, rep);
+            double *bg = xcalloc(sizeof(double) * P);
+            for (int i = 0; i < n_all; i++) if (rep[i] >= 0) bg[i / em->n_rep] += em->load[rep[i]] / c1[rep[i]];
+            Placement p2 = {0};
+            st = placement_init(&p2, U, P);
+            ASSERTF(STATUS_OK(st), "%s", st.msg);
+            placement_topology_ex(&p2, aff_node, aff, load, bg, topo, refine_passes, mi, PLACEMENT_PART_AUTO);
+            double v1 = ep_placement_maxvio(em, out), v2 = ep_placement_maxvio(em, &p2);
+            if (v2 < v1 - 1e-12) { placement_copy(out, &p2); v1 = v2; }
+            /* then swaps off the heaviest rank that keep the objective, with the copies as load */
+            placement_copy(&p2, out);
+            polish_with_copies(em, topo, &p2, aff, load, spread);
+            if (ep_placement_maxvio(em, &p2) < v1 - 1e-12) placement_copy(out, &p2);
+            placement_free(&p2);
+            xfree(rep); xfree(c1); xfree(bg);
+        }
+    } else placement_contiguous(out);
+    for (int u = 0; u < U; u++) inf.moved += out->owner[u] != em->place.owner[u];
+    int accept;
+    if (stats && policy != PLACEMENT_CONTIGUOUS) {
+        inf.obj_before = objective(em, policy, topo, &em->place, aff, load, spread);
+        inf.obj_after = objective(em, policy, topo, out, aff, load, spread);
+    }
+    if (stats) {
+        inf.maxvio_before = ep_placement_maxvio(em, &em->place);
+        inf.maxvio_after = ep_placement_maxvio(em, out);
+    }
+    if (placement_equal(out, &em->place)) accept = 0;
+    else if (policy == PLACEMENT_CONTIGUOUS || !stats) accept = 1;
+    else {
+        accept = inf.obj_after < inf.obj_before * (1.0 - min_gain);
+        /* with copies the rank loads move at every event (the copies follow the loads): a
+         * proposal that keeps the objective and lowers the rank MaxVio counting the copies by
+         * more than min_gain is taken too */
+        if (!accept && use_rep)
+            accept = inf.obj_after <= inf.obj_before + 1e-9 * (fabs(inf.obj_before) + 1) &&
+                     inf.maxvio_after < inf.maxvio_before - min_gain;
+    }
+    inf.accepted = accept;
+    if (info) *info = inf;
+    if (load != em->load) xfree(load);
+    if (aff != em->affinity) xfree(aff);
+    if (aff_node != aff) xfree(aff_node);
+    xfree(copies);
+    return accept;
 }
 
 /* co-selection: the distinct units of each token's kept pairs (pairs counted both ways) */
@@ -298,9 +493,20 @@ static void add_stats(EpMap *em, int N, int k, const int32_t *sel, const int32_t
         }
         for (int i = 0; i < n; i++) {
             em->aff_step[(size_t)units[i] * (U + 1) + U] += 1;
-            for (int j = 0; j < n; j++)
+            for (int j = 0; j < n && !em->pref_pairs; j++)
                 if (j != i) em->aff_step[(size_t)units[i] * (U + 1) + units[j]] += 1;
         }
+    }
+}
+
+void ep_stats_add_pairs(EpMap *em, int N, int n, const int32_t *units) {
+    int U = em->U;
+    if (!em->collect) return;
+    for (int t = 0; t < N; t++) {
+        const int32_t *u = units + (size_t)t * n;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++)
+                if (u[i] != u[j] && u[i] >= 0 && u[j] >= 0) em->aff_step[(size_t)u[i] * (U + 1) + u[j]] += 1;
     }
 }
 

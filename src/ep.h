@@ -17,7 +17,11 @@
  * their owner's; routing sends a token's entries to the copy on its own node when there is
  * one (EpMap.route_dest / route_slot), the owner otherwise. The model keeps the copies
  * bitwise equal to their primary (model.h: model_ep_replicas_*).
- * Does not: decide routing (moe.c, clustered.c) or placement (comm/placement.c). */
+ * Placement proposals (ep_propose_ex) turn the co-selection statistics into a new placement with
+ * comm/placement.c's partitioner: replica-aware (the planned copies weigh loads and affinities),
+ * spreading preferred units over the nodes under the home bias; under node-aware routing the
+ * statistics' pairs come from the units tokens prefer (ep_stats_add_pairs, router_preferred).
+ * Does not: decide routing (moe.c, clustered.c) or partition graphs (comm/placement.c). */
 #ifndef DCMOE_EP_H
 #define DCMOE_EP_H
 
@@ -43,6 +47,7 @@ typedef struct EpMap {
     double *aff_step;            /* [U, U + 1] this step's local pair counts (+ per-unit load) */
     int have_stats;
     int collect;                 /* 1 while training: epx_plan adds to aff_step */
+    int pref_pairs;              /* 1: the pairs come from ep_stats_add_pairs (node-aware routing), epx_plan adds loads only */
     int version;                 /* bumped by every ep_map_refresh (caches of the maps compare it) */
     /* nodes (ep_map_set_topology): routing's view of where the experts are */
     const Topology *topo;        /* the EP group's topology (NULL = one node) */
@@ -80,6 +85,10 @@ int ep_replicas_choose(const EpMap *em, int32_t *out);
  * returns how many */
 int ep_replicas_list(const EpMap *em, int32_t *unit, int32_t *rank);
 
+/* co-selection pairs from the units each token prefers (router_preferred) [N, n] (-1 = none),
+ * while collecting; with pref_pairs set epx_plan then counts only the loads */
+void ep_stats_add_pairs(EpMap *em, int N, int n, const int32_t *units);
+
 /* end of a training step: sum aff_step over ranks, fold into the EMAs (rate ema; the first
  * step sets them), clear aff_step (collective) */
 void ep_stats_step(EpMap *em, Comm *comm, double ema);
@@ -87,9 +96,35 @@ void ep_stats_step(EpMap *em, Comm *comm, double ema);
  * 1 when it differs from the current one and improves the policy's objective (inter-node
  * cut of the co-selection affinity, plus the inter-rank cut as a tie-break, for topology;
  * rank-level load MaxVio for eplb) by more than min_gain (the caller then migrates with
- * model_ep_relayout) */
+ * model_ep_relayout). ep_propose = ep_propose_ex with default options. */
 int ep_propose(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
                double min_gain, Placement *out);
+typedef struct EpPlaceOpts {
+    /* placement spreads co-selected units over the nodes (moe.home_bias: a token then finds
+     * a unit it wants on its own node): the node level maximises the co-selection cut, the
+     * rank level still minimises it; the objective's node term is the affinity kept inside
+     * the nodes */
+    int spread;
+    int replica_blind;           /* ignore parallel.replicas (the pre-issue-12 placement; tests) */
+} EpPlaceOpts;
+typedef struct EpPlaceInfo {     /* one layer's placement decision (logged: parallel/placement) */
+    double obj_before, obj_after;   /* objective of the current / proposed placement (0: not compared) */
+    int accepted;                /* the proposal is taken */
+    int moved;                   /* units whose owner the proposal changes */
+    int copies;                  /* replicas planned (replica-aware placement) */
+    double maxvio_before, maxvio_after;   /* rank load MaxVio counting the copies (replicas only) */
+} EpPlaceInfo;
+/* replica-aware (parallel.replicas > 0, statistics present, not replica_blind): the copy
+ * counts ep_replicas_choose picks are planned first; a unit with c copies counts load / c on
+ * its owner, and its co-selection affinity is scaled by the share of tokens that reach the
+ * owner ((n - c + 1) / n of the n nodes hold no copy); with a load cap the placement is then
+ * re-run with the copies chosen for it as background load on their ranks, and the round with
+ * the lower rank MaxVio counting the copies is kept. Deterministic. info may be NULL. */
+int ep_propose_ex(const EpMap *em, int policy, const Topology *topo, int refine_passes, double max_imbalance,
+                  double min_gain, const EpPlaceOpts *opts, Placement *out, EpPlaceInfo *info);
+/* rank load MaxVio of placement p with the copies ep_replicas_choose picks for it (each
+ * holder of a unit with c copies carries load / c) */
+double ep_placement_maxvio(const EpMap *em, const Placement *p);
 
 typedef ExchangeEntry EpEntry;  /* (row, slot, gate): exchange.h */
 

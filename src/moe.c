@@ -234,6 +234,20 @@ void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParam
     RouteNodes nd = {.n_nodes = em->n_nodes, .expert_node = em->expert_node, .home = em->home_node,
                      .max_nodes = ml->cfg.max_nodes, .home_bias = (float)ml->cfg.home_bias};
     router_select(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N, &nd);
+    /* node-aware routing only pairs units on the nodes placement chose: placement's
+     * co-selection pairs come from the units each token would pick without it (not when the
+     * limit cannot bind: a token selecting at most max_nodes units, and no home bias) */
+    ml->ep->pref_pairs = em->n_nodes > 1 && (nd.home_bias != 0.0f || (nd.max_nodes > 0 && nd.max_nodes < nd.n_nodes &&
+                                                                       (two ? rt->TG : ml->k) > nd.max_nodes));
+    if (ml->ep->pref_pairs && ml->ep->collect) {
+        int n_pref = two ? rt->TG : ml->k;
+        if (n_pref < 2) n_pref = 2;
+        if (n_pref > (two ? rt->G : E)) n_pref = two ? rt->G : E;
+        int32_t *pu = xmalloc(sizeof(int32_t) * (size_t)(N ? N : 1) * n_pref);
+        router_preferred(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N, n_pref, pu);
+        ep_stats_add_pairs(ml->ep, N, n_pref, pu);
+        xfree(pu);
+    }
     router_nodes_touched(rt, &nd);
     router_capacity(rt, &ml->cfg, comm, two ? ml->cs->group_of : NULL, n_global, &st->stats);
     router_losses(rt, &ml->cfg, comm, n_global, &st->stats);

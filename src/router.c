@@ -311,6 +311,48 @@ void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32
     else select_one_stage(r, mc, bias, N);
 }
 
+void router_preferred(const Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
+                      int n_pref, int32_t *out) {
+    int E = r->E, G = r->G, K = r->K;
+    int n_units = G > 0 ? G : E;
+    ASSERTF(n_pref >= 1 && n_pref <= n_units, "router_preferred: %d preferred of %d units", n_pref, n_units);
+    float *sc = xmalloc(sizeof(float) * (size_t)n_units), *sel = xmalloc(sizeof(float) * (size_t)E);
+    for (int t = 0; t < N; t++) {
+        const float *l = r->logits + (size_t)t * E;
+        for (int i = 0; i < E; i++) sel[i] = l[i] + (bias ? bias[i] : 0.0f);
+        if (G > 0) {   /* the group selection score of select_two_stage, without the home bias */
+            for (int g = 0; g < G; g++) {
+                const int32_t *mem = members + (size_t)g * K;
+                if (mc->group_score == GROUP_SCORE_TOP2 && K >= 2) {
+                    int b0 = -1, b1 = -1;
+                    for (int j = 0; j < K; j++) {
+                        int i = mem[j];
+                        if (b0 < 0 || better(sel[i], i, sel[b0], b0)) { b1 = b0; b0 = i; }
+                        else if (b1 < 0 || better(sel[i], i, sel[b1], b1)) b1 = i;
+                    }
+                    sc[g] = sel[b0] + sel[b1];
+                } else {
+                    double s2 = 0;
+                    for (int j = 0; j < K; j++) s2 += sel[mem[j]];
+                    sc[g] = (float)(s2 / K);
+                }
+            }
+        } else memcpy(sc, sel, sizeof(float) * (size_t)E);
+        int32_t *o = out + (size_t)t * n_pref;
+        for (int j = 0; j < n_pref; j++) {
+            int best = -1;
+            for (int u = 0; u < n_units; u++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= o[q] == u;
+                if (!taken && (best < 0 || better(sc[u], u, sc[best], best))) best = u;
+            }
+            o[j] = best;
+        }
+    }
+    xfree(sc);
+    xfree(sel);
+}
+
 void router_nodes_touched(Route *r, const RouteNodes *nodes) {
     r->nodes_sum = 0;
     r->nodes_over = 0;

@@ -89,6 +89,14 @@ void router_stats_free(RouteStats *s);
  * standard MoE selects by logit (+ bias) instead of probability (the same order up to ties). */
 void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
                    const RouteNodes *nodes);
+/* the placement units (groups; experts of the standard MoE) each token of the last
+ * router_select would pick with neither the node limit nor the home bias: the top n_pref by
+ * selection score (logit + aux-free bias; clustered: the stage-1 group score), ties to the
+ * lower id. Placement's co-selection statistics use them when routing is node-aware, since
+ * the node-aware selections only ever pair units on the nodes the placement already chose.
+ * out [N, n_pref] */
+void router_preferred(const Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
+                      int n_pref, int32_t *out);
 /* distinct nodes of each token's selected pairs (before capacity), over this rank's tokens:
  * r->nodes_sum, and r->nodes_over = tokens on more than max_nodes nodes (0 under node-limited
  * routing); router_losses makes them global (RouteStats nodes_mean, nodes_over) */

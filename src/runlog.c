@@ -89,6 +89,8 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->rank_tokens = h5log_series(lg, "moe/tokens_per_rank", H5LOG_F64, 2, dlp);
     id->owner = h5log_series(lg, "parallel/owner", H5LOG_F64, 2, dle);
     id->migr = h5log_series(lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    uint64_t dpl[2] = {dl[0], 8};
+    id->placement = h5log_series(lg, "parallel/placement", H5LOG_F64, 2, dpl);
     if (m->cfg.parallel.replicas > 0 && nm > 0) {
         /* replicated hot units: unit and EP rank of every copy (-1 = unused), written with
          * parallel/owner; copies that differ from their primary, on log steps */
@@ -208,6 +210,13 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/intra_fraction", "note",
                        "per MoE layer: of the dispatch rows sent to other ranks (both stages of a two-level "
                        "exchange), the fraction whose destination is on the sender's node (1 with one node)"));
+    TRY(h5log_attr_str(lg, "/parallel/placement", "columns",
+                       "per MoE layer, one row per placement event (periodic, or after a re-clustering; written with "
+                       "the first log row after it): objective of the current placement, objective of the proposal "
+                       "(topology: inter-node co-selection cut + 1e-3 x inter-rank cut, with moe.home_bias the "
+                       "co-selection kept inside the nodes instead; replica-aware weights; eplb: rank MaxVio; 0 = "
+                       "not compared), accepted (1/0), units moved, replicas placed after it, replicas changed (1/0), "
+                       "rank load MaxVio counting replicas before and after"));
     TRY(h5log_attr_str(lg, "/comm/dispatch", "columns",
                        "payload rows sent (all MoE layers, incl. to self), token-expert pairs carried, "
                        "nodes touched (sum over token-layers), token-layers routed"));
@@ -445,6 +454,7 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
         if (id->replicas) h5log_append(lg, id->replicas, s, rl->rrow);
         if (id->replicas) h5log_append(lg, id->replica_rank, s, rl->rrow + (size_t)nm * cfg->parallel.replicas);
     }
+    if (r->placement && nm > 0) h5log_append(lg, id->placement, s, r->placement);
     if (id->replica_bad && r->replica_mismatch) h5log_append(lg, id->replica_bad, s, r->replica_mismatch);
     if (nm > 0) {
         /* tokens each rank's experts received (after capacity) and the rank-level MaxVio */

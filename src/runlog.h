@@ -27,7 +27,7 @@ typedef struct LogIds {
     int c_nodemat, c_sent, c_recv;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
-    int nodes, intra_frac;
+    int nodes, intra_frac, placement;
     int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
     int replicas, replica_rank, replica_bad;   /* 0 = not logged (parallel.replicas = 0) */
     int compress;            /* 0 = not logged (clustering.compress_at = 0) */
@@ -62,6 +62,7 @@ typedef struct StepRecord {
     const double *mem_all;               /* [P, MEM_N_KINDS + 2]; NULL: not this step */
     const double *intra_frac;            /* [MoE layers] dispatch rows between ranks kept inside the node */
     const double *replica_mismatch;      /* [MoE layers] copies that differ from their primary; NULL: not this step */
+    const double *placement;             /* [MoE layers, 8] a placement event's decisions (parallel/placement); NULL: none */
 } StepRecord;
 
 /* rank 0: create the log (resume_step < 0) or reopen it for appending, dropping rows after

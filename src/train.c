@@ -159,23 +159,44 @@ static void mem_gather(Comm *comm, const MemAcct *a, double *all) {
 /* re-run the placement policy on every MoE layer and migrate the units that change owner,
  * then re-choose the replicated hot units (parallel.replicas) and fill the changed copies
  * (every copy when refill: the units' contents changed); returns the bytes moved (all
- * ranks); *changed = 1 when an owner or a copy changed */
-static double replace_experts(Model *m, const Config *cfg, const Topology *topo, int refill, bool *changed) {
+ * ranks); *changed = 1 when an owner or a copy changed. The decisions go to ev [MoE layers,
+ * PLACE_COLS] (parallel/placement) and, on rank 0, to one console line */
+#define PLACE_COLS 8
+static double replace_experts(Model *m, const Config *cfg, const Topology *topo, int refill, bool *changed,
+                              long step, double *ev, int print) {
     double bytes = 0;
-    int ch = 0;
+    int ch = 0, i = 0;
+    char line[1024];
+    size_t pos = (size_t)snprintf(line, sizeof line, "placement step %ld", step);
+    EpPlaceOpts po = {.spread = cfg->moe.home_bias > 0 && cfg->parallel.home_spread};
     for (int l = 0; l < m->L; l++) {
         if (m->ffn[l].kind == MOE_KIND_DENSE) continue;
         Placement np;
-        if (ep_propose(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes,
-                       cfg->parallel.max_imbalance, cfg->parallel.min_gain, &np)) {
+        EpPlaceInfo inf;
+        int acc = ep_propose_ex(&m->ep[l], cfg->parallel.placement, topo, cfg->parallel.refine_passes,
+                                cfg->parallel.max_imbalance, cfg->parallel.min_gain, &po, &np, &inf);
+        if (acc) {
             bytes += (double)model_ep_relayout(m, l, &np);
             ch = 1;
         }
         placement_free(&np);
-        bytes += (double)model_ep_replicas_update(m, l, refill, &ch);
+        int rch = 0;
+        bytes += (double)model_ep_replicas_update(m, l, refill, &rch);
+        ch |= rch;
+        int n_copies = 0;
+        for (int q = 0; q < m->ep[l].P * m->ep[l].n_rep; q++) n_copies += m->ep[l].rep_unit[q] >= 0;
+        double row[PLACE_COLS] = {inf.obj_before, inf.obj_after, acc, acc ? inf.moved : 0, n_copies, rch,
+                                  inf.maxvio_before, acc ? inf.maxvio_after : inf.maxvio_before};
+        if (ev) memcpy(ev + (size_t)i * PLACE_COLS, row, sizeof row);
+        if (pos < sizeof line)
+            pos += (size_t)snprintf(line + pos, sizeof line - pos, " | L%d obj %.4g -> %.4g %s, %d moved, %d copies%s, "
+                                   "rank MaxVio %.2f -> %.2f", l, inf.obj_before, inf.obj_after, acc ? "taken" : "kept",
+                                   acc ? inf.moved : 0, n_copies, rch ? " (changed)" : "", row[6], row[7]);
+        i++;
     }
     comm_allreduce_sum_f64(m->comm, &bytes, 1);
     if (changed && ch) *changed = true;
+    if (m->comm->rank == 0 && print) { printf("%s\n", line); fflush(stdout); }
     return bytes;
 }
 
@@ -229,6 +250,8 @@ typedef struct Run {
     double *mem_all, *rank_buf, *rank_cols;
     double *intra_frac;                 /* [MoE layers] + [MoE layers, 2] scratch: comm/intra_fraction */
     double *rep_bad;                    /* [MoE layers] replica slots that differ from their primary */
+    double *place_ev;                   /* [MoE layers, PLACE_COLS] the last placement event's decisions */
+    bool place_logged;                  /* place_ev is in the log already */
     ReclusterEvent *evs;
     CompressEvent *cevs;                 /* [L] rows of the compression event */
     long last_event, warm;
@@ -494,7 +517,7 @@ static void run_teardown(Run *r) {
     }
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
-    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->cevs); xfree(r->intra_frac); xfree(r->rep_bad);
+    xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->cevs); xfree(r->intra_frac); xfree(r->rep_bad); xfree(r->place_ev);
 }
 
 /* ---- one training step ---- */
@@ -618,7 +641,9 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     if (m->ep_size > 1 && model_n_moe_layers(m) > 0 && cfg->parallel.place_interval > 0 &&
         (step + 1) % cfg->parallel.place_interval == 0 && step + 1 != tc->steps) {
         TRY(residency_fetch_all(&r->resid));
-        double b = replace_experts(m, cfg, m->ep_topo, 0, &r->log_owner);
+        if (!r->place_ev) r->place_ev = xcalloc(sizeof(double) * PLACE_COLS * (size_t)model_n_moe_layers(m));
+        double b = replace_experts(m, cfg, m->ep_topo, 0, &r->log_owner, step + 1, r->place_ev, !r->opt->quiet);
+        r->place_logged = false;
         if (b > 0) r->log_owner = true;
         migr += b;
     }
@@ -689,7 +714,9 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .owners = r->log_owner || migr > 0, .migration_bytes = migr,
         .rank_compute_s = r->rank_cols, .rank_rss = r->rank_cols + P,
         .qerr = o->log_step ? r->prec.qerr : NULL, .mem_all = o->log_step ? r->mem_all : NULL,
-        .intra_frac = r->intra_frac, .replica_mismatch = rep_bad};
+        .intra_frac = r->intra_frac, .replica_mismatch = rep_bad,
+        .placement = r->place_ev && !r->place_logged ? r->place_ev : NULL};
+    r->place_logged = true;
     rec.flops_frac = r->flops_tok * rec.tok_s / (r->peak_total * 1e9);
     r->log_owner = false;
     double mean_cv2 = runlog_step(&r->log, m, &rec);
@@ -790,7 +817,10 @@ static Status recluster_event(Run *r, long step) {
         for (int i = 0; i < n_ev; i++) r->evs[i].rolled_back = r->evs[i].accepted && r->evs[i].n_moved > 0;
     } else if (m->ep_size > 1) {
         /* groups changed: re-place them (migration bytes land in the next step's log) */
-        r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner);
+        if (!r->place_ev) r->place_ev = xcalloc(sizeof(double) * PLACE_COLS * (size_t)model_n_moe_layers(m));
+        r->pending_migr += replace_experts(m, r->cfg, m->ep_topo, 1, &r->log_owner, step + 1, r->place_ev,
+                                           !r->opt->quiet);
+        r->place_logged = false;
     }
     if (cc->verify) snapshot_free(&sn);
     r->last_event = step + 1;

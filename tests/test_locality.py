@@ -8,7 +8,10 @@
 - with every option, 2 ranks (2 nodes x 1) and 4 ranks (2 nodes x 2) give equal losses within
   float tolerance: both put the same experts and the same tokens on each node (contiguous
   placement, contiguous batch slices). One rank has one node, where the options are no-ops.
-- a node limit that leaves fewer units than a token selects is an error naming the key."""
+- a node limit that leaves fewer units than a token selects is an error naming the key;
+- every placement event is logged (parallel/placement, one row per event and MoE layer): an
+  accepted proposal lowered the objective and moved units, and its step has migration bytes;
+  a kept one moved nothing."""
 import os
 import numpy as np
 from testlib import check, finish, run, series, tiny_config, tmpdir
@@ -47,6 +50,16 @@ for kind, sets in {"standard": STD, "clustered": CLUS}.items():
               f"(mean nodes/token {nodes[:, :, 0].mean():.2f})")
         if M == 2:
             check(mig.sum() > 0, f"{kind}: units migrated during the run ({mig.sum():.0f} bytes), the mask followed")
+        # placement events at steps 3, 6, 9 (none at the last step): [events, layers, 8]
+        ps, pl = series(h, "parallel/placement")
+        ms, _ = series(h, "parallel/migration_bytes")
+        acc = pl[:, :, 2] == 1
+        good = (list(ps) == [3, 6, 9] and np.all((pl[:, :, 2] == 0) | acc)
+                and np.all(pl[acc][:, 1] < pl[acc][:, 0]) and np.all(pl[acc][:, 3] > 0)
+                and np.all(pl[~acc][:, 3] == 0)
+                and all((st in ms) == bool(acc[i].any()) for i, st in enumerate(ps)))
+        check(good, f"{kind} max_nodes {M}: parallel/placement has one row per event (steps {list(ps)}); accepted "
+              f"proposals ({int(acc.sum())} of {acc.size}) lowered the objective, moved units and migrated bytes")
     h = train(f"free-{kind}", 4, sets + topo(4, 1))
     if h:
         _, nodes = series(h, "moe/nodes_per_token")

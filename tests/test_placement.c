@@ -8,12 +8,20 @@
  * cap holds MaxVio to its tolerance (at a cut cost) and is a no-op when loose; all policies
  * are deterministic. The METIS partitioner: exact sizes, determinism, cut below contiguous and
  * the load cap on planted clusters, and 1024 units on 128 nodes x 8 ranks within a time bound.
+ * Issue 12 (ep_propose_ex): the replica-aware placement has a lower rank MaxVio counting the
+ * copies than the replica-blind one (a hand case and random loads); under node-limited routing
+ * the co-selection statistics from the preferred units (router_preferred) put the pairs tokens
+ * want on one node, after which the limit no longer changes their routing, while the routed
+ * pairs keep them apart; with the home bias the placement spreads those pairs over the nodes.
  * Legend: U R N = units, ranks, nodes; per = units per rank. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ep.h"
 #include "harness.h"
 #include "placement.h"
+#include "router.h"
 
 static TopologyConfig vcfg(int nodes, int rpn) {
     TopologyConfig c;
@@ -509,6 +517,210 @@ static void test_metis(void) {
     free(a); free(l);
 }
 
+/* ---------------------------------------------------------------- issue 12: replicas and nodes */
+
+/* 8 units on 2 nodes x 2 ranks, one copy: unit 0 (load 6) is copied to the other node, so it
+ * carries 3 on each holder. Blind to the copy, the placement gives unit 0 the two lightest
+ * units' node and then the copy lands on a full node; aware of it, the loads are even */
+static void test_replica_aware(void) {
+    Topology t;
+    make_topo(&t, 2, 2);
+    EpMap em;
+    ep_map_init(&em, 4, 0, 8, 1);
+    ep_map_set_topology(&em, &t);
+    ep_map_set_replicas(&em, 1);
+    double load[8] = {6, 3, 3, 3, 3, 3, 1, 1};
+    memcpy(em.load, load, sizeof load);
+    em.have_stats = 1;
+    Placement blind, aware;
+    EpPlaceOpts ob = {.replica_blind = 1}, oa = {0};
+    EpPlaceInfo ib, ia;
+    ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.0, &ob, &blind, &ib);
+    ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.0, &oa, &aware, &ia);
+    double vb = ep_placement_maxvio(&em, &blind), va = ep_placement_maxvio(&em, &aware);
+    ok(valid(&blind) && valid(&aware), "replica-aware and blind placements are valid");
+    ok(ia.copies == 1 && ib.copies == 0, "the aware placement plans 1 copy (%d), the blind one none (%d)", ia.copies,
+       ib.copies);
+    ok(va < vb - 0.05, "hand case: rank MaxVio counting the copy: aware %.3f < blind %.3f", va, vb);
+    ok(fabs(ia.maxvio_after - va) < 1e-12 && fabs(ib.maxvio_after - vb) < 1e-12,
+       "info.maxvio_after is the placement's MaxVio with its copies");
+    placement_free(&blind);
+    placement_free(&aware);
+    /* no co-selection (objective 0 either way): from {0, 2} {1, 3} {4, 6} {5, 7} the aware
+     * proposal is taken on balance alone (the copy lands on a rank with {3, 1}); the blind one,
+     * which only compares the cut, is not */
+    int32_t start[8] = {0, 1, 0, 1, 2, 3, 2, 3};
+    memcpy(em.place.owner, start, sizeof start);
+    placement_fill_slots(&em.place);
+    ep_map_refresh(&em, NULL);
+    int acc_b = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, &ob, &blind, &ib);
+    int acc_a = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, &oa, &aware, &ia);
+    ok(acc_a && !acc_b && ia.obj_after == 0 && fabs(ia.maxvio_before - 7 / 5.75 + 1) < 1e-9 &&
+       ia.maxvio_after < ia.maxvio_before - 0.05,
+       "zero co-selection: the aware proposal is taken on balance (rank MaxVio with the copy %.3f -> %.3f), the blind "
+       "one is not (%d)", ia.maxvio_before, ia.maxvio_after, acc_b);
+    placement_free(&blind);
+    placement_free(&aware);
+    ep_map_free(&em);
+    topology_free(&t);
+
+    /* random heavy-tailed loads, 4 nodes x 2 ranks, 32 units, 6 copies, where the load decides
+     * the placement: no co-selection at the default cap, or co-selection under a tight cap (with
+     * strong co-selection under a loose cap the cut decides and both stay within the cap) */
+    Topology t4;
+    make_topo(&t4, 4, 2);
+    const double dens[2] = {0.0, 0.2}, caps[2] = {0.25, 0.1};
+    for (int c = 0; c < 2; c++) {
+        Rng rng;
+        rng_init(&rng, 77, 0, RNG_TEST);
+        int better = 0, worse = 0, n = 40;
+        double sum_b = 0, sum_a = 0;
+        for (int trial = 0; trial < n; trial++) {
+            ep_map_init(&em, 8, 0, 32, 1);
+            ep_map_set_topology(&em, &t4);
+            ep_map_set_replicas(&em, 6);
+            for (int u = 0; u < 32; u++) em.load[u] = 1 + rng_uniform(&rng) * (rng_uniform(&rng) < 0.2 ? 20 : 2);
+            random_symmetric(&rng, em.affinity, 32, dens[c]);
+            em.have_stats = 1;
+            ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t4, 8, caps[c], 0.0, &ob, &blind, NULL);
+            ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t4, 8, caps[c], 0.0, &oa, &aware, NULL);
+            vb = ep_placement_maxvio(&em, &blind);
+            va = ep_placement_maxvio(&em, &aware);
+            sum_b += vb;
+            sum_a += va;
+            better += va < vb - 1e-9;
+            worse += va > vb + 1e-9;
+            placement_free(&blind);
+            placement_free(&aware);
+            ep_map_free(&em);
+        }
+        ok(sum_a < 0.8 * sum_b && better > 2 * worse,
+           "random loads, co-selection density %.1f, cap %.2f: mean rank MaxVio with copies aware %.3f < 0.8 x blind "
+           "%.3f (aware lower in %d of %d, higher in %d)", dens[c], caps[c], sum_a / n, sum_b / n, better, n, worse);
+    }
+    topology_free(&t4);
+}
+
+/* standard MoE, 8 experts on 2 nodes x 2 ranks, contiguous (experts 0-3 on node 0): every
+ * token wants the pair (j, j + 4), one expert on each node. */
+enum { NL_N = 64, NL_E = 8, NL_K = 2 };
+static void nl_logits(Route *r) {
+    for (int t = 0; t < NL_N; t++) {
+        int j = t % 4;
+        for (int e = 0; e < NL_E; e++) r->logits[t * NL_E + e] = 0.1f * (float)((e * 3 + t) % 5) / 5.0f;
+        r->logits[t * NL_E + j] = 3.0f + 0.01f * (float)(t % 3);
+        r->logits[t * NL_E + j + 4] = 3.0f;
+    }
+}
+
+/* tokens whose two wanted experts are both selected */
+static int nl_both(const Route *r) {
+    int n = 0;
+    for (int t = 0; t < NL_N; t++) {
+        int j = t % 4, a = r->expert[t * NL_K], b = r->expert[t * NL_K + 1];
+        n += (a == j && b == j + 4) || (a == j + 4 && b == j);
+    }
+    return n;
+}
+
+static void test_node_limit_prefs(void) {
+    Topology t;
+    make_topo(&t, 2, 2);
+    Comm comm;
+    Status st = comm_single_init(&comm);
+    ASSERTF(STATUS_OK(st), "%s", st.msg);
+    MoeConfig mc;
+    memset(&mc, 0, sizeof mc);
+    mc.renormalize = true;
+    mc.balance = BALANCE_AUX;
+    Route r;
+    router_init(&r, NL_N, NL_E, NL_K, 0, 0);
+    for (int pref = 0; pref < 2; pref++) {
+        EpMap em;
+        ep_map_init(&em, 4, 0, NL_E, 1);
+        ep_map_set_topology(&em, &t);
+        RouteNodes nd = {.n_nodes = 2, .expert_node = em.expert_node, .home = 0, .max_nodes = 1, .home_bias = 0};
+        nl_logits(&r);
+        router_select(&r, &mc, NULL, NULL, NL_N, &nd);
+        int before = nl_both(&r);
+        /* statistics: the preferred units (what moe_route feeds placement under a node limit),
+         * or the routed pairs (kept selections, as epx_plan counts them) */
+        if (pref) {
+            int32_t pu[NL_N * NL_K];
+            router_preferred(&r, &mc, NULL, NULL, NL_N, NL_K, pu);
+            int pref_ok = 1;
+            for (int q = 0; q < NL_N; q++) pref_ok &= (pu[q * 2] == q % 4 && pu[q * 2 + 1] == q % 4 + 4);
+            ok(pref_ok, "router_preferred: every token's unconstrained top-2 (j, j + 4) across the node limit");
+            em.collect = 1;
+            ep_stats_add_pairs(&em, NL_N, NL_K, pu);
+        } else {
+            for (int q = 0; q < NL_N; q++) {
+                int a = r.expert[q * 2], b = r.expert[q * 2 + 1];
+                em.aff_step[a * (NL_E + 1) + b] += 1;
+                em.aff_step[b * (NL_E + 1) + a] += 1;
+            }
+        }
+        for (int q = 0; q < NL_N * NL_K; q++) em.aff_step[r.expert[q] * (NL_E + 1) + NL_E] += 1;
+        ep_stats_step(&em, &comm, 1.0);
+        Placement np;
+        int acc = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, NULL, &np, NULL);
+        if (acc) {
+            placement_copy(&em.place, &np);
+            ep_map_refresh(&em, NULL);
+        }
+        int together = 0;
+        for (int j = 0; j < 4; j++) together += topology_same_node(&t, em.place.owner[j], em.place.owner[j + 4]);
+        nl_logits(&r);
+        router_select(&r, &mc, NULL, NULL, NL_N, &nd);
+        int after = nl_both(&r);
+        if (pref)
+            ok(before == 0 && acc && together == 4 && after == NL_N,
+               "max_nodes 1, preferred-unit statistics: the 4 wanted pairs share a node (%d of 4, proposal %s), and "
+               "then every token gets both its experts (%d of %d, before %d)", together, acc ? "taken" : "kept", after,
+               NL_N, before);
+        else
+            ok(together == 0 && after == 0,
+               "max_nodes 1, routed-pair statistics: the wanted pairs stay split (%d of 4 together), no token gets "
+               "both (%d)", together, after);
+        placement_free(&np);
+        ep_map_free(&em);
+    }
+    /* home bias: the same preferred pairs, placed together at first, are spread over the nodes */
+    EpMap em;
+    ep_map_init(&em, 4, 0, NL_E, 1);
+    ep_map_set_topology(&em, &t);
+    int32_t own[NL_E] = {0, 1, 2, 3, 0, 1, 2, 3};   /* (j, j + 4) on rank j: node j / 2 */
+    memcpy(em.place.owner, own, sizeof own);
+    placement_fill_slots(&em.place);
+    ep_map_refresh(&em, NULL);
+    int32_t pu[NL_N * NL_K];
+    nl_logits(&r);
+    router_preferred(&r, &mc, NULL, NULL, NL_N, NL_K, pu);
+    em.collect = 1;
+    ep_stats_add_pairs(&em, NL_N, NL_K, pu);
+    for (int q = 0; q < NL_N * NL_K; q++) em.aff_step[pu[q] * (NL_E + 1) + NL_E] += 1;
+    ep_stats_step(&em, &comm, 1.0);
+    EpPlaceOpts sp = {.spread = 1};
+    Placement pack, spread;
+    EpPlaceInfo ip, is;
+    ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, NULL, &pack, &ip);
+    int acc = ep_propose_ex(&em, PLACEMENT_TOPOLOGY, &t, 8, 0.25, 0.05, &sp, &spread, &is);
+    int split = 0, split_pack = 0;
+    for (int j = 0; j < 4; j++) {
+        split += !topology_same_node(&t, spread.owner[j], spread.owner[j + 4]);
+        split_pack += !topology_same_node(&t, pack.owner[j], pack.owner[j + 4]);
+    }
+    ok(acc && split == 4 && split_pack == 0 && is.obj_after < is.obj_before,
+       "home bias, spread: every wanted pair on two nodes (%d of 4; packed: %d), co-selection kept inside the nodes "
+       "%.1f -> %.1f", split, split_pack, is.obj_before, is.obj_after);
+    placement_free(&pack);
+    placement_free(&spread);
+    ep_map_free(&em);
+    router_free(&r);
+    comm_free(&comm);
+    topology_free(&t);
+}
+
 int main(void) {
     test_struct();
     test_contiguous_eplb();
@@ -517,5 +729,7 @@ int main(void) {
     test_topology_balance();
     test_topology_capped();
     test_metis();
+    test_replica_aware();
+    test_node_limit_prefs();
     return harness_done();
 }
