@@ -25,7 +25,7 @@ SEEDS = rr.SEEDS
 SWITCH = 400
 # name, --set list, static twin, what it is
 VARIANTS = [
-    ("standard", ["moe.kind=standard"], "", "standard MoE (shared init), no compression"),
+    ("standard", ["moe.kind=standard", "clustering.compress_at=0"], "", "standard MoE (shared init), no compression"),
     ("static", [], "", "warm-up, learned compression at step 200, static partition"),
     ("dynamic", ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"], "static",
      "as static, then re-clustering every 100 steps after the switch, proposed from the unconstrained co-activation "
