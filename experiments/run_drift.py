@@ -7,8 +7,6 @@ usage: /usr/bin/python3 experiments/run_drift.py [--jobs 2] [--only a,b] [--set 
 Every variant runs with the seeds of run_recluster.py (paired); complete runs are not rerun (the runs and
 the per-run summary are those of experiments/run_recluster.py). --render-only rebuilds
 results/drift.md from results/drift.{csv,meta.json} and the hand-written results/drift.notes.md."""
-import argparse
-import csv
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -64,16 +62,7 @@ def run_all(a):
 
 
 def render(out_dir):
-    meta = rl.read_meta(NAME)
-    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
-        rows = list(csv.DictReader(f))
-    by = {}
-    for r in rows:
-        by.setdefault(r["variant"], {})[int(r["seed"])] = {k: float(v) for k, v in r.items() if k not in ("variant", "seed")}
-    seeds = meta["seeds"]
-
-    def series(v, k):
-        return np.array([by[v][s][k] for s in seeds])
+    meta, by, seeds, series = rr.load_table(NAME)
 
     lines = ["# Drift: non-fiction, then fiction; does dynamic re-clustering follow the shift?", "",
              f"Command: `{meta['command']}` (config `{CONFIG}`: the model of experiments/recluster.yaml, trained on the "
@@ -82,17 +71,12 @@ def render(out_dir):
              f"learned partition; seeds {', '.join(map(str, seeds))} in every row, mean ± sd). "
              + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
              f"| variant | fiction valid ppl at step {meta['switch_at']} (before the switch) | 100 steps after | final valid ppl | "
-             "final test ppl | re-cluster events accepted / layer-events | experts moved | refit err | probe Δloss |",
+             "final test ppl | re-cluster events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _, _, desc in VARIANTS:
         if name not in by:
             continue
-        m = lambda k: float(np.nanmean(series(name, k)))
-        ev = m("layer_events")
-        events = "-" if ev == 0 else f"{m('accepted'):.1f} / {ev:.0f}"
-        moved = "-" if ev == 0 else f"{m('moved'):.1f}"
-        refit = "-" if np.isnan(m("refit_err")) else f"{100 * m('refit_err'):.1f}%"
-        probe = "-" if np.isnan(m("probe_delta")) else f"{m('probe_delta'):+.4f}"
+        events, moved, refit, probe = rr.event_cells(lambda k: float(np.nanmean(series(name, k))))
         lines.append(f"| **{name}**: {desc} | {rr.fmt_ms(series(name, 'ppl_at_switch'))} | "
                      f"{rr.fmt_ms(series(name, 'ppl_after_100'))} | {rr.fmt_ms(series(name, 'valid_ppl'))} | "
                      f"{rr.fmt_ms(series(name, 'test_ppl'))} | {events} | {moved} | {refit} | {probe} |")
@@ -109,13 +93,7 @@ def render(out_dir):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
-    ap.add_argument("--build", default="build", help="build folder of the dcmoe to run (default build)")
-    ap.add_argument("--steps", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
-    rl.run_main(ap, run_all, render)
+    rr.study_main(run_all, render)
 
 
 if __name__ == "__main__":

@@ -187,9 +187,22 @@ def fmt_ms(x, digits=2, pct=False):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def render(out_dir):
-    meta = rl.read_meta(NAME)
-    with open(os.path.join(rl.RESULTS, NAME + ".csv")) as f:
+def event_cells(m):
+    """the re-clustering cells of a table row (m(column) = the mean over the seeds): events
+    accepted / rolled back / layer-events, experts moved, refit error, probe delta"""
+    ev = m("layer_events")
+    if ev == 0:
+        return "-", "-", "-", "-"
+    return (f"{m('accepted'):.1f} / {m('rolled_back'):.1f} / {ev:.0f}", f"{m('moved'):.1f}",
+            "-" if np.isnan(m("refit_err")) else f"{100 * m('refit_err'):.1f}%",
+            "-" if np.isnan(m("probe_delta")) else f"{m('probe_delta'):+.4f}")
+
+
+def load_table(name):
+    """results/<name>.{meta.json,csv} of a paired study: (meta, by[variant][seed] = {column: value},
+    seeds, series(variant, column) -> the column over the seeds in meta order)"""
+    meta = rl.read_meta(name)
+    with open(os.path.join(rl.RESULTS, name + ".csv")) as f:
         rows = list(csv.DictReader(f))
     by = {}
     for r in rows:
@@ -198,6 +211,11 @@ def render(out_dir):
 
     def series(v, k):
         return np.array([by[v][s][k] for s in seeds])
+    return meta, by, seeds, series
+
+
+def render(out_dir):
+    meta, by, seeds, series = load_table(NAME)
 
     lines = ["# Re-clustering that works? Static vs dynamic, learned vs random partitions (paper-lm scale)", "",
              f"Command: `{meta['command']}` (config `{CONFIG}`: d_model 128, 2 layers, seq 64, batch 16, "
@@ -215,11 +233,7 @@ def render(out_dir):
         if name not in by:
             continue
         m = lambda k: float(np.nanmean(series(name, k)))
-        ev = m("layer_events")
-        events = "-" if ev == 0 else f"{m('accepted'):.1f} / {m('rolled_back'):.1f} / {ev:.0f}"
-        moved = "-" if ev == 0 else f"{m('moved'):.1f}"
-        refit = "-" if np.isnan(m("refit_err")) else f"{100 * m('refit_err'):.1f}%"
-        probe = "-" if np.isnan(m("probe_delta")) else f"{m('probe_delta'):+.4f}"
+        events, moved, refit, probe = event_cells(m)
         # the log's flops_per_token attribute is the model the run started with: after a
         # compression the model is the clustered one, whose FLOPs are clustered-static's
         flops = f"{m('flops_per_token') / 1e6:.2f}M"
@@ -293,14 +307,19 @@ def answers(by, series):
     return "\n".join(out)
 
 
-def main():
+def study_main(run_all_fn, render_fn):
+    """the command line of a paired study (this one and experiments/run_drift.py)"""
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--build", default="build", help="build folder of the dcmoe to run (default build)")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
-    rl.run_main(ap, run_all, render)
+    rl.run_main(ap, run_all_fn, render_fn)
+
+
+def main():
+    study_main(run_all, render)
 
 
 if __name__ == "__main__":

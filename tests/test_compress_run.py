@@ -14,7 +14,7 @@ standard, compress_at >= train.steps are refused naming the key."""
 import os
 import sys
 import numpy as np
-from testlib import SRC, check, finish, run, series, tiny_config, tmpdir
+from testlib import rel_err, train_tiny, SRC, check, finish, run, series, tiny_config, tmpdir
 
 sys.path.insert(0, os.path.join(SRC, "analysis"))
 import dcmoe_logs  # noqa: E402
@@ -26,17 +26,8 @@ COMP = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=4", "--set", "moe.
 
 
 def train(name, ranks, sets, extra=()):
-    cfg = os.path.join(d, f"{name}.yaml")
-    tiny_config(cfg, d, name)
-    p = run(["train", cfg, "--quiet"] + sets + list(extra), ranks=ranks)
-    check(p.returncode == 0, f"{name}: {ranks}-rank run exits 0")
-    return os.path.join(d, name, "metrics.h5"), cfg, p
+    return train_tiny(d, name, ranks, list(sets) + list(extra))
 
-
-def rel_err(a, b):
-    if len(a) != len(b):
-        return 1.0
-    return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
 # ---- the event in one run ----

@@ -16,7 +16,7 @@
 import os
 import shutil
 import numpy as np
-from testlib import check, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
+from testlib import rel_err, train_tiny, check, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-epsize-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -26,17 +26,8 @@ PLACE = ["--set", "parallel.placement=topology", "--set", "parallel.place_interv
 
 
 def train(name, ranks, sets):
-    cfg = os.path.join(d, f"{name}.yaml")
-    tiny_config(cfg, d, name)
-    p = run(["train", cfg, "--quiet"] + sets, ranks=ranks)
-    check(p.returncode == 0, f"{name}: {ranks}-rank run exits 0")
-    return os.path.join(d, name, "metrics.h5"), cfg, p
+    return train_tiny(d, name, ranks, sets)
 
-
-def rel_err(a, b):
-    if len(a) != len(b):
-        return 1.0
-    return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
 

@@ -16,7 +16,7 @@
 import os
 import shutil
 import numpy as np
-from testlib import check, checkpoint_table, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
+from testlib import rel_err, check, checkpoint_table, expert_rows_bad, finish, read_checkpoint, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-replicas-")
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
@@ -41,11 +41,6 @@ def train(name, ranks, sets, env=None, ok_rc=True):
         check(p.returncode == 0, f"{name}: {ranks}-rank run exits 0")
     return os.path.join(d, name, "metrics.h5"), cfg, p
 
-
-def rel_err(a, b):
-    if len(a) != len(b):
-        return 1.0
-    return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
 

@@ -142,3 +142,21 @@ def expert_rows_bad(ref, got, tol=1e-3):
             if not (np.linalg.norm(rb[i]) > 0 and err < tol):
                 bad.append(f"{tname}[{i}] rel err {err:.2e}")
     return bad
+
+
+def rel_err(a, b):
+    """max relative difference of two loss series (1.0 when their lengths differ)"""
+    import numpy as np
+    if len(a) != len(b):
+        return 1.0
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.abs(np.asarray(a))))
+
+
+def train_tiny(d, name, ranks, args):
+    """dcmoe train of tiny_config(d/name.yaml) with extra command-line args under `ranks` ranks,
+    checked to exit 0: (metrics.h5 path, config path, the CompletedProcess)"""
+    cfg = os.path.join(d, f"{name}.yaml")
+    tiny_config(cfg, d, name)
+    p = run(["train", cfg, "--quiet"] + list(args), ranks=ranks)
+    check(p.returncode == 0, f"{name}: {ranks}-rank run exits 0")
+    return os.path.join(d, name, "metrics.h5"), cfg, p
