@@ -24,7 +24,7 @@ SWITCH = 400
 # name, --set list, static twin, what it is
 VARIANTS = [
     ("standard", ["moe.kind=standard", "clustering.compress_at=0"], "", "standard MoE (shared init), no compression"),
-    ("static", [], "", "warm-up, learned compression at step 200, static partition"),
+    ("static", ["clustering.alpha=0"], "", "warm-up, learned compression at step 200 (co-activation partition, alpha 0, as the rows below), static"),
     ("dynamic", ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"], "static",
      "as static, then re-clustering every 100 steps after the switch, proposed from the unconstrained co-activation "
      "(forced moves)"),
@@ -68,7 +68,7 @@ def render(out_dir):
              f"Command: `{meta['command']}` (config `{CONFIG}`: the model of experiments/recluster.yaml, trained on the "
              f"Brown non-fiction genres a-j until step {meta['switch_at']} and on the fiction genres k-r after it; "
              "validation and test are fiction files only; the clustered rows are compressed at step 200 with the "
-             f"learned partition; seeds {', '.join(map(str, seeds))} in every row, mean ± sd). "
+             f"learned partition from the co-activation (clustering.alpha 0); seeds {', '.join(map(str, seeds))} in every row, mean ± sd). "
              + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
              f"| variant | fiction valid ppl at step {meta['switch_at']} (before the switch) | 100 steps after | final valid ppl | "
              "final test ppl | re-cluster events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss |",

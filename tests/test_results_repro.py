@@ -33,6 +33,7 @@ RENDERED = [
     ("experiments/run_sim.py", "results/sim-validate.md"),
     ("experiments/run_sim.py", "results/sim-scale.md"),
     ("experiments/run_recluster.py", "results/recluster.md"),
+    ("experiments/run_drift.py", "results/drift.md"),
     ("experiments/run_sim_machine.py", "results/sim-machine.md"),
 ]
 # written by analysis/report from run logs that are not committed (run_sweep_clusters.py copies
