@@ -38,10 +38,29 @@ _dcmoe_child=""
 _dcmoe_signal=""
 _dcmoe_on_signal() {
     _dcmoe_signal="$1"
+    if [ -z "$_dcmoe_child" ]; then
+        dcmoe_log "received SIG$1 while no trainer runs: no new run starts in this job"
+        return
+    fi
     dcmoe_log "received SIG$1: asking the trainer (pid $_dcmoe_child) to checkpoint and stop"
     # SIGUSR1 is dcmoe's "checkpoint at the end of this step and exit"; also on TERM (scancel,
     # scontrol requeue), so the checkpoint is written before Slurm's KillWait ends
-    [ -n "$_dcmoe_child" ] && kill -USR1 "$_dcmoe_child" 2> /dev/null
+    kill -USR1 "$_dcmoe_child" 2> /dev/null
+}
+# the traps are set when this file is sourced, so a signal that arrives while the job script is
+# still setting up (resolving the run folder, asking scontrol) is remembered instead of killing
+# the shell (bash's default for USR1), and the job requeues instead of failing
+trap '_dcmoe_on_signal USR1' USR1
+trap '_dcmoe_on_signal TERM' TERM
+
+# dcmoe_requeue_if_signalled: after a USR1, requeue this job (inside Slurm) and return 0; else 1
+dcmoe_requeue_if_signalled() {
+    if [ "$_dcmoe_signal" = USR1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        dcmoe_log "requeueing job $SLURM_JOB_ID (it resumes from the newest complete checkpoint)"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    return 1
 }
 
 # dcmoe_train CONFIG RANKS RUN_DIR [train options...]: run (or resume, or skip) one run.
@@ -86,8 +105,11 @@ dcmoe_train() {
         dcmoe_log "this run uses $ranks of the allocation's $SLURM_NTASKS tasks"
         export SLURM_NTASKS="$ranks"
     fi
-    trap '_dcmoe_on_signal USR1' USR1
-    trap '_dcmoe_on_signal TERM' TERM
+    if [ -n "$_dcmoe_signal" ]; then
+        dcmoe_log "SIG$_dcmoe_signal arrived before the trainer started: not starting it"
+        dcmoe_requeue_if_signalled && return 0
+        return 1
+    fi
     dcmoe_log "${launch[*]} $DCMOE_EXE train $config ${resume[*]} $*"
     "${launch[@]}" "$DCMOE_EXE" train "$config" "${resume[@]}" "$@" &
     _dcmoe_child=$!
@@ -97,12 +119,10 @@ dcmoe_train() {
         rc=$?
         kill -0 "$_dcmoe_child" 2> /dev/null || break   # wait returned because of a trapped signal
     done
-    trap - USR1 TERM
+    _dcmoe_child=""
     state=$(dcmoe_run_state "$run_dir")
     dcmoe_log "trainer exited with $rc; run folder: $state"
-    if [ "$_dcmoe_signal" = USR1 ] && [ "$state" != done ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-        dcmoe_log "requeueing job $SLURM_JOB_ID (it resumes from the newest complete checkpoint)"
-        scontrol requeue "$SLURM_JOB_ID"
+    if [ "$state" != done ] && dcmoe_requeue_if_signalled; then
         return 0
     fi
     return "$rc"

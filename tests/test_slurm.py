@@ -7,7 +7,8 @@
   4. the pre-timeout path: USR1 to the batch shell (what --signal=B:USR1@90 sends) makes the
      trainer checkpoint and the script requeue the job, which then resumes and finishes with the
      uninterrupted final loss;
-  5. the same through a real time limit (--time=1 --signal=B:USR1@50).
+  5. the same through a real time limit (--time=2 --signal=B:USR1@80).
+  0. (no Slurm) a USR1 before the trainer starts leaves the job script alive and requeues it.
 Skips (77) when not root or Slurm is not installed."""
 import os
 import re
@@ -55,9 +56,33 @@ def show(path):
         print("# --- " + path + "\n" + "".join("# " + l for l in open(path).readlines()[-25:]), flush=True)
 
 
+def early_signal(tmp):
+    """a USR1 that reaches the job script before the trainer starts is remembered (not bash's
+    default, which kills the script): no trainer starts and the job requeues. No Slurm needed: a
+    fake scontrol records what the script asks of it."""
+    fake = os.path.join(tmp, "fakebin")
+    os.makedirs(fake, exist_ok=True)
+    calls = os.path.join(tmp, "scontrol.calls")
+    with open(os.path.join(fake, "scontrol"), "w") as f:
+        f.write(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    os.chmod(os.path.join(fake, "scontrol"), 0o755)
+    script = (f'. {T.SRC}/slurm/dcmoe-job.sh; kill -USR1 $$; '
+              f'dcmoe_train cfg.yaml 1 {tmp}/runs/early; echo "rc=$?"')
+    env = dict(os.environ, PATH=fake + os.pathsep + os.environ["PATH"], SLURM_JOB_ID="4242",
+               DCMOE_EXE="/bin/false", DCMOE_ROOT=T.SRC)
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    asked = open(calls).read() if os.path.exists(calls) else ""
+    T.check(r.returncode == 0 and "rc=0" in r.stdout and "not starting it" in r.stdout and
+            "requeue 4242" in asked and "train cfg.yaml" not in r.stdout,
+            "early USR1: the job script survives it, starts no trainer and requeues the job")
+    if T.failures:
+        print("# " + r.stdout.replace("\n", "\n# ") + r.stderr, flush=True)
+
+
 def main():
     tmp = T.tmpdir("dcmoe-slurm-test-")
     os.chmod(tmp, 0o755)
+    early_signal(tmp)
     env_extra = {"DCMOE_ROOT": T.SRC, "DCMOE_EXE": T.EXE, "OPENBLAS_NUM_THREADS": "1"}
     export = "--export=ALL," + ",".join(f"{k}={v}" for k, v in env_extra.items())
     t_all = time.time()
@@ -166,16 +191,19 @@ def main():
                 show(out)
             print(f"# [{time.time() - t_all:.1f} s] {how} done", flush=True)
 
-        # 5. the real time-limit path: --time=1 --signal=B:USR1@50 sends USR1 about 10-40 s into the
-        # job; the script checkpoints and requeues, the requeued job resumes (then it is cancelled:
-        # every start would be signalled again before this long run ends)
+        # 5. the real time-limit path: --time=2 --signal=B:USR1@80. slurmctld checks time limits
+        # every 30 s and signals a job once its end is less than 80 + 30 s away, so USR1 comes
+        # 10-40 s into the job: never in its first seconds, where (with --time=1 @50, signalled at
+        # the first check) the signal once raced the job's start and was lost, and the job ran
+        # into its limit. The script checkpoints and requeues, the requeued job resumes (then it
+        # is cancelled: every start would be signalled again before this long run ends)
         cfg = T.tiny_config(os.path.join(tmp, "limit.yaml"), os.path.join(tmp, "runs"), "limit")
         text = open(cfg).read().replace("steps: 12", "steps: 1000000").replace("interval: 0", "interval: 1000")
         open(cfg, "w").write(text.replace("eval_interval: 6", "eval_interval: 0").replace("log_interval: 4", "log_interval: 100000"))
         out = os.path.join(tmp, "limit.out")
-        job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--time=1", "--signal=B:USR1@50",
+        job = sc.sbatch([export, f"--chdir={tmp}", f"--output={out}", "--time=2", "--signal=B:USR1@80",
                          os.path.join(T.SRC, "slurm", "run.sbatch"), cfg])
-        resumed = wait_for(lambda: os.path.exists(out) and "resumed from" in open(out).read(), 150, 0.5)
+        resumed = wait_for(lambda: os.path.exists(out) and "resumed from" in open(out).read(), 200, 0.5)
         log = open(out).read() if os.path.exists(out) else ""
         sc.run(["scancel", job], check=False)
         T.check(resumed and "received SIGUSR1" in log and "signal SIGUSR1 received: checkpoint written" in log and
