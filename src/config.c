@@ -340,6 +340,16 @@ static const KeyDef keys[] = {
     K_STR(sim.aggregate, "",
           "dcmoe simulate, routing aggregate: the metrics.h5 of a trained run with the same n_experts and MoE layers; "
           "its logged tokens per expert (moe/tokens_per_expert) become each layer's expert popularity"),
+    K_INT(sim.redraw_interval, 1, 1 << 24, 1,
+          "dcmoe simulate: draw the routing anew every n steps (and after every placement or partition change); the "
+          "steps between reuse the last drawn step's costs and bytes (events add their own): long trajectories in seconds"),
+    K_FLOAT(sim.recluster_moved, 0, 0.0, 1.0, 0, 0.1,
+            "dcmoe simulate: fraction of the experts each simulated re-clustering event (clustered model, clustering.enabled, "
+            "every clustering.interval steps after clustering.warmup) moves to another group; the moves are drawn at random, "
+            "groups stay balanced"),
+    K_FLOAT(sim.host_gflops, 1, 0.0, 1e6, 0, 20.0,
+            "dcmoe simulate: GFLOP/s of the host-side work of a re-clustering event (weight reconstruction, feature sketch, "
+            "balanced k-means, refit SVDs: host code in the trainer)"),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 

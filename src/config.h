@@ -216,6 +216,9 @@ typedef struct SimConfig {
     long trace_step;                 /* the recorded step to replay; 0 = every recorded step in order */
     char hardware_file[4096];        /* measured hardware file (dcmoe bench calibrate); "" = the preset */
     char aggregate[4096];            /* routing aggregate: a trained run's metrics.h5 (moe/tokens_per_expert) */
+    int redraw_interval;             /* draw routing every n steps (and after a layout change); reuse between */
+    double recluster_moved;          /* fraction of experts a simulated re-clustering event moves to another group */
+    double host_gflops;              /* rate of the trainer's host-side event work (features, k-means, refit) */
 } SimConfig;
 
 typedef struct Config {

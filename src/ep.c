@@ -250,9 +250,13 @@ static void bytes_of(const size_t *cnt, size_t elem, int P, size_t *bc, size_t *
 }
 
 void ep_stats_step(EpMap *em, Comm *comm, double ema) {
+    comm_allreduce_sum_f64(comm, em->aff_step, (size_t)em->U * (em->U + 1));
+    ep_stats_fold(em, ema);
+}
+
+void ep_stats_fold(EpMap *em, double ema) {
     int U = em->U;
     size_t n = (size_t)U * (U + 1);
-    comm_allreduce_sum_f64(comm, em->aff_step, n);
     double a = em->have_stats ? ema : 1.0;
     for (int u = 0; u < U; u++) {
         for (int v = 0; v < U; v++)
@@ -478,14 +482,13 @@ int ep_propose_ex(const EpMap *em, int policy, const Topology *topo, int refine_
     return accept;
 }
 
-/* co-selection: the distinct units of each token's kept pairs (pairs counted both ways) */
-static void add_stats(EpMap *em, int N, int k, const int32_t *sel, const int32_t *kept) {
+void ep_stats_add(EpMap *em, int N, int k, const int32_t *sel, const int32_t *kept) {
     int U = em->U, K = em->K;
     for (int t = 0; t < N; t++) {
         int units[64], n = 0;
         for (int s = 0; s < k && n < 64; s++) {
             size_t ts = (size_t)t * k + s;
-            if (kept[ts] < 0) continue;
+            if ((kept && kept[ts] < 0) || sel[ts] < 0) continue;
             int u = em->place.unit_at[em->expert_owner[sel[ts]] * em->per_rank + em->expert_lslot[sel[ts]] / K];
             int dup = 0;
             for (int j = 0; j < n; j++) dup |= units[j] == u;
@@ -533,7 +536,7 @@ void epx_plan_to(EpX *x, EpMap *em, const Backend *be, Comm *comm, int N, int k,
     ASSERTF(N <= x->n_src_max && k <= x->kmax, "epx_plan: %d tokens x %d slots exceed the buffers", N, k);
     int P = x->P;
     x->N = N;
-    if (stats && em->collect) add_stats(em, N, k, sel, kept);
+    if (stats && em->collect) ep_stats_add(em, N, k, sel, kept);
     /* the plan (pure): this rank's rows and entries per destination, viewing EpX's arrays */
     ExchangeStage pl = {.P = P, .n_max = x->n_src_max, .kmax = x->kmax, .rows = x->scnt, .ents = x->sent_cnt,
                         .row_token = x->srow_token, .tok_row = x->tok_row, .ent = x->sent,

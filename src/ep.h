@@ -89,9 +89,16 @@ int ep_replicas_list(const EpMap *em, int32_t *unit, int32_t *rank);
  * while collecting; with pref_pairs set epx_plan then counts only the loads */
 void ep_stats_add_pairs(EpMap *em, int N, int n, const int32_t *units);
 
+/* co-selection of one batch: the distinct units of each token's kept selections (sel [N, k]
+ * global expert ids; kept [N, k] < 0 = dropped, NULL = all kept; sel < 0 = none) add one load
+ * per (token, unit) and, unless pref_pairs, one pair count per ordered pair of them to aff_step
+ * (epx_plan calls it while collecting; the simulator with its drawn routing) */
+void ep_stats_add(EpMap *em, int N, int k, const int32_t *sel, const int32_t *kept);
 /* end of a training step: sum aff_step over ranks, fold into the EMAs (rate ema; the first
  * step sets them), clear aff_step (collective) */
 void ep_stats_step(EpMap *em, Comm *comm, double ema);
+/* the fold alone (aff_step already global: one process, the simulator) */
+void ep_stats_fold(EpMap *em, double ema);
 /* a new placement for the policy (contiguous, eplb, topology) from the statistics; returns
  * 1 when it differs from the current one and improves the policy's objective (inter-node
  * cut of the co-selection affinity, plus the inter-rank cut as a tie-break, for topology;

@@ -15,6 +15,7 @@
 
 #include "h5log.h"
 #include "calib.h"
+#include "ep.h"
 #include "placement.h"
 #include "router.h"
 
@@ -563,6 +564,11 @@ typedef struct SimCtx {
     HwFile hwf;                                  /* sim.hardware_file (has_hwf) */
     float *agg_logw;                             /* [MoE layers, E] log popularity (routing aggregate) */
     int has_hwf;
+    /* the trajectory (synthetic and aggregate routing): EP group 0's maps and co-selection
+     * statistics (the first layer routing of each drawn step, sample 0), which the placement
+     * re-runs use as the trainer's do; the partition lives in members */
+    EpMap *em;
+    int collect;                                 /* simulate_step adds its drawn routing to em */
 } SimCtx;
 
 static void step_alloc(StepSim *s, const SimCtx *c) {
@@ -633,6 +639,294 @@ static void book_counts(StepSim *s, const SimCtx *c, const int *wmap, int times)
             }
 }
 
+/* a deep copy of a simulated step (steps between routing draws reuse the last drawn one) */
+static void step_copy(StepSim *dst, const StepSim *src, const SimCtx *c) {
+    step_alloc(dst, c);
+    double *keep[6] = {dst->layer_s, dst->bound_rank, dst->bound_link, dst->node_bytes, dst->rank_sent, dst->rank_recv};
+    *dst = *src;
+    dst->layer_s = keep[0]; dst->bound_rank = keep[1]; dst->bound_link = keep[2];
+    dst->node_bytes = keep[3]; dst->rank_sent = keep[4]; dst->rank_recv = keep[5];
+    int L = c->sh.n_moe > 0 ? c->sh.n_moe : 1, N = c->world.n_nodes;
+    memcpy(dst->layer_s, src->layer_s, sizeof(double) * L);
+    memcpy(dst->bound_rank, src->bound_rank, sizeof(double) * L);
+    memcpy(dst->bound_link, src->bound_link, sizeof(double) * L);
+    memcpy(dst->node_bytes, src->node_bytes, sizeof(double) * COMM_N_PHASES * (size_t)N * N);
+    memcpy(dst->rank_sent, src->rank_sent, sizeof(double) * COMM_N_PHASES * (size_t)c->P);
+    memcpy(dst->rank_recv, src->rank_recv, sizeof(double) * COMM_N_PHASES * (size_t)c->P);
+}
+
+/* ---- events: re-clustering and placement re-runs in the timeline ----
+ * Their exchanges are personalised (alltoallv) like the trainer's: XAcc sums one exchange's
+ * bytes and messages per EP rank (to and from other ranks, same node or not) and between EP
+ * nodes, for one EP group (the R groups are congruent); it is costed like a dispatch stage
+ * (alpha-beta per link class, the slowest rank; or the measured all-to-all curve) and booked
+ * into the step's phase counters for all R groups. */
+typedef struct XAcc {
+    int S, n_nodes;
+    double *is, *ir, *ns, *nr, *mi, *mn;   /* [S] bytes sent / received intra, inter; messages sent intra, inter */
+    double *node;                          /* [EP nodes, EP nodes] bytes between different nodes */
+} XAcc;
+
+static void xacc_init(XAcc *x, const SimCtx *c) {
+    int S = c->S, N = c->ep.n_nodes;
+    x->S = S;
+    x->n_nodes = N;
+    x->is = xcalloc(sizeof(double) * 6 * (size_t)S);
+    x->ir = x->is + S; x->ns = x->ir + S; x->nr = x->ns + S; x->mi = x->nr + S; x->mn = x->mi + S;
+    x->node = xcalloc(sizeof(double) * (size_t)N * N);
+}
+static void xacc_free(XAcc *x) { xfree(x->is); xfree(x->node); }
+
+/* one message of `bytes` from EP rank a to EP rank b (nothing for a == b: local) */
+static void xacc_pair(XAcc *x, const SimCtx *c, int a, int b, double bytes) {
+    if (a == b || bytes <= 0) return;
+    int na = c->ep.node_of[a], nb = c->ep.node_of[b];
+    if (na == nb) { x->is[a] += bytes; x->ir[b] += bytes; x->mi[a] += 1; return; }
+    x->ns[a] += bytes; x->nr[b] += bytes; x->mn[a] += 1;
+    x->node[(size_t)na * x->n_nodes + nb] += bytes;
+}
+
+/* every EP rank a sends v[a] bytes to every other EP rank (recluster.c's feature and
+ * statistics all-gathers, sent as alltoallv): O(S + nodes^2), not O(S^2) */
+static void xacc_all(XAcc *x, const SimCtx *c, const double *v) {
+    int S = c->S, N = c->ep.n_nodes;
+    int *on = xcalloc(sizeof(int) * (size_t)N);
+    double *vn = xcalloc(sizeof(double) * (size_t)N), V = 0;
+    for (int r = 0; r < S; r++) { on[c->ep.node_of[r]]++; vn[c->ep.node_of[r]] += v[r]; V += v[r]; }
+    for (int r = 0; r < S; r++) {
+        int nd = c->ep.node_of[r], ip = on[nd] - 1, op = S - 1 - ip;
+        x->is[r] += v[r] * ip; x->ns[r] += v[r] * op;
+        x->ir[r] += vn[nd] - v[r]; x->nr[r] += V - vn[nd];
+        if (v[r] > 0) { x->mi[r] += ip; x->mn[r] += op; }
+    }
+    for (int a = 0; a < N; a++)
+        for (int b = 0; b < N; b++)
+            if (a != b) x->node[(size_t)a * N + b] += vn[a] * on[b];
+    xfree(on);
+    xfree(vn);
+}
+
+/* pairs collected one by one (a message per distinct pair): merged before booking */
+typedef struct SimPair { int a, b; double v; } SimPair;
+typedef struct PairList { SimPair *p; size_t n, cap; } PairList;
+static void pl_add(PairList *l, int a, int b, double v) {
+    if (a == b || v <= 0) return;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        SimPair *np = xmalloc(sizeof(SimPair) * l->cap);
+        if (l->n) memcpy(np, l->p, sizeof(SimPair) * l->n);
+        xfree(l->p);
+        l->p = np;
+    }
+    l->p[l->n++] = (SimPair){a, b, v};
+}
+static int pair_cmp(const void *x, const void *y) {
+    const SimPair *p = x, *q = y;
+    return p->a != q->a ? (p->a < q->a ? -1 : 1) : p->b != q->b ? (p->b < q->b ? -1 : 1) : 0;
+}
+static void pl_flush(PairList *l, XAcc *x, const SimCtx *c) {
+    if (l->n) qsort(l->p, l->n, sizeof(SimPair), pair_cmp);
+    for (size_t i = 0; i < l->n;) {
+        size_t j = i;
+        double v = 0;
+        while (j < l->n && l->p[j].a == l->p[i].a && l->p[j].b == l->p[i].b) v += l->p[j++].v;
+        xacc_pair(x, c, l->p[i].a, l->p[i].b, v);
+        i = j;
+    }
+    xfree(l->p);
+    memset(l, 0, sizeof *l);
+}
+
+/* seconds of the exchange: the slowest EP rank (as stage_cost / stage_cost_hw) */
+static double xacc_time(const XAcc *x, const SimCtx *c) {
+    const Hw *h = &c->hw;
+    double share = h->gpn > h->nics ? (double)h->gpn / h->nics : 1.0, worst = 0;
+    for (int r = 0; r < x->S; r++) {
+        double t;
+        if (c->has_hwf) {
+            double sb = x->is[r] + x->ns[r], rb = x->ir[r] + x->nr[r];
+            t = sb > 0 || rb > 0 ? hwfile_curve_s(c->hwf.alltoall, c->hwf.n_alltoall, sb > rb ? sb : rb) : 0;
+        } else {
+            double ti = (x->is[r] > x->ir[r] ? x->is[r] : x->ir[r]) / h->bi;
+            double tn = (x->ns[r] > x->nr[r] ? x->ns[r] : x->nr[r]) * share / h->bn;
+            t = x->mi[r] * h->ai + x->mn[r] * h->an + (ti > tn ? ti : tn);
+        }
+        if (t > worst) worst = t;
+    }
+    return worst;
+}
+
+/* book the exchange (times mult: MoE layers with the same event) into the step's counters
+ * for every EP group; returns its bytes over the world */
+static double xacc_book(StepSim *s, const SimCtx *c, const XAcc *x, int phase, double mult) {
+    int P = c->P, S = c->S, N = c->world.n_nodes, n = x->n_nodes;
+    double total = 0;
+    for (int g = 0; g < c->R; g++)
+        for (int r = 0; r < S; r++) {
+            int w = c->world_of[r] + g * S;
+            s->intra[phase] += mult * x->is[r];
+            s->inter[phase] += mult * x->ns[r];
+            s->msgs[phase] += mult * (x->mi[r] + x->mn[r]);
+            s->rank_sent[(size_t)phase * P + w] += mult * (x->is[r] + x->ns[r]);
+            s->rank_recv[(size_t)phase * P + w] += mult * (x->ir[r] + x->nr[r]);
+            total += mult * (x->is[r] + x->ns[r]);
+        }
+    int *node_w = xmalloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    for (int r = S - 1; r >= 0; r--) node_w[c->ep.node_of[r]] = c->world.node_of[c->world_of[r]];
+    for (int g = 0; g < c->R; g++) {
+        int shift = c->world.node_of[c->world_of[0] + g * S] - c->world.node_of[c->world_of[0]];
+        for (int a = 0; a < n; a++)
+            for (int b = 0; b < n; b++) {
+                int sa = node_w[a] + shift, sb = node_w[b] + shift;
+                if (x->node[(size_t)a * n + b] > 0 && sa < N && sb < N)
+                    s->node_bytes[((size_t)phase * N + sa) * N + sb] += mult * x->node[(size_t)a * n + b];
+            }
+    }
+    xfree(node_w);
+    return total;
+}
+
+/* what the events of one step cost (sim/event_s) */
+typedef struct EventCost {
+    double rc_compute, rc_comm, migr;   /* seconds: re-clustering host work, its exchanges, migrations */
+    double moved, migrated;             /* experts moved to another group, units that changed owner (all MoE layers) */
+    double migr_bytes;                  /* bytes of the migrations (parallel/migration_bytes) */
+} EventCost;
+
+/* the maps follow em (placement) and members (partition): owner and node of every expert */
+static void sync_maps(SimCtx *c) {
+    int K = c->sh.K;
+    for (int u = 0; u < c->sh.U; u++)
+        for (int j = 0; j < K; j++) {
+            int e = c->members[u * K + j];
+            c->owner[e] = c->em->place.owner[u];
+            c->expert_node[e] = c->ep.node_of[c->owner[e]];
+        }
+}
+
+/* a placement re-run (parallel.placement on the statistics gathered so far, the trainer's
+ * ep_propose_ex): units that change owner migrate their parameters and Adam moments (3 x the
+ * unit's floats, as model_ep_relayout), layer by layer; row [PLACE_COLS] as parallel/placement.
+ * Returns 1 when the placement changed. */
+#define SIM_PLACE_COLS 8
+static int sim_place(SimCtx *c, StepSim *out, EventCost *ec, double *row) {
+    const Config *cfg = c->cfg;
+    EpMap *em = c->em;
+    for (int q = 0; q < SIM_PLACE_COLS; q++) row[q] = NAN;
+    if (!em->have_stats) return 0;
+    Placement np;
+    EpPlaceInfo inf;
+    EpPlaceOpts po = {.spread = cfg->moe.home_bias > 0 && cfg->parallel.home_spread};
+    int acc = ep_propose_ex(em, cfg->parallel.placement, &c->ep, cfg->parallel.refine_passes, cfg->parallel.max_imbalance,
+                            cfg->parallel.min_gain, &po, &np, &inf);
+    double r8[SIM_PLACE_COLS] = {inf.obj_before, inf.obj_after, acc, acc ? inf.moved : 0, 0, 0, inf.maxvio_before,
+                                 acc ? inf.maxvio_after : inf.maxvio_before};
+    memcpy(row, r8, sizeof r8);
+    if (acc) {
+        XAcc x;
+        xacc_init(&x, c);
+        PairList pl = {0};
+        double ub = 12.0 * c->sh.unit_params;
+        int moved = 0;
+        for (int u = 0; u < c->sh.U; u++)
+            if (em->place.owner[u] != np.owner[u]) { pl_add(&pl, em->place.owner[u], np.owner[u], ub); moved++; }
+        pl_flush(&pl, &x, c);
+        double L = c->sh.n_moe;
+        ec->migr += L * xacc_time(&x, c);
+        ec->migr_bytes += xacc_book(out, c, &x, COMM_PHASE_MIGRATION, L);
+        ec->migrated += L * moved;
+        xacc_free(&x);
+        placement_copy(&em->place, &np);
+        ep_map_refresh(em, c->sh.two ? c->members : NULL);
+        sync_maps(c);
+    }
+    placement_free(&np);
+    return acc;
+}
+
+/* a re-clustering event of the clustered model (recluster.c, per MoE layer, every EP group
+ * alike): host work on every rank (its experts' weights reconstructed and sketched, balanced
+ * k-means with restarts, the refit SVDs of the changed groups on their owners) at
+ * sim.host_gflops; exchanges as the trainer's: features all-gathered, the moved members' rows
+ * (reconstructed weights, plus their factor moments unless clustering.reset_adam) to the new
+ * group's owner, each changed group's error statistics to every rank. Moves: a random
+ * sim.recluster_moved of the experts rotate among their groups (sizes stay balanced). The
+ * same partition serves every MoE layer (their routings share draws). ev [18] as
+ * cluster/events (what the simulator does not know is NaN). */
+static void sim_recluster(SimCtx *c, long step, StepSim *out, EventCost *ec, double *ev) {
+    const Config *cfg = c->cfg;
+    const ClusterConfig *cc = &cfg->clustering;
+    const Shape *sh = &c->sh;
+    int E = sh->E, G = sh->G, K = sh->K, S = c->S, El = G / S * K;
+    double host = cfg->sim.host_gflops * 1e9, r = sh->r, L = sh->n_moe;
+    double n1 = (double)sh->D * sh->F1, n2 = (double)sh->F * sh->D, nf = (2.0 * sh->D + sh->F1 + sh->F) * r;
+    double Pw = cc->proj_dim > 0 ? cc->proj_dim : n1 + n2, Pm = cc->mu_source == MU_HIDDEN ? sh->D : E;
+    /* 1-3: reconstruct + sketch this rank's experts; features to every rank; clustering on every rank */
+    double comp = El * ((2 * r + 1) * (n1 + n2) + (cc->proj_dim > 0 ? 8.0 * (n1 + n2) : 0)) / host;
+    comp += ((double)cc->kmeans_restarts * cc->kmeans_iters * E * G * (Pw + Pm) * 3.0 + (double)G * G * G) / host;
+    XAcc x;
+    xacc_init(&x, c);
+    double *v = xmalloc(sizeof(double) * (size_t)S);
+    for (int q = 0; q < S; q++) v[q] = 4.0 * El * Pw;
+    xacc_all(&x, c, v);
+    double comm = xacc_time(&x, c);
+    /* the moves: m random experts, each takes the group slot of the next one */
+    int m = (int)lround(cfg->sim.recluster_moved * E);
+    int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)E), *old = xmalloc(sizeof(int32_t) * (size_t)E);
+    memcpy(old, c->members, sizeof(int32_t) * (size_t)E);
+    for (int i = 0; i < E; i++) pos[i] = i;
+    Rng rng;
+    rng_init(&rng, (uint64_t)cfg->run.seed, (uint64_t)step, RNG_CLUSTER);
+    for (int i = 0; i < m; i++) {
+        int j = i + (int)rng_below(&rng, (uint64_t)(E - i));
+        int t = pos[i]; pos[i] = pos[j]; pos[j] = t;
+    }
+    for (int i = 0; i < m; i++) c->members[pos[(i + 1) % m]] = old[pos[i]];
+    char *changed = xcalloc((size_t)G);
+    int moved = 0;
+    for (int i = 0; i < m; i++) {
+        int from = pos[i] / K, to = pos[(i + 1) % m] / K;
+        if (from != to) { moved++; changed[from] = changed[to] = 1; }
+    }
+    /* 4-6: moved members' rows to the new owner; statistics of changed groups to every rank; refits */
+    XAcc y;
+    xacc_init(&y, c);
+    PairList pl = {0};
+    double rowb = 4.0 * (n1 + n2 + (cc->reset_adam ? 0 : 2 * nf));
+    int32_t *group_of_old = xmalloc(sizeof(int32_t) * (size_t)E);
+    for (int q = 0; q < E; q++) group_of_old[old[q]] = q / K;
+    int *own_changed = xcalloc(sizeof(int) * (size_t)S), n_changed = 0, worst = 0;
+    for (int g = 0; g < G; g++) {
+        if (!changed[g]) continue;
+        int o = c->em->place.owner[g];
+        own_changed[o]++;
+        n_changed++;
+        for (int q = 0; q < K; q++) pl_add(&pl, c->em->place.owner[group_of_old[c->members[g * K + q]]], o, rowb);
+    }
+    pl_flush(&pl, &y, c);
+    for (int q = 0; q < S; q++) {
+        v[q] = 16.0 * own_changed[q];
+        if (own_changed[q] > worst) worst = own_changed[q];
+    }
+    xacc_all(&y, c, v);
+    comm += xacc_time(&y, c);
+    double svd = cc->svd == SVD_KIND_EXACT
+                     ? 4.0 * n1 * (sh->D < sh->F1 ? sh->D : sh->F1) + 4.0 * n2 * (sh->F < sh->D ? sh->F : sh->D)
+                     : 2.0 * (2 * cc->svd_power_iters + 2) * (r + cc->svd_oversample) * (n1 + n2);
+    comp += worst * K * (svd + 2 * (n1 + n2)) / host;
+    double bytes = xacc_book(out, c, &x, COMM_PHASE_RECLUSTER, L) + xacc_book(out, c, &y, COMM_PHASE_RECLUSTER, L);
+    ec->rc_compute += L * comp;
+    ec->rc_comm += L * comm;
+    ec->moved += L * moved;
+    ep_map_refresh(c->em, c->members);
+    sync_maps(c);
+    double row[18] = {NAN, NAN, NAN, 1, moved, n_changed, NAN, NAN, NAN, comp + comm, NAN, NAN,
+                      NAN, NAN, NAN, NAN, bytes / (L > 0 ? L : 1), 0};
+    memcpy(ev, row, sizeof row);
+    xacc_free(&x); xacc_free(&y);
+    xfree(v); xfree(pos); xfree(old); xfree(changed); xfree(group_of_old); xfree(own_changed);
+}
+
 static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) {
     const Config *cfg = c->cfg;
     const SimConfig *sc = &cfg->sim;
@@ -671,6 +965,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
                 drawn = draw_routing(cfg, S, n, c->members, c->expert_node, &c->ep, seed,
                                      c->agg_logw ? c->agg_logw + (size_t)ld * sh->E : NULL);
+                if (c->collect && g == 0 && ld == 0 && sample == 0) ep_stats_add(c->em, S * n, sh->k, drawn, NULL);
                 sim_traffic_count(tr, drawn, S, n, sh->k, owner, &c->ep, c->two_level, scale);
             }
             /* forward: dispatch (rows + 12-byte entries + counts), combine (rows back); backward: dout
@@ -967,6 +1262,31 @@ static Status load_aggregate(SimCtx *c, const Config *cfg) {
     return st;
 }
 
+/* a trace's migrations: experts whose recorded owner differs at the next recorded step moved
+ * with their unit after this step (the trainer's placement re-run, model_ep_relayout: 3 x the
+ * unit's floats from the old owner to the new one; booked in this step as the trainer does) */
+static void trace_migration(SimCtx *c, StepSim *out, EventCost *ec) {
+    const Shape *sh = &c->sh;
+    long row = c->trace_row;
+    double ub = 12.0 * sh->unit_params / sh->K;   /* a unit's share per member expert */
+    for (int ld = 0; ld < sh->n_moe; ld++) {
+        const int64_t *a = c->trace_owner + ((size_t)row * sh->n_moe + ld) * sh->E;
+        const int64_t *b = c->trace_owner + ((size_t)(row + 1) * sh->n_moe + ld) * sh->E;
+        PairList pl = {0};
+        int moved = 0;
+        for (int e = 0; e < sh->E; e++)
+            if (a[e] != b[e]) { pl_add(&pl, (int)a[e], (int)b[e], ub); moved++; }
+        if (!moved) continue;
+        XAcc x;
+        xacc_init(&x, c);
+        pl_flush(&pl, &x, c);
+        ec->migr += xacc_time(&x, c);
+        ec->migr_bytes += xacc_book(out, c, &x, COMM_PHASE_MIGRATION, 1.0);
+        ec->migrated += (double)moved / sh->K;
+        xacc_free(&x);
+    }
+}
+
 /* ---- the run ---- */
 
 static Status ctx_init(SimCtx *c, const Config *cfg) {
@@ -1015,6 +1335,13 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
             c->owner[e] = c->place.owner[u];
             c->expert_node[e] = c->ep.node_of[c->place.owner[u]];
         }
+    if (cfg->moe.kind != MOE_KIND_DENSE && c->sh.n_moe > 0) {
+        c->em = xcalloc(sizeof(EpMap));
+        ep_map_init(c->em, c->S, 0, E, K);
+        ep_map_set_topology(c->em, &c->ep);
+        placement_copy(&c->em->place, &c->place);
+        ep_map_refresh(c->em, c->sh.two ? c->members : NULL);
+    }
     if (sc->routing == SIM_ROUTE_TRACE) {
         c->trace = 1;
         TRY(load_trace(c, cfg));
@@ -1035,6 +1362,8 @@ static void ctx_free(SimCtx *c) {
     topology_free(&c->world);
     topology_free(&c->ep);
     placement_free(&c->place);
+    if (c->em) ep_map_free(c->em);
+    xfree(c->em);
     xfree(c->owner); xfree(c->members); xfree(c->expert_node); xfree(c->world_of);
     xfree(c->trace_sel); xfree(c->trace_owner); xfree(c->trace_steps);
     hwfile_free(&c->hwf);
@@ -1075,6 +1404,11 @@ Status sim_run(const Config *cfg, int quiet) {
     int id_blink = h5log_series(&lg, "sim/bound_link", H5LOG_F64, 1, dl);
     int id_band = h5log_series(&lg, "sim/step_band", H5LOG_F64, 1, d3);
     int id_mem = h5log_series(&lg, "sim/mem_bytes", H5LOG_F64, 1, d4);
+    uint64_t d5[1] = {5}, dev[2] = {(uint64_t)L, 18}, dpl[2] = {(uint64_t)L, SIM_PLACE_COLS};
+    int id_evs = h5log_series(&lg, "sim/event_s", H5LOG_F64, 1, d5);
+    int id_migr = h5log_series(&lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
+    int id_place = c.em ? h5log_series(&lg, "parallel/placement", H5LOG_F64, 2, dpl) : -1;
+    int id_cev = c.em && c.sh.two ? h5log_series(&lg, "cluster/events", H5LOG_F64, 2, dev) : -1;
     char *yaml = config_to_yaml(cfg), tdesc[256], txt[512];
     h5log_attr_str(&lg, "/", "config", yaml);
     free(yaml);
@@ -1104,12 +1438,28 @@ Status sim_run(const Config *cfg, int quiet) {
     else str_fmt(txt, sizeof txt, "%s", routing[sc->routing]);
     h5log_attr_str(&lg, "/", "routing_source", txt);
     h5log_attr_str(&lg, "/sim/time_breakdown", "columns",
-                   "forward compute, backward compute, dispatch, combine, gradient allreduce, optimizer, exposed communication, step (seconds)");
+                   "forward compute, backward compute, dispatch, combine, gradient allreduce, optimizer, exposed communication, step "
+                   "without events (seconds; perf/step_s adds sim/event_s)");
     h5log_attr_str(&lg, "/sim/bound_link", "note", "link class that bounds each MoE layer's forward dispatch: 0 intra-node, 1 inter-node, 2 message latency");
     h5log_attr_str(&lg, "/sim/step_band", "columns", "min, mean, max step time over sim.samples routing draws");
     h5log_attr_str(&lg, "/sim/mem_bytes", "columns", "params + grads + Adam (fp32), activations, exchange buffers, total (bytes per GPU, the largest)");
     h5log_attr_str(&lg, "/comm/summary/intra_bytes", "columns", "allreduce,dispatch,combine,migration,other,recluster");
     h5log_attr_str(&lg, "/comm/summary/inter_bytes", "columns", "allreduce,dispatch,combine,migration,other,recluster");
+    h5log_attr_str(&lg, "/sim/event_s", "columns",
+                   "re-clustering host work (s), re-clustering exchanges (s), migrations (s), experts moved to another group, "
+                   "units that changed owner (all MoE layers; perf/step_s = sim/time_breakdown step + these seconds)");
+    h5log_attr_str(&lg, "/comm/node_bytes", "note", "written every parallel.traffic_interval steps and at the last step, as the trainer");
+    if (id_place >= 0)
+        h5log_attr_str(&lg, "/parallel/placement", "columns",
+                       "per MoE layer, one row per placement re-run (parallel.place_interval, and after each simulated "
+                       "re-clustering): objective before, objective of the proposal, accepted, units moved, copies (0: "
+                       "replicas are not simulated), copies changed, rank load MaxVio before, after");
+    if (id_cev >= 0)
+        h5log_attr_str(&lg, "/cluster/events", "columns",
+                       "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
+                       "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after,"
+                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back (simulated: what the "
+                       "simulator does not know is NaN; moves drawn with sim.recluster_moved)");
     st = h5log_start(&lg);
     double t0 = time_now();
     /* a trace replays its recorded steps (or the one asked for) under their own step numbers */
@@ -1122,25 +1472,73 @@ Status sim_run(const Config *cfg, int quiet) {
             if (c.trace_row < 0) st = status_errorf("sim.trace_step=%ld: %s recorded no routing at that step", sc->trace_step, sc->trace);
         }
     }
+    /* the trajectory: placement re-runs (parallel.place_interval, parallel.placement) and, for
+     * the clustered model with clustering.enabled, re-clustering events (clustering.interval
+     * after clustering.warmup; -1 = 10% of sim.steps) followed by a placement re-run, as the
+     * trainer schedules them; a trace replays the recorded maps instead (owner changes between
+     * recorded steps migrate). Events are booked in their own step. */
+    StepSim cache;
+    int have_cache = 0, layout_changed = 0;
+    double cband[3] = {0, 0, 0};
+    const ClusterConfig *cc = &cfg->clustering;
+    long warm = cc->warmup >= 0 ? cc->warmup : n_steps / 10;
+    int reclustering = c.em && c.sh.two && cc->enabled && !c.trace && cc->compress_at == 0;
+    int placing = c.em && !c.trace && c.S > 1 && cfg->parallel.place_interval > 0;
+    c.collect = c.em && !c.trace && c.S > 1;
+    double *evrows = xmalloc(sizeof(double) * 18 * (size_t)L), *plrows = xmalloc(sizeof(double) * SIM_PLACE_COLS * (size_t)L);
     for (long s = 0; s < n_steps && STATUS_OK(st); s++) {
         StepSim ss;
         double lo = INFINITY, hi = 0, mean = 0;
         if (c.trace && sc->trace_step == 0) c.trace_row = s;
         long step_no = c.trace ? c.trace_steps[c.trace_row] : s + 1;
         int samples = c.trace ? 1 : sc->samples;
-        for (int q = 0; q < samples; q++) {
-            StepSim tmp;
-            simulate_step(&c, s, q, &tmp);
-            if (tmp.step_s < lo) lo = tmp.step_s;
-            if (tmp.step_s > hi) hi = tmp.step_s;
-            mean += tmp.step_s / samples;
-            if (q == 0) ss = tmp;
-            else step_free(&tmp);
+        if (c.trace || !have_cache || s % sc->redraw_interval == 0 || layout_changed) {
+            for (int q = 0; q < samples; q++) {
+                StepSim tmp;
+                simulate_step(&c, s, q, &tmp);
+                if (tmp.step_s < lo) lo = tmp.step_s;
+                if (tmp.step_s > hi) hi = tmp.step_s;
+                mean += tmp.step_s / samples;
+                if (q == 0) ss = tmp;
+                else step_free(&tmp);
+            }
+            if (c.collect) ep_stats_fold(c.em, cfg->parallel.affinity_ema);
+            if (!c.trace) {
+                if (have_cache) step_free(&cache);
+                step_copy(&cache, &ss, &c);
+                have_cache = 1;
+                cband[0] = lo; cband[1] = mean; cband[2] = hi;
+            }
+            layout_changed = 0;
+        } else {
+            step_copy(&ss, &cache, &c);
+            lo = cband[0]; mean = cband[1]; hi = cband[2];
         }
+        EventCost ec = {0};
+        int placed = 0, reclustered = 0;
+        int last = step_no == (c.trace ? c.trace_steps[c.n_trace - 1] : n_steps);
+        if (placing && step_no % cfg->parallel.place_interval == 0 && !last) {
+            placed = 1;
+            layout_changed |= sim_place(&c, &ss, &ec, plrows);
+        }
+        if (reclustering && step_no >= warm && step_no % cc->interval == 0 && !last) {
+            sim_recluster(&c, step_no, &ss, &ec, evrows);
+            reclustered = 1;
+            layout_changed = 1;
+            if (c.S > 1) { placed = 1; sim_place(&c, &ss, &ec, plrows); }
+        }
+        if (c.trace && sc->trace_step == 0 && c.trace_row + 1 < c.n_trace) trace_migration(&c, &ss, &ec);
+        double ev_s = ec.rc_compute + ec.rc_comm + ec.migr, evr[5] = {ec.rc_compute, ec.rc_comm, ec.migr, ec.moved, ec.migrated};
+        for (int l = 0; l < L; l++) {
+            if (reclustered) { memcpy(evrows + 18 * (size_t)l, evrows, sizeof(double) * 18); evrows[18 * (size_t)l] = l; }
+            if (placed) memcpy(plrows + SIM_PLACE_COLS * (size_t)l, plrows, sizeof(double) * SIM_PLACE_COLS);
+        }
+        double steady = ss.step_s;
+        ss.step_s += ev_s;
         double tok_s = (double)sc->tokens_per_rank * P / ss.step_s;
         double split[4] = {ss.fwd_compute + ss.fwd_exch, ss.bwd_compute + ss.bwd_exch, ss.exposed - ss.fwd_exch - ss.bwd_exch,
                            ss.optimizer};
-        double tb[8] = {ss.fwd_compute, ss.bwd_compute, ss.dispatch, ss.combine, ss.allreduce, ss.optimizer, ss.exposed, ss.step_s};
+        double tb[8] = {ss.fwd_compute, ss.bwd_compute, ss.dispatch, ss.combine, ss.allreduce, ss.optimizer, ss.exposed, steady};
         double band[3] = {lo, mean, hi};
         h5log_append(&lg, id_step, step_no, &ss.step_s);
         h5log_append(&lg, id_tok, step_no, &tok_s);
@@ -1149,9 +1547,15 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_append(&lg, id_inter, step_no, ss.inter);
         h5log_append(&lg, id_msgs, step_no, ss.msgs);
         h5log_append(&lg, id_disp, step_no, ss.disp4);
-        h5log_append(&lg, id_nm, step_no, ss.node_bytes);
-        h5log_append(&lg, id_sent, step_no, ss.rank_sent);
-        h5log_append(&lg, id_recv, step_no, ss.rank_recv);
+        if (step_no % cfg->parallel.traffic_interval == 0 || last) {
+            h5log_append(&lg, id_nm, step_no, ss.node_bytes);
+            h5log_append(&lg, id_sent, step_no, ss.rank_sent);
+            h5log_append(&lg, id_recv, step_no, ss.rank_recv);
+        }
+        h5log_append(&lg, id_evs, step_no, evr);
+        h5log_append(&lg, id_migr, step_no, &ec.migr_bytes);
+        if (placed && id_place >= 0) h5log_append(&lg, id_place, step_no, plrows);
+        if (reclustered && id_cev >= 0) h5log_append(&lg, id_cev, step_no, evrows);
         h5log_append(&lg, id_tb, step_no, tb);
         h5log_append(&lg, id_layer, step_no, ss.layer_s);
         h5log_append(&lg, id_brank, step_no, ss.bound_rank);
@@ -1159,15 +1563,23 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_append(&lg, id_band, step_no, band);
         h5log_append(&lg, id_mem, step_no, ss.mem);
         st = h5log_step_done(&lg, step_no);
-        if (!quiet)
+        if (!quiet) {
+            char evtxt[160] = "";
+            if (ev_s > 0)
+                str_fmt(evtxt, sizeof evtxt, " | events %.2f ms (%s%s%.0f moved, %.0f units migrated)", 1e3 * ev_s,
+                        reclustered ? "re-clustering" : "", reclustered && placed ? " + " : "", ec.moved, ec.migrated);
             printf("sim step %ld/%ld | %d GPUs (%d x %d), ep_size %d | step %.2f ms [%.2f, %.2f] | compute %.2f ms | "
-                   "exposed comm %.2f ms | inter-node %.0f B/token | %.0f tok/s | %.1f GiB/GPU | %.2f s\n",
+                   "exposed comm %.2f ms | inter-node %.0f B/token | %.0f tok/s | %.1f GiB/GPU%s | %.2f s\n",
                    step_no, c.trace ? c.trace_steps[c.n_trace - 1] : (long)sc->steps, P, sc->nodes, sc->gpus_per_node, c.S, 1e3 * ss.step_s, 1e3 * lo, 1e3 * hi,
                    1e3 * (ss.fwd_compute + ss.bwd_compute), 1e3 * ss.exposed,
                    (ss.inter[COMM_PHASE_DISPATCH] + ss.inter[COMM_PHASE_COMBINE]) / (ss.disp4[3] > 0 ? ss.disp4[3] : 1),
-                   tok_s, ss.mem[3] / (1024.0 * 1024 * 1024), time_now() - t0);
+                   tok_s, ss.mem[3] / (1024.0 * 1024 * 1024), evtxt, time_now() - t0);
+        }
         step_free(&ss);
     }
+    if (have_cache) step_free(&cache);
+    xfree(evrows);
+    xfree(plrows);
     Status fl = h5log_flush(&lg);
     h5log_close(&lg);
     ctx_free(&c);

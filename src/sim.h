@@ -11,15 +11,23 @@
  * `dcmoe bench calibrate`, calib.h), every GEMM and backend op the trainer runs per rank costed
  * from the measured curves, and the exchanges and allreduce from the measured all-to-all(v) and
  * allreduce curves. Routing comes from the synthetic generators or a trained run's recorded
- * trace (sim.routing: trace, replayed byte for byte). It writes metrics.h5 in the trainer's
- * schema (perf, comm/summary, comm/dispatch, comm/node_bytes, comm/rank_sent and rank_recv)
- * plus the sim series and DONE.
+ * trace (sim.routing: trace, replayed byte for byte, migrations included) or a trained run's
+ * per-expert loads (sim.routing: aggregate). Over sim.steps the timeline holds the trainer's
+ * events: placement re-runs (parallel.place_interval, the trainer's ep_propose_ex on the
+ * co-selection statistics of the drawn routing) with their migrations, and for the clustered
+ * model re-clustering events (clustering.interval; sim.recluster_moved of the experts move;
+ * host work at sim.host_gflops, exchanges by recluster.c's byte rules) followed by a placement
+ * re-run; sim.redraw_interval reuses a drawn step between draws so 1000-step trajectories at
+ * thousands of GPUs take seconds. It writes metrics.h5 in the trainer's schema (perf,
+ * comm/summary, comm/dispatch, comm/node_bytes, comm/rank_sent and rank_recv,
+ * parallel/placement, parallel/migration_bytes, cluster/events) plus the sim series and DONE.
  * `dcmoe simulate --validate published` replays DeepEP's published V1 kernel numbers with
  * DeepEP's own byte accounting, fits the model's link bandwidths on the calibration rows and
  * prints predicted vs published for the others (exit 1 when a row is out of tolerance).
- * Does not: model packet-level congestion, pipeline parallelism, re-clustering events or
- * migrations in the timeline, or the aggregate routing source (per-unit loads and affinity of a
- * trained run); a hardware file's collectives hold only for the rank count it was measured on.
+ * Does not: model packet-level congestion, pipeline parallelism, replicated units
+ * (parallel.replicas), the compression event (clustering.compress_at), verified re-clustering's
+ * probe evaluations, or which experts a real re-clustering would move (the moves are drawn); a
+ * hardware file's collectives hold only for the rank count it was measured on.
  *
  * Legend: P S R = GPUs, EP group size, replicas of a unit (P / S); N k E D = tokens per rank,
  * experts per token, experts, d_model. */

@@ -14,8 +14,9 @@
   a predicted row is out of tolerance (the normal-kernel rows must be within 15%);
 - byte-exact replay: a run trained with log.trace_interval 1 on 4 ranks (2 virtual nodes x 2)
   and simulated with sim.routing trace books, at every step, exactly the trainer's allreduce,
-  dispatch and combine bytes (intra and inter node) and comm/dispatch rows, pairs, nodes and
-  tokens: flat, two-level, ep_size 2, and clustered with units migrating every 2 steps;
+  dispatch, combine and migration bytes (intra and inter node), parallel/migration_bytes and
+  comm/dispatch rows, pairs, nodes and tokens: flat, two-level, ep_size 2, and clustered with
+  units migrating every 2 steps;
   a missing trace file is an error naming sim.trace;
 - aggregate routing: a logged load on half the experts sends every pair to the rank holding
   them; a file with another expert count is an error naming sim.aggregate."""
@@ -139,14 +140,21 @@ for name, sets in REPLAY.items():
         continue
     sh = os.path.join(d, f"sp-{name}", "metrics.h5")
     same = True
-    for k, cols in (("comm/summary/intra_bytes", [0, 1, 2]), ("comm/summary/inter_bytes", [0, 1, 2]),
+    for k, cols in (("comm/summary/intra_bytes", [0, 1, 2, 3]), ("comm/summary/inter_bytes", [0, 1, 2, 3]),
                     ("comm/dispatch", [0, 1, 2, 3])):
         st, a = series(th, k)
         ss, b = series(sh, k)
         same &= list(st) == list(ss) and np.array_equal(a[:, cols], b[:, cols])
-    _, mig = series(th, "parallel/migration_bytes")
+        if not same:
+            bad = [i for i in range(min(len(a), len(b))) if not np.array_equal(a[i, cols], b[i, cols])][:3]
+            print(f"# {name} {k}: steps differ at rows {bad}: trainer {a[bad][:, cols].tolist()} sim {b[bad][:, cols].tolist()}")
+            break
+    mst, mig = series(th, "parallel/migration_bytes")   # the trainer writes it on log and migration steps
+    sst, smig = series(sh, "parallel/migration_bytes")
+    at = dict(zip(sst.tolist(), smig.tolist()))
+    same &= all(at.get(int(t)) == v for t, v in zip(mst, mig))
     _, drop = series(th, "moe/balance/drop")
-    check(same, f"replay {name}: every step's allreduce, dispatch and combine bytes and dispatch rows equal the trainer's"
+    check(same, f"replay {name}: every step's allreduce, dispatch, combine and migration bytes and dispatch rows equal the trainer's"
                 + (f" (migrated {mig.sum():.0f} bytes)" if name == "migrating" else "")
                 + (f" (dropped {drop.mean():.2f} of the pairs)" if name == "standard-drops" else ""))
 p = run_plain(["simulate", cfg, "--set", "sim.routing=trace", "--set", f"sim.trace={d}/nope/metrics.h5",
@@ -171,6 +179,50 @@ if os.path.exists(h):
 p = run_plain(["simulate", os.path.join(d, "agg.yaml"), "--quiet"] + AGG + ["--set", "moe.n_experts=16"])
 check(p.returncode != 0 and "sim.aggregate=" in p.stderr and "16 experts" in p.stderr,
       f"aggregate: expert count mismatch is a named error ({p.stderr.strip()[:200]!r})")
+
+# ---- the trajectory: re-clustering events and placement re-runs in the timeline ----
+# 8 GPUs as 2 nodes x 4, the clustered model (16 experts in 8 groups of 2, one group per GPU),
+# re-clustering every 4 steps from step 4 (sim.recluster_moved 0.25: 4 experts rotate), placement
+# re-runs every 3 steps; routing drawn every 2 steps
+TRAJ = ["--set", "sim.nodes=2", "--set", "sim.gpus_per_node=4", "--set", "sim.tokens_per_rank=256",
+        "--set", "sim.sample_tokens=0", "--set", "sim.samples=1", "--set", "sim.steps=12", "--set", "sim.redraw_interval=2",
+        "--set", "sim.routing=planted", "--set", "moe.kind=clustered", "--set", "moe.n_experts=16", "--set", "moe.n_groups=8",
+        "--set", "moe.top_k=4", "--set", "moe.top_groups=2", "--set", "moe.rank=4", "--set", "clustering.enabled=true",
+        "--set", "clustering.interval=4", "--set", "clustering.warmup=0", "--set", "clustering.proj_dim=16",
+        "--set", "sim.recluster_moved=0.25", "--set", "parallel.place_interval=3", "--set", "parallel.min_gain=0",
+        "--set", "parallel.traffic_interval=5"]
+h = sim("traj", TRAJ)
+if os.path.exists(h):
+    with h5py.File(h, "r") as f:
+        cfgd = {}
+        ev_steps = f["cluster/events/step"][...]
+        ev = f["cluster/events/value"][...]
+        evs = f["sim/event_s/value"][...]
+        rc_intra = f["comm/summary/intra_bytes/value"][:, 5] + f["comm/summary/inter_bytes/value"][:, 5]
+        mig = f["comm/summary/intra_bytes/value"][:, 3] + f["comm/summary/inter_bytes/value"][:, 3]
+        pl_steps = f["parallel/placement/step"][...]
+        pl = f["parallel/placement/value"][...]
+        step_s = f["perf/step_s/value"][...]
+        tb = f["sim/time_breakdown/value"][...]
+        nm_steps = f["comm/node_bytes/step"][...]
+        d_model = int(re.search(r"d_model: (\d+)", f.attrs["config"]).group(1))
+    check(list(ev_steps) == [4, 8] and ev.shape[1:] == (2, 18),
+          f"re-clustering every clustering.interval steps, not at the last step (events at {list(ev_steps)})")
+    # features: every GPU sends its 2 experts' proj_dim floats to the 7 others; plus the moved rows and statistics
+    feat = 8 * 7 * 4.0 * 2 * 16
+    check(all(rc_intra[t - 1] >= 2 * feat for t in ev_steps) and np.all(np.delete(rc_intra, np.array(ev_steps) - 1) == 0),
+          f"event bytes booked in their step, phase recluster (>= the feature all-gather {2 * feat:.0f} B; {rc_intra[np.array(ev_steps) - 1]})")
+    check(np.all(ev[:, :, 4] >= 1) and np.all(ev[:, :, 4] <= 4) and np.all(ev[:, :, 3] == 1),
+          f"each event moves at most round(0.25 x 16) = 4 experts per layer ({ev[:, 0, 4]})")
+    check(np.allclose(step_s - tb[:, 7], evs[:, 0] + evs[:, 1] + evs[:, 2]) and np.all(evs[np.array(ev_steps) - 1, 0] > 0),
+          "perf/step_s = the steady step + the events' seconds (sim/event_s)")
+    check(list(pl_steps) == [3, 4, 6, 8, 9], f"placement re-runs every 3 steps and after each event ({list(pl_steps)})")
+    moved_units = pl[:, 0, 3]
+    check(np.all((mig > 0) == np.isin(np.arange(1, 13), pl_steps[moved_units > 0])),
+          f"migration bytes exactly at the steps whose placement moved units ({list(pl_steps[moved_units > 0])})")
+    check(list(nm_steps) == [5, 10, 12], f"node matrices every parallel.traffic_interval steps and at the last ({list(nm_steps)})")
+    # between draws a step repeats the last drawn one, unless an event changed the layout
+    check(tb[1, 7] == tb[0, 7] and tb[2, 7] != tb[1, 7], "sim.redraw_interval 2: step 2 reuses step 1's draw, step 3 draws")
 
 # ---- published numbers ----
 p = run_plain(["simulate", "--validate", "published"], timeout=300)
