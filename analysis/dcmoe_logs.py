@@ -9,6 +9,8 @@ works when pandas is there) — and write them as CSV.
     loss = dl.series_table(runs, "train/loss")          # run, step, index, value (long / tidy)
     load = dl.expert_load_table(runs)                   # run, step, layer, expert, tokens
     dl.write_csv(summary, "summary.csv")
+    pairs = dl.pair_runs(runs)                          # (simulated, trained, rule): predicted vs measured
+    pvm = dl.predicted_vs_measured_table(pairs)         # pair, quantity, predicted, measured, delta_pct
 
 A log is read with SWMR (a live run) and falls back to a plain read (a killed non-SWMR run);
 step and value datasets are cut to their common length, so a run being written is consistent.
@@ -23,7 +25,8 @@ import h5py
 import numpy as np
 
 __all__ = ["Run", "load", "load_run", "load_sweep", "series_table", "scalars_table", "expert_load_table",
-           "events_table", "compress_table", "summary_table", "write_csv", "parse_config", "read_plan"]
+           "events_table", "compress_table", "summary_table", "write_csv", "parse_config", "read_plan",
+           "pair_runs", "compare_pair", "predicted_vs_measured_table", "simulated_table", "PHASES"]
 
 
 def parse_config(text):
@@ -118,14 +121,35 @@ class Run:
     def has(self, name):
         return name in self.series and len(self.series[name][0]) > 0
 
+    @property
+    def mode(self):
+        """"simulate" for a `dcmoe simulate` log (root attribute mode), else "train" """
+        return "simulate" if str(self.attrs.get("mode", "")) == "simulate" else "train"
+
+    @property
+    def is_sim(self):
+        return self.mode == "simulate"
+
     def steps_planned(self):
+        key = "sim.steps" if self.is_sim else "train.steps"
         try:
-            return int(self.config.get("train.steps", "0"))
+            return int(self.config.get(key, "0"))
         except ValueError:
             return 0
 
     def last_step(self):
-        return int(self.series["train/loss"][0][-1]) if self.has("train/loss") else 0
+        name = "perf/step_s" if self.is_sim else "train/loss"
+        return int(self.series[name][0][-1]) if self.has(name) else 0
+
+    def routing_file(self):
+        """(kind, path) of a simulated run made from a trained run's log (root attribute
+        routing_source "trace PATH" or "aggregate PATH (...)"), else (None, None)"""
+        src = str(self.attrs.get("routing_source", ""))
+        if src.startswith("trace "):
+            return "trace", src[len("trace "):].strip()
+        if src.startswith("aggregate "):
+            return "aggregate", src[len("aggregate "):].split(" (moe/tokens_per_expert")[0].strip()
+        return None, None
 
     @property
     def state(self):
@@ -331,6 +355,7 @@ def summary_table(runs):
         row = {"run": r.name}
         for k in keys:
             row[k] = r.settings.get(k, "")
+        row["mode"] = r.mode
         row["state"] = r.state
         row["steps"] = r.last_step()
         row["world_size"] = int(r.attrs.get("world_size", 0)) if r.attrs else 0
@@ -383,3 +408,206 @@ def write_csv(table, path):
         for i in range(n):
             w.writerow([_cell(table[c][i]) for c in cols])
     return path
+
+
+# ---- simulated runs beside trained ones ----
+
+# the traffic phases of comm/summary/* (enum CommPhase), when a log has no columns attribute
+PHASES = ["allreduce", "dispatch", "combine", "migration", "other", "recluster"]
+SIM_SUFFIXES = ("-sim", "_sim")
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(path))
+
+
+def pair_runs(runs, explicit=None, load_missing=True):
+    """pair each simulated run with the trained run it predicts: [(sim, trained, rule)].
+    Rules, first match wins:
+      explicit    explicit = {sim name: trained name} (analysis/report --pair SIM=TRAINED);
+      trace / aggregate
+                  the simulated run's routing_source names a trained run's metrics.h5 (sim.routing
+                  trace or aggregate); a log outside `runs` is loaded when load_missing (its
+                  Run.dir is where it lies) — matched by real path, then by path suffix;
+      name        the simulated run is named <trained>-sim or <trained>_sim.
+    A simulated run that matches nothing is not paired."""
+    explicit = dict(explicit or {})
+    trained = [r for r in runs if not r.error and not r.is_sim]
+    by_name = {r.name: r for r in trained}
+    by_path = {_real(r.path): r for r in trained}
+    out = []
+    for s in runs:
+        if s.error or not s.is_sim:
+            continue
+        if s.name in explicit:
+            t = by_name.get(explicit[s.name])
+            if t is None:
+                raise KeyError(f"--pair {s.name}={explicit[s.name]}: no trained run named {explicit[s.name]!r} "
+                               f"(trained runs: {', '.join(sorted(by_name)) or 'none'})")
+            out.append((s, t, "explicit"))
+            continue
+        kind, path = s.routing_file()
+        t = None
+        if path:
+            cands = [path] if os.path.isabs(path) else [path, os.path.join(os.path.dirname(s.dir), path),
+                                                        os.path.join(s.dir, path)]
+            for c in cands:
+                t = by_path.get(_real(c))
+                if t:
+                    break
+            if t is None and not os.path.isabs(path):
+                tail = os.path.normpath(path)
+                hits = [r for p, r in by_path.items() if p.endswith(os.sep + tail)]
+                t = hits[0] if len(hits) == 1 else None
+            if t is None and load_missing:
+                for c in cands:
+                    if os.path.isfile(c):
+                        t = Run(os.path.dirname(_real(c)))
+                        t = None if t.error or t.is_sim else t
+                        if t:
+                            break
+            if t is not None:
+                out.append((s, t, kind))
+                continue
+        for suf in SIM_SUFFIXES:
+            if s.name.endswith(suf) and s.name[:-len(suf)] in by_name:
+                out.append((s, by_name[s.name[:-len(suf)]], "name"))
+                break
+    return out
+
+
+def _phase_cols(r, name):
+    labels = r.column_labels(name) or PHASES
+    return {c.strip(): i for i, c in enumerate(labels)}
+
+
+def _time_parts(r, steps):
+    """per-step seconds [n, 4]: compute, exposed communication, optimizer, step, at `steps`.
+    simulated: sim/time_breakdown (forward + backward compute, exposed communication, optimizer,
+    step); trained: perf/time_split (forward, backward, allreduce, optimizer) with the dispatch
+    and combine seconds of comm/summary/time_s (max over ranks; absent: 0) moved from forward +
+    backward to communication, and perf/step_s"""
+    def at(name):
+        s, v = r.series[name]
+        idx = {int(x): i for i, x in enumerate(s)}
+        return np.array([v[idx[int(x)]] for x in steps], dtype=np.float64)
+    if r.is_sim and r.has("sim/time_breakdown"):
+        tb = at("sim/time_breakdown")        # fwd, bwd, dispatch, combine, allreduce, optimizer, exposed, step
+        return np.stack([tb[:, 0] + tb[:, 1], tb[:, 6], tb[:, 5], tb[:, 7]], axis=1)
+    sp = at("perf/time_split")               # forward, backward, allreduce, optimizer
+    a2a = np.zeros(len(steps))
+    if r.has("comm/summary/time_s") and set(int(x) for x in steps) <= set(int(x) for x in r.series["comm/summary/time_s"][0]):
+        ts = at("comm/summary/time_s")
+        ph = _phase_cols(r, "comm/summary/time_s")
+        a2a = ts[:, ph.get("dispatch", 1)] + ts[:, ph.get("combine", 2)]
+    step = at("perf/step_s")
+    return np.stack([np.maximum(sp[:, 0] + sp[:, 1] - a2a, 0.0), sp[:, 2] + a2a, sp[:, 3], step], axis=1)
+
+
+def _bytes_parts(r, steps):
+    """mean bytes per step over `steps`: {(link, group): bytes} for link intra/inter and group
+    allreduce, dispatch, combine, other (migration + other + recluster), total"""
+    out = {}
+    for link in ("intra", "inter"):
+        name = f"comm/summary/{link}_bytes"
+        if not r.has(name):
+            continue
+        s, v = r.series[name]
+        idx = {int(x): i for i, x in enumerate(s)}
+        rows = np.array([v[idx[int(x)]] for x in steps if int(x) in idx], dtype=np.float64)
+        if not len(rows):
+            continue
+        m = rows.mean(axis=0)
+        ph = _phase_cols(r, name)
+        g = {p: float(m[ph[p]]) if p in ph and ph[p] < len(m) else 0.0 for p in ("allreduce", "dispatch", "combine")}
+        g["other"] = float(sum(m[ph[p]] for p in ("migration", "other", "recluster") if p in ph and ph[p] < len(m)))
+        g["total"] = float(m.sum())
+        for k, x in g.items():
+            out[(link, k)] = x
+    return out
+
+
+TIME_ROWS = ["step time", "compute", "exposed communication", "optimizer"]
+BYTE_GROUPS = ["allreduce", "dispatch", "combine", "other", "total"]
+
+
+def compare_pair(sim, trained):
+    """predicted (sim) vs measured (trained) numbers of one pair: a dict with
+      comparable  False when the world sizes differ (then only `why` is set)
+      steps       the steps compared: the steps both logged in perf/step_s (a trace replays the
+                  trained run's recorded steps under their own numbers), else every step of each
+      rows        [(quantity, unit, predicted, measured, delta_pct)]: median seconds of step time,
+                  compute, exposed communication, optimizer; mean bytes per step intra/inter-node
+                  by phase group (allreduce, dispatch, combine, other, total)
+      time_pred, time_meas  medians [compute, exposed communication, optimizer, step] in seconds"""
+    ws, wt = int(sim.attrs.get("world_size", 0)), int(trained.attrs.get("world_size", 0))
+    if ws != wt:
+        return {"comparable": False, "why": f"{ws} simulated GPUs vs {wt} trained ranks"}
+    if not (sim.has("perf/step_s") and trained.has("perf/step_s") and trained.has("perf/time_split")):
+        return {"comparable": False, "why": "no perf/step_s or perf/time_split"}
+    ss, ts = sim.series["perf/step_s"][0], trained.series["perf/step_s"][0]
+    common = np.intersect1d(ss, ts)
+    same = len(common) > 0
+    sp = _time_parts(sim, common if same else ss)
+    tp = _time_parts(trained, common if same else ts)
+    pm, mm = np.median(sp, axis=0), np.median(tp, axis=0)
+    rows = []
+    for i, q in zip((3, 0, 1, 2), TIME_ROWS):
+        rows.append((q, "s", float(pm[i]), float(mm[i]), _delta(pm[i], mm[i])))
+    bp, bm = _bytes_parts(sim, common if same else ss), _bytes_parts(trained, common if same else ts)
+    for link in ("intra", "inter"):
+        for g in BYTE_GROUPS:
+            if (link, g) in bp and (link, g) in bm:
+                rows.append((f"{link}-node bytes/step: {g}", "B", bp[(link, g)], bm[(link, g)],
+                             _delta(bp[(link, g)], bm[(link, g)])))
+    return {"comparable": True, "steps": common if same else None, "n_steps": (len(common) if same else (len(ss), len(ts))),
+            "rows": rows, "time_pred": pm, "time_meas": mm, "bytes_pred": bp, "bytes_meas": bm}
+
+
+def _delta(pred, meas):
+    """(predicted - measured) / measured in %; 0 when both are 0, NaN when only measured is 0"""
+    if meas == 0:
+        return 0.0 if pred == 0 else float("nan")
+    return float((pred - meas) / meas * 100.0)
+
+
+def predicted_vs_measured_table(pairs):
+    """one row per (pair, quantity): simulated, trained, rule, quantity, unit, predicted,
+    measured, delta_pct (comparable pairs only)"""
+    rows = []
+    for s, t, rule in pairs:
+        c = compare_pair(s, t)
+        if not c["comparable"]:
+            continue
+        for q, unit, p, m, d in c["rows"]:
+            rows.append({"simulated": s.name, "trained": t.name, "rule": rule, "quantity": q, "unit": unit,
+                         "predicted": p, "measured": m, "delta_pct": d})
+    cols = ["simulated", "trained", "rule", "quantity", "unit", "predicted", "measured", "delta_pct"]
+    return {c: np.array([r[c] for r in rows], dtype=object if c in cols[:5] else np.float64) for c in cols}
+
+
+def simulated_table(runs, pairs=()):
+    """one row per simulated run: run, GPUs, nodes x GPUs per node, ep_size, hardware, routing
+    source, median step s, compute s, exposed communication s, optimizer s, mean inter- and
+    intra-node bytes per step, largest memory per GPU (sim/mem_bytes total), paired trained run"""
+    paired = {s.name: (t.name, rule) for s, t, rule in pairs}
+    rows = []
+    for r in runs:
+        if r.error or not r.is_sim or not r.has("perf/step_s"):
+            continue
+        steps = r.series["perf/step_s"][0]
+        tp = np.median(_time_parts(r, steps), axis=0) if r.has("sim/time_breakdown") else np.full(4, np.nan)
+        b = _bytes_parts(r, steps)
+        mem = float(r.series["sim/mem_bytes"][1][:, -1].max()) if r.has("sim/mem_bytes") else np.nan
+        t = paired.get(r.name)
+        rows.append({"run": r.name, "gpus": int(r.attrs.get("world_size", 0)),
+                     "nodes_x_gpus": f"{r.config.get('sim.nodes', '?')}x{r.config.get('sim.gpus_per_node', '?')}",
+                     "ep_size": int(r.attrs.get("ep_size", 0)), "hardware": str(r.attrs.get("hardware", "")).split(" (")[0],
+                     "routing": str(r.attrs.get("routing_source", "")), "step_s": float(np.median(r.series["perf/step_s"][1])),
+                     "compute_s": float(tp[0]), "exposed_comm_s": float(tp[1]), "optimizer_s": float(tp[2]),
+                     "inter_bytes_step": b.get(("inter", "total"), np.nan), "intra_bytes_step": b.get(("intra", "total"), np.nan),
+                     "mem_bytes_gpu": mem, "paired_with": f"{t[0]} ({t[1]})" if t else ""})
+    cols = ["run", "gpus", "nodes_x_gpus", "ep_size", "hardware", "routing", "step_s", "compute_s", "exposed_comm_s",
+            "optimizer_s", "inter_bytes_step", "intra_bytes_step", "mem_bytes_gpu", "paired_with"]
+    strs = {"run", "nodes_x_gpus", "hardware", "routing", "paired_with"}
+    return {c: np.array([r[c] for r in rows], dtype=object if c in strs else None) for c in cols}

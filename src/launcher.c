@@ -1,13 +1,19 @@
 /* launcher.c: the sweep launchers (local sequential mpirun; Slurm job array + report job).
  * The sweep folder is the contract between the launchers, the slurm/ scripts and analysis/report:
- *   plan.tsv            index, id, name, ranks, config, run_dir, settings (one run per line,
- *                       tab-separated, absolute paths, a header line first)
+ *   plan.tsv            index, id, name, ranks, config, run_dir, settings, needs (one run per
+ *                       line, tab-separated, absolute paths, a header line first; needs = the
+ *                       comma-separated indices of the runs whose logs the run reads, in a chained
+ *                       sweep: sweep.blocks with sim.trace / sim.aggregate "@block")
  *   configs/<id>.yaml   the resolved config of each run (what `dcmoe train` reads)
  *   logs/               console output of every run (local: <id>.out; Slurm: slurm-<job>_<task>.out)
  *   slurm-jobs.txt      the sbatch commands and job ids (slurm)
  *   packs.tsv           with --pack K (slurm): task, run indices (comma-separated) of each array
  *                       task; up to K consecutive unfinished simulate runs share a task
  * A run folder is complete when it holds DONE (written by train after the last step).
+ * Chained sweeps: the local launcher runs the runs in plan order (blocks in file order, so the
+ * trained runs come first) and does not start a run whose needs are not DONE; the Slurm
+ * launcher submits one array per stage (stage = 1 + the largest stage of a run's needs), each
+ * later array with --dependency=afterok on the earlier ones, and the report after all of them.
  * Does not: run under MPI, parse the sweep block (sweep.c) or decide anything inside a Slurm job
  * (slurm/dcmoe-job.sh applies the same DONE / checkpoint rule there). */
 #include "launcher.h"
@@ -157,7 +163,7 @@ static Status write_sweep_dir(const Sweep *sw, const char *file, const char *dir
     for (int i = -1; i < sw->n_runs; i++) {
         char line[LPATH * 3 + SWEEP_MAX_KEYS * 2 * 256];
         int n;
-        if (i < 0) n = snprintf(line, sizeof line, "index\tid\tname\tranks\tconfig\trun_dir\tsettings\n");
+        if (i < 0) n = snprintf(line, sizeof line, "index\tid\tname\tranks\tconfig\trun_dir\tsettings\tneeds\n");
         else {
             const SweepRun *r = &sw->runs[i];
             char rd[LPATH];
@@ -181,6 +187,9 @@ static Status write_sweep_dir(const Sweep *sw, const char *file, const char *dir
                          pl[i].config, pl[i].run_dir);
             for (int j = 0; j < r->n_sets && n > 0 && (size_t)n < sizeof line; j++)
                 n += snprintf(line + n, sizeof line - (size_t)n, "%s%s", j ? " " : "", r->sets[j]);
+            for (int j = 0; j < r->n_needs && n > 0 && (size_t)n < sizeof line; j++)
+                n += snprintf(line + n, sizeof line - (size_t)n, "%s%d", j ? "," : "\t", r->needs[j]);
+            if (r->n_needs == 0 && n > 0 && (size_t)n < sizeof line - 1) line[n++] = '\t';
             if (n > 0 && (size_t)n < sizeof line - 1) { line[n++] = '\n'; line[n] = 0; }
         }
         if (n < 0 || (size_t)n >= sizeof line) { free(tsv); return status_errorf("sweep plan line %d too long", i); }
@@ -275,6 +284,15 @@ static Status run_local(const Sweep *sw, const LaunchOptions *opt, const char *d
         printf("[%d/%d] %s %s ranks=%d: %s", i + 1, sw->n_runs, r->id, r->name, r->ranks, state_name(s));
         if (s == RUN_DONE) { printf(", skipped\n"); n_done++; continue; }
         printf("\n");
+        /* a run that reads another run's log (a chained sweep) starts only when that run is complete */
+        int missing = -1;
+        for (int q = 0; q < r->n_needs && !opt->dry_run; q++)
+            if (launcher_run_state(pl[r->needs[q]].run_dir) != RUN_DONE) missing = r->needs[q];
+        if (missing >= 0) {
+            printf("  not started: it reads the log of run %d (%s), which is not complete\n", missing, sw->runs[missing].name);
+            (*n_failed)++;
+            continue;
+        }
         if (s == RUN_PARTIAL && !opt->dry_run) {
             char moved[LPATH + 64];
             Status st = move_aside(pl[i].run_dir, moved, sizeof moved);
@@ -348,6 +366,67 @@ static Status submit(char **argv, bool dry, const char *what, char *job_id, size
     return status_ok();
 }
 
+static char *grow(char *p, size_t cap) {
+    char *q = realloc(p, cap);
+    ASSERT(q != NULL);
+    return q;
+}
+
+/* the array of one stage: --pack K lines appended to packs.tsv (tasks numbered from *n_tasks on)
+ * or ranges of unfinished run indices; *n_todo = array tasks, *max_ranks of its runs */
+static Status stage_array(const Sweep *sw, const LaunchOptions *opt, const Planned *pl, const int *stage, int s,
+                          char *array, size_t cap, char **tsv, size_t *tcap, size_t *tlen, int *n_tasks, int *n_todo,
+                          int *max_ranks) {
+    size_t al = 0;
+    *n_todo = 0;
+    *max_ranks = 1;
+    array[0] = 0;
+    int first_task = *n_tasks;
+    for (int i = 0; i < sw->n_runs;) {
+        if (stage[i] != s) { i++; continue; }
+        RunState st = launcher_run_state(pl[i].run_dir);
+        printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(st));
+        if (st == RUN_DONE) { i++; continue; }
+        if (sw->runs[i].ranks > *max_ranks) *max_ranks = sw->runs[i].ranks;
+        int j = i;          /* the run i, then more: up to K simulate runs (pack) or a range of unfinished runs */
+        int sim = sw->runs[i].cfg.run.mode == RUN_MODE_SIMULATE, n_in = 1;
+        if (opt->pack > 1) {
+            if (*tlen + 64 > *tcap) { *tcap = 2 * *tcap + 64; *tsv = grow(*tsv, *tcap); }
+            *tlen += (size_t)snprintf(*tsv + *tlen, *tcap - *tlen, "%d\t%d", *n_tasks, i);
+        }
+        while (j + 1 < sw->n_runs && stage[j + 1] == s && (opt->pack <= 1 || (sim && n_in < opt->pack))) {
+            RunState sj = launcher_run_state(pl[j + 1].run_dir);
+            if (opt->pack <= 1 && sj == RUN_DONE) break;
+            if (opt->pack > 1 && sj != RUN_DONE && sw->runs[j + 1].cfg.run.mode != RUN_MODE_SIMULATE) break;
+            j++;
+            printf("%4d  %s  %-32s ranks=%d  %s\n", j, sw->runs[j].id, sw->runs[j].name, sw->runs[j].ranks, state_name(sj));
+            if (sj == RUN_DONE) continue;
+            if (sw->runs[j].ranks > *max_ranks) *max_ranks = sw->runs[j].ranks;
+            if (opt->pack > 1) {
+                if (*tlen + 32 > *tcap) { *tcap = 2 * *tcap + 64; *tsv = grow(*tsv, *tcap); }
+                *tlen += (size_t)snprintf(*tsv + *tlen, *tcap - *tlen, ",%d", j);
+                n_in++;
+            }
+        }
+        if (opt->pack > 1) {
+            *tlen += (size_t)snprintf(*tsv + *tlen, *tcap - *tlen, "\n");
+            (*n_tasks)++;
+            (*n_todo)++;
+        } else {
+            int k = j > i ? snprintf(array + al, cap - al, "%s%d-%d", *n_todo ? "," : "", i, j)
+                          : snprintf(array + al, cap - al, "%s%d", *n_todo ? "," : "", i);
+            if (k < 0 || (size_t)k >= cap - al - 16) return status_errorf("too many runs for one --array list");
+            al += (size_t)k;
+            *n_todo += j - i + 1;
+        }
+        i = j + 1;
+    }
+    if (opt->pack > 1 && *n_todo > 0)
+        al = (size_t)snprintf(array, cap, *n_todo > 1 ? "%d-%d" : "%d", first_task, *n_tasks - 1);
+    if (opt->throttle > 0 && *n_todo > 0) snprintf(array + al, cap - al, "%%%d", opt->throttle);
+    return status_ok();
+}
+
 static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *dir, const Planned *pl) {
     char sbatch[LPATH], exe[LPATH], root[LPATH], cwd[LPATH];
     if (!find_in_path("sbatch", sbatch, sizeof sbatch)) {
@@ -357,76 +436,20 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
     self_exe(exe, sizeof exe);
     TRY(find_root(exe, root, sizeof root));
     abs_path(".", cwd, sizeof cwd);
-    /* --pack K: array task t runs the unfinished indices on line t of packs.tsv (up to K
-     * consecutive simulate runs; a train run has a task of its own) */
+    /* stages: runs that read another run's log (a chained sweep's "@block") go in a later array
+     * that starts after the earlier one succeeded (--dependency=afterok) */
+    int *stage = xmalloc(sizeof(int) * (size_t)sw->n_runs), n_stages = 1;
+    for (int i = 0; i < sw->n_runs; i++) {
+        stage[i] = sweep_stage(sw, i);
+        if (stage[i] + 1 > n_stages) n_stages = stage[i] + 1;
+    }
     char packs_path[LPATH + 32] = "";
-    int n_packs = 0;
-    if (opt->pack > 1) {
-        size_t cap = 64 + (size_t)sw->n_runs * 12, len = 0;
-        char *tsv = xmalloc(cap);
-        len += (size_t)snprintf(tsv, cap, "task\tindices\n");
-        int max_r = 1, n_runs_todo = 0;
-        for (int i = 0; i < sw->n_runs;) {
-            RunState s = launcher_run_state(pl[i].run_dir);
-            printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(s));
-            if (s == RUN_DONE) { i++; continue; }
-            int sim = sw->runs[i].cfg.run.mode == RUN_MODE_SIMULATE, n_in = 0;
-            len += (size_t)snprintf(tsv + len, cap - len, "%d\t", n_packs);
-            for (; i < sw->n_runs && n_in < (sim ? opt->pack : 1); i++) {
-                if (n_in > 0) {
-                    RunState sj = launcher_run_state(pl[i].run_dir);
-                    if (sj == RUN_DONE) continue;
-                    if (sw->runs[i].cfg.run.mode != RUN_MODE_SIMULATE) break;
-                    printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(sj));
-                }
-                if (sw->runs[i].ranks > max_r) max_r = sw->runs[i].ranks;
-                len += (size_t)snprintf(tsv + len, cap - len, "%s%d", n_in ? "," : "", i);
-                n_in++;
-                n_runs_todo++;
-            }
-            len += (size_t)snprintf(tsv + len, cap - len, "\n");
-            n_packs++;
-        }
-        str_fmt(packs_path, sizeof packs_path, "%s/packs.tsv", dir);
-        Status pst = file_write_atomic(packs_path, tsv, len);
-        xfree(tsv);
-        TRY(pst);
-        if (n_packs > 0) printf("--pack %d: %d run(s) in %d array task(s) (%s)\n", opt->pack, n_runs_todo, n_packs, packs_path);
-        (void)max_r;
-    }
-    /* the array holds the runs that are not complete yet */
-    char array[8192] = "";
-    int max_ranks = 1, n_todo = 0;
-    size_t al = 0;
-    for (int i = 0; i < sw->n_runs && opt->pack <= 1; i++) {
-        RunState s = launcher_run_state(pl[i].run_dir);
-        printf("%4d  %s  %-32s ranks=%d  %s\n", i, sw->runs[i].id, sw->runs[i].name, sw->runs[i].ranks, state_name(s));
-        if (s == RUN_DONE) continue;
-        if (sw->runs[i].ranks > max_ranks) max_ranks = sw->runs[i].ranks;
-        int j = i;   /* a range of unfinished runs: i-j */
-        while (j + 1 < sw->n_runs && launcher_run_state(pl[j + 1].run_dir) != RUN_DONE) {
-            j++;
-            RunState sj = launcher_run_state(pl[j].run_dir);
-            printf("%4d  %s  %-32s ranks=%d  %s\n", j, sw->runs[j].id, sw->runs[j].name, sw->runs[j].ranks, state_name(sj));
-            if (sw->runs[j].ranks > max_ranks) max_ranks = sw->runs[j].ranks;
-        }
-        int k = j > i ? snprintf(array + al, sizeof array - al, "%s%d-%d", n_todo ? "," : "", i, j)
-                      : snprintf(array + al, sizeof array - al, "%s%d", n_todo ? "," : "", i);
-        n_todo += j - i;
-        i = j;
-        if (k < 0 || (size_t)k >= sizeof array - al - 16) return status_errorf("too many runs for one --array list");
-        al += (size_t)k;
-        n_todo++;
-    }
-    if (opt->pack > 1 && n_packs > 0) {
-        for (int i = 0; i < sw->n_runs; i++)
-            if (launcher_run_state(pl[i].run_dir) != RUN_DONE && sw->runs[i].ranks > max_ranks) max_ranks = sw->runs[i].ranks;
-        al = (size_t)snprintf(array, sizeof array, n_packs > 1 ? "0-%d" : "%d", n_packs - 1);
-        n_todo = n_packs;
-    }
-    if (opt->throttle > 0 && n_todo > 0) snprintf(array + al, sizeof array - al, "%%%d", opt->throttle);
+    size_t tcap = 64 + (size_t)sw->n_runs * 12, tlen = 0;
+    char *tsv = opt->pack > 1 ? xmalloc(tcap) : NULL;
+    if (tsv) tlen += (size_t)snprintf(tsv, tcap, "task\tindices\n");
+    if (opt->pack > 1) str_fmt(packs_path, sizeof packs_path, "%s/packs.tsv", dir);
     char stem[256], rec_path[LPATH + 32], opt_array[8300], opt_ntasks[32], opt_name[300], opt_out[LPATH + 64],
-         opt_chdir[LPATH + 16], opt_export[4 * LPATH], script[LPATH + 64], rscript[LPATH + 64], opt_dep[128],
+         opt_chdir[LPATH + 16], opt_export[4 * LPATH], script[LPATH + 64], rscript[LPATH + 64], opt_dep[1024],
          opt_rname[300], opt_rout[LPATH + 64], sdir[LPATH];
     file_stem(opt->sweep_file, stem, sizeof stem);
     str_fmt(sdir, sizeof sdir, "%s", dir);
@@ -437,36 +460,69 @@ static Status run_slurm(const Sweep *sw, const LaunchOptions *opt, const char *d
             dir, packs_path);
     str_fmt(script, sizeof script, "%s/slurm/sweep-array.sbatch", root);
     str_fmt(rscript, sizeof rscript, "%s/slurm/report.sbatch", root);
-    char array_id[64] = "";
+    /* the arrays: plan every stage first (packs.tsv is written before anything is submitted) */
+    char (*arrays)[8192] = xcalloc(sizeof *arrays * (size_t)n_stages);
+    int *todo = xcalloc(sizeof(int) * (size_t)n_stages), *ranks = xcalloc(sizeof(int) * (size_t)n_stages), n_tasks = 0;
     Status st = status_ok();
-    if (n_todo > 0) {
-        str_fmt(opt_array, sizeof opt_array, "--array=%s", array);
-        str_fmt(opt_ntasks, sizeof opt_ntasks, "--ntasks=%d", max_ranks);
-        str_fmt(opt_name, sizeof opt_name, "--job-name=dcmoe-%s", stem);
+    for (int s = 0; s < n_stages && STATUS_OK(st); s++) {
+        if (n_stages > 1) printf("stage %d%s:\n", s, s ? " (reads the logs of the stage before)" : "");
+        st = stage_array(sw, opt, pl, stage, s, arrays[s], sizeof arrays[s], &tsv, &tcap, &tlen, &n_tasks, &todo[s], &ranks[s]);
+    }
+    if (STATUS_OK(st) && tsv) {
+        st = file_write_atomic(packs_path, tsv, tlen);
+        if (STATUS_OK(st) && n_tasks > 0) printf("--pack %d: %d array task(s) (%s)\n", opt->pack, n_tasks, packs_path);
+    }
+    xfree(tsv);
+    char ids[64][64];
+    int n_ids = 0, n_all = 0;
+    for (int s = 0; s < n_stages && STATUS_OK(st); s++) {
+        if (todo[s] == 0) continue;
+        n_all += todo[s];
+        str_fmt(opt_array, sizeof opt_array, "--array=%s", arrays[s]);
+        str_fmt(opt_ntasks, sizeof opt_ntasks, "--ntasks=%d", ranks[s]);
+        if (s == 0) str_fmt(opt_name, sizeof opt_name, "--job-name=dcmoe-%s", stem);
+        else str_fmt(opt_name, sizeof opt_name, "--job-name=dcmoe-%s-stage%d", stem, s);
         str_fmt(opt_out, sizeof opt_out, "--output=%s/logs/slurm-%%A_%%a.out", dir);
-        char *argv[] = {sbatch, "--parsable", opt_name, opt_array, opt_ntasks, opt_out, opt_chdir, opt_export,
-                        script, sdir, NULL};
-        st = submit(argv, opt->dry_run, "array", array_id, sizeof array_id, record);
-        if (STATUS_OK(st)) printf("%s job array %s: %d %s (indices %s)\n", opt->dry_run ? "would submit" : "submitted",
-                                   array_id, n_todo, opt->pack > 1 ? "task(s) of packed runs" : "run(s)", array);
-    } else printf("every run is complete; submitting only the report\n");
+        /* afterok: every task of the earlier arrays completed (a failed trained run holds its simulations) */
+        size_t dl = (size_t)snprintf(opt_dep, sizeof opt_dep, "--dependency=afterok");
+        for (int q = 0; q < n_ids && dl < sizeof opt_dep - 70; q++) dl += (size_t)snprintf(opt_dep + dl, sizeof opt_dep - dl, ":%s", ids[q]);
+        char *argv[12];
+        int a = 0;
+        argv[a++] = sbatch; argv[a++] = "--parsable"; argv[a++] = opt_name; argv[a++] = opt_array; argv[a++] = opt_ntasks;
+        argv[a++] = opt_out; argv[a++] = opt_chdir; argv[a++] = opt_export;
+        if (n_ids > 0) argv[a++] = opt_dep;
+        argv[a++] = script; argv[a++] = sdir; argv[a] = NULL;
+        if (n_ids >= 64) { st = status_errorf("more than 64 stages"); break; }
+        st = submit(argv, opt->dry_run, "array", ids[n_ids], sizeof ids[0], record);
+        if (STATUS_OK(st))
+            printf("%s job array %s: %d %s (indices %s)%s\n", opt->dry_run ? "would submit" : "submitted", ids[n_ids], todo[s],
+                   opt->pack > 1 ? "task(s) of packed runs" : "run(s)", arrays[s],
+                   n_ids > 0 ? " after the earlier array(s) succeed (afterok)" : "");
+        n_ids++;
+    }
+    if (STATUS_OK(st) && n_all == 0) printf("every run is complete; submitting only the report\n");
     if (STATUS_OK(st)) {
         char report_id[64];
         str_fmt(opt_rname, sizeof opt_rname, "--job-name=dcmoe-%s-report", stem);
         str_fmt(opt_rout, sizeof opt_rout, "--output=%s/logs/report-%%j.out", dir);
-        str_fmt(opt_dep, sizeof opt_dep, "--dependency=afterany:%s", array_id);
+        size_t dl = (size_t)snprintf(opt_dep, sizeof opt_dep, "--dependency=afterany");
+        for (int q = 0; q < n_ids && dl < sizeof opt_dep - 70; q++) dl += (size_t)snprintf(opt_dep + dl, sizeof opt_dep - dl, ":%s", ids[q]);
         char *argv[] = {sbatch, "--parsable", opt_rname, "--ntasks=1", opt_rout, opt_chdir, opt_export,
-                        n_todo > 0 ? opt_dep : NULL, NULL, NULL, NULL};
-        int a = n_todo > 0 ? 8 : 7;
+                        n_ids > 0 ? opt_dep : NULL, NULL, NULL, NULL};
+        int a = n_ids > 0 ? 8 : 7;
         argv[a++] = rscript;
         argv[a++] = sdir;
         argv[a] = NULL;
         st = submit(argv, opt->dry_run, "report", report_id, sizeof report_id, record);
         if (STATUS_OK(st))
-            printf("%s report job %s (runs after the array ends): %s/report/report.html\n",
-                   opt->dry_run ? "would submit" : "submitted", report_id, dir);
+            printf("%s report job %s (runs after the array%s end%s): %s/report/report.html\n",
+                   opt->dry_run ? "would submit" : "submitted", report_id, n_ids > 1 ? "s" : "", n_ids > 1 ? "" : "s", dir);
     }
     if (record) fclose(record);
+    xfree(arrays);
+    xfree(todo);
+    xfree(ranks);
+    xfree(stage);
     if (STATUS_OK(st) && !opt->dry_run) printf("sweep folder %s (job ids and commands in slurm-jobs.txt)\n", dir);
     return st;
 }
@@ -508,6 +564,10 @@ static void usage_run(void) {
            "          --throttle N = at most N at once) and a report job after it (--dependency=afterany).\n"
            "          --pack K: up to K consecutive unfinished simulate runs per array task (packs.tsv: task id ->\n"
            "          run indices), for sweeps of many short simulations; train runs keep a task each.\n"
+           "  chained sweeps (sweep.blocks; a simulate run's sim.trace / sim.aggregate \"@<block>\" reads the log of\n"
+           "          that block's run with the same shared values): local runs them in plan order and skips a run\n"
+           "          whose trained run is not complete; slurm submits one array per stage, each later one with\n"
+           "          --dependency=afterok on the earlier ones.\n"
            "  --dry-run  write the folder and print the commands; run and submit nothing.\n");
 }
 

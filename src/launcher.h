@@ -1,7 +1,9 @@
 /* launcher: `dcmoe sweep run FILE --launcher local|slurm` — writes the sweep folder (plan.tsv and
  * one resolved config per run), then either runs each planned run in turn under `mpirun -n
  * <ranks>` (local: skips runs marked DONE, resumes runs with a complete checkpoint) or submits
- * one Slurm job array from slurm/sweep-array.sbatch plus a dependent report job (slurm).
+ * one Slurm job array from slurm/sweep-array.sbatch plus a dependent report job (slurm); a
+ * chained sweep (sweep.blocks, "@block" references) gets one array per stage, each after the
+ * one before (afterok).
  * Does not: use MPI itself (it runs before MPI_Init, so the mpirun it starts is not nested in an
  * MPI job), train, or plan the sweep (sweep.c). Owns nothing beyond one call. */
 #ifndef DCMOE_LAUNCHER_H

@@ -199,8 +199,10 @@ int main(int argc, char **argv) {
         if (comm.rank == 0) printf("usage: dcmoe sweep plan FILE.yaml [--set k=v]...\n"
                                    "       dcmoe sweep run FILE.yaml --launcher local|slurm [...] (see sweep run --help)\n\n"
                                    "Expands the file's sweep: block (grid: Cartesian product, last key fastest;\n"
-                                   "zip: paired lists; keys: any config key, `ranks`, `name`) into numbered runs with\n"
-                                   "stable ids, validates every run's config, and prints the plan.\n");
+                                   "zip: paired lists; keys: any config key, `ranks`, `name`; blocks: named stages,\n"
+                                   "each with set/grid/zip, where a simulate run's sim.trace or sim.aggregate \"@<block>\"\n"
+                                   "reads the log of that block's run with the same shared values) into numbered runs\n"
+                                   "with stable ids, validates every run's config, and prints the plan.\n");
         MPI_Finalize();
         return argc >= 3 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h")) ? 0 : 2;
     }
@@ -245,7 +247,8 @@ int main(int argc, char **argv) {
                 const SweepRun *r = &sw.runs[i];
                 printf("%4d  %s  %-28s ranks=%d ", r->index, r->id, r->name, r->ranks);
                 for (int j = 0; j < r->n_sets; j++) printf(" %s", r->sets[j]);
-                printf("\n");
+                for (int j = 0; j < r->n_needs; j++) printf("%s%d", j ? "," : "  (after run ", r->needs[j]);
+                printf("%s\n", r->n_needs ? ": reads its log)" : "");
             }
         }
         sweep_free(&sw);

@@ -10,6 +10,12 @@
     ep_size grid), each to DONE with a simulated log; `dcmoe train` refuses such a config;
   - --pack K (slurm, dry run): simulate runs share array tasks K at a time (packs.tsv), and the array
     script run by hand for each task completes every run of its line;
+  - a chained sweep (sweep.blocks): 2 trained runs with n_groups 2 and 4 recording routing traces,
+    then 2 simulate runs whose sim.trace "@train" resolves to the trained run with the same
+    n_groups; slurm (dry run) submits the simulations as a second array after the first
+    (afterok), the array script refuses a simulation whose trained run is not DONE; the local
+    launcher runs the trained runs first and each simulation replays its own run's trace
+    (dispatch/combine bytes equal at every recorded step); analysis/report pairs them;
   - bad options fail with a message naming what is allowed."""
 import os
 import re
@@ -31,6 +37,80 @@ def sweep_run(path, *extra, timeout=300):
 def final(run_dir):
     s, v = T.series(os.path.join(run_dir, "metrics.h5"), "train/loss")
     return int(s[-1]), float(v[-1])
+
+
+CHAIN = """sim:
+  nodes: 2
+  gpus_per_node: 1
+  hardware: cpu
+sweep:
+  zip:
+    moe.n_groups: [2, 4]
+    name: [g2, g4]
+  blocks:
+    train:
+      set: {ranks: 2, log.trace_interval: 4, topology.nodes: 2, topology.ranks_per_node: 1}
+    sim:
+      set: {run.mode: simulate, sim.routing: trace, sim.trace: "@train"}
+"""
+
+
+def chain(tmp, runs):
+    """train small, then simulate: each simulated run replays the trace of the run with its groups"""
+    import h5py
+    import numpy as np
+    cfg = T.tiny_config(os.path.join(tmp, "chain.yaml"), runs, "ch", extra=CHAIN)
+    text = open(cfg).read().replace("  kind: standard\n", "  kind: clustered\n  n_groups: 2\n  top_groups: 1\n  rank: 4\n")
+    open(cfg, "w").write(text)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([T.EXE, "sweep", "run", cfg, "--launcher", "slurm", "--dry-run"], capture_output=True, text=True,
+                       env=env, cwd=tmp)
+    arrays = re.findall(r"^\$ .*--array=.*$", p.stdout, re.M)
+    rep = re.findall(r"^\$ .*report.sbatch.*$", p.stdout, re.M)
+    T.check(p.returncode == 0 and len(arrays) == 2 and "--array=0-1" in arrays[0] and "--ntasks=2" in arrays[0]
+            and "--dependency" not in arrays[0] and "--array=2-3" in arrays[1] and "--ntasks=1" in arrays[1]
+            and "--dependency=afterok:DRYRUN" in arrays[1] and rep and "--dependency=afterany:DRYRUN:DRYRUN" in rep[0],
+            f"slurm: the trained runs in one array, the simulations in a second one after it (afterok) "
+            f"({p.stderr.strip()[-200:]}{arrays})")
+    sdir = os.path.join(runs, "sweep-chain")
+    plan = open(os.path.join(sdir, "plan.tsv")).read().splitlines() if os.path.exists(os.path.join(sdir, "plan.tsv")) else []
+    T.check(len(plan) == 5 and plan[0].endswith("\tneeds") and [ln.split("\t")[-1] for ln in plan[1:]] == ["", "", "0", "1"],
+            f"plan.tsv: the simulations need runs 0 and 1 ({[ln.split(chr(9))[-1] for ln in plan[1:]]})")
+    q = subprocess.run(["bash", os.path.join(T.SRC, "slurm", "sweep-array.sbatch"), sdir], capture_output=True, text=True,
+                       env=dict(env, DCMOE_ROOT=T.SRC, DCMOE_EXE=T.EXE, SLURM_ARRAY_TASK_ID="3"), timeout=120)
+    T.check(q.returncode != 0 and "reads the log of run 1" in q.stderr and not os.path.exists(os.path.join(runs, "ch-sim-g4")),
+            f"the array script refuses a simulation whose trained run is not complete ({q.stderr.strip()[-200:]})")
+    p = sweep_run(cfg)
+    order = re.findall(r"^\[\d/4\] \S+ (\S+)", p.stdout, re.M)
+    T.check(p.returncode == 0 and order == ["ch-train-g2", "ch-train-g4", "ch-sim-g2", "ch-sim-g4"] and
+            all(os.path.exists(os.path.join(runs, n, "DONE")) for n in order),
+            f"local: trained runs first, then the simulations, all DONE ({order}; {p.stderr.strip()[-300:]})")
+    for g in ("g2", "g4"):
+        sh, th = os.path.join(runs, f"ch-sim-{g}", "metrics.h5"), os.path.join(runs, f"ch-train-{g}", "metrics.h5")
+        if not (os.path.exists(sh) and os.path.exists(th)):
+            T.check(False, f"{g}: both logs exist")
+            continue
+        with h5py.File(sh, "r") as f:
+            src = str(f.attrs["routing_source"])
+        with h5py.File(th, "r", swmr=True) as f:
+            cfg_text = f.attrs["config"]
+            cfg_text = cfg_text.decode() if isinstance(cfg_text, bytes) else str(cfg_text)
+            groups = int(re.search(r"^  n_groups: (\d+)$", cfg_text, re.M).group(1))
+        same = True
+        for k in ("comm/summary/intra_bytes", "comm/summary/inter_bytes"):
+            ts, tv = T.series(th, k)
+            ss, sv = T.series(sh, k)
+            idx = np.searchsorted(ts, ss)
+            same &= len(ss) == 3 and np.array_equal(ts[idx], ss) and np.array_equal(tv[idx][:, 1:3], sv[:, 1:3])
+        T.check(src == f"trace {th}" and groups == int(g[1:]) and same,
+                f"ch-sim-{g} replays the trace of ch-train-{g} (n_groups {groups}): dispatch/combine bytes equal at the "
+                f"recorded steps ({src})")
+    out = os.path.join(tmp, "rep-chain")
+    r = subprocess.run([sys.executable, os.path.join(T.SRC, "analysis", "report"), sdir, "-o", out], capture_output=True,
+                       text=True, timeout=300)
+    md = open(os.path.join(out, "report.md")).read() if r.returncode == 0 else ""
+    T.check(r.returncode == 0 and "| ch-sim-g2 | ch-train-g2 | trace |" in md and "| ch-sim-g4 | ch-train-g4 | trace |" in md,
+            f"analysis/report pairs each simulation with its trained run ({r.stderr.strip()[-200:]})")
 
 
 def main():
@@ -158,6 +238,8 @@ def main():
     p = subprocess.run([T.EXE, "sweep", "run", pk, "--launcher", "slurm", "--dry-run", "--pack", "4"], capture_output=True,
                        text=True, env=env, cwd=tmp)
     T.check("every run is complete" in p.stdout, "--pack: a complete sweep submits only the report")
+
+    chain(tmp, runs)
 
     # errors
     p = sweep_run(sw, "--pack", "0")

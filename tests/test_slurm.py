@@ -8,6 +8,8 @@
      trainer checkpoint and the script requeue the job, which then resumes and finishes with the
      uninterrupted final loss;
   5. the same through a real time limit (--time=2 --signal=B:USR1@80).
+  6. a chained sweep (train, then simulate its trace): the simulations' array waits for the
+     trained runs' array (--dependency=afterok) and every run completes.
   0. (no Slurm) a USR1 before the trainer starts leaves the job script alive and requeues it.
 Skips (77) when not root or Slurm is not installed."""
 import os
@@ -79,6 +81,34 @@ def early_signal(tmp):
         print("# " + r.stdout.replace("\n", "\n# ") + r.stderr, flush=True)
 
 
+def chained_sweep(sc, tmp):
+    """6. train small, then simulate: two arrays, the second with afterok on the first"""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_launcher import CHAIN
+    cfg = T.tiny_config(os.path.join(tmp, "chain.yaml"), os.path.join(tmp, "runs"), "ch", extra=CHAIN)
+    text = open(cfg).read().replace("  kind: standard\n", "  kind: clustered\n  n_groups: 2\n  top_groups: 1\n  rank: 4\n")
+    open(cfg, "w").write(text)
+    p = subprocess.run([T.EXE, "sweep", "run", cfg, "--launcher", "slurm"], cwd=tmp, env=sc.env, capture_output=True,
+                       text=True, timeout=60)
+    print("".join("# " + l + "\n" for l in p.stdout.splitlines()), flush=True)
+    arrs = re.findall(r"submitted job array (\d+)", p.stdout)
+    rep = re.search(r"submitted report job (\d+)", p.stdout)
+    if not T.check(p.returncode == 0 and len(arrs) == 2 and rep, f"chained sweep: two arrays and a report ({p.stderr.strip()})"):
+        return
+    dep = sc.job_info(arrs[1]).get("Dependency", "")
+    T.check(f"afterok:{arrs[0]}" in dep, f"the simulations' array waits for the trained runs' array ({dep})")
+    st0 = sc.wait_job(arrs[0], 240)
+    st1 = sc.wait_job(arrs[1], 240)
+    sc.wait_job(rep.group(1), 240)
+    T.check(len(st0) == 2 and len(st1) == 2 and all(v == "COMPLETED" for v in list(st0.values()) + list(st1.values())),
+            f"chained sweep: every task completed ({st0}, {st1})")
+    names = ["ch-train-g2", "ch-train-g4", "ch-sim-g2", "ch-sim-g4"]
+    T.check(all(os.path.exists(os.path.join(tmp, "runs", n, "DONE")) for n in names), "chained sweep: all 4 runs DONE")
+    t_done = os.path.getmtime(os.path.join(tmp, "runs", "ch-train-g4", "DONE"))
+    t_sim = os.path.getmtime(os.path.join(tmp, "runs", "ch-sim-g2", "metrics.h5"))
+    T.check(t_sim >= t_done, "the simulations ran after the trained runs were complete")
+
+
 def main():
     tmp = T.tmpdir("dcmoe-slurm-test-")
     os.chmod(tmp, 0o755)
@@ -148,6 +178,8 @@ def main():
                 sc.wait_job(m2.group(1), 120)
 
         print(f"# [{time.time() - t_all:.1f} s] sweep done", flush=True)
+        chained_sweep(sc, tmp)
+        print(f"# [{time.time() - t_all:.1f} s] chained sweep done", flush=True)
         # reference: the same long run uninterrupted, outside Slurm, same rank count
         ref_cfg = long_config(tmp, "ref")
         t0 = time.time()
