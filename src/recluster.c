@@ -444,3 +444,17 @@ int recluster_run(Model *m, long step, ReclusterEvent *ev) {
     }
     return n;
 }
+
+double recluster_jaccard_ref(const Model *m, int l) {
+    const MoeLayer *f = &m->ffn[l];
+    const ClusterState *cs = &m->cstate[l];
+    if (f->kind != MOE_KIND_CLUSTERED || !cs->group_ref || !cs->ref_known) return NAN;
+    int E = f->E, G = f->G;
+    /* as cluster_update's jaccard: relabel the current groups to the reference's, then compare */
+    int32_t *cur = xmalloc(sizeof(int32_t) * E);
+    memcpy(cur, cs->group_of, sizeof(int32_t) * E);
+    cluster_match_ids(cs->group_ref, cur, E, G);
+    double j = cluster_jaccard(cs->group_ref, cur, E, G);
+    xfree(cur);
+    return j;
+}

@@ -94,8 +94,8 @@ def main():
     s, v = h["cluster/events"]
     T.check(len(s) >= 2, f"the fixture has re-clustering events ({len(s)})")
     cols = [x for x in ev if x not in ("run", "step")]
-    T.check(len(cols) == 18 and np.array_equal(np.stack([ev[x] for x in cols], 1), v.reshape(-1, 18)),
-            "events table == cluster/events (18 named columns)")
+    T.check(len(cols) == 19 and np.array_equal(np.stack([ev[x] for x in cols], 1), v.reshape(-1, 19), equal_nan=True),
+            "events table == cluster/events (19 named columns)")
     lt = dl.series_table([c], "moe/balance/cv2")
     T.check(list(lt["index"][:2]) == ["layer0", "layer1"], f"per-layer rows are labelled by layer ({list(lt['index'][:2])})")
     summ = dl.summary_table(loaded)
