@@ -12,11 +12,10 @@ when the probe loss rises by at most clustering.max_probe_increase, else it is u
     back; < 1 once the unverified run has moved experts, and equal to the Jaccard recomputed
     from cluster/group_of (overlap-maximising relabelling, mean over groups);
   - clustering.verify with offloading is refused naming both keys."""
-import itertools
 import os
 import h5py
 import numpy as np
-from testlib import check, finish, run, series, tiny_config, tmpdir
+from testlib import check, finish, partition_jaccards, run, series, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-verify-")
 BASE = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4", "--set", "train.steps=16",
@@ -25,22 +24,6 @@ BASE = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.
         "--set", "moe.dropless=true", "--set", "checkpoint.interval=4"]
 COL = {"accepted": 3, "moved": 4, "probe_before": 10, "probe_after": 11, "rolled_back": 17, "jaccard_compress": 18}
 NCOL = 19
-
-
-def jaccards_to(ref, cur, G):
-    """the mean Jaccard of matched groups for every relabelling of cur that maximises the
-    overlap with ref (cluster_match_ids breaks ties its own way)"""
-    best, vals = -1, set()
-    for perm in itertools.permutations(range(G)):
-        c = np.array(perm)[cur]
-        ov = int(np.sum(c == ref))
-        if ov < best:
-            continue
-        j = np.mean([np.sum((ref == g) & (c == g)) / max(1, np.sum((ref == g) | (c == g))) for g in range(G)])
-        if ov > best:
-            best, vals = ov, set()
-        vals.add(round(float(j), 12))
-    return vals
 
 
 def train(name, sets, ranks=1, extra=()):
@@ -75,7 +58,7 @@ check(all(moved[fi, l] > 0 and np.all(jc[:fi, l] == 1.0) and jc[fi, l] < 1.0 for
 _, gof_free = series(h_free, "cluster/group_of")
 E_, G_ = gof_free.shape[2], 2
 contig = np.arange(E_) // (E_ // G_)
-ok_j = all(round(float(jc[i, l]), 12) in jaccards_to(contig, gof_free[i, l].astype(int), G_)
+ok_j = all(round(float(jc[i, l]), 12) in partition_jaccards(contig, gof_free[i, l].astype(int), G_)
            for i in range(jc.shape[0]) for l in range(jc.shape[1]))
 check(ok_j, "unverified: every jaccard_compress equals the Jaccard of the logged group_of to the contiguous grouping")
 check(not np.array_equal(loss["static"], loss["unverified"]), "moving experts changes the training (not a no-op)")
