@@ -8,6 +8,8 @@ works when pandas is there) — and write them as CSV.
     summary = dl.summary_table(runs)                    # one row per run: settings + final numbers
     loss = dl.series_table(runs, "train/loss")          # run, step, index, value (long / tidy)
     load = dl.expert_load_table(runs)                   # run, step, layer, expert, tokens
+    events = dl.events_table(runs)                      # run, step, the cluster/events columns (per layer)
+    follow = dl.followup_table(runs)                    # run, step, event_step, kind, probe losses +25/+50
     dl.write_csv(summary, "summary.csv")
     pairs = dl.pair_runs(runs)                          # (simulated, trained, rule): predicted vs measured
     pvm = dl.predicted_vs_measured_table(pairs)         # pair, quantity, predicted, measured, delta_pct
@@ -25,7 +27,7 @@ import h5py
 import numpy as np
 
 __all__ = ["Run", "load", "load_run", "load_sweep", "series_table", "scalars_table", "expert_load_table",
-           "events_table", "compress_table", "summary_table", "write_csv", "parse_config", "read_plan",
+           "events_table", "followup_table", "compress_table", "summary_table", "write_csv", "parse_config", "read_plan",
            "pair_runs", "compare_pair", "predicted_vs_measured_table", "simulated_table", "PHASES"]
 
 
@@ -302,6 +304,14 @@ def expert_load_table(runs, name="moe/tokens_per_expert"):
                       "layer": np.tile(np.repeat(np.array(layers), E), n), "expert": np.tile(np.arange(E), n * L),
                       "tokens": v.reshape(-1)})
     return _concat(parts, ["run", "step", "layer", "expert", "tokens"])
+
+
+def followup_table(runs):
+    """the probe loss 25 and 50 steps after each event (cluster/event_followup): run, step (when
+    the row was written), event_step, kind (0 re-clustering, 1 compression), probe_loss_before,
+    probe_loss_after, probe_loss_25, probe_loss_50 (NaN: training ended first). Join with
+    events_table / compress_table on (run, step == event_step)."""
+    return events_table(runs, "cluster/event_followup")
 
 
 def events_table(runs, dataset="cluster/events"):

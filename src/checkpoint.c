@@ -2,8 +2,11 @@
  * model.bin = header { magic "DCMOECK1", u32 version, u32 n_sections } then sections
  * { char name[48], u64 n_bytes, u32 crc32, u32 pad, bytes }. Sections: "pos" (TrainPos),
  * "table" (tensor names and shapes, text), "config" (resolved YAML), then "params.<cat>",
- * "adam_m.<cat>", "adam_v.<cat>" for each parameter category, "cluster" (clustering state) and
- * "placement" (expert-parallel owners and co-selection statistics per MoE layer), and with
+ * "adam_m.<cat>", "adam_v.<cat>" for each parameter category, "cluster" (clustering state),
+ * "cluster.ref" (each clustered layer's reference partition; optional on load: a checkpoint
+ * without it leaves the reference unknown in a compression run) and "placement"
+ * (expert-parallel owners and co-selection statistics per MoE layer), the training run's own
+ * sections ("run.*", checkpoint_save_with: opaque here), and with
  * precision.mode storage or qat "experts.q": the clustered experts in their stored formats
  * (FP16 bases, INT4 factors, canonical order; layout in precision.h), which `dcmoe eval`
  * computes from. Load ignores it (training resumes from the FP32 masters).
@@ -117,6 +120,27 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
         }
     }
 #undef MOVE
+}
+
+/* the reference partitions (ClusterState.group_ref): per clustered layer i32 ref_known, i32 group_ref[E] */
+static size_t ref_blob_size(const Model *m) {
+    size_t n = 0;
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind == MOE_KIND_CLUSTERED) n += 4 + 4 * (size_t)m->ffn[l].E;
+    return n;
+}
+
+static void ref_blob(Model *m, char *buf, int unpack) {
+    size_t off = 0;
+    for (int l = 0; l < m->L; l++) {
+        if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
+        ClusterState *cs = &m->cstate[l];
+        size_t E = (size_t)m->ffn[l].E;
+        int32_t known = cs->ref_known;
+        if (unpack) { memcpy(&known, buf + off, 4); cs->ref_known = known; memcpy(cs->group_ref, buf + off + 4, 4 * E); }
+        else { memcpy(buf + off, &known, 4); memcpy(buf + off + 4, cs->group_ref, 4 * E); }
+        off += 4 + 4 * E;
+    }
 }
 
 /* elements of a category as stored (the expert category in its canonical layout) */
@@ -281,6 +305,11 @@ static Status replicas_check(Model *m) {
 }
 
 Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep) {
+    return checkpoint_save_with(run_dir, m, pos, keep, NULL, 0);
+}
+
+Status checkpoint_save_with(const char *run_dir, Model *m, const TrainPos *pos, int keep, const CheckpointSection *extra,
+                            int n_extra) {
     Comm *comm = m->comm;
     const Backend *be = m->be;
     char ckdir[4096], tmpdir[4096], final[4096], path[4096];
@@ -365,6 +394,14 @@ Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int k
             put_section(&b, "cluster", blob, cb); n_sec++;
             xfree(blob);
         }
+        size_t rfb = ref_blob_size(m);
+        if (rfb) {
+            char *blob = xmalloc(rfb);
+            ref_blob(m, blob, 0);
+            put_section(&b, "cluster.ref", blob, rfb); n_sec++;
+            xfree(blob);
+        }
+        for (int i = 0; i < n_extra; i++) { put_section(&b, extra[i].name, extra[i].data, extra[i].n_bytes); n_sec++; }
         int n_clus = 0;
         for (int l = 0; l < m->L; l++) n_clus += m->ffn[l].kind == MOE_KIND_CLUSTERED;
         if (n_clus > 0 && m->cfg.precision.mode != PRECISION_FP32) {
@@ -607,6 +644,9 @@ static Status load_rank0(const char *ckpt_dir, Model *m, TrainPos *pos, char **i
         if (STATUS_OK(st) && len != cb)
             st = status_errorf("%s: section 'cluster' has %zu bytes, the model needs %zu", path, len, cb);
     }
+    size_t rfb = ref_blob_size(m);
+    if (STATUS_OK(st) && rfb && STATUS_OK(find_section(path, img, n, "cluster.ref", &d, &len)) && len != rfb)
+        st = status_errorf("%s: section 'cluster.ref' has %zu bytes, the model needs %zu", path, len, rfb);
     size_t pb = placement_blob_size(m);
     if (STATUS_OK(st) && pb) {
         st = find_section(path, img, n, "placement", &d, &len);
@@ -655,6 +695,23 @@ Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int f
         char *blob = bcast_section(comm, path, img, n, "cluster", cb);
         cluster_blob(m, blob, 1);
         xfree(blob);
+    }
+    /* the reference partitions; a checkpoint without them: the initial contiguous grouping
+     * (model_init's) is right unless the run compressed (then it is unknown) */
+    size_t rfb = ref_blob_size(m);
+    if (rfb) {
+        int32_t have = 0;
+        const char *d = NULL;
+        size_t len = 0;
+        if (comm->rank == 0) have = STATUS_OK(find_section(path, img, n, "cluster.ref", &d, &len));
+        comm_bcast_bytes(comm, &have, sizeof have, 0);
+        if (have) {
+            char *blob = bcast_section(comm, path, img, n, "cluster.ref", rfb);
+            ref_blob(m, blob, 1);
+            xfree(blob);
+        } else
+            for (int l = 0; l < m->L; l++)
+                if (m->ffn[l].kind == MOE_KIND_CLUSTERED) m->cstate[l].ref_known = m->cfg.clustering.compress_at <= 0;
     }
     size_t pb = placement_blob_size(m);
     if (pb) {
@@ -706,10 +763,15 @@ Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int f
 }
 
 Status checkpoint_read_section(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes) {
+    return checkpoint_read_section_opt(ckpt_dir, name, comm, data, n_bytes, NULL);
+}
+
+Status checkpoint_read_section_opt(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes,
+                                   int *found) {
     char path[4096];
     str_fmt(path, sizeof path, "%s/model.bin", ckpt_dir);
     Status st = status_ok();
-    uint64_t n = 0;
+    uint64_t n = 0, present = 1;
     void *img = NULL, *out = NULL;
     if (comm->rank == 0) {
         size_t ni = 0;
@@ -717,13 +779,19 @@ Status checkpoint_read_section(const char *ckpt_dir, const char *name, Comm *com
         if (STATUS_OK(st)) st = verify_image(path, img, ni);
         const char *d = NULL;
         size_t len = 0;
-        if (STATUS_OK(st)) st = find_section(path, img, ni, name, &d, &len);
-        if (STATUS_OK(st)) { n = len; out = xmalloc(len ? len : 1); memcpy(out, d, len); }
+        if (STATUS_OK(st)) {
+            Status fs = find_section(path, img, ni, name, &d, &len);
+            if (STATUS_OK(fs)) { n = len; out = xmalloc(len ? len : 1); memcpy(out, d, len); }
+            else if (found) present = 0;   /* optional: absent is an answer (the image verified) */
+            else st = fs;
+        }
         free(img);
     }
-    uint64_t hdr[2] = {STATUS_OK(st) ? 1u : 0u, n};
+    uint64_t hdr[3] = {STATUS_OK(st) ? 1u : 0u, n, present};
     comm_bcast_bytes(comm, hdr, sizeof hdr, 0);
     if (!hdr[0]) return comm->rank == 0 ? st : status_errorf("%s: rank 0 could not read section '%s'", path, name);
+    if (found) *found = hdr[2] != 0;
+    if (!hdr[2]) { *data = NULL; *n_bytes = 0; return status_ok(); }
     if (comm->rank != 0) out = xmalloc(hdr[1] ? hdr[1] : 1);
     comm_bcast_bytes(comm, out, (size_t)hdr[1], 0);
     *data = out;

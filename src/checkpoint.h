@@ -1,7 +1,8 @@
 /* checkpoint: atomic, checksummed training checkpoints. A checkpoint is a folder
  * ckpt/step_NNNNNNNN/ with model.bin (written by rank 0: every parameter and Adam moment,
- * the tensor table, the training position, the rank count) and COMPLETE ("step N ranks P",
- * checked against model.bin) written last; it is built under a temporary name and renamed
+ * the tensor table, the training position, the rank count, optional sections of the training
+ * run's own state) and COMPLETE ("step N ranks P", checked against model.bin) written
+ * last; it is built under a temporary name and renamed
  * into place, and pruning moves a folder out of the step_* names before deleting it, so a
  * folder named step_* holding COMPLETE is whole unless its files were damaged afterwards.
  * Every section carries a CRC32 that load verifies.
@@ -21,6 +22,16 @@ typedef struct TrainPos {
 
 /* collective: every rank calls. Keeps the newest `keep` checkpoints. */
 Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep);
+/* a section of the caller's own state, stored as given (names "run.*", distinct from the
+ * model's sections); read back with checkpoint_read_section_opt */
+typedef struct CheckpointSection {
+    const char *name;
+    const void *data;        /* rank 0's is written */
+    size_t n_bytes;
+} CheckpointSection;
+/* checkpoint_save with extra sections */
+Status checkpoint_save_with(const char *run_dir, Model *m, const TrainPos *pos, int keep, const CheckpointSection *extra,
+                            int n_extra);
 /* path of the newest complete checkpoint folder, or "" if none (marker only, nothing verified) */
 Status checkpoint_find_latest(const char *run_dir, char *path, size_t cap);
 
@@ -50,5 +61,9 @@ Status checkpoint_load_opts(const char *ckpt_dir, Model *m, TrainPos *pos, int f
 /* collective: section `name` of the checkpoint's model.bin (verified), on every rank;
  * *data is malloc'd (xfree it) */
 Status checkpoint_read_section(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes);
+/* the same for a section that may be absent: *found = 0 (and *data NULL, *n_bytes 0) when
+ * the verified checkpoint lacks it; any other fault is an error. found NULL = required. */
+Status checkpoint_read_section_opt(const char *ckpt_dir, const char *name, Comm *comm, void **data, size_t *n_bytes,
+                                   int *found);
 
 #endif

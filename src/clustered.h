@@ -46,6 +46,12 @@ struct ClusterState {
     double *mu_sum;              /* [E, Pm + 1] sums and counts being collected, NULL = not collecting */
     double *mu_sum_store;        /* the buffer behind mu_sum */
     int n_events, n_accepted;
+    /* the reference partition re-clustering events are compared with (the jaccard_compress
+     * column of cluster/events): the compression event's partition (clustering.compress_at),
+     * else the initial contiguous grouping; ref_known 0 = unknown (resumed from a checkpoint
+     * written before it was kept: the column is NaN) */
+    int32_t *group_ref;          /* [E] */
+    int ref_known;
     /* standard layers of a run with clustering.compress_at (compress_event.c), else NULL:
      * EMA over steps of how often experts i and j are both in one token's top-k (before
      * capacity, global over ranks) [E, E], and of each expert's selections [E] */

@@ -289,6 +289,8 @@ int compress_event_run(Model *old, Model *nw, long step, float *const *x, int nx
         ClusterState *cs = &nw->cstate[l];
         compress_partition(W1, W2, E, n1, n2, ocs->coact, ocs->coact_n, G, cc, (uint64_t)nw->cfg.run.seed, l, cs->group_of);
         members_of(cs->group_of, E, G, cs->members);
+        memcpy(cs->group_ref, cs->group_of, sizeof(int32_t) * E);   /* later events are compared with it */
+        cs->ref_known = 1;
         double *werr = xmalloc(sizeof(double) * E);
         compress_refit_layer(W1, W2, E, D, F1, F, r, G, cs->group_of, cc, (uint64_t)nw->cfg.run.seed, l,
                              RNG_CLUSTER + 8 + 16 * (uint64_t)step,

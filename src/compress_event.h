@@ -10,7 +10,9 @@
  *    on weight features ([w1_i, w2_i] centred on the all-expert mean, count-sketched to
  *    clustering.proj_dim) fused by clustering.alpha with co-activation features (rows of the
  *    affinity C_ij / sqrt(n_i n_j), diagonal = the row's largest off-diagonal entry); random
- *    = a seeded balanced shuffle; contiguous = experts gK..gK+K-1 in group g;
+ *    = a seeded balanced shuffle; contiguous = experts gK..gK+K-1 in group g; the chosen
+ *    partition is also kept as the layer's reference partition (ClusterState.group_ref,
+ *    checkpointed), which later re-clustering events are compared with (jaccard_compress);
  *  - the refit (compress.c): base = member mean, residual = rank-r truncated SVD;
  *  - the non-expert tensors (embeddings, attention, norms, router) move with their Adam
  *    moments by name, the aux-free bias is kept, the expert tensors' Adam state starts at 0.

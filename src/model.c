@@ -201,7 +201,9 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
         ClusterState *cs = &m->cstate[l];
         cs->group_of = xcalloc(sizeof(int32_t) * f->E);
         cs->members = xcalloc(sizeof(int32_t) * f->E);
-        for (int i = 0; i < f->E; i++) { cs->group_of[i] = i / f->K; cs->members[i] = i; }
+        cs->group_ref = xcalloc(sizeof(int32_t) * f->E);
+        for (int i = 0; i < f->E; i++) { cs->group_of[i] = cs->group_ref[i] = i / f->K; cs->members[i] = i; }
+        cs->ref_known = 1;
         cs->bias = xcalloc(sizeof(float) * f->E);
         cs->mu_hidden = cfg->clustering.mu_source == MU_HIDDEN;
         cs->mu_dim = cs->mu_hidden ? m->D : f->E;
@@ -321,7 +323,7 @@ void model_free(Model *m) {
     if (m->cstate) for (int l = 0; l < m->L; l++) {
         ClusterState *cs = &m->cstate[l];
         xfree(cs->group_of); xfree(cs->members); xfree(cs->bias); xfree(cs->mu); xfree(cs->mu_sum_store); xfree(cs->mu_seen);
-        xfree(cs->coact); xfree(cs->coact_n);
+        xfree(cs->coact); xfree(cs->coact_n); xfree(cs->group_ref);
     }
     xfree(m->cstate);
     if (m->ep) for (int l = 0; l < m->L; l++) if (m->ep[l].E) ep_map_free(&m->ep[l]);

@@ -1,7 +1,8 @@
 /* recluster.c: centroid EMA, features, the clustering event and the refit, run where the
  * experts live (expert-parallel): each rank reconstructs and sketches only its own experts,
  * only the features travel to every rank, every rank runs the same clustering, and each
- * changed group is refit by its owner from members sent rank to rank (phase recluster).
+ * changed group is refit by its owner from members sent rank to rank (phase recluster);
+ * the Jaccard of a layer's partition to its reference partition (local).
  * Legend: E G K D F F1 r Pw Pm P = experts, groups, experts/group, d_model, expert width,
  * F or 2F, residual rank, parameter-feature dims, centroid dims, ranks of the EP group;
  * Gl El = groups / experts on this rank (El = Gl K); n1 n2 = D F1, F D (one expert's up /
@@ -443,4 +444,18 @@ int recluster_run(Model *m, long step, ReclusterEvent *ev) {
         xfree(nxt[a]);
     }
     return n;
+}
+
+double recluster_jaccard_ref(const Model *m, int l) {
+    const MoeLayer *f = &m->ffn[l];
+    const ClusterState *cs = &m->cstate[l];
+    if (f->kind != MOE_KIND_CLUSTERED || !cs->group_ref || !cs->ref_known) return NAN;
+    int E = f->E, G = f->G;
+    /* as cluster_update's jaccard: relabel the current groups to the reference's, then compare */
+    int32_t *cur = xmalloc(sizeof(int32_t) * E);
+    memcpy(cur, cs->group_of, sizeof(int32_t) * E);
+    cluster_match_ids(cs->group_ref, cur, E, G);
+    double j = cluster_jaccard(cs->group_ref, cur, E, G);
+    xfree(cur);
+    return j;
 }

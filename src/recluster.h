@@ -10,6 +10,8 @@
  * reset, the factor moments) of members that come from other ranks. Every byte is booked to
  * phase recluster; the event's statistics are global. Each group's refit uses its own random
  * stream (seed, layer, step, group), so results do not depend on the rank count.
+ * recluster_jaccard_ref compares a layer's current partition with its reference partition
+ * (ClusterState.group_ref: the compression event's, else the initial contiguous grouping).
  * Does not: log or evaluate probe losses, or re-place the groups (train.c does). */
 #ifndef DCMOE_RECLUSTER_H
 #define DCMOE_RECLUSTER_H
@@ -18,7 +20,7 @@
 #include "model.h"
 
 #define RECLUSTER_N_COLS 10
-#define RECLUSTER_N_EXTRA 6   /* logged after the two probe-loss columns (see runlog_event) */
+#define RECLUSTER_N_EXTRA 7   /* logged after the two probe-loss columns (see runlog_event) */
 /* one row per clustered layer and event */
 typedef struct ReclusterEvent {
     int layer;
@@ -33,12 +35,18 @@ typedef struct ReclusterEvent {
     double w_cos_within, w_cos_cross, mu_cos_within, mu_cos_cross;
     double bytes;                        /* the event's recluster-phase bytes, all ranks */
     int rolled_back;                     /* clustering.verify: the accepted change was undone (probe loss rose) */
+    double jaccard_ref;                  /* the partition in force after the event (a rollback undone) against the
+                                            reference partition (recluster_jaccard_ref; train.c fills it) */
 } ReclusterEvent;
 
 /* fold this step's collected centroid sums into the EMA (collective: sums over ranks) */
 void recluster_mu_step(Model *m);
 /* the event: returns the number of clustered layers (rows written to ev[0..n)) */
 int recluster_run(Model *m, long step, ReclusterEvent *ev);
+/* Jaccard similarity (cluster_jaccard after cluster_match_ids, as the event's own jaccard
+ * column) of clustered layer l's current partition to its reference partition; NaN when the
+ * reference is unknown or l is not clustered. Local, no communication. */
+double recluster_jaccard_ref(const Model *m, int l);
 /* first step at which events may happen */
 long recluster_warmup(const Config *cfg);
 

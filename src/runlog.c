@@ -56,6 +56,8 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->gdrop = h5log_series(lg, "moe/balance_group/drop", H5LOG_F64, 1, dc);
     id->events = h5log_series(lg, "cluster/events", H5LOG_F64, 2, dev);
     id->group_of = h5log_series(lg, "cluster/group_of", H5LOG_F64, 2, dce);
+    uint64_t dfu[1] = {FOLLOWUP_N_COLS};
+    id->followup = h5log_series(lg, "cluster/event_followup", H5LOG_F64, 1, dfu);
     if (m->cfg.clustering.compress_at > 0) {
         uint64_t dcc[2] = {(uint64_t)(nm ? nm : 1), COMPRESS_N_COLS};
         id->compress = h5log_series(lg, "cluster/compress", H5LOG_F64, 2, dcc);
@@ -272,7 +274,26 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
                        "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after,"
-                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back"));
+                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back,jaccard_compress"));
+    TRY(h5log_attr_str(lg, "/cluster/events", "note",
+                       "one row per clustered layer and re-clustering event. jaccard: the proposed partition against the "
+                       "one before the event (mean over matched groups of |A and B| / |A or B|, whether or not it was "
+                       "accepted); jaccard_compress: the partition in force after the event (a rolled-back change "
+                       "undone) against the reference partition, the one the compression event chose "
+                       "(clustering.compress_at) or else the initial contiguous grouping of step 0, same definition "
+                       "(NaN: reference unknown, resumed from a checkpoint that predates it); probe losses: "
+                       "clustering.probe_batches fixed validation batches; their values 25 and 50 steps later are in "
+                       "cluster/event_followup"));
+    TRY(h5log_attr_str(lg, "/cluster/event_followup", "columns",
+                       "event_step,kind,probe_loss_before,probe_loss_after,probe_loss_25,probe_loss_50"));
+    TRY(h5log_attr_str(lg, "/cluster/event_followup", "note",
+                       "one row per event (re-clustering: kind 0, all layers at once; compression: kind 1), written at "
+                       "the step its 50-step measurement is taken, or at the last step if training ends first. "
+                       "event_step: the event's step (its rows in cluster/events or cluster/compress); "
+                       "probe_loss_before/after: as logged at the event; probe_loss_25/50: the loss on the same "
+                       "clustering.probe_batches fixed validation batches after training step event_step + 25 / + 50 "
+                       "(before any event of that step), NaN if training ended first. Pending measurements are "
+                       "checkpointed, so a resumed run writes the same rows"));
     if (m->cfg.clustering.compress_at > 0)
         TRY(h5log_attr_str(lg, "/cluster/compress", "columns",
                            "layer,partition,weight_err_mean,weight_err_max,output_err_mean,output_err_max,"
@@ -549,7 +570,8 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
         double v[RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA] = {
             e->layer, e->cost_before, e->cost_after, e->accepted, e->n_moved, e->n_groups_refit, e->jaccard,
             e->recon_err_mean, e->recon_err_max, e->seconds, pb, pa,
-            e->w_cos_within, e->w_cos_cross, e->mu_cos_within, e->mu_cos_cross, e->bytes, e->rolled_back};
+            e->w_cos_within, e->w_cos_cross, e->mu_cos_within, e->mu_cos_cross, e->bytes, e->rolled_back,
+            e->jaccard_ref};
         memcpy(er + (size_t)i * (RECLUSTER_N_COLS + 2 + RECLUSTER_N_EXTRA), v, sizeof v);
     }
     h5log_append(&rl->lg, rl->id.events, step, er);
@@ -560,6 +582,10 @@ void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *e
         i++;
     }
     h5log_append(&rl->lg, rl->id.group_of, step, er);
+}
+
+void runlog_followup(RunLog *rl, long step, const double *row) {
+    if (rl->open) h5log_append(&rl->lg, rl->id.followup, step, row);
 }
 
 void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev) {

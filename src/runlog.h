@@ -1,7 +1,8 @@
 /* runlog: the training run's HDF5 record (metrics.h5): the schema (every series and root
- * attribute declared in one place), the per-step rows, re-clustering and compression events,
- * evaluations and the final row. Rank 0 owns the file; on other ranks a RunLog stays closed
- * and every call is a no-op, so the training loop calls it unconditionally.
+ * attribute declared in one place), the per-step rows, re-clustering and compression events
+ * and their follow-up probe losses, evaluations and the final row. Rank 0 owns the file; on
+ * other ranks a RunLog stays closed and every call is a no-op, so the training loop calls it
+ * unconditionally.
  * Does not: decide when to log (train.c) or define the metrics (metrics.c). */
 #ifndef DCMOE_RUNLOG_H
 #define DCMOE_RUNLOG_H
@@ -21,7 +22,7 @@ typedef struct LogIds {
     int eval_loss, eval_ppl, eval_metric;
     int cv2, var, maxvio, maxmean, entropy, dead, drop, tpe;
     int rank_compute_s, rank_peak_rss;
-    int tpg, gcv2, gmaxvio, gdrop, events, group_of;
+    int tpg, gcv2, gmaxvio, gdrop, events, group_of, followup;
     int final_valid_ppl, final_test_ppl, final_test_loss;
     int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
     int c_nodemat, c_sent, c_recv;
@@ -74,6 +75,11 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r);
 void runlog_mem(RunLog *rl, long step, const double *all);
 void runlog_event(RunLog *rl, const Model *m, long step, const ReclusterEvent *evs, int n_ev, double probe_before,
                   double probe_after);
+/* cluster/event_followup: one row of FOLLOWUP_N_COLS (event_step, kind 0 re-clustering / 1
+ * compression, probe_loss_before, probe_loss_after, probe_loss_25, probe_loss_50) at `step`,
+ * the step its last measurement was taken */
+#define FOLLOWUP_N_COLS 6
+void runlog_followup(RunLog *rl, long step, const double *row);
 /* the compression event (cluster/compress): one row of COMPRESS_N_COLS per MoE layer, and
  * the chosen partition (cluster/group_of) of the clustered model m */
 void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev);

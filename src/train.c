@@ -1,4 +1,6 @@
-/* train.c: the training loop, evaluation, metrics logging, checkpoint/resume.
+/* train.c: the training loop, evaluation, metrics logging, checkpoint/resume, the
+ * compression and re-clustering events and their follow-up probe losses (25 and 50 steps
+ * after each event; pending ones travel in the checkpoint).
  * Data parallelism: the global batch of B sequences is the same for every rank count
  * (data.h draws sequence j of step s from (seed, s, j)); rank r runs sequences
  * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
@@ -255,6 +257,8 @@ typedef struct Run {
     ReclusterEvent *evs;
     CompressEvent *cevs;                 /* [L] rows of the compression event */
     long last_event, warm;
+    double *fu;                          /* [n_fu, FOLLOWUP_N_COLS] events whose cluster/event_followup row is pending */
+    int n_fu, cap_fu;
     double pending_migr;
     bool log_owner;
     long window_steps;
@@ -412,6 +416,76 @@ static Status attach_collectives(Run *r, Model *m, bool announce) {
     return status_ok();
 }
 
+/* ---- event follow-ups: the probe loss 25 and 50 steps after each event (cluster/event_followup) ---- */
+
+static void followup_add(Run *r, long event_step, int kind, double pb, double pa) {
+    if (r->n_fu == r->cap_fu) {
+        r->cap_fu = r->cap_fu ? 2 * r->cap_fu : 8;
+        double *grown = xmalloc(sizeof(double) * FOLLOWUP_N_COLS * (size_t)r->cap_fu);
+        if (r->n_fu) memcpy(grown, r->fu, sizeof(double) * FOLLOWUP_N_COLS * (size_t)r->n_fu);
+        xfree(r->fu);
+        r->fu = grown;
+    }
+    double row[FOLLOWUP_N_COLS] = {(double)event_step, kind, pb, pa, NAN, NAN};
+    memcpy(r->fu + (size_t)r->n_fu++ * FOLLOWUP_N_COLS, row, sizeof row);
+}
+
+/* after training step s (1-based), before any event of that step: the measurements due now
+ * (one probe evaluation, collective, shared by every event that needs it); an event's row is
+ * written with its 50-step measurement, or at the last step with NaN for what was not reached */
+static void followup_step(Run *r, long s, bool is_last) {
+    if (r->n_fu == 0) return;
+    bool due = false;
+    for (int i = 0; i < r->n_fu; i++) {
+        long ev = (long)r->fu[(size_t)i * FOLLOWUP_N_COLS];
+        due |= s == ev + 25 || s == ev + 50;
+    }
+    double loss = NAN;
+    if (due)
+        loss = evaluate(&r->m, &r->ds, SPLIT_VALID, r->cfg->clustering.probe_batches, r->cfg->train.batch_size,
+                        &r->prec).loss;
+    int kept = 0;
+    for (int i = 0; i < r->n_fu; i++) {
+        double *row = r->fu + (size_t)i * FOLLOWUP_N_COLS;
+        long ev = (long)row[0];
+        if (s == ev + 25) row[4] = loss;
+        if (s == ev + 50) row[5] = loss;
+        if (s >= ev + 50 || is_last) runlog_followup(&r->log, s, row);
+        else memmove(r->fu + (size_t)kept++ * FOLLOWUP_N_COLS, row, sizeof(double) * FOLLOWUP_N_COLS);
+    }
+    r->n_fu = kept;
+}
+
+/* the pending follow-ups travel in the checkpoint (section run.followup), so a resumed run
+ * writes the rows the uninterrupted one writes */
+static Status followup_save(Run *r) {
+    static const double none = 0;
+    CheckpointSection sec = {"run.followup", r->n_fu ? (const void *)r->fu : (const void *)&none,
+                             sizeof(double) * FOLLOWUP_N_COLS * (size_t)r->n_fu};
+    return checkpoint_save_with(r->dir, &r->m, &r->pos, r->cfg->checkpoint.keep, &sec, 1);
+}
+
+/* a checkpoint without the section (written before it existed): nothing pending, the
+ * follow-ups of events before it are not measured */
+static Status followup_load(Run *r) {
+    void *d = NULL;
+    size_t n = 0;
+    int found = 0;
+    TRY(comm_agree(r->comm, checkpoint_read_section_opt(r->ckpt, "run.followup", r->comm, &d, &n, &found)));
+    Status st = status_ok();
+    size_t row = sizeof(double) * FOLLOWUP_N_COLS;
+    if (found && n % row != 0)
+        st = status_errorf("%s: section 'run.followup' has %zu bytes, not a multiple of %zu (checkpoint is damaged)",
+                           r->ckpt, n, row);
+    else if (found && n) {
+        r->n_fu = r->cap_fu = (int)(n / row);
+        r->fu = xmalloc(n);
+        memcpy(r->fu, d, n);
+    }
+    xfree(d);
+    return st;
+}
+
 static Status run_setup(Run *r) {
     const Config *cfg = r->cfg;
     Comm *comm = r->comm;
@@ -452,6 +526,7 @@ static Status run_setup(Run *r) {
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {
         TRY(comm_agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
+        TRY(followup_load(r));
         if (r->rank == 0) printf("resumed from %s at step %lld\n", r->ckpt, (long long)r->pos.step);
     }
     /* precision.mode: qat points the clustered layers at fake-quantised shadow weights */
@@ -518,6 +593,7 @@ static void run_teardown(Run *r) {
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
     xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->cevs); xfree(r->intra_frac); xfree(r->rep_bad); xfree(r->place_ev);
+    xfree(r->fu);
 }
 
 /* ---- one training step ---- */
@@ -823,14 +899,22 @@ static Status recluster_event(Run *r, long step) {
         r->place_logged = false;
     }
     if (cc->verify) snapshot_free(&sn);
+    /* the partition in force now against the reference (compression's, or step 0's) */
+    double jref = 0;
+    for (int i = 0; i < n_ev; i++) {
+        r->evs[i].jaccard_ref = recluster_jaccard_ref(m, r->evs[i].layer);
+        jref += r->evs[i].jaccard_ref / n_ev;
+    }
     r->last_event = step + 1;
     runlog_event(&r->log, m, step + 1, r->evs, n_ev, pb, pa);
+    followup_add(r, step + 1, 0, pb, pa);
     if (r->rank == 0) {
         double emax = 0;
         for (int i = 0; i < n_ev; i++)
             if (r->evs[i].recon_err_max > emax) emax = r->evs[i].recon_err_max;
         printf("re-cluster step %ld | %d layer(s) | moved %d experts | refit %d groups | max recon err %.2f%% | "
-               "probe loss %.4f -> %.4f%s\n", step + 1, n_ev, moved, refit, 100 * emax, pb, pa,
+               "probe loss %.4f -> %.4f | jaccard to reference %.3f%s\n", step + 1, n_ev, moved, refit, 100 * emax, pb,
+               pa, jref,
                !cc->verify || moved == 0 ? "" : rolled_back ? " | rolled back (verify)" : " | kept (verify)");
         fflush(stdout);
     }
@@ -886,6 +970,7 @@ static Status compress_swap(Run *r, long step) {
     double pa = evaluate(&r->m, &r->ds, SPLIT_VALID, cfg->clustering.probe_batches, bs, &r->prec).loss;
     for (int i = 0; i < n; i++) { r->cevs[i].probe_before = pb; r->cevs[i].probe_after = pa; }
     runlog_compress(&r->log, &r->m, step + 1, r->cevs, n);
+    followup_add(r, step + 1, 1, pb, pa);
     if (r->rank == 0) {
         double we = 0, wmax = 0, oe = 0, cs = 0;
         for (int i = 0; i < n; i++) {
@@ -940,7 +1025,7 @@ static Status checkpoint_and_stop(Run *r, long step, int *stop_out) {
         Status fs = runlog_flush(&r->log);
         if (STATUS_OK(log_err) && !STATUS_OK(fs)) { log_err = fs; stop[2] = 1; }
         Status st = comm_agree(r->comm, residency_fetch_all(&r->resid));
-        if (STATUS_OK(st)) st = checkpoint_save(r->dir, &r->m, &r->pos, cfg->checkpoint.keep);
+        if (STATUS_OK(st)) st = followup_save(r);
         if (!STATUS_OK(st))
             return status_errorf("step %ld: checkpoint failed: %s%s", step + 1, st.msg,
                                  stop[2] > 0 ? " (after the metrics log failed too)" : "");
@@ -967,7 +1052,7 @@ static Status startup_signal(Run *r) {
     if (!r->ckpt[0]) {
         r->pos.elapsed_s = time_now() - r->t_start;
         runlog_flush(&r->log);
-        TRY(checkpoint_save(r->dir, &r->m, &r->pos, r->cfg->checkpoint.keep));
+        TRY(followup_save(r));
     }
     if (r->rank == 0)
         printf("signal received during start-up: %s at step %lld, stopping (continue with --resume)\n",
@@ -1012,6 +1097,7 @@ static Status train_loop(Run *r) {
         r->res->final_train_loss = o.loss;
         TRY(finish_step(r, step, &o));
         bool is_last = step + 1 == tc->steps;
+        followup_step(r, step + 1, is_last);
         if (cfg->clustering.compress_at > 0 && step + 1 == cfg->clustering.compress_at && compress_pending(&r->m))
             TRY(compress_swap(r, step));
         if (model_n_clustered_layers(&r->m) > 0 && cfg->clustering.enabled && step + 1 >= r->warm &&

@@ -1,6 +1,6 @@
 """analysis/dcmoe_logs.py and analysis/report on fixture logs made here by tiny runs:
-  - the tidy tables (series, scalars, expert load, re-clustering events, summary) hold exactly the
-    HDF5 values, and so does scalars.csv read back;
+  - the tidy tables (series, scalars, expert load, re-clustering events and their follow-ups,
+    summary) hold exactly the HDF5 values, and so does scalars.csv read back;
   - analysis/report writes report.md, report.html (PNGs inlined), the CSV tables and non-trivial PNGs;
   - it works on a live run (SWMR read while training) and on a run killed with SIGKILL;
   - simulated runs are listed beside trained ones and paired with the run they predict (by the
@@ -164,7 +164,7 @@ def main():
             m = (sc["run"] == r.name) & (sc["metric"] == name)
             k = int(np.prod(v.shape[1:], dtype=np.int64))
             if not (np.array_equal(sc["step"][m], np.repeat(s, k)) and
-                    np.array_equal(sc["value"][m].astype(v.dtype), v.reshape(-1))):
+                    np.array_equal(sc["value"][m].astype(v.dtype), v.reshape(-1), equal_nan=True)):
                 bad.append(f"{r.name}:{name}")
             n_checked += 1
     T.check(n_checked >= 20 and not bad, f"scalars table == HDF5 for {n_checked} series (mismatches: {bad})")
@@ -178,8 +178,15 @@ def main():
     s, v = h["cluster/events"]
     T.check(len(s) >= 2, f"the fixture has re-clustering events ({len(s)})")
     cols = [x for x in ev if x not in ("run", "step")]
-    T.check(len(cols) == 18 and np.array_equal(np.stack([ev[x] for x in cols], 1), v.reshape(-1, 18)),
-            "events table == cluster/events (18 named columns)")
+    T.check(len(cols) == 19 and np.array_equal(np.stack([ev[x] for x in cols], 1), v.reshape(-1, 19), equal_nan=True),
+            "events table == cluster/events (19 named columns)")
+    ft = dl.followup_table([c])
+    s_f, v_f = h["cluster/event_followup"]
+    T.check(list(ft)[2:] == ["event_step", "kind", "probe_loss_before", "probe_loss_after", "probe_loss_25",
+                             "probe_loss_50"] and np.array_equal(ft["step"], s_f)
+            and np.array_equal(np.stack([ft[x] for x in list(ft)[2:]], 1), v_f, equal_nan=True)
+            and list(ft["event_step"]) == list(s),
+            "followup table == cluster/event_followup (one row per event, 6 named columns)")
     lt = dl.series_table([c], "moe/balance/cv2")
     T.check(list(lt["index"][:2]) == ["layer0", "layer1"], f"per-layer rows are labelled by layer ({list(lt['index'][:2])})")
     summ = dl.summary_table(loaded)
@@ -192,7 +199,8 @@ def main():
     p = report(runs, out)
     print(f"# report on 2 runs: {time.time() - t0:.1f} s", flush=True)
     T.check(p.returncode == 0, f"analysis/report exits 0 ({p.stderr.strip()[-500:]})")
-    for f in ("report.md", "report.html", "summary.csv", "scalars.csv", "expert_load.csv", "recluster_events.csv"):
+    for f in ("report.md", "report.html", "summary.csv", "scalars.csv", "expert_load.csv", "recluster_events.csv",
+              "event_followup.csv"):
         T.check(os.path.exists(os.path.join(out, f)) and os.path.getsize(os.path.join(out, f)) > 100, f"{f} written")
     for f in ("loss.png", "load_cv2.png", "expert_load.png", "throughput.png", "recluster.png", "comm.png", "memory.png"):
         T.check(png_ok(os.path.join(out, f)), f"{f} is a non-trivial image")

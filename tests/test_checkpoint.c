@@ -1,6 +1,8 @@
 /* test_checkpoint: the checkpoint format through its public API on a tiny one-rank model
  * (clustered MoE, so the cluster and placement sections are present):
- * - save + load round trip: parameters, Adam moments and the training position bitwise;
+ * - save + load round trip: parameters, Adam moments and the training position bitwise, the
+ *   clustered layers' reference partitions (section cluster.ref) and a caller's own section
+ *   (checkpoint_save_with, read back with checkpoint_read_section_opt; an absent one is found 0);
  * - a folder holds model.bin and COMPLETE only (no rank_*.bin), checkpoint_verify reports
  *   the step and the rank count;
  * - a flipped byte in model.bin and a truncated model.bin are refused, naming the file;
@@ -123,9 +125,15 @@ int main(void) {
     ok(!same_state(&a, &b), "the two models differ before loading");
 
     /* ---- round trip ---- */
+    for (int l = 0; l < a.L; l++) {   /* a reference partition that is not the initial one; b's unknown */
+        for (int i = 0; i < a.ffn[l].E; i++) a.cstate[l].group_ref[i] = (int32_t)((i + l + 1) % a.ffn[l].G);
+        b.cstate[l].ref_known = 0;
+    }
     TrainPos pos = {3, 4567, 12.5, 5};
-    st = checkpoint_save(run, &a, &pos, 1);
-    ok(STATUS_OK(st), "save step 3 (%s)", st.msg);
+    const double mine[3] = {8, 0.5, -2};
+    CheckpointSection sec = {"run.test", mine, sizeof mine};
+    st = checkpoint_save_with(run, &a, &pos, 1, &sec, 1);
+    ok(STATUS_OK(st), "save step 3 with a section of the caller's (%s)", st.msg);
     char ck3[512], path[600];
     step_dir(ck3, sizeof ck3, 3);
     TrainPos p2;
@@ -135,6 +143,26 @@ int main(void) {
     ok(same_state(&a, &b), "parameters and Adam moments round trip bitwise");
     ok(p2.step == 3 && p2.tokens_seen == 4567 && p2.elapsed_s == 12.5 && p2.seed == 5,
        "training position round trips (step %lld, tokens %lld)", (long long)p2.step, (long long)p2.tokens_seen);
+    int ref_same = 1;
+    for (int l = 0; l < a.L; l++)
+        ref_same &= b.cstate[l].ref_known == 1 &&
+                    !memcmp(a.cstate[l].group_ref, b.cstate[l].group_ref, sizeof(int32_t) * a.ffn[l].E);
+    ok(ref_same, "reference partitions (cluster.ref) round trip");
+    {
+        void *d = NULL;
+        size_t nd = 0;
+        int found = -1;
+        st = checkpoint_read_section_opt(ck3, "run.test", &comm, &d, &nd, &found);
+        ok(STATUS_OK(st) && found == 1 && nd == sizeof mine && !memcmp(d, mine, sizeof mine),
+           "the caller's section reads back (found %d, %zu bytes) (%s)", found, nd, st.msg);
+        xfree(d);
+        d = NULL;
+        st = checkpoint_read_section_opt(ck3, "run.absent", &comm, &d, &nd, &found);
+        ok(STATUS_OK(st) && found == 0 && d == NULL && nd == 0, "an absent optional section: found 0 (%s)", st.msg);
+        st = checkpoint_read_section(ck3, "run.absent", &comm, &d, &nd);
+        ok(!STATUS_OK(st) && strstr(st.msg, "run.absent") && strstr(st.msg, "missing"),
+           "an absent required section is an error: %.200s", st.msg);
+    }
     ok(count_in(ck3, "rank_") == 0, "no rank_*.bin files are written");
     snprintf(path, sizeof path, "%s/model.bin", ck3);
     ok(file_exists(path), "model.bin present");

@@ -86,7 +86,7 @@ if os.path.exists(h4):
             m += mc
             old[c] = new
         want_rows[int(s) + 1] = m        # the event runs after step s: its bytes land in the next row
-        check(evs.shape[2] == 18 and evs[i, :, 16].sum() == m.sum(),
+        check(evs.shape[2] == 19 and evs[i, :, 16].sum() == m.sum(),
               f"event at step {s}: the bytes column ({evs[i, :, 16].sum():.0f}) = analytic {m.sum():.0f}")
         wi, wc, mi, mcr = (evs[i, :, j] for j in (12, 13, 14, 15))
         check(np.all(np.abs(np.concatenate([wi, wc, mi, mcr])) <= 1 + 1e-9) and np.all(wi > wc),

@@ -144,6 +144,27 @@ def expert_rows_bad(ref, got, tol=1e-3):
     return bad
 
 
+def partition_jaccards(ref, cur, G):
+    """the mean Jaccard of matched groups (dcmoe's cluster_jaccard after cluster_match_ids) of
+    partition cur against ref ([E] group ids in [0, G)), as a set: one value for every
+    relabelling of cur that maximises its overlap with ref (the C matching breaks ties its own
+    way, and tied relabellings can differ in Jaccard)"""
+    import itertools
+    import numpy as np
+    ref, cur = np.asarray(ref, dtype=int), np.asarray(cur, dtype=int)
+    best, vals = -1, set()
+    for perm in itertools.permutations(range(G)):
+        c = np.array(perm)[cur]
+        ov = int(np.sum(c == ref))
+        if ov < best:
+            continue
+        j = np.mean([np.sum((ref == g) & (c == g)) / max(1, np.sum((ref == g) | (c == g))) for g in range(G)])
+        if ov > best:
+            best, vals = ov, set()
+        vals.add(round(float(j), 12))
+    return vals
+
+
 def rel_err(a, b):
     """max relative difference of two loss series (1.0 when their lengths differ)"""
     import numpy as np
