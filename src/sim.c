@@ -561,6 +561,10 @@ typedef struct SimCtx {
     long *trace_steps, n_trace;                  /* the recorded steps */
     size_t trace_nk;                             /* tokens x top-k per rank */
     long trace_row;                              /* the row being replayed */
+    int trace_P;                                 /* ranks of the traced run */
+    int tiled;                                   /* a larger simulated cluster: GPU w replays traced rank w mod trace_P
+                                                    under the simulator's own placement (no recorded maps) */
+    long trace_vocab;                            /* the traced run's vocabulary (root attribute vocab_size; 0 = unknown) */
     HwFile hwf;                                  /* sim.hardware_file (has_hwf) */
     float *agg_logw;                             /* [MoE layers, E] log popularity (routing aggregate) */
     int has_hwf;
@@ -851,8 +855,9 @@ static int sim_place(SimCtx *c, StepSim *out, EventCost *ec, double *row) {
  * (reconstructed weights, plus their factor moments unless clustering.reset_adam) to the new
  * group's owner, each changed group's error statistics to every rank. Moves: a random
  * sim.recluster_moved of the experts rotate among their groups (sizes stay balanced). The
- * same partition serves every MoE layer (their routings share draws). ev [18] as
+ * same partition serves every MoE layer (their routings share draws). ev [SIM_EV_COLS] as
  * cluster/events (what the simulator does not know is NaN). */
+#define SIM_EV_COLS 19   /* cluster/events' columns (runlog.c) */
 static void sim_recluster(SimCtx *c, long step, StepSim *out, EventCost *ec, double *ev) {
     const Config *cfg = c->cfg;
     const ClusterConfig *cc = &cfg->clustering;
@@ -920,8 +925,8 @@ static void sim_recluster(SimCtx *c, long step, StepSim *out, EventCost *ec, dou
     ec->moved += L * moved;
     ep_map_refresh(c->em, c->members);
     sync_maps(c);
-    double row[18] = {NAN, NAN, NAN, 1, moved, n_changed, NAN, NAN, NAN, comp + comm, NAN, NAN,
-                      NAN, NAN, NAN, NAN, bytes / (L > 0 ? L : 1), 0};
+    double row[SIM_EV_COLS] = {NAN, NAN, NAN, 1, moved, n_changed, NAN, NAN, NAN, comp + comm, NAN, NAN,
+                               NAN, NAN, NAN, NAN, bytes / (L > 0 ? L : 1), 0, NAN};
     memcpy(ev, row, sizeof row);
     xacc_free(&x); xacc_free(&y);
     xfree(v); xfree(pos); xfree(old); xfree(changed); xfree(group_of_old); xfree(own_changed);
@@ -941,7 +946,10 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     double compute_total = 0, bwd_compute_total = 0, max_recv_rows = 0;
     double rd = dtype_bytes(sc->dispatch_dtype) * D, rc = dtype_bytes(sc->combine_dtype) * D;
     int n_units_l = c->trace ? sh->n_moe : nd;         /* layer routings this step */
-    int groups = c->trace ? c->R : 1;                  /* groups counted one by one (traces) or one for all */
+    /* EP groups counted one by one (traces), or one for all (draws; a tiled trace whose groups
+     * replay the same traced ranks) */
+    int one = !c->trace || (c->tiled && c->S % c->trace_P == 0);
+    int groups = one ? 1 : c->R;
     int32_t *tsel = c->trace ? xmalloc(sizeof(int32_t) * (size_t)S * c->trace_nk) : NULL;
     for (int ld = 0; ld < n_units_l && sh->n_moe > 0; ld++) {
         int reps = c->trace ? 1 : sh->n_moe / nd + (ld < sh->n_moe % nd);   /* MoE layers this routing stands for */
@@ -955,11 +963,13 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 /* the recorded routing of this group's ranks (EP positions 0..S-1) at this step */
                 long row = c->trace_row;
                 for (int r = 0; r < S; r++) {
-                    int w = c->world_of[g * S + r];
-                    const int64_t *src = c->trace_sel + (((size_t)row * sh->n_moe + ld) * c->P + w) * c->trace_nk;
+                    int w = c->world_of[g * S + r] % c->trace_P;
+                    const int64_t *src = c->trace_sel + (((size_t)row * sh->n_moe + ld) * c->trace_P + w) * c->trace_nk;
                     for (size_t q = 0; q < c->trace_nk; q++) tsel[(size_t)r * c->trace_nk + q] = (int32_t)src[q];
                 }
-                for (int e = 0; e < sh->E; e++) c->owner[e] = (int32_t)c->trace_owner[((size_t)row * sh->n_moe + ld) * sh->E + e];
+                if (!c->tiled)
+                    for (int e = 0; e < sh->E; e++) c->owner[e] = (int32_t)c->trace_owner[((size_t)row * sh->n_moe + ld) * sh->E + e];
+                else if (c->collect && g == 0 && ld == 0) ep_stats_add(c->em, (int)((size_t)S * c->trace_nk / sh->k), sh->k, tsel, NULL);
                 sim_traffic_count(tr, tsel, S, (int)(c->trace_nk / sh->k), sh->k, owner, &c->ep, c->two_level, 1.0);
             } else {
                 uint64_t seed = (uint64_t)cfg->run.seed * 1000003ull + (uint64_t)step * 7919ull + (uint64_t)sample * 104729ull + (uint64_t)ld;
@@ -1007,8 +1017,8 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                 if (f > worst) worst = f;
                 if (fin->recv_rows[r] > max_recv_rows) max_recv_rows = fin->recv_rows[r];
             }
-            const int *wmap = c->trace ? c->world_of + (size_t)g * S : c->world_of;
-            int times = c->trace ? 1 : c->R;
+            const int *wmap = one ? c->world_of : c->world_of + (size_t)g * S;
+            int times = one ? c->R : 1;
             for (int q = 0; q < reps; q++)
                 for (int st = 0; st <= c->two_level; st++) {
                     book_counts(out, c, wmap, times);
@@ -1182,21 +1192,34 @@ static Status load_trace(SimCtx *c, const Config *cfg) {
     if (STATUS_OK(st)) st = read_i64(f, "trace/owner/value", file, &c->trace_owner, dw, &nw);
     if (STATUS_OK(st)) st = read_i64(f, "parallel/ep_group_of_rank", file, &gof, dg, &ng);
     if (STATUS_OK(st)) st = read_i64(f, "parallel/ep_pos_of_rank", file, &pos, dg, &ng);
+    if (H5Aexists(f, "vocab_size") > 0) {
+        hid_t a = H5Aopen(f, "vocab_size", H5P_DEFAULT);
+        long long v = 0;
+        if (a >= 0 && H5Aread(a, H5T_NATIVE_LLONG, &v) >= 0) c->trace_vocab = (long)v;
+        if (a >= 0) H5Aclose(a);
+    }
     H5Fclose(f);
-    if (STATUS_OK(st) && (nr != 4 || (int)dr[1] != c->sh.n_moe || (int)dr[2] != c->P || dr[3] % (hsize_t)c->sh.k))
+    if (STATUS_OK(st) && (nr != 4 || (int)dr[1] != c->sh.n_moe || dr[2] < 1 || c->P % (int)dr[2] || dr[3] % (hsize_t)c->sh.k))
         st = status_errorf("sim.trace=%s: trace/routing is [%llu, %llu, %llu, %llu], but the config gives %d MoE layers, "
-                           "%d GPUs (sim.nodes x sim.gpus_per_node) and top_k %d", file, (unsigned long long)dr[0],
-                           (unsigned long long)dr[1], (unsigned long long)(nr > 2 ? dr[2] : 0),
+                           "%d GPUs (sim.nodes x sim.gpus_per_node: the traced ranks or a multiple of them) and top_k %d",
+                           file, (unsigned long long)dr[0], (unsigned long long)dr[1], (unsigned long long)(nr > 2 ? dr[2] : 0),
                            (unsigned long long)(nr > 3 ? dr[3] : 0), c->sh.n_moe, c->P, c->sh.k);
-    if (STATUS_OK(st) && (int)dg[0] != c->P) st = status_errorf("sim.trace=%s: the run had %llu ranks, the simulation %d GPUs",
-                                                               file, (unsigned long long)dg[0], c->P);
+    if (STATUS_OK(st) && (nw != 3 || (int)dw[2] != c->sh.E))
+        st = status_errorf("sim.trace=%s: trace/owner has %llu experts, the config's moe.n_experts is %d", file,
+                           (unsigned long long)(nw > 2 ? dw[2] : 0), c->sh.E);
+    if (STATUS_OK(st)) {
+        c->trace_P = (int)dr[2];
+        c->tiled = c->trace_P != c->P;
+    }
+    if (STATUS_OK(st) && !c->tiled && (int)dg[0] != c->P)
+        st = status_errorf("sim.trace=%s: the run had %llu ranks, the simulation %d GPUs", file, (unsigned long long)dg[0], c->P);
     if (STATUS_OK(st)) {
         c->n_trace = (long)dr[0];
         c->trace_nk = (size_t)dr[3];
         c->trace_steps = xmalloc(sizeof(long) * (size_t)(c->n_trace ? c->n_trace : 1));
         for (long i = 0; i < c->n_trace; i++) c->trace_steps[i] = (long)steps[i];
-        /* the run's EP groups: world rank of every (group, position) */
-        for (int r = 0; r < c->P; r++) {
+        /* the run's EP groups: world rank of every (group, position); tiled: the simulator's */
+        for (int r = 0; r < c->P && !c->tiled; r++) {
             if (gof[r] < 0 || gof[r] >= c->R || pos[r] < 0 || pos[r] >= c->S) {
                 st = status_errorf("sim.trace=%s: the run's EP groups do not match parallel.ep_size=%d", file, c->S);
                 break;
@@ -1345,6 +1368,14 @@ static Status ctx_init(SimCtx *c, const Config *cfg) {
     if (sc->routing == SIM_ROUTE_TRACE) {
         c->trace = 1;
         TRY(load_trace(c, cfg));
+        if (c->trace_vocab > 0 && c->trace_vocab != cfg->data.vocab_max) {
+            /* the embedding and head as trained (data.vocab_max is a cap; the corpus may have fewer words) */
+            Config *tmp = xmalloc(sizeof *tmp);
+            *tmp = *cfg;
+            tmp->data.vocab_max = (int)c->trace_vocab;
+            c->sh = shape_of(tmp);
+            xfree(tmp);
+        }
     }
     if (sc->routing == SIM_ROUTE_AGGREGATE) TRY(load_aggregate(c, cfg));
     if (sc->hardware_file[0]) {
@@ -1404,7 +1435,7 @@ Status sim_run(const Config *cfg, int quiet) {
     int id_blink = h5log_series(&lg, "sim/bound_link", H5LOG_F64, 1, dl);
     int id_band = h5log_series(&lg, "sim/step_band", H5LOG_F64, 1, d3);
     int id_mem = h5log_series(&lg, "sim/mem_bytes", H5LOG_F64, 1, d4);
-    uint64_t d5[1] = {5}, dev[2] = {(uint64_t)L, 18}, dpl[2] = {(uint64_t)L, SIM_PLACE_COLS};
+    uint64_t d5[1] = {5}, dev[2] = {(uint64_t)L, SIM_EV_COLS}, dpl[2] = {(uint64_t)L, SIM_PLACE_COLS};
     int id_evs = h5log_series(&lg, "sim/event_s", H5LOG_F64, 1, d5);
     int id_migr = h5log_series(&lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
     int id_place = c.em ? h5log_series(&lg, "parallel/placement", H5LOG_F64, 2, dpl) : -1;
@@ -1458,7 +1489,7 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_attr_str(&lg, "/cluster/events", "columns",
                        "layer,cost_before,cost_after,accepted,moved_experts,groups_refit,jaccard,"
                        "recon_err_mean,recon_err_max,seconds,probe_loss_before,probe_loss_after,"
-                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back (simulated: what the "
+                       "w_cos_within,w_cos_cross,mu_cos_within,mu_cos_cross,bytes,rolled_back,jaccard_compress (simulated: what the "
                        "simulator does not know is NaN; moves drawn with sim.recluster_moved)");
     st = h5log_start(&lg);
     double t0 = time_now();
@@ -1482,10 +1513,11 @@ Status sim_run(const Config *cfg, int quiet) {
     double cband[3] = {0, 0, 0};
     const ClusterConfig *cc = &cfg->clustering;
     long warm = cc->warmup >= 0 ? cc->warmup : n_steps / 10;
-    int reclustering = c.em && c.sh.two && cc->enabled && !c.trace && cc->compress_at == 0;
-    int placing = c.em && !c.trace && c.S > 1 && cfg->parallel.place_interval > 0;
-    c.collect = c.em && !c.trace && c.S > 1;
-    double *evrows = xmalloc(sizeof(double) * 18 * (size_t)L), *plrows = xmalloc(sizeof(double) * SIM_PLACE_COLS * (size_t)L);
+    int own_maps = !c.trace || c.tiled;   /* the simulator places (a same-size trace replays the recorded maps) */
+    int reclustering = c.em && c.sh.two && cc->enabled && own_maps && cc->compress_at == 0;
+    int placing = c.em && own_maps && c.S > 1 && cfg->parallel.place_interval > 0;
+    c.collect = c.em && own_maps && c.S > 1;
+    double *evrows = xmalloc(sizeof(double) * SIM_EV_COLS * (size_t)L), *plrows = xmalloc(sizeof(double) * SIM_PLACE_COLS * (size_t)L);
     for (long s = 0; s < n_steps && STATUS_OK(st); s++) {
         StepSim ss;
         double lo = INFINITY, hi = 0, mean = 0;
@@ -1527,15 +1559,15 @@ Status sim_run(const Config *cfg, int quiet) {
             layout_changed = 1;
             if (c.S > 1) { placed = 1; sim_place(&c, &ss, &ec, plrows); }
         }
-        if (c.trace && sc->trace_step == 0 && c.trace_row + 1 < c.n_trace) trace_migration(&c, &ss, &ec);
+        if (c.trace && !c.tiled && sc->trace_step == 0 && c.trace_row + 1 < c.n_trace) trace_migration(&c, &ss, &ec);
         double ev_s = ec.rc_compute + ec.rc_comm + ec.migr, evr[5] = {ec.rc_compute, ec.rc_comm, ec.migr, ec.moved, ec.migrated};
         for (int l = 0; l < L; l++) {
-            if (reclustered) { memcpy(evrows + 18 * (size_t)l, evrows, sizeof(double) * 18); evrows[18 * (size_t)l] = l; }
+            if (reclustered) { memcpy(evrows + SIM_EV_COLS * (size_t)l, evrows, sizeof(double) * SIM_EV_COLS); evrows[SIM_EV_COLS * (size_t)l] = l; }
             if (placed) memcpy(plrows + SIM_PLACE_COLS * (size_t)l, plrows, sizeof(double) * SIM_PLACE_COLS);
         }
         double steady = ss.step_s;
         ss.step_s += ev_s;
-        double tok_s = (double)sc->tokens_per_rank * P / ss.step_s;
+        double tok_s = (c.trace ? (double)(c.trace_nk / (size_t)c.sh.k) : (double)sc->tokens_per_rank) * P / ss.step_s;
         double split[4] = {ss.fwd_compute + ss.fwd_exch, ss.bwd_compute + ss.bwd_exch, ss.exposed - ss.fwd_exch - ss.bwd_exch,
                            ss.optimizer};
         double tb[8] = {ss.fwd_compute, ss.bwd_compute, ss.dispatch, ss.combine, ss.allreduce, ss.optimizer, ss.exposed, steady};

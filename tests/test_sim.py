@@ -17,7 +17,8 @@
   dispatch, combine and migration bytes (intra and inter node), parallel/migration_bytes and
   comm/dispatch rows, pairs, nodes and tokens: flat, two-level, ep_size 2, and clustered with
   units migrating every 2 steps;
-  a missing trace file is an error naming sim.trace;
+  a missing trace file is an error naming sim.trace; a 4-rank trace replays tiled on 16 GPUs
+  (4x the tokens and pairs), a cluster that is not a multiple of the traced ranks is an error;
 - aggregate routing: a logged load on half the experts sends every pair to the rank holding
   them; a file with another expert count is an error naming sim.aggregate."""
 import os
@@ -157,6 +158,22 @@ for name, sets in REPLAY.items():
     check(same, f"replay {name}: every step's allreduce, dispatch, combine and migration bytes and dispatch rows equal the trainer's"
                 + (f" (migrated {mig.sum():.0f} bytes)" if name == "migrating" else "")
                 + (f" (dropped {drop.mean():.2f} of the pairs)" if name == "standard-drops" else ""))
+# a larger cluster replays the trace tiled: GPU w routes as traced rank w mod 4 under the simulator's placement
+tf = os.path.join(d, "rp-flat", "metrics.h5")
+if os.path.exists(tf):
+    with h5py.File(tf, "r", swmr=True) as f:
+        vocab = int(f.attrs["vocab_size"])
+    base = ["simulate", os.path.join(d, "rp-flat.yaml"), "--quiet", "--set", "sim.routing=trace", "--set", f"sim.trace={tf}",
+            "--set", f"data.vocab_max={vocab}"] + REPLAY["flat"]
+    p = run_plain(base + ["--set", "run.name=tiled", "--set", "sim.nodes=4", "--set", "sim.gpus_per_node=4", "--set", "parallel.ep_size=8"])
+    if check(p.returncode == 0, f"tiled replay: a 4-rank trace on 16 GPUs exits 0 ({p.stderr.strip()[-200:]})"):
+        _, dt = series(tf, "comm/dispatch")
+        _, ds16 = series(os.path.join(d, "tiled", "metrics.h5"), "comm/dispatch")
+        check(len(ds16) == len(dt) and np.array_equal(ds16[:, 3], 4 * dt[:, 3]) and np.array_equal(ds16[:, 1], 4 * dt[:, 1]),
+              "tiled replay: 4x the traced tokens and (token, group) pairs per step")
+    p = run_plain(base + ["--set", "run.name=tiled6", "--set", "sim.nodes=3", "--set", "sim.gpus_per_node=2", "--set", "parallel.ep_size=2"])
+    check(p.returncode != 0 and "sim.trace=" in p.stderr and "multiple" in p.stderr,
+          f"a cluster that is not a multiple of the traced ranks: named error ({p.stderr.strip()[:200]!r})")
 p = run_plain(["simulate", cfg, "--set", "sim.routing=trace", "--set", f"sim.trace={d}/nope/metrics.h5",
                "--set", "sim.nodes=2", "--set", "sim.gpus_per_node=2"])
 check(p.returncode != 0 and "sim.trace=" in p.stderr, f"missing trace file: error names sim.trace ({p.stderr.strip()[:160]!r})")
@@ -206,7 +223,7 @@ if os.path.exists(h):
         tb = f["sim/time_breakdown/value"][...]
         nm_steps = f["comm/node_bytes/step"][...]
         d_model = int(re.search(r"d_model: (\d+)", f.attrs["config"]).group(1))
-    check(list(ev_steps) == [4, 8] and ev.shape[1:] == (2, 18),
+    check(list(ev_steps) == [4, 8] and ev.shape[1:] == (2, 19),
           f"re-clustering every clustering.interval steps, not at the last step (events at {list(ev_steps)})")
     # features: every GPU sends its 2 experts' proj_dim floats to the 7 others; plus the moved rows and statistics
     feat = 8 * 7 * 4.0 * 2 * 16
