@@ -370,11 +370,12 @@ static Status resolve_refs(const char *path, Sweep *sw) {
                 if (t->cfg.log.trace_interval <= 0)
                     return status_errorf("%s: sim.trace=%s: %s records no routing (log.trace_interval is 0): set "
                                          "log.trace_interval > 0 in block '%s'", at, val, t->name, bname);
-                if (t->ranks != gpus)
+                if (t->ranks < 1 || gpus % t->ranks)
                     return status_errorf("%s: sim.trace=%s: %s is trained on %d rank(s), this run simulates sim.nodes=%d x "
-                                         "sim.gpus_per_node=%d = %d GPUs (a trace replays on the ranks that recorded it; "
-                                         "sim.routing aggregate with sim.aggregate=%s simulates other sizes)", at, val,
-                                         t->name, t->ranks, r->cfg.sim.nodes, r->cfg.sim.gpus_per_node, gpus, val);
+                                         "sim.gpus_per_node=%d = %d GPUs (a trace replays on the ranks that recorded it or, "
+                                         "tiled, on a multiple of them; sim.routing aggregate with sim.aggregate=%s simulates "
+                                         "other sizes)", at, val, t->name, t->ranks, r->cfg.sim.nodes, r->cfg.sim.gpus_per_node,
+                                         gpus, val);
                 if (t->cfg.moe.top_k != r->cfg.moe.top_k)
                     return status_errorf("%s: sim.trace=%s: %s has moe.top_k=%d, this run %d", at, val, t->name,
                                          t->cfg.moe.top_k, r->cfg.moe.top_k);

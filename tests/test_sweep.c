@@ -159,8 +159,8 @@ int main(void) {
          "    sim:\n      set: {run.mode: simulate, sim.trace: \"@train\"}\n",
          "log.trace_interval is 0", "exp-train", "no trace recorded"},
         {"sweep:\n  blocks:\n    train:\n      set: {ranks: 2, log.trace_interval: 2}\n"
-         "    sim:\n      set: {run.mode: simulate, sim.trace: \"@train\", sim.nodes: 4}\n",
-         "trained on 2 rank(s)", "= 4 GPUs", "rank mismatch"},
+         "    sim:\n      set: {run.mode: simulate, sim.trace: \"@train\", sim.nodes: 3, sim.gpus_per_node: 1}\n",
+         "trained on 2 rank(s)", "= 3 GPUs", "ranks not dividing the GPUs"},
         {"sweep:\n  blocks:\n    a:\n      set: {run.mode: simulate}\n"
          "    sim:\n      set: {run.mode: simulate, sim.aggregate: \"@a\"}\n",
          "are simulations", "sim.aggregate=@a", "a simulate block"},
