@@ -250,4 +250,7 @@ out = [r for r in rows if r.rstrip().endswith("OUT |")]
 check(len(rows) == 18 and len(deltas) == 4 and all(abs(x) <= 15 for x in deltas),
       f"DeepEP normal kernels: every predicted row within 15% ({deltas})")
 check((p.returncode != 0) == (len(out) > 0), f"exit status {p.returncode} says whether a row is out of tolerance ({len(out)} out)")
+ll = [float(r.split("|")[-2].strip().rstrip(" OUT").rstrip("%")) for r in rows[8:] if "predicted" in r]
+check(len(ll) == 6 and all(abs(x) <= 10 for x in ll) and p.returncode == 0,
+      f"DeepEP low-latency kernels (fitted on EP16 and EP64): EP32/128/256 within 10% ({ll})")
 finish()
