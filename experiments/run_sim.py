@@ -36,6 +36,18 @@ def variants(P):
          ("clu-m1", "clustered, planted, max_nodes 1",
           ["moe.kind=clustered", "sim.routing=planted", f"parallel.ep_size={clu_ep}", "moe.max_nodes=1"]),
          ("clu-node", "clustered, planted, ep_size 8 (EP group = node)", ["moe.kind=clustered", "sim.routing=planted", "parallel.ep_size=8"])]
+    # two groups per token: co-selection between groups exists, so placement and the locality
+    # options have something to act on; the placed variants are 400-step trajectories with
+    # placement re-runs every 100 steps, and the row is their last step
+    tg2 = ["moe.kind=clustered", "sim.routing=planted", "moe.top_groups=2", f"parallel.ep_size={clu_ep}",
+           "clustering.enabled=false"]
+    traj = ["sim.steps=400", "sim.redraw_interval=100", "parallel.place_interval=100", "parallel.min_gain=0"]
+    v += [("clu2", "clustered, 2 groups/token, contiguous placement", tg2 + ["parallel.placement=contiguous"]),
+          ("clu2-topo", "clustered, 2 groups/token, topology placement (400 steps)", tg2 + ["parallel.placement=topology"] + traj),
+          ("clu2-home", "clustered, 2 groups/token, topology placement + home_bias 1 (400 steps)",
+           tg2 + ["parallel.placement=topology", "moe.home_bias=1.0"] + traj),
+          ("clu2-2lvl", "clustered, 2 groups/token, topology placement, two-level exchange (400 steps)",
+           tg2 + ["parallel.placement=topology", "parallel.exchange=two_level"] + traj)]
     return v
 
 
@@ -50,8 +62,9 @@ def simulate(name, sets):
         sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
     with h5py.File(os.path.join(out, name, "metrics.h5"), "r") as f:
         v = lambda k: f[k + "/value"][()]
-        tb, band, inter, disp, mem = v("sim/time_breakdown")[0], v("sim/step_band")[0], v("comm/summary/inter_bytes")[0], \
-            v("comm/dispatch")[0], v("sim/mem_bytes")[0]
+        # the last step: a trajectory's placement has settled there (one-step runs: their step)
+        tb, band, inter, disp, mem = v("sim/time_breakdown")[-1], v("sim/step_band")[-1], v("comm/summary/inter_bytes")[-1], \
+            v("comm/dispatch")[-1], v("sim/mem_bytes")[-1]
     tok = disp[3]
     return {"step_ms": 1e3 * tb[7], "step_lo_ms": 1e3 * band[0], "step_hi_ms": 1e3 * band[2], "compute_ms": 1e3 * (tb[0] + tb[1]),
             "exposed_ms": 1e3 * tb[6], "a2a_inter_per_tok": (inter[1] + inter[2]) / tok, "ar_inter_per_tok": inter[0] / tok,

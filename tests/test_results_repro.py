@@ -32,6 +32,8 @@ RENDERED = [
     ("experiments/run_sim.py", "results/sim-study.md"),
     ("experiments/run_sim.py", "results/sim-validate.md"),
     ("experiments/run_sim.py", "results/sim-scale.md"),
+    ("experiments/run_sim_trajectory.py", "results/sim-trajectory.md"),
+    ("experiments/run_sim_sweep.py", "results/sim-sweep.md"),
     ("experiments/run_recluster.py", "results/recluster.md"),
     ("experiments/run_drift.py", "results/drift.md"),
     ("experiments/run_sim_machine.py", "results/sim-machine.md"),
