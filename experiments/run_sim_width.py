@@ -50,7 +50,7 @@ KINDS = [("std", "standard MoE, top-2, contiguous placement", ["moe.kind=standar
 STATS = [("rows", "dispatch rows / token", None), ("inter", "inter-node fraction of dispatch bytes", None),
          ("cv2", "expert-load CV²", None), ("gcv2", "group-load CV²", ("clu2",))]
 EXTRA = ["drop", "nodes", "valid_ppl"]
-COLS = (["kind", "d_model", "seed", "steps_used"] + [f"{s}_{x}" for s, _, _ in STATS for x in ("mean", "std")]
+COLS = (["kind", "d_model", "seed", "steps_used"] + [f"{s}_{x}" for s, _, _ in STATS for x in ("mean", "std", "q3", "q4")]
         + EXTRA + ["traces_checked", "train_s", "load"])
 
 
@@ -137,10 +137,13 @@ def summarize(h5, steps):
         if "moe/balance_group/cv2" in f and len(f["moe/balance_group/cv2/step"]) > 0:
             per["gcv2"] = v("moe/balance_group/cv2").mean(axis=1)
         out = {"steps_used": len(disp)}
+        q4 = f["comm/dispatch/step"][()][half("comm/dispatch")] > 3 * steps // 4     # the last quarter
         for s, _, _ in STATS:
             x = per.get(s)
             out[f"{s}_mean"] = float(np.mean(x)) if x is not None else float("nan")
             out[f"{s}_std"] = float(np.std(x)) if x is not None else float("nan")
+            out[f"{s}_q3"] = float(np.mean(x[~q4])) if x is not None else float("nan")
+            out[f"{s}_q4"] = float(np.mean(x[q4])) if x is not None else float("nan")
         out["drop"] = float(np.mean(v("moe/balance/drop")))
         out["nodes"] = float(np.mean(v("moe/nodes_per_token")[..., 0]))
         out["valid_ppl"] = float(f["final/valid_ppl/value"][-1])
@@ -150,7 +153,6 @@ def summarize(h5, steps):
 
 def run_all(args):
     os.makedirs(OUT, exist_ok=True)
-    t0, load0 = time.time(), os.getloadavg()[0]
     old = {}
     csv_path = os.path.join(rl.RESULTS, NAME + ".csv")
     if os.path.exists(csv_path):                        # times and loads of runs already complete
@@ -178,8 +180,7 @@ def run_all(args):
                          "trace_interval": args.trace_interval, "seeds": SEEDS, "widths": WIDTHS,
                          "topology": f"{NODES} virtual nodes x {RPN} ranks",
                          "kinds": {k: s for k, _, s in KINDS}, "width_sets": {str(d): width_sets(d) for d in WIDTHS},
-                         "loadavg_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
-                         "wall_s": round(time.time() - t0), "cores": os.cpu_count()})
+                         "cores": os.cpu_count()})
 
 
 def load_rows():
@@ -188,30 +189,38 @@ def load_rows():
 
 
 def cells(rows):
-    """{(kind, d): {stat: (mean over seeds, mean step std, [per-seed means])}}"""
+    """{(kind, d): {stat: {mean, std, seeds, q3, q4}}}: means over the seeds of each run's second-half
+    mean, step-to-step std, third- and last-quarter means; seeds = the per-seed second-half means"""
     out = {}
     for kind, _, _ in KINDS:
         for d in WIDTHS:
             rs = [r for r in rows if r["kind"] == kind and int(r["d_model"]) == d]
             c = {}
             for s, _, _ in STATS:
-                ms = [float(r[f"{s}_mean"]) for r in rs]
-                c[s] = (float(np.mean(ms)), float(np.mean([float(r[f"{s}_std"]) for r in rs])), ms)
+                m = lambda x: float(np.mean([float(r[f"{s}_{x}"]) for r in rs]))
+                c[s] = {"mean": m("mean"), "std": m("std"), "q3": m("q3"), "q4": m("q4"),
+                        "seeds": [float(r[f"{s}_mean"]) for r in rs]}
             for x in EXTRA:
-                c[x] = (float(np.mean([float(r[x]) for r in rs])), 0.0, [float(r[x]) for r in rs])
+                c[x] = {"mean": float(np.mean([float(r[x]) for r in rs])), "seeds": [float(r[x]) for r in rs]}
             out[(kind, d)] = c
     return out
 
 
 def verdicts(cs, kind, stat):
-    """(max relative deviation from the proxy width, that deviation in units of the step-to-step std,
-    max seed-to-seed relative difference at one width, met)"""
-    ref, ref_std, _ = cs[(kind, PROXY)][stat]
-    devs = [abs(cs[(kind, d)][stat][0] - ref) for d in WIDTHS if d != PROXY]
-    stds = np.mean([cs[(kind, d)][stat][1] for d in WIDTHS])
-    seed = max((max(cs[(kind, d)][stat][2]) - min(cs[(kind, d)][stat][2])) / cs[(kind, d)][stat][0] for d in WIDTHS)
-    rel = max(devs) / ref
-    return rel, max(devs) / stds if stds > 0 else float("inf"), seed, rel <= TOL
+    """{rel: max relative deviation of the wider models' second-half means from the proxy width's,
+    in_std: the largest absolute deviation over the step-to-step std (mean over the widths), seed:
+    the largest seed-to-seed relative difference at one width, rel_q4: rel from the last-quarter
+    means, trend: the largest |last quarter - third quarter| / second-half mean over the widths,
+    met: rel within TOL}"""
+    c = lambda d: cs[(kind, d)][stat]
+    wide = [d for d in WIDTHS if d != PROXY]
+    dev = max(abs(c(d)["mean"] - c(PROXY)["mean"]) for d in wide)
+    std = float(np.mean([c(d)["std"] for d in WIDTHS]))
+    rel = dev / c(PROXY)["mean"]
+    return {"rel": rel, "in_std": dev / std if std > 0 else float("inf"),
+            "seed": max((max(c(d)["seeds"]) - min(c(d)["seeds"])) / c(d)["mean"] for d in WIDTHS),
+            "rel_q4": max(abs(c(d)["q4"] - c(PROXY)["q4"]) for d in wide) / c(PROXY)["q4"],
+            "trend": max(abs(c(d)["q4"] - c(d)["q3"]) / c(d)["mean"] for d in WIDTHS), "met": rel <= TOL}
 
 
 def render(out_dir):
@@ -239,9 +248,10 @@ def render(out_dir):
          f"{sum(int(r['traces_checked']) for r in rows)} equal the logged figures of their step. "
          + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]) + "\n",
          f"Cells: mean over the seeds of each run's second-half mean; ± = step-to-step standard deviation over the "
-         f"second half (mean over the seeds). The machine had {meta['cores']} cores, 1-minute load average "
-         f"{meta['loadavg_1min_start_end'][0]} at the start and {meta['loadavg_1min_start_end'][1]} at the end; "
-         f"all {len(rows)} runs took {meta['wall_s'] / 60:.0f} minutes.\n",
+         f"second half (mean over the seeds). The {len(rows)} runs trained for "
+         f"{sum(float(r['train_s']) for r in rows) / 60:.0f} minutes in all on {meta['cores']} cores shared with other "
+         f"jobs (1-minute load average {min(float(r['load']) for r in rows):.1f} to "
+         f"{max(float(r['load']) for r in rows):.1f} when a run started).\n",
          "## Per width\n",
          "| model | d_model | " + " | ".join(l for _, l, _ in STATS) + " | dropped pairs | nodes / token (before capacity) "
          "| valid ppl (seeds) |",
@@ -249,32 +259,39 @@ def render(out_dir):
     for kind, _, _ in KINDS:
         for d in WIDTHS:
             c = cs[(kind, d)]
-            st = [f"{c[s][0]:.3f} ± {c[s][1]:.3f}" if kinds is None or kind in kinds else "-" for s, _, kinds in STATS]
-            L.append(f"| {kind} | {d} | " + " | ".join(st) + f" | {100 * c['drop'][0]:.1f}% | {c['nodes'][0]:.3f} | "
-                     f"{c['valid_ppl'][0]:.1f} ({' / '.join(f'{p:.1f}' for p in c['valid_ppl'][2])}) |")
+            st = [f"{c[s]['mean']:.3f} ± {c[s]['std']:.3f}" if kinds is None or kind in kinds else "-"
+                  for s, _, kinds in STATS]
+            L.append(f"| {kind} | {d} | " + " | ".join(st) + f" | {100 * c['drop']['mean']:.1f}% | "
+                     f"{c['nodes']['mean']:.3f} | {c['valid_ppl']['mean']:.1f} "
+                     f"({' / '.join(f'{p:.1f}' for p in c['valid_ppl']['seeds'])}) |")
     L += ["", "## Against the tolerance\n",
           f"Tolerance: each statistic at d_model {', '.join(str(d) for d in WIDTHS if d != PROXY)} within "
-          f"±{100 * TOL:.0f}% of its value at d_model {PROXY} (the proxy width traces are recorded at). Deviation = "
-          f"max over the wider models of |x_d - x_{PROXY}| / x_{PROXY} (seed means); 'in step std' = the largest "
-          f"|x_d - x_{PROXY}| divided by the step-to-step standard deviation (mean over the widths); 'seed spread' = "
-          "the largest |seed 1 - seed 2| / mean at one width, the run-to-run noise of a cell.\n",
+          f"±{100 * TOL:.0f}% of its value at d_model {PROXY} (the proxy width traces are recorded at), second-half "
+          f"means. Deviation = max over the wider models of |x_d - x_{PROXY}| / x_{PROXY} (seed means); 'in step "
+          f"std' = the largest |x_d - x_{PROXY}| over the step-to-step standard deviation (mean over the widths); "
+          "'seed spread' = the largest |seed 1 - seed 2| / mean at one width (the run-to-run noise of a cell). Two "
+          "diagnostics of whether routing had settled: 'deviation, last quarter' is the deviation computed from "
+          f"the means over steps {3 * meta['steps'] // 4 + 1}..{meta['steps']} only, and 'drift' the largest change "
+          f"at one width from the third quarter (steps {meta['steps'] // 2 + 1}..{3 * meta['steps'] // 4}) to the "
+          "last, relative to the second-half mean.\n",
           "| model | statistic | " + " | ".join(f"d={d}" for d in WIDTHS) + " | deviation | in step std | seed spread "
-          "| verdict |",
-          "|---|---|" + "---:|" * (len(WIDTHS) + 3) + "---|"]
+          "| deviation, last quarter | drift | verdict |",
+          "|---|---|" + "---:|" * (len(WIDTHS) + 5) + "---|"]
     n_met = n_all = 0
     failed = []
     for kind, _, _ in KINDS:
         for s, lab, kinds in STATS:
             if kinds is not None and kind not in kinds:
                 continue
-            rel, in_std, seed, ok = verdicts(cs, kind, s)
+            v = verdicts(cs, kind, s)
             n_all += 1
-            n_met += ok
-            if not ok:
-                failed.append(f"{kind} {lab} ({100 * rel:.0f}%)")
-            L.append(f"| {kind} | {lab} | " + " | ".join(f"{cs[(kind, d)][s][0]:.3f}" for d in WIDTHS)
-                     + f" | {100 * rel:.1f}% | {in_std:.2f} | {100 * seed:.1f}% | "
-                       f"{'met' if ok else 'not met'} (±{100 * TOL:.0f}%) |")
+            n_met += v["met"]
+            if not v["met"]:
+                failed.append(f"{kind} {lab} ({100 * v['rel']:.0f}%)")
+            L.append(f"| {kind} | {lab} | " + " | ".join(f"{cs[(kind, d)][s]['mean']:.3f}" for d in WIDTHS)
+                     + f" | {100 * v['rel']:.1f}% | {v['in_std']:.2f} | {100 * v['seed']:.1f}% | "
+                       f"{100 * v['rel_q4']:.1f}% | {100 * v['trend']:.1f}% | "
+                       f"{'met' if v['met'] else 'not met'} (±{100 * TOL:.0f}%) |")
     L += ["", f"Met: {n_met} of {n_all}" + (f"; not met: {', '.join(failed)}." if failed else "."), "",
           rl.notes(NAME)]
     return rl.write_md(out_dir, NAME, "\n".join(L))
