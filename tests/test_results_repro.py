@@ -37,6 +37,7 @@ RENDERED = [
     ("experiments/run_recluster.py", "results/recluster.md"),
     ("experiments/run_drift.py", "results/drift.md"),
     ("experiments/run_sim_machine.py", "results/sim-machine.md"),
+    ("experiments/run_sim_width.py", "results/sim-width.md"),
 ]
 # written by analysis/report from run logs that are not committed (run_sweep_clusters.py copies
 # it); nothing committed can re-render it
