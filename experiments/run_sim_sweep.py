@@ -105,7 +105,7 @@ def render(out_dir):
          f"Config `{meta['config']}`: a DeepSeek-V3-sized clustered MoE on H800 nodes of 8 GPUs, 1600-step trajectories. "
          "Every run's numbers are in `results/sim-sweep.csv`; below, the views the sweep was built for.\n",
          "## Placement and exchange at each scale\n",
-         "Inter-node dispatch + combine bytes per routed token and the steady step time (median over the trajectory; "
+         "Inter-node dispatch + combine bytes per routed token and MoE layer, and the steady step time (median over the trajectory; "
          "mean over the three re-clustering intervals), by placement policy and exchange.\n",
          "| groups | GPUs | contiguous, flat | contiguous, two-level | topology, flat | topology, two-level | "
          "units migrated (topology, flat) |", "|---:|---:|---|---|---|---|---:|"]
