@@ -42,29 +42,57 @@ static Status skip_node(Parser *ps) {
     return status_ok();
 }
 
-/* key: [v1, v2, ...] mappings of one sweep kind */
-static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes) {
+/* the parser at a key of a sweep mapping: a new axis named by it (line and column kept) */
+static Status new_axis(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes, SweepAxis **out) {
+    if (*n_axes >= SWEEP_MAX_KEYS) return status_errorf("%s: sweep.%s: more than %d keys", ps->file, kind, SWEEP_MAX_KEYS);
+    size_t line = ps->ev.start_mark.line + 1, col = ps->ev.start_mark.column + 1;
+    if (ps->ev.type != YAML_SCALAR_EVENT)
+        return status_errorf("%s:%zu:%zu: sweep.%s: expected a key name (a config key, ranks or name), got %s",
+                             ps->file, line, col, kind, event_kind(&ps->ev));
+    const char *key = (const char *)ps->ev.data.scalar.value;
+    if (ps->ev.data.scalar.length >= sizeof axes->key || strlen(key) != ps->ev.data.scalar.length)
+        return status_errorf("%s:%zu:%zu: sweep.%s: key '%.40s...' is not a config key (at most %zu bytes, no NUL)",
+                             ps->file, line, col, kind, key, sizeof axes->key - 1);
+    SweepAxis *ax = &axes[(*n_axes)++];
+    memset(ax, 0, sizeof *ax);
+    ax->line = (int)line;
+    ax->column = (int)col;
+    memcpy(ax->key, key, ps->ev.data.scalar.length + 1);
+    *out = ax;
+    return status_ok();
+}
+
+/* a scalar value of axis ax, at most SWEEP_MAX_VALUE bytes */
+static Status check_value(Parser *ps, const char *kind, const SweepAxis *ax) {
+    if (ps->ev.data.scalar.length > SWEEP_MAX_VALUE)
+        return status_errorf("%s:%zu:%zu: sweep.%s.%s: value of %zu bytes is too long (at most %d)", ps->file,
+                             ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind, ax->key,
+                             ps->ev.data.scalar.length, SWEEP_MAX_VALUE);
+    return status_ok();
+}
+
+/* key: [v1, v2, ...] mappings of one sweep kind (grid, zip) or, one_value, key: value (a
+ * block's fixed settings) */
+static Status read_mapping(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes, int one_value) {
     if (ps->ev.type != YAML_MAPPING_START_EVENT)
-        return status_errorf("%s:%zu:%zu: sweep.%s: expected a mapping of key: [values]", ps->file,
-                             ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind);
+        return status_errorf("%s:%zu:%zu: sweep.%s: expected a mapping of key: %s", ps->file, ps->ev.start_mark.line + 1,
+                             ps->ev.start_mark.column + 1, kind, one_value ? "value" : "[values]");
     for (;;) {
         TRY(next(ps));
         if (ps->ev.type == YAML_MAPPING_END_EVENT) return status_ok();
-        if (*n_axes >= SWEEP_MAX_KEYS) return status_errorf("%s: sweep.%s: more than %d keys", ps->file, kind, SWEEP_MAX_KEYS);
-        size_t line = ps->ev.start_mark.line + 1, col = ps->ev.start_mark.column + 1;
-        if (ps->ev.type != YAML_SCALAR_EVENT)
-            return status_errorf("%s:%zu:%zu: sweep.%s: expected a key name (a config key, ranks or name), got %s",
-                                 ps->file, line, col, kind, event_kind(&ps->ev));
-        const char *key = (const char *)ps->ev.data.scalar.value;
-        if (ps->ev.data.scalar.length >= sizeof axes->key || strlen(key) != ps->ev.data.scalar.length)
-            return status_errorf("%s:%zu:%zu: sweep.%s: key '%.40s...' is not a config key (at most %zu bytes, no NUL)",
-                                 ps->file, line, col, kind, key, sizeof axes->key - 1);
-        SweepAxis *ax = &axes[(*n_axes)++];
-        memset(ax, 0, sizeof *ax);
-        ax->line = (int)line;
-        ax->column = (int)col;
-        memcpy(ax->key, key, ps->ev.data.scalar.length + 1);
+        SweepAxis *ax = NULL;
+        TRY(new_axis(ps, kind, axes, n_axes, &ax));
         TRY(next(ps));
+        if (one_value) {
+            if (ps->ev.type != YAML_SCALAR_EVENT)
+                return status_errorf("%s:%d:%d: sweep.%s.%s: expected one value (lists belong in the block's grid or zip)",
+                                     ps->file, ax->line, ax->column, kind, ax->key);
+            TRY(check_value(ps, kind, ax));
+            ax->values = malloc(sizeof(char *));
+            ax->values[0] = strdup((const char *)ps->ev.data.scalar.value);
+            ax->n_values = 1;
+            continue;
+        }
         if (ps->ev.type != YAML_SEQUENCE_START_EVENT)
             return status_errorf("%s:%d:%d: sweep.%s.%s: expected a list of values", ps->file, ax->line, ax->column, kind, ax->key);
         for (;;) {
@@ -73,10 +101,7 @@ static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_ax
             if (ps->ev.type != YAML_SCALAR_EVENT)
                 return status_errorf("%s:%zu:%zu: sweep.%s.%s: values must be scalars", ps->file,
                                      ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind, ax->key);
-            if (ps->ev.data.scalar.length > SWEEP_MAX_VALUE)
-                return status_errorf("%s:%zu:%zu: sweep.%s.%s: value of %zu bytes is too long (at most %d)", ps->file,
-                                     ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind, ax->key,
-                                     ps->ev.data.scalar.length, SWEEP_MAX_VALUE);
+            TRY(check_value(ps, kind, ax));
             ax->values = realloc(ax->values, sizeof(char *) * (ax->n_values + 1));
             ax->values[ax->n_values++] = strdup((const char *)ps->ev.data.scalar.value);
         }
@@ -84,37 +109,8 @@ static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_ax
             return status_errorf("%s:%d:%d: sweep.%s.%s: empty list", ps->file, ax->line, ax->column, kind, ax->key);
     }
 }
-
-/* key: value (one scalar each): a block's fixed settings */
-static Status read_set(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes) {
-    if (ps->ev.type != YAML_MAPPING_START_EVENT)
-        return status_errorf("%s:%zu:%zu: sweep.%s: expected a mapping of key: value", ps->file,
-                             ps->ev.start_mark.line + 1, ps->ev.start_mark.column + 1, kind);
-    for (;;) {
-        TRY(next(ps));
-        if (ps->ev.type == YAML_MAPPING_END_EVENT) return status_ok();
-        if (*n_axes >= SWEEP_MAX_KEYS) return status_errorf("%s: sweep.%s: more than %d keys", ps->file, kind, SWEEP_MAX_KEYS);
-        size_t line = ps->ev.start_mark.line + 1, col = ps->ev.start_mark.column + 1;
-        const char *key = ps->ev.type == YAML_SCALAR_EVENT ? (const char *)ps->ev.data.scalar.value : "";
-        if (ps->ev.type != YAML_SCALAR_EVENT || ps->ev.data.scalar.length >= sizeof axes->key)
-            return status_errorf("%s:%zu:%zu: sweep.%s: expected a config key (or ranks, name)", ps->file, line, col, kind);
-        SweepAxis *ax = &axes[(*n_axes)++];
-        memset(ax, 0, sizeof *ax);
-        ax->line = (int)line;
-        ax->column = (int)col;
-        str_fmt(ax->key, sizeof ax->key, "%s", key);
-        TRY(next(ps));
-        if (ps->ev.type != YAML_SCALAR_EVENT)
-            return status_errorf("%s:%d:%d: sweep.%s.%s: expected one value (lists belong in the block's grid or zip)",
-                                 ps->file, ax->line, ax->column, kind, ax->key);
-        if (ps->ev.data.scalar.length > SWEEP_MAX_VALUE)
-            return status_errorf("%s:%d:%d: sweep.%s.%s: value of %zu bytes is too long (at most %d)", ps->file, ax->line,
-                                 ax->column, kind, ax->key, ps->ev.data.scalar.length, SWEEP_MAX_VALUE);
-        ax->values = malloc(sizeof(char *));
-        ax->values[0] = strdup((const char *)ps->ev.data.scalar.value);
-        ax->n_values = 1;
-    }
-}
+static Status read_axes(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes) { return read_mapping(ps, kind, axes, n_axes, 0); }
+static Status read_set(Parser *ps, const char *kind, SweepAxis *axes, int *n_axes) { return read_mapping(ps, kind, axes, n_axes, 1); }
 
 /* blocks: {name: {set: {...}, grid: {...}, zip: {...}}, ...} */
 static Status read_blocks(Parser *ps, Sweep *sw) {
