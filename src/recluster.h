@@ -47,6 +47,14 @@ int recluster_run(Model *m, long step, ReclusterEvent *ev);
  * column) of clustered layer l's current partition to its reference partition; NaN when the
  * reference is unknown or l is not clustered. Local, no communication. */
 double recluster_jaccard_ref(const Model *m, int l);
+/* clustering.mode masters: recompute every clustered layer's projection (bases, factors) from
+ * its masters on this rank's unit slots (primaries and replicas; base = member mean, residual
+ * = rank-r truncated SVD with the group's stream for `step`, so the result does not depend on
+ * the rank count). Local, except that err_mean / err_max [clustered layers] (NULL: not wanted)
+ * get the relative errors |W_i - proj(W_i)| / |W_i| over both matrices, mean and max over the
+ * layer's experts, reduced over the EP group (then collective). Returns the layers projected
+ * (0 outside masters mode). Does not touch the Adam moments. */
+int recluster_project(Model *m, long step, double *err_mean, double *err_max);
 /* first step at which events may happen */
 long recluster_warmup(const Config *cfg);
 
