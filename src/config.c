@@ -1189,10 +1189,6 @@ Status config_validate(const Config *c) {
         if (e->kind != MOE_KIND_CLUSTERED)
             return status_errorf("clustering.mode=masters needs moe.kind=clustered (the masters are projected onto "
                                  "the clustered layout), not %s", moe_kind_names[e->kind]);
-        if (c->offload.enabled)
-            return status_errorf("clustering.mode=masters: training-time offloading (offload.enabled) would have to "
-                                 "replay the projection of offloaded groups; it is not supported, set offload.enabled "
-                                 "false (the stored formats of precision.mode storage are made from the projection)");
     }
     if ((c->topology.nodes > 0) != (c->topology.ranks_per_node > 0))
         return status_errorf("topology.nodes=%d and topology.ranks_per_node=%d: a virtual topology needs both "

@@ -2,6 +2,8 @@
  * attention, LayerNorm, FFN = dense or MoE per layer, tied LM head; or a sequence
  * classification head), forward and backward by hand, with every parameter in one
  * allocation per category (dense, expert) and tensors as views (llm.c style).
+ * clustering.mode masters: a clustered layer also holds per-expert FP32 masters (m1, m2), the
+ * trained tensors; its bases and factors are marked derived (their projection, recluster.h).
  * Does not: run the optimizer loop or talk to the data (train.c does); owns its parameter,
  * gradient, optimizer-state and activation memory.
  *

@@ -2,7 +2,8 @@
  * experts live (expert-parallel): each rank reconstructs and sketches only its own experts,
  * only the features travel to every rank, every rank runs the same clustering, and each
  * changed group is refit by its owner from members sent rank to rank (phase recluster);
- * the Jaccard of a layer's partition to its reference partition (local).
+ * the Jaccard of a layer's partition to its reference partition (local); masters mode: the
+ * same event on the masters, and the projection of every group from its masters (local).
  * Legend: E G K D F F1 r Pw Pm P = experts, groups, experts/group, d_model, expert width,
  * F or 2F, residual rank, parameter-feature dims, centroid dims, ranks of the EP group;
  * Gl El = groups / experts on this rank (El = Gl K); n1 n2 = D F1, F D (one expert's up /

@@ -12,6 +12,12 @@
  * stream (seed, layer, step, group), so results do not depend on the rank count.
  * recluster_jaccard_ref compares a layer's current partition with its reference partition
  * (ClusterState.group_ref: the compression event's, else the initial contiguous grouping).
+ * clustering.mode masters: the features are the masters' (centred on the all-expert mean, not
+ * a reconstruction that shares its group's base), a moved member carries its masters and all
+ * its Adam moments unchanged, and a changed group's refit is its new projection (nothing is
+ * lost: the masters are the trained weights); recluster_project recomputes the projection of
+ * every group from the masters (train.c: step 0, every clustering.project_interval steps,
+ * after the compression).
  * Does not: log or evaluate probe losses, or re-place the groups (train.c does). */
 #ifndef DCMOE_RECLUSTER_H
 #define DCMOE_RECLUSTER_H
