@@ -7,6 +7,9 @@ rank-r SVD), refreshed every clustering.project_interval steps:
 - stopped between projections, at an event and after it, and resumed: bitwise the same losses,
   projection rows and events;
 - 2 ranks (expert parallel, two groups per rank): the 1-rank losses within float tolerance;
+- with the masters' features alone (alpha 1) events move experts; 4 ranks on 2 virtual nodes
+  with replicas and topology placement (groups migrate with their masters) give the same moves
+  and the 1-rank losses within float tolerance, with every replica bitwise its primary;
 - with clustering.compress_at, the warm-up's experts become the masters bitwise, Adam
   moments included (checkpoint at the compression step against a standard MoE's);
 - precision.mode storage: the stored FP16/INT4 experts are made from the projection and
@@ -93,6 +96,24 @@ if p.returncode == 0:
     if check(p.returncode == 0, "2-rank masters run exits 0"):
         _, l2 = series(h5("r2"), "train/loss")
         check(rel_err(loss, l2) < 2e-4, f"2 ranks: the 1-rank losses (rel {rel_err(loss, l2):.2e})")
+
+# ---- moves under expert parallelism: 4 ranks on 2 virtual nodes, replicas, placement ----
+MOVE = ["--set", "clustering.alpha=1.0"]   # the masters' features alone: the events move experts
+EP4 = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2", "--set", "parallel.replicas=2",
+       "--set", "parallel.placement=topology", "--set", "parallel.place_interval=4", "--set", "parallel.min_gain=0"]
+pa, pb = train("mv1", extra=MOVE), train("mv4", ranks=4, extra=MOVE + EP4)
+if check(pa.returncode == 0 and pb.returncode == 0, "moving runs at 1 rank and 4 ranks (replicas, placement) exit 0"):
+    _, la = series(h5("mv1"), "train/loss")
+    _, lb = series(h5("mv4"), "train/loss")
+    _, ea = series(h5("mv1"), "cluster/events")
+    _, eb = series(h5("mv4"), "cluster/events")
+    _, mig = series(h5("mv4"), "parallel/migration_bytes")
+    _, bad = series(h5("mv4"), "parallel/replica_mismatch")
+    check(ea[:, :, 4].sum() > 0 and np.array_equal(ea[:, :, 4], eb[:, :, 4]),
+          f"events move experts ({ea[:, :, 4].tolist()}), the same at 4 ranks")
+    check(rel_err(la, lb) < 2e-4, f"4 ranks with replicas and migrations: the 1-rank losses (rel {rel_err(la, lb):.2e})")
+    check(mig.sum() > 0 and bad.max() == 0, f"groups migrated ({mig.sum():.0f} B), replicas bitwise their primaries")
+    check(eb[:, :, 16].sum() > 0, f"the events' bytes (masters travel with their group) are booked: {eb[:, :, 16].tolist()}")
 
 # ---- compression: the warm-up's experts become the masters ----
 cmp_args = ["--set", "clustering.compress_at=5"]
