@@ -259,6 +259,7 @@ typedef struct Run {
     long last_event, warm;
     double *proj_mean, *proj_max;        /* [L] the last projection's errors (clustering.mode masters) */
     int n_proj;                          /* clustered layers in them */
+    double proj_s;                       /* seconds of the last projection */
     double *fu;                          /* [n_fu, FOLLOWUP_N_COLS] events whose cluster/event_followup row is pending */
     int n_fu, cap_fu;
     double pending_migr;
@@ -528,7 +529,9 @@ static Status run_setup(Run *r) {
     /* clustering.mode masters: the projection of the initial masters (a checkpoint brings its own) */
     r->proj_mean = xcalloc(sizeof(double) * (size_t)(r->m.L ? r->m.L : 1));
     r->proj_max = xcalloc(sizeof(double) * (size_t)(r->m.L ? r->m.L : 1));
+    double tp = time_now();
     r->n_proj = recluster_project(&r->m, 0, r->proj_mean, r->proj_max);
+    r->proj_s = time_now() - tp;
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {
         TRY(comm_agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
@@ -564,7 +567,7 @@ static Status run_setup(Run *r) {
     if (r->pos.step == 0) {
         mem_gather(comm, &r->macct, r->mem_all);
         runlog_mem(&r->log, 0, r->mem_all);
-        runlog_project(&r->log, 0, r->proj_mean, r->proj_max, r->n_proj);
+        runlog_project(&r->log, 0, r->proj_mean, r->proj_max, r->n_proj, r->proj_s);
     }
     r->flops_tok = model_flops_per_token(&r->m);
     print_banner(r);
@@ -931,8 +934,10 @@ static Status recluster_event(Run *r, long step) {
 /* clustering.mode masters: recompute the projection from the masters after `step` steps and
  * log its error (a no-op in compressed mode) */
 static void project(Run *r, long step) {
+    double t0 = time_now();
     r->n_proj = recluster_project(&r->m, step, r->proj_mean, r->proj_max);
-    runlog_project(&r->log, step, r->proj_mean, r->proj_max, r->n_proj);
+    r->proj_s = time_now() - t0;
+    runlog_project(&r->log, step, r->proj_mean, r->proj_max, r->n_proj, r->proj_s);
 }
 
 /* clustering.compress_at: after step compress_at, the warm-up's standard MoE becomes the
