@@ -9,7 +9,12 @@
  * stored formats (FP16 bases, INT4 factors) through quant.h's kernels, group by group,
  * dequantising on the fly (a block of base rows and one expert's factors at a time); the
  * group is fetched through the provider right after the dispatch (the routing is then
- * known). With FP32 QTensors it computes the same gemm sequence as the FP32 path whenever
+ * known).
+ * Masters mode (clustering.mode masters, recognised by the gradient set having w1/w2): the
+ * forward and the input gradient use the projection (bases, factors) as above; the weight
+ * gradient goes straight through to each expert's FP32 masters, dW1_e = x_e^T dh_e and
+ * dW2_e = a_e^T (gate dy)_e, the standard MoE's per-expert products (same cost), and
+ * nothing into the projection. With FP32 QTensors it computes the same gemm sequence as the FP32 path whenever
  * D and F are <= QUANT_BLOCK_ROWS (one base block), hence bitwise-equal outputs there.
  *
  * Legend: N D F F1 E G K r TG k = tokens on this rank, d_model, expert width, F or 2F
@@ -396,6 +401,11 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
     int Gl = ml->ep->n_slots, El = Gl * K;
     EpPath *XP = &c->x;
     ASSERTF(!c->last_stored && !p->stored, "clustered_backward: the stored-format path is inference only");
+    /* masters mode (g->w1 set): the bases and factors are a projection of per-expert masters;
+     * the gradient w.r.t. each expert's effective weights W1_e = Base1_g + A1_e B1_e^T and
+     * W2_e goes straight through to its masters (the standard MoE's x^T dh and a^T dz per
+     * expert); nothing is accumulated into the projection's tensors */
+    int masters = g->w1 != NULL;
 
     /* dout rows to the groups' ranks (mirror of the combine) */
     epp_send_rows(XP, be, moe_xcomm(ml, comm), dout);
@@ -406,8 +416,9 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
         if (n == 0) continue;
         const float *b2 = p->base2 + (size_t)gg * F * D;
         /* dBase2 [F,D] += S^T dy;  dS [n,F] = dy Base2^T */
-        op->gemm(cx, true, false, F, D, n, 1.0f, c->S + (size_t)r0 * F, F, c->dyg + (size_t)r0 * D, D,
-                 1.0f, g->base2 + (size_t)gg * F * D, D);
+        if (!masters)
+            op->gemm(cx, true, false, F, D, n, 1.0f, c->S + (size_t)r0 * F, F, c->dyg + (size_t)r0 * D, D,
+                     1.0f, g->base2 + (size_t)gg * F * D, D);
         op->gemm(cx, false, true, n, F, D, 1.0f, c->dyg + (size_t)r0 * D, D, b2, D, 0.0f, c->dS + (size_t)r0 * F, F);
     }
     op->gather_rows_scaled(cx, c->dz, c->dyg, c->entry_grow_d, c->entry_gate_d, M, D);
@@ -416,10 +427,15 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         float *dz = c->dz + (size_t)r0 * D, *v = c->v + (size_t)r0 * r, *dv = c->dv + (size_t)r0 * r;
-        /* dB2 [D,r] += dz^T v;  dv [n,r] = dz B2;  dA2 [F,r] += a^T dv;  da [n,F] = dv A2^T */
-        op->gemm(cx, true, false, D, r, n, 1.0f, dz, D, v, r, 1.0f, g->b2 + (size_t)e * D * r, r);
+        /* dB2 [D,r] += dz^T v;  dv [n,r] = dz B2;  dA2 [F,r] += a^T dv;  da [n,F] = dv A2^T
+         * (masters: dW2_e [F,D] += a^T dz instead of dB2, dA2) */
+        if (masters)
+            op->gemm(cx, true, false, F, D, n, 1.0f, c->a + (size_t)r0 * F, F, dz, D, 1.0f, g->w2 + (size_t)e * F * D, D);
+        else
+            op->gemm(cx, true, false, D, r, n, 1.0f, dz, D, v, r, 1.0f, g->b2 + (size_t)e * D * r, r);
         op->gemm(cx, false, false, n, r, D, 1.0f, dz, D, p->b2 + (size_t)e * D * r, r, 0.0f, dv, r);
-        op->gemm(cx, true, false, F, r, n, 1.0f, c->a + (size_t)r0 * F, F, dv, r, 1.0f, g->a2 + (size_t)e * F * r, r);
+        if (!masters)
+            op->gemm(cx, true, false, F, r, n, 1.0f, c->a + (size_t)r0 * F, F, dv, r, 1.0f, g->a2 + (size_t)e * F * r, r);
         op->gemm(cx, false, true, n, F, r, 1.0f, dv, r, p->a2 + (size_t)e * F * r, r, 0.0f, c->da + (size_t)r0 * F, F);
     }
     /* the base path: da_i += gate_i dS[row_i]; dgate_i += <dS[row_i], a_i> */
@@ -431,10 +447,15 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
         int r0 = c->expert_off[e], n = c->expert_off[e + 1] - r0;
         if (n == 0) continue;
         float *dh = c->dh + (size_t)r0 * F1, *u = c->u + (size_t)r0 * r, *du = c->du + (size_t)r0 * r;
-        /* dB1 [F1,r] += dh^T u;  du [n,r] = dh B1;  dA1 [D,r] += x^T du;  dx_e [n,D] = du A1^T */
-        op->gemm(cx, true, false, F1, r, n, 1.0f, dh, F1, u, r, 1.0f, g->b1 + (size_t)e * F1 * r, r);
+        /* dB1 [F1,r] += dh^T u;  du [n,r] = dh B1;  dA1 [D,r] += x^T du;  dx_e [n,D] = du A1^T
+         * (masters: dW1_e [D,F1] += x^T dh instead of dB1, dA1, and dBase1 below) */
+        if (masters)
+            op->gemm(cx, true, false, D, F1, n, 1.0f, c->xe + (size_t)r0 * D, D, dh, F1, 1.0f, g->w1 + (size_t)e * D * F1, F1);
+        else
+            op->gemm(cx, true, false, F1, r, n, 1.0f, dh, F1, u, r, 1.0f, g->b1 + (size_t)e * F1 * r, r);
         op->gemm(cx, false, false, n, r, F1, 1.0f, dh, F1, p->b1 + (size_t)e * F1 * r, r, 0.0f, du, r);
-        op->gemm(cx, true, false, D, r, n, 1.0f, c->xe + (size_t)r0 * D, D, du, r, 1.0f, g->a1 + (size_t)e * D * r, r);
+        if (!masters)
+            op->gemm(cx, true, false, D, r, n, 1.0f, c->xe + (size_t)r0 * D, D, du, r, 1.0f, g->a1 + (size_t)e * D * r, r);
         op->gemm(cx, false, true, n, D, r, 1.0f, du, r, p->a1 + (size_t)e * D * r, r, 0.0f, c->dxe + (size_t)r0 * D, D);
     }
     op->zero(cx, c->dhb, sizeof(float) * (size_t)Mg * F1);
@@ -443,8 +464,9 @@ void clustered_backward(const MoeLayer *ml, const Backend *be, Comm *comm, const
         int r0 = c->group_off[gg], n = c->group_off[gg + 1] - r0;
         if (n == 0) continue;
         /* dBase1 [D,F1] += xg^T dhb;  dxg [n,D] = dhb Base1^T */
-        op->gemm(cx, true, false, D, F1, n, 1.0f, c->xg + (size_t)r0 * D, D, c->dhb + (size_t)r0 * F1, F1,
-                 1.0f, g->base1 + (size_t)gg * D * F1, F1);
+        if (!masters)
+            op->gemm(cx, true, false, D, F1, n, 1.0f, c->xg + (size_t)r0 * D, D, c->dhb + (size_t)r0 * F1, F1,
+                     1.0f, g->base1 + (size_t)gg * D * F1, F1);
         op->gemm(cx, false, true, n, D, F1, 1.0f, c->dhb + (size_t)r0 * F1, F1, p->base1 + (size_t)gg * D * F1, F1,
                  0.0f, c->dxg + (size_t)r0 * D, D);
     }

@@ -4,6 +4,9 @@
  * the model owns per layer (membership, selection bias, activation centroids) and the
  * stored-format experts of the inference path; the layer itself is a MoeLayer (moe.h), and
  * moe_forward / moe_backward dispatch to clustered_forward / clustered_backward.
+ * clustering.mode masters: the gradient set g carries w1 [E, D, F1], w2 [E, F, D] (the
+ * masters' gradients); clustered_backward then accumulates dW_e = straight-through gradient of
+ * each expert's effective weights there and nothing into the bases or factors.
  * Does not: re-cluster (recluster.h) or compress (compress.h). */
 #ifndef DCMOE_CLUSTERED_H
 #define DCMOE_CLUSTERED_H

@@ -263,14 +263,22 @@ int compress_event_run(Model *old, Model *nw, long step, float *const *x, int nx
             xfree(dst[a]);
         }
     }
-    /* 2. every expert of the EP group on every rank (canonical layout) */
+    /* 2. every expert of the EP group on every rank (canonical layout); masters mode: with
+     * their Adam moments, which the masters keep */
+    int masters = model_masters(nw), na = masters ? 3 : 1;
     float *fo = xmalloc(sizeof(float) * (old->n_expert_full ? old->n_expert_full : 1));
     float *fn = xcalloc(sizeof(float) * (nw->n_expert_full ? nw->n_expert_full : 1));
-    {
-        float *loc[1] = {old->params[PCAT_EXPERT]}, *full[1] = {fo};
-        model_ep_gather(old, loc, full, 1);
+    float *fom[2] = {NULL, NULL}, *fnm[2] = {NULL, NULL};
+    for (int a = 0; a < na - 1; a++) {
+        fom[a] = xmalloc(sizeof(float) * (old->n_expert_full ? old->n_expert_full : 1));
+        fnm[a] = xcalloc(sizeof(float) * (nw->n_expert_full ? nw->n_expert_full : 1));
     }
-    double bytes = (double)sizeof(float) * old->n_cat[PCAT_EXPERT] * (old->ep_comm->size - 1);
+    {
+        float *loc[3] = {old->params[PCAT_EXPERT], old->adam_m[PCAT_EXPERT], old->adam_v[PCAT_EXPERT]};
+        float *full[3] = {fo, fom[0], fom[1]};
+        model_ep_gather(old, loc, full, na);
+    }
+    double bytes = (double)na * sizeof(float) * old->n_cat[PCAT_EXPERT] * (old->ep_comm->size - 1);
     double by_kind[PARAM_N_KINDS], total, active;
     model_param_counts(nw, by_kind, &total, &active);
     int n_ev = 0;
@@ -297,6 +305,18 @@ int compress_event_run(Model *old, Model *nw, long step, float *const *x, int nx
                              fn + layer_tensor(nw, l, "base1")->full_offset, fn + layer_tensor(nw, l, "base2")->full_offset,
                              fn + layer_tensor(nw, l, "a1")->full_offset, fn + layer_tensor(nw, l, "b1")->full_offset,
                              fn + layer_tensor(nw, l, "a2")->full_offset, fn + layer_tensor(nw, l, "b2")->full_offset, werr);
+        /* masters mode: the warm-up's experts are the masters, Adam moments included (canonical
+         * layout by expert id in both models); the refit above is their first projection */
+        if (masters) {
+            const char *from[2] = {"experts.w1", "experts.w2"}, *to[2] = {"m1", "m2"};
+            for (int w = 0; w < 2; w++) {
+                const ParamTensor *src = layer_tensor(old, l, from[w]), *dst = layer_tensor(nw, l, to[w]);
+                ASSERTF(src->n_full == dst->n_full, "compression: %s and %s differ in size", from[w], to[w]);
+                memcpy(fn + dst->full_offset, fo + src->full_offset, sizeof(float) * src->n_full);
+                for (int a = 0; a < 2; a++)
+                    memcpy(fnm[a] + dst->full_offset, fom[a] + src->full_offset, sizeof(float) * src->n_full);
+            }
+        }
         /* the aux-loss-free selection bias stays with its expert */
         if (ocs->bias && cs->bias) memcpy(cs->bias, ocs->bias, sizeof(float) * E);
         ep_map_refresh(&nw->ep[l], cs->members);
@@ -341,15 +361,19 @@ int compress_event_run(Model *old, Model *nw, long step, float *const *x, int nx
         e->params_expert = by_kind[PARAM_BASE] + by_kind[PARAM_FACTOR];
         xfree(werr);
     }
-    /* 3. this rank's slots of the clustered experts (under the new membership); fresh Adam state */
+    /* 3. this rank's slots of the clustered experts (under the new membership); fresh Adam
+     * state (masters mode: the masters' moments, the projection's zero) */
     {
-        float *full[1] = {fn}, *loc[1] = {nw->params[PCAT_EXPERT]};
-        model_ep_scatter(nw, full, loc, 1);
+        float *full[3] = {fn, fnm[0], fnm[1]}, *loc[3] = {nw->params[PCAT_EXPERT], nw->adam_m[PCAT_EXPERT], nw->adam_v[PCAT_EXPERT]};
+        model_ep_scatter(nw, full, loc, na);
         size_t nb = sizeof(float) * (nw->n_cat[PCAT_EXPERT] ? nw->n_cat[PCAT_EXPERT] : 1);
-        be->ops->zero(be->ctx, nw->adam_m[PCAT_EXPERT], nb);
-        be->ops->zero(be->ctx, nw->adam_v[PCAT_EXPERT], nb);
+        if (!masters) {
+            be->ops->zero(be->ctx, nw->adam_m[PCAT_EXPERT], nb);
+            be->ops->zero(be->ctx, nw->adam_v[PCAT_EXPERT], nb);
+        }
     }
     xfree(fo);
     xfree(fn);
+    for (int a = 0; a < 2; a++) { xfree(fom[a]); xfree(fnm[a]); }
     return n_ev;
 }

@@ -59,6 +59,7 @@ static const char *const balance_names[] = {"aux", "aux_free", NULL};
 static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", "coact", NULL};
 static const char *const compress_partition_names[] = {"learned", "random", "contiguous", NULL};
+static const char *const cluster_mode_names[] = {"compressed", "masters", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
 static const char *const collectives_names[] = {"mpi", "nccl", NULL};
@@ -210,6 +211,15 @@ static const KeyDef keys[] = {
     K_INT(clustering.probe_batches, 1, 100000, 8,
           "fixed validation batches (the first ones of the split) whose loss the compression and re-clustering events "
           "log before and after"),
+    K_ENUM(clustering.mode, cluster_mode_names, CLUSTER_MODE_COMPRESSED,
+           "what the clustered layers train: compressed (the bases and low-rank factors themselves) or masters "
+           "(per-expert FP32 master weights, the standard MoE's layout and optimizer cost, used through their "
+           "projection: base = member mean, residual = rank-r truncated SVD, recomputed every "
+           "clustering.project_interval steps, the gradient passed straight through to the masters; re-clustering "
+           "moves masters, so a move loses nothing; the stored formats are made from the projection)"),
+    K_INT(clustering.project_interval, 1, INT_MAX, 50,
+          "clustering.mode masters: recompute the projection (bases and factors) from the masters every n steps; "
+          "also at step 0, after the compression event and for the groups a re-clustering event changed"),
     /* topology */
     K_INT(topology.nodes, 0, 1048576, 0, "0 = real topology (shared-memory split, Slurm node ids); n > 0 = n virtual nodes"),
     K_INT(topology.ranks_per_node, 0, 1048576, 0, "virtual topology: ranks per node (nodes * ranks_per_node must equal the rank count)"),
@@ -1174,6 +1184,11 @@ Status config_validate(const Config *c) {
         if (c->clustering.compress_at >= c->train.steps)
             return status_errorf("clustering.compress_at=%d must be below train.steps=%d (no clustered step would "
                                  "follow the compression)", c->clustering.compress_at, c->train.steps);
+    }
+    if (c->clustering.mode == CLUSTER_MODE_MASTERS) {
+        if (e->kind != MOE_KIND_CLUSTERED)
+            return status_errorf("clustering.mode=masters needs moe.kind=clustered (the masters are projected onto "
+                                 "the clustered layout), not %s", moe_kind_names[e->kind]);
     }
     if ((c->topology.nodes > 0) != (c->topology.ranks_per_node > 0))
         return status_errorf("topology.nodes=%d and topology.ranks_per_node=%d: a virtual topology needs both "

@@ -23,6 +23,7 @@ enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
 enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1, MU_COACT = 2 };
 enum CompressPartition { COMPRESS_LEARNED = 0, COMPRESS_RANDOM = 1, COMPRESS_CONTIGUOUS = 2 };
+enum ClusterMode { CLUSTER_MODE_COMPRESSED = 0, CLUSTER_MODE_MASTERS = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
 enum Collectives { COLLECTIVES_MPI = 0, COLLECTIVES_NCCL = 1 };
@@ -124,6 +125,9 @@ typedef struct ClusterConfig {
     int compress_at;         /* > 0: standard MoE before this step, then one compression into the clustered layout */
     enum CompressPartition compress_partition;  /* the compression's partition: learned, random or contiguous */
     int probe_batches;       /* fixed validation batches of the compression's probe loss */
+    enum ClusterMode mode;   /* compressed: train bases + factors; masters: train per-expert FP32 masters through
+                                their projection (bases + factors recomputed from them) */
+    int project_interval;    /* masters: re-project every n steps (and at step 0, after events and the compression) */
 } ClusterConfig;
 
 typedef struct TopologyConfig {

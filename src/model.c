@@ -79,6 +79,12 @@ static void plan_params(Model *m) {
             str_fmt(nm, sizeof nm, "h.%d.ffn.b1", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, f->F1, f->r, sf);
             str_fmt(nm, sizeof nm, "h.%d.ffn.a2", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, f->F, f->r, sfo);
             str_fmt(nm, sizeof nm, "h.%d.ffn.b2", l); add_ep_tensor(m, nm, PARAM_FACTOR, 1, f->E, El, D, f->r, sfo);
+            if (model_masters(m)) {
+                /* per-expert FP32 masters (trained); the six tensors above are their projection */
+                for (int i = m->n_tensors - 6; i < m->n_tensors; i++) m->tensors[i].derived = 1;
+                str_fmt(nm, sizeof nm, "h.%d.ffn.m1", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, D, f->F1, std);
+                str_fmt(nm, sizeof nm, "h.%d.ffn.m2", l); add_ep_tensor(m, nm, PARAM_EXPERT, 1, f->E, El, f->F, D, std_out);
+            }
         } else {
             str_fmt(nm, sizeof nm, "h.%d.ffn.router", l); add_tensor(m, nm, PARAM_ROUTER, PCAT_DENSE, 2, D, f->E, 0, std, 0);
             int El = m->ep[l].n_slots;   /* primaries, then replica slots */
@@ -114,6 +120,7 @@ static void bind_views(Model *m, float *base[PCAT_N], ModelParams *v) {
             lp->ffn.router = NEXT();
             lp->ffn.base1 = NEXT(); lp->ffn.base2 = NEXT();
             lp->ffn.a1 = NEXT(); lp->ffn.b1 = NEXT(); lp->ffn.a2 = NEXT(); lp->ffn.b2 = NEXT();
+            if (model_masters(m)) { lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT(); }
         } else {
             lp->ffn.router = NEXT();
             lp->ffn.w1 = NEXT(); lp->ffn.w2 = NEXT();
@@ -740,6 +747,7 @@ void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *t
         const ParamTensor *t = &m->tensors[i];
         by_kind[t->kind] += (double)t->n_full;
         tot += (double)t->n_full;
+        if (t->kind == PARAM_EXPERT && t->layer >= 0 && m->ffn[t->layer].kind == MOE_KIND_CLUSTERED) continue;  /* masters: the forward reads their projection */
         if (t->kind == PARAM_EXPERT || t->kind == PARAM_FACTOR) act += (double)t->n_full / t->full0 * m->cfg.moe.top_k;
         else if (t->kind == PARAM_BASE) act += (double)t->n_full / t->full0 * m->cfg.moe.top_groups;
         else act += (double)t->n_full;
@@ -756,10 +764,12 @@ double model_flops_per_token(const Model *m) {
         const MoeLayer *ff = &m->ffn[l];
         f += 2.0 * (D * 3 * D + D * D);
         f += 2.0 * T * D;                              /* QK^T and PV, causal half of 2*2*T*D */
-        if (ff->kind == MOE_KIND_CLUSTERED)   /* base once per (token, group), low rank per expert */
-            f += 2.0 * ff->top_groups * (D * ff->F1 + ff->F * D) +
-                 2.0 * ff->k * ff->r * (D + ff->F1 + ff->F + D);
-        else
+        if (ff->kind == MOE_KIND_CLUSTERED) {  /* base once per (token, group), low rank per expert */
+            double fc = 2.0 * ff->top_groups * (D * ff->F1 + ff->F * D) + 2.0 * ff->k * ff->r * (D + ff->F1 + ff->F + D);
+            /* masters: the weight gradient is per expert (x^T dh, a^T dz), a third of the standard layer's step;
+               the caller's 3x counts the clustered forward three times, so replace one of them */
+            f += model_masters(m) ? fc + (2.0 * ff->k * (D * ff->F1 + ff->F * D) - fc) / 3.0 : fc;
+        } else
             f += 2.0 * ff->k * (D * ff->F1 + ff->F * D);
         if (ff->kind != MOE_KIND_DENSE) f += 2.0 * D * ff->E;
     }
@@ -892,6 +902,10 @@ void model_backward(Model *m, long n_global) {
                                a->ln1_mean, a->ln1_rstd, N, D);
     }
     op->embed_backward(cx, m->g.wte, m->g.wpe, dres, m->tokens, B, T, D);
+}
+
+int model_masters(const Model *m) {
+    return m->cfg.clustering.mode == CLUSTER_MODE_MASTERS && m->cfg.moe.kind == MOE_KIND_CLUSTERED;
 }
 
 int model_n_moe_layers(const Model *m) {

@@ -2,6 +2,8 @@
  * attention, LayerNorm, FFN = dense or MoE per layer, tied LM head; or a sequence
  * classification head), forward and backward by hand, with every parameter in one
  * allocation per category (dense, expert) and tensors as views (llm.c style).
+ * clustering.mode masters: a clustered layer also holds per-expert FP32 masters (m1, m2), the
+ * trained tensors; its bases and factors are marked derived (their projection, recluster.h).
  * Does not: run the optimizer loop or talk to the data (train.c does); owns its parameter,
  * gradient, optimizer-state and activation memory.
  *
@@ -42,6 +44,9 @@ typedef struct ParamTensor {
     int full0;               /* leading dimension over all ranks (dims[0] is this rank's slots) */
     size_t n_full;           /* elements over all ranks */
     size_t full_offset;      /* elements into the canonical (all-experts) expert category */
+    int derived;             /* 1: recomputed from other tensors, not trained (clustering.mode masters: the
+                                clustered layer's bases and factors, projected from the masters m1, m2); the
+                                optimizer skips it and its gradient stays zero */
 } ParamTensor;
 
 typedef struct LayerParams {
@@ -129,7 +134,13 @@ void model_init_params(Model *m);
 size_t model_n_params(const Model *m);
 /* parameters by kind (total) and active per token (top-k experts only) */
 void model_param_counts(const Model *m, double by_kind[PARAM_N_KINDS], double *total, double *active);
-/* FLOPs of one training step (forward+backward = 3x forward) per token, matmuls only */
+/* 1 when the clustered layers train per-expert masters through their projection
+ * (clustering.mode masters; the tensors h.L.ffn.m1 [E, D, F1], h.L.ffn.m2 [E, F, D] follow b2,
+ * laid out by expert slot like the factors; p/g.layers[l].ffn.w1/w2 view them) */
+int model_masters(const Model *m);
+/* FLOPs of one training step (forward+backward = 3x forward) per token, matmuls only; masters
+ * layers: forward and input gradient through the projection, weight gradient per expert (the
+ * standard MoE's); the projection's SVDs are not counted */
 double model_flops_per_token(const Model *m);
 /* how many layers are MoE (standard or clustered), and how many clustered */
 int model_n_moe_layers(const Model *m);

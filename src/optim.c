@@ -55,6 +55,7 @@ void optim_step_norm(Model *m, long step, double lr, double norm) {
     for (int i = 0; i < m->n_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         int c = t->cat;
+        if (t->derived) continue;   /* masters mode: the projection is recomputed, not trained */
         if (t->ep_unit && m->ep_resident && m->ep_resident[t->layer]) {
             /* per unit: an offloaded unit is skipped (its missed updates are replayed when it returns) */
             int nr = param_unit_rows(t, m->ep[t->layer].K);

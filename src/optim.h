@@ -1,5 +1,6 @@
 /* optim: learning-rate schedule (linear warmup + cosine to a floor), data-parallel gradient
- * reduction, global-norm gradient clipping and AdamW over every parameter tensor.
+ * reduction, global-norm gradient clipping and AdamW over every parameter tensor but the
+ * derived ones (ParamTensor.derived: the projection of clustering.mode masters).
  * Does not: own state (Adam moments live in the model's allocations). */
 #ifndef DCMOE_OPTIM_H
 #define DCMOE_OPTIM_H

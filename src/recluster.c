@@ -2,7 +2,8 @@
  * experts live (expert-parallel): each rank reconstructs and sketches only its own experts,
  * only the features travel to every rank, every rank runs the same clustering, and each
  * changed group is refit by its owner from members sent rank to rank (phase recluster);
- * the Jaccard of a layer's partition to its reference partition (local).
+ * the Jaccard of a layer's partition to its reference partition (local); masters mode: the
+ * same event on the masters, and the projection of every group from its masters (local).
  * Legend: E G K D F F1 r Pw Pm P = experts, groups, experts/group, d_model, expert width,
  * F or 2F, residual rank, parameter-feature dims, centroid dims, ranks of the EP group;
  * Gl El = groups / experts on this rank (El = Gl K); n1 n2 = D F1, F D (one expert's up /
@@ -95,40 +96,52 @@ void recluster_mu_step(Model *m) {
 /* one clustered layer's six expert tensors inside an array laid out like this rank's expert
  * category (parameters, Adam m or Adam v): bases [Gl, ...] by local group slot, factors
  * [El, ...] by local expert slot (group slot * K + index in the group's members) */
-typedef struct LayerLocal { float *base1, *base2, *a1, *b1, *a2, *b2; } LayerLocal;
+typedef struct LayerLocal { float *base1, *base2, *a1, *b1, *a2, *b2, *m1, *m2; } LayerLocal;
 
+/* masters mode adds m1 [El, D, F1], m2 [El, F, D] (by local expert slot); NULL otherwise */
 static LayerLocal layer_local(const Model *m, float *arr, int l) {
-    float *v[6];
+    float *v[8] = {0};
     int n = 0;
-    for (int i = 0; i < m->n_tensors && n < 6; i++)
+    for (int i = 0; i < m->n_tensors && n < 8; i++)
         if (m->tensors[i].layer == l && m->tensors[i].ep_unit) v[n++] = arr + m->tensors[i].offset;
-    ASSERTF(n == 6, "layer %d: expected 6 clustered expert tensors, found %d", l, n);
-    LayerLocal h = {v[0], v[1], v[2], v[3], v[4], v[5]};
+    int want = model_masters(m) ? 8 : 6;
+    ASSERTF(n == want, "layer %d: expected %d clustered expert tensors, found %d", l, want, n);
+    LayerLocal h = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
     return h;
 }
 
-/* the four factors of local expert slot s (a1 [D, r], b1 [F1, r], a2 [F, r], b2 [D, r]),
- * packed one after the other in buf [nf]: get copies them out, put copies them in */
-static void factors_span(const LayerLocal *h, const MoeLayer *f, int s, float *span[4], size_t len[4]) {
+/* the per-expert rows of local expert slot s: the four factors (a1 [D, r], b1 [F1, r],
+ * a2 [F, r], b2 [D, r]) and, in masters mode, the masters (m1 [D, F1], m2 [F, D]), packed one
+ * after the other in buf [nf] (member_floats): get copies them out, put copies them in */
+static size_t member_floats(const LayerLocal *h, const MoeLayer *f) {
+    size_t n = (size_t)(2 * f->D + f->F1 + f->F) * f->r;
+    return h->m1 ? n + (size_t)f->D * f->F1 + (size_t)f->F * f->D : n;
+}
+
+static int factors_span(const LayerLocal *h, const MoeLayer *f, int s, float *span[6], size_t len[6]) {
     int r = f->r;
     span[0] = h->a1 + (size_t)s * f->D * r; len[0] = (size_t)f->D * r;
     span[1] = h->b1 + (size_t)s * f->F1 * r; len[1] = (size_t)f->F1 * r;
     span[2] = h->a2 + (size_t)s * f->F * r; len[2] = (size_t)f->F * r;
     span[3] = h->b2 + (size_t)s * f->D * r; len[3] = (size_t)f->D * r;
+    if (!h->m1) return 4;
+    span[4] = h->m1 + (size_t)s * f->D * f->F1; len[4] = (size_t)f->D * f->F1;
+    span[5] = h->m2 + (size_t)s * f->F * f->D; len[5] = (size_t)f->F * f->D;
+    return 6;
 }
 
 static void factors_get(const LayerLocal *h, const MoeLayer *f, int s, float *buf) {
-    float *span[4];
-    size_t len[4];
-    factors_span(h, f, s, span, len);
-    for (int k = 0; k < 4; k++) { memcpy(buf, span[k], sizeof(float) * len[k]); buf += len[k]; }
+    float *span[6];
+    size_t len[6];
+    int n = factors_span(h, f, s, span, len);
+    for (int k = 0; k < n; k++) { memcpy(buf, span[k], sizeof(float) * len[k]); buf += len[k]; }
 }
 
 static void factors_put(const LayerLocal *h, const MoeLayer *f, int s, const float *buf) {
-    float *span[4];
-    size_t len[4];
-    factors_span(h, f, s, span, len);
-    for (int k = 0; k < 4; k++) { memcpy(span[k], buf, sizeof(float) * len[k]); buf += len[k]; }
+    float *span[6];
+    size_t len[6];
+    int n = factors_span(h, f, s, span, len);
+    for (int k = 0; k < n; k++) { memcpy(span[k], buf, sizeof(float) * len[k]); buf += len[k]; }
 }
 
 /* global expert in local expert slot s of rank q under the current maps */
@@ -200,14 +213,20 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
     memset(ev, 0, sizeof *ev);
     ev->layer = l;
     LayerLocal h = layer_local(m, cur[0], l);
-    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D, nf = (size_t)(2 * D + F1 + F) * r;
-    /* 1. reconstructed weights of this rank's experts under the current grouping: W1 [El, n1], W2 [El, n2] */
+    int masters = h.m1 != NULL;
+    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D, nf = member_floats(&h, f);
+    /* 1. this rank's experts' weights W1 [El, n1], W2 [El, n2]: reconstructed under the current
+     * grouping, or (masters mode) the masters themselves */
     float *W1 = xmalloc(sizeof(float) * ((size_t)El * n1 + 1)), *W2 = xmalloc(sizeof(float) * ((size_t)El * n2 + 1));
-    for (int s = 0; s < El; s++) {
-        int u = s / K;
-        compress_reconstruct(h.base1 + (size_t)u * n1, h.a1 + (size_t)s * D * r, h.b1 + (size_t)s * F1 * r, D, F1, r, W1 + (size_t)s * n1);
-        compress_reconstruct(h.base2 + (size_t)u * n2, h.a2 + (size_t)s * F * r, h.b2 + (size_t)s * D * r, F, D, r, W2 + (size_t)s * n2);
-    }
+    if (masters) {
+        memcpy(W1, h.m1, sizeof(float) * (size_t)El * n1);
+        memcpy(W2, h.m2, sizeof(float) * (size_t)El * n2);
+    } else
+        for (int s = 0; s < El; s++) {
+            int u = s / K;
+            compress_reconstruct(h.base1 + (size_t)u * n1, h.a1 + (size_t)s * D * r, h.b1 + (size_t)s * F1 * r, D, F1, r, W1 + (size_t)s * n1);
+            compress_reconstruct(h.base2 + (size_t)u * n2, h.a2 + (size_t)s * F * r, h.b2 + (size_t)s * D * r, F, D, r, W2 + (size_t)s * n2);
+        }
     /* 2. their parameter features wl [El, Pw]; every rank's block goes to every rank -> w [E, Pw] */
     int Pw = cc->proj_dim > 0 ? cc->proj_dim : (int)(n1 + n2);
     float *wl = xcalloc(sizeof(float) * ((size_t)El * Pw + 1));
@@ -240,6 +259,16 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
             seen[i]++;
         }
     for (int i = 0; i < E; i++) ASSERTF(seen[i] == 1, "layer %d: expert %d held %d times over the ranks", l, i, seen[i]);
+    /* masters mode: the features are centred on the all-expert mean (the sketch is linear, so
+     * this is the sketch of the centred masters): what every expert shares says nothing about
+     * the grouping, and nothing in the masters is shared by construction */
+    if (masters)
+        for (int j = 0; j < Pw; j++) {
+            double mean = 0;
+            for (int i = 0; i < E; i++) mean += w[(size_t)i * Pw + j];
+            mean /= E;
+            for (int i = 0; i < E; i++) w[(size_t)i * Pw + j] = (float)(w[(size_t)i * Pw + j] - mean);
+        }
     /* how much the features confirm the current grouping (the same on every rank) */
     cos_within_cross(w, E, Pw, cs->group_of, &ev->w_cos_within, &ev->w_cos_cross);
     cos_within_cross(cs->mu, E, Pm, cs->group_of, &ev->mu_cos_within, &ev->mu_cos_cross);
@@ -274,9 +303,11 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
         for (int g = 0; g < G; g++) ASSERTF(cnt[g] == K, "re-clustering produced a group of %d experts (expected %d)", cnt[g], K);
         /* 4. members of changed groups whose old group lives on another rank travel to the
          * new group's owner (the old maps em say where): reconstructed rows [n1 | n2] and,
-         * when the moments are kept, the factor Adam moments [nf | nf]. Packed per
-         * destination in (group, member) order; unpacked in the same order. */
-        int keep_m = !cc->reset_adam;
+         * when the moments are kept, the factor Adam moments [nf | nf]. Masters mode: the
+         * masters [n1 | n2] and the Adam moments of the member's rows (factors and masters),
+         * always (a move leaves a master as it is). Packed per destination in (group,
+         * member) order; unpacked in the same order. */
+        int keep_m = masters || !cc->reset_adam;
         size_t row = n1 + n2 + (keep_m ? 2 * nf : 0), rowb = sizeof(float) * row;
         memset(sc, 0, sizeof(size_t) * P);
         memset(rc, 0, sizeof(size_t) * P);
@@ -350,6 +381,10 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
                 }
                 memcpy(Wg1 + (size_t)q * n1, w1, sizeof(float) * n1);
                 memcpy(Wg2 + (size_t)q * n2, w2, sizeof(float) * n2);
+                if (masters) {   /* the master itself moves to its new slot, unchanged */
+                    memcpy(np.m1 + (size_t)sn * n1, w1, sizeof(float) * n1);
+                    memcpy(np.m2 + (size_t)sn * n2, w2, sizeof(float) * n2);
+                }
                 if (keep_m) {
                     /* the member keeps its factor moments (the group's base keeps its own) */
                     if (mom) {
@@ -372,7 +407,8 @@ static int layer_event(Model *m, int l, long step, ReclusterEvent *ev, float *co
                          np.b1 + (size_t)u * K * F1 * r, err, sum, max, l, g, "up");
             refit_matrix(Wg2, K, F, D, r, cc, &rg, np.base2 + (size_t)u * n2, np.a2 + (size_t)u * K * F * r,
                          np.b2 + (size_t)u * K * D * r, err, sum, max, l, g, "down");
-            if (cc->reset_adam) {
+            /* (masters mode: the projection is not trained, its moments unused; the masters keep theirs) */
+            if (cc->reset_adam && !masters) {
                 const LayerLocal *mv[2] = {&nm, &nv};
                 memset(tmp, 0, sizeof(float) * nf);
                 for (int a = 0; a < 2; a++) {
@@ -443,6 +479,60 @@ int recluster_run(Model *m, long step, ReclusterEvent *ev) {
         xfree(cur[a]);
         xfree(nxt[a]);
     }
+    return n;
+}
+
+/* the projection of one unit slot s of a masters-mode layer (the group g it holds): base =
+ * member mean, residual = rank-r SVD of each member's masters, with the stream of group g and
+ * `step` (the same stream as an event's refit at that step, so the result depends on neither
+ * the rank nor the slot). Adds the 2K relative errors to *sum and *max. */
+static void project_slot(const Model *m, int l, const LayerLocal *h, int s, int g, long step, double *err, double *sum,
+                         double *max) {
+    const MoeLayer *f = &m->ffn[l];
+    int K = f->K, D = f->D, F = f->F, F1 = f->F1, r = f->r;
+    size_t n1 = (size_t)D * F1, n2 = (size_t)F * D;
+    Rng rg;
+    rng_init(&rg, (uint64_t)m->cfg.run.seed, ((uint64_t)(g + 1) << 32) | (uint64_t)l, RNG_CLUSTER + 16 * (uint64_t)step);
+    refit_matrix(h->m1 + (size_t)s * K * n1, K, D, F1, r, &m->cfg.clustering, &rg, h->base1 + (size_t)s * n1,
+                 h->a1 + (size_t)s * K * D * r, h->b1 + (size_t)s * K * F1 * r, err, sum, max, l, g, "up");
+    refit_matrix(h->m2 + (size_t)s * K * n2, K, F, D, r, &m->cfg.clustering, &rg, h->base2 + (size_t)s * n2,
+                 h->a2 + (size_t)s * K * F * r, h->b2 + (size_t)s * K * D * r, err, sum, max, l, g, "down");
+}
+
+int recluster_project(Model *m, long step, double *err_mean, double *err_max) {
+    if (!model_masters(m)) return 0;
+    const Backend *be = m->be;
+    size_t nl = m->n_cat[PCAT_EXPERT];
+    float *host = xmalloc(sizeof(float) * (nl ? nl : 1));
+    if (nl) be->ops->to_host(be->ctx, host, m->params[PCAT_EXPERT], sizeof(float) * nl);
+    int n = 0;
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        const EpMap *em = &m->ep[l];
+        LayerLocal h = layer_local(m, host, l);
+        double *err = xmalloc(sizeof(double) * f->K);
+        double st[2] = {0, 0}, scratch[2] = {0, 0};   /* error sum and max over this rank's primaries */
+        for (int s = 0; s < em->n_slots; s++) {
+            int g = em->lunit[s];
+            if (g < 0) continue;   /* an empty replica slot */
+            /* replica slots: the same projection as their primary (same stream), not counted twice */
+            double *sum = s < em->per_rank ? &st[0] : &scratch[0], *max = s < em->per_rank ? &st[1] : &scratch[1];
+            project_slot(m, l, &h, s, g, step, err, sum, max);
+        }
+        xfree(err);
+        if (err_mean || err_max) {
+            Comm *c = xcomm(m);
+            double mx = st[1];
+            comm_allreduce_sum_f64(c, &st[0], 1);
+            comm_allreduce_max_f64(c, &mx, 1);
+            if (err_mean) err_mean[n] = st[0] / (2.0 * f->E);
+            if (err_max) err_max[n] = mx;
+        }
+        n++;
+    }
+    if (nl) be->ops->from_host(be->ctx, m->params[PCAT_EXPERT], host, sizeof(float) * nl);
+    xfree(host);
     return n;
 }
 

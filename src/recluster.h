@@ -12,6 +12,12 @@
  * stream (seed, layer, step, group), so results do not depend on the rank count.
  * recluster_jaccard_ref compares a layer's current partition with its reference partition
  * (ClusterState.group_ref: the compression event's, else the initial contiguous grouping).
+ * clustering.mode masters: the features are the masters' (centred on the all-expert mean, not
+ * a reconstruction that shares its group's base), a moved member carries its masters and all
+ * its Adam moments unchanged, and a changed group's refit is its new projection (nothing is
+ * lost: the masters are the trained weights); recluster_project recomputes the projection of
+ * every group from the masters (train.c: step 0, every clustering.project_interval steps,
+ * after the compression).
  * Does not: log or evaluate probe losses, or re-place the groups (train.c does). */
 #ifndef DCMOE_RECLUSTER_H
 #define DCMOE_RECLUSTER_H
@@ -47,6 +53,14 @@ int recluster_run(Model *m, long step, ReclusterEvent *ev);
  * column) of clustered layer l's current partition to its reference partition; NaN when the
  * reference is unknown or l is not clustered. Local, no communication. */
 double recluster_jaccard_ref(const Model *m, int l);
+/* clustering.mode masters: recompute every clustered layer's projection (bases, factors) from
+ * its masters on this rank's unit slots (primaries and replicas; base = member mean, residual
+ * = rank-r truncated SVD with the group's stream for `step`, so the result does not depend on
+ * the rank count). Local, except that err_mean / err_max [clustered layers] (NULL: not wanted)
+ * get the relative errors |W_i - proj(W_i)| / |W_i| over both matrices, mean and max over the
+ * layer's experts, reduced over the EP group (then collective). Returns the layers projected
+ * (0 outside masters mode). Does not touch the Adam moments. */
+int recluster_project(Model *m, long step, double *err_mean, double *err_max);
 /* first step at which events may happen */
 long recluster_warmup(const Config *cfg);
 

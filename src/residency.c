@@ -80,6 +80,11 @@ Status residency_init(Residency *r, Model *m, const OffloadConfig *oc, const cha
     if (!r->enabled) return status_ok();
     if (m->be->kind != BACKEND_CPU)
         return status_errorf("offload.enabled: training-time offloading needs the CPU backend (host-visible parameters)");
+    if (model_masters(m))
+        return status_errorf("offload.enabled with clustering.mode=masters: training-time offloading of the masters "
+                             "(and the projection refreshed from them) is not supported; train with "
+                             "offload.enabled=false (dcmoe eval can still offload the stored formats, which are made "
+                             "from the projection)");
     char dir[2048];
     if (oc->dir[0]) str_fmt(dir, sizeof dir, "%s", oc->dir);
     else str_fmt(dir, sizeof dir, "%s/offload", run_dir);

@@ -62,6 +62,10 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
         uint64_t dcc[2] = {(uint64_t)(nm ? nm : 1), COMPRESS_N_COLS};
         id->compress = h5log_series(lg, "cluster/compress", H5LOG_F64, 2, dcc);
     } else id->compress = 0;
+    if (m->cfg.clustering.mode == CLUSTER_MODE_MASTERS) {
+        uint64_t dpj[2] = {(uint64_t)(nc ? nc : 1), 3};
+        id->project = h5log_series(lg, "cluster/project", H5LOG_F64, 2, dpj);
+    } else id->project = 0;
     uint64_t dph[1] = {COMM_N_PHASES};
     uint64_t dmat[3] = {COMM_N_PHASES, (uint64_t)m->comm->size, (uint64_t)m->comm->size};
     uint64_t dlp[2] = {(uint64_t)(nm ? nm : 1), (uint64_t)m->comm->size};
@@ -175,6 +179,8 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     static const char *const pol[] = {"contiguous", "eplb", "topology"};
     TRY(h5log_attr_str(lg, "/", "placement", pol[m->cfg.parallel.placement]));
     TRY(h5log_attr_str(lg, "/", "exchange", m->cfg.parallel.exchange == EXCHANGE_TWO_LEVEL ? "two_level" : "flat"));
+    TRY(h5log_attr_str(lg, "/", "clustering_mode",
+                       m->cfg.clustering.mode == CLUSTER_MODE_MASTERS ? "masters" : "compressed"));
     int64_t *node_of = xcalloc(sizeof(int64_t) * (size_t)comm->size);
     for (int r = 0; r < comm->size; r++) node_of[r] = topo->node_of[r];
     uint64_t dn[1] = {(uint64_t)comm->size};
@@ -294,6 +300,17 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
                        "clustering.probe_batches fixed validation batches after training step event_step + 25 / + 50 "
                        "(before any event of that step), NaN if training ended first. Pending measurements are "
                        "checkpointed, so a resumed run writes the same rows"));
+    if (m->cfg.clustering.mode == CLUSTER_MODE_MASTERS) {
+        TRY(h5log_attr_str(lg, "/cluster/project", "columns", "err_mean,err_max,seconds"));
+        TRY(h5log_attr_str(lg, "/cluster/project", "note",
+                           "clustering.mode masters: one row per clustered layer each time the projection (bases = "
+                           "member mean, factors = rank-r SVD of the residuals) is recomputed from the masters (step 0, "
+                           "every clustering.project_interval steps, the compression): relative error "
+                           "||W_i - proj(W_i)||_F / ||W_i||_F per expert and matrix, mean and max over the layer; seconds: "
+                           "the whole projection (every layer) on rank 0, outside the step times. In "
+                           "this mode cluster/events' recon_err is the projection error of the changed groups (the "
+                           "masters themselves move unchanged)"));
+    }
     if (m->cfg.clustering.compress_at > 0)
         TRY(h5log_attr_str(lg, "/cluster/compress", "columns",
                            "layer,partition,weight_err_mean,weight_err_max,output_err_mean,output_err_max,"
@@ -607,6 +624,13 @@ void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent 
         i++;
     }
     if (i > 0) h5log_append(&rl->lg, rl->id.group_of, step, er);
+}
+
+void runlog_project(RunLog *rl, long step, const double *err_mean, const double *err_max, int n, double seconds) {
+    if (!rl->open || rl->id.project <= 0 || n <= 0) return;
+    double *er = rl->crow;
+    for (int i = 0; i < n; i++) { er[3 * i] = err_mean[i]; er[3 * i + 1] = err_max[i]; er[3 * i + 2] = seconds; }
+    h5log_append(&rl->lg, rl->id.project, step, er);
 }
 
 void runlog_set_model(RunLog *rl, const Model *m) {

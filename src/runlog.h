@@ -32,6 +32,7 @@ typedef struct LogIds {
     int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
     int replicas, replica_rank, replica_bad;   /* 0 = not logged (parallel.replicas = 0) */
     int compress;            /* 0 = not logged (clustering.compress_at = 0) */
+    int project;             /* 0 = not logged (clustering.mode compressed) */
 } LogIds;
 
 typedef struct RunLog {
@@ -83,6 +84,10 @@ void runlog_followup(RunLog *rl, long step, const double *row);
 /* the compression event (cluster/compress): one row of COMPRESS_N_COLS per MoE layer, and
  * the chosen partition (cluster/group_of) of the clustered model m */
 void runlog_compress(RunLog *rl, const Model *m, long step, const CompressEvent *evs, int n_ev);
+/* clustering.mode masters: cluster/project at `step`, one row (error mean, max, seconds) per
+ * clustered layer of the projection just computed (recluster_project's err_mean / err_max, n
+ * layers; seconds: the whole projection, every layer, on rank 0) */
+void runlog_project(RunLog *rl, long step, const double *err_mean, const double *err_max, int n, double seconds);
 /* after the model was replaced (the compression): the per-step rows follow its layer kinds */
 void runlog_set_model(RunLog *rl, const Model *m);
 /* the eval series at step; with once, nothing if a row at that step exists already (a resumed final step) */

@@ -257,6 +257,9 @@ typedef struct Run {
     ReclusterEvent *evs;
     CompressEvent *cevs;                 /* [L] rows of the compression event */
     long last_event, warm;
+    double *proj_mean, *proj_max;        /* [L] the last projection's errors (clustering.mode masters) */
+    int n_proj;                          /* clustered layers in them */
+    double proj_s;                       /* seconds of the last projection */
     double *fu;                          /* [n_fu, FOLLOWUP_N_COLS] events whose cluster/event_followup row is pending */
     int n_fu, cap_fu;
     double pending_migr;
@@ -523,6 +526,12 @@ static Status run_setup(Run *r) {
     r->stage = 4;
     TRY(attach_collectives(r, &r->m, true));
     model_init_params(&r->m);
+    /* clustering.mode masters: the projection of the initial masters (a checkpoint brings its own) */
+    r->proj_mean = xcalloc(sizeof(double) * (size_t)(r->m.L ? r->m.L : 1));
+    r->proj_max = xcalloc(sizeof(double) * (size_t)(r->m.L ? r->m.L : 1));
+    double tp = time_now();
+    r->n_proj = recluster_project(&r->m, 0, r->proj_mean, r->proj_max);
+    r->proj_s = time_now() - tp;
     r->pos = (TrainPos){0, 0, 0, (uint64_t)cfg->run.seed};
     if (r->ckpt[0]) {
         TRY(comm_agree(comm, checkpoint_load(r->ckpt, &r->m, &r->pos)));
@@ -558,6 +567,7 @@ static Status run_setup(Run *r) {
     if (r->pos.step == 0) {
         mem_gather(comm, &r->macct, r->mem_all);
         runlog_mem(&r->log, 0, r->mem_all);
+        runlog_project(&r->log, 0, r->proj_mean, r->proj_max, r->n_proj, r->proj_s);
     }
     r->flops_tok = model_flops_per_token(&r->m);
     print_banner(r);
@@ -593,7 +603,7 @@ static void run_teardown(Run *r) {
     if (r->stage >= 2) data_free(&r->ds);
     if (r->stage >= 1) backend_free(&r->be);
     xfree(r->mem_all); xfree(r->in); xfree(r->tg); xfree(r->len); xfree(r->rank_buf); xfree(r->rank_cols); xfree(r->evs); xfree(r->cevs); xfree(r->intra_frac); xfree(r->rep_bad); xfree(r->place_ev);
-    xfree(r->fu);
+    xfree(r->fu); xfree(r->proj_mean); xfree(r->proj_max);
 }
 
 /* ---- one training step ---- */
@@ -921,6 +931,15 @@ static Status recluster_event(Run *r, long step) {
     return status_ok();
 }
 
+/* clustering.mode masters: recompute the projection from the masters after `step` steps and
+ * log its error (a no-op in compressed mode) */
+static void project(Run *r, long step) {
+    double t0 = time_now();
+    r->n_proj = recluster_project(&r->m, step, r->proj_mean, r->proj_max);
+    r->proj_s = time_now() - t0;
+    runlog_project(&r->log, step, r->proj_mean, r->proj_max, r->n_proj, r->proj_s);
+}
+
 /* clustering.compress_at: after step compress_at, the warm-up's standard MoE becomes the
  * clustered model. The new model is built from the run's config, filled from the old one
  * (compress_event.c), and replaces it; everything that holds the model (precision, offloading,
@@ -967,6 +986,9 @@ static Status compress_swap(Run *r, long step) {
     r->flops_tok = model_flops_per_token(&r->m);
     runlog_set_model(&r->log, &r->m);
     r->log_owner = true;   /* groups are the placement units now */
+    /* clustering.mode masters: the warm-up's experts became the masters (with their Adam
+     * moments); the projection is the one every later refresh computes */
+    project(r, step + 1);
     double pa = evaluate(&r->m, &r->ds, SPLIT_VALID, cfg->clustering.probe_batches, bs, &r->prec).loss;
     for (int i = 0; i < n; i++) { r->cevs[i].probe_before = pb; r->cevs[i].probe_after = pa; }
     runlog_compress(&r->log, &r->m, step + 1, r->cevs, n);
@@ -1096,6 +1118,7 @@ static Status train_loop(Run *r) {
         TRY(train_step(r, step, &o));
         r->res->final_train_loss = o.loss;
         TRY(finish_step(r, step, &o));
+        if (model_masters(&r->m) && (step + 1) % cfg->clustering.project_interval == 0) project(r, step + 1);
         bool is_last = step + 1 == tc->steps;
         followup_step(r, step + 1, is_last);
         if (cfg->clustering.compress_at > 0 && step + 1 == cfg->clustering.compress_at && compress_pending(&r->m))

@@ -4,6 +4,12 @@
  * parameter tensor: a directional derivative along a random direction per tensor and the
  * largest-gradient coordinates of each tensor. Aux-loss-free cases start from a non-zero
  * selection bias, so the checked routing is the biased one.
+ * clustering.mode masters (the clustered layer trains per-expert masters through their
+ * projection, gradient straight through): with the exact SVD at full rank r = min(D, F) the
+ * projection reproduces the masters, so the straight-through gradient is the true gradient of
+ * loss(project(masters)); the finite differences re-project after every perturbation (as a
+ * project_interval of 1 would), and the projection's own tensors (derived, never trained)
+ * must get exactly zero gradient (perturbing them changes nothing once re-projected).
  * Also: moe.balance = aux_free on the standard layer (selection biased, gates not; the bias
  * update drives a deliberately skewed router's load MaxVio down). */
 #include <math.h>
@@ -15,6 +21,7 @@
 #include "config.h"
 #include "harness.h"
 #include "model.h"
+#include "recluster.h"
 
 typedef struct Case {
     const char *name;
@@ -22,6 +29,7 @@ typedef struct Case {
     double cf, z;
     int top_groups, group_score, balance;   /* clustered */
     int group_gate;                         /* clustered: renorm (0) or product */
+    int masters;                            /* clustered: clustering.mode masters, full rank, exact SVD */
 } Case;
 
 /* routing signature of the last forward: a hash of every MoE layer's chosen experts and
@@ -42,6 +50,7 @@ static uint32_t sig0;
 static int sig_changed;
 
 static double loss_at(Model *m, const int32_t *in, const int32_t *tg, const int32_t *len, int B, long ng) {
+    recluster_project(m, 0, NULL, NULL);   /* masters mode: the projection of the (perturbed) masters */
     double L = model_forward(m, in, tg, len, B, ng);
     if (routing_sig(m) != sig0) sig_changed = 1;
     return L;
@@ -62,6 +71,11 @@ static void run_case(const Case *c, Comm *comm, const Backend *be) {
     cfg.moe.group_gate = c->group_gate;
     cfg.moe.group_capacity_factor = c->cf;
     cfg.run.seed = 7;
+    if (c->masters) {   /* r = min(D, F) = 8 with GELU (W1 [16, 8], W2 [8, 16]): the projection is exact */
+        cfg.clustering.mode = CLUSTER_MODE_MASTERS;
+        cfg.clustering.svd = SVD_KIND_EXACT;
+        cfg.moe.rank = 8;
+    }
     int V = 29, B = 3, T = 8, C = 3;
     Model m;
     Status st = model_init(&m, &cfg, V, C, B, be, comm);
@@ -80,8 +94,21 @@ static void run_case(const Case *c, Comm *comm, const Backend *be) {
     else tg[5] = -1;   /* an ignored target */
     long ng = c->task == TASK_LM ? B * T - 1 : B;
 
+    if (c->masters) {
+        /* the initial projection, and how exact it is (relative error per expert and matrix) */
+        double em[2], ex[2];
+        int n = recluster_project(&m, 0, em, ex);
+        ok(n == 2 && ex[0] < 1e-5 && ex[1] < 1e-5, "%s: full-rank projection reproduces the masters (max rel err "
+           "%.2e, %.2e)", c->name, ex[0], ex[1]);
+        int nd = 0, nm = 0;
+        for (int ti = 0; ti < m.n_tensors; ti++) {
+            nd += m.tensors[ti].derived;
+            nm += m.tensors[ti].kind == PARAM_EXPERT;
+        }
+        ok(nd == 12 && nm == 4, "%s: 6 derived projection tensors and 2 master tensors per layer (%d, %d)", c->name, nd, nm);
+    }
     model_zero_grad(&m);
-    double L0 = model_forward(&m, in, tg, len, B, ng);
+    double L0 = loss_at(&m, in, tg, len, B, ng);
     sig0 = routing_sig(&m);
     model_backward(&m, ng);
     int n_skipped = 0, n_probes = 0;
@@ -335,24 +362,28 @@ int main(void) {
     Status st = backend_cpu_init(&be, 1);
     ok(STATUS_OK(st), "cpu backend");
     const Case cases[] = {
-        {"dense-gelu", MOE_KIND_DENSE, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0},
-        {"dense-swiglu", MOE_KIND_DENSE, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0},
-        {"moe-dropless-renorm-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, 0, 0, 0},
-        {"moe-capacity-drops", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.5, 0, 1, 0, 0, 0},
-        {"moe-no-renorm-swiglu", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 1e-2, 1, 0, 0, 0},
-        {"classify-mean", MOE_KIND_STANDARD, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, 0, 0, 0},
-        {"classify-last", MOE_KIND_DENSE, ACT_GELU, TASK_CLASSIFY, POOL_LAST, 1, 1, 1.25, 0, 1, 0, 0, 0},
-        {"clustered-dropless-z", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
-        {"clustered-capacity", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.6, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
-        {"clustered-top2-swiglu", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_TOP2, BALANCE_AUX, 0},
-        {"clustered-2groups-norenorm", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 2, GROUP_SCORE_MEAN, BALANCE_AUX, 0},
-        {"clustered-auxfree-classify", MOE_KIND_CLUSTERED, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX_FREE, 0},
+        {"dense-gelu", MOE_KIND_DENSE, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0, 0},
+        {"dense-swiglu", MOE_KIND_DENSE, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 1.25, 0, 1, 0, 0, 0, 0},
+        {"moe-dropless-renorm-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, 0, 0, 0, 0},
+        {"moe-capacity-drops", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.5, 0, 1, 0, 0, 0, 0},
+        {"moe-no-renorm-swiglu", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 1e-2, 1, 0, 0, 0, 0},
+        {"classify-mean", MOE_KIND_STANDARD, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, 0, 0, 0, 0},
+        {"classify-last", MOE_KIND_DENSE, ACT_GELU, TASK_CLASSIFY, POOL_LAST, 1, 1, 1.25, 0, 1, 0, 0, 0, 0},
+        {"clustered-dropless-z", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0, 0},
+        {"clustered-capacity", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.6, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX, 0, 0},
+        {"clustered-top2-swiglu", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_TOP2, BALANCE_AUX, 0, 0},
+        {"clustered-2groups-norenorm", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 2, GROUP_SCORE_MEAN, BALANCE_AUX, 0, 0},
+        {"clustered-auxfree-classify", MOE_KIND_CLUSTERED, ACT_GELU, TASK_CLASSIFY, POOL_MEAN, 1, 1, 1.25, 0, 1, GROUP_SCORE_MEAN, BALANCE_AUX_FREE, 0, 0},
         {"clustered-product-gate", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN, BALANCE_AUX,
-         GROUP_GATE_PRODUCT},
+         GROUP_GATE_PRODUCT, 0},
         {"clustered-product-2groups-top2", MOE_KIND_CLUSTERED, ACT_SWIGLU, TASK_LM, POOL_MEAN, 0, 1, 0.9, 0, 2, GROUP_SCORE_TOP2,
-         BALANCE_AUX, GROUP_GATE_PRODUCT},
-        {"moe-auxfree-capacity-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.0, 1e-2, 1, 0, BALANCE_AUX_FREE, 0},
-        {"moe-auxfree-dropless-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 1, 0, BALANCE_AUX_FREE, 0},
+         BALANCE_AUX, GROUP_GATE_PRODUCT, 0},
+        {"clustered-masters", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 1, 1, 1.25, 1e-2, 1, GROUP_SCORE_MEAN,
+         BALANCE_AUX, 0, 1},
+        {"clustered-masters-product-2groups", MOE_KIND_CLUSTERED, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 0.9, 0, 2,
+         GROUP_SCORE_MEAN, BALANCE_AUX, GROUP_GATE_PRODUCT, 1},
+        {"moe-auxfree-capacity-z", MOE_KIND_STANDARD, ACT_GELU, TASK_LM, POOL_MEAN, 0, 1, 1.0, 1e-2, 1, 0, BALANCE_AUX_FREE, 0, 0},
+        {"moe-auxfree-dropless-norenorm", MOE_KIND_STANDARD, ACT_SWIGLU, TASK_LM, POOL_MEAN, 1, 0, 1.25, 0, 1, 0, BALANCE_AUX_FREE, 0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], &comm, &be);
     test_aux_free_selection(&comm, &be);

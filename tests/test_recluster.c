@@ -10,7 +10,13 @@
  * Adam moments, with and without the Adam reset, randomised SVD), and the bytes it sends are
  * all booked to phase recluster and equal the analytic volume: the features of this rank's
  * experts to every other rank, the rows of members that change rank, and the refit groups'
- * error statistics; far below the old all-gather of every expert's weights and moments. */
+ * error statistics; far below the old all-gather of every expert's weights and moments; the
+ * same in clustering.mode masters (members carry their masters and all their moments).
+ * Masters mode positive control (one rank): 16 experts whose masters form 4 planted clusters,
+ * grouped so that every group mixes them, are regrouped to the planted partition (Jaccard 1)
+ * with every master and its Adam moments unchanged, the projection error falls, and a planted
+ * drift (two experts of different groups exchange their masters) makes the next event move
+ * exactly those two. */
 #include <lapacke.h>
 #include <math.h>
 #include <mpi.h>
@@ -23,6 +29,7 @@
 #include "config.h"
 #include "harness.h"
 #include "model.h"
+#include "cluster.h"
 #include "recluster.h"
 
 /* the best relative rank-r error of W_i [m, n] around the exact member mean of its group
@@ -55,13 +62,14 @@ static void mpi_check(int cond, int rank, const char *what) {
     mpi_fails++;
 }
 
-static void mpi_config(Config *cfg, int reset_adam) {
+static void mpi_config(Config *cfg, int reset_adam, int masters) {
     config_defaults(cfg);
     cfg->model.d_model = 16; cfg->model.n_layer = 1; cfg->model.n_head = 2; cfg->model.seq_len = 8;
     cfg->moe.kind = MOE_KIND_CLUSTERED; cfg->moe.n_experts = 16; cfg->moe.n_groups = 8; cfg->moe.top_k = 2;
     cfg->moe.d_ff_expert = 12; cfg->moe.rank = 3;
     cfg->clustering.alpha = 0.3; cfg->clustering.min_gain = 0.02; cfg->clustering.svd = SVD_KIND_RANDOMIZED;
     cfg->clustering.proj_dim = 16; cfg->clustering.reset_adam = reset_adam;
+    if (masters) cfg->clustering.mode = CLUSTER_MODE_MASTERS;
 }
 
 /* a value for canonical element j of an Adam moment array a (distinct everywhere) */
@@ -83,9 +91,9 @@ static float *canonical(const Model *M, const float *loc) {
 
 /* an event on 4 ranks (model m4 over world) against the same event on one rank (m1, the
  * canonical layout); returns through mpi_check */
-static void mpi_case(Comm *world, const Backend *be, int reset_adam) {
+static void mpi_case(Comm *world, const Backend *be, int reset_adam, int masters) {
     Config cfg;
-    mpi_config(&cfg, reset_adam);
+    mpi_config(&cfg, reset_adam, masters);
     Comm single;
     comm_single_init(&single);
     Model m4, m1;
@@ -95,6 +103,8 @@ static void mpi_case(Comm *world, const Backend *be, int reset_adam) {
     ASSERTF(STATUS_OK(st), "%s", st.msg);
     model_init_params(&m4);
     model_init_params(&m1);
+    recluster_project(&m4, 0, NULL, NULL);   /* masters mode: the initial projection (else a no-op) */
+    recluster_project(&m1, 0, NULL, NULL);
     Comm *ec = m4.ep_comm ? m4.ep_comm : world;
     int P = ec->size, me = ec->rank;
     const MoeLayer *f = &m4.ffn[0];
@@ -184,19 +194,21 @@ static void mpi_case(Comm *world, const Backend *be, int reset_adam) {
             size_t lo = t->offset + (size_t)q * row, co = t->full_offset + (size_t)e * row;
             if (old_owner[e] == me) continue;
             for (size_t j = 0; j < row; j++)
-                kept_ok &= m4.adam_m[PCAT_EXPERT][lo + j] == (reset_adam ? 0.0f : moment_value(0, co + j));
+                kept_ok &= m4.adam_m[PCAT_EXPERT][lo + j] == (reset_adam && !masters ? 0.0f : moment_value(0, co + j));
         }
     }
     free(cw); free(cm); free(cv);
     mpi_check(same_w, me, "every expert's refit weights on its owner equal the 1-rank event's (bitwise)");
     mpi_check(same_m, me, "every expert's Adam moments equal the 1-rank event's (bitwise)");
-    mpi_check(kept_ok, me, reset_adam ? "factor moments of members that crossed ranks are reset"
+    mpi_check(kept_ok, me, masters ? "masters mode: members that crossed ranks keep their moments (masters and factors)"
+                           : reset_adam ? "factor moments of members that crossed ranks are reset"
                                       : "members that crossed ranks keep their own factor moments");
     /* bytes: all in phase recluster, and exactly the analytic volume. Changed groups and
      * members that change rank from the old and new partitions (a group keeps its owner). */
     size_t n1 = (size_t)D * F1, n2 = (size_t)F * D, nf = (size_t)(2 * D + F1 + F) * r;
     size_t El = (size_t)em->per_rank * K, Pw = (size_t)cfg.clustering.proj_dim;
-    size_t row = n1 + n2 + (reset_adam ? 0 : 2 * nf);
+    /* masters mode: the masters [n1 | n2] and the moments of factors and masters, always */
+    size_t row = masters ? n1 + n2 + 2 * (nf + n1 + n2) : n1 + n2 + (reset_adam ? 0 : 2 * nf);
     double want = 4.0 * El * Pw * (P - 1);       /* features to every other rank */
     int n_cross = 0, n_changed = 0;
     for (int g = 0; g < G; g++) {
@@ -219,7 +231,8 @@ static void mpi_case(Comm *world, const Backend *be, int reset_adam) {
     /* the old event: every rank all-gathered the expert category (weights, Adam m and v) */
     double old_gather = 3.0 * 4.0 * (double)m4.n_cat[PCAT_EXPERT] * (P - 1);
     char msg[256];
-    snprintf(msg, sizeof msg, "recluster bytes sent %.0f = analytic %.0f (reset_adam %d)", got, want, reset_adam);
+    snprintf(msg, sizeof msg, "recluster bytes sent %.0f = analytic %.0f (reset_adam %d, masters %d)", got, want,
+             reset_adam, masters);
     mpi_check(got == want, me, msg);
     mpi_check(other_zero, me, "no bytes of the event booked to another phase");
     /* half of the experts cross ranks here (a larger share than a typical event moves) */
@@ -252,8 +265,9 @@ static int mpi_child(int argc, char **argv) {
     Backend be;
     s = backend_cpu_init(&be, 1);
     ASSERTF(STATUS_OK(s), "%s", s.msg);
-    mpi_case(&world, &be, 1);
-    mpi_case(&world, &be, 0);
+    mpi_case(&world, &be, 1, 0);
+    mpi_case(&world, &be, 0, 0);
+    mpi_case(&world, &be, 1, 1);
     int all = 0;
     MPI_Allreduce(&mpi_fails, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     if (world.rank == 0) printf("# expert-parallel event: %d mismatch(es) over %d ranks\n", all, world.size);
@@ -274,6 +288,128 @@ static void test_mpi_event(const char *self) {
     int rc = system(cmd);
     ok(rc == 0, "expert-parallel event on 4 ranks: bitwise the 1-rank event (weights, Adam moments, statistics), "
        "every byte in phase recluster and equal to the analytic volume, < 1/5 of the old full gather (rc %d)", rc);
+}
+
+/* ---- clustering.mode masters: the positive control (issue 14 item 5) ---- */
+
+/* the rows of expert i's masters (m1 then m2) in the local slots of a one-rank model's array */
+static void master_rows(const Model *m, const float *arr, int i, float *out /* [n1 + n2] */) {
+    const MoeLayer *f = &m->ffn[0];
+    size_t n1 = (size_t)f->D * f->F1, n2 = (size_t)f->F * f->D;
+    int s = m->ep[0].expert_lslot[i];
+    memcpy(out, arr + (m->p.layers[0].ffn.w1 - m->params[PCAT_EXPERT]) + (size_t)s * n1, sizeof(float) * n1);
+    memcpy(out + n1, arr + (m->p.layers[0].ffn.w2 - m->params[PCAT_EXPERT]) + (size_t)s * n2, sizeof(float) * n2);
+}
+
+static void master_set(Model *m, float *arr, int i, const float *in) {
+    const MoeLayer *f = &m->ffn[0];
+    size_t n1 = (size_t)f->D * f->F1, n2 = (size_t)f->F * f->D;
+    int s = m->ep[0].expert_lslot[i];
+    memcpy(arr + (m->p.layers[0].ffn.w1 - m->params[PCAT_EXPERT]) + (size_t)s * n1, in, sizeof(float) * n1);
+    memcpy(arr + (m->p.layers[0].ffn.w2 - m->params[PCAT_EXPERT]) + (size_t)s * n2, in + n1, sizeof(float) * n2);
+}
+
+static double jaccard_to(const int32_t *ref, const int32_t *group_of, int E, int G) {
+    int32_t *cur = malloc(sizeof(int32_t) * E);
+    memcpy(cur, group_of, sizeof(int32_t) * E);
+    cluster_match_ids(ref, cur, E, G);
+    double j = cluster_jaccard(ref, cur, E, G);
+    free(cur);
+    return j;
+}
+
+/* 16 experts whose masters are 4 planted clusters (expert i in cluster i % 4), grouped
+ * contiguously, so every group holds one expert of each cluster: the event regroups them to
+ * the planted partition (Jaccard 1), every master and its Adam moments move unchanged, and the
+ * projection error of the new groups is far below the wrong grouping's. Then a planted drift:
+ * two experts of different groups exchange their masters; the next event moves them. */
+static void test_masters_planted(Comm *comm, const Backend *be) {
+    Config cfg;
+    config_defaults(&cfg);
+    cfg.model.d_model = 16; cfg.model.n_layer = 1; cfg.model.n_head = 2; cfg.model.seq_len = 8;
+    cfg.moe.kind = MOE_KIND_CLUSTERED; cfg.moe.n_experts = 16; cfg.moe.n_groups = 4; cfg.moe.top_k = 2;
+    cfg.moe.d_ff_expert = 12; cfg.moe.rank = 3;
+    cfg.clustering.mode = CLUSTER_MODE_MASTERS;
+    cfg.clustering.alpha = 1.0;   /* the masters' features alone (no activation evidence) */
+    cfg.clustering.min_gain = 0.02; cfg.clustering.svd = SVD_KIND_EXACT; cfg.clustering.proj_dim = 64;
+    Model m;
+    Status st = model_init(&m, &cfg, 20, 0, 2, be, comm);
+    ok(STATUS_OK(st), "masters: model_init (%s)", st.msg);
+    if (!STATUS_OK(st)) return;
+    model_init_params(&m);
+    const MoeLayer *f = &m.ffn[0];
+    ClusterState *cs = &m.cstate[0];
+    int E = f->E, G = f->G, K = f->K;
+    size_t n1 = (size_t)f->D * f->F1, n2 = (size_t)f->F * f->D, nw = n1 + n2;
+    /* planted: 4 centres, each master = its centre + 5% noise; Adam moments distinct per element */
+    Rng rng;
+    rng_init(&rng, 3, 0, RNG_TEST);
+    float *C = malloc(sizeof(float) * 4 * nw), *row = malloc(sizeof(float) * nw);
+    for (size_t j = 0; j < 4 * nw; j++) C[j] = rng_normal(&rng);
+    int32_t planted[16];
+    for (int i = 0; i < E; i++) {
+        planted[i] = i % 4;
+        for (size_t j = 0; j < nw; j++) row[j] = C[(size_t)planted[i] * nw + j] + 0.05f * rng_normal(&rng);
+        master_set(&m, m.params[PCAT_EXPERT], i, row);
+        for (size_t j = 0; j < nw; j++) row[j] = 1e-3f * (float)(i + 1) + 1e-7f * (float)j;
+        master_set(&m, m.adam_m[PCAT_EXPERT], i, row);
+        master_set(&m, m.adam_v[PCAT_EXPERT], i, row);
+    }
+    double e0[1], x0[1];
+    recluster_project(&m, 0, e0, x0);
+    double j0 = jaccard_to(planted, cs->group_of, E, G);
+    ok(j0 < 0.5, "masters: the contiguous grouping mixes the planted clusters (Jaccard %.3f)", j0);
+    float *before = malloc(sizeof(float) * E * nw), *mb = malloc(sizeof(float) * E * nw);
+    for (int i = 0; i < E; i++) {
+        master_rows(&m, m.params[PCAT_EXPERT], i, before + (size_t)i * nw);
+        master_rows(&m, m.adam_m[PCAT_EXPERT], i, mb + (size_t)i * nw);
+    }
+    ReclusterEvent ev;
+    recluster_run(&m, 100, &ev);
+    double j1 = jaccard_to(planted, cs->group_of, E, G);
+    ok(ev.accepted && ev.n_moved > 0 && j1 == 1.0, "masters: the event moves %d experts to the planted partition "
+       "(Jaccard %.3f -> %.3f; cost %.4f -> %.4f)", ev.n_moved, j0, j1, ev.cost_before, ev.cost_after);
+    ok(ev.w_cos_within < 0.1 && ev.w_cos_cross < 0.1, "masters: centred features do not confirm the grouping (mean "
+       "cosine within %.3f, across %.3f)", ev.w_cos_within, ev.w_cos_cross);
+    int same = 1, same_m = 1;
+    for (int i = 0; i < E; i++) {
+        master_rows(&m, m.params[PCAT_EXPERT], i, row);
+        same &= !memcmp(row, before + (size_t)i * nw, sizeof(float) * nw);
+        master_rows(&m, m.adam_m[PCAT_EXPERT], i, row);
+        same_m &= !memcmp(row, mb + (size_t)i * nw, sizeof(float) * nw);
+    }
+    ok(same && same_m, "masters: every expert's masters and Adam moments are bitwise the same after the move");
+    ok(ev.recon_err_max < 0.2 * e0[0], "masters: projection error of the regrouped experts %.4f (max), was %.4f "
+       "(mean) under the wrong grouping", ev.recon_err_max, e0[0]);
+    /* the projection of every group: base = the member mean of the masters */
+    const MoeParams *p = &m.p.layers[0].ffn;
+    double maxd = 0;
+    for (int u = 0; u < G; u++)
+        for (size_t j = 0; j < n1; j++) {
+            double mean = 0;
+            for (int q = 0; q < K; q++) mean += p->w1[(size_t)(u * K + q) * n1 + j] / K;
+            double d = fabs(mean - p->base1[(size_t)u * n1 + j]);
+            if (d > maxd) maxd = d;
+        }
+    ok(maxd < 1e-5, "masters: bases after the event are the member means of the masters (max diff %.2e)", maxd);
+    /* a second event on the same masters: nothing to gain */
+    recluster_run(&m, 200, &ev);
+    ok(!ev.accepted && ev.n_moved == 0, "masters: a second event on unchanged masters moves nothing");
+    /* planted drift: experts a and b (different groups) exchange their masters */
+    int a = cs->members[0], b = cs->members[K];
+    int ga = cs->group_of[a], gb = cs->group_of[b];
+    float *ra = malloc(sizeof(float) * nw), *rb = malloc(sizeof(float) * nw);
+    master_rows(&m, m.params[PCAT_EXPERT], a, ra);
+    master_rows(&m, m.params[PCAT_EXPERT], b, rb);
+    master_set(&m, m.params[PCAT_EXPERT], a, rb);
+    master_set(&m, m.params[PCAT_EXPERT], b, ra);
+    recluster_project(&m, 250, NULL, NULL);
+    recluster_run(&m, 300, &ev);
+    ok(ev.accepted && ev.n_moved == 2 && cs->group_of[a] == gb && cs->group_of[b] == ga,
+       "masters: a planted drift (experts %d and %d exchange masters) makes the next event move them (moved %d; "
+       "groups %d,%d -> %d,%d)", a, b, ev.n_moved, ga, gb, cs->group_of[a], cs->group_of[b]);
+    free(C); free(row); free(before); free(mb); free(ra); free(rb);
+    model_free(&m);
 }
 
 int main(int argc, char **argv) {
@@ -388,6 +524,7 @@ int main(int argc, char **argv) {
     ok(!memcmp(snap, m.params[PCAT_EXPERT], sizeof(float) * m.n_cat[PCAT_EXPERT]), "weights unchanged by a rejected event");
     free(W1); free(W2); free(Wn); free(snap);
     model_free(&m);
+    test_masters_planted(&comm, &be);
     backend_free(&be);
     test_mpi_event(argv[0]);
     return harness_done();
