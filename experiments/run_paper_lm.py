@@ -85,7 +85,15 @@ def summarize(h5):
             var=float(np.mean(np.array(f["moe/balance/var/value"])[tail])) if "moe/balance/var" in f else float("nan"),
             maxvio=float(np.mean(np.array(f["moe/balance/maxvio/value"])[tail])) if "moe/balance/maxvio" in f else float("nan"),
             unigram=float(A["unigram_ppl_valid"]),
+            base=float(pk.get("base", 0)), factor=float(pk.get("factor", 0)),
         )
+        # throughput with the events' time: every token over every step's time plus the
+        # re-clustering events' seconds (cluster/events column 9, one value per layer)
+        step_s = np.array(f["perf/step_s/value"])
+        tokens = float(np.array(f["train/tokens/value"])[-1]) if "train/tokens" in f else float("nan")
+        ev_s = float(np.array(f["cluster/events/value"])[:, :, 9].sum()) if "cluster/events" in f else 0.0
+        row["event_s"] = ev_s
+        row["tok_s_events"] = tokens / (float(step_s.sum()) + ev_s) if len(step_s) else float("nan")
         ev = np.array(f["cluster/events/value"]) if "cluster/events" in f else np.zeros((0, 1, 12))
         row["events"] = int(ev.shape[0])
         row["accepted"] = int(ev[:, :, 3].sum()) if ev.shape[0] else 0
@@ -99,7 +107,14 @@ def summarize(h5):
 
 
 COLS = ["run", "valid_ppl", "test_ppl", "total_params", "active_params", "expert_params", "expert_reduction", "tok_s",
-        "tok_s_vs_standard", "cv2", "var", "maxvio", "events", "accepted", "moved", "recon_mean", "recon_max", "probe_delta"]
+        "tok_s_vs_standard", "cv2", "var", "maxvio", "events", "accepted", "moved", "recon_mean", "recon_max", "probe_delta",
+        "total_reduction", "base_params", "factor_params", "event_s", "tok_s_with_events"]
+
+
+def stored_bytes(r):
+    """the model's bytes at the storage precision of precision.mode storage: FP16 everywhere, the
+    clustered layers' factors INT4 (plus one FP16 scale per 32 values, quant.c's group size)"""
+    return 2.0 * (r["total_params"] - r["factor_params"]) + r["factor_params"] * (0.5 + 2.0 / 32)
 
 
 def run_all(a):
@@ -111,13 +126,15 @@ def run_all(a):
     if a.only:
         return   # a partial run writes no results file (the table needs every variant)
     std_expert = rows["standard-s1"]["expert"]
+    std_total = rows["standard-s1"]["total"]
     std_tok = rows["standard-s1"]["tok_s"]
     lines = [",".join(COLS)]
     for name, r in rows.items():
         red = 1 - r["expert"] / std_expert if r["expert"] else float("nan")
         lines.append(f"{name},{r['ppl']:.4f},{r['test_ppl']:.4f},{r['total']:.0f},{r['active']:.0f},{r['expert']:.0f},{red:.4f},"
                      f"{r['tok_s']:.1f},{r['tok_s'] / std_tok:.3f},{r['cv2']:.5f},{r['var']:.3f},{r['maxvio']:.4f},"
-                     f"{r['layer_events']},{r['accepted']},{r['moved']},{r['recon']:.5f},{r['recon_max']:.5f},{r['probe_delta']:.4f}")
+                     f"{r['layer_events']},{r['accepted']},{r['moved']},{r['recon']:.5f},{r['recon_max']:.5f},{r['probe_delta']:.4f},"
+                     f"{1 - r['total'] / std_total:.4f},{r['base']:.0f},{r['factor']:.0f},{r['event_s']:.3f},{r['tok_s_events']:.1f}")
     with open(os.path.join(rl.RESULTS, NAME + ".csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
     rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]),
@@ -148,6 +165,26 @@ def render(out_dir):
                      f"{r['tok_s']:.0f} | {r['tok_s'] / std['tok_s']:.2f}x | {r['cv2']:.4f} | {r['var']:.1f} | {r['maxvio']:.3f} | "
                      f"{r['accepted']:.0f}/{r['events']:.0f} | {r['moved']:.0f} | "
                      f"{100 * r['recon_mean']:.2f}% / {100 * r['recon_max']:.2f}% | {r['probe_delta']:+.4f} |")
+
+    if "tok_s_with_events" in std:
+        dense = rows["dense-s1"]
+        lines += ["", "## Fair metrics (issue 14): one definition for every kind", "",
+                  "Parameter reduction against the standard MoE for all parameters and for the expert parameters; "
+                  "memory against the dense model at the same precision: FP32 training state (parameter, gradient, two "
+                  "Adam moments: 16 bytes per parameter, so the ratio of total parameters) and the stored model "
+                  "(`precision.mode: storage`: FP16, the clustered factors INT4 with an FP16 scale per 32 values, "
+                  "against the dense model in FP16); load CV² is the expert-level load before any capacity for every "
+                  "kind (`moe/balance/cv2`); tokens/s with events divides every trained token by all step time plus the "
+                  "re-clustering events' seconds.", "",
+                  "| run | total-param reduction vs standard | expert-param reduction vs standard | FP32 training memory vs dense | "
+                  "stored memory vs dense (FP16) | load CV² (expert, before capacity) | tok/s | tok/s with events | event s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in rows.items():
+            exp_red = "-" if name.startswith("dense") else f"{100 * r['expert_reduction']:.1f}%"
+            cv2 = "-" if np.isnan(r["cv2"]) else f"{r['cv2']:.4f}"
+            lines.append(f"| {name} | {100 * r['total_reduction']:.1f}% | {exp_red} | "
+                         f"{r['total_params'] / dense['total_params']:.2f}x | {stored_bytes(r) / stored_bytes(dense):.2f}x | "
+                         f"{cv2} | {r['tok_s']:.0f} | {r['tok_s_with_events']:.0f} | {r['event_s']:.2f} |")
 
     def pair(a, b):
         x = np.array([rows[a]["valid_ppl"], rows[b]["valid_ppl"]])

@@ -3,7 +3,7 @@
 
 usage: /usr/bin/python3 experiments/run_recluster.py [--jobs 2] [--steps N] [--only a,b] [--set k=v ...]
        /usr/bin/python3 experiments/run_recluster.py --render-only [--out DIR]
-Every variant runs with seeds 1 and 2 (paired: the same seeds in every row); runs already
+Every variant runs with seeds 1, 2 and 3 (paired: the same seeds in every row); runs already
 complete (final test perplexity logged) are not rerun. Needs a built dcmoe (build/) and h5py/numpy.
 --render-only rebuilds results/recluster.md from results/recluster.{csv,meta.json} and the
 hand-written results/recluster.notes.md (no training, no h5py); --out DIR writes it to DIR."""
@@ -22,7 +22,7 @@ ROOT = rl.ROOT
 NAME = "recluster"
 SCRIPT = "experiments/run_recluster.py"
 CONFIG = "experiments/recluster.yaml"
-SEEDS = [1, 2]
+SEEDS = [1, 2, 3]
 COMPRESS = ["moe.expert_init=shared", "clustering.compress_at=200"]
 # re-clustering after a compression: proposals not conditioned on the partition
 MOVES = ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"]
@@ -48,6 +48,13 @@ VARIANTS = [
     ("compress-learned-verified", COMPRESS + ["clustering.compress_partition=learned"] + MOVES +
      ["clustering.verify=true", "clustering.max_probe_increase=0"], "compress-coact",
      "as above, each event kept only if the loss on 8 fixed probe batches does not rise (verified)"),
+    ("masters-static", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters"], "compress-learned",
+     "learned compression into masters mode (per-expert FP32 masters trained through their projection, refreshed "
+     "every 50 steps), static"),
+    ("masters-dynamic", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
+                                    "clustering.enabled=true", "clustering.mu_source=coact"], "masters-static",
+     "as above, re-clustering every 200 steps on the masters (alpha 0.6: masters' weights + unconstrained "
+     "co-activation); moves lose nothing, the next projection rebuilds the groups"),
 ]
 COLS = ["variant", "seed", "valid_ppl", "test_ppl", "total_params", "expert_params", "flops_per_token", "tok_s",
         "tok_s_with_events", "event_s", "cv2", "group_cv2", "layer_events", "accepted", "rolled_back", "moved", "refit_err",
@@ -129,7 +136,9 @@ def summarize(h5):
         if params:   # params/by_kind describes the warm-up model; the compression row the trained one
             r["total_params"], r["expert_params"] = params
         r.update(cp)
-        r["event_s"] = ev_s + cp.pop("_seconds")
+        # masters mode: the projections' seconds (one value per projection, repeated on every layer's row)
+        pj = np.array(f["cluster/project/value"]) if "cluster/project" in f else np.zeros((0, 1, 3))
+        r["event_s"] = ev_s + cp.pop("_seconds") + (float(pj[:, 0, 2].sum()) if pj.shape[0] else 0.0)
         r["tok_s_with_events"] = tokens / (float(step_s.sum()) + r["event_s"]) if n else nan
     return r
 
@@ -242,6 +251,8 @@ def render(out_dir):
         flops = f"{m('flops_per_token') / 1e6:.2f}M"
         if name.startswith("compress") and "clustered-static" in by:
             flops = f"{float(np.mean(series('clustered-static', 'flops_per_token'))) / 1e6:.2f}M after step 200†"
+        if name.startswith("masters"):
+            flops = "‡"
         lines.append(f"| **{name}**: {desc[name]} | {fmt_ms(series(name, 'valid_ppl'))} | {fmt_ms(series(name, 'test_ppl'))} | "
                      f"{m('total_params') / 1e6:.3f}M | {m('expert_params') / 1e6:.3f}M | {flops} | "
                      f"{m('tok_s'):.0f} | {m('tok_s_with_events'):.0f} | {fmt_ms(series(name, 'cv2'), 4)} | "
@@ -250,6 +261,12 @@ def render(out_dir):
         lines += ["", "† The compressed rows train the standard MoE (shared init) for 200 steps and the clustered model "
                   "after it; their parameter counts are the clustered model's (the compression row of the log), their "
                   "FLOPs per token the clustered model's (clustered-static's, the same shapes)."]
+    if any(n.startswith("masters") for n in by):
+        lines += ["", "‡ Masters mode (after its compression at step 200): the forward runs the clustered projection "
+                  "(clustered-static's FLOPs), the backward adds the standard MoE's per-expert weight gradient for the "
+                  "masters; the log's FLOPs attribute describes the warm-up model, so none is shown. Its parameter "
+                  "counts are the compression row's; training also holds the per-expert FP32 masters (the standard "
+                  "MoE's expert parameters). 'With events' includes the projections' seconds (cluster/project)."]
     comp = [name for name, _, _, _ in VARIANTS if name in by and not np.all(np.isnan(series(name, "compress_err_w")))]
     if comp:
         lines += ["", "## The compression event (step 200, per layer, mean ± sd over seeds)", "",
@@ -298,8 +315,11 @@ def answers(by, series):
            f"{verdict('compress-learned-verified', 'compress-coact')}.",
            f"- Does product gating beat renorm gating (clustered from step 0)? "
            f"{verdict('clustered-static-product', 'clustered-static')}.",
-           f"- Does warm-up + learned compression beat clustering from step 0? {verdict('compress-learned', 'clustered-static')}."]
-    for v in ("compress-learned-dynamic", "compress-learned-verified"):
+           f"- Does warm-up + learned compression beat clustering from step 0? {verdict('compress-learned', 'clustered-static')}.",
+           f"- Does masters mode beat the compressed static model (the same compression)? "
+           f"{verdict('masters-static', 'compress-learned')}.",
+           f"- Does re-clustering on the masters beat static masters? {verdict('masters-dynamic', 'masters-static')}."]
+    for v in ("compress-learned-dynamic", "compress-learned-verified", "masters-dynamic"):
         if v not in by:
             continue
         mv = np.mean(series(v, "moved"))
