@@ -765,9 +765,12 @@ static double xacc_time(const XAcc *x, const SimCtx *c) {
 static double xacc_book(StepSim *s, const SimCtx *c, const XAcc *x, int phase, double mult) {
     int P = c->P, S = c->S, N = c->world.n_nodes, n = x->n_nodes;
     double total = 0;
-    for (int g = 0; g < c->R; g++)
-        for (int r = 0; r < S; r++) {
-            int w = c->world_of[r] + g * S;
+    int *node_w = xmalloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    for (int g = 0; g < c->R; g++) {
+        /* group g's EP rank r is world rank world_of[g S + r] (a trace's groups need not be contiguous) */
+        for (int r = S - 1; r >= 0; r--) {
+            int w = c->world_of[(size_t)g * S + r];
+            node_w[c->ep.node_of[r]] = c->world.node_of[w];
             s->intra[phase] += mult * x->is[r];
             s->inter[phase] += mult * x->ns[r];
             s->msgs[phase] += mult * (x->mi[r] + x->mn[r]);
@@ -775,16 +778,10 @@ static double xacc_book(StepSim *s, const SimCtx *c, const XAcc *x, int phase, d
             s->rank_recv[(size_t)phase * P + w] += mult * (x->ir[r] + x->nr[r]);
             total += mult * (x->is[r] + x->ns[r]);
         }
-    int *node_w = xmalloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
-    for (int r = S - 1; r >= 0; r--) node_w[c->ep.node_of[r]] = c->world.node_of[c->world_of[r]];
-    for (int g = 0; g < c->R; g++) {
-        int shift = c->world.node_of[c->world_of[0] + g * S] - c->world.node_of[c->world_of[0]];
         for (int a = 0; a < n; a++)
-            for (int b = 0; b < n; b++) {
-                int sa = node_w[a] + shift, sb = node_w[b] + shift;
-                if (x->node[(size_t)a * n + b] > 0 && sa < N && sb < N)
-                    s->node_bytes[((size_t)phase * N + sa) * N + sb] += mult * x->node[(size_t)a * n + b];
-            }
+            for (int b = 0; b < n; b++)
+                if (x->node[(size_t)a * n + b] > 0 && node_w[a] < N && node_w[b] < N)
+                    s->node_bytes[((size_t)phase * N + node_w[a]) * N + node_w[b]] += mult * x->node[(size_t)a * n + b];
     }
     xfree(node_w);
     return total;
