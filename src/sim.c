@@ -16,6 +16,7 @@
 #include "h5log.h"
 #include "calib.h"
 #include "ep.h"
+#include "memacct.h"
 #include "placement.h"
 #include "router.h"
 
@@ -541,6 +542,7 @@ typedef struct StepSim {
     double intra[COMM_N_PHASES], inter[COMM_N_PHASES], msgs[COMM_N_PHASES];
     double disp4[4];
     double *layer_s, *bound_rank, *bound_link;   /* [n_moe] */
+    double *tpe;                                 /* [n_moe, E] token-expert pairs per expert, world (moe/tokens_per_expert) */
     double *node_bytes;                          /* [phases, nodes, nodes] over the whole world */
     double *rank_sent, *rank_recv;               /* [phases, P] */
     double mem[4];                               /* max over ranks: params+grads+optimizer, activations, comm buffers, total */
@@ -581,13 +583,14 @@ static void step_alloc(StepSim *s, const SimCtx *c) {
     s->layer_s = xcalloc(sizeof(double) * L);
     s->bound_rank = xcalloc(sizeof(double) * L);
     s->bound_link = xcalloc(sizeof(double) * L);
+    s->tpe = xcalloc(sizeof(double) * (size_t)L * (c->sh.E > 0 ? c->sh.E : 1));
     s->node_bytes = xcalloc(sizeof(double) * COMM_N_PHASES * (size_t)N * N);
     s->rank_sent = xcalloc(sizeof(double) * COMM_N_PHASES * (size_t)c->P);
     s->rank_recv = xcalloc(sizeof(double) * COMM_N_PHASES * (size_t)c->P);
 }
 
 static void step_free(StepSim *s) {
-    xfree(s->layer_s); xfree(s->bound_rank); xfree(s->bound_link); xfree(s->node_bytes); xfree(s->rank_sent);
+    xfree(s->layer_s); xfree(s->bound_rank); xfree(s->bound_link); xfree(s->tpe); xfree(s->node_bytes); xfree(s->rank_sent);
     xfree(s->rank_recv);
 }
 
@@ -646,11 +649,12 @@ static void book_counts(StepSim *s, const SimCtx *c, const int *wmap, int times)
 /* a deep copy of a simulated step (steps between routing draws reuse the last drawn one) */
 static void step_copy(StepSim *dst, const StepSim *src, const SimCtx *c) {
     step_alloc(dst, c);
-    double *keep[6] = {dst->layer_s, dst->bound_rank, dst->bound_link, dst->node_bytes, dst->rank_sent, dst->rank_recv};
+    double *keep[7] = {dst->layer_s, dst->bound_rank, dst->bound_link, dst->node_bytes, dst->rank_sent, dst->rank_recv, dst->tpe};
     *dst = *src;
     dst->layer_s = keep[0]; dst->bound_rank = keep[1]; dst->bound_link = keep[2];
-    dst->node_bytes = keep[3]; dst->rank_sent = keep[4]; dst->rank_recv = keep[5];
+    dst->node_bytes = keep[3]; dst->rank_sent = keep[4]; dst->rank_recv = keep[5]; dst->tpe = keep[6];
     int L = c->sh.n_moe > 0 ? c->sh.n_moe : 1, N = c->world.n_nodes;
+    memcpy(dst->tpe, src->tpe, sizeof(double) * (size_t)L * (c->sh.E > 0 ? c->sh.E : 1));
     memcpy(dst->layer_s, src->layer_s, sizeof(double) * L);
     memcpy(dst->bound_rank, src->bound_rank, sizeof(double) * L);
     memcpy(dst->bound_link, src->bound_link, sizeof(double) * L);
@@ -1016,6 +1020,17 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             }
             const int *wmap = one ? c->world_of : c->world_of + (size_t)g * S;
             int times = one ? c->R : 1;
+            /* expert loads (before capacity: every drawn selection; a trace's kept ones) */
+            {
+                const int32_t *sel = c->trace ? tsel : drawn;
+                size_t n_sel = c->trace ? (size_t)S * c->trace_nk : (size_t)S * n * sh->k;
+                double w = (c->trace ? 1.0 : scale) * times;
+                for (int q = 0; q < reps; q++) {
+                    double *row = out->tpe + (size_t)(ld + q * n_units_l) * sh->E;
+                    for (size_t i = 0; i < n_sel; i++)
+                        if (sel[i] >= 0) row[sel[i]] += w;
+                }
+            }
             for (int q = 0; q < reps; q++)
                 for (int st = 0; st <= c->two_level; st++) {
                     book_counts(out, c, wmap, times);
@@ -1434,6 +1449,10 @@ Status sim_run(const Config *cfg, int quiet) {
     int id_mem = h5log_series(&lg, "sim/mem_bytes", H5LOG_F64, 1, d4);
     uint64_t d5[1] = {5}, dev[2] = {(uint64_t)L, SIM_EV_COLS}, dpl[2] = {(uint64_t)L, SIM_PLACE_COLS};
     int id_evs = h5log_series(&lg, "sim/event_s", H5LOG_F64, 1, d5);
+    uint64_t dle[2] = {(uint64_t)L, (uint64_t)(c.sh.E > 0 ? c.sh.E : 1)}, dmk[2] = {(uint64_t)P, MEM_N_KINDS};
+    int id_tpe = c.sh.n_moe > 0 ? h5log_series(&lg, "moe/tokens_per_expert", H5LOG_F64, 2, dle) : -1;
+    int id_cv2 = c.sh.n_moe > 0 ? h5log_series(&lg, "moe/balance/cv2", H5LOG_F64, 1, dl) : -1;
+    int id_memb = h5log_series(&lg, "mem/bytes", H5LOG_F64, 2, dmk);
     int id_migr = h5log_series(&lg, "parallel/migration_bytes", H5LOG_F64, 0, NULL);
     int id_place = c.em ? h5log_series(&lg, "parallel/placement", H5LOG_F64, 2, dpl) : -1;
     int id_cev = c.em && c.sh.two ? h5log_series(&lg, "cluster/events", H5LOG_F64, 2, dev) : -1;
@@ -1477,6 +1496,16 @@ Status sim_run(const Config *cfg, int quiet) {
                    "re-clustering host work (s), re-clustering exchanges (s), migrations (s), experts moved to another group, "
                    "units that changed owner (all MoE layers; perf/step_s = sim/time_breakdown step + these seconds)");
     h5log_attr_str(&lg, "/comm/node_bytes", "note", "written every parallel.traffic_interval steps and at the last step, as the trainer");
+    if (id_tpe >= 0) {
+        h5log_attr_str(&lg, "/moe/tokens_per_expert", "note",
+                       "token-expert pairs routed per expert (before capacity), all GPUs: the drawn routing scaled to "
+                       "sim.tokens_per_rank (a trace: its recorded kept pairs)");
+        h5log_attr_str(&lg, "/moe/balance/cv2", "note", "Var(n_e) / mean(n_e)^2 of moe/tokens_per_expert per MoE layer, as the trainer's");
+    }
+    h5log_attr_str(&lg, "/mem/bytes", "axes",
+                   "rank, kind (param_fp32, param_fp16, param_int4, grad, optim, act, comm, scratch): the simulator's "
+                   "estimate of the largest rank (sim/mem_bytes) on every rank; every parallel.traffic_interval steps and "
+                   "at the last step");
     if (id_place >= 0)
         h5log_attr_str(&lg, "/parallel/placement", "columns",
                        "per MoE layer, one row per placement re-run (parallel.place_interval, and after each simulated "
@@ -1582,6 +1611,33 @@ Status sim_run(const Config *cfg, int quiet) {
             h5log_append(&lg, id_recv, step_no, ss.rank_recv);
         }
         h5log_append(&lg, id_evs, step_no, evr);
+        if (id_tpe >= 0) {
+            int E = c.sh.E;
+            double *cv = xmalloc(sizeof(double) * (size_t)L);
+            for (int l = 0; l < L; l++) {
+                const double *row = ss.tpe + (size_t)l * E;
+                double mu = 0, var = 0;
+                for (int e = 0; e < E; e++) mu += row[e] / E;
+                for (int e = 0; e < E; e++) var += (row[e] - mu) * (row[e] - mu) / E;
+                cv[l] = mu > 0 ? var / (mu * mu) : 0;
+            }
+            h5log_append(&lg, id_tpe, step_no, ss.tpe);
+            h5log_append(&lg, id_cv2, step_no, cv);
+            xfree(cv);
+        }
+        if (step_no % cfg->parallel.traffic_interval == 0 || last) {
+            double *mb = xcalloc(sizeof(double) * (size_t)P * MEM_N_KINDS);
+            for (int w = 0; w < P; w++) {
+                double *r = mb + (size_t)w * MEM_N_KINDS;
+                r[MEM_KIND_PARAM_FP32] = ss.mem[0] / 4;
+                r[MEM_KIND_GRAD] = ss.mem[0] / 4;
+                r[MEM_KIND_OPTIM] = ss.mem[0] / 2;
+                r[MEM_KIND_ACT] = ss.mem[1];
+                r[MEM_KIND_COMM] = ss.mem[2];
+            }
+            h5log_append(&lg, id_memb, step_no, mb);
+            xfree(mb);
+        }
         h5log_append(&lg, id_migr, step_no, &ec.migr_bytes);
         if (placed && id_place >= 0) h5log_append(&lg, id_place, step_no, plrows);
         if (reclustered && id_cev >= 0) h5log_append(&lg, id_cev, step_no, evrows);

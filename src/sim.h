@@ -20,7 +20,8 @@
  * re-run; sim.redraw_interval reuses a drawn step between draws so 1000-step trajectories at
  * thousands of GPUs take seconds. It writes metrics.h5 in the trainer's schema (perf,
  * comm/summary, comm/dispatch, comm/node_bytes, comm/rank_sent and rank_recv,
- * parallel/placement, parallel/migration_bytes, cluster/events) plus the sim series and DONE.
+ * moe/tokens_per_expert, moe/balance/cv2, mem/bytes, parallel/placement,
+ * parallel/migration_bytes, cluster/events) plus the sim series and DONE.
  * `dcmoe simulate --validate published` replays DeepEP's published V1 kernel numbers with
  * DeepEP's own byte accounting, fits the model's link bandwidths on the calibration rows and
  * prints predicted vs published for the others (exit 1 when a row is out of tolerance).

@@ -58,6 +58,16 @@ if os.path.exists(h):
           "step = forward + backward compute + exposed communication + optimizer")
     check(np.all(band[:, 0] <= band[:, 1]) and np.all(band[:, 1] <= band[:, 2]) and np.all(step >= band[:, 0]),
           "uncertainty band: min <= mean <= max over routing draws")
+    with h5py.File(h, "r") as f:
+        tpe = f["moe/tokens_per_expert/value"][...]
+        cv2 = f["moe/balance/cv2/value"][...]
+        memb = f["mem/bytes/value"][...]
+        smem = f["sim/mem_bytes/value"][...]
+    loads = tpe / tpe.mean(axis=2, keepdims=True)
+    check(tpe.shape[1:] == (2, 16) and np.allclose(tpe.sum(axis=2), 8 * 512 * 2) and
+          np.allclose(cv2, loads.var(axis=2)), "moe/tokens_per_expert: GPUs x tokens x top-k pairs per layer; cv2 as the trainer's")
+    check(memb.shape[1:] == (8, 8) and np.allclose(memb[-1, 0].sum(), smem[-1, 3]),
+          "mem/bytes [ranks, kinds] in the trainer's schema, summing to the estimate of sim/mem_bytes")
 
 # ---- the allreduce accounting equals the trainer's ----
 VIRT = ["--set", "topology.nodes=2", "--set", "topology.ranks_per_node=2"]
