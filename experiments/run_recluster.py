@@ -174,7 +174,10 @@ def run_all(a):
     if bad:
         sys.exit(f"--only {','.join(bad)}: no such variant (variants: {', '.join(sets_of)})")
     # --only runs its variants in the order given (the most wanted first); the table keeps VARIANTS' order
-    jobs = [(name, sets_of[name], seed) for name in (only or sets_of) for seed in SEEDS]
+    seeds = [int(x) for x in a.seeds.split(",")] if getattr(a, "seeds", "") else SEEDS
+    if seeds != SEEDS and not only:
+        sys.exit("--seeds needs --only (a results file needs every seed)")
+    jobs = [(name, sets_of[name], seed) for name in (only or sets_of) for seed in seeds]
     with ThreadPoolExecutor(max_workers=a.jobs) as ex:
         h5s = list(ex.map(lambda j: run(a, *j), jobs))
     if only:
@@ -340,6 +343,7 @@ def study_main(run_all_fn, render_fn):
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds to train (with --only; writes no results file)")
     rl.add_args(ap)
     a = ap.parse_args()
     if not a.render_only:
