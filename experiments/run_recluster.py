@@ -51,6 +51,9 @@ VARIANTS = [
     ("masters-static", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters"], "compress-learned",
      "learned compression into masters mode (per-expert FP32 masters trained through their projection, refreshed "
      "every 50 steps), static"),
+    ("masters-static-p10", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
+                                       "clustering.project_interval=10"], "masters-static",
+     "as masters-static with the projection refreshed every 10 steps (less stale forward weights)"),
     ("masters-dynamic", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
                                     "clustering.enabled=true", "clustering.mu_source=coact"], "masters-static",
      "as above, re-clustering every 200 steps on the masters (alpha 0.6: masters' weights + unconstrained "
@@ -321,7 +324,9 @@ def answers(by, series):
            f"- Does warm-up + learned compression beat clustering from step 0? {verdict('compress-learned', 'clustered-static')}.",
            f"- Does masters mode beat the compressed static model (the same compression)? "
            f"{verdict('masters-static', 'compress-learned')}.",
-           f"- Does re-clustering on the masters beat static masters? {verdict('masters-dynamic', 'masters-static')}."]
+           f"- Does re-clustering on the masters beat static masters? {verdict('masters-dynamic', 'masters-static')}.",
+           f"- Does a fresher projection help masters mode (every 10 steps instead of 50)? "
+           f"{verdict('masters-static-p10', 'masters-static')}."]
     for v in ("compress-learned-dynamic", "compress-learned-verified", "masters-dynamic"):
         if v not in by:
             continue
