@@ -151,7 +151,8 @@ def render(out_dir):
          + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]) + "\n",
          f"Targets: step within ±10%, each component within ±20%. The machine had {meta['cores']} cores and a 1-minute "
          f"load average of {meta['loadavg_1min_start_end'][0]} at the start and {meta['loadavg_1min_start_end'][1]} at "
-         "the end of the run (other jobs shared it).\n",
+         "the end of the run (" + ("other jobs shared it" if max(meta["loadavg_1min_start_end"]) > float(meta["cores"])
+                                   else "no more than its own runs: nothing else shared the cores") + ").\n",
          "| model | ranks | component | measured ms | spread | predicted ms | spread | Δ% | target |",
          "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     n_ok = n_all = s_ok = s_all = 0
