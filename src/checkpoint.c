@@ -304,6 +304,22 @@ static Status replicas_check(Model *m) {
     return status_ok();
 }
 
+/* the optional sections packed from the model: fn fills a buffer of n bytes; one section (1)
+ * or none when n = 0 (0) */
+typedef void (*PackFn)(Model *m, char *buf);
+static void pack_placement(Model *m, char *buf) { placement_pack(m, buf); }
+static void pack_replicas(Model *m, char *buf) { replicas_pack(m, buf); }
+static void pack_cluster(Model *m, char *buf) { cluster_blob(m, buf, 0); }
+static void pack_ref(Model *m, char *buf) { ref_blob(m, buf, 0); }
+static int put_packed(Buf *b, const char *name, size_t n, Model *m, PackFn fn) {
+    if (!n) return 0;
+    char *blob = xmalloc(n);
+    fn(m, blob);
+    put_section(b, name, blob, n);
+    xfree(blob);
+    return 1;
+}
+
 Status checkpoint_save(const char *run_dir, Model *m, const TrainPos *pos, int keep) {
     return checkpoint_save_with(run_dir, m, pos, keep, NULL, 0);
 }
@@ -373,34 +389,10 @@ Status checkpoint_save_with(const char *run_dir, Model *m, const TrainPos *pos, 
             }
             xfree(host);
         }
-        size_t pb = placement_blob_size(m);
-        if (pb) {
-            char *blob = xmalloc(pb);
-            placement_pack(m, blob);
-            put_section(&b, "placement", blob, pb); n_sec++;
-            xfree(blob);
-        }
-        if (model_ep_has_replicas(m)) {
-            size_t rb = replicas_blob_size(m);
-            char *blob = xmalloc(rb);
-            replicas_pack(m, blob);
-            put_section(&b, "replicas", blob, rb); n_sec++;
-            xfree(blob);
-        }
-        size_t cb = cluster_blob_size(m);
-        if (cb) {
-            char *blob = xmalloc(cb);
-            cluster_blob(m, blob, 0);
-            put_section(&b, "cluster", blob, cb); n_sec++;
-            xfree(blob);
-        }
-        size_t rfb = ref_blob_size(m);
-        if (rfb) {
-            char *blob = xmalloc(rfb);
-            ref_blob(m, blob, 0);
-            put_section(&b, "cluster.ref", blob, rfb); n_sec++;
-            xfree(blob);
-        }
+        n_sec += put_packed(&b, "placement", placement_blob_size(m), m, pack_placement);
+        if (model_ep_has_replicas(m)) n_sec += put_packed(&b, "replicas", replicas_blob_size(m), m, pack_replicas);
+        n_sec += put_packed(&b, "cluster", cluster_blob_size(m), m, pack_cluster);
+        n_sec += put_packed(&b, "cluster.ref", ref_blob_size(m), m, pack_ref);
         for (int i = 0; i < n_extra; i++) { put_section(&b, extra[i].name, extra[i].data, extra[i].n_bytes); n_sec++; }
         int n_clus = 0;
         for (int l = 0; l < m->L; l++) n_clus += m->ffn[l].kind == MOE_KIND_CLUSTERED;
