@@ -290,24 +290,33 @@ typedef struct StageCost { double t; int bound_rank, bound_link; } StageCost;   
  * dispatch direction (reverse = the combine direction: sends and receives swap), plus the
  * counts alltoall when counts != 0. Per rank: latency per message + the slowest link class
  * (intra in and out over NVLink; inter over the NIC, shared by gpus/nics GPUs). */
+/* one rank's time in a personalised exchange: bytes sent / received inside the node (is, ir)
+ * and across (ns, nr), messages sent inside / across (mi, mn); the slower link class plus a
+ * latency per message; *link = the bound (0 intra-node, 1 inter-node, 2 message latency) */
+static double rank_exchange_s(const Hw *h, double is, double ir, double ns, double nr, double mi, double mn, int *link) {
+    double share = h->gpn > h->nics ? (double)h->gpn / h->nics : 1.0;
+    double ti = (is > ir ? is : ir) / h->bi, tn = (ns > nr ? ns : nr) * share / h->bn;
+    double lat = mi * h->ai + mn * h->an, bw = ti > tn ? ti : tn;
+    if (link) *link = lat > bw ? 2 : (tn > ti ? 1 : 0);
+    return lat + bw;
+}
+
 static StageCost stage_cost(const SimTraffic *tr, double row_b, double ent_b, int reverse, int counts, const Hw *h,
                             const Topology *t) {
     StageCost c = {0, 0, 0};
     int P = tr->P;
-    double share = h->gpn > h->nics ? (double)h->gpn / h->nics : 1.0;
     for (int r = 0; r < P; r++) {
         double is = tr->rows_intra_s[r] * row_b + tr->ents_intra_s[r] * ent_b;
         double ir = tr->rows_intra_r[r] * row_b + tr->ents_intra_r[r] * ent_b;
         double ns = tr->rows_inter_s[r] * row_b + tr->ents_inter_s[r] * ent_b;
         double nr = tr->rows_inter_r[r] * row_b + tr->ents_inter_r[r] * ent_b;
         if (reverse) { double x = is; is = ir; ir = x; x = ns; ns = nr; nr = x; }
-        double ti = (is > ir ? is : ir) / h->bi, tn = (ns > nr ? ns : nr) * share / h->bn;
-        double lat = tr->msgs_intra[r] * h->ai + tr->msgs_inter[r] * h->an;
-        double tt = lat + (ti > tn ? ti : tn);
+        int link;
+        double tt = rank_exchange_s(h, is, ir, ns, nr, tr->msgs_intra[r], tr->msgs_inter[r], &link);
         if (tt > c.t) {
             c.t = tt;
             c.bound_rank = r;
-            c.bound_link = lat > (ti > tn ? ti : tn) ? 2 : (tn > ti ? 1 : 0);
+            c.bound_link = link;
         }
     }
     if (counts && P > 1) {   /* counts first: a small all-to-all, log2(P) rounds (Bruck) */
@@ -747,18 +756,13 @@ static void pl_flush(PairList *l, XAcc *x, const SimCtx *c) {
 
 /* seconds of the exchange: the slowest EP rank (as stage_cost / stage_cost_hw) */
 static double xacc_time(const XAcc *x, const SimCtx *c) {
-    const Hw *h = &c->hw;
-    double share = h->gpn > h->nics ? (double)h->gpn / h->nics : 1.0, worst = 0;
+    double worst = 0;
     for (int r = 0; r < x->S; r++) {
         double t;
         if (c->has_hwf) {
             double sb = x->is[r] + x->ns[r], rb = x->ir[r] + x->nr[r];
             t = sb > 0 || rb > 0 ? hwfile_curve_s(c->hwf.alltoall, c->hwf.n_alltoall, sb > rb ? sb : rb) : 0;
-        } else {
-            double ti = (x->is[r] > x->ir[r] ? x->is[r] : x->ir[r]) / h->bi;
-            double tn = (x->ns[r] > x->nr[r] ? x->ns[r] : x->nr[r]) * share / h->bn;
-            t = x->mi[r] * h->ai + x->mn[r] * h->an + (ti > tn ? ti : tn);
-        }
+        } else t = rank_exchange_s(&c->hw, x->is[r], x->ir[r], x->ns[r], x->nr[r], x->mi[r], x->mn[r], NULL);
         if (t > worst) worst = t;
     }
     return worst;
