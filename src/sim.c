@@ -1146,21 +1146,26 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     /* bulk-synchronous straggling (hardware file, P > 1): at every synchronisation the ranks wait
      * for the slowest, measured as an overhead on the compute between synchronisations. MoE: 9
      * exchanges per layer (forward: capacity counts, loss statistics, counts, entries, rows,
-     * combine; backward: rows, rows back, gates) plus the loss and gradient reductions; the wait
-     * lands in the exchanges. Dense: one interval per step, absorbed by the loss allreduce that
-     * opens the optimizer bucket. */
+     * combine; backward: rows, rows back, gates) plus the gradient allreduce and the loss
+     * reduction that opens the optimizer bucket; each synchronisation waits for its share of
+     * the step's compute, and the wait lands where the trainer's clock sees it: in the
+     * exchanges, in the gradient allreduce, in the optimizer bucket. Dense: the two reductions. */
     if (c->has_hwf && c->P > 1 && c->hwf.n_straggle > 0) {
         int n_sync = 9 * sh->n_moe + 2;
         double ov = hwfile_straggle(&c->hwf, compute_total / n_sync);
         if (ov < 0) ov = 0;
+        double per_sync = ov * compute_total / n_sync;
         if (sh->n_moe > 0) {
-            double wf = ov * out->fwd_compute, wb = ov * out->bwd_compute;
+            double share = 9.0 * sh->n_moe / n_sync, wf = share * ov * out->fwd_compute, wb = share * ov * out->bwd_compute;
             out->fwd_exch += wf;
             out->bwd_exch += wb;
             out->dispatch += (wf + wb) / 2;
             out->combine += (wf + wb) / 2;
             out->exposed += wf + wb;
-        } else out->optimizer += ov * compute_total;
+        }
+        out->allreduce += per_sync;
+        out->exposed += per_sync;
+        out->optimizer += per_sync;
     }
     out->step_s = compute_total + (out->exposed) + out->optimizer;
     /* memory per rank (fp32 as the trainer: params, grads, two Adam moments; activations of
