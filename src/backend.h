@@ -170,6 +170,12 @@ typedef struct Backend {
 Status backend_cpu_init(Backend *be, int threads);
 /* CUDA backend: error status if built without CUDA or no device */
 Status backend_cuda_init(Backend *be, int device);
+/* the CUDA device's name and total memory (bytes); an error status for other backends */
+Status backend_cuda_info(const Backend *be, char *name, size_t cap, double *mem_bytes);
+/* the input precision of be's gemm (enum GemmDtype): the CPU backend offers fp32 only (bf16
+ * is an error status), the CUDA backend fp32 and bf16 (cublasGemmEx, FP32 accumulate) */
+Status backend_set_gemm_dtype(Backend *be, int dtype);
+Status backend_cuda_set_gemm_dtype(Backend *be, int dtype);
 /* every slot of an ops table must be filled: an empty slot is a start-up error */
 Status backend_check(const Backend *be);
 void backend_free(Backend *be);

@@ -740,6 +740,16 @@ Status backend_check(const Backend *be) {
     return status_ok();
 }
 
+Status backend_set_gemm_dtype(Backend *be, int dtype) {
+    if (dtype != GEMM_DTYPE_FP32 && dtype != GEMM_DTYPE_BF16)
+        return status_errorf("run.gemm_dtype: unknown GEMM dtype %d (allowed: fp32, bf16)", dtype);
+    if (be->kind == BACKEND_CUDA) return backend_cuda_set_gemm_dtype(be, dtype);
+    if (dtype == GEMM_DTYPE_BF16)
+        return status_errorf("run.gemm_dtype=bf16: the %s backend has fp32 GEMMs only (bf16 needs run.backend=cuda)",
+                             be->ops ? be->ops->name : "(uninitialised)");
+    return status_ok();
+}
+
 /* releases the backend's context through its destroy slot (CUDA: cuBLAS handle); safe on a
  * zeroed struct and safe twice */
 void backend_free(Backend *be) {

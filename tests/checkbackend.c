@@ -16,7 +16,7 @@
  *    the normal run instead (meson test checkbackend_detects expects that run to fail).
  * With --backend cuda, where the output differs from the CPU backend's a '#' line says by how
  * much (information only: the reference decides).
- * Does not: test routing, communicators or whole models (tests/test_ops_gradcheck.c,
+ * Does not: test node-limited routing (host only), communicators or whole models (tests/test_ops_gradcheck.c,
  * tests/test_model_gradcheck.c), or time anything unless --bench is given.
  *
  * usage: checkbackend [--backend cpu|cuda] [--seed N] [--op NAME] [--bench]
@@ -53,6 +53,16 @@
  *   combine_rows           y                       bitwise (slot order is the contract)
  *   gather_rows_scaled     out                     bitwise (one multiply)
  *   kernels_common.h       exp / gelu / swiglu / adamw step   2 ulp / as act_* / as adamw; bitwise vs the CPU backend
+ *   route_topk             probs, lse, sums        atol 1e-7 rtol 1e-6 / 1e-6 vs a double softmax;
+ *                          experts                 bitwise (top-k of the returned probs, or logit + bias;
+ *                                                  ties to the lower id); gates bitwise (renorm: 4ku)
+ *   route_two_stage        groups, experts, gtop2  bitwise vs the host router (src/router.c)
+ *                          probs, q, gates         atol 1e-7 rtol 1e-6 vs the host router; lsel bitwise
+ *                          lse, sums               atol 1e-6 rtol 1e-6; contract: probs sum to 1, experts in chosen groups
+ *   route_count, route_keep, route_pair_keep       bitwise vs naive loops (integers)
+ *   route_backward         dlogits                 atol 1e-7 rtol 1e-6 vs the host router's router_backward
+ *   gemm_bf16 (CUDA)       C                       |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2)|beta c|;
+ *                                                  the CPU backend must refuse bf16 naming run.gemm_dtype
  *   finite differences of the reference (double, h = 1e-5): atol 1e-6, rtol 1e-6
  *
  * Legend: B T D F V H N = batch, seq, d_model, d_ff, vocab, heads, rows; hd = D/H;
@@ -2258,6 +2268,59 @@ static void check_route_backward(Check *c) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * run.gemm_dtype=bf16 (backend_set_gemm_dtype): where the backend offers it (CUDA), gemm with
+ * A and B rounded to bf16 against the double reference on the unrounded inputs, within
+ * |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2) |beta c| (two bf16 roundings of the inputs, one
+ * of their product's factors, the FP32 sum); the backend is set back to fp32 afterwards. The
+ * CPU backend must refuse bf16 with an error naming run.gemm_dtype. */
+static void check_gemm_bf16(Check *c) {
+    Backend *be = (Backend *)c->be;
+    Status st = backend_set_gemm_dtype(be, GEMM_DTYPE_BF16);
+    if (!STATUS_OK(st)) {
+        int named = strstr(st.msg, "run.gemm_dtype") != NULL;
+        report(c, c->is_cpu && named && !planting(c), "gemm_bf16: the %s backend refuses bf16 (%s)", be->ops->name, st.msg);
+        return;
+    }
+    static const int shapes[][5] = {{1, 1, 1, 0, 0}, {17, 5, 64, 0, 0}, {64, 67, 32, 1, 0}, {3, 64, 17, 0, 1},
+                                    {33, 17, 67, 1, 1}, {5, 3, 0, 0, 0}, {0, 4, 4, 0, 0}};
+    for (size_t si = 0; si < COUNT(shapes); si++) {
+        int M = shapes[si][0], N = shapes[si][1], K = shapes[si][2], ta = shapes[si][3], tb = shapes[si][4];
+        int lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 2, ldc = N + 3;
+        size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+        float *A = randn(c, na ? na : 1, 0, 1), *B = randn(c, nb ? nb : 1, 0, 1), *C = randn(c, nc ? nc : 1, 0, 1);
+        float alpha = 1.5f, beta = 0.5f;
+        float *got = fdup(C, nc), *got2 = fdup(C, nc);
+        for (int run = 0; run < 2; run++) {
+            Arena a = {be, 0, {{0}}};
+            float *dc = a_io(&a, run ? got2 : got, F4(nc));
+            be->ops->gemm(be->ctx, ta, tb, M, N, K, alpha, a_in(&a, A, F4(na)), lda, a_in(&a, B, F4(nb)), ldb, beta, dc, ldc);
+            a_finish(c, &a);
+        }
+        double *want = to_d(C, nc), *bound = dalloc(nc ? nc : 1);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double s = 0, sa = 0;
+                for (int q = 0; q < K; q++) {
+                    double av = ta ? A[(size_t)q * lda + i] : A[(size_t)i * lda + q];
+                    double bv = tb ? B[(size_t)j * ldb + q] : B[(size_t)q * ldb + j];
+                    s += av * bv;
+                    sa += fabs(av * bv);
+                }
+                size_t ij = (size_t)i * ldc + j;
+                bound[ij] = fabs(alpha) * (0x1p-7 + 0x1p-16 + gam(K)) * sa + gam(2) * fabs(beta * (double)C[ij]);
+                want[ij] = alpha * s + beta * (double)C[ij];
+            }
+        char what[96];
+        snprintf(what, sizeof what, "M=%d N=%d K=%d ta=%d tb=%d bf16 inputs: C (padding untouched)", M, N, K, ta, tb);
+        cmp_tol(c, what, got, want, bound, nc, 0, 0);
+        same_bits(c, "C", got, got2, F4(nc));
+        xfree(A); xfree(B); xfree(C); xfree(got); xfree(got2); xfree(want); xfree(bound);
+    }
+    st = backend_set_gemm_dtype(be, GEMM_DTYPE_FP32);
+    report(c, STATUS_OK(st), "gemm_bf16: the backend goes back to fp32 GEMMs");
+}
+
+/* ---------------------------------------------------------------------------------------
  * the table: every BackendOps slot (by offset, so a misspelt slot does not compile and a
  * missing one is caught at start-up), then the kernels_common.h checks */
 typedef struct OpCheck { const char *name; size_t offset; void (*fn)(Check *); } OpCheck;
@@ -2274,6 +2337,7 @@ static const OpCheck OPS[] = {
     SLOT(route_backward), SLOT(destroy),
     {"kc_exp", NOT_A_SLOT, check_kc_exp}, {"kc_gelu", NOT_A_SLOT, check_kc_gelu},
     {"kc_swiglu", NOT_A_SLOT, check_kc_swiglu}, {"kc_adamw", NOT_A_SLOT, check_kc_adamw},
+    {"gemm_bf16", NOT_A_SLOT, check_gemm_bf16},
 };
 #define N_SLOTS 36
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + N_SLOTS * sizeof(void (*)(void)),

@@ -5,9 +5,13 @@
 # It does, in order, each step logged and timed, stopping early only if the build fails:
 #   1. build into build-gpu with -Dcuda=enabled -Dgpu_sm=90 (meson setup only the first time);
 #   2. tests/checkbackend --backend cuda: every BackendOps slot against the checker's reference,
-#      plus --bench (time per op); then the cuda_backend test (test_cuda.c);
+#      the routing slots (route_topk, route_two_stage, route_count, route_keep, route_pair_keep,
+#      route_backward) included, plus --bench (time per op); a one-line count of the routing
+#      slots' checks; then the cuda_backend test (test_cuda.c);
 #   3. 20 training steps of a tiny dense, standard-MoE and clustered-MoE model (the configs of
-#      tests/test_mpi.py, one rank, no mpirun) with run.backend=cpu and run.backend=cuda:
+#      tests/test_mpi.py, one rank, no mpirun), and a clustered model with the top-2 group
+#      score, product gates and the aux-loss-free bias (the other device-routing branches),
+#      with run.backend=cpu and run.backend=cuda (routing on the device since b2cf75a):
 #      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
 #      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
 #   4. a second run.backend=cuda run of each: train losses bitwise equal to the first, and a
@@ -80,6 +84,10 @@ fi
 check_cuda() { "$BUILD/tests/checkbackend" --backend cuda --bench > "$OUT/checkbackend-cuda.log" 2>&1; local rc=$?;
                grep -E '^not ok|^# bench|failed|skipped' "$OUT/checkbackend-cuda.log" | head -60; return $rc; }
 step "checkbackend --backend cuda (every slot)" check_cuda
+route_checks() { local n_ok n_bad; n_ok=$(grep -c '^ok .* route_' "$OUT/checkbackend-cuda.log"); n_bad=$(grep -c '^not ok .* route_' "$OUT/checkbackend-cuda.log");
+                 echo "routing slots: $n_ok checks passed, $n_bad failed"; grep '^not ok .* route_' "$OUT/checkbackend-cuda.log" | head -20;
+                 [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
+step "routing slots on the device (route_*, from the checkbackend log)" route_checks
 test_cuda() { (cd "$BUILD/tests" && ./test_cuda_backend) > "$OUT/test-cuda.log" 2>&1; }
 step "test_cuda (cuda_backend)" test_cuda
 
@@ -99,6 +107,9 @@ cases = {   # as tests/test_mpi.py
     "clustered": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
                   "--set", "clustering.interval=4", "--set", "clustering.warmup=2",
                   "--set", "moe.capacity_factor=0.8", "--set", "moe.group_capacity_factor=0.9"],
+    "clustered-top2": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
+                       "--set", "moe.group_score=top2", "--set", "moe.group_gate=product", "--set", "moe.balance=aux_free",
+                       "--set", "clustering.interval=4", "--set", "clustering.warmup=2", "--set", "moe.capacity_factor=0.8"],
 }
 bad = 0
 def out(msg):
