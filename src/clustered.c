@@ -4,7 +4,9 @@
  * aux-loss-free bias method, and the structured-compression FFN with base reuse:
  *   up:   h_ti = x_t Base1_g + (x_t A1_i) B1_i^T      (x_t Base1_g once per token and group)
  *   down: y_t  = (sum_i p_ti a_ti) Base2_g + sum_i p_ti (a_ti A2_i) B2_i^T
- * Routing decisions are made on the host; every product goes through the backend.
+ * Routing (moe_route) runs through the backend's routing slots on backend arrays; the host gets
+ * the decisions the exchange needs (experts, gates, kept pairs); every product goes through
+ * the backend.
  * Inference path: when MoeParams.stored is set (precision.c), the expert products read the
  * stored formats (FP16 bases, INT4 factors) through quant.h's kernels, group by group,
  * dequantising on the fly (a block of base rows and one expert's factors at a time); the

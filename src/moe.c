@@ -40,8 +40,9 @@ size_t moe_n_expert_params(const MoeLayer *ml) {
 
 static void dev_free(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
-/* device buffers hold the routing arrays the gather/combine ops read; host mirrors are
- * used for the routing decisions. On the CPU backend the copies are memcpy of a few KB. */
+/* device buffers hold the routing arrays (MoeRouterDev: the routing runs on the backend) and
+ * the entry arrays the gather/combine ops read; the host keeps what the exchange plans with.
+ * On the CPU backend the copies are memcpy of a few KB. */
 typedef struct MoeDev {
     MoeRouterDev router;         /* the routing arrays */
     int32_t *entry_token;        /* [M] */
