@@ -60,7 +60,9 @@
  *                          probs, q, gates         atol 1e-7 rtol 1e-6 vs the host router; lsel bitwise
  *                          lse, sums               atol 1e-6 rtol 1e-6; contract: probs sum to 1, experts in chosen groups
  *   route_count, route_keep, route_pair_keep       bitwise vs naive loops (integers)
- *   route_backward         dlogits                 atol 1e-7 rtol 1e-6 vs the host router's router_backward
+ *   route_backward         dlogits                 atol 1e-7 rtol 1e-6 vs the host router's router_backward;
+ *                                                  atol 4e-7 rtol 1e-5 vs central differences (double, h = 1e-5) of
+ *                                                  the routing loss with the selections held fixed
  *   gemm_bf16 (CUDA)       C                       |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2)|beta c|;
  *                                                  the CPU backend must refuse bf16 naming run.gemm_dtype
  *   finite differences of the reference (double, h = 1e-5): atol 1e-6, rtol 1e-6
@@ -1875,7 +1877,8 @@ static void check_kc_adamw(Check *c) {
  * route_two_stage and route_backward: against the host router (src/router.c: router_select,
  * router_backward on a Route), indices bitwise, floats within atol 1e-7 + rtol 1e-6 (the
  * device's double exp/log may round differently from libm's), plus contract checks (the
- * in-group softmax sums to 1, the chosen experts are members of the chosen groups). */
+ * in-group softmax sums to 1, the chosen experts are members of the chosen groups); the
+ * backward also against central differences of the routing loss (independent of router.c). */
 
 /* int outputs bitwise (planting flips one element) */
 static int cmp_int(Check *c, const char *what, const int32_t *got_in, const int32_t *want, size_t n) {
@@ -2208,6 +2211,80 @@ static void check_route_pair_keep(Check *c) {
         }
 }
 
+/* the routing loss of one token as a smooth function of its logits l [E] (double), the
+ * selections held fixed: L = sum_s dg_s gate_s + sum_i fcoef_e[i] p_i + sum_g fcoef_g[g] q_g +
+ * z_coef / 2 lse^2 (p: the full softmax, or the in-group softmax over the chosen groups'
+ * members; gates raw, renormalised or q_g x p renormalised in the group). route_backward's
+ * dlogits is its gradient: checked by central differences. */
+static double ref_route_loss(const RouteBwdArgs *h, int t, const double *l, const int32_t *mem) {
+    int E = h->E, k = h->k, G = h->G, K = h->K, TG = h->TG;
+    const int32_t *sel = h->expert + (size_t)t * k;
+    double mx = l[0], z = 0;
+    for (int i = 1; i < E; i++) if (l[i] > mx) mx = l[i];
+    for (int i = 0; i < E; i++) z += exp(l[i] - mx);
+    double lse = mx + log(z), L = 0.5 * h->z_coef * lse * lse;
+    double *p = xcalloc(sizeof(double) * (size_t)E), *q = xcalloc(sizeof(double) * (size_t)(G ? G : 1));
+    if (!G) {
+        for (int i = 0; i < E; i++) p[i] = exp(l[i] - lse);
+    } else {
+        const int32_t *gs = h->group + (size_t)t * TG;
+        double lm = -INFINITY, ps = 0;
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) { int i = mem[(size_t)gs[j] * K + a]; if (l[i] > lm) lm = l[i]; }
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) ps += exp(l[mem[(size_t)gs[j] * K + a]] - lm);
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) { int i = mem[(size_t)gs[j] * K + a]; p[i] = exp(l[i] - lm) / ps; }
+        double qm = -INFINITY, qs = 0;
+        for (int g = 0; g < G; g++) {
+            if (h->score_top2) {
+                const int32_t *b = h->gtop2 + ((size_t)t * G + g) * 2;
+                q[g] = l[b[0]] + l[b[1]];
+            } else {
+                double s = 0;
+                for (int a = 0; a < K; a++) s += l[mem[(size_t)g * K + a]];
+                q[g] = s / K;
+            }
+            if (q[g] > qm) qm = q[g];
+        }
+        for (int g = 0; g < G; g++) qs += exp(q[g] - qm);
+        for (int g = 0; g < G; g++) { q[g] = exp(q[g] - qm) / qs; L += h->fcoef[E + g] * q[g]; }
+    }
+    for (int i = 0; i < E; i++) L += h->fcoef[i] * p[i];
+    double gsum = 0;
+    for (int s = 0; s < k; s++) gsum += p[sel[s]];
+    for (int s = 0; s < k; s++) {
+        double gate = p[sel[s]];
+        if (G && h->gate_product) {
+            const int32_t *gs = h->group + (size_t)t * TG;
+            int j = -1;
+            for (int jj = 0; jj < TG && j < 0; jj++) for (int a = 0; a < K; a++) if (mem[(size_t)gs[jj] * K + a] == sel[s]) j = jj;
+            double zg = 0;
+            for (int u = 0; u < k; u++)
+                for (int a = 0; a < K; a++) if (mem[(size_t)gs[j] * K + a] == sel[u]) zg += p[sel[u]];
+            gate = q[gs[j]] * p[sel[s]] / zg;
+        } else if (h->renorm) gate = p[sel[s]] / gsum;
+        L += (double)h->dgate[(size_t)t * k + s] * gate;
+    }
+    xfree(p); xfree(q);
+    return L;
+}
+/* central differences of ref_route_loss at the forward's logits: want [N, E] */
+static void ref_route_backward_fd(const RouteBwdArgs *h, const float *logits, const int32_t *mem, double *want) {
+    int E = h->E;
+    double *l = xmalloc(sizeof(double) * (size_t)E);
+    for (int t = 0; t < h->N; t++) {
+        for (int i = 0; i < E; i++) l[i] = logits[(size_t)t * E + i];
+        for (int i = 0; i < E; i++) {
+            double x = l[i], hh = 1e-5;
+            l[i] = x + hh;
+            double up = ref_route_loss(h, t, l, mem);
+            l[i] = x - hh;
+            double dn = ref_route_loss(h, t, l, mem);
+            l[i] = x;
+            want[(size_t)t * E + i] = (up - dn) / (2 * hh);
+        }
+    }
+    xfree(l);
+}
+
 /* the backward: the host router's forward (router_select) gives the saved arrays; random
  * dgates (some 0 = dropped), coefficients and z_coef; the backend against router_backward */
 static void check_route_backward(Check *c) {
@@ -2260,6 +2337,15 @@ static void check_route_backward(Check *c) {
                          N, E, k, G, TG, rc->renorm ? " renorm" : "", rc->product ? " product" : "", rc->top2 ? " top2" : "", r.z_coef);
                 cmp_tol(c, what, got, want, NULL, NE, 1e-7, 1e-6);
                 vs_cpu(c, "dlogits", got, r.dlogits, NE);
+                /* independent of src/router.c: the gradient of the routing loss by central differences */
+                double *fd = dalloc(NE ? NE : 1);
+                RouteBwdArgs hf = h;
+                hf.expert = r.expert; hf.group = r.group; hf.gtop2 = r.gtop2; hf.fcoef = r.fcoef; hf.dgate = dgate;
+                ref_route_backward_fd(&hf, l, mem, fd);
+                char fwhat[160];
+                snprintf(fwhat, sizeof fwhat, "%s vs central differences of the routing loss", what);
+                cmp_tol(c, fwhat, got, fd, NULL, NE, 4e-7, 1e-5);
+                xfree(fd);
                 same_bits(c, "dlogits", got, got2, F4(NE));
                 router_free(&r);
                 xfree(l); xfree(bias); xfree(mem); xfree(dgate); xfree(got); xfree(got2); xfree(want);
