@@ -3,7 +3,10 @@
  * stage), experts per group, groups per token.
  * The arithmetic of each stage is kept exactly as the layers had it (the reference and
  * bitwise tests pin it), which is why the one- and two-stage paths of router_losses and
- * router_backward differ in operation order. */
+ * router_backward differ in operation order. The per-token selection and backward live in
+ * cuda/route_common.h (shared with the backends' routing slots); node-limited routing, the
+ * preferred units and the host capacity stay here; router_capacity_dev runs the capacity
+ * through the backend's route_count / route_keep / route_pair_keep. */
 #include "router.h"
 #include "route_common.h"
 
