@@ -18,13 +18,19 @@
  * attention (cuBLAS's summation order), sumsq (another fixed order, in double) and the
  * cross-entropy loss (logf) is meant to give the CPU reference's bits (checkbackend --backend cuda
  * prints, op by op, where they differ; not yet run on a GPU).
- * Does not: performance tuning (no fused or tensor-core kernels, no streams, no bf16), device
- * routing, NCCL.
+ * Routing (route_*): the host router's per-token code (route_common.h), one thread per token;
+ * the capacity counts use integer atomics (exact), the queues one thread per (slot, bucket).
+ * Written and compiled with nvcc; not yet run on a GPU.
+ * bf16 (run.gemm_dtype=bf16, backend_cuda_set_gemm_dtype): gemm rounds A and B to bf16 on the
+ * device (contiguous copies) and calls cublasGemmEx with FP32 accumulation and an FP32 C;
+ * attention's batched products stay fp32. Compiled with nvcc; not yet run on a GPU.
+ * Does not: performance tuning (no fused kernels, no streams), NCCL.
  *
  * Legend: M N K = GEMM dims; n = elements or routed rows; B T D F V H = batch, seq, d_model,
  *         d_ff, vocab, heads; hd = D/H; N = rows (B*T). */
 #include <cub/cub.cuh>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -36,6 +42,7 @@ extern "C" {
 #include "config.h"
 }
 #include "kernels_common.h"
+#include "route_common.h"
 
 /* sumsq: SUMSQ_BLOCKS blocks of SUMSQ_THREADS threads write one partial each, one block
  * reduces the partials. Both sizes are constants (not derived from the device), so the
@@ -48,6 +55,9 @@ typedef struct CudaCtx {
     double *partial;        /* [SUMSQ_BLOCKS + 1] device scratch of sumsq; last = result */
     void *scratch;          /* scatter_add_rows' sort buffers, grown on demand */
     size_t scratch_bytes;
+    int gemm_bf16;          /* run.gemm_dtype=bf16: gemm rounds A and B to bf16 (cublasGemmEx, FP32 accumulate) */
+    __nv_bfloat16 *bf;      /* gemm's bf16 copies of A and B, grown on demand */
+    size_t bf_elems;
 } CudaCtx;
 
 #define CK(x) do { cudaError_t e_ = (x); \
@@ -99,6 +109,43 @@ __global__ void k_scale_rows(float *C, int ldc, int N, float beta, size_t total)
     *c = beta == 0.0f ? 0.0f : *c * beta;
 }
 
+/* run.gemm_dtype=bf16: dst[rows, cols] (contiguous) = src[rows, cols] (ld) rounded to bf16 */
+__global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int cols, int ld, size_t total) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    size_t r = i / (size_t)cols, j = i % (size_t)cols;
+    dst[i] = __float2bfloat16_rn(src[r * (size_t)ld + j]);
+}
+/* C = alpha op(A) op(B) + beta C with A and B rounded to bf16 (contiguous copies), FP32
+ * accumulation and an FP32 C (cublasGemmEx, CUBLAS_COMPUTE_32F); sizes as cu_gemm (K > 0) */
+static void gemm_bf16(CudaCtx *c, bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+                      const float *B, int ldb, float beta, float *C, int ldc) {
+    int ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;   /* stored shapes */
+    size_t na = (size_t)ar * ac, nb = (size_t)br * bc;
+    if (na + nb > c->bf_elems) {
+        CK(cudaDeviceSynchronize());
+        if (c->bf) CK(cudaFree(c->bf));
+        c->bf = NULL;
+        size_t want = (na + nb) + (na + nb) / 2;
+        cudaError_t e = cudaMalloc(&c->bf, want * sizeof(__nv_bfloat16));
+        if (e != cudaSuccess)
+            util_fatal(__FILE__, __LINE__, "CUDA: cudaMalloc of %zu bf16 GEMM inputs failed: %s", want, cudaGetErrorString(e));
+        c->bf_elems = want;
+    }
+    __nv_bfloat16 *a16 = c->bf, *b16 = c->bf + na;
+    k_to_bf16<<<blocks(na), 256>>>(a16, A, ac, lda, na);
+    CK_LAUNCH("k_to_bf16");
+    k_to_bf16<<<blocks(nb), 256>>>(b16, B, bc, ldb, nb);
+    CK_LAUNCH("k_to_bf16");
+    cublasStatus_t s = cublasGemmEx(c->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                                    &alpha, b16, CUDA_R_16BF, bc, a16, CUDA_R_16BF, ac, &beta, C, CUDA_R_32F, ldc,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        util_fatal(__FILE__, __LINE__, "cuBLAS: gemmEx bf16 (trans_a=%d trans_b=%d M=%d N=%d K=%d ldc=%d) failed: %s (%d)",
+                   (int)ta, (int)tb, M, N, K, ldc, cublas_status_name(s), (int)s);
+    CK_LAUNCH("cublasGemmEx");
+}
+
 /* row-major C[M,N] = alpha op(A) op(B) + beta C is column-major C^T = op(B)^T op(A)^T.
  * K == 0 leaves C = beta C (done here, as the CPU reference does, rather than relying on
  * cuBLAS's handling of an empty product). An invalid size or leading dimension is reported by
@@ -113,6 +160,10 @@ static void cu_gemm(void *ctx, bool ta, bool tb, int M, int N, int K, float alph
         size_t total = (size_t)M * N;
         k_scale_rows<<<blocks(total), 256>>>(C, ldc, N, beta, total);
         CK_LAUNCH("k_scale_rows");
+        return;
+    }
+    if (c->gemm_bf16) {
+        gemm_bf16(c, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     cublasStatus_t s = cublasSgemm(c->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
@@ -753,11 +804,134 @@ static void cu_pool_backward(void *ctx, int pooling, float *dx, const float *dou
     CK_LAUNCH("k_pool_bwd");
 }
 
+/* ---------------------------------------------------------------------------------------
+ * routing: the host router's per-token code (route_common.h), one thread per token; the loss
+ * sums one thread per column over the tokens in order (the CPU's order, in double); the
+ * capacity queues one thread per (slot, bucket) walking the tokens in order (integers: exact).
+ * Not tuned: the per-token work is serial in E (and in the chosen groups' members). */
+enum { ROUTE_THREADS = 128 };
+static unsigned route_blocks(size_t n) {
+    size_t b = (n + ROUTE_THREADS - 1) / ROUTE_THREADS;
+    if (b > 0x7fffffffu) util_fatal(__FILE__, __LINE__, "CUDA: %zu routing items exceed one launch's grid", n);
+    return (unsigned)b;
+}
+__global__ void k_route_topk(RouteSelArgs a) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < a.N) rc_select_one(&a, t);
+}
+__global__ void k_route_two(RouteSelArgs a) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= a.N) return;
+    rc_two_scores(&a, t);
+    rc_two_choose(&a, t, NULL);
+}
+__global__ void k_route_sums(RouteSelArgs a) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col < a.E + a.G + 1) a.sums[col] = rc_sum_column(&a, col);
+}
+static void route_sums(const RouteSelArgs *a) {
+    int cols = a->E + a->G + 1;
+    k_route_sums<<<route_blocks((size_t)cols), ROUTE_THREADS>>>(*a);
+    CK_LAUNCH("k_route_sums");
+}
+static void cu_route_topk(void *ctx, const RouteSelArgs *a) {
+    (void)ctx;
+    ASSERTF(a->G == 0, "route_topk: G=%d, expected 0 (one stage)", a->G);
+    if (a->N > 0) {
+        k_route_topk<<<route_blocks((size_t)a->N), ROUTE_THREADS>>>(*a);
+        CK_LAUNCH("k_route_topk");
+    }
+    route_sums(a);
+}
+static void cu_route_two_stage(void *ctx, const RouteSelArgs *a) {
+    (void)ctx;
+    ASSERTF(a->G > 0 && a->TG >= 1 && a->TG <= a->G && a->K * a->G == a->E,
+            "route_two_stage: G=%d K=%d TG=%d E=%d", a->G, a->K, a->TG, a->E);
+    if (a->N > 0) {
+        k_route_two<<<route_blocks((size_t)a->N), ROUTE_THREADS>>>(*a);
+        CK_LAUNCH("k_route_two");
+    }
+    route_sums(a);
+}
+
+/* cnt[s, b] (zeroed first) += 1 per valid pair: integer atomics, so the result is exact */
+__global__ void k_route_count(int32_t *cnt, const int32_t *ids, const int32_t *valid, size_t n, int slots, int buckets) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n || (valid && valid[i] < 0)) return;
+    int s = (int)(i % (size_t)slots), b = ids[i];
+    if (b >= 0 && b < buckets) atomicAdd(&cnt[(size_t)s * buckets + b], 1);
+}
+static void cu_route_count(void *ctx, int32_t *cnt, const int32_t *ids, const int32_t *valid, int N, int slots, int buckets) {
+    (void)ctx;
+    size_t sb = (size_t)slots * buckets, n = (size_t)N * slots;
+    if (!sb) return;
+    CK(cudaMemset(cnt, 0, sizeof(int32_t) * sb));
+    if (!n) return;
+    k_route_count<<<route_blocks(n), ROUTE_THREADS>>>(cnt, ids, valid, n, slots, buckets);
+    CK_LAUNCH("k_route_count");
+}
+
+/* one thread per (slot s, bucket b): the kept pairs of b in slot s in token order */
+__global__ void k_route_keep(int32_t *keep, const int32_t *ids, const int64_t *base, int64_t cap, int N, int slots,
+                             int buckets) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)slots * buckets) return;
+    int s = (int)(i / (size_t)buckets), b = (int)(i % (size_t)buckets);
+    int64_t qpos = base[i];
+    for (int t = 0; t < N; t++) {
+        size_t ts = (size_t)t * slots + s;
+        if (keep[ts] < 0 || ids[ts] != b) continue;
+        if (cap >= 0 && qpos >= cap) keep[ts] = -1;
+        qpos++;
+    }
+}
+static void cu_route_keep(void *ctx, int32_t *keep, const int32_t *ids, const int64_t *base, int64_t cap, int N,
+                          int slots, int buckets) {
+    (void)ctx;
+    size_t sb = (size_t)slots * buckets;
+    if (!sb || N <= 0) return;
+    k_route_keep<<<route_blocks(sb), ROUTE_THREADS>>>(keep, ids, base, cap, N, slots, buckets);
+    CK_LAUNCH("k_route_keep");
+}
+
+__global__ void k_route_pair_keep(int32_t *pos, const int32_t *expert, const int32_t *group, const int32_t *gkeep,
+                                  const int32_t *group_of, int k, int TG, size_t n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    size_t t = i / (size_t)k;
+    int g = group_of[expert[i]], ok = 0;
+    for (int j = 0; j < TG; j++) ok |= group[t * TG + j] == g && gkeep[t * TG + j] >= 0;
+    pos[i] = ok ? 0 : -1;
+}
+static void cu_route_pair_keep(void *ctx, int32_t *pos, const int32_t *expert, const int32_t *group, const int32_t *gkeep,
+                               const int32_t *group_of, int N, int k, int TG) {
+    (void)ctx;
+    size_t n = (size_t)N * k;
+    if (!n) return;
+    k_route_pair_keep<<<route_blocks(n), ROUTE_THREADS>>>(pos, expert, group, gkeep, group_of, k, TG, n);
+    CK_LAUNCH("k_route_pair_keep");
+}
+
+__global__ void k_route_backward(RouteBwdArgs a) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= a.N) return;
+    if (a.G > 0) rc_backward_two(&a, t);
+    else rc_backward_one(&a, t);
+}
+static void cu_route_backward(void *ctx, const RouteBwdArgs *a) {
+    (void)ctx;
+    ASSERTF(a->k <= RC_MAX_K && a->TG <= RC_MAX_K, "route_backward: top-k %d or top groups %d > %d", a->k, a->TG, RC_MAX_K);
+    if (a->N <= 0) return;
+    k_route_backward<<<route_blocks((size_t)a->N), ROUTE_THREADS>>>(*a);
+    CK_LAUNCH("k_route_backward");
+}
+
 static void cu_destroy(void *ctx) {
     CudaCtx *c = (CudaCtx *)ctx;
     if (!c) return;
     if (c->partial) CK(cudaFree(c->partial));
     if (c->scratch) CK(cudaFree(c->scratch));
+    if (c->bf) CK(cudaFree(c->bf));
     CKB(cublasDestroy(c->blas));
     free(c);
 }
@@ -778,6 +952,8 @@ static BackendOps make_ops(void) {
     o.pool_forward = cu_pool_forward; o.pool_backward = cu_pool_backward;
     o.adamw = cu_adamw;
     o.combine_rows = cu_combine_rows; o.gather_rows_scaled = cu_gather_rows_scaled;
+    o.route_topk = cu_route_topk; o.route_two_stage = cu_route_two_stage; o.route_count = cu_route_count;
+    o.route_keep = cu_route_keep; o.route_pair_keep = cu_route_pair_keep; o.route_backward = cu_route_backward;
     o.destroy = cu_destroy;
     return o;
 }
@@ -810,5 +986,24 @@ extern "C" Status backend_cuda_init(Backend *be, int device) {
     be->ops = &cuda_ops;
     be->ctx = c;
     be->kind = BACKEND_CUDA;
+    return status_ok();
+}
+
+extern "C" Status backend_cuda_info(const Backend *be, char *name, size_t cap, double *mem_bytes) {
+    if (!be || be->kind != BACKEND_CUDA || !be->ctx) return status_errorf("backend_cuda_info: not a CUDA backend");
+    const CudaCtx *c = (const CudaCtx *)be->ctx;
+    cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, c->device);
+    if (e != cudaSuccess) return status_errorf("CUDA: cudaGetDeviceProperties(%d) failed: %s", c->device, cudaGetErrorString(e));
+    if (cap) snprintf(name, cap, "%s", p.name);
+    *mem_bytes = (double)p.totalGlobalMem;
+    return status_ok();
+}
+
+extern "C" Status backend_cuda_set_gemm_dtype(Backend *be, int dtype) {
+    if (!be || be->kind != BACKEND_CUDA || !be->ctx) return status_errorf("run.gemm_dtype: not a CUDA backend");
+    if (dtype != GEMM_DTYPE_FP32 && dtype != GEMM_DTYPE_BF16)
+        return status_errorf("run.gemm_dtype: unknown GEMM dtype %d (allowed: fp32, bf16)", dtype);
+    ((CudaCtx *)be->ctx)->gemm_bf16 = dtype == GEMM_DTYPE_BF16;
     return status_ok();
 }

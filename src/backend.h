@@ -13,6 +13,46 @@
 #include <stdbool.h>
 #include "util.h"
 
+/* the routing of one MoE layer on the backend (route_topk, route_two_stage): inputs, outputs and
+ * workspace, all backend memory; router.h has the meaning of each array (a Route holds their
+ * host copies). The contracts are src/router.c's: softmax in double, selection ties to the
+ * lower id, the same gates. */
+typedef struct RouteSelArgs {
+    int N, E, k;                 /* tokens, experts, experts per token */
+    int G, K, TG;                /* two stages: groups, experts per group, groups per token */
+    int renorm;                  /* renormalise the top-k gates (moe.renormalize and k > 1) */
+    int score_top2;              /* group score = top-2 members (moe.group_score top2, K >= 2), else the mean */
+    int gate_product;            /* gates = q_g x in-group p (moe.group_gate product) */
+    const float *logits;         /* [N, E] */
+    const float *bias;           /* [E] selection bias (aux_free), NULL = none */
+    const int32_t *members;      /* [G, K] (two stages) */
+    float *probs;                /* [N, E] out: softmax (two stages: in-group, 0 outside the chosen groups) */
+    double *lse;                 /* [N] out: log-sum-exp of all logits */
+    int32_t *expert;             /* [N, k] out */
+    float *gate;                 /* [N, k] out */
+    float *q;                    /* [N, G] out: group softmax (two stages) */
+    int32_t *group;              /* [N, TG] out: chosen groups (two stages) */
+    int32_t *gtop2;              /* [N, G, 2] out: top-2 members per group (two stages, score_top2) */
+    float *lsel;                 /* [N, G] out: group selection scores (two stages) */
+    double *sums;                /* [E + G + 1] out: sums over the N tokens in token order of the
+                                    probs, of q, and of lse^2 (the balance and z losses' inputs) */
+} RouteSelArgs;
+
+/* the router backward (route_backward): dlogits [N, E] (overwritten) from the forward's arrays
+ * (RouteSelArgs names), dgate [N, k] (dloss/dgate per pair, 0 for dropped pairs), the balance
+ * coefficients and the z-loss coefficient; G = 0 for one stage */
+typedef struct RouteBwdArgs {
+    int N, E, k, G, K, TG;
+    int renorm, score_top2, gate_product;
+    const float *logits, *probs, *gate, *q;
+    const double *lse;
+    const int32_t *expert, *group, *gtop2, *members;
+    const double *fcoef;         /* [E + G]: alpha E f_i / n per expert, then per group */
+    double z_coef;               /* 2 beta / n */
+    const float *dgate;          /* [N, k] */
+    float *dlogits;              /* [N, E] out */
+} RouteBwdArgs;
+
 typedef struct BackendOps {
     const char *name;
     /* memory */
@@ -95,6 +135,26 @@ typedef struct BackendOps {
     void (*gather_rows_scaled)(void *ctx, float *out, const float *x, const int32_t *idx,
                                const float *scale, int n, int D);
 
+    /* ---- routing (router.h, route_common.h): every array is backend memory ---- */
+    /* one stage: softmax, top-k, gates, lse, sums (a->G = 0) */
+    void (*route_topk)(void *ctx, const RouteSelArgs *a);
+    /* two stages: group scores and softmax, top TG groups, in-group softmax, top-k, gates, lse, sums */
+    void (*route_two_stage)(void *ctx, const RouteSelArgs *a);
+    /* cnt[slots, buckets] = pairs (t, s) with ids[t*slots + s] = b and (valid NULL or
+     * valid[t*slots + s] >= 0) (overwrite); integers, exact */
+    void (*route_count)(void *ctx, int32_t *cnt, const int32_t *ids, const int32_t *valid, int N, int slots, int buckets);
+    /* capacity from the global counts: keep[N, slots] (in/out, 0 kept / -1 dropped); kept pair
+     * (t, s) of bucket b = ids[t*slots + s] has queue position base[s*buckets + b] + the kept
+     * pairs (t' < t, s) of bucket b; dropped when cap >= 0 and that position is >= cap */
+    void (*route_keep)(void *ctx, int32_t *keep, const int32_t *ids, const int64_t *base, int64_t cap,
+                       int N, int slots, int buckets);
+    /* two stages: pos[t, s] = 0 if the group group_of[expert[t, s]] is a chosen group of token t
+     * (group[t, j]) with gkeep[t, j] >= 0, else -1 (overwrite) */
+    void (*route_pair_keep)(void *ctx, int32_t *pos, const int32_t *expert, const int32_t *group, const int32_t *gkeep,
+                            const int32_t *group_of, int N, int k, int TG);
+    /* dlogits from the gates' gradients, the balance losses and the z-loss (one or two stages) */
+    void (*route_backward)(void *ctx, const RouteBwdArgs *a);
+
     /* release the context (handles, streams); called once by backend_free */
     void (*destroy)(void *ctx);
 } BackendOps;
@@ -110,6 +170,12 @@ typedef struct Backend {
 Status backend_cpu_init(Backend *be, int threads);
 /* CUDA backend: error status if built without CUDA or no device */
 Status backend_cuda_init(Backend *be, int device);
+/* the CUDA device's name and total memory (bytes); an error status for other backends */
+Status backend_cuda_info(const Backend *be, char *name, size_t cap, double *mem_bytes);
+/* the input precision of be's gemm (enum GemmDtype): the CPU backend offers fp32 only (bf16
+ * is an error status), the CUDA backend fp32 and bf16 (cublasGemmEx, FP32 accumulate) */
+Status backend_set_gemm_dtype(Backend *be, int dtype);
+Status backend_cuda_set_gemm_dtype(Backend *be, int dtype);
 /* every slot of an ops table must be filled: an empty slot is a start-up error */
 Status backend_check(const Backend *be);
 void backend_free(Backend *be);

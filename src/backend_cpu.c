@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "route_common.h"
 
 /* declared by OpenBLAS's cblas.h; repeated so a generic cblas.h still compiles */
 void openblas_set_num_threads(int num_threads);
@@ -609,6 +610,79 @@ static void cpu_adamw(void *ctx, float *p, const float *g, float *m, float *v, s
 /* ---------------------------------------------------------------------------------------
  * the table and the backend-independent helpers */
 
+/* ---------------------------------------------------------------------------------------
+ * routing: the host router's per-token code (cuda/route_common.h), token by token */
+
+static void route_sums(const RouteSelArgs *a) {
+    int E = a->E, G = a->G, N = a->N;
+    for (int c = 0; c < E + G + 1; c++) a->sums[c] = 0;
+    for (int t = 0; t < N; t++) {       /* token order, as router_losses summed */
+        for (int i = 0; i < E; i++) a->sums[i] += a->probs[(size_t)t * E + i];
+        for (int g = 0; g < G; g++) a->sums[E + g] += a->q[(size_t)t * G + g];
+        a->sums[E + G] += a->lse[t] * a->lse[t];
+    }
+}
+static void cpu_route_topk(void *ctx, const RouteSelArgs *a) {
+    (void)ctx;
+    ASSERTF(a->G == 0, "route_topk: G=%d, expected 0 (one stage)", a->G);
+    for (int t = 0; t < a->N; t++) rc_select_one(a, t);
+    route_sums(a);
+}
+static void cpu_route_two_stage(void *ctx, const RouteSelArgs *a) {
+    (void)ctx;
+    ASSERTF(a->G > 0 && a->TG >= 1 && a->TG <= a->G && a->K * a->G == a->E,
+            "route_two_stage: G=%d K=%d TG=%d E=%d", a->G, a->K, a->TG, a->E);
+    for (int t = 0; t < a->N; t++) {
+        rc_two_scores(a, t);
+        rc_two_choose(a, t, NULL);
+    }
+    route_sums(a);
+}
+static void cpu_route_count(void *ctx, int32_t *cnt, const int32_t *ids, const int32_t *valid, int N, int slots,
+                            int buckets) {
+    (void)ctx;
+    memset(cnt, 0, sizeof(int32_t) * (size_t)slots * buckets);
+    for (int t = 0; t < N; t++)
+        for (int s = 0; s < slots; s++) {
+            size_t ts = (size_t)t * slots + s;
+            if (!valid || valid[ts] >= 0) cnt[(size_t)s * buckets + ids[ts]]++;
+        }
+}
+static void cpu_route_keep(void *ctx, int32_t *keep, const int32_t *ids, const int64_t *base, int64_t cap, int N,
+                           int slots, int buckets) {
+    (void)ctx;
+    int64_t *run = xcalloc(sizeof(int64_t) * (size_t)(buckets > 0 ? buckets : 1));
+    for (int s = 0; s < slots; s++) {
+        memset(run, 0, sizeof(int64_t) * (size_t)buckets);
+        for (int t = 0; t < N; t++) {
+            size_t ts = (size_t)t * slots + s;
+            if (keep[ts] < 0) continue;
+            int b = ids[ts];
+            int64_t qpos = base[(size_t)s * buckets + b] + run[b]++;
+            if (cap >= 0 && qpos >= cap) keep[ts] = -1;
+        }
+    }
+    xfree(run);
+}
+static void cpu_route_pair_keep(void *ctx, int32_t *pos, const int32_t *expert, const int32_t *group,
+                                const int32_t *gkeep, const int32_t *group_of, int N, int k, int TG) {
+    (void)ctx;
+    for (int t = 0; t < N; t++)
+        for (int s = 0; s < k; s++) {
+            int g = group_of[expert[(size_t)t * k + s]], ok = 0;
+            for (int j = 0; j < TG; j++) ok |= group[(size_t)t * TG + j] == g && gkeep[(size_t)t * TG + j] >= 0;
+            pos[(size_t)t * k + s] = ok ? 0 : -1;
+        }
+}
+static void cpu_route_backward(void *ctx, const RouteBwdArgs *a) {
+    (void)ctx;
+    ASSERTF(a->k <= RC_MAX_K && a->TG <= RC_MAX_K, "route_backward: top-k %d or top groups %d > %d", a->k, a->TG, RC_MAX_K);
+    for (int t = 0; t < a->N; t++) {
+        if (a->G > 0) rc_backward_two(a, t);
+        else rc_backward_one(a, t);
+    }
+}
+
 static void cpu_destroy(void *ctx) { (void)ctx; }   /* the CPU backend has no context */
 
 static const BackendOps cpu_ops = {
@@ -626,7 +700,10 @@ static const BackendOps cpu_ops = {
     .gather_dot = cpu_gather_dot,
     .pool_forward = cpu_pool_forward, .pool_backward = cpu_pool_backward,
     .adamw = cpu_adamw,
-    .combine_rows = cpu_combine_rows, .gather_rows_scaled = cpu_gather_rows_scaled, .destroy = cpu_destroy,
+    .combine_rows = cpu_combine_rows, .gather_rows_scaled = cpu_gather_rows_scaled,
+    .route_topk = cpu_route_topk, .route_two_stage = cpu_route_two_stage, .route_count = cpu_route_count,
+    .route_keep = cpu_route_keep, .route_pair_keep = cpu_route_pair_keep, .route_backward = cpu_route_backward,
+    .destroy = cpu_destroy,
 };
 
 Status backend_cpu_init(Backend *be, int threads) {
@@ -648,7 +725,8 @@ Status backend_cpu_init(Backend *be, int threads) {
     X(attention_forward) X(attention_backward) X(act_forward) X(act_backward) \
     X(axpy) X(scale) X(sumsq) X(xent_forward) X(xent_backward) \
     X(gather_rows) X(scatter_add_rows) X(gather_dot) X(pool_forward) X(pool_backward) \
-    X(adamw) X(combine_rows) X(gather_rows_scaled) X(destroy)
+    X(adamw) X(combine_rows) X(gather_rows_scaled) \
+    X(route_topk) X(route_two_stage) X(route_count) X(route_keep) X(route_pair_keep) X(route_backward) X(destroy)
 #define SLOT_COUNT(s) + 1
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + (0 BACKEND_SLOTS(SLOT_COUNT)) * sizeof(void (*)(void)),
                "BackendOps gained a slot: add it to BACKEND_SLOTS in backend_cpu.c");
@@ -663,6 +741,16 @@ Status backend_check(const Backend *be) {
     BACKEND_SLOTS(SLOT_CHECK)
 #undef SLOT_CHECK
     if (!o->name) return status_errorf("backend: ops table has no name");
+    return status_ok();
+}
+
+Status backend_set_gemm_dtype(Backend *be, int dtype) {
+    if (dtype != GEMM_DTYPE_FP32 && dtype != GEMM_DTYPE_BF16)
+        return status_errorf("run.gemm_dtype: unknown GEMM dtype %d (allowed: fp32, bf16)", dtype);
+    if (be->kind == BACKEND_CUDA) return backend_cuda_set_gemm_dtype(be, dtype);
+    if (dtype == GEMM_DTYPE_BF16)
+        return status_errorf("run.gemm_dtype=bf16: the %s backend has fp32 GEMMs only (bf16 needs run.backend=cuda)",
+                             be->ops ? be->ops->name : "(uninitialised)");
     return status_ok();
 }
 

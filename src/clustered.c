@@ -4,7 +4,9 @@
  * aux-loss-free bias method, and the structured-compression FFN with base reuse:
  *   up:   h_ti = x_t Base1_g + (x_t A1_i) B1_i^T      (x_t Base1_g once per token and group)
  *   down: y_t  = (sum_i p_ti a_ti) Base2_g + sum_i p_ti (a_ti A2_i) B2_i^T
- * Routing decisions are made on the host; every product goes through the backend.
+ * Routing (moe_route) runs through the backend's routing slots on backend arrays; the host gets
+ * the decisions the exchange needs (experts, gates, kept pairs); every product goes through
+ * the backend.
  * Inference path: when MoeParams.stored is set (precision.c), the expert products read the
  * stored formats (FP16 bases, INT4 factors) through quant.h's kernels, group by group,
  * dequantising on the fly (a block of base rows and one expert's factors at a time); the
@@ -44,7 +46,7 @@ typedef struct CScratch {
     EpPath x;                            /* the dispatch/combine exchange (flat or two-level) */
     int M, Mg;
     /* device */
-    MoeRouterDev router;                 /* logits, dlogits [N, E] */
+    MoeRouterDev router;                 /* the routing arrays (moe.h) */
     int32_t *entry_token_d, *entry_grow_d, *gentry_token_d;
     float *entry_gate_d, *dgate_d, *dgate2_d;
     float *xg, *hb, *S, *yg;             /* [Mg, D] [Mg, F1] [Mg, F] [Mg, D] */
@@ -134,8 +136,7 @@ Status clustered_state_init(MoeState *st, const MoeLayer *ml, const Backend *be,
     c->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
     c->group_off = xcalloc(sizeof(int32_t) * (G + 1));
     c->xh = xcalloc(sizeof(float) * N * D);
-    c->router.logits = moe_alloc_counted(be, &acc, sizeof(float) * N * E);
-    c->router.dlogits = moe_alloc_counted(be, &acc, sizeof(float) * N * E);
+    moe_router_dev_init(&c->router, be, &acc, n_max, E, k, G, TG);
     expert_reserve(ml, c, be, Ms);
     router_stats_init(&st->stats, E, G);
     /* the generic fields are views into the route */
@@ -157,7 +158,8 @@ void clustered_state_free(MoeState *st, const Backend *be) {
     void *host[] = {c->entry_token, c->entry_grow, c->entry_gate, c->gentry_token,
                     c->expert_off, c->group_off, c->dgate_h, c->dgate2_h, c->xh, c->entry_src, c->gfill, c->qneed};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) xfree(host[i]);
-    void *dev[] = {c->router.logits, c->router.dlogits, c->entry_token_d, c->entry_grow_d, c->gentry_token_d,
+    moe_router_dev_free(&c->router, be);
+    void *dev[] = {c->entry_token_d, c->entry_grow_d, c->gentry_token_d,
                    c->entry_gate_d, c->dgate_d, c->dgate2_d, c->xg, c->hb, c->S, c->yg,
                    c->xe, c->u, c->h, c->a, c->v, c->z, c->dyg, c->dS, c->dz, c->dv, c->da, c->tmpF,
                    c->dh, c->du, c->dxe, c->dhb, c->dxg, c->yr, c->qws};

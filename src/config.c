@@ -63,6 +63,7 @@ static const char *const cluster_mode_names[] = {"compressed", "masters", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
 static const char *const collectives_names[] = {"mpi", "nccl", NULL};
+static const char *const gemm_dtype_names[] = {"fp32", "bf16", NULL};
 static const char *const precision_names[] = {"fp32", "storage", "qat", NULL};
 static const char *const tier_names[] = {"host", "file", NULL};
 static const char *const prefetch_names[] = {"none", "ema", NULL};
@@ -96,6 +97,11 @@ static const KeyDef keys[] = {
     K_FLOAT(run.peak_gflops, 0, 0.0, 1e9, 0, 0.0,
             "sgemm peak of all ranks together (GFLOP/s) that the progress line's FLOP fraction is against; "
             "0 = measured at start-up (every rank at once, best of repeated 1024^3 products over >= 0.3 s)"),
+    K_ENUM(run.gemm_dtype, gemm_dtype_names, GEMM_DTYPE_FP32,
+           "input precision of the backend's GEMMs (the linear layers, the router and the experts): fp32, or bf16 "
+           "(run.backend=cuda only: inputs rounded to bf16 on the device, FP32 accumulation and output, FP32 master "
+           "weights and optimizer; attention's batched products stay fp32). The measured peak and the progress "
+           "line's FLOP fraction are for this precision"),
     /* data */
     K_ENUM(data.kind, data_kind_names, DATA_BROWN,
            "data set: Brown LM, WikiText LM, a GLUE task, or Brown genre classification"),
@@ -1141,6 +1147,9 @@ Status config_validate(const Config *c) {
     if (c->clustering.verify && c->offload.enabled)
         return status_errorf("clustering.verify: a rolled-back event restores the experts in place; it cannot be combined "
                              "with offload.enabled (set one of them off)");
+    if (c->run.gemm_dtype == GEMM_DTYPE_BF16 && c->run.backend != BACKEND_CUDA)
+        return status_errorf("run.gemm_dtype=bf16: the bf16 GEMMs run on the CUDA backend only; with run.backend=%s "
+                             "use run.gemm_dtype=fp32", backend_names[c->run.backend]);
     if (c->parallel.collectives == COLLECTIVES_NCCL && c->run.backend != BACKEND_CUDA)
         return status_errorf("parallel.collectives=nccl: NCCL works on device memory; it needs run.backend=cuda");
     if (c->run.backend == BACKEND_CUDA && c->offload.enabled)

@@ -27,6 +27,7 @@ enum ClusterMode { CLUSTER_MODE_COMPRESSED = 0, CLUSTER_MODE_MASTERS = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
 enum Collectives { COLLECTIVES_MPI = 0, COLLECTIVES_NCCL = 1 };
+enum GemmDtype { GEMM_DTYPE_FP32 = 0, GEMM_DTYPE_BF16 = 1 };
 enum RunMode { RUN_MODE_TRAIN = 0, RUN_MODE_SIMULATE = 1 };
 enum SimHardware { SIM_HW_H800 = 0, SIM_HW_H100 = 1, SIM_HW_H200 = 2, SIM_HW_A100 = 3, SIM_HW_CPU = 4 };
 enum SimDtype { SIM_FP32 = 0, SIM_BF16 = 1, SIM_FP8 = 2 };
@@ -46,6 +47,7 @@ typedef struct RunConfig {
     enum BackendKind backend;
     int threads;             /* BLAS threads per rank; 0 = cores / ranks-on-node */
     double peak_gflops;      /* > 0: the calibrated sgemm peak of all ranks (GFLOP/s); 0 = measure */
+    enum GemmDtype gemm_dtype;   /* input precision of the backend's GEMMs (bf16: CUDA only) */
     int mode;                /* enum RunMode: what the sweep launchers run (dcmoe train or dcmoe simulate) */
 } RunConfig;
 

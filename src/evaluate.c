@@ -136,6 +136,7 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
     if (cfg->run.backend == BACKEND_CUDA) TRY(comm_agree(comm, backend_cuda_init(&be, comm->local_rank)));
     else TRY(comm_agree(comm, backend_cpu_init(&be, 0)));
     Status bs = comm_agree(comm, backend_check(&be));
+    if (STATUS_OK(bs)) bs = comm_agree(comm, backend_set_gemm_dtype(&be, cfg->run.gemm_dtype));
     if (!STATUS_OK(bs)) { backend_free(&be); return bs; }
     Dataset ds;
     memset(&ds, 0, sizeof ds);

@@ -3,6 +3,7 @@
  * experts, top-k, routed entries kept (<= N*k). */
 #include "moe.h"
 #include "clustered.h"
+#include "route_common.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -39,12 +40,11 @@ size_t moe_n_expert_params(const MoeLayer *ml) {
 
 static void dev_free(const Backend *be, void *p) { if (p) be->ops->free(be->ctx, p); }
 
-/* device buffers hold the routing arrays the gather/combine ops read; host mirrors are
- * used for the routing decisions. On the CPU backend the copies are memcpy of a few KB. */
+/* device buffers hold the routing arrays (MoeRouterDev: the routing runs on the backend) and
+ * the entry arrays the gather/combine ops read; the host keeps what the exchange plans with.
+ * On the CPU backend the copies are memcpy of a few KB. */
 typedef struct MoeDev {
-    MoeRouterDev router;         /* logits, dlogits [N,E] */
-    int32_t *pos;                /* [N,k] */
-    float *gate;                 /* [N,k] */
+    MoeRouterDev router;         /* the routing arrays */
     int32_t *entry_token;        /* [M] */
     float *entry_gate;           /* [M] */
     float *dgate;                /* [M] */
@@ -114,10 +114,7 @@ Status moe_state_init(MoeState *st, const MoeLayer *ml, const Backend *be, const
         router_init(&st->route, n_max, E, k, 0, 0);
         moe_state_view_route(st);
         st->expert_off = xcalloc(sizeof(int32_t) * (E + 1));
-        hs->dev.router.logits = moe_alloc_counted(be, &acc, sizeof(float) * n_max * E);
-        hs->dev.router.dlogits = moe_alloc_counted(be, &acc, sizeof(float) * n_max * E);
-        hs->dev.pos = moe_alloc_counted(be, &acc, sizeof(int32_t) * Ms);
-        hs->dev.gate = moe_alloc_counted(be, &acc, sizeof(float) * Ms);
+        moe_router_dev_init(&hs->dev.router, be, &acc, n_max, E, k, 0, 0);
         epp_init(&hs->x, be, ml->ep, moe_xcomm_c(ml, comm)->topo, ml->two_level, D, n_max, k);
     }
     expert_reserve(ml, st, hs, be, Ms);
@@ -154,8 +151,8 @@ void moe_state_free(MoeState *st, const Backend *be) {
     xfree(hs->dgate_h); xfree(hs->entry_src);
     epp_free(&hs->x, be);
     dev_free(be, hs->yr);
-    dev_free(be, hs->dev.router.logits); dev_free(be, hs->dev.router.dlogits); dev_free(be, hs->dev.pos);
-    dev_free(be, hs->dev.gate); dev_free(be, hs->dev.entry_token);
+    moe_router_dev_free(&hs->dev.router, be);
+    dev_free(be, hs->dev.entry_token);
     dev_free(be, hs->dev.entry_gate); dev_free(be, hs->dev.dgate);
     dev_free(be, st->xg); dev_free(be, st->yg); dev_free(be, st->dyg); dev_free(be, st->dxg);
     dev_free(be, st->h); dev_free(be, st->a); dev_free(be, st->da); dev_free(be, st->dh);
@@ -216,30 +213,129 @@ void moe_update_bias(const MoeLayer *ml, const MoeState *st) {
 
 /* ---- the routing pipeline shared by the standard and clustered layers ---- */
 
+void moe_router_dev_init(MoeRouterDev *dv, const Backend *be, size_t *acc, int n_max, int E, int k, int G, int TG) {
+    memset(dv, 0, sizeof *dv);
+    size_t N = (size_t)(n_max > 0 ? n_max : 1), Gs = (size_t)(G > 0 ? G : 1), TGs = (size_t)(TG > 0 ? TG : 1);
+    int slots = k > TG ? k : TG, buckets = E > G ? E : G;
+    dv->logits = moe_alloc_counted(be, acc, sizeof(float) * N * E);
+    dv->dlogits = moe_alloc_counted(be, acc, sizeof(float) * N * E);
+    dv->probs = moe_alloc_counted(be, acc, sizeof(float) * N * E);
+    dv->gate = moe_alloc_counted(be, acc, sizeof(float) * N * k);
+    dv->dgate = moe_alloc_counted(be, acc, sizeof(float) * N * k);
+    dv->lse = moe_alloc_counted(be, acc, sizeof(double) * N);
+    dv->sums = moe_alloc_counted(be, acc, sizeof(double) * (size_t)(E + G + 1));
+    dv->fcoef = moe_alloc_counted(be, acc, sizeof(double) * (size_t)(E + G));
+    dv->expert = moe_alloc_counted(be, acc, sizeof(int32_t) * N * k);
+    dv->pos = moe_alloc_counted(be, acc, sizeof(int32_t) * N * k);
+    dv->cnt = moe_alloc_counted(be, acc, sizeof(int32_t) * (size_t)slots * buckets);
+    dv->base = moe_alloc_counted(be, acc, sizeof(int64_t) * (size_t)slots * buckets);
+    dv->bias = moe_alloc_counted(be, acc, sizeof(float) * E);
+    if (G > 0) {
+        dv->q = moe_alloc_counted(be, acc, sizeof(float) * N * Gs);
+        dv->lsel = moe_alloc_counted(be, acc, sizeof(float) * N * Gs);
+        dv->group = moe_alloc_counted(be, acc, sizeof(int32_t) * N * TGs);
+        dv->gkeep = moe_alloc_counted(be, acc, sizeof(int32_t) * N * TGs);
+        dv->gtop2 = moe_alloc_counted(be, acc, sizeof(int32_t) * N * Gs * 2);
+        dv->members = moe_alloc_counted(be, acc, sizeof(int32_t) * (size_t)E);
+        dv->group_of = moe_alloc_counted(be, acc, sizeof(int32_t) * (size_t)E);
+    }
+    dv->sums_h = xcalloc(sizeof(double) * (size_t)(E + G + 1));
+}
+
+void moe_router_dev_free(MoeRouterDev *dv, const Backend *be) {
+    void *d[] = {dv->logits, dv->dlogits, dv->probs, dv->gate, dv->dgate, dv->lse, dv->sums, dv->fcoef, dv->expert,
+                 dv->pos, dv->cnt, dv->base, dv->bias, dv->q, dv->lsel, dv->group, dv->gkeep, dv->gtop2,
+                 dv->members, dv->group_of};
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) dev_free(be, d[i]);
+    xfree(dv->sums_h);
+    memset(dv, 0, sizeof *dv);
+}
+
+/* the Route's arrays on the backend as routing arguments */
+static RouteSelArgs dev_sel_args(const Route *rt, const MoeConfig *mc, const MoeRouterDev *dv, int has_bias, int N) {
+    RouteSelArgs a = {.N = N, .E = rt->E, .k = rt->k, .G = rt->G, .K = rt->K, .TG = rt->TG,
+                      .renorm = mc->renormalize && rt->k > 1,
+                      .score_top2 = mc->group_score == GROUP_SCORE_TOP2 && rt->K >= 2,
+                      .gate_product = mc->group_gate == GROUP_GATE_PRODUCT,
+                      .logits = dv->logits, .bias = has_bias ? dv->bias : NULL, .members = dv->members,
+                      .probs = dv->probs, .lse = dv->lse, .expert = dv->expert, .gate = dv->gate, .q = dv->q,
+                      .group = dv->group, .gtop2 = dv->gtop2, .lsel = dv->lsel, .sums = dv->sums};
+    return a;
+}
+
 void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeState *st,
                const MoeRouterDev *dv, const float *x, int N, long n_global) {
-    int D = ml->D, E = ml->E;
+    int D = ml->D, E = ml->E, k = ml->k;
     Route *rt = &st->route;
+    const BackendOps *op = be->ops;
+    void *cx = be->ctx;
     /* router logits [N,E] = x [N,D] Wr [D,E] */
-    be->ops->gemm(be->ctx, false, false, N, E, D, 1.0f, x, D, p->router, E, 0.0f, dv->logits, E);
-    be->ops->to_host(be->ctx, rt->logits, dv->logits, sizeof(float) * N * E);
+    op->gemm(cx, false, false, N, E, D, 1.0f, x, D, p->router, E, 0.0f, dv->logits, E);
     const float *bias = NULL;
     if (ml->cfg.balance == BALANCE_AUX_FREE) {
         ASSERTF(ml->cs && ml->cs->bias, "moe.balance=aux_free: layer %d has no selection bias", ml->index);
         bias = ml->cs->bias;
     }
     int two = ml->kind == MOE_KIND_CLUSTERED;
+    int G = two ? rt->G : 0, TG = two ? rt->TG : 0;
     /* node-limited routing / home-node bias: where the units are now (follows migrations) */
     const EpMap *em = ml->ep;
     RouteNodes nd = {.n_nodes = em->n_nodes, .expert_node = em->expert_node, .home = em->home_node,
                      .max_nodes = ml->cfg.max_nodes, .home_bias = (float)ml->cfg.home_bias};
-    router_select(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N, &nd);
     /* node-aware routing only pairs units on the nodes placement chose: placement's
      * co-selection pairs come from the units each token would pick without it (not when the
      * limit cannot bind: a token selecting at most max_nodes units, and no home bias) */
     ml->ep->pref_pairs = em->n_nodes > 1 && (nd.home_bias != 0.0f || (nd.max_nodes > 0 && nd.max_nodes < nd.n_nodes &&
                                                                        (two ? rt->TG : ml->k) > nd.max_nodes));
-    if (ml->ep->pref_pairs && ml->ep->collect) {
+    int collect_pref = ml->ep->pref_pairs && ml->ep->collect;
+    int host_select = router_nodes_active(&nd);
+    int cpu = be->kind == BACKEND_CPU;
+    int host_logits = cpu || host_select || collect_pref ||
+                      (ml->cs && (ml->cs->coact || (two && ml->cs->mu_sum && !ml->cs->mu_hidden)));
+    if (host_logits) op->to_host(cx, rt->logits, dv->logits, sizeof(float) * N * E);
+    size_t Nk = (size_t)N * k;
+    if (two) {
+        op->from_host(cx, dv->members, ml->cs->members, sizeof(int32_t) * (size_t)E);
+        op->from_host(cx, dv->group_of, ml->cs->group_of, sizeof(int32_t) * (size_t)E);
+    }
+    const double *sums = NULL;
+    if (host_select) {
+        /* node-limited selection on the host; the decisions go to the backend for the capacity
+         * and the backward */
+        router_select(rt, &ml->cfg, bias, two ? ml->cs->members : NULL, N, &nd);
+        op->from_host(cx, dv->probs, rt->probs, sizeof(float) * N * E);
+        op->from_host(cx, dv->lse, rt->lse, sizeof(double) * N);
+        op->from_host(cx, dv->expert, rt->expert, sizeof(int32_t) * Nk);
+        op->from_host(cx, dv->gate, rt->gate, sizeof(float) * Nk);
+        if (two) {
+            op->from_host(cx, dv->q, rt->q, sizeof(float) * N * G);
+            op->from_host(cx, dv->group, rt->group, sizeof(int32_t) * N * TG);
+            op->from_host(cx, dv->gtop2, rt->gtop2, sizeof(int32_t) * N * G * 2);
+        }
+    } else {
+        ASSERTF(N <= rt->n_max, "moe_route: %d tokens > capacity %d", N, rt->n_max);
+        rt->N = N;
+        if (bias) op->from_host(cx, dv->bias, bias, sizeof(float) * E);
+        RouteSelArgs a = dev_sel_args(rt, &ml->cfg, dv, bias != NULL, N);
+        if (two) op->route_two_stage(cx, &a);
+        else op->route_topk(cx, &a);
+        /* what the exchange and the statistics need */
+        op->to_host(cx, rt->expert, dv->expert, sizeof(int32_t) * Nk);
+        op->to_host(cx, rt->gate, dv->gate, sizeof(float) * Nk);
+        op->to_host(cx, dv->sums_h, dv->sums, sizeof(double) * (size_t)(E + G + 1));
+        sums = dv->sums_h;
+        if (cpu) {   /* the full host mirror (memcpy on the CPU backend) */
+            op->to_host(cx, rt->probs, dv->probs, sizeof(float) * N * E);
+            op->to_host(cx, rt->lse, dv->lse, sizeof(double) * N);
+            if (two) {
+                op->to_host(cx, rt->q, dv->q, sizeof(float) * N * G);
+                op->to_host(cx, rt->group, dv->group, sizeof(int32_t) * N * TG);
+                op->to_host(cx, rt->gtop2, dv->gtop2, sizeof(int32_t) * N * G * 2);
+                op->to_host(cx, rt->lsel, dv->lsel, sizeof(float) * N * G);
+            }
+        }
+    }
+    if (collect_pref) {
         int n_pref = two ? rt->TG : ml->k;
         if (n_pref < 2) n_pref = 2;
         if (n_pref > (two ? rt->G : E)) n_pref = two ? rt->G : E;
@@ -249,8 +345,11 @@ void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParam
         xfree(pu);
     }
     router_nodes_touched(rt, &nd);
-    router_capacity(rt, &ml->cfg, comm, two ? ml->cs->group_of : NULL, n_global, &st->stats);
-    router_losses(rt, &ml->cfg, comm, n_global, &st->stats);
+    RouteCapDev cd = {.expert = dv->expert, .group = dv->group, .group_of = dv->group_of, .pos = dv->pos,
+                      .gkeep = dv->gkeep, .cnt = dv->cnt, .base = dv->base};
+    router_capacity_dev(rt, &ml->cfg, comm, be, &cd, n_global, &st->stats);
+    op->to_host(cx, rt->pos, dv->pos, sizeof(int32_t) * Nk);
+    router_losses_sums(rt, &ml->cfg, comm, n_global, &st->stats, sums);
 }
 
 /* each token once per destination rank of its kept experts (so once per chosen group when
@@ -277,14 +376,24 @@ void moe_need(const MoeLayer *ml, const int32_t *off, int n_units) {
 void moe_route_backward(const MoeLayer *ml, const EpPath *xp, const Backend *be, const MoeParams *p, MoeParams *g,
                         MoeState *st, const MoeRouterDev *dv, float *dx, const float *x) {
     Route *rt = &st->route;
-    int N = rt->N, D = ml->D, E = ml->E, k = ml->k;
+    int N = rt->N, D = ml->D, E = ml->E, k = ml->k, G = rt->G;
+    const BackendOps *op = be->ops;
+    void *cx = be->ctx;
+    ASSERTF(rt->k <= RC_MAX_K && rt->TG <= RC_MAX_K, "router backward: top-k %d or top groups %d > %d",
+            rt->k, rt->TG, RC_MAX_K);
     for (size_t ts = 0; ts < (size_t)N * k; ts++)
         rt->dgate[ts] = rt->pos[ts] >= 0 ? xp->a.sval[rt->pos[ts]] : 0.0f;
-    router_backward(rt, &ml->cfg, ml->kind == MOE_KIND_CLUSTERED ? ml->cs->members : NULL, rt->dgate);
-    be->ops->from_host(be->ctx, dv->dlogits, rt->dlogits, sizeof(float) * N * E);
+    /* the host arguments (coefficients into rt->fcoef), pointed at the backend arrays */
+    RouteBwdArgs a = router_bwd_args(rt, &ml->cfg, ml->kind == MOE_KIND_CLUSTERED ? dv->members : NULL, dv->dgate);
+    op->from_host(cx, dv->dgate, rt->dgate, sizeof(float) * (size_t)N * k);
+    op->from_host(cx, dv->fcoef, rt->fcoef, sizeof(double) * (size_t)(E + G));
+    a.logits = dv->logits; a.probs = dv->probs; a.gate = dv->gate; a.q = dv->q; a.lse = dv->lse;
+    a.expert = dv->expert; a.group = dv->group; a.gtop2 = dv->gtop2; a.fcoef = dv->fcoef; a.dlogits = dv->dlogits;
+    op->route_backward(cx, &a);
+    if (be->kind == BACKEND_CPU) op->to_host(cx, rt->dlogits, dv->dlogits, sizeof(float) * (size_t)N * E);
     /* dWr [D,E] += x^T dlogits;  dx [N,D] += dlogits Wr^T */
-    be->ops->gemm(be->ctx, true, false, D, E, N, 1.0f, x, D, dv->dlogits, E, 1.0f, g->router, E);
-    be->ops->gemm(be->ctx, false, true, N, D, E, 1.0f, dv->dlogits, E, p->router, E, 1.0f, dx, D);
+    op->gemm(cx, true, false, D, E, N, 1.0f, x, D, dv->dlogits, E, 1.0f, g->router, E);
+    op->gemm(cx, false, true, N, D, E, 1.0f, dv->dlogits, E, p->router, E, 1.0f, dx, D);
 }
 
 /* expert side of the exchange: received entries sorted by local expert slot (stable, so in

@@ -122,9 +122,26 @@ void moe_update_bias(const MoeLayer *ml, const MoeState *st);
  *   ... the layer's expert computation and epp_return_combine ...
  *   moe_route_backward dgates back -> router backward -> dWr, dx
  * Layer-private state (buffers, accounting) stays in moe.c / clustered.c. */
+/* The routing runs on the backend (RouteSelArgs / RouteBwdArgs slots) on these backend
+ * arrays; the host Route gets what the exchange and the statistics need (expert, gate, pos
+ * [N,k], the loss sums), plus logits when a host consumer reads them (node-aware routing and
+ * placement, the clustering centroids) and, on the CPU backend (where the copies are memcpy),
+ * every array, so host readers of the Route see what they saw before. Node-limited routing or
+ * a home bias select on the host (router_select) and upload the decisions. */
 typedef struct MoeRouterDev {
-    float *logits, *dlogits;     /* [n_max, E] device copies */
+    float *logits, *dlogits;     /* [n_max, E] */
+    float *probs, *gate, *q, *lsel, *dgate;   /* [n, E] [n, k] [n, G] [n, G] [n, k] */
+    double *lse, *sums, *fcoef;  /* [n] [E + G + 1] [E + G] */
+    int32_t *expert, *pos, *group, *gtop2, *gkeep;   /* [n, k] [n, k] [n, TG] [n, G, 2] [n, TG] */
+    int32_t *cnt;                /* [slots * buckets] */
+    int64_t *base;               /* [slots * buckets] */
+    float *bias;                 /* [E] */
+    int32_t *members, *group_of; /* [G, K], [E] */
+    double *sums_h;              /* host: [E + G + 1] */
 } MoeRouterDev;
+/* allocate (counted into *acc) / free the router's backend arrays for n_max tokens */
+void moe_router_dev_init(MoeRouterDev *dv, const Backend *be, size_t *acc, int n_max, int E, int k, int G, int TG);
+void moe_router_dev_free(MoeRouterDev *dv, const Backend *be);
 void moe_route(const MoeLayer *ml, const Backend *be, Comm *comm, const MoeParams *p, MoeState *st,
                const MoeRouterDev *dv, const float *x, int N, long n_global);
 void moe_dispatch(const MoeLayer *ml, EpPath *xp, const Backend *be, Comm *comm, MoeState *st, const float *x);

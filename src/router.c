@@ -3,8 +3,12 @@
  * stage), experts per group, groups per token.
  * The arithmetic of each stage is kept exactly as the layers had it (the reference and
  * bitwise tests pin it), which is why the one- and two-stage paths of router_losses and
- * router_backward differ in operation order. */
+ * router_backward differ in operation order. The per-token selection and backward live in
+ * cuda/route_common.h (shared with the backends' routing slots); node-limited routing, the
+ * preferred units and the host capacity stay here; router_capacity_dev runs the capacity
+ * through the backend's route_count / route_keep / route_pair_keep. */
 #include "router.h"
+#include "route_common.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -24,8 +28,7 @@ void router_init(Route *r, int n_max, int E, int k, int G, int TG) {
     r->dgate = xcalloc(sizeof(float) * Ms);
     r->dlogits = xcalloc(sizeof(float) * N * E);
     r->fcoef_e = xcalloc(sizeof(double) * E);
-    r->dpf = xcalloc(sizeof(float) * E);
-    r->dpd = xcalloc(sizeof(double) * (size_t)(E > G ? E : G));
+    r->fcoef = xcalloc(sizeof(double) * (size_t)(E + (G > 0 ? G : 0)));
     int slots = k > r->TG ? k : r->TG, buckets = E > G ? E : G;
     r->cnt = xcalloc(sizeof(int32_t) * (size_t)slots * buckets);
     if (G > 0) {
@@ -34,13 +37,14 @@ void router_init(Route *r, int n_max, int E, int k, int G, int TG) {
         r->gtop2 = xcalloc(sizeof(int32_t) * N * G * 2);
         r->gkeep = xcalloc(sizeof(int32_t) * N * TG);
         r->fcoef_g = xcalloc(sizeof(double) * G);
+        r->lsel = xcalloc(sizeof(float) * N * G);
     }
 }
 
 void router_free(Route *r) {
     if (!r) return;
     void *a[] = {r->logits, r->probs, r->lse, r->expert, r->gate, r->pos, r->dgate, r->dlogits, r->fcoef_e,
-                 r->dpf, r->dpd, r->cnt, r->cnt_all, r->q, r->group, r->gtop2, r->gkeep, r->fcoef_g};
+                 r->fcoef, r->lsel, r->cnt, r->cnt_all, r->q, r->group, r->gtop2, r->gkeep, r->fcoef_g};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) xfree(a[i]);
     memset(r, 0, sizeof *r);
 }
@@ -61,19 +65,9 @@ void router_stats_free(RouteStats *s) {
 
 /* ---- selection ---- */
 
-/* p[E] = softmax(l[E]) with double accumulation; returns the log-sum-exp */
-static double softmax_row(const float *l, float *p, int E) {
-    float mx = l[0];
-    for (int e = 1; e < E; e++) if (l[e] > mx) mx = l[e];
-    double sum = 0;
-    for (int e = 0; e < E; e++) sum += exp((double)l[e] - mx);
-    for (int e = 0; e < E; e++) p[e] = (float)(exp((double)l[e] - mx) / sum);
-    return mx + log(sum);
-}
-
 /* ---- nodes ---- */
 
-static int nodes_active(const RouteNodes *nd) {
+int router_nodes_active(const RouteNodes *nd) {
     return nd && nd->expert_node && ((nd->max_nodes > 0 && nd->n_nodes > nd->max_nodes) || nd->home_bias != 0.0f);
 }
 
@@ -125,7 +119,7 @@ static void select_one_stage_nodes(Route *r, const MoeConfig *mc, const float *b
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
         float *p = r->probs + (size_t)t * E;
-        r->lse[t] = softmax_row(l, p, E);
+        r->lse[t] = rc_softmax_row(l, p, E);
         for (int e = 0; e < E; e++)
             score[e] = l[e] + (bias ? bias[e] : 0.0f) + (nd->expert_node[e] == nd->home ? nd->home_bias : 0.0f);
         node_filter(nd, score, nd->expert_node, E, m, allowed);
@@ -153,152 +147,50 @@ static void select_one_stage_nodes(Route *r, const MoeConfig *mc, const float *b
     xfree(allowed);
 }
 
+/* the host Route's arrays as the backends' routing arguments */
+RouteSelArgs router_sel_args(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N) {
+    RouteSelArgs a = {.N = N, .E = r->E, .k = r->k, .G = r->G, .K = r->K, .TG = r->TG,
+                      .renorm = mc->renormalize && r->k > 1,
+                      .score_top2 = mc->group_score == GROUP_SCORE_TOP2 && r->K >= 2,
+                      .gate_product = mc->group_gate == GROUP_GATE_PRODUCT,
+                      .logits = r->logits, .bias = bias, .members = members, .probs = r->probs, .lse = r->lse,
+                      .expert = r->expert, .gate = r->gate, .q = r->q, .group = r->group, .gtop2 = r->gtop2,
+                      .lsel = r->lsel, .sums = NULL};
+    return a;
+}
+
 /* one stage: softmax rows with log-sum-exp (double accumulation), top-k by probability (ties:
  * lower id), or by logit + bias_e with aux_free bias (the gates stay the unbiased probs) */
 static void select_one_stage(Route *r, const MoeConfig *mc, const float *bias, int N) {
-    int E = r->E, k = r->k;
-    for (int t = 0; t < N; t++) {
-        const float *l = r->logits + (size_t)t * E;
-        float *p = r->probs + (size_t)t * E;
-        r->lse[t] = softmax_row(l, p, E);
-        int32_t *sel = r->expert + (size_t)t * k;
-        float *gate = r->gate + (size_t)t * k;
-        double gsum = 0;
-        for (int s = 0; s < k; s++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int q = 0; q < s; q++) taken |= sel[q] == e;
-                if (taken) continue;
-                if (best < 0) best = e;
-                else if (bias ? l[e] + bias[e] > l[best] + bias[best] : p[e] > p[best]) best = e;
-            }
-            sel[s] = best;
-            gate[s] = p[best];
-            gsum += p[best];
-        }
-        if (mc->renormalize && k > 1)
-            for (int s = 0; s < k; s++) gate[s] = (float)(gate[s] / gsum);
-    }
+    RouteSelArgs a = router_sel_args(r, mc, bias, NULL, N);
+    for (int t = 0; t < N; t++) rc_select_one(&a, t);
 }
 
-static int better(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
-
-/* index j of the chosen group gs[j] that holds expert e (members [G, K]), -1 if none */
-static int group_pos(const int32_t *members, int K, const int32_t *gs, int TG, int e) {
-    for (int j = 0; j < TG; j++)
-        for (int q = 0; q < K; q++)
-            if (members[(size_t)gs[j] * K + q] == e) return j;
-    return -1;
-}
+#define better rc_better
 
 /* two stages for every token: group scores, group softmax q, chosen groups, in-group
  * softmax, top-k experts and gates. Selection uses logits + bias; probabilities never do. */
 static void select_two_stage(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N,
                              const RouteNodes *nd) {
-    int E = r->E, G = r->G, K = r->K, k = r->k, TG = r->TG;
-    float lam[4096], lsel[4096], sel[4096];
+    int G = r->G, K = r->K, TG = r->TG;
     int32_t gnode[4096];
     int8_t gallow[4096];
-    ASSERTF(G <= 4096 && E <= 4096, "clustered routing supports at most 4096 experts");
-    int use_nodes = nodes_active(nd);
+    ASSERTF(G <= 4096 && r->E <= 4096, "clustered routing supports at most 4096 experts");
+    int use_nodes = router_nodes_active(nd);
     int mg = use_nodes && nd->max_nodes > 0 ? (TG + nd->max_nodes - 1) / nd->max_nodes : 1;
     if (use_nodes)   /* a group's members live on one rank: the group's node is its first member's */
         for (int g = 0; g < G; g++) gnode[g] = nd->expert_node[members[(size_t)g * K]];
+    RouteSelArgs a = router_sel_args(r, mc, bias, members, N);
     for (int t = 0; t < N; t++) {
-        const float *l = r->logits + (size_t)t * E;
-        for (int i = 0; i < E; i++) sel[i] = l[i] + (bias ? bias[i] : 0.0f);
-        /* group scores */
-        for (int g = 0; g < G; g++) {
-            const int32_t *mem = members + (size_t)g * K;
-            if (mc->group_score == GROUP_SCORE_TOP2 && K >= 2) {
-                int b0 = -1, b1 = -1;   /* top-2 members by selection score */
-                for (int j = 0; j < K; j++) {
-                    int i = mem[j];
-                    if (b0 < 0 || better(sel[i], i, sel[b0], b0)) { b1 = b0; b0 = i; }
-                    else if (b1 < 0 || better(sel[i], i, sel[b1], b1)) b1 = i;
-                }
-                r->gtop2[((size_t)t * G + g) * 2] = b0;
-                r->gtop2[((size_t)t * G + g) * 2 + 1] = b1;
-                lam[g] = l[b0] + l[b1];
-                lsel[g] = sel[b0] + sel[b1];
-            } else {
-                double s = 0, s2 = 0;
-                for (int j = 0; j < K; j++) { s += l[mem[j]]; s2 += sel[mem[j]]; }
-                lam[g] = (float)(s / K);
-                lsel[g] = (float)(s2 / K);
-            }
-        }
-        float mx = lam[0];
-        for (int g = 1; g < G; g++) if (lam[g] > mx) mx = lam[g];
-        double zs = 0;
-        for (int g = 0; g < G; g++) zs += exp((double)lam[g] - mx);
-        float *qt = r->q + (size_t)t * G;
-        for (int g = 0; g < G; g++) qt[g] = (float)(exp((double)lam[g] - mx) / zs);
-        /* stage 1: top TG groups by selection score (with nodes: home bias, then only groups
-         * on the token's chosen nodes) */
+        rc_two_scores(&a, t);
+        /* stage 1 with nodes: home bias, then only groups on the token's chosen nodes */
         if (use_nodes) {
+            float *lsel = r->lsel + (size_t)t * G;
             for (int g = 0; g < G; g++) if (gnode[g] == nd->home) lsel[g] += nd->home_bias;
             node_filter(nd, lsel, gnode, G, mg, gallow);
         }
-        int32_t *gs = r->group + (size_t)t * TG;
-        for (int j = 0; j < TG; j++) {
-            int best = -1;
-            for (int g = 0; g < G; g++) {
-                if (use_nodes && !gallow[g]) continue;
-                int taken = 0;
-                for (int q = 0; q < j; q++) taken |= gs[q] == g;
-                if (!taken && (best < 0 || better(lsel[g], g, lsel[best], best))) best = g;
-            }
-            ASSERTF(best >= 0, "node-limited routing: fewer than top_groups=%d groups on the chosen nodes", TG);
-            gs[j] = best;
-        }
-        /* stage 2: softmax over the chosen groups' members, top-k by selection score */
-        float *pt = r->probs + (size_t)t * E;
-        memset(pt, 0, sizeof(float) * E);
-        float lm = -INFINITY;
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; if (l[i] > lm) lm = l[i]; }
-        double ps = 0;
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; ps += exp((double)l[i] - lm); }
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) {
-                int i = members[(size_t)gs[j] * K + q];
-                pt[i] = (float)(exp((double)l[i] - lm) / ps);
-            }
-        int32_t *tk = r->expert + (size_t)t * k;
-        float *gt = r->gate + (size_t)t * k;
-        double gsum = 0;
-        for (int s = 0; s < k; s++) {
-            int best = -1;
-            for (int j = 0; j < TG; j++)
-                for (int q = 0; q < K; q++) {
-                    int i = members[(size_t)gs[j] * K + q], taken = 0;
-                    for (int u = 0; u < s; u++) taken |= tk[u] == i;
-                    if (!taken && (best < 0 || better(sel[i], i, sel[best], best))) best = i;
-                }
-            tk[s] = best;
-            gt[s] = pt[best];
-            gsum += pt[best];
-        }
-        if (mc->group_gate == GROUP_GATE_PRODUCT) {
-            /* gate = q_g x p renormalised over the chosen experts of the expert's group */
-            for (int j = 0; j < TG; j++) {
-                double zg = 0;
-                for (int s = 0; s < k; s++)
-                    if (group_pos(members, K, gs, TG, tk[s]) == j) zg += pt[tk[s]];
-                for (int s = 0; s < k; s++)
-                    if (group_pos(members, K, gs, TG, tk[s]) == j) gt[s] = (float)(qt[gs[j]] * (pt[tk[s]] / zg));
-            }
-        } else if (mc->renormalize && k > 1)
-            for (int s = 0; s < k; s++) gt[s] = (float)(gt[s] / gsum);
-        /* z-loss over every expert logit */
-        float am = l[0];
-        for (int i = 1; i < E; i++) if (l[i] > am) am = l[i];
-        double as = 0;
-        for (int i = 0; i < E; i++) as += exp((double)l[i] - am);
-        r->lse[t] = am + log(as);
+        int rc = rc_two_choose(&a, t, use_nodes ? gallow : NULL);
+        ASSERTF(rc == 0, "node-limited routing: fewer than top_groups=%d groups on the chosen nodes", TG);
     }
 }
 
@@ -307,7 +199,7 @@ void router_select(Route *r, const MoeConfig *mc, const float *bias, const int32
     ASSERTF(N <= r->n_max, "router_select: %d tokens > capacity %d", N, r->n_max);
     r->N = N;
     if (r->G > 0) select_two_stage(r, mc, bias, members, N, nodes);
-    else if (nodes_active(nodes)) select_one_stage_nodes(r, mc, bias, nodes, N);
+    else if (router_nodes_active(nodes)) select_one_stage_nodes(r, mc, bias, nodes, N);
     else select_one_stage(r, mc, bias, N);
 }
 
@@ -470,17 +362,72 @@ void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *g
     xfree(base); xfree(run);
 }
 
+/* the backend-side capacity: the same queues as router_capacity, with the counting and the
+ * keep decisions on backend arrays (only the counts come to the host, for the gather) */
+static void dev_queue(Route *r, Comm *comm, const Backend *be, const RouteCapDev *d, const int32_t *ids,
+                      const int32_t *valid, int N, int n_slots, int n_buckets, long *base, int64_t *base64, double *total) {
+    size_t per = (size_t)n_slots * n_buckets;
+    be->ops->route_count(be->ctx, d->cnt, ids, valid, N, n_slots, n_buckets);
+    be->ops->to_host(be->ctx, r->cnt, d->cnt, sizeof(int32_t) * per);
+    queue_bases(r, comm, n_slots, n_buckets, base, total);
+    for (size_t i = 0; i < per; i++) base64[i] = base[i];
+    be->ops->from_host(be->ctx, d->base, base64, sizeof(int64_t) * per);
+}
+
+void router_capacity_dev(Route *r, const MoeConfig *mc, Comm *comm, const Backend *be, const RouteCapDev *d,
+                         long n_global, RouteStats *st) {
+    int E = r->E, G = r->G, k = r->k, TG = r->TG, N = r->N;
+    long cap_e = mc->dropless ? -1 : (long)ceil(mc->capacity_factor * (double)n_global * k / E);
+    st->capacity = cap_e;
+    int slots = k > TG ? k : TG, buckets = E > G ? E : G;
+    long *base = xcalloc(sizeof(long) * (size_t)slots * buckets);
+    int64_t *base64 = xcalloc(sizeof(int64_t) * (size_t)slots * buckets);
+    if (G > 0) {
+        /* group level: gkeep 0 kept / -1 dropped, then the pairs of a dropped (token, group) */
+        long cap_g = mc->dropless ? -1 : (long)ceil(mc->group_capacity_factor * (double)n_global * TG / G);
+        dev_queue(r, comm, be, d, d->group, NULL, N, TG, G, base, base64, st->group_counts);
+        double g_routed = 0, g_kept = 0;
+        for (int g = 0; g < G; g++) {
+            g_routed += st->group_counts[g];
+            g_kept += cap_g < 0 || st->group_counts[g] <= cap_g ? st->group_counts[g] : cap_g;
+        }
+        st->group_dropped_frac = g_routed > 0 ? (g_routed - g_kept) / g_routed : 0;
+        be->ops->zero(be->ctx, d->gkeep, sizeof(int32_t) * (size_t)(N ? N : 1) * TG);
+        be->ops->route_keep(be->ctx, d->gkeep, d->group, d->base, cap_g, N, TG, G);
+        be->ops->route_pair_keep(be->ctx, d->pos, d->expert, d->group, d->gkeep, d->group_of, N, k, TG);
+    } else be->ops->zero(be->ctx, d->pos, sizeof(int32_t) * (size_t)(N ? N : 1) * k);
+    /* expert level, on the pairs whose group survived */
+    dev_queue(r, comm, be, d, d->expert, d->pos, N, k, E, base, base64, st->counts_routed);
+    double routed = 0, kept_total = 0;
+    for (int e = 0; e < E; e++) {
+        double a = st->counts_routed[e];
+        st->counts[e] = cap_e < 0 || a <= cap_e ? a : (double)cap_e;
+        routed += a;
+        kept_total += st->counts[e];
+    }
+    st->dropped_frac = routed > 0 ? (routed - kept_total) / routed : 0;
+    be->ops->route_keep(be->ctx, d->pos, d->expert, d->base, cap_e, N, k, E);
+    xfree(base);
+    xfree(base64);
+}
+
 /* ---- losses ---- */
 
 void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *st) {
+    router_losses_sums(r, mc, comm, n_global, st, NULL);
+}
+
+void router_losses_sums(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *st, const double *sums) {
     int E = r->E, G = r->G, k = r->k, TG = r->TG, N = r->N;
     /* global P_i (mean prob), group q, and sum lse^2: one allreduce of E + G + 1 doubles */
     double *red = xcalloc(sizeof(double) * (2 * E + G + 3));
-    for (int t = 0; t < N; t++) {
-        for (int i = 0; i < E; i++) red[i] += r->probs[(size_t)t * E + i];
-        for (int g = 0; g < G; g++) red[E + g] += r->q[(size_t)t * G + g];
-        red[E + G] += r->lse[t] * r->lse[t];
-    }
+    if (sums) memcpy(red, sums, sizeof(double) * (size_t)(E + G + 1));
+    else
+        for (int t = 0; t < N; t++) {
+            for (int i = 0; i < E; i++) red[i] += r->probs[(size_t)t * E + i];
+            for (int g = 0; g < G; g++) red[E + g] += r->q[(size_t)t * G + g];
+            red[E + G] += r->lse[t] * r->lse[t];
+        }
     red[E + G + 1] = r->nodes_sum;      /* the node counts and selections ride along (element-wise sums) */
     red[E + G + 2] = r->nodes_over;
     for (size_t q = 0; q < (size_t)N * r->k; q++) red[E + G + 3 + r->expert[q]] += 1;
@@ -511,118 +458,29 @@ void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, Rou
 
 /* ---- backward ---- */
 
-/* gradient of one token's top-k gates with respect to the chosen experts' probabilities:
- * dg[s] = dloss/dgate_s (0 for dropped slots); renormalised gates g_s = p_s / Z give
- * inc[s] = (dg_s - sum_j dg_j g_j) / Z, raw gates inc[s] = dg_s */
-static void gate_backward(int k, const int32_t *sel, const float *gate, const float *probs, const double *dg,
-                          int renorm, double *inc) {
-    if (!renorm) {
-        for (int s = 0; s < k; s++) inc[s] = dg[s];
-        return;
-    }
-    double Z = 0, dot = 0;
-    for (int s = 0; s < k; s++) {
-        Z += probs[sel[s]];
-        dot += dg[s] * gate[s];
-    }
-    for (int s = 0; s < k; s++) inc[s] = (dg[s] - dot) / Z;
-}
-
-/* one stage: gates -> probs (+ aux coefficient) -> softmax backward + z-loss */
-static void backward_one_stage(Route *r, const MoeConfig *mc, const float *dgate) {
-    int E = r->E, k = r->k, N = r->N;
-    float *dpt = r->dpf;
-    for (int t = 0; t < N; t++) {
-        const float *pr = r->probs + (size_t)t * E;
-        for (int e = 0; e < E; e++) dpt[e] = (float)r->fcoef_e[e];
-        const int32_t *sel = r->expert + (size_t)t * k;
-        const float *gate = r->gate + (size_t)t * k;
-        double dg[64], inc[64];
-        for (int s = 0; s < k; s++) dg[s] = dgate[(size_t)t * k + s];
-        gate_backward(k, sel, gate, pr, dg, mc->renormalize && k > 1, inc);
-        for (int s = 0; s < k; s++) dpt[sel[s]] += (float)inc[s];
-        double s_pd = 0;
-        for (int e = 0; e < E; e++) s_pd += (double)pr[e] * dpt[e];
-        float *dl = r->dlogits + (size_t)t * E;
-        double zc = r->z_coef * r->lse[t];
-        for (int e = 0; e < E; e++) dl[e] = (float)(pr[e] * ((double)dpt[e] - s_pd) + zc * pr[e]);
-    }
-}
-
-/* two stages: gates -> in-group softmax, group balance through q, z-loss -> logits */
-static void backward_two_stage(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate) {
-    int E = r->E, G = r->G, K = r->K, k = r->k, TG = r->TG, N = r->N;
-    double *dp = r->dpd, dq[4096];
-    for (int t = 0; t < N; t++) {
-        const float *pt = r->probs + (size_t)t * E, *qt = r->q + (size_t)t * G, *l = r->logits + (size_t)t * E;
-        const int32_t *gs = r->group + (size_t)t * TG, *tk = r->expert + (size_t)t * k;
-        const float *gt = r->gate + (size_t)t * k;
-        float *dl = r->dlogits + (size_t)t * E;
-        for (int i = 0; i < E; i++) { dp[i] = 0; dl[i] = 0; }
-        /* candidates: members of the chosen groups; in-group aux gradient on every candidate */
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; dp[i] = r->fcoef_e[i]; }
-        double dg[64], inc[64], ag[64] = {0}, atot = 0;
-        int product = mc->group_gate == GROUP_GATE_PRODUCT;
-        for (int s = 0; s < k; s++) dg[s] = (double)dgate[(size_t)t * k + s];
-        if (!product) {
-            gate_backward(k, tk, gt, pt, dg, mc->renormalize && k > 1, inc);
-            for (int s = 0; s < k; s++) dp[tk[s]] += inc[s];
-        } else {
-            /* gate_s = q_g p~_s, p~ = p renormalised over C_g (the chosen experts of group g):
-             * within the group dl_i += q_g p~_i (dg_i - sum_C dg p~); through q: A_g = sum_C dg gate */
-            for (int j = 0; j < TG; j++) {
-                double zg = 0, dot = 0;
-                for (int s = 0; s < k; s++)
-                    if (group_pos(members, K, gs, TG, tk[s]) == j) zg += pt[tk[s]];
-                for (int s = 0; s < k; s++)
-                    if (group_pos(members, K, gs, TG, tk[s]) == j) dot += dg[s] * (pt[tk[s]] / zg);
-                for (int s = 0; s < k; s++) {
-                    if (group_pos(members, K, gs, TG, tk[s]) != j) continue;
-                    double pn = pt[tk[s]] / zg;
-                    dl[tk[s]] += (float)(qt[gs[j]] * pn * (dg[s] - dot));
-                    ag[j] += dg[s] * gt[s];
-                }
-                atot += ag[j];
-            }
-        }
-        double spd = 0;
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) { int i = members[(size_t)gs[j] * K + q]; spd += pt[i] * dp[i]; }
-        for (int j = 0; j < TG; j++)
-            for (int q = 0; q < K; q++) {
-                int i = members[(size_t)gs[j] * K + q];
-                dl[i] += (float)(pt[i] * (dp[i] - spd));
-            }
-        /* group balance: dq_g = coef_g; softmax backward to the group scores */
-        double sqd = 0;
-        for (int gg = 0; gg < G; gg++) { dq[gg] = r->fcoef_g[gg]; sqd += qt[gg] * dq[gg]; }
-        for (int gg = 0; gg < G; gg++) {
-            double dlam = qt[gg] * (dq[gg] - sqd);
-            if (product) {   /* the task term through q_g: A_g - q_g sum A */
-                double a = 0;
-                for (int j = 0; j < TG; j++) if (gs[j] == gg) a = ag[j];
-                dlam += a - qt[gg] * atot;
-            }
-            if (dlam == 0) continue;
-            if (mc->group_score == GROUP_SCORE_TOP2 && K >= 2) {
-                dl[r->gtop2[((size_t)t * G + gg) * 2]] += (float)dlam;
-                dl[r->gtop2[((size_t)t * G + gg) * 2 + 1]] += (float)dlam;
-            } else {
-                for (int q = 0; q < K; q++) dl[members[(size_t)gg * K + q]] += (float)(dlam / K);
-            }
-        }
-        if (r->z_coef != 0) {
-            double zc = r->z_coef * r->lse[t];
-            for (int i = 0; i < E; i++) dl[i] += (float)(zc * exp((double)l[i] - r->lse[t]));
-        }
-    }
+/* the host Route's arrays as the backends' backward arguments (fcoef: [E + G], the Route's
+ * fcoef_e then fcoef_g copied into r->fcoef) */
+RouteBwdArgs router_bwd_args(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate) {
+    int E = r->E, G = r->G;
+    for (int i = 0; i < E; i++) r->fcoef[i] = r->fcoef_e[i];
+    for (int g = 0; g < G; g++) r->fcoef[E + g] = r->fcoef_g[g];
+    RouteBwdArgs a = {.N = r->N, .E = E, .k = r->k, .G = G, .K = r->K, .TG = r->TG,
+                      .renorm = mc->renormalize && r->k > 1,
+                      .score_top2 = mc->group_score == GROUP_SCORE_TOP2 && r->K >= 2,
+                      .gate_product = mc->group_gate == GROUP_GATE_PRODUCT,
+                      .logits = r->logits, .probs = r->probs, .gate = r->gate, .q = r->q, .lse = r->lse,
+                      .expert = r->expert, .group = r->group, .gtop2 = r->gtop2, .members = members,
+                      .fcoef = r->fcoef, .z_coef = r->z_coef, .dgate = dgate, .dlogits = r->dlogits};
+    return a;
 }
 
 void router_backward(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate) {
-    ASSERTF(r->k <= 64, "router_backward: top-k %d > 64", r->k);
-    if (r->G > 0) backward_two_stage(r, mc, members, dgate);
-    else backward_one_stage(r, mc, dgate);
+    ASSERTF(r->k <= RC_MAX_K && r->TG <= RC_MAX_K, "router_backward: top-k %d or top groups %d > %d", r->k, r->TG, RC_MAX_K);
+    RouteBwdArgs a = router_bwd_args(r, mc, members, dgate);
+    for (int t = 0; t < r->N; t++) {
+        if (r->G > 0) rc_backward_two(&a, t);
+        else rc_backward_one(&a, t);
+    }
 }
 
 void router_bias_step(float *bias, const double *load, int E, double gamma) {

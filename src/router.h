@@ -13,6 +13,7 @@
 #define DCMOE_ROUTER_H
 
 #include <stdint.h>
+#include "backend.h"
 #include "comm.h"
 #include "config.h"
 #include "util.h"
@@ -56,8 +57,8 @@ typedef struct Route {
     size_t cnt_all_cap;
     float *dgate;                /* [N, k] dloss/dgate per pair, filled by the layer for router_backward */
     float *dlogits;              /* [N, E] router backward output */
-    float *dpf;                  /* [E] */
-    double *dpd;                 /* [max(E, G)] */
+    double *fcoef;               /* [E + G] fcoef_e then fcoef_g (the backends' backward argument) */
+    float *lsel;                 /* [N, G] group selection scores (two stages) */
     double nodes_sum, nodes_over;  /* router_nodes_touched (this rank) */
 } Route;
 
@@ -111,6 +112,30 @@ void router_losses(Route *r, const MoeConfig *mc, Comm *comm, long n_global, Rou
 /* dlogits [N, E] (r->dlogits, overwritten) from dgate [N, k] (dloss/dgate per pair, 0 for
  * dropped pairs), the balance losses and the z-loss. members [G, K] for two stages. */
 void router_backward(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate);
+
+/* node-limited routing or a home bias is configured and can bind (router_select then selects
+ * on the host: the backends' routing slots do not filter by node) */
+int router_nodes_active(const RouteNodes *nd);
+/* the Route's host arrays as the backends' routing arguments (cuda/route_common.h holds the
+ * per-token arithmetic both use); sums stays NULL. router_bwd_args copies the loss
+ * coefficients into r->fcoef. */
+RouteSelArgs router_sel_args(Route *r, const MoeConfig *mc, const float *bias, const int32_t *members, int N);
+RouteBwdArgs router_bwd_args(Route *r, const MoeConfig *mc, const int32_t *members, const float *dgate);
+/* router_losses with this rank's sums over its tokens of the probs [E], q [G] and lse^2 (RouteSelArgs.sums,
+ * computed by the backend's route_topk / route_two_stage) instead of the Route's host arrays:
+ * r->expert, r->nodes_sum and r->nodes_over are still read on the host. sums NULL = router_losses. */
+void router_losses_sums(Route *r, const MoeConfig *mc, Comm *comm, long n_global, RouteStats *s, const double *sums);
+/* capacity through the backend's route_count / route_keep / route_pair_keep on backend arrays
+ * (d: expert [N,k], group [N,TG], pos [N,k] out, gkeep [N,TG] scratch, group_of [E], cnt
+ * [slots*buckets], base [slots*buckets] int64); the counts come to the host for the gather.
+ * Same result and statistics as router_capacity; r->pos and r->gkeep are not filled. */
+typedef struct RouteCapDev {
+    const int32_t *expert, *group, *group_of;
+    int32_t *pos, *gkeep, *cnt;
+    int64_t *base;
+} RouteCapDev;
+void router_capacity_dev(Route *r, const MoeConfig *mc, Comm *comm, const Backend *be, const RouteCapDev *d,
+                         long n_global, RouteStats *s);
 
 /* aux-loss-free balancing (DeepSeek-V3): bias[E] += gamma * sign(mean(load) - load[e]) */
 void router_bias_step(float *bias, const double *load, int E, double gamma);

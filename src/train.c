@@ -94,7 +94,7 @@ void train_run_dir(const Config *cfg, char *dst, size_t cap) {
 
 double train_measure_sgemm_peak(const void *backend) {
     const Backend *be = backend;
-    int n = 1024;
+    int n = be->kind == BACKEND_CUDA ? 4096 : 1024;   /* 1024^3 is too small to fill a GPU */
     float *a = be->ops->alloc(be->ctx, sizeof(float) * n * n);
     float *b = be->ops->alloc(be->ctx, sizeof(float) * n * n);
     float *c = be->ops->alloc(be->ctx, sizeof(float) * n * n);
@@ -247,7 +247,8 @@ typedef struct Run {
     RunLog log;
     MemAcct macct;
     double peak_total, unigram_ppl, flops_tok, t_start;
-    char peak_how[160];
+    char peak_how[200];
+    char device[200];            /* run.backend=cuda: the device, its memory and the fp32 / bf16 peaks */
     int32_t *in, *tg, *len;              /* this rank's batch */
     double *mem_all, *rank_buf, *rank_cols;
     double *intra_frac;                 /* [MoE layers] + [MoE layers, 2] scratch: comm/intra_fraction */
@@ -377,6 +378,7 @@ static void print_banner(const Run *r) {
     if (r->rank != 0) return;
     printf("dcmoe %s (%s) | %d rank(s) x %d BLAS thread(s) | backend %s | sgemm peak %.1f GFLOP/s total (%s)\n",
            DCMOE_VERSION, DCMOE_GIT_REVISION, r->P, r->threads, r->be.ops->name, r->peak_total, r->peak_how);
+    if (r->device[0]) printf("device: %s\n", r->device);
     printf("data: %s\n", r->ds.description);
     if (r->ds.n_phases > 0) {
         const DataConfig *dc = &r->cfg->data;
@@ -498,6 +500,7 @@ static Status run_setup(Run *r) {
     else TRY(backend_cpu_init(&r->be, r->threads));
     r->stage = 1;
     TRY(comm_agree(comm, backend_check(&r->be)));
+    TRY(comm_agree(comm, backend_set_gemm_dtype(&r->be, cfg->run.gemm_dtype)));
     int have_vocab = resuming && file_exists(r->vocab_path);
     TRY(comm_agree(comm, data_load(&cfg->data, cfg->model.task, r->T, have_vocab ? r->vocab_path : NULL, &r->ds)));
     r->stage = 2;
@@ -555,8 +558,27 @@ static Status run_setup(Run *r) {
         comm_barrier(comm);
         r->peak_total = train_measure_sgemm_peak(&r->be);
         comm_allreduce_sum_f64(comm, &r->peak_total, 1);
+        int cuda = r->be.kind == BACKEND_CUDA;
         str_fmt(r->peak_how, sizeof r->peak_how,
-                "measured at start-up: sum over ranks of the best 1024^3 product of >= 0.3 s, all ranks at once");
+                "measured at start-up: sum over ranks of the best %s^3 %s product of >= 0.3 s, all ranks at once",
+                cuda ? "4096" : "1024", cfg->run.gemm_dtype == GEMM_DTYPE_BF16 ? "bf16" : "fp32");
+    }
+    if (r->be.kind == BACKEND_CUDA) {
+        /* the device line: name, memory, and this rank's fp32 and bf16 GEMM peaks (the FLOP
+         * fraction is against the configured dtype's, summed over ranks, above) */
+        char name[128];
+        double mem = 0;
+        TRY(comm_agree(comm, backend_cuda_info(&r->be, name, sizeof name, &mem)));
+        double pk[2];
+        for (int d = 0; d < 2; d++) {
+            TRY(comm_agree(comm, backend_set_gemm_dtype(&r->be, d)));
+            pk[d] = train_measure_sgemm_peak(&r->be);
+        }
+        TRY(comm_agree(comm, backend_set_gemm_dtype(&r->be, cfg->run.gemm_dtype)));
+        str_fmt(r->device, sizeof r->device,
+                "%s, %.1f GiB (rank 0) | measured 4096^3 GEMM peak: fp32 %.1f TFLOP/s, bf16 inputs %.1f TFLOP/s | "
+                "run.gemm_dtype=%s", name, mem / 1073741824.0, pk[0] * 1e-3, pk[1] * 1e-3,
+                cfg->run.gemm_dtype == GEMM_DTYPE_BF16 ? "bf16" : "fp32");
     }
     r->unigram_ppl = cfg->model.task == TASK_LM ? data_unigram_ppl(&r->ds, SPLIT_VALID) : 0;
     r->res->unigram_ppl = r->unigram_ppl;

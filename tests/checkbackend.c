@@ -16,7 +16,7 @@
  *    the normal run instead (meson test checkbackend_detects expects that run to fail).
  * With --backend cuda, where the output differs from the CPU backend's a '#' line says by how
  * much (information only: the reference decides).
- * Does not: test routing, communicators or whole models (tests/test_ops_gradcheck.c,
+ * Does not: test node-limited routing (host only), communicators or whole models (tests/test_ops_gradcheck.c,
  * tests/test_model_gradcheck.c), or time anything unless --bench is given.
  *
  * usage: checkbackend [--backend cpu|cuda] [--seed N] [--op NAME] [--bench]
@@ -53,6 +53,18 @@
  *   combine_rows           y                       bitwise (slot order is the contract)
  *   gather_rows_scaled     out                     bitwise (one multiply)
  *   kernels_common.h       exp / gelu / swiglu / adamw step   2 ulp / as act_* / as adamw; bitwise vs the CPU backend
+ *   route_topk             probs, lse, sums        atol 1e-7 rtol 1e-6 / 1e-6 vs a double softmax;
+ *                          experts                 bitwise (top-k of the returned probs, or logit + bias;
+ *                                                  ties to the lower id); gates bitwise (renorm: 4ku)
+ *   route_two_stage        groups, experts, gtop2  bitwise vs the host router (src/router.c)
+ *                          probs, q, gates         atol 1e-7 rtol 1e-6 vs the host router; lsel bitwise
+ *                          lse, sums               atol 1e-6 rtol 1e-6; contract: probs sum to 1, experts in chosen groups
+ *   route_count, route_keep, route_pair_keep       bitwise vs naive loops (integers)
+ *   route_backward         dlogits                 atol 1e-7 rtol 1e-6 vs the host router's router_backward;
+ *                                                  atol 4e-7 rtol 1e-5 vs central differences (double, h = 1e-5) of
+ *                                                  the routing loss with the selections held fixed
+ *   gemm_bf16 (CUDA)       C                       |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2)|beta c|;
+ *                                                  the CPU backend must refuse bf16 naming run.gemm_dtype
  *   finite differences of the reference (double, h = 1e-5): atol 1e-6, rtol 1e-6
  *
  * Legend: B T D F V H N = batch, seq, d_model, d_ff, vocab, heads, rows; hd = D/H;
@@ -70,6 +82,7 @@
 #include "config.h"
 #include "harness.h"
 #include "kernels_common.h"
+#include "router.h"
 #include "util.h"
 
 #define U32 (1.0 / 16777216.0)          /* u = 2^-24 */
@@ -1856,6 +1869,544 @@ static void check_kc_adamw(Check *c) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * routing slots (route_*). route_count / route_keep / route_pair_keep are integer work:
+ * against naive loops written here, bitwise. route_topk: probabilities, lse and the loss sums
+ * against a softmax in double (tolerance), the chosen experts against the contract applied
+ * to the backend's own probabilities (top-k by probability, or by logit + bias; ties to the
+ * lower id: bitwise), gates = the chosen probabilities (renormalised: tolerance).
+ * route_two_stage and route_backward: against the host router (src/router.c: router_select,
+ * router_backward on a Route), indices bitwise, floats within atol 1e-7 + rtol 1e-6 (the
+ * device's double exp/log may round differently from libm's), plus contract checks (the
+ * in-group softmax sums to 1, the chosen experts are members of the chosen groups); the
+ * backward also against central differences of the routing loss (independent of router.c). */
+
+/* int outputs bitwise (planting flips one element) */
+static int cmp_int(Check *c, const char *what, const int32_t *got_in, const int32_t *want, size_t n) {
+    int32_t *got = xmalloc(I4(n ? n : 1));
+    if (n) memcpy(got, got_in, I4(n));
+    if (planting(c) && n) got[n / 2] ^= 1;
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (got[i] != want[i]) {
+            if (bad < 3) note(c, "%s: %s[%zu]: got %d want %d", c->op, what, i, got[i], want[i]);
+            bad++;
+        }
+    report(c, bad == 0, "%s: %s: %zu/%zu differ (bitwise)", c->op, what, bad, n);
+    xfree(got);
+    return bad == 0;
+}
+static double *d_of_f(const float *x, size_t n) { return to_d(x, n); }
+
+/* logits with ties: every third row repeats its first values */
+static float *route_logits(Check *c, int N, int E) {
+    float *l = randn(c, (size_t)N * E, 0, 1.5f);
+    for (int t = 0; t < N; t += 3)
+        for (int e = 1; e < E && e < 4; e++) l[(size_t)t * E + e] = l[(size_t)t * E];
+    return l;
+}
+
+typedef struct RouteCase { int E, k, G, TG, renorm, bias, top2, product; } RouteCase;
+
+static void check_route_topk(Check *c) {
+    static const RouteCase cases[] = {{8, 2, 0, 0, 1, 0, 0, 0}, {5, 1, 0, 0, 0, 0, 0, 0}, {16, 4, 0, 0, 1, 1, 0, 0},
+                                      {3, 3, 0, 0, 0, 1, 0, 0}, {67, 2, 0, 0, 0, 0, 0, 0}};
+    for (size_t ci = 0; ci < COUNT(cases); ci++)
+        for (size_t ni = 0; ni < COUNT(SIZES_N); ni++) {
+            RouteCase rc = cases[ci];
+            int N = SIZES_N[ni], E = rc.E, k = rc.k;
+            size_t NE = (size_t)N * E, Nk = (size_t)N * k;
+            float *l = route_logits(c, N, E), *bias = rc.bias ? randn(c, E, 0, 0.5f) : NULL;
+            float *probs = falloc(NE), *gate = falloc(Nk), *probs2 = falloc(NE);
+            double *lse = dalloc(N ? N : 1), *sums = dalloc(E + 1), *lse2 = dalloc(N ? N : 1), *sums2 = dalloc(E + 1);
+            int32_t *expert = xmalloc(I4(Nk ? Nk : 1)), *expert2 = xmalloc(I4(Nk ? Nk : 1));
+            float *gate2 = falloc(Nk);
+            for (int run = 0; run < 2; run++) {
+                Arena a = {c->be, 0, {{0}}};
+                RouteSelArgs ra = {.N = N, .E = E, .k = k, .renorm = rc.renorm};
+                ra.logits = a_in(&a, l, F4(NE));
+                ra.bias = bias ? a_in(&a, bias, F4(E)) : NULL;
+                ra.probs = a_out(&a, run ? probs2 : probs, F4(NE));
+                ra.lse = a_out(&a, run ? lse2 : lse, sizeof(double) * (size_t)N);
+                ra.expert = a_out(&a, run ? expert2 : expert, I4(Nk));
+                ra.gate = a_out(&a, run ? gate2 : gate, F4(Nk));
+                ra.sums = a_out(&a, run ? sums2 : sums, sizeof(double) * (size_t)(E + 1));
+                c->be->ops->route_topk(c->be->ctx, &ra);
+                a_finish(c, &a);
+            }
+            /* the reference: softmax in double; selection by the contract on the returned probs */
+            double *wp = dalloc(NE ? NE : 1), *wl = dalloc(N ? N : 1), *ws = dalloc(E + 1), *wg = dalloc(Nk ? Nk : 1);
+            int32_t *we = xmalloc(I4(Nk ? Nk : 1));
+            for (int t = 0; t < N; t++) {
+                const float *lr = l + (size_t)t * E;
+                double mx = lr[0], z = 0;
+                for (int e = 1; e < E; e++) if (lr[e] > mx) mx = lr[e];
+                for (int e = 0; e < E; e++) z += exp(lr[e] - mx);
+                for (int e = 0; e < E; e++) { wp[(size_t)t * E + e] = exp(lr[e] - mx) / z; ws[e] += wp[(size_t)t * E + e]; }
+                wl[t] = mx + log(z);
+                ws[E] += wl[t] * wl[t];
+                const float *pr = probs + (size_t)t * E;
+                double gs = 0;
+                for (int s = 0; s < k; s++) {
+                    int best = -1;
+                    for (int e = 0; e < E; e++) {
+                        int used = 0;
+                        for (int q = 0; q < s; q++) used |= we[(size_t)t * k + q] == e;
+                        if (used) continue;
+                        float ve = bias ? lr[e] + bias[e] : pr[e], vb = best < 0 ? 0 : bias ? lr[best] + bias[best] : pr[best];
+                        if (best < 0 || ve > vb) best = e;
+                    }
+                    we[(size_t)t * k + s] = best;
+                    wg[(size_t)t * k + s] = pr[best];
+                    gs += pr[best];
+                }
+                if (rc.renorm) for (int s = 0; s < k; s++) wg[(size_t)t * k + s] /= gs;
+            }
+            char what[96];
+            snprintf(what, sizeof what, "N=%d E=%d k=%d%s%s: probs", N, E, k, rc.renorm ? " renorm" : "", bias ? " bias" : "");
+            cmp_tol(c, what, probs, wp, NULL, NE, 1e-7, 1e-6);
+            snprintf(what, sizeof what, "N=%d E=%d k=%d: experts (top-k, ties to the lower id)", N, E, k);
+            cmp_int(c, what, expert, we, Nk);
+            snprintf(what, sizeof what, "N=%d E=%d k=%d: gates", N, E, k);
+            cmp_tol(c, what, gate, wg, NULL, Nk, 0, rc.renorm ? 4 * k * U32 : 0);
+            float *lsef = to_f(lse, N), *sf = to_f(sums, E + 1);
+            snprintf(what, sizeof what, "N=%d E=%d k=%d: lse", N, E, k);
+            cmp_tol(c, what, lsef, wl, NULL, N, 1e-6, 1e-6);
+            snprintf(what, sizeof what, "N=%d E=%d k=%d: sums (probs, lse^2)", N, E, k);
+            cmp_tol(c, what, sf, ws, NULL, E + 1, 1e-6, 1e-6);
+            same_bits(c, "probs", probs, probs2, F4(NE));
+            same_bits(c, "experts", expert, expert2, I4(Nk));
+            same_bits(c, "gates", gate, gate2, F4(Nk));
+            same_bits(c, "sums", sums, sums2, sizeof(double) * (size_t)(E + 1));
+            xfree(l); xfree(bias); xfree(probs); xfree(gate); xfree(probs2); xfree(lse); xfree(sums); xfree(lse2);
+            xfree(sums2); xfree(expert); xfree(expert2); xfree(gate2); xfree(wp); xfree(wl); xfree(ws); xfree(wg);
+            xfree(we); xfree(lsef); xfree(sf);
+        }
+}
+
+/* members [G, K]: a random partition of E experts into G groups of K (ascending in a group) */
+static int32_t *route_members(Check *c, int G, int K, int32_t *group_of) {
+    int E = G * K;
+    int32_t *perm = xmalloc(I4(E)), *mem = xmalloc(I4(E));
+    for (int i = 0; i < E; i++) perm[i] = i;
+    for (int i = E - 1; i > 0; i--) { int j = (int)rng_below(&c->rng, (uint64_t)i + 1); int32_t t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
+    for (int g = 0; g < G; g++) {
+        int32_t *m = mem + (size_t)g * K;
+        for (int q = 0; q < K; q++) m[q] = perm[g * K + q];
+        for (int q = 1; q < K; q++) for (int r = q; r > 0 && m[r - 1] > m[r]; r--) { int32_t t = m[r]; m[r] = m[r - 1]; m[r - 1] = t; }
+        for (int q = 0; q < K; q++) if (group_of) group_of[m[q]] = g;
+    }
+    xfree(perm);
+    return mem;
+}
+
+static MoeConfig route_mc(const RouteCase *rc) {
+    MoeConfig mc;
+    memset(&mc, 0, sizeof mc);
+    mc.renormalize = rc->renorm;
+    mc.group_score = rc->top2 ? GROUP_SCORE_TOP2 : GROUP_SCORE_MEAN;
+    mc.group_gate = rc->product ? GROUP_GATE_PRODUCT : GROUP_GATE_RENORM;
+    return mc;
+}
+
+static const RouteCase TWO_CASES[] = {{8, 2, 2, 1, 1, 0, 0, 0}, {16, 4, 4, 2, 1, 1, 1, 0}, {12, 3, 3, 2, 0, 0, 1, 1},
+                                      {16, 2, 8, 3, 1, 1, 0, 1}, {6, 1, 3, 1, 0, 0, 0, 0}};
+
+/* the backend's two-stage selection into host arrays (two runs: a, b) */
+typedef struct TwoOut { float *probs, *gate, *q, *lsel; double *lse, *sums; int32_t *expert, *group, *gtop2; } TwoOut;
+static void two_out_alloc(TwoOut *o, int N, int E, int k, int G, int TG) {
+    size_t n = (size_t)(N ? N : 1);
+    o->probs = falloc(n * E); o->gate = falloc(n * k); o->q = falloc(n * G); o->lsel = falloc(n * G);
+    o->lse = dalloc(n); o->sums = dalloc((size_t)E + G + 1);
+    o->expert = xmalloc(I4(n * k)); o->group = xmalloc(I4(n * TG)); o->gtop2 = xmalloc(I4(n * G * 2));
+}
+static void two_out_free(TwoOut *o) {
+    xfree(o->probs); xfree(o->gate); xfree(o->q); xfree(o->lsel); xfree(o->lse); xfree(o->sums);
+    xfree(o->expert); xfree(o->group); xfree(o->gtop2);
+}
+static void run_two_stage(Check *c, const RouteCase *rc, int N, const float *l, const float *bias, const int32_t *mem,
+                          TwoOut *o) {
+    int E = rc->E, G = rc->G, K = E / G, k = rc->k, TG = rc->TG;
+    Arena a = {c->be, 0, {{0}}};
+    RouteSelArgs ra = {.N = N, .E = E, .k = k, .G = G, .K = K, .TG = TG, .renorm = rc->renorm && k > 1,
+                       .score_top2 = rc->top2 && K >= 2, .gate_product = rc->product};
+    ra.logits = a_in(&a, l, F4((size_t)N * E));
+    ra.bias = bias ? a_in(&a, bias, F4(E)) : NULL;
+    ra.members = a_in(&a, mem, I4(E));
+    ra.probs = a_out(&a, o->probs, F4((size_t)N * E));
+    ra.lse = a_out(&a, o->lse, sizeof(double) * (size_t)N);
+    ra.expert = a_out(&a, o->expert, I4((size_t)N * k));
+    ra.gate = a_out(&a, o->gate, F4((size_t)N * k));
+    ra.q = a_out(&a, o->q, F4((size_t)N * G));
+    ra.group = a_out(&a, o->group, I4((size_t)N * TG));
+    /* gtop2 is written only with score_top2 and K >= 2; lsel is workspace-like output */
+    ra.gtop2 = ra.score_top2 ? a_out(&a, o->gtop2, I4((size_t)N * G * 2)) : a_scratch(&a, I4((size_t)N * G * 2));
+    ra.lsel = a_out(&a, o->lsel, F4((size_t)N * G));
+    ra.sums = a_out(&a, o->sums, sizeof(double) * (size_t)(E + G + 1));
+    c->be->ops->route_two_stage(c->be->ctx, &ra);
+    a_finish(c, &a);
+}
+
+static void check_route_two_stage(Check *c) {
+    for (size_t ci = 0; ci < COUNT(TWO_CASES); ci++)
+        for (size_t ni = 0; ni < COUNT(SIZES_N); ni++) {
+            const RouteCase *rc = &TWO_CASES[ci];
+            int N = SIZES_N[ni], E = rc->E, G = rc->G, K = E / G, k = rc->k, TG = rc->TG;
+            float *l = route_logits(c, N, E), *bias = rc->bias ? randn(c, E, 0, 0.5f) : NULL;
+            int32_t *mem = route_members(c, G, K, NULL);
+            TwoOut o1, o2;
+            two_out_alloc(&o1, N, E, k, G, TG);
+            two_out_alloc(&o2, N, E, k, G, TG);
+            run_two_stage(c, rc, N, l, bias, mem, &o1);
+            run_two_stage(c, rc, N, l, bias, mem, &o2);
+            /* the host router */
+            MoeConfig mc = route_mc(rc);
+            Route r;
+            router_init(&r, N ? N : 1, E, k, G, TG);
+            if (N) memcpy(r.logits, l, F4((size_t)N * E));
+            router_select(&r, &mc, bias, mem, N, NULL);
+            char what[112];
+            const char *desc = rc->product ? "product" : rc->renorm ? "renorm" : "raw";
+#define TWO_WHAT(s) snprintf(what, sizeof what, "N=%d E=%d G=%d TG=%d k=%d %s%s%s: " s, N, E, G, TG, k, desc, \
+                             rc->top2 ? " top2" : " mean", bias ? " bias" : "")
+            TWO_WHAT("groups");
+            cmp_int(c, what, o1.group, r.group, (size_t)N * TG);
+            TWO_WHAT("experts");
+            cmp_int(c, what, o1.expert, r.expert, (size_t)N * k);
+            if (rc->top2 && K >= 2) { TWO_WHAT("gtop2"); cmp_int(c, what, o1.gtop2, r.gtop2, (size_t)N * G * 2); }
+            double *wd;
+            wd = d_of_f(r.probs, (size_t)N * E); TWO_WHAT("probs"); cmp_tol(c, what, o1.probs, wd, NULL, (size_t)N * E, 1e-7, 1e-6); xfree(wd);
+            wd = d_of_f(r.q, (size_t)N * G); TWO_WHAT("q"); cmp_tol(c, what, o1.q, wd, NULL, (size_t)N * G, 1e-7, 1e-6); xfree(wd);
+            wd = d_of_f(r.gate, (size_t)N * k); TWO_WHAT("gates"); cmp_tol(c, what, o1.gate, wd, NULL, (size_t)N * k, 1e-7, 1e-6); xfree(wd);
+            wd = d_of_f(r.lsel, (size_t)N * G); TWO_WHAT("lsel"); cmp_tol(c, what, o1.lsel, wd, NULL, (size_t)N * G, 0, 0); xfree(wd);
+            float *lf = to_f(o1.lse, N);
+            TWO_WHAT("lse"); cmp_tol(c, what, lf, r.lse, NULL, N, 1e-6, 1e-6);
+            /* sums against the host arrays, in double */
+            double *ws = dalloc((size_t)E + G + 1);
+            for (int t = 0; t < N; t++) {
+                for (int i = 0; i < E; i++) ws[i] += r.probs[(size_t)t * E + i];
+                for (int g = 0; g < G; g++) ws[E + g] += r.q[(size_t)t * G + g];
+                ws[E + G] += r.lse[t] * r.lse[t];
+            }
+            float *sf = to_f(o1.sums, (size_t)E + G + 1);
+            TWO_WHAT("sums"); cmp_tol(c, what, sf, ws, NULL, (size_t)E + G + 1, 1e-6, 1e-6);
+            /* contract: in-group softmax sums to 1 over the chosen groups, experts in chosen groups */
+            int bad = 0;
+            for (int t = 0; t < N; t++) {
+                double ps = 0;
+                for (int i = 0; i < E; i++) ps += o1.probs[(size_t)t * E + i];
+                if (fabs(ps - 1) > 1e-5) bad++;
+                for (int s = 0; s < k; s++) {
+                    int e = o1.expert[(size_t)t * k + s], in = 0;
+                    for (int j = 0; j < TG; j++)
+                        for (int q = 0; q < K; q++) in |= mem[(size_t)o1.group[(size_t)t * TG + j] * K + q] == e;
+                    if (!in) bad++;
+                }
+            }
+            if (planting(c)) bad++;
+            TWO_WHAT("contract (probs sum to 1, experts in chosen groups)");
+            report(c, bad == 0, "%s: %s: %d violations", c->op, what, bad);
+#undef TWO_WHAT
+            same_bits(c, "probs", o1.probs, o2.probs, F4((size_t)N * E));
+            same_bits(c, "experts", o1.expert, o2.expert, I4((size_t)N * k));
+            same_bits(c, "gates", o1.gate, o2.gate, F4((size_t)N * k));
+            same_bits(c, "sums", o1.sums, o2.sums, sizeof(double) * ((size_t)E + G + 1));
+            router_free(&r);
+            two_out_free(&o1); two_out_free(&o2);
+            xfree(l); xfree(bias); xfree(mem); xfree(lf); xfree(ws); xfree(sf);
+        }
+}
+
+static const int ROUTE_SHAPES[][2] = {{1, 1}, {2, 8}, {3, 5}, {4, 67}};   /* slots, buckets */
+
+static void check_route_count(Check *c) {
+    for (size_t si = 0; si < COUNT(ROUTE_SHAPES); si++)
+        for (size_t ni = 0; ni < COUNT(SIZES_N); ni++)
+            for (int with_valid = 0; with_valid < 2; with_valid++) {
+                int S = ROUTE_SHAPES[si][0], Bk = ROUTE_SHAPES[si][1], N = SIZES_N[ni];
+                size_t n = (size_t)N * S;
+                int32_t *ids = randi(c, n ? n : 1, 0, Bk), *valid = randi(c, n ? n : 1, -1, 1);
+                int32_t *got = xmalloc(I4((size_t)S * Bk)), *got2 = xmalloc(I4((size_t)S * Bk));
+                int32_t *want = xcalloc(I4((size_t)S * Bk));
+                for (int run = 0; run < 2; run++) {
+                    Arena a = {c->be, 0, {{0}}};
+                    int32_t *dc = a_out(&a, run ? got2 : got, I4((size_t)S * Bk));
+                    const int32_t *di = a_in(&a, ids, I4(n)), *dv = with_valid ? a_in(&a, valid, I4(n)) : NULL;
+                    c->be->ops->route_count(c->be->ctx, dc, di, dv, N, S, Bk);
+                    a_finish(c, &a);
+                }
+                for (size_t i = 0; i < n; i++)
+                    if (!with_valid || valid[i] >= 0) want[(i % (size_t)S) * Bk + ids[i]]++;
+                char what[80];
+                snprintf(what, sizeof what, "N=%d slots=%d buckets=%d%s: counts", N, S, Bk, with_valid ? " valid" : "");
+                cmp_int(c, what, got, want, (size_t)S * Bk);
+                same_bits(c, "counts", got, got2, I4((size_t)S * Bk));
+                xfree(ids); xfree(valid); xfree(got); xfree(got2); xfree(want);
+            }
+}
+
+static void check_route_keep(Check *c) {
+    for (size_t si = 0; si < COUNT(ROUTE_SHAPES); si++)
+        for (size_t ni = 0; ni < COUNT(SIZES_N); ni++)
+            for (int capi = 0; capi < 3; capi++) {
+                int S = ROUTE_SHAPES[si][0], Bk = ROUTE_SHAPES[si][1], N = SIZES_N[ni];
+                size_t n = (size_t)N * S, sb = (size_t)S * Bk;
+                int64_t cap = capi == 0 ? -1 : capi == 1 ? 0 : (int64_t)(N * S / Bk + 2);
+                int32_t *ids = randi(c, n ? n : 1, 0, Bk), *keep0 = randi(c, n ? n : 1, -1, 1);
+                int64_t *base = xmalloc(sizeof(int64_t) * sb);
+                for (size_t i = 0; i < sb; i++) base[i] = (int64_t)rng_below(&c->rng, (uint64_t)(N + 3));
+                int32_t *got = xmalloc(I4(n ? n : 1)), *got2 = xmalloc(I4(n ? n : 1)), *want = xmalloc(I4(n ? n : 1));
+                if (n) { memcpy(got, keep0, I4(n)); memcpy(got2, keep0, I4(n)); memcpy(want, keep0, I4(n)); }
+                for (int run = 0; run < 2; run++) {
+                    Arena a = {c->be, 0, {{0}}};
+                    int32_t *dk = a_io(&a, run ? got2 : got, I4(n));
+                    c->be->ops->route_keep(c->be->ctx, dk, a_in(&a, ids, I4(n)), a_in(&a, base, sizeof(int64_t) * sb), cap, N, S, Bk);
+                    a_finish(c, &a);
+                }
+                /* naive: for each pair, count the earlier kept pairs of its slot and bucket */
+                for (int t = 0; t < N; t++)
+                    for (int s = 0; s < S; s++) {
+                        size_t ts = (size_t)t * S + s;
+                        if (keep0[ts] < 0) continue;
+                        int64_t before = 0;
+                        for (int u = 0; u < t; u++) before += keep0[(size_t)u * S + s] >= 0 && ids[(size_t)u * S + s] == ids[ts];
+                        if (cap >= 0 && base[(size_t)s * Bk + ids[ts]] + before >= cap) want[ts] = -1;
+                    }
+                char what[80];
+                snprintf(what, sizeof what, "N=%d slots=%d buckets=%d cap=%lld: keep", N, S, Bk, (long long)cap);
+                cmp_int(c, what, got, want, n);
+                same_bits(c, "keep", got, got2, I4(n));
+                xfree(ids); xfree(keep0); xfree(base); xfree(got); xfree(got2); xfree(want);
+            }
+}
+
+static void check_route_pair_keep(Check *c) {
+    static const int shapes[][3] = {{8, 2, 1}, {16, 4, 2}, {12, 3, 3}};   /* E, G, TG */
+    for (size_t si = 0; si < COUNT(shapes); si++)
+        for (size_t ni = 0; ni < COUNT(SIZES_N); ni++) {
+            int E = shapes[si][0], G = shapes[si][1], TG = shapes[si][2], K = E / G, k = 2, N = SIZES_N[ni];
+            int32_t *group_of = xmalloc(I4(E)), *mem = route_members(c, G, K, group_of);
+            int32_t *expert = randi(c, (size_t)(N ? N : 1) * k, 0, E), *group = randi(c, (size_t)(N ? N : 1) * TG, 0, G);
+            int32_t *gkeep = randi(c, (size_t)(N ? N : 1) * TG, -1, 1);
+            size_t nk = (size_t)N * k;
+            int32_t *got = xmalloc(I4(nk ? nk : 1)), *got2 = xmalloc(I4(nk ? nk : 1)), *want = xmalloc(I4(nk ? nk : 1));
+            for (int run = 0; run < 2; run++) {
+                Arena a = {c->be, 0, {{0}}};
+                int32_t *dp = a_out(&a, run ? got2 : got, I4(nk));
+                c->be->ops->route_pair_keep(c->be->ctx, dp, a_in(&a, expert, I4(nk)), a_in(&a, group, I4((size_t)N * TG)),
+                                            a_in(&a, gkeep, I4((size_t)N * TG)), a_in(&a, group_of, I4(E)), N, k, TG);
+                a_finish(c, &a);
+            }
+            for (int t = 0; t < N; t++)
+                for (int s = 0; s < k; s++) {
+                    int keep = 0;
+                    for (int j = 0; j < TG; j++)
+                        if (group[(size_t)t * TG + j] == group_of[expert[(size_t)t * k + s]] && gkeep[(size_t)t * TG + j] >= 0) keep = 1;
+                    want[(size_t)t * k + s] = keep ? 0 : -1;
+                }
+            char what[80];
+            snprintf(what, sizeof what, "N=%d E=%d G=%d TG=%d: pos", N, E, G, TG);
+            cmp_int(c, what, got, want, nk);
+            same_bits(c, "pos", got, got2, I4(nk));
+            xfree(group_of); xfree(mem); xfree(expert); xfree(group); xfree(gkeep); xfree(got); xfree(got2); xfree(want);
+        }
+}
+
+/* the routing loss of one token as a smooth function of its logits l [E] (double), the
+ * selections held fixed: L = sum_s dg_s gate_s + sum_i fcoef_e[i] p_i + sum_g fcoef_g[g] q_g +
+ * z_coef / 2 lse^2 (p: the full softmax, or the in-group softmax over the chosen groups'
+ * members; gates raw, renormalised or q_g x p renormalised in the group). route_backward's
+ * dlogits is its gradient: checked by central differences. */
+static double ref_route_loss(const RouteBwdArgs *h, int t, const double *l, const int32_t *mem) {
+    int E = h->E, k = h->k, G = h->G, K = h->K, TG = h->TG;
+    const int32_t *sel = h->expert + (size_t)t * k;
+    double mx = l[0], z = 0;
+    for (int i = 1; i < E; i++) if (l[i] > mx) mx = l[i];
+    for (int i = 0; i < E; i++) z += exp(l[i] - mx);
+    double lse = mx + log(z), L = 0.5 * h->z_coef * lse * lse;
+    double *p = xcalloc(sizeof(double) * (size_t)E), *q = xcalloc(sizeof(double) * (size_t)(G ? G : 1));
+    if (!G) {
+        for (int i = 0; i < E; i++) p[i] = exp(l[i] - lse);
+    } else {
+        const int32_t *gs = h->group + (size_t)t * TG;
+        double lm = -INFINITY, ps = 0;
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) { int i = mem[(size_t)gs[j] * K + a]; if (l[i] > lm) lm = l[i]; }
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) ps += exp(l[mem[(size_t)gs[j] * K + a]] - lm);
+        for (int j = 0; j < TG; j++) for (int a = 0; a < K; a++) { int i = mem[(size_t)gs[j] * K + a]; p[i] = exp(l[i] - lm) / ps; }
+        double qm = -INFINITY, qs = 0;
+        for (int g = 0; g < G; g++) {
+            if (h->score_top2) {
+                const int32_t *b = h->gtop2 + ((size_t)t * G + g) * 2;
+                q[g] = l[b[0]] + l[b[1]];
+            } else {
+                double s = 0;
+                for (int a = 0; a < K; a++) s += l[mem[(size_t)g * K + a]];
+                q[g] = s / K;
+            }
+            if (q[g] > qm) qm = q[g];
+        }
+        for (int g = 0; g < G; g++) qs += exp(q[g] - qm);
+        for (int g = 0; g < G; g++) { q[g] = exp(q[g] - qm) / qs; L += h->fcoef[E + g] * q[g]; }
+    }
+    for (int i = 0; i < E; i++) L += h->fcoef[i] * p[i];
+    double gsum = 0;
+    for (int s = 0; s < k; s++) gsum += p[sel[s]];
+    for (int s = 0; s < k; s++) {
+        double gate = p[sel[s]];
+        if (G && h->gate_product) {
+            const int32_t *gs = h->group + (size_t)t * TG;
+            int j = -1;
+            for (int jj = 0; jj < TG && j < 0; jj++) for (int a = 0; a < K; a++) if (mem[(size_t)gs[jj] * K + a] == sel[s]) j = jj;
+            double zg = 0;
+            for (int u = 0; u < k; u++)
+                for (int a = 0; a < K; a++) if (mem[(size_t)gs[j] * K + a] == sel[u]) zg += p[sel[u]];
+            gate = q[gs[j]] * p[sel[s]] / zg;
+        } else if (h->renorm) gate = p[sel[s]] / gsum;
+        L += (double)h->dgate[(size_t)t * k + s] * gate;
+    }
+    xfree(p); xfree(q);
+    return L;
+}
+/* central differences of ref_route_loss at the forward's logits: want [N, E] */
+static void ref_route_backward_fd(const RouteBwdArgs *h, const float *logits, const int32_t *mem, double *want) {
+    int E = h->E;
+    double *l = xmalloc(sizeof(double) * (size_t)E);
+    for (int t = 0; t < h->N; t++) {
+        for (int i = 0; i < E; i++) l[i] = logits[(size_t)t * E + i];
+        for (int i = 0; i < E; i++) {
+            double x = l[i], hh = 1e-5;
+            l[i] = x + hh;
+            double up = ref_route_loss(h, t, l, mem);
+            l[i] = x - hh;
+            double dn = ref_route_loss(h, t, l, mem);
+            l[i] = x;
+            want[(size_t)t * E + i] = (up - dn) / (2 * hh);
+        }
+    }
+    xfree(l);
+}
+
+/* the backward: the host router's forward (router_select) gives the saved arrays; random
+ * dgates (some 0 = dropped), coefficients and z_coef; the backend against router_backward */
+static void check_route_backward(Check *c) {
+    static const RouteCase one[] = {{8, 2, 0, 0, 1, 0, 0, 0}, {5, 1, 0, 0, 0, 0, 0, 0}, {16, 4, 0, 0, 0, 1, 0, 0}};
+    for (int stage = 1; stage <= 2; stage++) {
+        size_t nc = stage == 1 ? COUNT(one) : COUNT(TWO_CASES);
+        for (size_t ci = 0; ci < nc; ci++)
+            for (size_t ni = 0; ni < COUNT(SIZES_N); ni++) {
+                const RouteCase *rc = stage == 1 ? &one[ci] : &TWO_CASES[ci];
+                int N = SIZES_N[ni], E = rc->E, G = rc->G, K = G ? E / G : 1, k = rc->k, TG = rc->TG;
+                size_t NE = (size_t)N * E, Nk = (size_t)N * k;
+                float *l = route_logits(c, N, E), *bias = rc->bias ? randn(c, E, 0, 0.5f) : NULL;
+                int32_t *mem = G ? route_members(c, G, K, NULL) : NULL;
+                MoeConfig mc = route_mc(rc);
+                Route r;
+                router_init(&r, N ? N : 1, E, k, G, TG);
+                if (N) memcpy(r.logits, l, F4(NE));
+                router_select(&r, &mc, bias, mem, N, NULL);
+                float *dgate = randn(c, Nk ? Nk : 1, 0, 1);
+                for (size_t i = 0; i < Nk; i += 5) dgate[i] = 0.0f;
+                for (int i = 0; i < E; i++) r.fcoef_e[i] = 0.01 * rng_uniform(&c->rng);
+                for (int g = 0; g < G; g++) r.fcoef_g[g] = 0.01 * rng_uniform(&c->rng);
+                r.z_coef = (ci % 2) ? 0.0 : 0.003;
+                router_backward(&r, &mc, mem, dgate);
+                RouteBwdArgs h = router_bwd_args(&r, &mc, mem, dgate);   /* fills r.fcoef */
+                float *got = falloc(NE), *got2 = falloc(NE);
+                for (int run = 0; run < 2; run++) {
+                    Arena a = {c->be, 0, {{0}}};
+                    RouteBwdArgs ba = h;
+                    ba.logits = a_in(&a, r.logits, F4(NE));
+                    ba.probs = a_in(&a, r.probs, F4(NE));
+                    ba.gate = a_in(&a, r.gate, F4(Nk));
+                    ba.lse = a_in(&a, r.lse, sizeof(double) * (size_t)N);
+                    ba.expert = a_in(&a, r.expert, I4(Nk));
+                    ba.fcoef = a_in(&a, r.fcoef, sizeof(double) * (size_t)(E + G));
+                    ba.dgate = a_in(&a, dgate, F4(Nk));
+                    if (G) {
+                        ba.q = a_in(&a, r.q, F4((size_t)N * G));
+                        ba.group = a_in(&a, r.group, I4((size_t)N * TG));
+                        ba.gtop2 = a_in(&a, r.gtop2, I4((size_t)N * G * 2));
+                        ba.members = a_in(&a, mem, I4(E));
+                    }
+                    ba.dlogits = a_out(&a, run ? got2 : got, F4(NE));
+                    c->be->ops->route_backward(c->be->ctx, &ba);
+                    a_finish(c, &a);
+                }
+                double *want = d_of_f(r.dlogits, NE);
+                char what[112];
+                snprintf(what, sizeof what, "%s N=%d E=%d k=%d G=%d TG=%d%s%s%s z=%g: dlogits", stage == 1 ? "one stage" : "two stages",
+                         N, E, k, G, TG, rc->renorm ? " renorm" : "", rc->product ? " product" : "", rc->top2 ? " top2" : "", r.z_coef);
+                cmp_tol(c, what, got, want, NULL, NE, 1e-7, 1e-6);
+                vs_cpu(c, "dlogits", got, r.dlogits, NE);
+                /* independent of src/router.c: the gradient of the routing loss by central differences */
+                double *fd = dalloc(NE ? NE : 1);
+                RouteBwdArgs hf = h;
+                hf.expert = r.expert; hf.group = r.group; hf.gtop2 = r.gtop2; hf.fcoef = r.fcoef; hf.dgate = dgate;
+                ref_route_backward_fd(&hf, l, mem, fd);
+                char fwhat[160];
+                snprintf(fwhat, sizeof fwhat, "%s vs central differences of the routing loss", what);
+                cmp_tol(c, fwhat, got, fd, NULL, NE, 4e-7, 1e-5);
+                xfree(fd);
+                same_bits(c, "dlogits", got, got2, F4(NE));
+                router_free(&r);
+                xfree(l); xfree(bias); xfree(mem); xfree(dgate); xfree(got); xfree(got2); xfree(want);
+            }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * run.gemm_dtype=bf16 (backend_set_gemm_dtype): where the backend offers it (CUDA), gemm with
+ * A and B rounded to bf16 against the double reference on the unrounded inputs, within
+ * |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2) |beta c| (two bf16 roundings of the inputs, one
+ * of their product's factors, the FP32 sum); the backend is set back to fp32 afterwards. The
+ * CPU backend must refuse bf16 with an error naming run.gemm_dtype. */
+static void check_gemm_bf16(Check *c) {
+    Backend *be = (Backend *)c->be;
+    Status st = backend_set_gemm_dtype(be, GEMM_DTYPE_BF16);
+    if (!STATUS_OK(st)) {
+        int named = strstr(st.msg, "run.gemm_dtype") != NULL;
+        report(c, c->is_cpu && named && !planting(c), "gemm_bf16: the %s backend refuses bf16 (%s)", be->ops->name, st.msg);
+        return;
+    }
+    static const int shapes[][5] = {{1, 1, 1, 0, 0}, {17, 5, 64, 0, 0}, {64, 67, 32, 1, 0}, {3, 64, 17, 0, 1},
+                                    {33, 17, 67, 1, 1}, {5, 3, 0, 0, 0}, {0, 4, 4, 0, 0}};
+    for (size_t si = 0; si < COUNT(shapes); si++) {
+        int M = shapes[si][0], N = shapes[si][1], K = shapes[si][2], ta = shapes[si][3], tb = shapes[si][4];
+        int lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 2, ldc = N + 3;
+        size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+        float *A = randn(c, na ? na : 1, 0, 1), *B = randn(c, nb ? nb : 1, 0, 1), *C = randn(c, nc ? nc : 1, 0, 1);
+        float alpha = 1.5f, beta = 0.5f;
+        float *got = fdup(C, nc), *got2 = fdup(C, nc);
+        for (int run = 0; run < 2; run++) {
+            Arena a = {be, 0, {{0}}};
+            float *dc = a_io(&a, run ? got2 : got, F4(nc));
+            be->ops->gemm(be->ctx, ta, tb, M, N, K, alpha, a_in(&a, A, F4(na)), lda, a_in(&a, B, F4(nb)), ldb, beta, dc, ldc);
+            a_finish(c, &a);
+        }
+        double *want = to_d(C, nc), *bound = dalloc(nc ? nc : 1);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double s = 0, sa = 0;
+                for (int q = 0; q < K; q++) {
+                    double av = ta ? A[(size_t)q * lda + i] : A[(size_t)i * lda + q];
+                    double bv = tb ? B[(size_t)j * ldb + q] : B[(size_t)q * ldb + j];
+                    s += av * bv;
+                    sa += fabs(av * bv);
+                }
+                size_t ij = (size_t)i * ldc + j;
+                bound[ij] = fabs(alpha) * (0x1p-7 + 0x1p-16 + gam(K)) * sa + gam(2) * fabs(beta * (double)C[ij]);
+                want[ij] = alpha * s + beta * (double)C[ij];
+            }
+        char what[96];
+        snprintf(what, sizeof what, "M=%d N=%d K=%d ta=%d tb=%d bf16 inputs: C (padding untouched)", M, N, K, ta, tb);
+        cmp_tol(c, what, got, want, bound, nc, 0, 0);
+        same_bits(c, "C", got, got2, F4(nc));
+        xfree(A); xfree(B); xfree(C); xfree(got); xfree(got2); xfree(want); xfree(bound);
+    }
+    st = backend_set_gemm_dtype(be, GEMM_DTYPE_FP32);
+    report(c, STATUS_OK(st), "gemm_bf16: the backend goes back to fp32 GEMMs");
+}
+
+/* ---------------------------------------------------------------------------------------
  * the table: every BackendOps slot (by offset, so a misspelt slot does not compile and a
  * missing one is caught at start-up), then the kernels_common.h checks */
 typedef struct OpCheck { const char *name; size_t offset; void (*fn)(Check *); } OpCheck;
@@ -1867,11 +2418,14 @@ static const OpCheck OPS[] = {
     SLOT(attention_forward), SLOT(attention_backward), SLOT(act_forward), SLOT(act_backward),
     SLOT(axpy), SLOT(scale), SLOT(sumsq), SLOT(xent_forward), SLOT(xent_backward),
     SLOT(gather_rows), SLOT(scatter_add_rows), SLOT(gather_dot), SLOT(pool_forward), SLOT(pool_backward),
-    SLOT(adamw), SLOT(combine_rows), SLOT(gather_rows_scaled), SLOT(destroy),
+    SLOT(adamw), SLOT(combine_rows), SLOT(gather_rows_scaled),
+    SLOT(route_topk), SLOT(route_two_stage), SLOT(route_count), SLOT(route_keep), SLOT(route_pair_keep),
+    SLOT(route_backward), SLOT(destroy),
     {"kc_exp", NOT_A_SLOT, check_kc_exp}, {"kc_gelu", NOT_A_SLOT, check_kc_gelu},
     {"kc_swiglu", NOT_A_SLOT, check_kc_swiglu}, {"kc_adamw", NOT_A_SLOT, check_kc_adamw},
+    {"gemm_bf16", NOT_A_SLOT, check_gemm_bf16},
 };
-#define N_SLOTS 30
+#define N_SLOTS 36
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + N_SLOTS * sizeof(void (*)(void)),
                "BackendOps gained or lost a slot: add its check to OPS in tests/checkbackend.c");
 

@@ -56,6 +56,8 @@ expect_error(["train", yes], [yes + ":", "log.swmr", "true or false"], "yes/no b
 
 # --set with a bad value
 expect_error(["train", base, "--set", "moe.top_k=0"], ["moe.top_k", "--set"], "--set out of range")
+expect_error(["train", base, "--set", "run.gemm_dtype=bf16"], ["run.gemm_dtype=bf16", "run.backend=cpu", "fp32"],
+             "bf16 GEMMs refused on the CPU backend")
 
 # missing config file, missing data
 expect_error(["train", os.path.join(d, "nope.yaml")], ["nope.yaml", "cannot open"], "missing config file")

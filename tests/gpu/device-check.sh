@@ -5,12 +5,18 @@
 # It does, in order, each step logged and timed, stopping early only if the build fails:
 #   1. build into build-gpu with -Dcuda=enabled -Dgpu_sm=90 (meson setup only the first time);
 #   2. tests/checkbackend --backend cuda: every BackendOps slot against the checker's reference,
-#      plus --bench (time per op); then the cuda_backend test (test_cuda.c);
+#      the routing slots (route_topk, route_two_stage, route_count, route_keep, route_pair_keep,
+#      route_backward) included, plus --bench (time per op); a one-line count of the routing
+#      slots' checks; then the cuda_backend test (test_cuda.c);
 #   3. 20 training steps of a tiny dense, standard-MoE and clustered-MoE model (the configs of
-#      tests/test_mpi.py, one rank, no mpirun) with run.backend=cpu and run.backend=cuda:
+#      tests/test_mpi.py, one rank, no mpirun), and a clustered model with the top-2 group
+#      score, product gates and the aux-loss-free bias (the other device-routing branches),
+#      with run.backend=cpu and run.backend=cuda (routing on the device since b2cf75a):
 #      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
 #      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
-#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first, and a
+#   4. a second run.backend=cuda run of each: train losses bitwise equal to the first; for the
+#      standard model two run.gemm_dtype=bf16 runs (train loss within 2e-2 relative of fp32,
+#      the second bitwise equal to the first); the start-up "device:" line is shown; and a
 #      parallel.collectives=nccl run (one rank: the exchange rows go through NCCL self
 #      send/recv): train losses bitwise equal to the MPI run;
 #   5. bench/bench_gpu.py: tokens/s and FLOP fraction of dense, standard and clustered models at
@@ -20,12 +26,12 @@
 # verdict), device-check.log (everything), checkbackend-cuda.log, test-cuda.log, train.log,
 # bench-gpu.csv, bench-gpu.meta.json, bench-gpu.md.
 # Exit status: 0 when every step passed, 1 otherwise. Budget: well under 8 minutes (the build
-# takes most of it; the checks and the 9 tiny runs take seconds each).
+# takes most of it; the checks and the 18 tiny runs take seconds each).
 # Needs: the CPU build's system packages (meson, ninja, a C compiler, MPI, HDF5, libyaml,
 # OpenBLAS, LAPACKE, METIS), CUDA 13 (nvcc, cuBLAS, NCCL), and python3 with numpy and h5py
 # (DCMOE_PYTHON to choose another interpreter).
 # Status: written on a machine without a GPU; it has not been run yet. It is kept simple on
-# purpose (no retries, no parsing of stdout: losses come from each run's metrics.h5).
+# purpose (no retries; losses come from each run's metrics.h5, only the device line from stdout).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$(pwd)
@@ -80,6 +86,10 @@ fi
 check_cuda() { "$BUILD/tests/checkbackend" --backend cuda --bench > "$OUT/checkbackend-cuda.log" 2>&1; local rc=$?;
                grep -E '^not ok|^# bench|failed|skipped' "$OUT/checkbackend-cuda.log" | head -60; return $rc; }
 step "checkbackend --backend cuda (every slot)" check_cuda
+route_checks() { local n_ok n_bad; n_ok=$(grep -c '^ok .* route_' "$OUT/checkbackend-cuda.log"); n_bad=$(grep -c '^not ok .* route_' "$OUT/checkbackend-cuda.log");
+                 echo "routing slots: $n_ok checks passed, $n_bad failed"; grep '^not ok .* route_' "$OUT/checkbackend-cuda.log" | head -20;
+                 [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
+step "routing slots on the device (route_*, from the checkbackend log)" route_checks
 test_cuda() { (cd "$BUILD/tests" && ./test_cuda_backend) > "$OUT/test-cuda.log" 2>&1; }
 step "test_cuda (cuda_backend)" test_cuda
 
@@ -99,6 +109,9 @@ cases = {   # as tests/test_mpi.py
     "clustered": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
                   "--set", "clustering.interval=4", "--set", "clustering.warmup=2",
                   "--set", "moe.capacity_factor=0.8", "--set", "moe.group_capacity_factor=0.9"],
+    "clustered-top2": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
+                       "--set", "moe.group_score=top2", "--set", "moe.group_gate=product", "--set", "moe.balance=aux_free",
+                       "--set", "clustering.interval=4", "--set", "clustering.warmup=2", "--set", "moe.capacity_factor=0.8"],
 }
 bad = 0
 def out(msg):
@@ -109,8 +122,11 @@ for name, sets in cases.items():
     cfg = os.path.join(d, f"{name}.yaml")
     tiny_config(cfg, d, name)
     losses = {}
-    for tag, backend, more in [("cpu", "cpu", []), ("cuda", "cuda", []), ("cuda2", "cuda", []),
-                               ("nccl", "cuda", ["--set", "parallel.collectives=nccl"])]:
+    runs = [("cpu", "cpu", []), ("cuda", "cuda", []), ("cuda2", "cuda", []),
+            ("nccl", "cuda", ["--set", "parallel.collectives=nccl"])]
+    if name == "standard":   # run.gemm_dtype=bf16: twice (bitwise), and against the fp32 cuda run
+        runs += [("bf16", "cuda", ["--set", "run.gemm_dtype=bf16"]), ("bf16b", "cuda", ["--set", "run.gemm_dtype=bf16"])]
+    for tag, backend, more in runs:
         run = f"{name}-{tag}"
         p = subprocess.run([exe, "train", cfg, "--quiet", "--set", f"run.name={run}", "--set", "train.steps=20",
                             "--set", f"run.backend={backend}"] + sets + more, capture_output=True, text=True, timeout=240)
@@ -119,6 +135,9 @@ for name, sets in cases.items():
             out(f"FAIL {run}: exit {p.returncode}: {(p.stderr or p.stdout)[-400:]}")
             continue
         losses[tag] = series(os.path.join(d, run, "metrics.h5"), "train/loss")[1].astype(np.float64)
+        if tag == "cuda" and name == "dense":   # the start-up device line (name, memory, fp32/bf16 GEMM peaks)
+            dev = [l for l in p.stdout.splitlines() if l.startswith("device:")]
+            out(f"{'PASS' if dev else 'FAIL'} start-up device line: {dev[0] if dev else 'missing'}")
     if "cpu" in losses and "cuda" in losses:
         a, b = losses["cpu"], losses["cuda"]
         if len(a) != len(b) or len(a) != 20:
@@ -135,6 +154,13 @@ for name, sets in cases.items():
         same = np.array_equal(losses["cuda"], losses["nccl"])
         out(f"{'PASS' if same else 'FAIL'} {name}: parallel.collectives=nccl (one rank: NCCL self send/recv of the "
             f"exchange rows) gives the same train losses as mpi")
+    if "cuda" in losses and "bf16" in losses and "bf16b" in losses:
+        a, b = losses["cuda"], losses["bf16"]
+        rel = np.abs(a - b) / np.abs(a)
+        out(f"{'PASS' if len(a) == len(b) and rel.max() <= 2e-2 else 'FAIL'} {name}: run.gemm_dtype=bf16 vs fp32 on cuda: "
+            f"max rel diff of the train loss {rel.max():.2e} (tolerance 2e-2: bf16 inputs, FP32 accumulate)")
+        same = np.array_equal(losses["bf16"], losses["bf16b"])
+        out(f"{'PASS' if same else 'FAIL'} {name}: a second bf16 run gives bitwise-equal train losses")
 sys.exit(1 if bad else 0)
 PYEOF
 }
