@@ -59,19 +59,20 @@ static inline Comm *root_of(Comm *c) {
 }
 static inline struct Traffic *traffic_of(Comm *c) { return comm_traffic(c); }
 
-static inline void account(Comm *c, int phase, size_t bytes, double t0) {
+static inline void account_s(Comm *c, int phase, size_t bytes, double seconds) {
     if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
     c = root_of(c);
     c->stats.bytes[phase] += bytes;
     c->stats.calls[phase] += 1;
-    c->stats.seconds[phase] += time_now() - t0;
+    c->stats.seconds[phase] += seconds;
 }
+static inline void account(Comm *c, int phase, size_t bytes, double t0) { account_s(c, phase, bytes, time_now() - t0); }
 
 void comm_barrier(Comm *c) { c->ops->barrier(c->ctx); }
 
 /* bytes counted as this rank's contribution (n * 4); ring algorithms send ~2(P-1)/P of it */
-static void book_allreduce_f32(Comm *c, size_t n_elems, int phase, double t0) {
-    account(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, t0);
+static void book_allreduce_f32_s(Comm *c, size_t n_elems, int phase, double seconds) {
+    account_s(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, seconds);
     /* the profiler books a ring allreduce: 2 (P-1) messages of n/P elements to the successor
      * (the bytes a ring algorithm sends; MPI may pick another algorithm) */
     struct Traffic *tr = traffic_of(c);
@@ -79,8 +80,53 @@ static void book_allreduce_f32(Comm *c, size_t n_elems, int phase, double t0) {
         uint64_t per = (uint64_t)((n_elems + (size_t)c->size - 1) / (size_t)c->size) * sizeof(float);
         traffic_add(tr, phase, comm_world_rank(c, (c->rank + 1) % c->size), per * 2 * (uint64_t)(c->size - 1),
                     2 * (uint64_t)(c->size - 1));
-        traffic_add_time(tr, phase, time_now() - t0);
+        traffic_add_time(tr, phase, seconds);
     }
+}
+static void book_allreduce_f32(Comm *c, size_t n_elems, int phase, double t0) {
+    book_allreduce_f32_s(c, n_elems, phase, time_now() - t0);
+}
+
+void comm_book_allreduce_f32(Comm *c, size_t n_elems, int phase, double seconds, double inflight_s) {
+    book_allreduce_f32_s(c, n_elems, phase, seconds);
+    if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
+    root_of(c)->stats.inflight[phase] += inflight_s;
+}
+
+/* non-blocking: a library without the slots (or one rank) completes at start */
+void comm_iallreduce_sum_f32(Comm *c, float *buf, size_t n_elems, CommRequest *rq) {
+    rq->c = c;
+    rq->dev = 0;
+    rq->req = NULL;
+    if (c->size == 1 || n_elems == 0) return;
+    if (c->ops->iallreduce_sum_f32) rq->req = c->ops->iallreduce_sum_f32(c->ctx, buf, n_elems);
+    else c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
+}
+
+void comm_dev_iallreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, CommRequest *rq) {
+    if (!c->dops) { comm_iallreduce_sum_f32(c, dbuf, n_elems, rq); return; }
+    rq->c = c;
+    rq->dev = 1;
+    rq->req = NULL;
+    if (c->size == 1 || n_elems == 0) return;
+    if (c->dops->iallreduce_sum_f32) rq->req = c->dops->iallreduce_sum_f32(c->dctx, dbuf, n_elems);
+    else c->dops->allreduce_sum_f32(c->dctx, dbuf, n_elems);
+}
+
+int comm_test(CommRequest *rq) {
+    if (!rq->req) return 1;
+    Comm *c = rq->c;
+    int done = rq->dev ? c->dops->test(c->dctx, rq->req) : c->ops->test(c->ctx, rq->req);
+    if (done) rq->req = NULL;
+    return done;
+}
+
+void comm_wait(CommRequest *rq) {
+    if (!rq->req) return;
+    Comm *c = rq->c;
+    if (rq->dev) c->dops->wait(c->dctx, rq->req);
+    else c->ops->wait(c->ctx, rq->req);
+    rq->req = NULL;
 }
 
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {

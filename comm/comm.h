@@ -15,7 +15,9 @@ enum CommPhase { COMM_PHASE_ALLREDUCE = 0, COMM_PHASE_DISPATCH = 1, COMM_PHASE_C
 typedef struct CommStats {
     uint64_t bytes[COMM_N_PHASES];     /* bytes this rank sent, per phase */
     uint64_t calls[COMM_N_PHASES];
-    double seconds[COMM_N_PHASES];
+    double seconds[COMM_N_PHASES];     /* blocking: the call; non-blocking: the exposed wait */
+    double inflight[COMM_N_PHASES];    /* non-blocking collectives (comm_book_allreduce_f32): seconds
+                                          from the first start to the completion, hidden part included */
 } CommStats;
 
 typedef struct CommOps {
@@ -23,6 +25,12 @@ typedef struct CommOps {
     void (*barrier)(void *ctx);
     /* in-place sum over ranks */
     void (*allreduce_sum_f32)(void *ctx, float *buf, size_t n);
+    /* non-blocking in-place sum: returns a request (NULL = already complete); test progresses
+     * the library and returns 1 once the request is complete (then it is freed); wait blocks
+     * until it is complete and frees it. NULL slots: the wrapper runs the blocking sum at start */
+    void *(*iallreduce_sum_f32)(void *ctx, float *buf, size_t n);
+    int (*test)(void *ctx, void *req);
+    void (*wait)(void *ctx, void *req);
     void (*allreduce_sum_f64)(void *ctx, double *buf, size_t n);
     void (*allreduce_max_f64)(void *ctx, double *buf, size_t n);
     void (*bcast_bytes)(void *ctx, void *buf, size_t n, int root);
@@ -51,6 +59,11 @@ struct Topology;
 typedef struct DevCommOps {
     const char *name;
     void (*allreduce_sum_f32)(void *ctx, float *dbuf, size_t n_elems);
+    /* non-blocking, as CommOps' (NCCL: a communication stream, ordered after the work queued
+     * on the compute stream so far; test/wait on its completion event) */
+    void *(*iallreduce_sum_f32)(void *ctx, float *dbuf, size_t n_elems);
+    int (*test)(void *ctx, void *req);
+    void (*wait)(void *ctx, void *req);
     void (*alltoallv_bytes)(void *ctx, const void *send, const size_t *scounts, const size_t *sdispls,
                             void *recv, const size_t *rcounts, const size_t *rdispls);
     void (*free_ctx)(void *ctx);
@@ -113,6 +126,27 @@ void comm_dev_allreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, int phase)
 void comm_dev_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
                               void *recv, const size_t *rcounts, const size_t *rdispls, int phase);
 static inline int comm_has_dev(const Comm *c) { return c && c->dops != NULL; }
+
+/* non-blocking in-place sum (parallel.overlap_allreduce: gradient buckets during the backward).
+ * comm_iallreduce_sum_f32 starts it on host memory, comm_dev_iallreduce_sum_f32 on backend
+ * memory (the attached device library, else the host op). Neither books anything: the caller
+ * books the logical collective once every part of it completed (comm_book_allreduce_f32), so
+ * a reduction split into buckets is counted exactly as the one blocking call it replaces.
+ * Every rank must start the same requests in the same order. */
+typedef struct CommRequest {
+    Comm *c;
+    void *req;                         /* the library's request; NULL once complete */
+    int dev;                           /* started through c->dops */
+} CommRequest;
+void comm_iallreduce_sum_f32(Comm *c, float *buf, size_t n_elems, CommRequest *rq);
+void comm_dev_iallreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, CommRequest *rq);
+/* progress; 1 once complete (a completed request stays complete) */
+int comm_test(CommRequest *rq);
+void comm_wait(CommRequest *rq);
+/* book one allreduce of n_elems floats in phase as the blocking wrappers do (bytes, one call,
+ * the profiler's ring messages) with `seconds` as its time (the exposed wait) and
+ * inflight_s added to stats.inflight[phase] */
+void comm_book_allreduce_f32(Comm *c, size_t n_elems, int phase, double seconds, double inflight_s);
 /* end every rank: MPI_Abort in MPI runs, exit otherwise */
 void comm_abort(Comm *c, int code) __attribute__((noreturn));
 

@@ -1,5 +1,8 @@
 /* comm_mpi.c: the MPI communicator over MPI_COMM_WORLD (plus a shared-memory split for the
- * node-local rank). Large buffers are sent in chunks below INT_MAX elements. */
+ * node-local rank). Large buffers are sent in chunks below INT_MAX elements. The non-blocking
+ * sum is MPI_Iallreduce on the same communicator (MPI matches collectives, blocking or not,
+ * in the order every rank starts them); it progresses when the caller tests it or in any
+ * other MPI call that drives the progress engine. */
 #include "comm.h"
 
 #include <limits.h>
@@ -18,6 +21,33 @@ static void mpi_allreduce_f32(void *ctx, float *buf, size_t n) {
         size_t m = n - off < CHUNK ? n - off : CHUNK;
         MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)m, MPI_FLOAT, MPI_SUM, ((MpiCtx *)ctx)->world);
     }
+}
+/* non-blocking: one MPI_Iallreduce per chunk; the request owns them all */
+typedef struct MpiReq { int n; MPI_Request r[]; } MpiReq;
+static void *mpi_iallreduce_f32(void *ctx, float *buf, size_t n) {
+    int nc = (int)((n + CHUNK - 1) / CHUNK);
+    MpiReq *q = malloc(sizeof *q + sizeof(MPI_Request) * (size_t)nc);
+    ASSERT(q);
+    q->n = nc;
+    for (int i = 0; i < nc; i++) {
+        size_t off = (size_t)i * CHUNK, m = n - off < CHUNK ? n - off : CHUNK;
+        MPI_Iallreduce(MPI_IN_PLACE, buf + off, (int)m, MPI_FLOAT, MPI_SUM, ((MpiCtx *)ctx)->world, &q->r[i]);
+    }
+    return q;
+}
+static int mpi_test(void *ctx, void *req) {
+    (void)ctx;
+    MpiReq *q = req;
+    int done = 0;
+    MPI_Testall(q->n, q->r, &done, MPI_STATUSES_IGNORE);
+    if (done) free(q);
+    return done;
+}
+static void mpi_wait(void *ctx, void *req) {
+    (void)ctx;
+    MpiReq *q = req;
+    MPI_Waitall(q->n, q->r, MPI_STATUSES_IGNORE);
+    free(q);
 }
 static void mpi_allreduce_f64(void *ctx, double *buf, size_t n) {
     for (size_t off = 0; off < n; off += CHUNK) {
@@ -90,6 +120,9 @@ static const CommOps mpi_ops = {
     .name = "mpi",
     .barrier = mpi_barrier,
     .allreduce_sum_f32 = mpi_allreduce_f32,
+    .iallreduce_sum_f32 = mpi_iallreduce_f32,
+    .test = mpi_test,
+    .wait = mpi_wait,
     .allreduce_sum_f64 = mpi_allreduce_f64,
     .allreduce_max_f64 = mpi_allreduce_max_f64,
     .bcast_bytes = mpi_bcast,

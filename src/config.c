@@ -263,6 +263,15 @@ static const KeyDef keys[] = {
            "with moe.home_bias > 0, topology placement spreads the units tokens prefer together (their top groups, or "
            "top-k experts, before the bias) over different nodes instead of packing them onto one, so a token finds a "
            "unit it wants on its own node; false = pack them as without the bias"),
+    K_BOOL(parallel.overlap_allreduce, 0,
+           "sum the dense gradients over the ranks in buckets while the backward runs (non-blocking allreduce, last "
+           "layer first, the embedding last; MPI_Iallreduce, or NCCL on a communication stream), and wait for the rest "
+           "before the gradient norm; perf/time_split's allreduce column is then the exposed wait and "
+           "comm/summary/allreduce_overlap_s the time in flight. The expert gradients' sum over the replicas "
+           "(parallel.ep_size) stays blocking. false = one blocking allreduce after the backward"),
+    K_FLOAT(parallel.bucket_mb, 0, 0.0, 1e6, 0, 4.0,
+            "parallel.overlap_allreduce: bucket cap in MiB: consecutive layers' dense gradients (contiguous in memory) "
+            "are summed together up to this size (a larger layer is one bucket on its own); 0 = one bucket per layer"),
     K_INT(parallel.rank_matrix_max, 0, 1 << 20, 256,
           "rank x rank traffic matrices (comm/bytes, comm/msgs) only up to this many ranks; node x node matrices "
           "and per-rank marginals are always logged"),
@@ -325,7 +334,9 @@ static const KeyDef keys[] = {
     K_ENUM(sim.combine_dtype, sim_dtype_names, SIM_FP32, "dcmoe simulate: dtype of combined rows"),
     K_ENUM(sim.grad_dtype, sim_dtype_names, SIM_FP32, "dcmoe simulate: dtype of the gradient allreduce"),
     K_ENUM(sim.overlap, sim_overlap_names, SIM_OVERLAP_NONE,
-           "dcmoe simulate: exchange / compute overlap: none (serial), ideal (max of the two), fraction (sim.overlap_fraction of the exchange hidden)"),
+           "dcmoe simulate: exchange / compute overlap: none (serial), ideal (max of the two), fraction (sim.overlap_fraction of the exchange hidden); "
+           "for the gradient allreduce, a training run with parallel.overlap_allreduce measures the hidden share "
+           "(comm/summary/allreduce_overlap_s)"),
     K_FLOAT(sim.overlap_fraction, 0, 0.0, 1.0, 0, 0.5, "dcmoe simulate: hidden fraction of the exchange for overlap: fraction"),
     K_INT(sim.tokens_per_rank, 1, 1 << 24, 4096, "dcmoe simulate: tokens each GPU routes per step"),
     K_INT(sim.sample_tokens, 0, 1 << 24, 256,
@@ -1152,6 +1163,9 @@ Status config_validate(const Config *c) {
                              "use run.gemm_dtype=fp32", backend_names[c->run.backend]);
     if (c->parallel.collectives == COLLECTIVES_NCCL && c->run.backend != BACKEND_CUDA)
         return status_errorf("parallel.collectives=nccl: NCCL works on device memory; it needs run.backend=cuda");
+    if (c->parallel.overlap_allreduce && c->run.backend == BACKEND_CUDA && c->parallel.collectives != COLLECTIVES_NCCL)
+        return status_errorf("parallel.overlap_allreduce with run.backend=cuda needs parallel.collectives=nccl (MPI would "
+                             "read gradients the device may still be writing)");
     if (c->run.backend == BACKEND_CUDA && c->offload.enabled)
         return status_errorf("offload.enabled: offloading works on host memory only; run.backend=cuda needs "
                              "offload.enabled=false");

@@ -154,6 +154,8 @@ typedef struct ParallelConfig {
     int replicas;            /* extra copies per MoE layer of the most loaded units (0 = off) */
     enum Collectives collectives;  /* gradient allreduce and exchange rows on backend memory: MPI or NCCL */
     bool home_spread;        /* with moe.home_bias: topology placement spreads co-selected units over the nodes */
+    bool overlap_allreduce;  /* dense gradient sum in buckets during the backward (non-blocking) */
+    double bucket_mb;        /* bucket cap in MiB; 0 = one bucket per layer */
 } ParallelConfig;
 
 typedef struct PrecisionConfig {

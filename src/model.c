@@ -2,6 +2,7 @@
  * Legend: B T D H V F L E C N = batch (this rank), seq, d_model, heads, vocab, FFN width,
  * layers, experts, classes, tokens (B*T). Matrices are [in, out]: y = x W. */
 #include "model.h"
+#include "gradsync.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -307,10 +308,15 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
     m->dqkv = balloc(m, sizeof(float) * N * 3 * D);
     m->datt = balloc(m, sizeof(float) * (size_t)B * H * T * T);
     m->dpooled = balloc(m, sizeof(float) * B * D);
+    if (cfg->parallel.overlap_allreduce) {
+        m->gsync = xcalloc(sizeof(GradSync));
+        TRY(gradsync_init(m->gsync, m, cfg->parallel.bucket_mb));
+    }
     return status_ok();
 }
 
 void model_free(Model *m) {
+    if (m && m->gsync) { gradsync_free(m->gsync); xfree(m->gsync); m->gsync = NULL; }
     if (m) free(m->tensors);
     if (!m || !m->be) { if (m) memset(m, 0, sizeof *m); return; }
     const Backend *be = m->be;
@@ -864,6 +870,8 @@ void model_backward(Model *m, long n_global) {
     int B = m->B, T = m->T, D = m->D, H = m->H, N = B * T;
     float *dres = m->d_a, *dmid = m->d_b, *dtmp = m->d_c;
     float scale = (float)(1.0 / (double)n_global);
+    GradSync *gs = m->gsync;
+    if (gs) gradsync_begin(gs);
     op->zero(cx, dtmp, sizeof(float) * N * D);
     if (m->task == TASK_LM) {
         op->xent_backward(cx, m->logits, m->logits, m->targets, scale, N, m->V);
@@ -900,8 +908,10 @@ void model_backward(Model *m, long n_global) {
         op->copy(cx, dres, dmid, sizeof(float) * N * D);
         op->layernorm_backward(cx, dres, gp->ln1_w, gp->ln1_b, dtmp, m->res[l], lp->ln1_w,
                                a->ln1_mean, a->ln1_rstd, N, D);
+        if (gs) gradsync_ready(gs, l);   /* layer l's dense gradients (and the tail's) are final */
     }
     op->embed_backward(cx, m->g.wte, m->g.wpe, dres, m->tokens, B, T, D);
+    if (gs) gradsync_ready(gs, -1);
 }
 
 int model_masters(const Model *m) {

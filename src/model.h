@@ -124,6 +124,10 @@ typedef struct Model {
     double loss_sum;                    /* local sum of token (or example) losses */
     double aux_loss, z_loss;            /* summed over layers, global */
     size_t act_bytes;
+    /* parallel.overlap_allreduce: the dense gradients' bucketed non-blocking sum, started by
+     * model_backward as layers finish and completed by optim_reduce_grads (gradsync.h);
+     * owned; NULL = one blocking allreduce after the backward */
+    struct GradSync *gsync;
 } Model;
 
 Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, int B_max,
@@ -196,6 +200,8 @@ double model_forward(Model *m, const int32_t *inputs, const int32_t *targets, co
 /* classification: argmax predictions of the last forward [B] */
 void model_predictions(const Model *m, int32_t *pred);
 void model_zero_grad(Model *m);
+/* with m->gsync, also starts the dense gradients' sum bucket by bucket (optim_reduce_grads
+ * completes it) */
 void model_backward(Model *m, long n_global);
 
 #endif

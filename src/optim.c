@@ -1,5 +1,6 @@
 /* optim.c: schedule, gradient reduction, clipping and AdamW. */
 #include "optim.h"
+#include "gradsync.h"
 
 #include <math.h>
 
@@ -17,9 +18,13 @@ double optim_lr(const TrainConfig *tc, long step) {
 /* dense parameters over the world; an expert's gradient is complete inside its EP group
  * (every token of the group routed to it arrived at its owner), so expert gradients are
  * summed only over the replicas of the unit, one per EP group (rep_comm; none when the EP
- * group is the world). The gradients are backend memory: comm_dev_* (NCCL when attached). */
+ * group is the world). The gradients are backend memory: comm_dev_* (NCCL when attached).
+ * With parallel.overlap_allreduce the dense sum ran in buckets during the backward
+ * (gradsync.h); the expert sum over rep_comm stays blocking. */
 void optim_reduce_grads(Model *m) {
-    if (m->n_cat[PCAT_DENSE])
+    /* parallel.overlap_allreduce: the backward started the dense buckets; wait for them */
+    if (m->gsync && m->gsync->armed) gradsync_finish(m->gsync);
+    else if (m->n_cat[PCAT_DENSE])
         comm_dev_allreduce_sum_f32(m->comm, m->grads[PCAT_DENSE], m->n_cat[PCAT_DENSE], COMM_PHASE_ALLREDUCE);
     if (m->rep_comm && m->rep_comm->size > 1 && m->n_cat[PCAT_EXPERT])
         comm_dev_allreduce_sum_f32(m->rep_comm, m->grads[PCAT_EXPERT], m->n_cat[PCAT_EXPERT], COMM_PHASE_ALLREDUCE);

@@ -31,6 +31,8 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->flops_frac = h5log_series(lg, "perf/flops_frac", H5LOG_F64, 0, NULL);
     id->time_split = h5log_series(lg, "perf/time_split", H5LOG_F64, 1, d4);
     id->comm_bytes = h5log_series(lg, "comm/summary/allreduce_bytes", H5LOG_F64, 0, NULL);
+    uint64_t d2[1] = {2};
+    id->ar_overlap = m->cfg.parallel.overlap_allreduce ? h5log_series(lg, "comm/summary/allreduce_overlap_s", H5LOG_F64, 1, d2) : 0;
     id->eval_loss = h5log_series(lg, "eval/loss", H5LOG_F64, 0, NULL);
     id->eval_ppl = h5log_series(lg, "eval/ppl", H5LOG_F64, 0, NULL);
     id->eval_metric = h5log_series(lg, "eval/metric", H5LOG_F64, 0, NULL);
@@ -173,6 +175,11 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_f64(lg, "/", "unigram_ppl_valid", unigram_ppl));
     TRY(h5log_attr_f64(lg, "/", "flops_per_token", model_flops_per_token(m)));
     TRY(h5log_attr_str(lg, "/perf/time_split", "columns", "forward,backward,allreduce,optimizer (seconds)"));
+    if (m->cfg.parallel.overlap_allreduce)
+        TRY(h5log_attr_str(lg, "/comm/summary/allreduce_overlap_s", "columns",
+                           "in_flight,exposed (seconds, rank 0: the dense gradient sum from its first bucket's start to "
+                           "its completion, and the wait after the backward; in_flight - exposed ran hidden behind the "
+                           "backward)"));
     char tdesc[256];
     topology_describe(topo, tdesc, sizeof tdesc);
     TRY(h5log_attr_str(lg, "/", "topology", tdesc));
@@ -467,6 +474,10 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
     h5log_append(lg, id->flops_frac, s, &r->flops_frac);
     h5log_append(lg, id->time_split, s, r->split);
     h5log_append(lg, id->comm_bytes, s, &r->allreduce_bytes);
+    if (id->ar_overlap) {
+        double ov[2] = {r->allreduce_inflight_s, r->allreduce_exposed_s};
+        h5log_append(lg, id->ar_overlap, s, ov);
+    }
     if (r->offload7) h5log_append(lg, id->off_train, s, r->offload7);
     h5log_append(lg, id->c_intra, s, ts->intra);
     h5log_append(lg, id->c_inter, s, ts->inter);

@@ -31,6 +31,7 @@ typedef struct LogIds {
     int nodes, intra_frac, placement;
     int trace, trace_owner;  /* 0 = not logged (log.trace_interval 0) */
     int replicas, replica_rank, replica_bad;   /* 0 = not logged (parallel.replicas = 0) */
+    int ar_overlap;          /* 0 = not logged (parallel.overlap_allreduce off) */
     int compress;            /* 0 = not logged (clustering.compress_at = 0) */
     int project;             /* 0 = not logged (clustering.mode compressed) */
 } LogIds;
@@ -53,6 +54,8 @@ typedef struct StepRecord {
     double step_s, tok_s, flops_frac;    /* step_s: the slowest rank */
     double split[4];                     /* forward, backward, allreduce, optimizer (s) */
     double allreduce_bytes;
+    double allreduce_inflight_s;         /* parallel.overlap_allreduce: the dense sum from its first bucket's */
+    double allreduce_exposed_s;          /* start to its completion, and the wait after the backward (in split[2]) */
     const double *offload7;              /* NULL: offloading off */
     const TrafficStep *ts;
     const Traffic *traffic;

@@ -5,6 +5,7 @@
  * (data.h draws sequence j of step s from (seed, s, j)); rank r runs sequences
  * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
 #include "train.h"
+#include "gradsync.h"
 
 #include <errno.h>
 #include <math.h>
@@ -272,7 +273,7 @@ typedef struct Run {
 
 /* what one step computed, for its log row and the progress line */
 typedef struct StepOut {
-    double loss, ce, lr, gnorm, t0, t1, t2, ar_s0, dt;
+    double loss, ce, lr, gnorm, t0, t1, t2, ar_s0, ar_in0, dt;
     uint64_t ar_bytes0;
     bool log_step;
 } StepOut;
@@ -402,6 +403,13 @@ static void print_banner(const Run *r) {
         else if (em)
             printf("parallel.replicas: no effect (each expert-parallel group spans one node)\n");
     }
+    if (r->m.gsync) {
+        const GradSync *gs = r->m.gsync;
+        printf("parallel.overlap_allreduce: the dense gradients (%.2f MiB) in %d bucket(s) during the backward, in start "
+               "order:", gs->n_total * 4.0 / 1048576.0, gs->n_buckets);
+        for (int k = 0; k < gs->n_buckets; k++) printf(" %.2f", gs->b[k].n * 4.0 / 1048576.0);
+        printf(" MiB%s\n", r->m.rep_comm ? " (the expert gradients' sum over the replicas stays blocking)" : "");
+    }
     if (r->cfg->model.task == TASK_LM) printf("unigram perplexity of the valid split: %.2f\n", r->unigram_ppl);
     printf("run folder: %s\n", r->dir);
     fflush(stdout);
@@ -413,9 +421,10 @@ static void print_banner(const Run *r) {
 static Status attach_collectives(Run *r, Model *m, bool announce) {
     Comm *comm = r->comm;
     if (r->cfg->parallel.collectives != COLLECTIVES_NCCL) return status_ok();
-    TRY(comm_agree(comm, comm_nccl_attach(comm)));
-    if (m->ep_comm && m->ep_comm != comm) TRY(comm_agree(comm, comm_nccl_attach(m->ep_comm)));
-    if (m->rep_comm) TRY(comm_agree(comm, comm_nccl_attach(m->rep_comm)));
+    /* the world's also carries the overlapped gradient sum (its own NCCL communicator) */
+    TRY(comm_agree(comm, comm_nccl_attach(comm, r->cfg->parallel.overlap_allreduce)));
+    if (m->ep_comm && m->ep_comm != comm) TRY(comm_agree(comm, comm_nccl_attach(m->ep_comm, 0)));
+    if (m->rep_comm) TRY(comm_agree(comm, comm_nccl_attach(m->rep_comm, 0)));
     if (announce && r->rank == 0)
         printf("parallel.collectives: nccl (gradient allreduce and exchange rows on device memory)\n");
     return status_ok();
@@ -656,6 +665,7 @@ static Status train_step(Run *r, long step, StepOut *o) {
     for (int l = 0; l < m->L; l++) m->ep[l].collect = m->ffn[l].kind != MOE_KIND_DENSE;
     o->ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
     o->ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
+    o->ar_in0 = comm->stats.inflight[COMM_PHASE_ALLREDUCE];
     if (cfg->model.task == TASK_LM)
         data_lm_train_batch(data_lm_train_split(&r->ds, step), (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->T, r->in, r->tg);
     else
@@ -817,6 +827,8 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .tokens = r->pos.tokens_seen, .step_s = slowest, .tok_s = tc->batch_size * r->T / slowest,
         .split = {o->t1 - o->t0, o->t2 - o->t1, ar_s, t3 - o->t2 - ar_s},
         .allreduce_bytes = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - o->ar_bytes0),
+        .allreduce_inflight_s = comm->stats.inflight[COMM_PHASE_ALLREDUCE] - o->ar_in0,
+        .allreduce_exposed_s = m->gsync ? m->gsync->last_exposed_s : 0,
         .offload7 = r->resid.enabled ? off7 : NULL, .ts = &ts, .traffic = &r->traffic,
         .traffic_matrices = matrices,
         .owners = r->log_owner || migr > 0, .migration_bytes = migr,

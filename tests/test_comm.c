@@ -61,7 +61,7 @@ int main(void) {
     if (!HAVE_CUDA) {
         Comm s;
         comm_single_init(&s);
-        Status st = comm_nccl_attach(&s);
+        Status st = comm_nccl_attach(&s, 1);
         ok(!STATUS_OK(st) && strstr(st.msg, "parallel.collectives=nccl") && !comm_has_dev(&s),
            "no CUDA: comm_nccl_attach is an error naming the key (%s)", st.msg);
         comm_free(&s);
