@@ -13,6 +13,7 @@ usage: /usr/bin/python3 experiments/run_sim_machine.py [--steps N] [--repeats R]
 --render-only rebuilds results/sim-machine.md from results/sim-machine.{csv,meta.json} and the
 hand-written results/sim-machine.notes.md (nothing is run; no h5py)."""
 import argparse
+import shutil
 import csv
 import os
 import subprocess
@@ -103,6 +104,7 @@ def simulate(name, P, sets, hw):
 
 
 def run_all(args):
+    shutil.rmtree(OUT, ignore_errors=True)      # every file under it is this script's own output
     os.makedirs(OUT, exist_ok=True)
     load0 = os.getloadavg()
     pred, meas = {}, {}
