@@ -39,7 +39,7 @@ VARIANTS = [
      "as static with the compression's residual SVD in output space (weighted by each expert's warm-up inputs)"),
     ("masters-static", ["clustering.alpha=0"] + MASTERS, "static",
      "as static in masters mode (per-expert FP32 masters trained through their projection, refreshed every "
-     f"{PROJECT_INTERVAL} step{'s' if PROJECT_INTERVAL > 1 else ''}), static"),
+     + (f"{PROJECT_INTERVAL} steps" if PROJECT_INTERVAL > 1 else "step") + "), static"),
     ("masters-dynamic", ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.alpha=0"] + MASTERS,
      "masters-static", "as masters-static, then re-clustering of the masters every 100 steps after the switch "
      "(proposals as dynamic; a move loses nothing, the next projection rebuilds the changed groups)"),
@@ -94,18 +94,21 @@ def render(out_dir):
              f"Command: `{meta['command']}` (config `{CONFIG}`: the model of experiments/recluster.yaml, trained on the "
              f"Brown non-fiction genres a-j until step {meta['switch_at']} and on the fiction genres k-r after it; "
              "validation and test are fiction files only; the clustered rows are compressed at step 200 with the "
-             f"learned partition from the co-activation (clustering.alpha 0); seeds {', '.join(map(str, seeds))} in every row, mean ± sd). "
+             f"learned partition from the co-activation (clustering.alpha 0); seeds {', '.join(map(str, seeds))} in every row "
+             "unless the row says otherwise, mean ± sd; paired differences over the seeds both rows have). "
              + rr.updates_sentence(meta) + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
              f"| variant | fiction valid ppl at step {meta['switch_at']} (before the switch) | 100 steps after | final valid ppl | "
-             "final test ppl | re-cluster events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "final test ppl | re-cluster events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss | "
+             "event s (compression, events, projections) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _, _, desc in VARIANTS:
         if name not in by:
             continue
         events, moved, refit, probe = rr.event_cells(lambda k: float(np.nanmean(series(name, k))))
         lines.append(f"| **{name}**: {desc}{rr.seeds_note(by, seeds, name)} | {rr.fmt_ms(series(name, 'ppl_at_switch'))} | "
                      f"{rr.fmt_ms(series(name, 'ppl_after_100'))} | {rr.fmt_ms(series(name, 'valid_ppl'))} | "
-                     f"{rr.fmt_ms(series(name, 'test_ppl'))} | {events} | {moved} | {refit} | {probe} |")
+                     f"{rr.fmt_ms(series(name, 'test_ppl'))} | {events} | {moved} | {refit} | {probe} | "
+                     f"{rr.fmt_ms(series(name, 'event_s'), 1)} |")
     lines += ["", "## Paired differences (valid perplexity on fiction, same seed)", "",
               "| variant | twin | Δ final valid ppl | Δ 100 steps after the switch | seeds better |", "|---|---|---:|---:|---:|"]
     for name, _, twin, _ in VARIANTS:

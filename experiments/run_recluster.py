@@ -218,6 +218,7 @@ def merge_csv(name, script, cols, rows):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     meta = rl.read_meta(name)
+    meta["seeds"] = sorted(set(meta["seeds"]) | {sd for _, sd, _ in rows})
     cmd = rl.command(script, sys.argv[1:])
     if cmd not in meta.setdefault("updates", []):
         meta["updates"].append(cmd)
