@@ -234,7 +234,7 @@ def updates_sentence(meta):
 def seeds_note(by, seeds, name):
     """' (seeds 1, 2)' when the variant has fewer seeds than the study, else ''"""
     have = [sd for sd in seeds if sd in by[name]]
-    return "" if len(have) == len(seeds) else f" (seeds {', '.join(map(str, have))} only)"
+    return "" if len(have) == len(seeds) else f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))} only)"
 
 
 def fmt_ms(x, digits=2, pct=False):
