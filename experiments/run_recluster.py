@@ -5,6 +5,9 @@ usage: /usr/bin/python3 experiments/run_recluster.py [--jobs 2] [--steps N] [--o
        /usr/bin/python3 experiments/run_recluster.py --render-only [--out DIR]
 Every variant runs with seeds 1, 2 and 3 (paired: the same seeds in every row); runs already
 complete (final test perplexity logged) are not rerun. Needs a built dcmoe (build/) and h5py/numpy.
+With --only (and --seeds) the runs trained are summarised into results/recluster.csv: their rows
+replace the same (variant, seed) or are appended, every other row is kept, and the command is
+added to the meta file's "updates" (runs of earlier sessions need not be on this machine).
 --render-only rebuilds results/recluster.md from results/recluster.{csv,meta.json} and the
 hand-written results/recluster.notes.md (no training, no h5py); --out DIR writes it to DIR."""
 import argparse
@@ -48,6 +51,10 @@ VARIANTS = [
     ("compress-learned-verified", COMPRESS + ["clustering.compress_partition=learned"] + MOVES +
      ["clustering.verify=true", "clustering.max_probe_increase=0"], "compress-coact",
      "as above, each event kept only if the loss on 8 fixed probe batches does not rise (verified)"),
+    ("compress-coact-output", COMPRESS + ["clustering.compress_partition=learned", "clustering.alpha=0",
+                                          "clustering.svd_space=output"], "compress-coact",
+     "as compress-coact with the residual SVD in output space (each expert's residual weighted by the second "
+     "moments of the inputs and hidden activations it saw in the warm-up), static"),
     ("masters-static", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters"], "compress-learned",
      "learned compression into masters mode (per-expert FP32 masters trained through their projection, refreshed "
      "every 50 steps), static"),
@@ -183,8 +190,9 @@ def run_all(a):
     jobs = [(name, sets_of[name], seed) for name in (only or sets_of) for seed in seeds]
     with ThreadPoolExecutor(max_workers=a.jobs) as ex:
         h5s = list(ex.map(lambda j: run(a, *j), jobs))
-    if only:
-        return   # a partial run writes no results file (the table needs every variant)
+    if only:   # a partial run updates its rows of the results file
+        merge_csv(NAME, SCRIPT, COLS, [(name, seed, summarize(h5)) for (name, _, seed), h5 in zip(jobs, h5s)])
+        return
     lines = [",".join(COLS)]
     for (name, _, seed), h5 in zip(jobs, h5s):
         r = summarize(h5)
@@ -193,6 +201,40 @@ def run_all(a):
         f.write("\n".join(lines) + "\n")
     rl.write_meta(NAME, {"command": rl.command(SCRIPT, sys.argv[1:]), "seeds": SEEDS,
                          "steps": a.steps or 800})
+
+
+def merge_csv(name, script, cols, rows):
+    """rows [(variant, seed, summary)] into results/<name>.csv: each replaces the row of its
+    (variant, seed) or is appended; every other row is kept. The command goes to the meta's updates."""
+    path = os.path.join(rl.RESULTS, name + ".csv")
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = list(csv.DictReader(f))
+    new = {(v, int(sd)) for v, sd, _ in rows}
+    lines = [",".join(cols)]
+    lines += [",".join(r.get(c) or "nan" for c in cols) for r in old if (r["variant"], int(r["seed"])) not in new]
+    lines += [",".join([v, str(sd)] + [f"{r[k]:.6g}" for k in cols[2:]]) for v, sd, r in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    meta = rl.read_meta(name)
+    meta["seeds"] = sorted(set(meta["seeds"]) | {sd for _, sd, _ in rows})
+    cmd = rl.command(script, sys.argv[1:])
+    if cmd not in meta.setdefault("updates", []):
+        meta["updates"].append(cmd)
+    rl.write_meta(name, meta)
+
+
+def updates_sentence(meta):
+    """the commands that added rows after the full run (merge_csv), as a sentence ('' if none)"""
+    up = meta.get("updates", [])
+    return ("Rows added or replaced later by " + ", ".join(f"`{c}`" for c in up) + ". ") if up else ""
+
+
+def seeds_note(by, seeds, name):
+    """' (seeds 1, 2)' when the variant has fewer seeds than the study, else ''"""
+    have = [sd for sd in seeds if sd in by[name]]
+    return "" if len(have) == len(seeds) else f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))} only)"
 
 
 def fmt_ms(x, digits=2, pct=False):
@@ -227,9 +269,15 @@ def load_table(name):
         by.setdefault(r["variant"], {})[int(r["seed"])] = {k: float(v) for k, v in r.items() if k not in ("variant", "seed")}
     seeds = meta["seeds"]
 
-    def series(v, k):
-        return np.array([by[v][s][k] for s in seeds])
+    def series(v, k, only=None):
+        """the column over the variant's seeds (those of the study it has), or over `only`"""
+        return np.array([by[v][s][k] for s in (only if only is not None else seeds) if s in by[v]])
     return meta, by, seeds, series
+
+
+def common_seeds(by, seeds, a, b):
+    """the study's seeds both variants have (the pairs of a paired difference)"""
+    return [s for s in seeds if s in by[a] and s in by[b]]
 
 
 def render(out_dir):
@@ -242,7 +290,7 @@ def render(out_dir):
              "the seeds. Load CV² is expert-level, before capacity, the same definition for every kind (the "
              "clustered rows also show the group-level CV²). Tokens/s are the median step over the second half; "
              "'with events' divides all tokens by all step time plus re-clustering and compression time. "
-             + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
+             + updates_sentence(meta) + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]), "",
              "| variant | valid ppl | test ppl | total params | expert params | FLOPs/token | tok/s | tok/s with events | "
              "load CV² (expert) | CV² (group) | events accepted / rolled back / layer-events | experts moved | refit err | probe Δloss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -259,7 +307,7 @@ def render(out_dir):
             flops = f"{float(np.mean(series('clustered-static', 'flops_per_token'))) / 1e6:.2f}M after step 200†"
         if name.startswith("masters"):
             flops = "‡"
-        lines.append(f"| **{name}**: {desc[name]} | {fmt_ms(series(name, 'valid_ppl'))} | {fmt_ms(series(name, 'test_ppl'))} | "
+        lines.append(f"| **{name}**: {desc[name]}{seeds_note(by, seeds, name)} | {fmt_ms(series(name, 'valid_ppl'))} | {fmt_ms(series(name, 'test_ppl'))} | "
                      f"{m('total_params') / 1e6:.3f}M | {m('expert_params') / 1e6:.3f}M | {flops} | "
                      f"{m('tok_s'):.0f} | {m('tok_s_with_events'):.0f} | {fmt_ms(series(name, 'cv2'), 4)} | "
                      f"{fmt_ms(series(name, 'group_cv2'), 4)} | {events} | {moved} | {refit} | {probe} |")
@@ -289,20 +337,22 @@ def render(out_dir):
         t = twin[name]
         if not t or name not in by or t not in by:
             continue
-        dv = series(name, "valid_ppl") - series(t, "valid_ppl")
-        dt = series(name, "test_ppl") - series(t, "test_ppl")
+        cs = common_seeds(by, seeds, name, t)
+        dv = series(name, "valid_ppl", cs) - series(t, "valid_ppl", cs)
+        dt = series(name, "test_ppl", cs) - series(t, "test_ppl", cs)
         lines.append(f"| {name} | {t} | {fmt_ms(dv)} | {fmt_ms(dt)} | {int(np.sum(dv < 0))}/{len(dv)} |")
-    lines += ["", answers(by, series), "", rl.notes(NAME)]
+    lines += ["", answers(by, series, seeds), "", rl.notes(NAME)]
     return rl.write_md(out_dir, NAME, "\n".join(lines))
 
 
-def answers(by, series):
+def answers(by, series, seeds):
     """the study's questions, answered from the paired differences: met when every seed agrees
     and the mean difference exceeds its standard deviation"""
     def verdict(a, b):
         if a not in by or b not in by:
             return f"not measured ({a} or {b} missing)"
-        d = series(a, "valid_ppl") - series(b, "valid_ppl")
+        cs = common_seeds(by, seeds, a, b)
+        d = series(a, "valid_ppl", cs) - series(b, "valid_ppl", cs)
         sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
         if np.all(d == 0):
             return f"no difference: {a} and {b} reach the same perplexity on every seed"
@@ -326,7 +376,9 @@ def answers(by, series):
            f"{verdict('masters-static', 'compress-learned')}.",
            f"- Does re-clustering on the masters beat static masters? {verdict('masters-dynamic', 'masters-static')}.",
            f"- Does a fresher projection help masters mode (every 10 steps instead of 50)? "
-           f"{verdict('masters-static-p10', 'masters-static')}."]
+           f"{verdict('masters-static-p10', 'masters-static')}.",
+           f"- Does the output-space SVD beat the weight-space SVD at the compression? "
+           f"{verdict('compress-coact-output', 'compress-coact')}."]
     for v in ("compress-learned-dynamic", "compress-learned-verified", "masters-dynamic"):
         if v not in by:
             continue

@@ -70,7 +70,9 @@ static char *tensor_table_text(const Model *m) {
 /* the clustering state of every clustered layer, packed: per layer group_of, members,
  * mu_seen (i32 [E] each), bias [E] and mu [E, Pm] (f32), n_events and n_accepted (i32);
  * per standard layer its aux-free bias [E] (f32) and, in the warm-up of a compression run,
- * the co-activation EMA [E, E] and selection EMA [E] (f64); per clustered layer with
+ * the co-activation EMA [E, E] and selection EMA [E] (f64), with clustering.svd_space = output
+ * followed by the experts' input and hidden second moments [E, D, D], [E, F, F] and their step
+ * counts [E] (f64); per clustered layer with
  * clustering.mu_source = coact the same two EMAs after n_accepted */
 static size_t cluster_blob_size(const Model *m) {
     size_t n = 0;
@@ -79,6 +81,7 @@ static size_t cluster_blob_size(const Model *m) {
         if (f->kind == MOE_KIND_STANDARD) {
             if (f->cfg.balance == BALANCE_AUX_FREE) n += 4 * (size_t)f->E;
             if (m->cstate[l].coact) n += 8 * ((size_t)f->E * f->E + (size_t)f->E);
+            if (m->cstate[l].in_cov) n += 8 * (size_t)f->E * ((size_t)f->D * f->D + (size_t)f->F * f->F + 1);
             continue;
         }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
@@ -100,6 +103,12 @@ static void cluster_blob(Model *m, char *buf, int unpack) {
             if (m->cstate[l].coact) {
                 MOVE(m->cstate[l].coact, 8 * (size_t)f->E * f->E);
                 MOVE(m->cstate[l].coact_n, 8 * (size_t)f->E);
+            }
+            /* clustering.svd_space = output: the experts' input statistics */
+            if (m->cstate[l].in_cov) {
+                MOVE(m->cstate[l].in_cov, 8 * (size_t)f->E * f->D * f->D);
+                MOVE(m->cstate[l].hid_cov, 8 * (size_t)f->E * f->F * f->F);
+                MOVE(m->cstate[l].cov_n, 8 * (size_t)f->E);
             }
             continue;
         }

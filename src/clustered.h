@@ -59,6 +59,11 @@ struct ClusterState {
      * EMA over steps of how often experts i and j are both in one token's top-k (before
      * capacity, global over ranks) [E, E], and of each expert's selections [E] */
     double *coact, *coact_n;
+    /* standard layers of a run with clustering.compress_at and clustering.svd_space = output,
+     * else NULL: EMA over steps of each expert's input second moment [E, D, D] (the token
+     * rows it received) and hidden second moment [E, F, F] (its activations), and the number
+     * of steps each expert received rows in [E] (compress_event.c) */
+    double *in_cov, *hid_cov, *cov_n;
 };
 
 /* clustered layer (clustered.c): two-stage routing, base reuse, low-rank residuals */

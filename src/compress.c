@@ -1,8 +1,9 @@
 /* compress.c: structured compression of a group of experts (DESIGN.md §1.1, §1.3):
  * reconstruction W = base + A B^T (cblas_sgemm), truncated SVD to rank r (LAPACK's exact
  * sgesdd, or the randomised range finder of Halko, Martinsson & Tropp 2011, Alg. 4.4 with
- * QR re-orthonormalisation after every product), and the refit of a group (base = member
- * mean, residuals -> rank-r factors, relative error in double).
+ * QR re-orthonormalisation after every product), its output-space form (the SVD of
+ * C^(1/2) R for an input second moment C, mapped back by C^(-1/2)), and the refit of a group
+ * (base = member mean, residuals -> rank-r factors, relative error in double).
  * Float throughout (cblas/LAPACKE row-major); scratch is allocated and freed per call.
  * Legend: m n r l K = rows, columns, rank, r + oversampling (clamped to min(m, n)), experts
  *         in the group. Factors: A = U sqrt(S) [m, r], B = V sqrt(S) [n, r]. */
@@ -104,9 +105,77 @@ int compress_low_rank(const float *R /* [m, n] */, int m, int n, int r, int meth
                                : low_rank_randomized(R, m, n, r, oversample, power_iters, rng, A, B);
 }
 
+/* output space: the best rank-r approximation of R in the norm |C^(1/2) (R - A B^T)|_F.
+ * Cr = C + lambda I (lambda = 1e-6 trace(C) / m) = Q diag(w) Q^T (LAPACK dsyevd, double);
+ * R' = Cr^(1/2) R, its truncated SVD A' B^T, then A = Cr^(-1/2) A'. */
+int compress_low_rank_weighted(const float *R /* [m, n] */, const double *C /* [m, m] */, int m, int n, int r,
+                               int method, int oversample, int power_iters, Rng *rng, float *A /* [m, r] */,
+                               float *B /* [n, r] */) {
+    ASSERTF(m >= 1 && n >= 1 && r >= 0, "compress_low_rank_weighted: m=%d n=%d r=%d", m, n, r);
+    if (!C) return compress_low_rank(R, m, n, r, method, oversample, power_iters, rng, A, B);
+    if (r == 0) return 0;
+    double tr = 0;
+    for (int i = 0; i < m; i++) tr += C[(size_t)i * m + i];
+    if (!(tr > 0) || !isfinite(tr))   /* no inputs seen: weight space */
+        return compress_low_rank(R, m, n, r, method, oversample, power_iters, rng, A, B);
+    const double lam = 1e-6 * tr / m;
+    double *Q = xmalloc(sizeof(double) * (size_t)m * m), *w = xmalloc(sizeof(double) * (size_t)m);
+    double *S = xmalloc(sizeof(double) * (size_t)m * m), *Si = xmalloc(sizeof(double) * (size_t)m * m);
+    double *T = xmalloc(sizeof(double) * (size_t)m * m);
+    for (size_t q = 0; q < (size_t)m * m; q++) Q[q] = 0.5 * (C[q] + C[(q % m) * m + q / m]);   /* symmetric part */
+    for (int i = 0; i < m; i++) Q[(size_t)i * m + i] += lam;
+    int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', m, Q, m, w);   /* Q: eigenvectors in its columns */
+    float *Rw = NULL, *Aw = NULL;
+    if (info == 0) {
+        /* S = Q diag(sqrt w) Q^T, Si = Q diag(1 / sqrt w) Q^T (eigenvalues clamped at lambda) */
+        for (int j = 0; j < m; j++) {
+            double wj = w[j] > lam ? w[j] : lam, sq = sqrt(wj);
+            for (int i = 0; i < m; i++) T[(size_t)i * m + j] = Q[(size_t)i * m + j] * sq;
+        }
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, m, m, 1.0, T, m, Q, m, 0.0, S, m);
+        for (int j = 0; j < m; j++) {
+            double wj = w[j] > lam ? w[j] : lam, isq = 1.0 / sqrt(wj);
+            for (int i = 0; i < m; i++) T[(size_t)i * m + j] = Q[(size_t)i * m + j] * isq;
+        }
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, m, m, 1.0, T, m, Q, m, 0.0, Si, m);
+        /* R' = S R (double accumulation) */
+        Rw = xmalloc(sizeof(float) * (size_t)m * n);
+        double *row = xmalloc(sizeof(double) * (size_t)n);
+        for (int i = 0; i < m; i++) {
+            memset(row, 0, sizeof(double) * (size_t)n);
+            for (int k = 0; k < m; k++) {
+                double s = S[(size_t)i * m + k];
+                const float *Rk = R + (size_t)k * n;
+                for (int j = 0; j < n; j++) row[j] += s * Rk[j];
+            }
+            for (int j = 0; j < n; j++) Rw[(size_t)i * n + j] = (float)row[j];
+        }
+        xfree(row);
+        Aw = xmalloc(sizeof(float) * (size_t)m * r);
+        info = compress_low_rank(Rw, m, n, r, method, oversample, power_iters, rng, Aw, B);
+    }
+    if (info == 0) {   /* A = Si A' */
+        for (int i = 0; i < m; i++)
+            for (int c = 0; c < r; c++) {
+                double s = 0;
+                for (int k = 0; k < m; k++) s += Si[(size_t)i * m + k] * Aw[(size_t)k * r + c];
+                A[(size_t)i * r + c] = (float)s;
+            }
+    }
+    xfree(Q); xfree(w); xfree(S); xfree(Si); xfree(T); xfree(Rw); xfree(Aw);
+    return info;
+}
+
 int compress_refit_group(const float *W /* [K, m, n] */, int K, int m, int n, int r, int method, int oversample,
                          int power_iters, Rng *rng, float *base /* [m, n] */, float *A /* [K, m, r] */,
                          float *B /* [K, n, r] */, double *rel_err /* [K] */) {
+    return compress_refit_group_weighted(W, NULL, K, m, n, r, method, oversample, power_iters, rng, base, A, B, rel_err);
+}
+
+int compress_refit_group_weighted(const float *W /* [K, m, n] */, const double *C /* [K, m, m] or NULL */, int K,
+                                  int m, int n, int r, int method, int oversample, int power_iters, Rng *rng,
+                                  float *base /* [m, n] */, float *A /* [K, m, r] */, float *B /* [K, n, r] */,
+                                  double *rel_err /* [K] */) {
     ASSERTF(K >= 1 && m >= 1 && n >= 1 && r >= 0, "compress_refit_group: K=%d m=%d n=%d r=%d", K, m, n, r);
     const size_t mn = (size_t)m * n;
     for (size_t q = 0; q < mn; q++) {           /* member mean, summed in double */
@@ -120,7 +189,8 @@ int compress_refit_group(const float *W /* [K, m, n] */, int K, int m, int n, in
         const float *Wi = W + (size_t)i * mn;
         float *Ai = A + (size_t)i * m * r, *Bi = B + (size_t)i * n * r;
         for (size_t q = 0; q < mn; q++) res[q] = Wi[q] - base[q];
-        info = compress_low_rank(res, m, n, r, method, oversample, power_iters, rng, Ai, Bi);
+        info = compress_low_rank_weighted(res, C ? C + (size_t)i * m * m : NULL, m, n, r, method, oversample,
+                                          power_iters, rng, Ai, Bi);
         if (info) break;
         compress_reconstruct(base, Ai, Bi, m, n, r, res);
         double num = 0, den = 0;

@@ -1,5 +1,6 @@
-/* compress_event.c: co-activation statistics of the warm-up, features, partition, refit and
- * the filling of the clustered model (see compress_event.h).
+/* compress_event.c: co-activation and (clustering.svd_space output) input statistics of the
+ * warm-up, features, partition, refit and the filling of the clustered model (see
+ * compress_event.h).
  * Legend: E G K D F F1 r = experts, groups, experts/group, d_model, expert width, F or 2F
  * (SwiGLU), residual rank; n1 n2 = D F1, F D (one expert's up / down matrix); nx = sampled
  * input rows. */
@@ -24,12 +25,76 @@ int compress_pending(const Model *m) {
     return 0;
 }
 
+/* the quantisation of the input statistics: rows rounded to multiples of 2^-COV_BITS and
+ * clamped to +-COV_CLAMP, so every product is an integer multiple of 2^-2 COV_BITS below
+ * 2^32 in magnitude and every sum of fewer than 2^20 rows is exact in double: the moments do
+ * not depend on the summation order (BLAS blocking, the rank count, the allreduce) */
+#define COV_BITS 10
+#define COV_CLAMP 64.0
+
+static void cov_quantise(const float *x, size_t n, double *q) {
+    const double s = (double)(1 << COV_BITS), lim = COV_CLAMP * s;
+    for (size_t i = 0; i < n; i++) {
+        double v = nearbyint((double)x[i] * s);
+        q[i] = v > lim ? lim : v < -lim ? -lim : v;
+    }
+}
+
+void compress_cov_step(Model *m, int l, double beta) {
+    const MoeLayer *f = &m->ffn[l];
+    ClusterState *cs = &m->cstate[l];
+    const MoeState *st = &m->acts[l].moe;
+    const Backend *be = m->be;
+    const EpMap *em = f->ep;
+    int E = f->E, D = f->D, F = f->F, M = st->M;
+    size_t nD = (size_t)D * D, nF = (size_t)F * F, off2 = (size_t)E * nD, offn = off2 + (size_t)E * nF;
+    double *c = xcalloc(sizeof(double) * (offn + E));   /* input sums [E, D, D], hidden [E, F, F], rows [E] */
+    if (M > 0) {
+        float *xg = xmalloc(sizeof(float) * (size_t)M * D), *a = xmalloc(sizeof(float) * (size_t)M * F);
+        double *q = xmalloc(sizeof(double) * (size_t)M * (D > F ? D : F));
+        be->ops->to_host(be->ctx, xg, st->xg, sizeof(float) * (size_t)M * D);
+        be->ops->to_host(be->ctx, a, st->a, sizeof(float) * (size_t)M * F);
+        int nl = em->n_slots * em->K;   /* this rank's expert slots (primaries, then replica copies) */
+        for (int sl = 0; sl < nl; sl++) {
+            int e = em->lslot_expert[sl], r0 = st->expert_off[sl], n = st->expert_off[sl + 1] - r0;
+            if (e < 0 || n <= 0) continue;
+            cov_quantise(xg + (size_t)r0 * D, (size_t)n * D, q);
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, D, n, 1.0, q, D, 1.0, c + (size_t)e * nD, D);
+            cov_quantise(a + (size_t)r0 * F, (size_t)n * F, q);
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, F, n, 1.0, q, F, 1.0, c + off2 + (size_t)e * nF, F);
+            c[offn + e] += n;
+        }
+        xfree(xg); xfree(a); xfree(q);
+    }
+    comm_allreduce_sum_f64(m->comm, c, offn + E);   /* integer-valued sums: exact, any rank count */
+    const double s2 = (double)(1 << COV_BITS) * (double)(1 << COV_BITS);
+    for (int e = 0; e < E; e++) {
+        double n = c[offn + e];
+        if (!(n > 0)) continue;
+        int first = cs->cov_n[e] == 0;
+        for (int w = 0; w < 2; w++) {
+            int d = w ? F : D;
+            const double *src = w ? c + off2 + (size_t)e * nF : c + (size_t)e * nD;
+            double *dst = w ? cs->hid_cov + (size_t)e * nF : cs->in_cov + (size_t)e * nD;
+            for (int i = 0; i < d; i++)
+                for (int j = 0; j < d; j++) {
+                    double v = (i <= j ? src[(size_t)i * d + j] : src[(size_t)j * d + i]) / (s2 * n);
+                    size_t k = (size_t)i * d + j;
+                    dst[k] = first ? v : (1 - beta) * dst[k] + beta * v;
+                }
+        }
+        cs->cov_n[e] += 1;
+    }
+    xfree(c);
+}
+
 void compress_coact_step(Model *m) {
     double beta = m->cfg.clustering.ema_beta;
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
         ClusterState *cs = &m->cstate[l];
         if (f->kind != MOE_KIND_STANDARD || !cs->coact) continue;
+        if (cs->in_cov) compress_cov_step(m, l, beta);
         const Route *rt = &m->acts[l].moe.route;
         int E = f->E, k = rt->k, N = rt->N;
         size_t EE = (size_t)E * E;
@@ -158,6 +223,7 @@ static void members_of(const int32_t *group_of, int E, int G, int32_t *mem) {
 
 void compress_refit_layer(const float *W1, const float *W2, int E, int D, int F1, int F, int r, int G,
                           const int32_t *group_of, const ClusterConfig *cc, uint64_t seed, int layer, uint64_t purpose,
+                          const double *cov1, const double *cov2,
                           float *base1, float *base2, float *a1, float *b1, float *a2, float *b2, double *werr) {
     int K = E / G, method = cc->svd == SVD_KIND_EXACT ? SVD_EXACT : SVD_RANDOMIZED;
     size_t n1 = (size_t)D * F1, n2 = (size_t)F * D;
@@ -168,18 +234,25 @@ void compress_refit_layer(const float *W1, const float *W2, int E, int D, int F1
     float *A2 = xmalloc(sizeof(float) * K * F * r + 1), *B2 = xmalloc(sizeof(float) * K * D * r + 1);
     float *rec = xmalloc(sizeof(float) * (n1 > n2 ? n1 : n2));
     double *err = xmalloc(sizeof(double) * K);
+    /* output space: the members' second moments, in group order */
+    double *Cg1 = cov1 ? xmalloc(sizeof(double) * K * (size_t)D * D) : NULL;
+    double *Cg2 = cov2 ? xmalloc(sizeof(double) * K * (size_t)F * F) : NULL;
     for (int g = 0; g < G; g++) {
         for (int q = 0; q < K; q++) {
             int i = mem[(size_t)g * K + q];
             memcpy(Wg1 + (size_t)q * n1, W1 + (size_t)i * n1, sizeof(float) * n1);
             memcpy(Wg2 + (size_t)q * n2, W2 + (size_t)i * n2, sizeof(float) * n2);
+            if (Cg1) memcpy(Cg1 + (size_t)q * D * D, cov1 + (size_t)i * D * D, sizeof(double) * D * D);
+            if (Cg2) memcpy(Cg2 + (size_t)q * F * F, cov2 + (size_t)i * F * F, sizeof(double) * F * F);
         }
         Rng rg;
         rng_init(&rg, seed, ((uint64_t)(g + 1) << 32) | (uint64_t)layer, purpose);
         float *bs1 = base1 + (size_t)g * n1, *bs2 = base2 + (size_t)g * n2;
-        int rc = compress_refit_group(Wg1, K, D, F1, r, method, cc->svd_oversample, cc->svd_power_iters, &rg, bs1, A1, B1, err);
+        int rc = compress_refit_group_weighted(Wg1, Cg1, K, D, F1, r, method, cc->svd_oversample, cc->svd_power_iters,
+                                               &rg, bs1, A1, B1, err);
         ASSERTF(rc == 0, "compression of layer %d group %d (up projection) failed: LAPACK info %d", layer, g, rc);
-        rc = compress_refit_group(Wg2, K, F, D, r, method, cc->svd_oversample, cc->svd_power_iters, &rg, bs2, A2, B2, err);
+        rc = compress_refit_group_weighted(Wg2, Cg2, K, F, D, r, method, cc->svd_oversample, cc->svd_power_iters,
+                                           &rg, bs2, A2, B2, err);
         ASSERTF(rc == 0, "compression of layer %d group %d (down projection) failed: LAPACK info %d", layer, g, rc);
         for (int q = 0; q < K; q++) {
             int i = mem[(size_t)g * K + q];
@@ -203,6 +276,7 @@ void compress_refit_layer(const float *W1, const float *W2, int E, int D, int F1
         }
     }
     xfree(mem); xfree(Wg1); xfree(Wg2); xfree(A1); xfree(B1); xfree(A2); xfree(B2); xfree(rec); xfree(err);
+    xfree(Cg1); xfree(Cg2);
 }
 
 /* y [nx, D] = act(x W1) W2 of one expert (host; GELU tanh form or SwiGLU as the backends) */
@@ -301,7 +375,7 @@ int compress_event_run(Model *old, Model *nw, long step, float *const *x, int nx
         cs->ref_known = 1;
         double *werr = xmalloc(sizeof(double) * E);
         compress_refit_layer(W1, W2, E, D, F1, F, r, G, cs->group_of, cc, (uint64_t)nw->cfg.run.seed, l,
-                             RNG_CLUSTER + 8 + 16 * (uint64_t)step,
+                             RNG_CLUSTER + 8 + 16 * (uint64_t)step, ocs->in_cov, ocs->hid_cov,
                              fn + layer_tensor(nw, l, "base1")->full_offset, fn + layer_tensor(nw, l, "base2")->full_offset,
                              fn + layer_tensor(nw, l, "a1")->full_offset, fn + layer_tensor(nw, l, "b1")->full_offset,
                              fn + layer_tensor(nw, l, "a2")->full_offset, fn + layer_tensor(nw, l, "b2")->full_offset, werr);

@@ -49,6 +49,12 @@ int compress_pending(const Model *m);
 /* fold the last forward's top-k selections into the co-activation EMA (collective over the
  * world: one allreduce of E^2 + E + 1 doubles per MoE layer) */
 void compress_coact_step(Model *m);
+/* clustering.svd_space = output (called by compress_coact_step for layer l): fold the last
+ * forward's rows each expert received (inputs [D], hidden activations [F]) into the EMA of its
+ * second moments; the sums are exact (rows quantised to 2^-10, clamped at +-64), so for the same
+ * rows the statistics are bitwise the same at any rank count (one allreduce of E (D^2 + F^2 + 1)
+ * doubles). Experts that received no rows keep their EMA. */
+void compress_cov_step(Model *m, int l, double beta);
 
 /* the pure parts (also used by the tests). W1 [E, n1], W2 [E, n2]: each expert's flattened
  * up and down matrices; coact [E, E] and cnt [E] the statistics (NULL: none). */
@@ -64,9 +70,12 @@ void compress_partition(const float *W1, const float *W2, int E, size_t n1, size
 double compress_coselect_fraction(const double *coact, int E, const int32_t *group_of);
 /* refit of one layer under group_of: bases [G, D, F1] and [G, F, D], factors (by expert)
  * a1 [E, D, r], b1 [E, F1, r], a2 [E, F, r], b2 [E, D, r]; werr [E] the relative error over
- * both matrices. W1 [E, D, F1], W2 [E, F, D]. Randomised SVDs draw from (seed, layer, group). */
+ * both matrices. W1 [E, D, F1], W2 [E, F, D]. Randomised SVDs draw from (seed, layer, group).
+ * cov1 [E, D, D] / cov2 [E, F, F]: each expert's input / hidden second moment, the up / down
+ * residuals are then fitted in output space (compress_refit_group_weighted); NULL = weight space. */
 void compress_refit_layer(const float *W1, const float *W2, int E, int D, int F1, int F, int r, int G,
                           const int32_t *group_of, const ClusterConfig *cc, uint64_t seed, int layer, uint64_t purpose,
+                          const double *cov1, const double *cov2,
                           float *base1, float *base2, float *a1, float *b1, float *a2, float *b2, double *werr);
 
 /* the event: nw is a freshly initialised clustered model (model_init + model_init_params

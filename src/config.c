@@ -60,6 +60,7 @@ static const char *const svd_names[] = {"randomized", "exact", NULL};
 static const char *const mu_source_names[] = {"router", "hidden", "coact", NULL};
 static const char *const compress_partition_names[] = {"learned", "random", "contiguous", NULL};
 static const char *const cluster_mode_names[] = {"compressed", "masters", NULL};
+static const char *const svd_space_names[] = {"weight", "output", NULL};
 static const char *const placement_names[] = {"contiguous", "eplb", "topology", NULL};
 static const char *const exchange_names[] = {"flat", "two_level", NULL};
 static const char *const collectives_names[] = {"mpi", "nccl", NULL};
@@ -214,6 +215,13 @@ static const KeyDef keys[] = {
     K_ENUM(clustering.compress_partition, compress_partition_names, COMPRESS_LEARNED,
            "partition of the compression event: learned (balanced k-means on weight features centred on the "
            "expert mean fused by clustering.alpha with co-activation rows), random (seeded balanced) or contiguous"),
+    K_ENUM(clustering.svd_space, svd_space_names, SVD_SPACE_WEIGHT,
+           "residual SVD of the compression event: weight (minimise |W_i - base - A B^T|_F) or output (minimise "
+           "|X (W_i - base - A B^T)|_F over the inputs X expert i saw in the warm-up: each expert's input second "
+           "moment C = X^T X / n (up matrix: its token inputs; down matrix: its hidden activations) is gathered as "
+           "an EMA (clustering.ema_beta) during the warm-up, and the residual's truncated SVD is taken of "
+           "C^(1/2) (W_i - base), mapped back by C^(-1/2), with C regularised by 1e-6 trace(C)/d I; the "
+           "re-clustering refits and the masters projection stay in weight space)"),
     K_INT(clustering.probe_batches, 1, 100000, 8,
           "fixed validation batches (the first ones of the split) whose loss the compression and re-clustering events "
           "log before and after"),
@@ -1208,6 +1216,9 @@ Status config_validate(const Config *c) {
             return status_errorf("clustering.compress_at=%d must be below train.steps=%d (no clustered step would "
                                  "follow the compression)", c->clustering.compress_at, c->train.steps);
     }
+    if (c->clustering.svd_space == SVD_SPACE_OUTPUT && c->clustering.compress_at <= 0)
+        return status_errorf("clustering.svd_space=output needs clustering.compress_at > 0 (the input statistics "
+                             "it weights the SVD with are gathered during the warm-up before the compression)");
     if (c->clustering.mode == CLUSTER_MODE_MASTERS) {
         if (e->kind != MOE_KIND_CLUSTERED)
             return status_errorf("clustering.mode=masters needs moe.kind=clustered (the masters are projected onto "

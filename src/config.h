@@ -23,6 +23,7 @@ enum BalanceKind { BALANCE_AUX = 0, BALANCE_AUX_FREE = 1 };
 enum SvdKind { SVD_KIND_RANDOMIZED = 0, SVD_KIND_EXACT = 1 };
 enum MuSource { MU_ROUTER = 0, MU_HIDDEN = 1, MU_COACT = 2 };
 enum CompressPartition { COMPRESS_LEARNED = 0, COMPRESS_RANDOM = 1, COMPRESS_CONTIGUOUS = 2 };
+enum SvdSpace { SVD_SPACE_WEIGHT = 0, SVD_SPACE_OUTPUT = 1 };
 enum ClusterMode { CLUSTER_MODE_COMPRESSED = 0, CLUSTER_MODE_MASTERS = 1 };
 enum PlacementKind { PLACEMENT_CONTIGUOUS = 0, PLACEMENT_EPLB = 1, PLACEMENT_TOPOLOGY = 2 };
 enum ExchangeKind { EXCHANGE_FLAT = 0, EXCHANGE_TWO_LEVEL = 1 };
@@ -126,6 +127,7 @@ typedef struct ClusterConfig {
     double max_probe_increase;  /* verified events: allowed rise of the probe loss (nats) */
     int compress_at;         /* > 0: standard MoE before this step, then one compression into the clustered layout */
     enum CompressPartition compress_partition;  /* the compression's partition: learned, random or contiguous */
+    enum SvdSpace svd_space;  /* the compression's residual SVD: weight space, or output space (input-weighted) */
     int probe_batches;       /* fixed validation batches of the compression's probe loss */
     enum ClusterMode mode;   /* compressed: train bases + factors; masters: train per-expert FP32 masters through
                                 their projection (bases + factors recomputed from them) */

@@ -203,6 +203,11 @@ Status model_init(Model *m, const Config *cfg, int vocab_size, int n_classes, in
             if (cfg->clustering.compress_at > 0) {   /* warm-up of a compression run: co-activation statistics */
                 m->cstate[l].coact = xcalloc(sizeof(double) * (size_t)f->E * f->E);
                 m->cstate[l].coact_n = xcalloc(sizeof(double) * (size_t)f->E);
+                if (cfg->clustering.svd_space == SVD_SPACE_OUTPUT) {   /* and the experts' input statistics */
+                    m->cstate[l].in_cov = xcalloc(sizeof(double) * (size_t)f->E * f->D * f->D);
+                    m->cstate[l].hid_cov = xcalloc(sizeof(double) * (size_t)f->E * f->F * f->F);
+                    m->cstate[l].cov_n = xcalloc(sizeof(double) * (size_t)f->E);
+                }
             }
         }
         if (f->kind != MOE_KIND_CLUSTERED) continue;
@@ -337,6 +342,7 @@ void model_free(Model *m) {
         ClusterState *cs = &m->cstate[l];
         xfree(cs->group_of); xfree(cs->members); xfree(cs->bias); xfree(cs->mu); xfree(cs->mu_sum_store); xfree(cs->mu_seen);
         xfree(cs->coact); xfree(cs->coact_n); xfree(cs->group_ref);
+        xfree(cs->in_cov); xfree(cs->hid_cov); xfree(cs->cov_n);
     }
     xfree(m->cstate);
     if (m->ep) for (int l = 0; l < m->L; l++) if (m->ep[l].E) ep_map_free(&m->ep[l]);

@@ -54,7 +54,7 @@ static double mean_err(const float *W1, const float *W2, const int32_t *part, co
     float *a1 = malloc(sizeof(float) * E * D * R), *c1 = malloc(sizeof(float) * E * F * R);
     float *a2 = malloc(sizeof(float) * E * F * R), *c2 = malloc(sizeof(float) * E * D * R);
     double werr[E], m = 0;
-    compress_refit_layer(W1, W2, E, D, F, F, R, G, part, cc, 5, 0, RNG_CLUSTER + 8, b1, b2, a1, c1, a2, c2, werr);
+    compress_refit_layer(W1, W2, E, D, F, F, R, G, part, cc, 5, 0, RNG_CLUSTER + 8, NULL, NULL, b1, b2, a1, c1, a2, c2, werr);
     for (int i = 0; i < E; i++) m += werr[i] / E;
     free(b1); free(b2); free(a1); free(c1); free(a2); free(c2);
     return m;
@@ -147,7 +147,7 @@ int main(void) {
         float *a1 = malloc(sizeof(float) * E * D * R), *c1 = malloc(sizeof(float) * E * F * R);
         float *a2 = malloc(sizeof(float) * E * F * R), *c2 = malloc(sizeof(float) * E * D * R);
         double werr[E], worst = 0;
-        compress_refit_layer(W1, W2, E, D, F, F, R, G, learned, &cc, 5, 0, RNG_CLUSTER + 8, b1, b2, a1, c1, a2, c2, werr);
+        compress_refit_layer(W1, W2, E, D, F, F, R, G, learned, &cc, 5, 0, RNG_CLUSTER + 8, NULL, NULL, b1, b2, a1, c1, a2, c2, werr);
         for (int g = 0; g < G; g++)
             for (size_t q = 0; q < n1; q++) {
                 double s = 0;
