@@ -33,6 +33,9 @@ MOVES = ["clustering.enabled=true", "clustering.mu_source=coact", "clustering.al
 VARIANTS = [
     ("dense", ["moe.kind=dense"], "", "dense FFN, d_ff 512 (the active width of top-2)"),
     ("standard", ["moe.kind=standard"], "", "standard MoE, independent expert init"),
+    ("standard-shared", ["moe.kind=standard", "moe.expert_init=shared"], "standard",
+     "standard MoE, shared expert init (one FFN copied to every expert plus small noise, as the compressed rows' "
+     "warm-up)"),
     ("clustered-static", [], "standard", "clustered from step 0, contiguous groups, no re-clustering"),
     ("clustered-dynamic", ["clustering.enabled=true"], "clustered-static",
      "clustered from step 0, re-clustering every 200 steps (unverified)"),
@@ -61,6 +64,9 @@ VARIANTS = [
     ("masters-static-p10", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
                                        "clustering.project_interval=10"], "masters-static",
      "as masters-static with the projection refreshed every 10 steps (less stale forward weights)"),
+    ("masters-static-p1", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
+                                      "clustering.project_interval=1"], "masters-static",
+     "as masters-static with the projection refreshed every step (forward weights never stale)"),
     ("masters-dynamic", COMPRESS + ["clustering.compress_partition=learned", "clustering.mode=masters",
                                     "clustering.enabled=true", "clustering.mu_source=coact"], "masters-static",
      "as above, re-clustering every 200 steps on the masters (alpha 0.6: masters' weights + unconstrained "
@@ -399,8 +405,8 @@ def study_main(run_all_fn, render_fn):
     ap.add_argument("--build", default="build", help="build folder of the dcmoe to run (default build)")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--only", default="", help="comma-separated variant names (trains them; writes no results file)")
-    ap.add_argument("--seeds", default="", help="comma-separated seeds to train (with --only; writes no results file)")
+    ap.add_argument("--only", default="", help="comma-separated variant names (trains them; their rows replace or extend results/recluster.csv)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds to train (with --only)")
     rl.add_args(ap)
     a = ap.parse_args()
     if not a.render_only:
