@@ -383,6 +383,10 @@ def answers(by, series, seeds):
            f"- Does re-clustering on the masters beat static masters? {verdict('masters-dynamic', 'masters-static')}.",
            f"- Does a fresher projection help masters mode (every 10 steps instead of 50)? "
            f"{verdict('masters-static-p10', 'masters-static')}.",
+           f"- With a projection every step, does masters mode beat the compressed static model? "
+           f"{verdict('masters-static-p1', 'compress-learned')}.",
+           f"- Does a shared expert init (the compressed rows' warm-up) beat an independent one (standard MoE)? "
+           f"{verdict('standard-shared', 'standard')}.",
            f"- Does the output-space SVD beat the weight-space SVD at the compression? "
            f"{verdict('compress-coact-output', 'compress-coact')}."]
     for v in ("compress-learned-dynamic", "compress-learned-verified", "masters-dynamic"):
