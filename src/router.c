@@ -324,6 +324,19 @@ static void capacity_groups(Route *r, const MoeConfig *mc, Comm *comm, const int
         }
 }
 
+/* per-expert kept counts after capacity cap_e (< 0: dropless) from the pairs offered to each
+ * expert, and the dropped fraction */
+static void expert_kept_stats(RouteStats *st, int E, long cap_e) {
+    double routed = 0, kept_total = 0;
+    for (int e = 0; e < E; e++) {
+        double a = st->counts_routed[e];
+        st->counts[e] = cap_e < 0 || a <= cap_e ? a : (double)cap_e;
+        routed += a;
+        kept_total += st->counts[e];
+    }
+    st->dropped_frac = routed > 0 ? (routed - kept_total) / routed : 0;
+}
+
 void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *group_of, long n_global,
                      RouteStats *st) {
     int E = r->E, G = r->G, k = r->k, N = r->N;
@@ -341,14 +354,7 @@ void router_capacity(Route *r, const MoeConfig *mc, Comm *comm, const int32_t *g
         for (int s = 0; s < k; s++)
             if (r->pos[(size_t)t * k + s] >= 0) r->cnt[s * E + r->expert[(size_t)t * k + s]]++;
     queue_bases(r, comm, k, E, base, st->counts_routed);
-    double routed = 0, kept_total = 0;
-    for (int e = 0; e < E; e++) {
-        double a = st->counts_routed[e];
-        st->counts[e] = cap_e < 0 || a <= cap_e ? a : (double)cap_e;
-        routed += a;
-        kept_total += st->counts[e];
-    }
-    st->dropped_frac = routed > 0 ? (routed - kept_total) / routed : 0;
+    expert_kept_stats(st, E, cap_e);
     for (int s = 0; s < k; s++) {
         memset(run, 0, sizeof(long) * E);
         for (int t = 0; t < N; t++) {
@@ -398,14 +404,7 @@ void router_capacity_dev(Route *r, const MoeConfig *mc, Comm *comm, const Backen
     } else be->ops->zero(be->ctx, d->pos, sizeof(int32_t) * (size_t)(N ? N : 1) * k);
     /* expert level, on the pairs whose group survived */
     dev_queue(r, comm, be, d, d->expert, d->pos, N, k, E, base, base64, st->counts_routed);
-    double routed = 0, kept_total = 0;
-    for (int e = 0; e < E; e++) {
-        double a = st->counts_routed[e];
-        st->counts[e] = cap_e < 0 || a <= cap_e ? a : (double)cap_e;
-        routed += a;
-        kept_total += st->counts[e];
-    }
-    st->dropped_frac = routed > 0 ? (routed - kept_total) / routed : 0;
+    expert_kept_stats(st, E, cap_e);
     be->ops->route_keep(be->ctx, d->pos, d->expert, d->base, cap_e, N, k, E);
     xfree(base);
     xfree(base64);
