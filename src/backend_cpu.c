@@ -83,10 +83,10 @@ static inline float exp_f32(float x) {
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * z + r + 1.0f;
-    /* n in [-150, 128]; n1 = floor(n / 2) by an arithmetic shift (not a division: an integer
-     * divide here cost as much as the rest and its latency depends on the data, which made
-     * this loop's speed depend on the logits); n1, n2 in [-75, 64]: both factors are normal
-     * floats, y * s1 is exact, so the one rounding is the last product's, whatever the split */
+    /* n in [-150, 128]; n1 = floor(n / 2) by a shift (arithmetic for negative n with GCC and
+     * Clang; `n / 2` compiled to an idiv inside this loop); n1, n2 in [-75, 64]: both factors
+     * are normal floats, y * s1 is exact, so the one rounding is the last product's, whatever
+     * the split (the results are the bits of the division's split) */
     int32_t n1 = (int32_t)(n >> 1), n2 = n - n1;
     uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
