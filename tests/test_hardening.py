@@ -149,7 +149,7 @@ ck = os.path.join(run_dir("startsig"), "ckpt")
 check(pr.returncode == 0 and "during start-up" in out and os.path.isdir(ck) and os.listdir(ck) == ["step_00000000"],
       f"SIGTERM during start-up: a checkpoint and exit 0 (rc {pr.returncode}; {out.strip()[-200:]} {err.strip()[-200:]})")
 
-c = cfg("onerank", steps=3000, interval=0)
+c = cfg("onerank", steps=1000000, interval=0)   # stopped by the signal below
 pr = subprocess.Popen(MPIRUN + ["-n", "2", tl.EXE, "train", c], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                       text=True, env=ENV)
 rank1 = None
@@ -174,7 +174,7 @@ check(rank1 is not None and "signal SIGUSR1 received" in out and "--stop-at" not
 check(pr.returncode == 0, "and the job checkpoints and exits 0")
 
 # ---- defect 11: SIGUSR1 to mpirun reaches every rank (what the launch scripts send on SIGTERM) ----
-c = cfg("mpisig", steps=3000, interval=0)
+c = cfg("mpisig", steps=1000000, interval=0)   # stopped by the signal below
 pr = subprocess.Popen(MPIRUN + ["-n", "2", tl.EXE, "train", c], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                       text=True, env=ENV)
 for _ in range(100):
@@ -187,7 +187,7 @@ out, err = pr.communicate(timeout=120)
 check(pr.returncode == 0 and "checkpoint written" in out, "SIGUSR1 to mpirun: every rank checkpoints, exit 0")
 
 # ---- two runs, one folder: the lock ----
-c = cfg("lock", steps=3000, interval=0)
+c = cfg("lock", steps=1000000, interval=0)   # stopped by SIGUSR1 below; long enough to outlive the two refused starts
 pa = subprocess.Popen(MPIRUN + ["-n", "1", tl.EXE, "train", c, "--quiet"], stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True, env=ENV)
 for _ in range(100):
