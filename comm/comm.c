@@ -93,22 +93,24 @@ void comm_book_allreduce_f32(Comm *c, size_t n_elems, int phase, double seconds,
     root_of(c)->stats.inflight[phase] += inflight_s;
 }
 
+/* a request with nothing in flight; returns whether there is anything to sum */
+static int request_open(Comm *c, CommRequest *rq, int dev, size_t n_elems) {
+    rq->c = c;
+    rq->dev = dev;
+    rq->req = NULL;
+    return c->size > 1 && n_elems > 0;
+}
+
 /* non-blocking: a library without the slots (or one rank) completes at start */
 void comm_iallreduce_sum_f32(Comm *c, float *buf, size_t n_elems, CommRequest *rq) {
-    rq->c = c;
-    rq->dev = 0;
-    rq->req = NULL;
-    if (c->size == 1 || n_elems == 0) return;
+    if (!request_open(c, rq, 0, n_elems)) return;
     if (c->ops->iallreduce_sum_f32) rq->req = c->ops->iallreduce_sum_f32(c->ctx, buf, n_elems);
     else c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
 }
 
 void comm_dev_iallreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, CommRequest *rq) {
     if (!c->dops) { comm_iallreduce_sum_f32(c, dbuf, n_elems, rq); return; }
-    rq->c = c;
-    rq->dev = 1;
-    rq->req = NULL;
-    if (c->size == 1 || n_elems == 0) return;
+    if (!request_open(c, rq, 1, n_elems)) return;
     if (c->dops->iallreduce_sum_f32) rq->req = c->dops->iallreduce_sum_f32(c->dctx, dbuf, n_elems);
     else c->dops->allreduce_sum_f32(c->dctx, dbuf, n_elems);
 }
