@@ -70,6 +70,24 @@ static inline void account(Comm *c, int phase, size_t bytes, double t0) { accoun
 
 void comm_barrier(Comm *c) { c->ops->barrier(c->ctx); }
 
+/* sync_wait (the root's flag): a timed barrier before a blocking collective, whose wait is
+ * booked under the collective's phase in stats.wait and the profiler instead of in its time.
+ * Every all-to-all and allreduce of the exchange and allreduce phases, and the small ones
+ * (OTHER: capacity counts, loss statistics, the loss and norm reductions) while the profiler
+ * is attached, i.e. inside a training step: not the profiler's own sums, not start-up */
+static void sync_wait(Comm *c, int phase) {
+    Comm *root = root_of(c);
+    if (!root->sync_wait || c->size < 2) return;
+    if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
+    if (phase == COMM_PHASE_OTHER && !traffic_of(c)) return;
+    double t0 = time_now();
+    c->ops->barrier(c->ctx);
+    double w = time_now() - t0;
+    root->stats.wait[phase] += w;
+    struct Traffic *tr = traffic_of(c);
+    if (tr) traffic_add_wait(tr, phase, w);
+}
+
 /* bytes counted as this rank's contribution (n * 4); ring algorithms send ~2(P-1)/P of it */
 static void book_allreduce_f32_s(Comm *c, size_t n_elems, int phase, double seconds) {
     account_s(c, phase, c->size > 1 ? n_elems * sizeof(float) : 0, seconds);
@@ -132,6 +150,7 @@ void comm_wait(CommRequest *rq) {
 }
 
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n_elems, int phase) {
+    sync_wait(c, phase);
     double t0 = time_now();
     if (c->size > 1) c->ops->allreduce_sum_f32(c->ctx, buf, n_elems);
     book_allreduce_f32(c, n_elems, phase, t0);
@@ -145,12 +164,14 @@ void comm_dev_allreduce_sum_f32(Comm *c, float *dbuf, size_t n_elems, int phase)
 }
 
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n_elems) {
+    sync_wait(c, COMM_PHASE_OTHER);
     double t0 = time_now();
     if (c->size > 1) c->ops->allreduce_sum_f64(c->ctx, buf, n_elems);
     account(c, COMM_PHASE_OTHER, c->size > 1 ? n_elems * sizeof(double) : 0, t0);
 }
 
 void comm_allreduce_max_f64(Comm *c, double *buf, size_t n_elems) {
+    sync_wait(c, COMM_PHASE_OTHER);
     double t0 = time_now();
     if (c->size > 1) c->ops->allreduce_max_f64(c->ctx, buf, n_elems);
     account(c, COMM_PHASE_OTHER, c->size > 1 ? n_elems * sizeof(double) : 0, t0);
@@ -170,6 +191,7 @@ void comm_gather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, in
 }
 
 void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes) {
+    sync_wait(c, COMM_PHASE_OTHER);
     double t0 = time_now();
     if (c->size > 1) c->ops->allgather_bytes(c->ctx, send, recv, n_bytes);
     else if (recv != send) memmove(recv, send, n_bytes);
@@ -177,6 +199,7 @@ void comm_allgather_bytes(Comm *c, const void *send, void *recv, size_t n_bytes)
 }
 
 void comm_alltoall_bytes(Comm *c, const void *send, void *recv, size_t n_bytes, int phase) {
+    sync_wait(c, phase);
     double t0 = time_now();
     c->ops->alltoall_bytes(c->ctx, send, recv, n_bytes);
     account(c, phase, n_bytes * (size_t)(c->size - 1), t0);
@@ -200,6 +223,7 @@ static void book_alltoallv(Comm *c, const size_t *scounts, int phase, double t0)
 
 void comm_alltoallv_bytes(Comm *c, const void *send, const size_t *scounts, const size_t *sdispls,
                           void *recv, const size_t *rcounts, const size_t *rdispls, int phase) {
+    sync_wait(c, phase);
     double t0 = time_now();
     c->ops->alltoallv_bytes(c->ctx, send, scounts, sdispls, recv, rcounts, rdispls);
     book_alltoallv(c, scounts, phase, t0);

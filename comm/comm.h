@@ -4,6 +4,7 @@
 #ifndef DCMOE_COMM_H
 #define DCMOE_COMM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include "util.h"
@@ -18,6 +19,8 @@ typedef struct CommStats {
     double seconds[COMM_N_PHASES];     /* blocking: the call; non-blocking: the exposed wait */
     double inflight[COMM_N_PHASES];    /* non-blocking collectives (comm_book_allreduce_f32): seconds
                                           from the first start to the completion, hidden part included */
+    double wait[COMM_N_PHASES];        /* sync_wait: seconds in the timed barrier before the collectives
+                                          (waiting for the slowest rank), not in seconds[] */
 } CommStats;
 
 typedef struct CommOps {
@@ -77,6 +80,10 @@ typedef struct Comm {
     int rank, size;
     int local_rank, local_size;        /* within the node */
     CommStats stats;
+    /* time a barrier before every blocking expert-exchange and gradient-allreduce collective
+     * (the root's flag; log.sync_wait): the wait for the slowest rank is booked in
+     * stats.wait and the profiler's wait, so stats.seconds holds the transfer alone */
+    bool sync_wait;
     struct Traffic *traffic;           /* optional (src, dst) profiler fed by the wrappers */
     const struct Topology *topo;       /* optional node map (set by the trainer; NULL = unknown),
                                           indexed by this communicator's ranks */

@@ -45,6 +45,11 @@ void traffic_add_time(Traffic *tr, int phase, double seconds) {
     tr->seconds[phase] += seconds;
 }
 
+void traffic_add_wait(Traffic *tr, int phase, double seconds) {
+    if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
+    tr->wait[phase] += seconds;
+}
+
 void traffic_add_dispatch(Traffic *tr, double rows, double pairs, double nodes_touched, double tokens) {
     tr->rows += rows;
     tr->pairs += pairs;
@@ -63,7 +68,7 @@ void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out, bool matrices) {
     memset(out, 0, sizeof *out);
     /* this rank's row: intra/inter/messages, and its slot of the marginals. Byte counts are
      * integers below 2^53, so the sums are exact in any order. */
-    double red[3 * COMM_N_PHASES + 4];
+    double red[4 * COMM_N_PHASES + 4];
     memset(red, 0, sizeof red);
     memset(tr->sent, 0, sizeof(double) * row);
     memset(tr->recv, 0, sizeof(double) * row);
@@ -78,12 +83,14 @@ void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out, bool matrices) {
             tr->recv[(size_t)ph * P + d] += (double)b;
         }
     red[3 * NP] = tr->rows; red[3 * NP + 1] = tr->pairs; red[3 * NP + 2] = tr->nodes_touched; red[3 * NP + 3] = tr->tokens;
-    comm_allreduce_sum_f64(c, red, 3 * NP + 4);
+    for (int ph = 0; ph < NP; ph++) red[3 * NP + 4 + ph] = tr->wait[ph];
+    comm_allreduce_sum_f64(c, red, 4 * NP + 4);
     for (int ph = 0; ph < NP; ph++) { out->intra[ph] = red[ph]; out->inter[ph] = red[NP + ph]; out->msgs[ph] = red[2 * NP + ph]; }
     out->rows_dispatched = red[3 * NP];
     out->pairs_routed = red[3 * NP + 1];
     out->nodes_touched = red[3 * NP + 2];
     out->tokens = red[3 * NP + 3];
+    for (int ph = 0; ph < NP; ph++) out->wait[ph] = red[3 * NP + 4 + ph] / c->size;
     double sec[COMM_N_PHASES];
     for (int ph = 0; ph < NP; ph++) sec[ph] = tr->seconds[ph];
     comm_allreduce_max_f64(c, sec, NP);
@@ -127,6 +134,7 @@ void traffic_step_end(Traffic *tr, Comm *c, TrafficStep *out, bool matrices) {
     memset(tr->bytes, 0, sizeof(uint64_t) * row);
     memset(tr->msgs, 0, sizeof(uint64_t) * row);
     memset(tr->seconds, 0, sizeof tr->seconds);
+    memset(tr->wait, 0, sizeof tr->wait);
     tr->rows = tr->pairs = tr->nodes_touched = tr->tokens = 0;
     c->traffic = saved;
 }

@@ -21,6 +21,8 @@ typedef struct TrafficStep {             /* one step, global (valid on every ran
     double intra[COMM_N_PHASES];         /* bytes between different ranks of one node */
     double inter[COMM_N_PHASES];         /* bytes between nodes */
     double seconds[COMM_N_PHASES];       /* max over ranks of the time spent in the phase */
+    double wait[COMM_N_PHASES];          /* mean over ranks of the timed wait before the phase's
+                                            collectives (Comm.sync_wait; 0 without it) */
     double msgs[COMM_N_PHASES];
     double rows_dispatched;              /* payload rows sent by dispatch (incl. to self) */
     double pairs_routed;                 /* token-expert pairs those rows carry (dedup factor = pairs/rows) */
@@ -35,6 +37,7 @@ typedef struct Traffic {
     uint64_t *bytes;         /* [phase, P] this rank -> dst, this step */
     uint64_t *msgs;          /* [phase, P] */
     double seconds[COMM_N_PHASES];
+    double wait[COMM_N_PHASES];
     double rows, pairs, nodes_touched, tokens;   /* this rank, this step */
     /* filled by traffic_step_end (global, on every rank) */
     double *sent, *recv;     /* [phase, P] bytes each rank sent / received this step (self excluded) */
@@ -50,6 +53,7 @@ void traffic_init(Traffic *tr, int P, int rank, const Topology *topo, int rank_m
 void traffic_free(Traffic *tr);
 void traffic_add(Traffic *tr, int phase, int dst, uint64_t bytes, uint64_t msgs);
 void traffic_add_time(Traffic *tr, int phase, double seconds);
+void traffic_add_wait(Traffic *tr, int phase, double seconds);
 /* dispatch bookkeeping of one layer call on this rank */
 void traffic_add_dispatch(Traffic *tr, double rows, double pairs, double nodes_touched, double tokens);
 /* collective: sum the step's counters into *out and the marginals; with matrices (the same

@@ -1,12 +1,15 @@
 #!/usr/bin/python3
 """This-machine check of `dcmoe simulate`: for the quickstart model (dense, standard, clustered) at
-1 and 2 ranks, 3 times each: measure the machine with `dcmoe bench calibrate CONFIG --model-only`
-(1 rank, or 2 under mpirun), predict the step from that hardware file ONLY (nothing is fitted to
-training runs), then train the case for a few steps; compare the medians per step and per
-component (forward and backward including their exchanges, the exchange alone, the gradient
-allreduce, the optimizer bucket). The machine is shared, so each prediction is calibrated right
-before the run it predicts. Writes results/sim-machine.{csv,meta.json,md}; the hardware files
-stay in runs/sim-machine/.
+1 and 2 ranks. First one untimed run per MoE case records its routing (log.trace_interval=1;
+training is deterministic, so the timed runs route the same). Then 3 times each: measure the
+machine with `dcmoe bench calibrate CONFIG --model-only` (1 rank, or 2 under mpirun), predict
+the step from that hardware file ONLY (no timing of a training run is used: the trace gives the
+routing, nothing else), then train the case for a few steps with log.sync_wait (the wait for the
+slowest rank timed apart from the transfers); compare the medians per step and per component
+(forward and backward including their exchanges, the exchange and gradient-allreduce
+transfers, the wait, the optimizer bucket). The machine is shared, so each prediction is
+calibrated right before the run it predicts. Writes results/sim-machine.{csv,meta.json,md};
+the hardware files and runs stay in runs/sim-machine/.
 
 usage: /usr/bin/python3 experiments/run_sim_machine.py [--steps N] [--repeats R]
        /usr/bin/python3 experiments/run_sim_machine.py --render-only [--out DIR]
@@ -34,10 +37,11 @@ VARIANTS = [("dense", "dense FFN (d_ff 512)", ["moe.kind=dense"]),
             ("standard", "standard MoE, 8 experts, top-2", ["moe.kind=standard"]),
             ("clustered", "clustered MoE, 4 groups of 2, rank 4", ["moe.kind=clustered", "moe.n_groups=4", "moe.rank=4"])]
 RANKS = [1, 2]
-COMPONENTS = ["step", "forward", "backward", "exchange", "allreduce", "optimizer"]
+COMPONENTS = ["step", "forward", "backward", "exchange", "allreduce", "wait", "optimizer"]
 LABELS = {"step": "step", "forward": "forward (incl. its exchange)", "backward": "backward (incl. its exchange)",
-          "exchange": "exchange (dispatch + combine)", "allreduce": "gradient allreduce",
-          "optimizer": "optimizer bucket (norm, AdamW, step bookkeeping)"}
+          "exchange": "exchange transfer (dispatch + combine)", "allreduce": "gradient allreduce transfer",
+          "wait": "wait for the slowest rank (before every collective of the step)",
+          "optimizer": "optimizer bucket (loss and norm reductions with their wait, AdamW, bookkeeping)"}
 TOL = {"step": 10.0}
 COLS = ["variant", "ranks", "component", "measured_ms", "measured_spread", "predicted_ms", "predicted_spread", "delta_pct"]
 
@@ -67,7 +71,7 @@ def train(name, P, sets, steps):
     import h5py
     cmd = launch(P, ["train", os.path.join(ROOT, CFG), "--quiet"] +
                  common_sets(name, sets + [f"train.steps={steps}", "train.eval_interval=0", "train.eval_batches=1",
-                                           f"log.flush_interval={steps}"]))
+                                           f"log.flush_interval={steps}", "log.sync_wait=true"]))
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
@@ -77,30 +81,53 @@ def train(name, P, sets, steps):
         step = f["perf/step_s/value"][()][keep]
         split = f["perf/time_split/value"][()][f["perf/time_split/step"][()] > 5]
         ct = f["comm/summary/time_s/value"][()][f["comm/summary/time_s/step"][()] > 5]
+        wt = f["comm/summary/wait_s/value"][()][f["comm/summary/wait_s/step"][()] > 5]
         cols = f["comm/summary/time_s"].attrs["columns"]
         cols = (cols.decode() if isinstance(cols, bytes) else cols).split(",")
-    exch = ct[:, cols.index("dispatch")] + ct[:, cols.index("combine")]
+    d, c, a = (cols.index(x) for x in ("dispatch", "combine", "allreduce"))
     return {"step": np.median(step), "forward": np.median(split[:, 0]), "backward": np.median(split[:, 1]),
-            "exchange": np.median(exch), "allreduce": np.median(split[:, 2]), "optimizer": np.median(split[:, 3])}
+            "exchange": np.median(ct[:, d] + ct[:, c]), "allreduce": np.median(ct[:, a]),
+            "wait": np.median(wt.sum(axis=1)), "optimizer": np.median(split[:, 3])}
 
 
-def simulate(name, P, sets, hw):
+def trace_run(v, P, sets, steps):
+    """the routing the measured runs will make (training is deterministic: same seed, same ranks,
+    the same routing bit for bit), recorded by one untimed run; None for the dense model"""
+    if "moe.kind=dense" in sets:
+        return None
+    name = f"trace-{v}-{P}"
+    cmd = launch(P, ["train", os.path.join(ROOT, CFG), "--quiet"] +
+                 common_sets(name, sets + [f"train.steps={steps}", "train.eval_interval=0", "train.eval_batches=1",
+                                           f"log.flush_interval={steps}", "log.trace_interval=1"]))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    return os.path.join(OUT, name, "metrics.h5")
+
+
+def simulate(name, P, sets, hw, trace):
     import h5py
     tok = 16 // P * 64                          # quickstart: 16 sequences of 64 tokens per step
+    route = (["sim.routing=trace", f"sim.trace={trace}"] if trace else
+             [f"sim.tokens_per_rank={tok}", "sim.sample_tokens=0", "sim.samples=3", "sim.routing=uniform"])
     cmd = [EXE, "simulate", os.path.join(ROOT, CFG), "--quiet"] + common_sets(
         name, sets + [f"sim.hardware_file={hw}", "sim.hardware=cpu", "sim.nodes=1", f"sim.gpus_per_node={P}",
-                      "parallel.ep_size=0", f"sim.tokens_per_rank={tok}", "sim.sample_tokens=0", "sim.samples=3",
-                      "sim.routing=uniform", "sim.distinct_layers=2"])
+                      "parallel.ep_size=0", "sim.distinct_layers=2"] + route)
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
     with h5py.File(os.path.join(OUT, name, "metrics.h5"), "r") as f:
-        split = f["perf/time_split/value"][0]
-        tb = f["sim/time_breakdown/value"][0]
-        band = f["sim/step_band/value"][0]
-    pred = {"step": tb[7], "forward": split[0], "backward": split[1], "exchange": tb[2] + tb[3], "allreduce": split[2],
-            "optimizer": split[3]}
-    return pred, band
+        steps = f["perf/time_split/step"][()]
+        keep = steps > 5 if trace else steps > 0    # a trace: the same steps as the measured median
+        split = f["perf/time_split/value"][()][keep]
+        tb = f["sim/time_breakdown/value"][()][keep]
+        band = np.median(f["sim/step_band/value"][()][keep], axis=0)
+        wt = f["comm/summary/wait_s/value"][()][keep]   # the waits, as log.sync_wait measures them
+        imb = f["sim/imbalance_s/value"][()][keep]      # the part of wt[combine] the breakdown books in compute
+    pred = {"step": tb[:, 7], "forward": split[:, 0], "backward": split[:, 1],
+            "exchange": tb[:, 2] + tb[:, 3] - (wt[:, 1] + wt[:, 2] - imb[:, 0] - imb[:, 1]),
+            "allreduce": tb[:, 4] - wt[:, 0], "wait": wt.sum(axis=1), "optimizer": split[:, 3]}
+    return {c: float(np.median(x)) for c, x in pred.items()}, band
 
 
 def run_all(args):
@@ -108,11 +135,12 @@ def run_all(args):
     os.makedirs(OUT, exist_ok=True)
     load0 = os.getloadavg()
     pred, meas = {}, {}
+    traces = {(v, P): trace_run(v, P, sets, args.steps) for v, _, sets in VARIANTS for P in RANKS}
     for rep in range(args.repeats):             # interleaved, so a change in the machine's load hits every case
         for v, _, sets in VARIANTS:
             for P in RANKS:
                 calibrate(v, P, rep, sets)      # right before the run it predicts
-                pr = simulate(f"sim-{v}-{P}-{rep}", P, sets, hwfile(v, P, rep))
+                pr = simulate(f"sim-{v}-{P}-{rep}", P, sets, hwfile(v, P, rep), traces[(v, P)])
                 m = train(f"train-{v}-{P}-{rep}", P, sets, args.steps)
                 pred.setdefault((v, P), []).append(pr)
                 meas.setdefault((v, P), []).append(m)
@@ -146,8 +174,11 @@ def render(out_dir):
          f"Command: `{meta['command']}` (`{meta['config']}`: d_model 128, 2 layers, seq 64, 16 sequences per step, "
          f"vocabulary 10000). For each case, {meta['repeats']} times: `dcmoe bench calibrate {meta['config']} --model-only` "
          "(the model's GEMM shapes, the trainer's ops, one collective size per octave; on 1 rank or under `mpirun -n 2`), "
-         "then `dcmoe simulate` with that `sim.hardware_file` (uniform routing, every token's routing drawn, 3 draws), "
-         f"then `dcmoe train` for {meta['steps']} steps. Measured: the median over steps 6..{meta['steps']} of each run; "
+         "then `dcmoe simulate` with that `sim.hardware_file` and the routing of the case (`sim.routing: trace`, "
+         "recorded once by an untimed run with `log.trace_interval: 1`; the dense model has none), "
+         f"then `dcmoe train` for {meta['steps']} steps with `log.sync_wait: true` (a timed barrier before every "
+         "collective of the step: the wait for the slowest rank is measured apart from the transfers). Predicted and "
+         f"measured: the median over steps 6..{meta['steps']} of each run; "
          f"the table gives the median over the {meta['repeats']} runs and over the {meta['repeats']} predictions; "
          "spread = (max - min) / median over the repeats. "
          + rl.rerender(SCRIPT, [f"results/{NAME}.csv", f"results/{NAME}.meta.json"]) + "\n",
@@ -162,7 +193,7 @@ def render(out_dir):
         c, d = r["component"], float(r["delta_pct"])
         tol = TOL.get(c, 20.0)
         meas = float(r["measured_ms"])
-        small = c in ("exchange", "allreduce") and meas < 0.05 or d != d
+        small = c in ("exchange", "allreduce", "wait") and meas < 0.05 or d != d
         ok = abs(d) <= tol
         if c == "step":
             s_all += 1

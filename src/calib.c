@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <yaml.h>
@@ -125,10 +126,12 @@ static Status load_doc(HwFile *h, Ld *L) {
     TRY(num(L, get(L, root, "threads"), "threads:", 1, &v));
     h->threads = (int)v;
     yaml_node_t *mem = get(L, root, "memory");
-    static const char *const mk[] = {"copy_gbs", "triad_gbs"};
-    TRY(only_keys(L, mem, "memory:", mk, 2));
+    static const char *const mk[] = {"copy_gbs", "triad_gbs", "copy_cold_gbs"};
+    TRY(only_keys(L, mem, "memory:", mk, get(L, mem, "copy_cold_gbs") ? 3 : 2));
     TRY(num(L, get(L, mem, "copy_gbs"), "memory.copy_gbs:", 1e-9, &h->copy_gbs));
     TRY(num(L, get(L, mem, "triad_gbs"), "memory.triad_gbs:", 1e-9, &h->triad_gbs));
+    h->copy_cold_gbs = h->copy_gbs;   /* optional (files written before it existed) */
+    if (get(L, mem, "copy_cold_gbs")) TRY(num(L, get(L, mem, "copy_cold_gbs"), "memory.copy_cold_gbs:", 1e-9, &h->copy_cold_gbs));
     yaml_node_t *ops = get(L, root, "ops");
     TRY(only_keys(L, ops, "ops:", hw_op_names, HW_OP_N));
     for (int i = 0; i < HW_OP_N; i++) {
@@ -224,7 +227,8 @@ Status hwfile_write(const HwFile *h, const char *path) {
     OUT("format: dcmoe-hardware-1\ndate: \"%s\"\ndescription: \"%s\"\nranks: %d\nthreads: %d\n", h->date, h->description,
         h->ranks, h->threads);
     OUT("memory:   # GB/s per rank, every rank streaming at once (copy: a = b; triad: a = b + s c)\n"
-        "  copy_gbs: %.4g\n  triad_gbs: %.4g\n", h->copy_gbs, h->triad_gbs);
+        "  copy_gbs: %.4g\n  triad_gbs: %.4g\n  copy_cold_gbs: %.4g  # 512 KiB after the caches were evicted (the exchange's rows to self)\n",
+        h->copy_gbs, h->triad_gbs, h->copy_cold_gbs);
     OUT("ops:      # the trainer's backend ops, ns per unit (calib.h: per element, per B H T T hd, per parameter, per token x expert)\n");
     for (int i = 0; i < HW_OP_N; i++) OUT("  %s: {ns: %.5g, spread: %.3f}\n", hw_op_names[i], h->op_ns[i], h->op_spread[i]);
     OUT("gemm:     # sgemm per rank: C[m,n] = op(A)[m,k] op(B)[k,n], ta/tb = operand transposed\n");
@@ -233,11 +237,11 @@ Status hwfile_write(const HwFile *h, const char *path) {
         OUT("  - {ta: %d, tb: %d, m: %d, n: %d, k: %d, gflops: %.4g, spread: %.3f}\n", g->ta, g->tb, g->M, g->N, g->K, g->gflops,
             g->spread);
     }
-    OUT("alltoall: # one alltoallv between the ranks: bytes each rank sends to the others -> seconds (slowest rank)%s\n",
+    OUT("alltoall: # one alltoallv between the ranks: bytes each rank sends to the others -> seconds (slowest rank; caches evicted before each call, as after compute)%s\n",
         h->n_alltoall ? "" : "\n  []");
     for (int i = 0; i < h->n_alltoall; i++)
         OUT("  - {bytes: %.0f, seconds: %.5g, spread: %.3f}\n", h->alltoall[i].bytes, h->alltoall[i].seconds, h->alltoall[i].spread);
-    OUT("allreduce: # one float32 sum allreduce over the ranks: buffer bytes -> seconds (slowest rank)%s\n",
+    OUT("allreduce: # one float32 sum allreduce over the ranks: buffer bytes -> seconds (slowest rank; caches evicted before each call)%s\n",
         h->n_allreduce ? "" : "\n  []");
     for (int i = 0; i < h->n_allreduce; i++)
         OUT("  - {bytes: %.0f, seconds: %.5g, spread: %.3f}\n", h->allreduce[i].bytes, h->allreduce[i].seconds, h->allreduce[i].spread);
@@ -407,9 +411,36 @@ static void mem_fn(void *p) {
     else memcpy(m->a, m->b, sizeof(float) * m->n);
 }
 
-/* one collective timed REPEATS x inner times; the slowest rank's time per call */
-static double time_coll(Comm *comm, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd, size_t *rc,
-                        size_t *rd, double *spread) {
+/* the caches as a collective (or the exchange's copy to self) of the trainer meets them:
+ * evicted by the compute before it. Every rank walks (read-modify-write, one byte per line) a
+ * buffer of twice its last-level cache, 16 to 64 MiB (virtual machines may report the host's
+ * whole L3: this one reports 508 MiB; with a 64 MiB walk the calls time as the trainer's do,
+ * measured call by call inside a 2-rank quickstart run) */
+typedef struct Evict { unsigned char *buf; size_t n; } Evict;
+
+static void evict_init(Evict *e) {
+    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    size_t n = l3 > 0 ? 2 * (size_t)l3 : (size_t)64 << 20;
+    if (n < ((size_t)16 << 20)) n = (size_t)16 << 20;
+    if (n > ((size_t)64 << 20)) n = (size_t)64 << 20;
+    e->n = n;
+    e->buf = xcalloc(n);
+    for (size_t i = 0; i < n; i += 4096) e->buf[i] = 1;   /* fault the pages in before any timing */
+}
+
+static void evict(Evict *e) {
+    for (size_t i = 0; i < e->n; i += 64) e->buf[i]++;
+}
+
+/* one call of a collective as the trainer makes it, in lockstep (a barrier); this rank's
+ * seconds. The caches are evicted by the compute before it. An all-to-all's payload was then
+ * just written by the gather that packs the rows (modified lines in this core's cache); an
+ * allreduce's payload, the gradients, was written over the whole backward and is mostly out of
+ * the caches when the sum starts (measured inside a 2-rank quickstart run: the gradient buffer
+ * sums 1.5x slower than a copy of it written just before) */
+#define COLL_SAMPLES 15
+static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd,
+                             size_t *rc, size_t *rd) {
     int P = comm->size;
     size_t off = 0;
     for (int d = 0; d < P; d++) {   /* bytes split evenly over the other ranks, packed */
@@ -418,20 +449,13 @@ static double time_coll(Comm *comm, int kind, size_t bytes, void *sb, void *rb, 
         sd[d] = rd[d] = off;
         off += per;
     }
-    int inner = bytes < 65536 ? 50 : bytes < (1u << 20) ? 10 : 3;
-    double s[REPEATS];
-    for (int r = -1; r < REPEATS; r++) {
-        comm_barrier(comm);
-        double t0 = time_now();
-        for (int i = 0; i < inner; i++) {
-            if (kind == 0) comm_alltoallv_bytes(comm, sb, sc, sd, rb, rc, rd, COMM_PHASE_OTHER);
-            else comm_allreduce_sum_f32(comm, sb, bytes / sizeof(float), COMM_PHASE_OTHER);
-        }
-        double dt[1] = {(time_now() - t0) / inner};
-        comm_allreduce_max_f64(comm, dt, 1);
-        if (r >= 0) s[r] = dt[0];
-    }
-    return median_spread(s, REPEATS, spread);
+    evict(ev);
+    if (kind == 0) memset(sb, 0, bytes);
+    comm_barrier(comm);
+    double t0 = time_now();
+    if (kind == 0) comm_alltoallv_bytes(comm, sb, sc, sd, rb, rc, rd, COMM_PHASE_OTHER);
+    else comm_allreduce_sum_f32(comm, sb, bytes / sizeof(float), COMM_PHASE_OTHER);
+    return time_now() - t0;
 }
 
 static int shape_seen(const HwGemm *g, int n, int ta, int tb, int M, int N, int K) {
@@ -504,6 +528,21 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
         comm_barrier(comm);
         h.triad_gbs = 3.0 * sizeof(float) * n / time_fn(mem_fn, &m, target * 5, &sp) / 1e9;
         xfree(m.a); xfree(m.b); xfree(m.c);
+        /* a copy of 512 KiB (an exchange's rows to self) after compute evicted the caches */
+        Evict ev;
+        evict_init(&ev);
+        size_t nc = (size_t)512 << 10;
+        char *src = xcalloc(nc), *dst = xcalloc(nc);
+        double s[COLL_SAMPLES];
+        for (int r = -2; r < COLL_SAMPLES; r++) {
+            evict(&ev);
+            double t0 = time_now();
+            memmove(dst, src, nc);
+            if (r >= 0) s[r] = time_now() - t0;
+            src[r & 1023] += dst[(r * 7) & 1023];   /* the copy is used */
+        }
+        h.copy_cold_gbs = 2.0 * nc / median_spread(s, COLL_SAMPLES, &sp) / 1e9;
+        xfree(src); xfree(dst); xfree(ev.buf);
     }
     /* -- the trainer's non-GEMM ops at the model's sizes (or a small default model) -- */
     {
@@ -571,16 +610,30 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
                *rd = xcalloc(sizeof(size_t) * P);
         h.alltoall = calloc((size_t)nmax, sizeof(HwPoint));
         h.allreduce = calloc((size_t)nmax, sizeof(HwPoint));
-        for (int i = 0; i < nmax; i += o->model_only ? 2 : 1) {
-            size_t ab = (size_t)(64.0 * pow(2.0, i / 2.0)) / 4 * 4;
-            size_t bytes = ab / (size_t)(P - 1) * (size_t)(P - 1);
-            double sp;
-            double t = time_coll(comm, 0, bytes, sb, rb, sc, sd, rc, rd, &sp);
-            h.alltoall[h.n_alltoall++] = (HwPoint){(double)bytes, t, sp};
-            t = time_coll(comm, 1, ab, sb, rb, sc, sd, rc, rd, &sp);
-            h.allreduce[h.n_allreduce++] = (HwPoint){(double)ab, t, sp};
+        Evict ev;
+        evict_init(&ev);
+        /* rounds outermost, every size once per round: a burst of the machine's load hits all
+         * sizes alike instead of bending the curve; two rounds of warm-up */
+        int n_samp = o->quick ? 3 : COLL_SAMPLES, n_sz = 0;
+        size_t ab_of[40];
+        for (int i = 0; i < nmax; i += o->model_only ? 2 : 1) ab_of[n_sz++] = (size_t)(64.0 * pow(2.0, i / 2.0)) / 4 * 4;
+        double *samp = xcalloc(sizeof(double) * 2 * (size_t)n_sz * COLL_SAMPLES);   /* [kind, size, sample] */
+        for (int r = -2; r < n_samp; r++)
+            for (int i = 0; i < n_sz; i++)
+                for (int kind = 0; kind < 2; kind++) {
+                    size_t bytes = kind == 0 ? ab_of[i] / (size_t)(P - 1) * (size_t)(P - 1) : ab_of[i];
+                    double t = time_coll_once(comm, &ev, kind, bytes, sb, rb, sc, sd, rc, rd);
+                    if (r >= 0) samp[((size_t)kind * n_sz + i) * COLL_SAMPLES + r] = t;
+                }
+        comm_allreduce_max_f64(comm, samp, 2 * (size_t)n_sz * COLL_SAMPLES);   /* the slowest rank, call by call */
+        for (int i = 0; i < n_sz; i++) {
+            double sp, t = median_spread(samp + (size_t)i * COLL_SAMPLES, n_samp, &sp);
+            h.alltoall[h.n_alltoall++] = (HwPoint){(double)(ab_of[i] / (size_t)(P - 1) * (size_t)(P - 1)), t, sp};
+            t = median_spread(samp + ((size_t)n_sz + i) * COLL_SAMPLES, n_samp, &sp);
+            h.allreduce[h.n_allreduce++] = (HwPoint){(double)ab_of[i], t, sp};
         }
-        xfree(sb); xfree(rb); xfree(sc); xfree(sd); xfree(rc); xfree(rd);
+        xfree(samp);
+        xfree(sb); xfree(rb); xfree(sc); xfree(sd); xfree(rc); xfree(rd); xfree(ev.buf);
         /* straggling: the same count of 128^3 sgemms on every rank, then a max-allreduce of
          * the rank's own time (the synchronisation), for intervals of ~0.5 to 32 ms */
         int n = 128;

@@ -46,6 +46,7 @@ typedef struct HwFile {
     HwGemm *gemm;                   /* [n_gemm] */
     int n_gemm;
     double copy_gbs, triad_gbs;     /* per rank, all ranks running at once */
+    double copy_cold_gbs;           /* a 512 KiB copy with the caches evicted (memory.copy_cold_gbs; default copy_gbs) */
     double op_ns[HW_OP_N], op_spread[HW_OP_N];
     HwPoint *alltoall;              /* [n_alltoall] bytes each rank sends to the others in one call -> seconds */
     int n_alltoall;

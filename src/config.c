@@ -319,6 +319,12 @@ static const KeyDef keys[] = {
     K_INT(log.trace_interval, 0, INT_MAX, 0,
           "write every token's routing (trace/routing: expert per top-k slot, -1 = dropped, all MoE layers and ranks) "
           "and the expert -> rank map (trace/owner) every n steps, for `dcmoe simulate` with sim.routing: trace; 0 = off"),
+    K_BOOL(log.sync_wait, 0,
+           "time a barrier before every blocking MPI collective of a training step (expert exchange, gradient "
+           "allreduce, and the small ones: capacity counts, loss statistics, the loss and norm reductions), so the "
+           "wait for the slowest rank (load imbalance, noise) is logged apart from the transfer: comm/summary/wait_s "
+           "(seconds per step, mean over ranks, by phase); comm/summary/time_s then holds the transfer alone. Losses "
+           "are unchanged; the overlapped allreduce buckets and NCCL collectives are not timed"),
     /* checkpoint */
     K_INT(checkpoint.interval, 0, INT_MAX, 0, "checkpoint every n steps; 0 = only at the end"),
     K_INT(checkpoint.keep, 1, 1000, 2,

@@ -195,6 +195,7 @@ typedef struct LogConfig {
     bool swmr;
     int expert_interval;     /* per-expert count matrices every n steps */
     int trace_interval;      /* per-token routing (trace/routing) every n steps; 0 = off */
+    bool sync_wait;          /* timed barrier before the exchange/allreduce collectives (comm/summary/wait_s) */
 } LogConfig;
 
 typedef struct CheckpointConfig {

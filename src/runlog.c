@@ -74,6 +74,7 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->c_intra = h5log_series(lg, "comm/summary/intra_bytes", H5LOG_F64, 1, dph);
     id->c_inter = h5log_series(lg, "comm/summary/inter_bytes", H5LOG_F64, 1, dph);
     id->c_time = h5log_series(lg, "comm/summary/time_s", H5LOG_F64, 1, dph);
+    id->c_wait = m->cfg.log.sync_wait ? h5log_series(lg, "comm/summary/wait_s", H5LOG_F64, 1, dph) : 0;
     id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
     id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4);
     /* rank x rank only up to parallel.rank_matrix_max ranks; node x node and marginals always */
@@ -200,6 +201,13 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/summary/intra_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
+    if (m->cfg.log.sync_wait) {
+        TRY(h5log_attr_str(lg, "/comm/summary/wait_s", "columns", phase_cols));
+        TRY(h5log_attr_str(lg, "/comm/summary/wait_s", "description",
+                           "log.sync_wait: seconds per step in the timed barrier before the phase's blocking collectives "
+                           "(waiting for the slowest rank; other: capacity counts, loss statistics, the loss and norm "
+                           "reductions), mean over ranks; comm/summary/time_s excludes it"));
+    }
     TRY(h5log_attr_str(lg, "/comm/summary/msgs", "columns", phase_cols));
     if (comm->size <= m->cfg.parallel.rank_matrix_max) {
         TRY(h5log_attr_str(lg, "/comm/bytes", "axes", "phase (allreduce,dispatch,combine,migration,other,recluster), src rank, dst rank; written every parallel.traffic_interval steps"));
@@ -482,6 +490,7 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
     h5log_append(lg, id->c_intra, s, ts->intra);
     h5log_append(lg, id->c_inter, s, ts->inter);
     h5log_append(lg, id->c_time, s, ts->seconds);
+    if (id->c_wait) h5log_append(lg, id->c_wait, s, ts->wait);
     h5log_append(lg, id->c_msgs, s, ts->msgs);
     double disp[4] = {ts->rows_dispatched, ts->pairs_routed, ts->nodes_touched, ts->tokens};
     h5log_append(lg, id->c_dispatch, s, disp);

@@ -24,7 +24,7 @@ typedef struct LogIds {
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of, followup;
     int final_valid_ppl, final_test_ppl, final_test_loss;
-    int c_intra, c_inter, c_time, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
+    int c_intra, c_inter, c_time, c_wait, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
     int c_nodemat, c_sent, c_recv;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;

@@ -338,7 +338,7 @@ static StageCost stage_cost_hw(const SimTraffic *tr, double row_b, double ent_b,
         double es = tr->ents_intra_s[r] + tr->ents_inter_s[r], er = tr->ents_intra_r[r] + tr->ents_inter_r[r];
         double self = tr->recv_rows[r] - rr;
         double t = 0;
-        if (row_b > 0) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, (rs > rr ? rs : rr) * row_b) + self * row_b * 2 / (hf->copy_gbs * 1e9);
+        if (row_b > 0) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, (rs > rr ? rs : rr) * row_b) + self * row_b * 2 / (hf->copy_cold_gbs * 1e9);
         if (ent_b > 0) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, (es > er ? es : er) * ent_b);
         if (counts) t += hwfile_curve_s(hf->alltoall, hf->n_alltoall, 16.0 * (P - 1));
         (void)reverse;
@@ -549,6 +549,11 @@ typedef struct StepSim {
     double step_s, fwd_compute, bwd_compute, dispatch, combine, allreduce, optimizer, exposed;
     double fwd_exch, bwd_exch;                   /* exposed exchange time in the forward and the backward pass */
     double intra[COMM_N_PHASES], inter[COMM_N_PHASES], msgs[COMM_N_PHASES];
+    double wait[COMM_N_PHASES];                  /* what log.sync_wait times (comm/summary/wait_s): the
+                                                    straggling wait inside dispatch, combine, the allreduce and
+                                                    the optimizer bucket, plus imbal in combine */
+    double imbal[2];                             /* forward, backward: the slowest rank's expert work minus the
+                                                    mean rank's, summed over the MoE layers (inside the compute) */
     double disp4[4];
     double *layer_s, *bound_rank, *bound_link;   /* [n_moe] */
     double *tpe;                                 /* [n_moe, E] token-expert pairs per expert, world (moe/tokens_per_expert) */
@@ -958,7 +963,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     int32_t *tsel = c->trace ? xmalloc(sizeof(int32_t) * (size_t)S * c->trace_nk) : NULL;
     for (int ld = 0; ld < n_units_l && sh->n_moe > 0; ld++) {
         int reps = c->trace ? 1 : sh->n_moe / nd + (ld < sh->n_moe % nd);   /* MoE layers this routing stands for */
-        double worst = 0, hw_fwd = 0, hw_bwd = 0;
+        double worst = 0, hw_fwd = 0, hw_bwd = 0, hw_fsum = 0, hw_bsum = 0, hw_n = 0;
         StageCost df = {0, 0, 0}, cf = df, db = df, cb = df;
         for (int g = 0; g < groups; g++) {
             SimTraffic tr[2];
@@ -1014,6 +1019,9 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
                     ops_ffn(&k, sh, 0, N, fin->recv_entries[r], R, R, R, El, Gl);
                     if (k.t[0] > hw_fwd) hw_fwd = k.t[0];
                     if (k.t[1] > hw_bwd) hw_bwd = k.t[1];
+                    hw_fsum += k.t[0];
+                    hw_bsum += k.t[1];
+                    hw_n++;
                 }
             }
             for (int r = 0; r < S; r++) {
@@ -1057,6 +1065,14 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             double small = c->P > 1 ? 2 * hwfile_curve_s(c->hwf.allreduce, c->hwf.n_allreduce, 64) : 0;
             cfw = hw_fwd + small;
             cbw = hw_bwd;
+            /* the other ranks wait for the slowest one's expert work at the combine (forward) and
+             * at the rows coming back (backward): the mean rank's wait, as log.sync_wait measures */
+            if (hw_n > 0) {
+                double wf = hw_fwd - hw_fsum / hw_n, wb = hw_bwd - hw_bsum / hw_n;
+                out->imbal[0] += reps * wf;
+                out->imbal[1] += reps * wb;
+                out->wait[COMM_PHASE_COMBINE] += reps * (wf + wb);
+            }
         }
         double xf = df.t + cf.t, xb = db.t + cb.t;
         double lt;
@@ -1162,8 +1178,14 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
             out->dispatch += (wf + wb) / 2;
             out->combine += (wf + wb) / 2;
             out->exposed += wf + wb;
+            out->wait[COMM_PHASE_DISPATCH] += (wf + wb) / 2;
+            out->wait[COMM_PHASE_COMBINE] += (wf + wb) / 2;
         }
         out->allreduce += per_sync;
+        out->wait[COMM_PHASE_ALLREDUCE] = per_sync;
+        out->wait[COMM_PHASE_OTHER] = per_sync;     /* the loss reduction's, inside the optimizer bucket */
+        /* (the trainer books the forward's capacity counts and loss statistics under other, the
+         * simulator their share in dispatch: the per-phase split differs, the sum is the same) */
         out->exposed += per_sync;
         out->optimizer += per_sync;
     }
@@ -1446,6 +1468,9 @@ Status sim_run(const Config *cfg, int quiet) {
     int id_intra = h5log_series(&lg, "comm/summary/intra_bytes", H5LOG_F64, 1, d6);
     int id_inter = h5log_series(&lg, "comm/summary/inter_bytes", H5LOG_F64, 1, d6);
     int id_msgs = h5log_series(&lg, "comm/summary/msgs", H5LOG_F64, 1, d6);
+    int id_wait = h5log_series(&lg, "comm/summary/wait_s", H5LOG_F64, 1, d6);
+    uint64_t d2[1] = {2};
+    int id_imbal = h5log_series(&lg, "sim/imbalance_s", H5LOG_F64, 1, d2);
     int id_disp = h5log_series(&lg, "comm/dispatch", H5LOG_F64, 1, d4);
     int id_nm = h5log_series(&lg, "comm/node_bytes", H5LOG_F64, 3, dnn);
     int id_sent = h5log_series(&lg, "comm/rank_sent", H5LOG_F64, 2, dpp);
@@ -1501,6 +1526,15 @@ Status sim_run(const Config *cfg, int quiet) {
     h5log_attr_str(&lg, "/sim/mem_bytes", "columns", "params + grads + Adam (fp32), activations, exchange buffers, total (bytes per GPU, the largest)");
     h5log_attr_str(&lg, "/comm/summary/intra_bytes", "columns", "allreduce,dispatch,combine,migration,other,recluster");
     h5log_attr_str(&lg, "/comm/summary/inter_bytes", "columns", "allreduce,dispatch,combine,migration,other,recluster");
+    h5log_attr_str(&lg, "/comm/summary/wait_s", "columns", "allreduce,dispatch,combine,migration,other,recluster");
+    h5log_attr_str(&lg, "/comm/summary/wait_s", "description",
+                   "what a trained run's log.sync_wait measures (mean over ranks): the straggling wait (hardware "
+                   "file) booked inside sim/time_breakdown's dispatch, combine and gradient allreduce, and (other) "
+                   "the loss reduction's inside the optimizer bucket; plus, in combine, the load imbalance of the "
+                   "expert work (sim/imbalance_s), which sim/time_breakdown books in the slowest rank's compute");
+    h5log_attr_str(&lg, "/sim/imbalance_s", "columns",
+                   "forward,backward: the slowest rank's expert work minus the mean rank's, summed over the MoE layers "
+                   "(seconds; inside sim/time_breakdown's compute)");
     h5log_attr_str(&lg, "/sim/event_s", "columns",
                    "re-clustering host work (s), re-clustering exchanges (s), migrations (s), experts moved to another group, "
                    "units that changed owner (all MoE layers; perf/step_s = sim/time_breakdown step + these seconds)");
@@ -1613,6 +1647,8 @@ Status sim_run(const Config *cfg, int quiet) {
         h5log_append(&lg, id_intra, step_no, ss.intra);
         h5log_append(&lg, id_inter, step_no, ss.inter);
         h5log_append(&lg, id_msgs, step_no, ss.msgs);
+        h5log_append(&lg, id_wait, step_no, ss.wait);
+        h5log_append(&lg, id_imbal, step_no, ss.imbal);
         h5log_append(&lg, id_disp, step_no, ss.disp4);
         if (step_no % cfg->parallel.traffic_interval == 0 || last) {
             h5log_append(&lg, id_nm, step_no, ss.node_bytes);

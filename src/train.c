@@ -65,6 +65,19 @@ static int test_nan_at(long step1, int rank) {
     return n >= 1 && s == step1 && r == rank;
 }
 
+/* test hook: DCMOE_TEST_SLOW_RANK=RANK:MS makes that rank sleep MS milliseconds before every
+ * forward, a planted straggler the other ranks wait for (log.sync_wait must book it) */
+static void test_slow_rank(int rank) {
+    const char *e = getenv("DCMOE_TEST_SLOW_RANK");
+    if (!e || !e[0]) return;
+    int r = -1;
+    double ms = 0;
+    if (sscanf(e, "%d:%lf", &r, &ms) == 2 && r == rank && ms > 0) {
+        struct timespec ts = {(time_t)(ms / 1000), (long)(fmod(ms, 1000.0) * 1e6)};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* test hook: DCMOE_TEST_REPLICA_FLIP_AT=step flips the lowest bit of the first parameter of
  * every filled replica slot after that step's update (the copies then differ from their
  * primaries: the mismatch series and the checkpoint's check must see it) */
@@ -518,6 +531,7 @@ static Status run_setup(Run *r) {
     r->stage = 3;
     traffic_init(&r->traffic, r->P, r->rank, &r->topo, r->cfg->parallel.rank_matrix_max);
     comm->topo = &r->topo;
+    comm->sync_wait = cfg->log.sync_wait;
     int n_classes = cfg->model.n_classes > 0 ? cfg->model.n_classes : r->ds.n_classes;
     /* clustering.compress_at: the model of the phase the run is in (the warm-up's standard MoE
      * until the compression, which happens after step compress_at; a checkpoint's step says) */
@@ -664,7 +678,7 @@ static Status train_step(Run *r, long step, StepOut *o) {
     comm->traffic = &r->traffic;
     for (int l = 0; l < m->L; l++) m->ep[l].collect = m->ffn[l].kind != MOE_KIND_DENSE;
     o->ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
-    o->ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE];
+    o->ar_s0 = comm->stats.seconds[COMM_PHASE_ALLREDUCE] + comm->stats.wait[COMM_PHASE_ALLREDUCE];
     o->ar_in0 = comm->stats.inflight[COMM_PHASE_ALLREDUCE];
     if (cfg->model.task == TASK_LM)
         data_lm_train_batch(data_lm_train_split(&r->ds, step), (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->T, r->in, r->tg);
@@ -675,6 +689,7 @@ static Status train_step(Run *r, long step, StepOut *o) {
     /* qat: fake-quantise this step's weights (and measure the error); storage: measure */
     if (r->prec.mode == PRECISION_QAT || o->log_step) prec_measure(&r->prec);
     m->collect_mu = n_clus > 0 && cfg->clustering.enabled;
+    test_slow_rank(r->rank);
     model_forward(m, r->in, r->tg, r->len, r->Bl, r->n_global);
     m->collect_mu = 0;
     o->t1 = time_now();
@@ -821,7 +836,8 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     r->window_time += slowest;
     r->ema_step = r->ema_step == 0 ? slowest : 0.9 * r->ema_step + 0.1 * slowest;
     long s = step + 1;
-    double ar_s = comm->stats.seconds[COMM_PHASE_ALLREDUCE] - o->ar_s0;
+    /* the allreduce column: the transfer and (log.sync_wait) the timed wait before it */
+    double ar_s = comm->stats.seconds[COMM_PHASE_ALLREDUCE] + comm->stats.wait[COMM_PHASE_ALLREDUCE] - o->ar_s0;
     StepRecord rec = {
         .step = s, .loss = o->loss, .ce = o->ce, .aux = m->aux_loss, .z = m->z_loss, .lr = o->lr, .gnorm = o->gnorm,
         .tokens = r->pos.tokens_seen, .step_s = slowest, .tok_s = tc->batch_size * r->T / slowest,
