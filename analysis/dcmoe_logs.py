@@ -495,8 +495,9 @@ def _time_parts(r, steps):
     """per-step seconds [n, 4]: compute, exposed communication, optimizer, step, at `steps`.
     simulated: sim/time_breakdown (forward + backward compute, exposed communication, optimizer,
     step); trained: perf/time_split (forward, backward, allreduce, optimizer) with the dispatch
-    and combine seconds of comm/summary/time_s (max over ranks; absent: 0) moved from forward +
-    backward to communication, and perf/step_s"""
+    and combine seconds of comm/summary/time_s (max over ranks; absent: 0) and, with
+    log.sync_wait, the waits before them (comm/summary/wait_s: time_s then holds the transfer
+    alone) moved from forward + backward to communication, and perf/step_s"""
     def at(name):
         s, v = r.series[name]
         idx = {int(x): i for i, x in enumerate(s)}
@@ -510,8 +511,26 @@ def _time_parts(r, steps):
         ts = at("comm/summary/time_s")
         ph = _phase_cols(r, "comm/summary/time_s")
         a2a = ts[:, ph.get("dispatch", 1)] + ts[:, ph.get("combine", 2)]
+        if _has_steps(r, "comm/summary/wait_s", steps):
+            ws = at("comm/summary/wait_s")
+            pw = _phase_cols(r, "comm/summary/wait_s")
+            a2a = a2a + ws[:, pw.get("dispatch", 1)] + ws[:, pw.get("combine", 2)]
     step = at("perf/step_s")
     return np.stack([np.maximum(sp[:, 0] + sp[:, 1] - a2a, 0.0), sp[:, 2] + a2a, sp[:, 3], step], axis=1)
+
+
+def _has_steps(r, name, steps):
+    return r.has(name) and set(int(x) for x in steps) <= set(int(x) for x in r.series[name][0])
+
+
+def _wait(r, steps):
+    """median over `steps` of the wait for the slowest rank per step (comm/summary/wait_s summed
+    over the phases: a trained run's log.sync_wait, a simulated run's prediction); None if absent"""
+    if not _has_steps(r, "comm/summary/wait_s", steps):
+        return None
+    s, v = r.series["comm/summary/wait_s"]
+    idx = {int(x): i for i, x in enumerate(s)}
+    return float(np.median([np.sum(v[idx[int(x)]]) for x in steps]))
 
 
 def _bytes_parts(r, steps):
@@ -547,7 +566,8 @@ def compare_pair(sim, trained):
       steps       the steps compared: the steps both logged in perf/step_s (a trace replays the
                   trained run's recorded steps under their own numbers), else every step of each
       rows        [(quantity, unit, predicted, measured, delta_pct)]: median seconds of step time,
-                  compute, exposed communication, optimizer; mean bytes per step intra/inter-node
+                  compute, exposed communication, optimizer (and the wait for the slowest rank
+                  when the trained run logged it: log.sync_wait); mean bytes per step intra/inter-node
                   by phase group (allreduce, dispatch, combine, other, total)
       time_pred, time_meas  medians [compute, exposed communication, optimizer, step] in seconds"""
     ws, wt = int(sim.attrs.get("world_size", 0)), int(trained.attrs.get("world_size", 0))
@@ -564,6 +584,9 @@ def compare_pair(sim, trained):
     rows = []
     for i, q in zip((3, 0, 1, 2), TIME_ROWS):
         rows.append((q, "s", float(pm[i]), float(mm[i]), _delta(pm[i], mm[i])))
+    wp, wm = _wait(sim, common if same else ss), _wait(trained, common if same else ts)
+    if wp is not None and wm is not None:      # the trained run logged its waits (log.sync_wait)
+        rows.append(("wait for the slowest rank", "s", wp, wm, _delta(wp, wm)))
     bp, bm = _bytes_parts(sim, common if same else ss), _bytes_parts(trained, common if same else ts)
     for link in ("intra", "inter"):
         for g in BYTE_GROUPS:
