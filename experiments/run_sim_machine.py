@@ -67,15 +67,20 @@ def common_sets(name, sets):
     return [x for s in sets + [f"run.name={name}", f"run.out_dir={OUT}", "run.threads=1"] for x in ("--set", s)]
 
 
-def train(name, P, sets, steps):
-    import h5py
+def run_train(name, P, sets, steps, extra):
+    """`dcmoe train` of the case for `steps` steps (no evaluation); its metrics.h5"""
     cmd = launch(P, ["train", os.path.join(ROOT, CFG), "--quiet"] +
                  common_sets(name, sets + [f"train.steps={steps}", "train.eval_interval=0", "train.eval_batches=1",
-                                           f"log.flush_interval={steps}", "log.sync_wait=true"]))
+                                           f"log.flush_interval={steps}", extra]))
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
-    with h5py.File(os.path.join(OUT, name, "metrics.h5"), "r") as f:
+    return os.path.join(OUT, name, "metrics.h5")
+
+
+def train(name, P, sets, steps):
+    import h5py
+    with h5py.File(run_train(name, P, sets, steps, "log.sync_wait=true"), "r") as f:
         steps_v = f["perf/step_s/step"][()]
         keep = steps_v > 5                      # the first steps fault pages in and grow buffers
         step = f["perf/step_s/value"][()][keep]
@@ -95,14 +100,7 @@ def trace_run(v, P, sets, steps):
     the same routing bit for bit), recorded by one untimed run; None for the dense model"""
     if "moe.kind=dense" in sets:
         return None
-    name = f"trace-{v}-{P}"
-    cmd = launch(P, ["train", os.path.join(ROOT, CFG), "--quiet"] +
-                 common_sets(name, sets + [f"train.steps={steps}", "train.eval_interval=0", "train.eval_batches=1",
-                                           f"log.flush_interval={steps}", "log.trace_interval=1"]))
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{name} failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
-    return os.path.join(OUT, name, "metrics.h5")
+    return run_train(f"trace-{v}-{P}", P, sets, steps, "log.trace_interval=1")
 
 
 def simulate(name, P, sets, hw, trace):
