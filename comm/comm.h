@@ -80,9 +80,10 @@ typedef struct Comm {
     int rank, size;
     int local_rank, local_size;        /* within the node */
     CommStats stats;
-    /* time a barrier before every blocking expert-exchange and gradient-allreduce collective
-     * (the root's flag; log.sync_wait): the wait for the slowest rank is booked in
-     * stats.wait and the profiler's wait, so stats.seconds holds the transfer alone */
+    /* time a barrier before every blocking collective of the exchange and allreduce phases,
+     * and before the small ones (phase other) while the profiler is attached, i.e. inside a
+     * training step (the root's flag; log.sync_wait): the wait for the slowest rank is booked
+     * in stats.wait and the profiler's wait, so stats.seconds holds the transfer alone */
     bool sync_wait;
     struct Traffic *traffic;           /* optional (src, dst) profiler fed by the wrappers */
     const struct Topology *topo;       /* optional node map (set by the trainer; NULL = unknown),

@@ -437,7 +437,7 @@ static void evict(Evict *e) {
  * just written by the gather that packs the rows (modified lines in this core's cache); an
  * allreduce's payload, the gradients, was written over the whole backward and is mostly out of
  * the caches when the sum starts (measured inside a 2-rank quickstart run: the gradient buffer
- * sums 1.5x slower than a copy of it written just before) */
+ * sums 1.2-1.3x slower, in the median over steps, than a copy of it written just before) */
 #define COLL_SAMPLES 15
 static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd,
                              size_t *rc, size_t *rd) {
