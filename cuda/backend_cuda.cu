@@ -24,6 +24,10 @@
  * bf16 (run.gemm_dtype=bf16, backend_cuda_set_gemm_dtype): gemm rounds A and B to bf16 on the
  * device (contiguous copies) and calls cublasGemmEx with FP32 accumulation and an FP32 C;
  * attention's batched products stay fp32. Compiled with nvcc; not yet run on a GPU.
+ * Stored formats (dequant_rows, fake_quant): quant_common.h's per-element functions (shared
+ * with src/quant.c), one thread per element; fake_quant's INT4 group parameters by one thread
+ * per (column, group) scanning its rows in order, so both are meant to give the host's bits.
+ * Compiled with nvcc; not yet run on a GPU.
  * Does not: performance tuning (no fused kernels, no streams), NCCL.
  *
  * Legend: M N K = GEMM dims; n = elements or routed rows; B T D F V H = batch, seq, d_model,
@@ -43,6 +47,7 @@ extern "C" {
 }
 #include "kernels_common.h"
 #include "route_common.h"
+#include "quant_common.h"
 
 /* sumsq: SUMSQ_BLOCKS blocks of SUMSQ_THREADS threads write one partial each, one block
  * reduces the partials. Both sizes are constants (not derived from the device), so the
@@ -926,6 +931,86 @@ static void cu_route_backward(void *ctx, const RouteBwdArgs *a) {
     CK_LAUNCH("k_route_backward");
 }
 
+/* ---- stored formats (quant_common.h per element; bitwise the host's quant.c) ---- */
+/* dequant_rows: one thread per output element (i - r0, c) */
+__global__ void k_dequant_f16(float *dst, const uint16_t *data, int cols, int r0, size_t total) {
+    size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (j >= total) return;
+    dst[j] = qc_f16_to_f32(data[(size_t)r0 * cols + j]);
+}
+__global__ void k_dequant_int4(float *dst, const uint8_t *data, const uint16_t *scales, const uint16_t *zeros,
+                               int rows, int cols, int group, int r0, size_t total) {
+    size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (j >= total) return;
+    int i = r0 + (int)(j / (size_t)cols), c = (int)(j % (size_t)cols);
+    dst[j] = qc_int4_element(data, scales, zeros, rows, group, i, c);
+}
+static void cu_dequant_rows(void *ctx, float *dst, int fmt, const void *data, const uint16_t *scales,
+                            const uint16_t *zeros, int rows, int cols, int group, int r0, int nr) {
+    (void)ctx;
+    ASSERTF(fmt == 1 || fmt == 2, "dequant_rows: format %d is not a stored format (fp16 1, int4 2)", fmt);
+    ASSERTF(rows >= 0 && cols >= 0 && r0 >= 0 && nr >= 0 && r0 + nr <= rows && (fmt != 2 || (group >= 2 && group % 2 == 0)),
+            "dequant_rows: bad shape [%d, %d], rows %d..%d or INT4 group %d", rows, cols, r0, r0 + nr, group);
+    size_t total = (size_t)nr * cols;
+    if (total == 0) return;
+    if (fmt == 1) {
+        k_dequant_f16<<<blocks(total), 256>>>(dst, (const uint16_t *)data, cols, r0, total);
+        CK_LAUNCH("k_dequant_f16");
+    } else {
+        k_dequant_int4<<<blocks(total), 256>>>(dst, (const uint8_t *)data, scales, zeros, rows, cols, group, r0, total);
+        CK_LAUNCH("k_dequant_int4");
+    }
+}
+
+/* fake_quant FP16: one thread per element */
+__global__ void k_fake_f16(float *x, size_t n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) x[i] = qc_f16_fake(x[i]);
+}
+/* fake_quant INT4, pass 1: one thread per (column c, group k) scans its rows in order (the
+ * min/max the host finds, -0/+0 included) and writes the FP16 scale and zero; a non-finite
+ * group gets NaN parameters, so its outputs become NaN (device code cannot stop the run) */
+__global__ void k_fake_int4_params(const float *x, uint16_t *par, int rows, int cols, int group, int ng) {
+    size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (j >= (size_t)cols * ng) return;
+    int c = (int)(j / (size_t)ng), k = (int)(j % (size_t)ng);
+    int i0 = k * group, i1 = i0 + group < rows ? i0 + group : rows;
+    float mn, mx;
+    qc_int4_minmax(x, cols, c, i0, i1, &mn, &mx);
+    uint16_t s16 = 0x7E00, z16 = 0x7E00;
+    if (isfinite(mn) && isfinite(mx)) qc_int4_params(mn, mx, &s16, &z16);
+    par[2 * j] = s16;
+    par[2 * j + 1] = z16;
+}
+/* pass 2: one thread per element, encode and decode with its group's parameters */
+__global__ void k_fake_int4_apply(float *x, const uint16_t *par, int cols, int group, int ng, size_t total) {
+    size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (j >= total) return;
+    int i = (int)(j / (size_t)cols), c = (int)(j % (size_t)cols);
+    size_t g = (size_t)c * ng + (size_t)(i / group);
+    x[j] = qc_int4_fake(x[j], par[2 * g], par[2 * g + 1]);   /* NaN parameters: NaN */
+}
+static void cu_fake_quant(void *ctx, float *x, int fmt, int rows, int cols, int group) {
+    CudaCtx *c = (CudaCtx *)ctx;
+    ASSERTF(fmt == 1 || fmt == 2, "fake_quant: format %d is not a stored format (fp16 1, int4 2)", fmt);
+    ASSERTF(rows >= 0 && cols >= 0 && (fmt != 2 || (group >= 2 && group % 2 == 0)),
+            "fake_quant: bad shape [%d, %d] or INT4 group %d (even, >= 2)", rows, cols, group);
+    size_t n = (size_t)rows * cols;
+    if (n == 0) return;
+    if (fmt == 1) {
+        k_fake_f16<<<blocks(n), 256>>>(x, n);
+        CK_LAUNCH("k_fake_f16");
+        return;
+    }
+    int ng = (rows + group - 1) / group;
+    size_t np = (size_t)cols * ng;
+    uint16_t *par = (uint16_t *)scratch_get(c, 2 * np * sizeof(uint16_t));
+    k_fake_int4_params<<<blocks(np), 256>>>(x, par, rows, cols, group, ng);
+    CK_LAUNCH("k_fake_int4_params");
+    k_fake_int4_apply<<<blocks(n), 256>>>(x, par, cols, group, ng, n);
+    CK_LAUNCH("k_fake_int4_apply");
+}
+
 static void cu_destroy(void *ctx) {
     CudaCtx *c = (CudaCtx *)ctx;
     if (!c) return;
@@ -954,6 +1039,7 @@ static BackendOps make_ops(void) {
     o.combine_rows = cu_combine_rows; o.gather_rows_scaled = cu_gather_rows_scaled;
     o.route_topk = cu_route_topk; o.route_two_stage = cu_route_two_stage; o.route_count = cu_route_count;
     o.route_keep = cu_route_keep; o.route_pair_keep = cu_route_pair_keep; o.route_backward = cu_route_backward;
+    o.dequant_rows = cu_dequant_rows; o.fake_quant = cu_fake_quant;
     o.destroy = cu_destroy;
     return o;
 }

@@ -155,6 +155,20 @@ typedef struct BackendOps {
     /* dlogits from the gates' gradients, the balance losses and the z-loss (one or two stages) */
     void (*route_backward)(void *ctx, const RouteBwdArgs *a);
 
+    /* ---- stored number formats (src/quant.h layouts, cuda/quant_common.h arithmetic): every
+     * array is backend memory; fmt is enum QFormat (1 = FP16, 2 = INT4) ---- */
+    /* dst[nr, cols] (FP32 row-major, overwritten) = rows r0 .. r0+nr-1 of a stored tensor
+     * [rows, cols]: FP16 data uint16 [rows, cols] (scales, zeros, group unused); INT4 data =
+     * column-major nibbles, scales and zeros FP16 [cols, ceil(rows/group)]. Exact: the bits of
+     * the host's qtensor_decode_rows */
+    void (*dequant_rows)(void *ctx, float *dst, int fmt, const void *data, const uint16_t *scales,
+                         const uint16_t *zeros, int rows, int cols, int group, int r0, int nr);
+    /* QAT's fake quantisation in place: x[rows, cols] <- decode(encode(x)) with quant.h's
+     * quantiser (FP16: each element rounded; INT4: each column in groups of `group` rows, the
+     * group's zero and scale from its min and max). Exact: the bits of the host's quant_fake.
+     * INT4 inputs must be finite (CPU: fatal error; CUDA: the group's outputs become NaN) */
+    void (*fake_quant)(void *ctx, float *x, int fmt, int rows, int cols, int group);
+
     /* release the context (handles, streams); called once by backend_free */
     void (*destroy)(void *ctx);
 } BackendOps;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "quant.h"
 #include "route_common.h"
 
 /* declared by OpenBLAS's cblas.h; repeated so a generic cblas.h still compiles */
@@ -683,6 +684,34 @@ static void cpu_route_backward(void *ctx, const RouteBwdArgs *a) {
     }
 }
 
+/* ---------------------------------------------------------------------------------------
+ * stored formats: host memory is backend memory, so the slots are src/quant.c's host code
+ * (which calls cuda/quant_common.h per element, as the CUDA kernels do) on views of the arrays */
+static void cpu_dequant_rows(void *ctx, float *dst, int fmt, const void *data, const uint16_t *scales,
+                             const uint16_t *zeros, int rows, int cols, int group, int r0, int nr) {
+    (void)ctx;
+    ASSERTF(fmt == QFORMAT_F16 || fmt == QFORMAT_INT4, "dequant_rows: format %d is not a stored format (fp16 1, int4 2)", fmt);
+    QTensor t;
+    memset(&t, 0, sizeof t);
+    t.fmt = (enum QFormat)fmt;
+    t.rows = rows; t.cols = cols;
+    t.group = fmt == QFORMAT_INT4 ? group : 0;
+    t.data = (void *)data;
+    t.scales = (uint16_t *)scales;
+    t.zeros = (uint16_t *)zeros;
+    ASSERTF(rows >= 0 && cols >= 0 && (fmt != QFORMAT_INT4 || (group >= 2 && group % 2 == 0)),
+            "dequant_rows: bad shape [%d, %d] or INT4 group %d (even, >= 2)", rows, cols, group);
+    if (nr == 0 || cols == 0) return;
+    qtensor_decode_rows(&t, r0, nr, dst);
+}
+
+static void cpu_fake_quant(void *ctx, float *x, int fmt, int rows, int cols, int group) {
+    (void)ctx;
+    ASSERTF(fmt == QFORMAT_F16 || fmt == QFORMAT_INT4, "fake_quant: format %d is not a stored format (fp16 1, int4 2)", fmt);
+    if (rows == 0 || cols == 0) return;
+    quant_fake(x, rows, cols, (enum QFormat)fmt, group, NULL);
+}
+
 static void cpu_destroy(void *ctx) { (void)ctx; }   /* the CPU backend has no context */
 
 static const BackendOps cpu_ops = {
@@ -703,6 +732,7 @@ static const BackendOps cpu_ops = {
     .combine_rows = cpu_combine_rows, .gather_rows_scaled = cpu_gather_rows_scaled,
     .route_topk = cpu_route_topk, .route_two_stage = cpu_route_two_stage, .route_count = cpu_route_count,
     .route_keep = cpu_route_keep, .route_pair_keep = cpu_route_pair_keep, .route_backward = cpu_route_backward,
+    .dequant_rows = cpu_dequant_rows, .fake_quant = cpu_fake_quant,
     .destroy = cpu_destroy,
 };
 
@@ -726,7 +756,8 @@ Status backend_cpu_init(Backend *be, int threads) {
     X(axpy) X(scale) X(sumsq) X(xent_forward) X(xent_backward) \
     X(gather_rows) X(scatter_add_rows) X(gather_dot) X(pool_forward) X(pool_backward) \
     X(adamw) X(combine_rows) X(gather_rows_scaled) \
-    X(route_topk) X(route_two_stage) X(route_count) X(route_keep) X(route_pair_keep) X(route_backward) X(destroy)
+    X(route_topk) X(route_two_stage) X(route_count) X(route_keep) X(route_pair_keep) X(route_backward) \
+    X(dequant_rows) X(fake_quant) X(destroy)
 #define SLOT_COUNT(s) + 1
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + (0 BACKEND_SLOTS(SLOT_COUNT)) * sizeof(void (*)(void)),
                "BackendOps gained a slot: add it to BACKEND_SLOTS in backend_cpu.c");

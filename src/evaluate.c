@@ -129,7 +129,9 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
     }
     if (!file_exists(vocab_path)) return status_errorf("%s: missing (the run's vocabulary)", vocab_path);
     if (cfg->run.backend == BACKEND_CUDA && stored)
-        return status_errorf("--precision stored: the FP16/INT4 stored-format kernels run on the host only; evaluate a "
+        /* the resident stored path goes through the dequant_rows slot (precision.c), but no
+         * device run has checked it yet (tests/gpu/device-check.sh does not evaluate) */
+        return status_errorf("--precision stored: the FP16/INT4 stored-format path is not yet checked on a GPU; evaluate a "
                              "run.backend=cuda run with --precision fp32 (or --set run.backend=cpu)");
     /* the run's backend (run.backend), as dcmoe train chose it */
     Backend be;

@@ -68,7 +68,7 @@ Status prec_init(Precision *pr, Model *m) {
         const Backend *be = m->be;
         size_t n = m->n_cat[PCAT_EXPERT] ? m->n_cat[PCAT_EXPERT] : 1;
         pr->shadow = be->ops->alloc(be->ctx, sizeof(float) * n);
-        pr->host = xmalloc(sizeof(float) * n);
+        pr->host = xmalloc(sizeof(float) * n);      /* prec_measure's host copy of the shadow */
         for (int l = 0; l < m->L; l++) {
             if (m->ffn[l].kind != MOE_KIND_CLUSTERED) continue;
             MoeParams *v = &pr->views[l];
@@ -91,7 +91,7 @@ void prec_free(Precision *pr) {
     for (int l = 0; l < m->L; l++) {
         PrecLayer *pl = &pr->layers[l];
         if (pl->offload) offload_free(&pl->om);
-        xfree(pl->blob);
+        if (pl->blob) m->be->ops->free(m->be->ctx, pl->blob);
         xfree(pl->qv);
     }
     if (pr->shadow) m->be->ops->free(m->be->ctx, pr->shadow);
@@ -102,14 +102,40 @@ void prec_free(Precision *pr) {
 
 /* ---- QAT ---- */
 
-/* fake-quantise a host copy of the expert category, measure the errors; QAT uploads it */
-static void refresh(Precision *pr) {
+/* QAT: shadow = fake_quant(masters) on the backend: one copy of the expert category (the
+ * non-clustered layers' experts stay as they are), then the fake_quant slot on every
+ * clustered tensor (bases FP16, factors INT4). No host traffic. */
+static void shadow_build(Precision *pr) {
     Model *m = pr->m;
     const Backend *be = m->be;
     size_t n = m->n_cat[PCAT_EXPERT];
-    int tmp = pr->host == NULL;
-    if (tmp) pr->host = xmalloc(sizeof(float) * (n ? n : 1));
-    be->ops->to_host(be->ctx, pr->host, m->params[PCAT_EXPERT], sizeof(float) * n);
+    be->ops->copy(be->ctx, pr->shadow, m->params[PCAT_EXPERT], sizeof(float) * n);
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        for (int w = 0; w < 6; w++) {
+            const ParamTensor *t = layer_tensor(m, l, w);
+            int rows, cols;
+            tshape(f, w, &rows, &cols);
+            size_t per = (size_t)rows * cols;
+            for (int q = 0; q < t->dims[0]; q++)
+                quant_fake_dev(be, pr->shadow + t->offset + (size_t)q * per, rows, cols, tfmt(w), w < 2 ? 0 : pr->group);
+        }
+    }
+}
+
+/* the relative errors of the stored formats: host copies of the masters and of their
+ * fake-quantised values (QAT: the shadow as built; storage: quant_fake on the host), summed
+ * per clustered layer over bases and factors, then over the ranks (collective) */
+static void measure(Precision *pr) {
+    Model *m = pr->m;
+    const Backend *be = m->be;
+    size_t n = m->n_cat[PCAT_EXPERT];
+    float *master = xmalloc(sizeof(float) * (n ? n : 1));
+    if (!pr->host) pr->host = xmalloc(sizeof(float) * (n ? n : 1));
+    be->ops->to_host(be->ctx, master, m->params[PCAT_EXPERT], sizeof(float) * n);
+    if (pr->shadow) be->ops->to_host(be->ctx, pr->host, pr->shadow, sizeof(float) * n);
+    else memcpy(pr->host, master, sizeof(float) * n);
     double *acc = xcalloc(sizeof(double) * 4 * (size_t)pr->n_clustered);   /* per layer: err2, ref2 (bases, factors) */
     size_t scratch_max = 0;
     for (int l = 0; l < m->L; l++)
@@ -118,29 +144,26 @@ static void refresh(Precision *pr) {
                 size_t b = tbytes(&m->ffn[l], w, pr->group);
                 if (b > scratch_max) scratch_max = b;
             }
-    void *scratch = xmalloc(scratch_max + 16);
+    void *scratch = pr->shadow ? NULL : xmalloc(scratch_max + 16);
     int ci = 0;
     for (int l = 0; l < m->L; l++) {
         const MoeLayer *f = &m->ffn[l];
         if (f->kind != MOE_KIND_CLUSTERED) continue;
         for (int w = 0; w < 6; w++) {
             const ParamTensor *t = layer_tensor(m, l, w);
-            float *x = pr->host + t->offset;
             int rows, cols;
             tshape(f, w, &rows, &cols);
             size_t per = (size_t)rows * cols;
             double e2 = 0, r2 = 0;
             for (int q = 0; q < t->dims[0]; q++) {
-                float *xq = x + (size_t)q * per;
-                float *save = xmalloc(sizeof(float) * per);
-                memcpy(save, xq, sizeof(float) * per);
-                quant_fake(xq, rows, cols, tfmt(w), w < 2 ? 0 : pr->group, scratch);
+                float *xq = pr->host + t->offset + (size_t)q * per;
+                const float *ref = master + t->offset + (size_t)q * per;
+                if (!pr->shadow) quant_fake(xq, rows, cols, tfmt(w), w < 2 ? 0 : pr->group, scratch);
                 for (size_t j = 0; j < per; j++) {
-                    double d = (double)xq[j] - save[j];
+                    double d = (double)xq[j] - ref[j];
                     e2 += d * d;
-                    r2 += (double)save[j] * save[j];
+                    r2 += (double)ref[j] * ref[j];
                 }
-                xfree(save);
             }
             acc[4 * ci + (w < 2 ? 0 : 2)] += e2;
             acc[4 * ci + (w < 2 ? 1 : 3)] += r2;
@@ -148,8 +171,7 @@ static void refresh(Precision *pr) {
         ci++;
     }
     xfree(scratch);
-    if (pr->shadow) be->ops->from_host(be->ctx, pr->shadow, pr->host, sizeof(float) * n);
-    if (tmp) { xfree(pr->host); pr->host = NULL; }
+    xfree(master);
     comm_allreduce_sum_f64(m->comm, acc, 4 * (size_t)pr->n_clustered);
     for (int i = 0; i < pr->n_clustered; i++) {
         pr->qerr[2 * i] = acc[4 * i + 1] > 0 ? sqrt(acc[4 * i] / acc[4 * i + 1]) : 0;
@@ -159,11 +181,11 @@ static void refresh(Precision *pr) {
 }
 
 void prec_qat_refresh(Precision *pr) {
-    if (pr->mode == PRECISION_QAT && pr->shadow) refresh(pr);
+    if (pr->mode == PRECISION_QAT && pr->shadow) shadow_build(pr);
 }
 
 void prec_measure(Precision *pr) {
-    if (pr->n_clustered > 0 && pr->mode != PRECISION_FP32) refresh(pr);
+    if (pr->n_clustered > 0 && pr->mode != PRECISION_FP32) measure(pr);
 }
 
 /* ---- experts.q ---- */
@@ -321,6 +343,7 @@ static int views_of(PrecLayer *pl, unsigned char *const *spans, MoeQGroup *out) 
             ASSERTF(STATUS_OK(s), "%s", s.msg);
         }
     }
+    for (int i = 0; i < 2 + 4 * K; i++) v[i].dev = pl->dev;
     out->base1 = &v[0]; out->base2 = &v[1];
     out->a1 = &v[2]; out->b1 = &v[2 + K]; out->a2 = &v[2 + 2 * K]; out->b2 = &v[2 + 3 * K];
     return 0;
@@ -432,7 +455,13 @@ Status prec_attach_stored(Precision *pr, const void *q, size_t n, const OffloadC
             }
             xfree(blob);
         } else {
-            pl->blob = blob;
+            /* resident in backend memory: the kernels decode it through the dequant_rows slot */
+            const Backend *be = m->be;
+            size_t bytes = pl->unit_bytes * (size_t)pl->Gl;
+            pl->blob = be->ops->alloc(be->ctx, bytes ? bytes : 1);
+            if (bytes) be->ops->from_host(be->ctx, pl->blob, blob, bytes);
+            xfree(blob);
+            pl->dev = 1;
             if (acct) {
                 memacct_add(acct, MEM_TIER_DEVICE, MEM_KIND_PARAM_FP16, (int64_t)(pl->sp[0] + pl->sp[1]) * pl->Gl);
                 memacct_add(acct, MEM_TIER_DEVICE, MEM_KIND_PARAM_INT4,

@@ -8,8 +8,11 @@
  *   inference: the clustered layers compute from FP16/INT4 tensors (clustered.c's stored
  *   path), optionally under a residency manager per layer (offload.h) with LRU, a host or
  *   file tier and EMA prefetch.
+ * Backend memory: the QAT shadow and the resident stored blobs are backend memory, built and
+ * read through the backend's slots (copy, fake_quant, dequant_rows via quant.c's kernels); the
+ * offloaded groups (offload.h) and prec_measure's copies are host memory.
  * Does not: train in reduced precision, offload during training (train.c refuses
- * offload.enabled), or run on a GPU (stored tensors live in host memory).
+ * offload.enabled), or offload to a device (the residency manager's tiers are host memory).
  * Memory: Precision owns the shadow, the stored blobs, the managers and the MoeParams views
  * it points the model at (m->ffn_view); prec_free detaches them.
  *
@@ -39,7 +42,8 @@ typedef struct PrecLayer {
     int layer, Gl, K, D, F, F1, r, group;
     size_t sp[6];              /* span bytes of a group: base1, base2, a1 x K, b1 x K, a2 x K, b2 x K */
     size_t unit_bytes;
-    unsigned char *blob;       /* [Gl, unit_bytes] stored groups (NULL under offloading) */
+    unsigned char *blob;       /* [Gl, unit_bytes] stored groups, backend memory (NULL under offloading) */
+    int dev;                   /* blob is backend memory (its views have QTensor.dev set) */
     int offload;               /* om is in use */
     OffloadManager om;
     int pinned;                /* this batch's groups were pinned by prepare */
@@ -68,11 +72,13 @@ typedef struct Precision {
 Status prec_init(Precision *pr, Model *m);
 void prec_free(Precision *pr);   /* detaches m->ffn_view; zeroed / twice: safe */
 
-/* QAT: rebuild the shadow from the masters (call before every forward that should see the
- * current weights) and update qerr (collective: sums over ranks). No-op in other modes. */
+/* QAT: rebuild the shadow from the masters on the backend (copy, then the fake_quant slot per
+ * clustered tensor; no host traffic, not collective). Call before every forward that should
+ * see the current weights. No-op in other modes. */
 void prec_qat_refresh(Precision *pr);
-/* qerr of the current masters in storage or qat mode (QAT: also refreshes the shadow;
- * collective); no-op in fp32 mode or without clustered layers */
+/* qerr of the current masters in storage or qat mode, from host copies (QAT: of the shadow as
+ * last built, so call prec_qat_refresh first; storage: quant_fake on the host); collective
+ * (sums over ranks); no-op in fp32 mode or without clustered layers */
 void prec_measure(Precision *pr);
 
 /* experts.q from the canonical FP32 expert array full[n_expert_full] (every rank's experts,

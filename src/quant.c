@@ -1,47 +1,22 @@
 /* quant: FP16 and INT4 group formats, their conversions, error statistics, QAT fake-quant and
  * matmul kernels that dequantise the stored base a row block at a time (layouts in quant.h).
- * Does not: choose formats for tensors, touch the model, or run on a device.
+ * Per-element arithmetic: cuda/quant_common.h (shared with the CUDA kernels).
+ * Does not: choose formats for tensors, touch the model, or hold device code (tensors in
+ * backend memory go through the backend's dequant_rows / fake_quant slots).
  *
  * Legend: n in out r = rows of X (tokens), input width, output width, rank. */
 #include "quant.h"
+#include "quant_common.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------------------------------
- * FP16 (branch-light bit manipulation, after Maratyszcza's FP16 library; vectorises) */
-
-static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float f32_from(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-/* static inline so the array loops inline and vectorise them (the library is built -fPIC, so
- * exported functions are not inlined into each other) */
-static inline uint16_t f32_to_f16(float f) {
-    /* scaling by 2^112 then 2^-110 lets the FPU do the round-to-nearest-even of the mantissa,
-     * including overflow to inf and the subnormal range */
-    const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
-    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
-    uint32_t w = f32_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = f32_from((bias >> 1) + 0x07800000u) + base;
-    uint32_t bits = f32_bits(base);
-    uint32_t exp_bits = (bits >> 13) & 0x00007C00u, mant_bits = bits & 0x00000FFFu;
-    uint32_t nonsign = exp_bits + mant_bits;
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    const uint32_t exp_offset = 0xE0u << 23;
-    const float exp_scale = 0x1.0p-112f;
-    float normalized = f32_from((two_w >> 4) + exp_offset) * exp_scale;
-    const uint32_t magic_mask = 126u << 23;
-    float denormalized = f32_from((two_w >> 17) | magic_mask) - 0.5f;
-    uint32_t r = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
-    return f32_from(r);
-}
+ * FP16: the conversions are cuda/quant_common.h's (shared with the CUDA kernels); static
+ * inline there, so the array loops inline and vectorise them */
+#define f32_to_f16 qc_f32_to_f16
+#define f16_to_f32 qc_f16_to_f32
 
 uint16_t quant_f32_to_f16(float f) { return f32_to_f16(f); }
 float quant_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
@@ -54,37 +29,19 @@ void quant_f16_to_f32_n(float *restrict dst, const uint16_t *restrict src, size_
     for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
-uint16_t quant_f32_to_f16_down(float x) {
-    uint16_t h = f32_to_f16(x);
-    if (f16_to_f32(h) > x) {
-        if (h == 0x0000) h = 0x8001;             /* +0 -> smallest negative subnormal */
-        else if (h & 0x8000) h = (uint16_t)(h + 1);
-        else h = (uint16_t)(h - 1);
-    }
-    return h;
-}
-
-uint16_t quant_f32_to_f16_up(float x) {
-    uint16_t h = f32_to_f16(x);
-    if (f16_to_f32(h) < x) {
-        if (h == 0x8000) h = 0x0001;             /* -0 -> smallest positive subnormal */
-        else if (h & 0x8000) h = (uint16_t)(h - 1);
-        else h = (uint16_t)(h + 1);
-    }
-    return h;
-}
+uint16_t quant_f32_to_f16_down(float x) { return qc_f32_to_f16_down(x); }
+uint16_t quant_f32_to_f16_up(float x) { return qc_f32_to_f16_up(x); }
 
 /* ---------------------------------------------------------------------------------------
  * INT4 nibbles */
 
 void quant_int4_pack(uint8_t *dst, const uint8_t *q, size_t n) {
-    for (size_t j = 0; j < n / 2; j++) dst[j] = (uint8_t)((q[2 * j] & 15) | ((q[2 * j + 1] & 15) << 4));
-    if (n & 1) dst[n / 2] = (uint8_t)(q[n - 1] & 15);
+    for (size_t j = 0; j < n / 2; j++) dst[j] = qc_int4_pack2(q[2 * j], q[2 * j + 1]);
+    if (n & 1) dst[n / 2] = qc_int4_pack2(q[n - 1], 0);
 }
 
 void quant_int4_unpack(uint8_t *q, const uint8_t *src, size_t n) {
-    for (size_t j = 0; j < n / 2; j++) { q[2 * j] = src[j] & 15; q[2 * j + 1] = src[j] >> 4; }
-    if (n & 1) q[n - 1] = src[n / 2] & 15;
+    for (size_t i = 0; i < n; i++) q[i] = (uint8_t)qc_int4_get(src, i);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -167,17 +124,7 @@ void qtensor_free(QTensor *t) {
 /* one INT4 group of column c, rows i0..i1-1 of src[rows, cols]: quantise with (s, z) */
 static void int4_encode_group(uint8_t *col, const float *src, int cols, int c, int i0, int i1,
                               float s, float z) {
-    for (int i = i0; i < i1; i++) {
-        float w = src[(size_t)i * cols + c];
-        int q = 0;
-        if (s > 0.0f) {
-            float t = floorf((w - z) / s + 0.5f);
-            q = t < 0.0f ? 0 : t > 15.0f ? 15 : (int)t;
-        }
-        uint8_t *b = col + i / 2;
-        if (i & 1) *b = (uint8_t)((*b & 0x0F) | (q << 4));
-        else *b = (uint8_t)((*b & 0xF0) | q);
-    }
+    for (int i = i0; i < i1; i++) qc_int4_set(col, i, qc_int4_quant(src[(size_t)i * cols + c], s, z));
 }
 
 static void int4_encode(QTensor *t, const float *src, bool with_params) {
@@ -190,25 +137,10 @@ static void int4_encode(QTensor *t, const float *src, bool with_params) {
             int i0 = k * g, i1 = i0 + g < rows ? i0 + g : rows;
             size_t gi = (size_t)c * ng + k;
             if (!with_params) {
-                float mn = src[(size_t)i0 * cols + c], mx = mn;
-                for (int i = i0 + 1; i < i1; i++) {
-                    float w = src[(size_t)i * cols + c];
-                    mn = w < mn ? w : mn;
-                    mx = w > mx ? w : mx;
-                }
+                float mn, mx;
+                qc_int4_minmax(src, cols, c, i0, i1, &mn, &mx);
                 ASSERTF(isfinite(mn) && isfinite(mx), "quant: INT4 input is not finite (column %d, group %d)", c, k);
-                if (mn < -65504.0f) mn = -65504.0f;
-                if (mn > 65504.0f) mn = 65504.0f;
-                uint16_t z16 = quant_f32_to_f16_down(mn);
-                float z = f16_to_f32(z16);
-                float range = mx - z;
-                uint16_t s16 = 0;
-                if (range > 0.0f) {
-                    s16 = quant_f32_to_f16_up(range / 15.0f);
-                    if ((s16 & 0x7FFF) >= 0x7C00) s16 = 0x7BFF;     /* clamp to the largest finite */
-                }
-                t->zeros[gi] = z16;
-                t->scales[gi] = s16;
+                qc_int4_params(mn, mx, &t->scales[gi], &t->zeros[gi]);
             }
             int4_encode_group(data + (size_t)c * cb, src, cols, c, i0, i1,
                               f16_to_f32(t->scales[gi]), f16_to_f32(t->zeros[gi]));
@@ -246,10 +178,7 @@ void qtensor_decode_rows(const QTensor *t, int r0, int nr, float *dst) {
         const uint8_t *col = data + (size_t)c * cb;
         for (int i = r0; i < r0 + nr; i++) {
             size_t gi = (size_t)c * ng + (size_t)(i / g);
-            float s = f16_to_f32(t->scales[gi]), z = f16_to_f32(t->zeros[gi]);
-            int q = (i & 1) ? (col[i / 2] >> 4) : (col[i / 2] & 15);
-            float v = (float)q * s;
-            dst[(size_t)(i - r0) * cols + c] = v + z;
+            dst[(size_t)(i - r0) * cols + c] = qc_int4_dequant16(qc_int4_get(col, i), t->scales[gi], t->zeros[gi]);
         }
     }
 }
@@ -296,6 +225,11 @@ void quant_fake(float *x, int rows, int cols, enum QFormat fmt, int group, void 
     if (!scratch) xfree(blob);
 }
 
+void quant_fake_dev(const Backend *be, float *x, int rows, int cols, enum QFormat fmt, int group) {
+    if (fmt == QFORMAT_F32) return;
+    be->ops->fake_quant(be->ctx, x, (int)fmt, rows, cols, fmt == QFORMAT_INT4 ? group : 0);
+}
+
 /* ---------------------------------------------------------------------------------------
  * kernels */
 
@@ -305,10 +239,17 @@ size_t quant_base_matmul_scratch_floats(int out, int block_rows) {
     return (size_t)block_of(block_rows) * (size_t)out;
 }
 
+/* rows r0..r0+nr-1 of t into ws: on the backend (t->dev) or on the host */
+static void decode_rows_into(const Backend *be, const QTensor *t, int r0, int nr, float *ws) {
+    if (t->dev) be->ops->dequant_rows(be->ctx, ws, (int)t->fmt, t->data, t->scales, t->zeros, t->rows, t->cols,
+                                      t->group, r0, nr);
+    else qtensor_decode_rows(t, r0, nr, ws);
+}
+
 /* the rows k0..k0+nb-1 of base as FP32: a pointer into an FP32 base, else decoded into ws */
-static const float *base_rows(const QTensor *base, int k0, int nb, float *ws) {
+static const float *base_rows(const Backend *be, const QTensor *base, int k0, int nb, float *ws) {
     if (base->fmt == QFORMAT_F32) return (const float *)base->data + (size_t)k0 * base->cols;
-    qtensor_decode_rows(base, k0, nb, ws);
+    decode_rows_into(be, base, k0, nb, ws);
     return ws;
 }
 
@@ -319,7 +260,7 @@ void quant_base_matmul(const Backend *be, float *Y, const float *X, int n, const
     if (n == 0) return;
     for (int k0 = 0; k0 < in; k0 += kb) {
         int nb = in - k0 < kb ? in - k0 : kb;
-        const float *w = base_rows(base, k0, nb, ws);             /* [nb, out] */
+        const float *w = base_rows(be, base, k0, nb, ws);             /* [nb, out] */
         be->ops->gemm(be->ctx, false, false, n, out, nb, 1.0f, X + k0, in, w, out,
                       k0 == 0 ? beta : 1.0f, Y, out);
     }
@@ -332,7 +273,7 @@ void quant_base_matmul_t(const Backend *be, float *dX, const float *dY, int n, c
     if (n == 0) return;
     for (int k0 = 0; k0 < in; k0 += kb) {
         int nb = in - k0 < kb ? in - k0 : kb;
-        const float *w = base_rows(base, k0, nb, ws);             /* [nb, out] */
+        const float *w = base_rows(be, base, k0, nb, ws);             /* [nb, out] */
         /* dX[:, k0:k0+nb] = beta*dX + dY[n,out] w[nb,out]^T */
         be->ops->gemm(be->ctx, false, true, n, nb, out, 1.0f, dY, out, w, out, beta, dX + k0, in);
     }
@@ -343,9 +284,9 @@ size_t quant_lowrank_scratch_floats(int n, int in, int out, int r) {
 }
 
 /* decode a factor into ws (or point at FP32 data); returns the FP32 [rows, r] view */
-static const float *factor_f32(const QTensor *f, float *ws) {
+static const float *factor_f32(const Backend *be, const QTensor *f, float *ws) {
     if (f->fmt == QFORMAT_F32) return f->data;
-    qtensor_decode(f, ws);
+    decode_rows_into(be, f, 0, f->rows, ws);
     return ws;
 }
 
@@ -374,7 +315,7 @@ void quant_lowrank_apply(const Backend *be, float *Y, const float *X, int n, con
     int in = A->rows, out = B->rows, r = A->cols;
     if (n == 0) return;
     float *wa = ws, *wb = wa + (size_t)in * r, *u = wb + (size_t)out * r;
-    lowrank_fwd(be, Y, X, n, in, out, r, factor_f32(A, wa), factor_f32(B, wb), u);
+    lowrank_fwd(be, Y, X, n, in, out, r, factor_f32(be, A, wa), factor_f32(be, B, wb), u);
 }
 
 void quant_lowrank_apply_t(const Backend *be, float *dX, const float *dY, int n, const QTensor *A,
@@ -383,7 +324,7 @@ void quant_lowrank_apply_t(const Backend *be, float *dX, const float *dY, int n,
     int in = A->rows, out = B->rows, r = A->cols;
     if (n == 0) return;
     float *wa = ws, *wb = wa + (size_t)in * r, *v = wb + (size_t)out * r;
-    lowrank_bwd(be, dX, dY, n, in, out, r, factor_f32(A, wa), factor_f32(B, wb), v);
+    lowrank_bwd(be, dX, dY, n, in, out, r, factor_f32(be, A, wa), factor_f32(be, B, wb), v);
 }
 
 size_t quant_fused_scratch_floats(int n, int in, int out, int r, int block_rows) {

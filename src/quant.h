@@ -2,8 +2,9 @@
  * group quantisation (low-rank factors) — with conversions, error statistics, QAT fake-quant,
  * and matmul kernels that read the stored formats directly (dequantise on the fly).
  * Does not: decide which tensors are stored how (precision.mode is the caller's business),
- * train anything, or run on a GPU (the kernels run on host memory through Backend.gemm; a
- * device version needs dequantise kernels and is not here).
+ * train anything, or hold device code: tensors in backend memory (QTensor.dev) are decoded and
+ * fake-quantised through the backend's dequant_rows / fake_quant slots, whose CUDA kernels
+ * share cuda/quant_common.h's per-element arithmetic with this file.
  * Memory: a QTensor either owns one allocation (qtensor_init) or views caller memory
  * (qtensor_view); kernels take caller-provided scratch of quant_*_scratch_floats() floats.
  *
@@ -70,6 +71,8 @@ typedef struct QTensor {
     uint16_t *zeros;        /* INT4 only: FP16 [cols, n_groups] */
     void *blob;             /* the single block holding data, scales, zeros */
     bool owns;              /* blob was allocated by qtensor_init */
+    bool dev;               /* blob is backend memory: the kernels below decode it through the
+                               backend's dequant_rows slot and never read it on the host */
 } QTensor;
 
 const char *quant_format_name(enum QFormat fmt);                      /* "fp32", "fp16", "int4" */
@@ -113,9 +116,13 @@ QuantError quant_roundtrip_error(const float *src, int rows, int cols, enum QFor
  * with a fake-quantised COPY, and applies dL/d(copy) unchanged to the masters. scratch holds
  * qtensor_bytes(fmt, rows, cols, group) bytes (NULL = allocate and free internally). */
 void quant_fake(float *x, int rows, int cols, enum QFormat fmt, int group, void *scratch);
+/* the same on x in backend memory, through be->ops->fake_quant (bitwise the host's quant_fake) */
+void quant_fake_dev(const Backend *be, float *x, int rows, int cols, enum QFormat fmt, int group);
 
 /* ---- kernels reading stored formats ----
- * CPU/host memory; gemm goes through be->ops->gemm. `beta` applies to Y as in gemm (0 =
+ * X, Y, ws: backend memory; gemm goes through be->ops->gemm. A QTensor with dev set is decoded
+ * by be->ops->dequant_rows (backend memory, e.g. on the device), else on the host by
+ * qtensor_decode_rows into ws (which must then be host-addressable: the CPU backend). `beta` applies to Y as in gemm (0 =
  * overwrite; Y need not be initialised then). ws is caller scratch of at least the returned
  * number of floats. The base is dequantised `block_rows` rows at a time (QUANT_BLOCK_ROWS when
  * 0), so no FP32 copy of the whole base exists; factors are decoded whole ([in,r], [out,r]).

@@ -686,8 +686,10 @@ static Status train_step(Run *r, long step, StepOut *o) {
         data_cls_train_batch(&r->ds.cls[SPLIT_TRAIN], (uint64_t)cfg->run.seed, step, r->rank * r->Bl, r->Bl, r->in, r->len, r->tg);
     model_zero_grad(m);
     o->log_step = (step + 1) % tc->log_interval == 0 || step == 0 || step + 1 == tc->steps;
-    /* qat: fake-quantise this step's weights (and measure the error); storage: measure */
-    if (r->prec.mode == PRECISION_QAT || o->log_step) prec_measure(&r->prec);
+    /* qat: fake-quantise this step's weights (on the backend); qat and storage: measure the
+     * quantisation error on log steps (host copies; collective) */
+    prec_qat_refresh(&r->prec);
+    if (o->log_step) prec_measure(&r->prec);
     m->collect_mu = n_clus > 0 && cfg->clustering.enabled;
     test_slow_rank(r->rank);
     model_forward(m, r->in, r->tg, r->len, r->Bl, r->n_global);

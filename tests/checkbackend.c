@@ -63,6 +63,8 @@
  *   route_backward         dlogits                 atol 1e-7 rtol 1e-6 vs the host router's router_backward;
  *                                                  atol 4e-7 rtol 1e-5 vs central differences (double, h = 1e-5) of
  *                                                  the routing loss with the selections held fixed
+ *   dequant_rows           dst (FP16 / INT4 rows)  bitwise (exact: one conversion, or q*s then + z in FP32)
+ *   fake_quant             x (FP16 / INT4)         bitwise (exact: quant.h's quantiser; FP16 rounding by table search)
  *   gemm_bf16 (CUDA)       C                       |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2)|beta c|;
  *                                                  the CPU backend must refuse bf16 naming run.gemm_dtype
  *   finite differences of the reference (double, h = 1e-5): atol 1e-6, rtol 1e-6
@@ -2407,6 +2409,205 @@ static void check_gemm_bf16(Check *c) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * stored formats (dequant_rows, fake_quant): exact by contract, so bitwise against a reference
+ * written here from quant.h's layouts and quantiser. Its FP16 rounding is independent of
+ * cuda/quant_common.h's bit trick: a binary search in the table of every finite half (nearest,
+ * ties to the even code; toward -inf / +inf for the INT4 zero and scale); the FP32 operations
+ * of the quantiser (range / 15, (w - z) / s + 0.5, q s + z) are the contract's own. */
+static double half_val(uint16_t h) {
+    int sg = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v = e == 0 ? ldexp((double)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp((double)(1024 + m), e - 25);
+    return sg ? -v : v;
+}
+/* largest code c in 0..0x7BFF with half_val(c) <= a (a >= 0 finite) */
+static int half_floor_code(double a) {
+    int lo = 0, hi = 0x7BFF;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (half_val((uint16_t)mid) <= a) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+/* nearest half, ties to the even code; |x| >= 65520 -> inf; NaN -> 0x7E00 with the sign */
+static uint16_t ref_f16_rn(float x) {
+    uint16_t sg = signbit(x) ? 0x8000 : 0;
+    if (isnan(x)) return (uint16_t)(sg | 0x7E00);
+    double a = fabs((double)x);
+    if (a >= 65520.0) return (uint16_t)(sg | 0x7C00);
+    int c = half_floor_code(a);
+    double lo = half_val((uint16_t)c), hi = c == 0x7BFF ? 65536.0 : half_val((uint16_t)(c + 1));
+    if (a == lo) return (uint16_t)(sg | c);
+    int up = a - lo > hi - a || (a - lo == hi - a && (c & 1));
+    return (uint16_t)(sg | (c + up));
+}
+/* the half rounded toward -inf of finite x in [-65504, 65504] (x = -0 gives -0, else 0 is +0) */
+static uint16_t ref_f16_down(float x) {
+    if (x == 0.0f) return signbit(x) ? 0x8000 : 0x0000;
+    if (x > 0) return (uint16_t)half_floor_code((double)x);
+    int c = half_floor_code(-(double)x);                 /* |half| <= |x| */
+    if (half_val((uint16_t)c) == -(double)x) return (uint16_t)(0x8000 | c);
+    return (uint16_t)(0x8000 | (c + 1));
+}
+/* the half rounded toward +inf of finite x > 0, clamped to the largest finite (0x7BFF) */
+static uint16_t ref_f16_up_pos(float x) {
+    if ((double)x > 65504.0) return 0x7BFF;
+    int c = half_floor_code((double)x);
+    return half_val((uint16_t)c) == (double)x ? (uint16_t)c : (uint16_t)(c + 1);
+}
+static float ref_half_f(uint16_t h) { return (float)half_val(h); }
+
+/* the INT4 quantiser of quant.h on x[rows, cols] in place (decode(encode(x))) */
+static void ref_int4_fake(float *x, int rows, int cols, int group) {
+    for (int c = 0; c < cols; c++)
+        for (int i0 = 0; i0 < rows; i0 += group) {
+            int i1 = i0 + group < rows ? i0 + group : rows;
+            float mn = x[(size_t)i0 * cols + c], mx = mn;
+            for (int i = i0 + 1; i < i1; i++) {
+                float w = x[(size_t)i * cols + c];
+                if (w < mn) mn = w;
+                if (w > mx) mx = w;
+            }
+            if (mn < -65504.0f) mn = -65504.0f;
+            if (mn > 65504.0f) mn = 65504.0f;
+            float z = ref_half_f(ref_f16_down(mn)), range = mx - z, s = 0.0f;
+            if (range > 0.0f) s = ref_half_f(ref_f16_up_pos(range / 15.0f));
+            for (int i = i0; i < i1; i++) {
+                float *w = &x[(size_t)i * cols + c];
+                int q = 0;
+                if (s > 0.0f) {
+                    float t = floorf((*w - z) / s + 0.5f);
+                    q = t < 0.0f ? 0 : t > 15.0f ? 15 : (int)t;
+                }
+                float v = (float)q * s;
+                *w = v + z;
+            }
+        }
+}
+
+/* a random finite half: every exponent (subnormals, ±0 included) */
+static uint16_t rand_half(Check *c) {
+    uint16_t h;
+    do h = (uint16_t)rng_below(&c->rng, 65536); while ((h & 0x7C00) == 0x7C00);
+    return h;
+}
+
+static void run_dequant(Check *c, const Backend *be, float *out, int fmt, const void *data, size_t data_bytes,
+                        const uint16_t *sc, const uint16_t *ze, size_t n_par, int rows, int cols, int group, int r0, int nr) {
+    Arena a = {be, 0, {{0}}};
+    float *o = a_out(&a, out, F4((size_t)nr * cols));
+    const void *dd = a_in(&a, data, data_bytes);
+    const uint16_t *ds = fmt == 2 ? a_in(&a, sc, n_par * 2) : NULL, *dz = fmt == 2 ? a_in(&a, ze, n_par * 2) : NULL;
+    be->ops->dequant_rows(be->ctx, o, fmt, dd, ds, dz, rows, cols, group, r0, nr);
+    a_finish(c, &a);
+}
+static void check_dequant_rows(Check *c) {
+    static const int ROWS[] = {1, 2, 5, 17, 64, 67}, COLS[] = {1, 3, 16}, GROUPS[] = {2, 4, 64};
+    for (int fmt = 1; fmt <= 2; fmt++)
+        for (size_t ri = 0; ri < COUNT(ROWS); ri++)
+            for (size_t ci = 0; ci < COUNT(COLS); ci++)
+                for (size_t gi = 0; gi < (fmt == 2 ? COUNT(GROUPS) : 1); gi++) {
+                    int rows = ROWS[ri], cols = COLS[ci], group = fmt == 2 ? GROUPS[gi] : 0;
+                    int ng = fmt == 2 ? (rows + group - 1) / group : 0;
+                    size_t cb = (size_t)(rows + 1) / 2, n_par = (size_t)cols * ng;
+                    size_t data_bytes = fmt == 1 ? 2 * (size_t)rows * cols : cb * cols;
+                    unsigned char *data = rand_bytes(c, data_bytes);
+                    uint16_t *sc = xmalloc(2 * (n_par ? n_par : 1)), *ze = xmalloc(2 * (n_par ? n_par : 1));
+                    if (fmt == 1)
+                        for (size_t i = 0; i < (size_t)rows * cols; i++) { uint16_t h = rand_half(c); memcpy(data + 2 * i, &h, 2); }
+                    for (size_t i = 0; i < n_par; i++) { sc[i] = rand_half(c) & 0x7FFF; ze[i] = rand_half(c); }
+                    /* row ranges: all, empty, the last row, a middle run crossing a group edge */
+                    int ranges[4][2] = {{0, rows}, {rows / 2, 0}, {rows - 1, 1}, {rows / 3, rows - rows / 3 - rows / 4}};
+                    for (int k = 0; k < 4; k++) {
+                        int r0 = ranges[k][0], nr = ranges[k][1];
+                        float *want = falloc((size_t)nr * cols), *o1 = falloc((size_t)nr * cols), *o2 = falloc((size_t)nr * cols);
+                        for (int i = r0; i < r0 + nr; i++)
+                            for (int col = 0; col < cols; col++) {
+                                float v;
+                                if (fmt == 1) {
+                                    uint16_t h;
+                                    memcpy(&h, data + 2 * ((size_t)i * cols + col), 2);
+                                    v = ref_half_f(h);
+                                } else {
+                                    unsigned char b = data[(size_t)col * cb + (size_t)i / 2];
+                                    int q = (i & 1) ? b >> 4 : b & 15;
+                                    size_t g = (size_t)col * ng + (size_t)(i / group);
+                                    float s = ref_half_f(sc[g]), z = ref_half_f(ze[g]), t = (float)q * s;
+                                    v = t + z;
+                                }
+                                want[(size_t)(i - r0) * cols + col] = v;
+                            }
+                        run_dequant(c, c->be, o1, fmt, data, data_bytes, sc, ze, n_par, rows, cols, group, r0, nr);
+                        run_dequant(c, c->be, o2, fmt, data, data_bytes, sc, ze, n_par, rows, cols, group, r0, nr);
+                        char what[96];
+                        snprintf(what, sizeof what, "%s [%d,%d] group %d rows %d..%d", fmt == 1 ? "fp16" : "int4", rows, cols,
+                                 group, r0, r0 + nr);
+                        cmp_exact(c, what, o1, want, (size_t)nr * cols);
+                        same_bits(c, "dst", o1, o2, F4((size_t)nr * cols));
+                        if (!c->is_cpu) {
+                            float *co = falloc((size_t)nr * cols);
+                            run_dequant(c, c->cpu, co, fmt, data, data_bytes, sc, ze, n_par, rows, cols, group, r0, nr);
+                            vs_cpu(c, what, o1, co, (size_t)nr * cols);
+                            xfree(co);
+                        }
+                        xfree(want); xfree(o1); xfree(o2);
+                    }
+                    xfree(data); xfree(sc); xfree(ze);
+                }
+}
+
+static void run_fake_quant(Check *c, const Backend *be, float *x, int fmt, int rows, int cols, int group) {
+    Arena a = {be, 0, {{0}}};
+    float *dx = a_io(&a, x, F4((size_t)rows * cols));
+    be->ops->fake_quant(be->ctx, dx, fmt, rows, cols, group);
+    a_finish(c, &a);
+}
+static void check_fake_quant(Check *c) {
+    static const int ROWS[] = {0, 1, 3, 17, 64, 67, 130}, COLS[] = {1, 5, 16}, GROUPS[] = {2, 8, 64};
+    for (int fmt = 1; fmt <= 2; fmt++)
+        for (size_t ri = 0; ri < COUNT(ROWS); ri++)
+            for (size_t ci = 0; ci < COUNT(COLS); ci++)
+                for (size_t gi = 0; gi < (fmt == 2 ? COUNT(GROUPS) : 1); gi++) {
+                    int rows = ROWS[ri], cols = COLS[ci], group = fmt == 2 ? GROUPS[gi] : 0;
+                    size_t n = (size_t)rows * cols;
+                    float *x = falloc(n ? n : 1);
+                    for (int col = 0; col < cols; col++) {
+                        double sd = ldexp(1.0, (int)rng_below(&c->rng, 30) - 20);     /* 2^-20 .. 2^9 */
+                        for (int i = 0; i < rows; i++) x[(size_t)i * cols + col] = (float)(sd * rng_normal(&c->rng));
+                    }
+                    /* edge cases: a constant column, ±0, FP16 ties and subnormals, the FP16 range's ends */
+                    if (rows > 0 && cols > 1)
+                        for (int i = 0; i < rows; i++) x[(size_t)i * cols + 1] = i % 3 == 0 ? -0.0f : 0.0f;
+                    if (rows > 0 && cols > 2) {
+                        float v = (float)(0.5 * (half_val(0x3C00) + half_val(0x3C01)));   /* tie to even */
+                        for (int i = 0; i < rows; i++) x[(size_t)i * cols + 2] = i & 1 ? v : 3.0f;
+                    }
+                    if (n > 4) { x[0] = 0x1p-20f; x[n - 1] = -0x1p-25f; x[n / 2] = 65504.0f; x[n / 3] = -70000.0f; }
+                    if (fmt == 1 && n > 6) { x[1] = INFINITY; x[n - 2] = NAN; x[n - 3] = 65520.0f; x[2] = 0x1.8p-24f; }
+                    float *want = fdup(x, n), *o1 = fdup(x, n), *o2 = fdup(x, n);
+                    if (fmt == 1)
+                        for (size_t i = 0; i < n; i++) {
+                            uint16_t h = ref_f16_rn(x[i]);
+                            want[i] = (h & 0x7C00) == 0x7C00 && (h & 0x3FF) ? (signbit(x[i]) ? -NAN : NAN) : ref_half_f(h);
+                            if (isnan(want[i])) { uint32_t b = (h & 0x8000 ? 0x80000000u : 0) | 0x7FC00000u; memcpy(&want[i], &b, 4); }
+                        }
+                    else ref_int4_fake(want, rows, cols, group);
+                    run_fake_quant(c, c->be, o1, fmt, rows, cols, group);
+                    run_fake_quant(c, c->be, o2, fmt, rows, cols, group);
+                    char what[96];
+                    snprintf(what, sizeof what, "%s [%d,%d] group %d", fmt == 1 ? "fp16" : "int4", rows, cols, group);
+                    cmp_exact(c, what, o1, want, n);
+                    same_bits(c, "x", o1, o2, F4(n));
+                    if (!c->is_cpu) {
+                        float *co = fdup(x, n);
+                        run_fake_quant(c, c->cpu, co, fmt, rows, cols, group);
+                        vs_cpu(c, what, o1, co, n);
+                        xfree(co);
+                    }
+                    xfree(x); xfree(want); xfree(o1); xfree(o2);
+                }
+}
+
+/* ---------------------------------------------------------------------------------------
  * the table: every BackendOps slot (by offset, so a misspelt slot does not compile and a
  * missing one is caught at start-up), then the kernels_common.h checks */
 typedef struct OpCheck { const char *name; size_t offset; void (*fn)(Check *); } OpCheck;
@@ -2420,12 +2621,12 @@ static const OpCheck OPS[] = {
     SLOT(gather_rows), SLOT(scatter_add_rows), SLOT(gather_dot), SLOT(pool_forward), SLOT(pool_backward),
     SLOT(adamw), SLOT(combine_rows), SLOT(gather_rows_scaled),
     SLOT(route_topk), SLOT(route_two_stage), SLOT(route_count), SLOT(route_keep), SLOT(route_pair_keep),
-    SLOT(route_backward), SLOT(destroy),
+    SLOT(route_backward), SLOT(dequant_rows), SLOT(fake_quant), SLOT(destroy),
     {"kc_exp", NOT_A_SLOT, check_kc_exp}, {"kc_gelu", NOT_A_SLOT, check_kc_gelu},
     {"kc_swiglu", NOT_A_SLOT, check_kc_swiglu}, {"kc_adamw", NOT_A_SLOT, check_kc_adamw},
     {"gemm_bf16", NOT_A_SLOT, check_gemm_bf16},
 };
-#define N_SLOTS 36
+#define N_SLOTS 38
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + N_SLOTS * sizeof(void (*)(void)),
                "BackendOps gained or lost a slot: add its check to OPS in tests/checkbackend.c");
 

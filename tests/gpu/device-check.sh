@@ -7,11 +7,13 @@
 #   2. tests/checkbackend --backend cuda: every BackendOps slot against the checker's reference,
 #      the routing slots (route_topk, route_two_stage, route_count, route_keep, route_pair_keep,
 #      route_backward) included, plus --bench (time per op); a one-line count of the routing
-#      slots' checks; then the cuda_backend test (test_cuda.c);
+#      slots' checks and one of the stored-format slots' (dequant_rows, fake_quant: bitwise);
+#      then the cuda_backend test (test_cuda.c);
 #   3. 20 training steps of a tiny dense, standard-MoE and clustered-MoE model (the configs of
 #      tests/test_mpi.py, one rank, no mpirun), and a clustered model with the top-2 group
 #      score, product gates and the aux-loss-free bias (the other device-routing branches),
-#      with run.backend=cpu and run.backend=cuda (routing on the device since b2cf75a):
+#      with run.backend=cpu and run.backend=cuda (routing on the device since b2cf75a), and a
+#      clustered model with precision.mode=qat (shadow fake-quantised by the fake_quant slot),
 #      step-1 loss within 1e-5 relative (same weights; only summation orders differ), every
 #      step's train loss within 1e-3 relative (20 steps of drift, routing may flip a token);
 #   4. a second run.backend=cuda run of each: train losses bitwise equal to the first; for the
@@ -90,6 +92,11 @@ route_checks() { local n_ok n_bad; n_ok=$(grep -c '^ok .* route_' "$OUT/checkbac
                  echo "routing slots: $n_ok checks passed, $n_bad failed"; grep '^not ok .* route_' "$OUT/checkbackend-cuda.log" | head -20;
                  [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
 step "routing slots on the device (route_*, from the checkbackend log)" route_checks
+quant_checks() { local n_ok n_bad; n_ok=$(grep -cE '^ok .* (dequant_rows|fake_quant):' "$OUT/checkbackend-cuda.log"); n_bad=$(grep -cE '^not ok .* (dequant_rows|fake_quant):' "$OUT/checkbackend-cuda.log");
+                 echo "stored-format slots: $n_ok checks passed, $n_bad failed"; grep -E '^not ok .* (dequant_rows|fake_quant):' "$OUT/checkbackend-cuda.log" | head -20;
+                 grep -cE '^#   (dequant_rows|fake_quant): .*bitwise equal to the cpu backend' "$OUT/checkbackend-cuda.log" | sed 's/^/cases bitwise equal to the cpu backend: /';
+                 [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
+step "stored-format slots on the device (dequant_rows, fake_quant: bitwise, from the checkbackend log)" quant_checks
 test_cuda() { (cd "$BUILD/tests" && ./test_cuda_backend) > "$OUT/test-cuda.log" 2>&1; }
 step "test_cuda (cuda_backend)" test_cuda
 
@@ -112,6 +119,10 @@ cases = {   # as tests/test_mpi.py
     "clustered-top2": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
                        "--set", "moe.group_score=top2", "--set", "moe.group_gate=product", "--set", "moe.balance=aux_free",
                        "--set", "clustering.interval=4", "--set", "clustering.warmup=2", "--set", "moe.capacity_factor=0.8"],
+    # precision.mode=qat: the shadow is fake-quantised on the device by the fake_quant slot
+    "clustered-qat": ["--set", "moe.kind=clustered", "--set", "moe.n_groups=2", "--set", "moe.rank=4",
+                      "--set", "precision.mode=qat", "--set", "precision.int4_group=8",
+                      "--set", "clustering.interval=4", "--set", "clustering.warmup=2", "--set", "moe.capacity_factor=0.8"],
 }
 bad = 0
 def out(msg):
