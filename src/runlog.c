@@ -75,6 +75,7 @@ static Status log_declare(H5log *lg, const Model *m, LogIds *id) {
     id->c_inter = h5log_series(lg, "comm/summary/inter_bytes", H5LOG_F64, 1, dph);
     id->c_time = h5log_series(lg, "comm/summary/time_s", H5LOG_F64, 1, dph);
     id->c_wait = m->cfg.log.sync_wait ? h5log_series(lg, "comm/summary/wait_s", H5LOG_F64, 1, dph) : 0;
+    id->wait_split = m->cfg.log.sync_wait ? h5log_series(lg, "perf/wait_split", H5LOG_F64, 1, d4) : 0;
     id->c_msgs = h5log_series(lg, "comm/summary/msgs", H5LOG_F64, 1, dph);
     id->c_dispatch = h5log_series(lg, "comm/dispatch", H5LOG_F64, 1, d4);
     /* rank x rank only up to parallel.rank_matrix_max ranks; node x node and marginals always */
@@ -202,6 +203,9 @@ static Status log_attrs(H5log *lg, const Model *m, const Comm *comm, const Datas
     TRY(h5log_attr_str(lg, "/comm/summary/inter_bytes", "columns", phase_cols));
     TRY(h5log_attr_str(lg, "/comm/summary/time_s", "columns", phase_cols));
     if (m->cfg.log.sync_wait) {
+        TRY(h5log_attr_str(lg, "/perf/wait_split", "columns",
+                           "forward,backward,allreduce,optimizer: the seconds of each perf/time_split column this rank "
+                           "(rank 0) spent in log.sync_wait's timed barriers"));
         TRY(h5log_attr_str(lg, "/comm/summary/wait_s", "columns", phase_cols));
         TRY(h5log_attr_str(lg, "/comm/summary/wait_s", "description",
                            "log.sync_wait: seconds per step in the timed barrier before the phase's blocking collectives "
@@ -491,6 +495,7 @@ double runlog_step(RunLog *rl, const Model *m, const StepRecord *r) {
     h5log_append(lg, id->c_inter, s, ts->inter);
     h5log_append(lg, id->c_time, s, ts->seconds);
     if (id->c_wait) h5log_append(lg, id->c_wait, s, ts->wait);
+    if (id->wait_split) h5log_append(lg, id->wait_split, s, r->wait_split);
     h5log_append(lg, id->c_msgs, s, ts->msgs);
     double disp[4] = {ts->rows_dispatched, ts->pairs_routed, ts->nodes_touched, ts->tokens};
     h5log_append(lg, id->c_dispatch, s, disp);

@@ -24,7 +24,7 @@ typedef struct LogIds {
     int rank_compute_s, rank_peak_rss;
     int tpg, gcv2, gmaxvio, gdrop, events, group_of, followup;
     int final_valid_ppl, final_test_ppl, final_test_loss;
-    int c_intra, c_inter, c_time, c_wait, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
+    int c_intra, c_inter, c_time, c_wait, wait_split, c_msgs, c_dispatch, c_matrix, rank_maxvio, rank_tokens, owner, migr, off_train, c_msgmat;
     int c_nodemat, c_sent, c_recv;
     int qerr;                /* 0 = not logged (fp32 mode or no clustered layer) */
     int mem_bytes, mem_hwm, mem_rss;
@@ -53,6 +53,7 @@ typedef struct StepRecord {
     int64_t tokens;
     double step_s, tok_s, flops_frac;    /* step_s: the slowest rank */
     double split[4];                     /* forward, backward, allreduce, optimizer (s) */
+    double wait_split[4];                /* log.sync_wait: the waits inside each split column (s) */
     double allreduce_bytes;
     double allreduce_inflight_s;         /* parallel.overlap_allreduce: the dense sum from its first bucket's */
     double allreduce_exposed_s;          /* start to its completion, and the wait after the backward (in split[2]) */

@@ -65,6 +65,13 @@ static int test_nan_at(long step1, int rank) {
     return n >= 1 && s == step1 && r == rank;
 }
 
+/* log.sync_wait: the seconds this rank has waited in the timed barriers so far, all phases */
+static double wait_total(const Comm *c) {
+    double w = 0;
+    for (int ph = 0; ph < COMM_N_PHASES; ph++) w += c->stats.wait[ph];
+    return w;
+}
+
 /* test hook: DCMOE_TEST_SLOW_RANK=RANK:MS makes that rank sleep MS milliseconds before every
  * forward, a planted straggler the other ranks wait for (log.sync_wait must book it) */
 static void test_slow_rank(int rank) {
@@ -287,6 +294,7 @@ typedef struct Run {
 /* what one step computed, for its log row and the progress line */
 typedef struct StepOut {
     double loss, ce, lr, gnorm, t0, t1, t2, ar_s0, ar_in0, dt;
+    double w0, w1, w2, wa0;      /* log.sync_wait: this rank's waits so far at t0, t1, t2; the allreduce's at t0 */
     uint64_t ar_bytes0;
     bool log_step;
 } StepOut;
@@ -675,6 +683,8 @@ static Status train_step(Run *r, long step, StepOut *o) {
     Model *m = &r->m;
     int n_clus = model_n_clustered_layers(m);
     o->t0 = time_now();
+    o->w0 = wait_total(comm);
+    o->wa0 = comm->stats.wait[COMM_PHASE_ALLREDUCE];
     comm->traffic = &r->traffic;
     for (int l = 0; l < m->L; l++) m->ep[l].collect = m->ffn[l].kind != MOE_KIND_DENSE;
     o->ar_bytes0 = comm->stats.bytes[COMM_PHASE_ALLREDUCE];
@@ -695,8 +705,10 @@ static Status train_step(Run *r, long step, StepOut *o) {
     model_forward(m, r->in, r->tg, r->len, r->Bl, r->n_global);
     m->collect_mu = 0;
     o->t1 = time_now();
+    o->w1 = wait_total(comm);
     model_backward(m, r->n_global);
     o->t2 = time_now();
+    o->w2 = wait_total(comm);
     /* global loss: sum of local CE contributions + the (global) aux terms */
     if (test_nan_at(step + 1, r->rank)) m->loss_sum = NAN;
     double local_loss = m->loss_sum, ce[1] = {m->loss_sum / (double)r->n_global};
@@ -799,6 +811,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
     comm->traffic = NULL;
     double t3 = time_now();
     o->dt = t3 - o->t0;
+    double w3 = wait_total(comm), wa = comm->stats.wait[COMM_PHASE_ALLREDUCE] - o->wa0;
     /* per rank: compute time, peak RSS, step time (perf/step_s is the slowest rank's) */
     double mine[3] = {o->t2 - o->t0, peak_rss_bytes(), o->dt};
     comm_gather_bytes(comm, mine, r->rank_buf, sizeof mine, 0);
@@ -844,6 +857,7 @@ static Status finish_step(Run *r, long step, StepOut *o) {
         .step = s, .loss = o->loss, .ce = o->ce, .aux = m->aux_loss, .z = m->z_loss, .lr = o->lr, .gnorm = o->gnorm,
         .tokens = r->pos.tokens_seen, .step_s = slowest, .tok_s = tc->batch_size * r->T / slowest,
         .split = {o->t1 - o->t0, o->t2 - o->t1, ar_s, t3 - o->t2 - ar_s},
+        .wait_split = {o->w1 - o->w0, o->w2 - o->w1, wa, w3 - o->w2 - wa},
         .allreduce_bytes = (double)(comm->stats.bytes[COMM_PHASE_ALLREDUCE] - o->ar_bytes0),
         .allreduce_inflight_s = comm->stats.inflight[COMM_PHASE_ALLREDUCE] - o->ar_in0,
         .allreduce_exposed_s = m->gsync ? m->gsync->last_exposed_s : 0,

@@ -43,6 +43,7 @@ def train(name, ranks, sets, slow=None):
     import h5py
     with h5py.File(h5, "r") as f:
         out["wait"] = f["comm/summary/wait_s/value"][()] if "comm/summary/wait_s" in f else None
+        out["wsplit"] = f["perf/wait_split/value"][()] if "perf/wait_split" in f else None
         if out["wait"] is not None:
             cols = f["comm/summary/wait_s"].attrs["columns"]
             out["cols"] = (cols.decode() if isinstance(cols, bytes) else cols).split(",")
@@ -58,7 +59,7 @@ for kind, ks in {"moe": [], "dense": ["--set", "moe.kind=dense"]}.items():
           f"{kind}: losses and gradient norms bitwise equal with log.sync_wait on and off")
     for k in COMM:
         check(np.array_equal(off[k], on[k]), f"{kind}: {k} equal with log.sync_wait on and off")
-    check(off["wait"] is None, f"{kind}: no comm/summary/wait_s without log.sync_wait")
+    check(off["wait"] is None and off["wsplit"] is None, f"{kind}: no comm/summary/wait_s, perf/wait_split without log.sync_wait")
     w = on["wait"]
     check(w is not None and w.shape == (12, 6) and on.get("cols") == PH,
           f"{kind}: comm/summary/wait_s is [steps, phases] with the phase columns "
@@ -91,6 +92,15 @@ for kind, ks in {"moe": [], "dense": ["--set", "moe.kind=dense"]}.items():
           f"below a quarter of the sleep)")
     check(np.all(slow["perf/step_s"][1:] >= SLOW_MS / 1e3),
           f"{kind}: the step time (slowest rank) holds the sleep (min {1e3 * slow['perf/step_s'][1:].min():.1f} ms)")
+    # rank 0's waits by perf/time_split column: inside their column, and the sleeper's share where
+    # rank 0 first synchronises (the MoE forward's capacity counts; the dense loss reduction)
+    ws2, sp = slow["wsplit"], slow["perf/time_split"]
+    col = 0 if kind == "moe" else 3
+    check(ws2 is not None and ws2.shape == sp.shape and np.all(ws2 >= 0) and np.all(ws2 <= sp + 1e-6)
+          and np.median(ws2[1:, col]) >= 0.8 * SLOW_MS / 1e3,
+          f"{kind}: perf/wait_split: each column's wait lies inside its perf/time_split column, and rank 0 waits for "
+          f"the sleeper in the {['forward', 'backward', 'allreduce', 'optimizer'][col]} column (median "
+          f"{1e3 * np.median(ws2[1:, col]) if ws2 is not None else float('nan'):.1f} ms)")
     dev = np.max(np.abs(slow["perf/time_split"].sum(axis=1) - slow["perf/step_s"]) / slow["perf/step_s"])
     check(dev < 0.25, f"{kind}: perf/time_split still adds up to about the step with the waits inside (max rel dev {dev:.2f})")
 
