@@ -1191,6 +1191,13 @@ static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm 
     memset(res, 0, sizeof *res);
     if (cfg->train.batch_size % comm->size != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", cfg->train.batch_size, comm->size);
+    if (cfg->offload.enabled && cfg->run.backend == BACKEND_CUDA)
+        /* residency.c offloads the model's own expert arrays in place (host memory, locate) with
+         * on_fetch / on_evict hooks that replay AdamW on host pointers: device slots would need
+         * the hooks' catch-up on the device and the in-place units' pages moved by copies */
+        return status_errorf("offload.enabled with run.backend=cuda: training-time offloading works on host memory "
+                             "only (it is supported on the GPU for dcmoe eval --precision stored); set "
+                             "offload.enabled=false or run.backend=cpu");
     if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
         return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "
                              "storage (the QAT shadow weights are rebuilt from every master each step)");
