@@ -1196,7 +1196,7 @@ static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm 
          * on_fetch / on_evict hooks that replay AdamW on host pointers: device slots would need
          * the hooks' catch-up on the device and the in-place units' pages moved by copies */
         return status_errorf("offload.enabled with run.backend=cuda: training-time offloading works on host memory "
-                             "only (it is supported on the GPU for dcmoe eval --precision stored); set "
+                             "only (dcmoe eval --precision stored may offload on cuda); set "
                              "offload.enabled=false or run.backend=cpu");
     if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
         return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "

@@ -98,7 +98,8 @@ check(p.returncode != 0 and "needs fp32 or storage" in p.stderr, "train with off
 p = run(["train", cfg(d, "offcuda", "storage", extra="offload:\n  enabled: true\n"), "--set", "run.backend=cuda"],
         check_rc=False)
 check(p.returncode != 0 and "training-time offloading works on host memory only" in p.stderr,
-      "train with offload.enabled and run.backend=cuda fails clearly (eval may offload on cuda): " + p.stderr.strip()[-160:])
+      "train with offload.enabled and run.backend=cuda fails clearly (eval may offload on cuda): "
+      + next((ln for ln in p.stderr.splitlines() if "offloading" in ln), p.stderr[-160:])[:200])
 run(["train", cfg(d, "f32", "fp32", steps=2), "--quiet"])
 p = run(["eval", os.path.join(d, "f32.yaml"), "--precision", "stored"], check_rc=False)
 check(p.returncode != 0 and "experts.q" in p.stderr, "stored eval of an fp32 run fails clearly: " + p.stderr.strip()[:160])
