@@ -3,7 +3,9 @@
  * after each event; pending ones travel in the checkpoint).
  * Data parallelism: the global batch of B sequences is the same for every rank count
  * (data.h draws sequence j of step s from (seed, s, j)); rank r runs sequences
- * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
+ * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks.
+ * Does not: offload during training on run.backend=cuda (refused at start: residency.c keeps
+ * the model's own expert arrays in place in host memory; dcmoe eval may offload on cuda). */
 #include "train.h"
 #include "gradsync.h"
 
