@@ -28,7 +28,14 @@
  * with src/quant.c), one thread per element; fake_quant's INT4 group parameters by one thread
  * per (column, group) scanning its rows in order, so both are meant to give the host's bits.
  * Compiled with nvcc; not yet run on a GPU.
- * Does not: performance tuning (no fused kernels, no streams), NCCL.
+ * Offloading (host_alloc_pinned .. sync_event): cudaHostAlloc'd host memory; transfers by
+ * cudaMemcpyAsync on a second, non-blocking stream, each after an event recorded on the compute
+ * stream (so it follows the compute enqueued before it) and each recording its own event from a
+ * ring of CU_XFER_EVENTS; wait_event = cudaStreamWaitEvent of the compute (legacy default)
+ * stream on that event only, sync_event = cudaEventSynchronize. Compiled with nvcc; not yet
+ * run on a GPU.
+ * Does not: performance tuning (no fused kernels; compute runs on the legacy default stream),
+ * NCCL.
  *
  * Legend: M N K = GEMM dims; n = elements or routed rows; B T D F V H = batch, seq, d_model,
  *         d_ff, vocab, heads; hd = D/H; N = rows (B*T). */
@@ -54,6 +61,11 @@ extern "C" {
  * summation order depends on n only. */
 enum { SUMSQ_THREADS = 256, SUMSQ_BLOCKS = 512 };
 
+/* events of the side stream's transfers, a ring: transfer t records xfer_ev[t % N]; a later
+ * transfer that reuses the event completes after t (same stream, in order), so waiting on the
+ * reused event waits at least as long as t needs */
+enum { CU_XFER_EVENTS = 256 };
+
 typedef struct CudaCtx {
     cublasHandle_t blas;
     int device;
@@ -63,6 +75,12 @@ typedef struct CudaCtx {
     int gemm_bf16;          /* run.gemm_dtype=bf16: gemm rounds A and B to bf16 (cublasGemmEx, FP32 accumulate) */
     __nv_bfloat16 *bf;      /* gemm's bf16 copies of A and B, grown on demand */
     size_t bf_elems;
+    /* offloading's side stream: non-blocking (no implicit sync with the legacy default
+     * stream, on which every kernel, cuBLAS call and cudaMemcpy of this backend runs) */
+    cudaStream_t side;
+    cudaEvent_t compute_ev;              /* recorded on the compute stream before each transfer */
+    cudaEvent_t xfer_ev[CU_XFER_EVENTS]; /* transfer t's event is xfer_ev[t % CU_XFER_EVENTS] */
+    uint64_t xfer_next;                  /* the next ticket (tickets start at 1) */
 } CudaCtx;
 
 #define CK(x) do { cudaError_t e_ = (x); \
@@ -102,6 +120,47 @@ static void cu_from_host(void *ctx, void *dst, const void *src, size_t n) { (voi
 static void cu_copy(void *ctx, void *dst, const void *src, size_t n) { (void)ctx; CK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToDevice)); }
 static void cu_zero(void *ctx, void *p, size_t n) { (void)ctx; CK(cudaMemset(p, 0, n)); }
 static void cu_sync(void *ctx) { (void)ctx; CK(cudaDeviceSynchronize()); }
+
+/* ---- offloading: pinned host memory and transfers on the side stream (backend.h) ---- */
+static void *cu_host_alloc_pinned(void *ctx, size_t bytes) {
+    (void)ctx;
+    void *p = NULL;
+    cudaError_t e = cudaHostAlloc(&p, bytes ? bytes : 64, cudaHostAllocDefault);
+    if (e != cudaSuccess)
+        util_fatal(__FILE__, __LINE__, "CUDA: cudaHostAlloc of %zu pinned bytes failed: %s", bytes, cudaGetErrorString(e));
+    memset(p, 0, bytes ? bytes : 64);
+    return p;
+}
+static void cu_host_free_pinned(void *ctx, void *p) { (void)ctx; if (p) CK(cudaFreeHost(p)); }
+/* enqueue one copy on the side stream after the compute enqueued so far; its ticket */
+static uint64_t cu_copy_async(CudaCtx *c, void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+    CK(cudaEventRecord(c->compute_ev, 0));
+    CK(cudaStreamWaitEvent(c->side, c->compute_ev, 0));
+    if (n) CK(cudaMemcpyAsync(dst, src, n, kind, c->side));
+    uint64_t t = ++c->xfer_next;
+    CK(cudaEventRecord(c->xfer_ev[t % CU_XFER_EVENTS], c->side));
+    return t;
+}
+static uint64_t cu_copy_to_device_async(void *ctx, void *dst, const void *src, size_t n) {
+    return cu_copy_async((CudaCtx *)ctx, dst, src, n, cudaMemcpyHostToDevice);
+}
+static uint64_t cu_copy_to_host_async(void *ctx, void *dst, const void *src, size_t n) {
+    return cu_copy_async((CudaCtx *)ctx, dst, src, n, cudaMemcpyDeviceToHost);
+}
+static void cu_wait_event(void *ctx, uint64_t ev) {
+    CudaCtx *c = (CudaCtx *)ctx;
+    if (ev == 0) return;
+    if (ev > c->xfer_next) util_fatal(__FILE__, __LINE__, "CUDA: wait_event(%llu): no such transfer (last %llu)",
+                                      (unsigned long long)ev, (unsigned long long)c->xfer_next);
+    CK(cudaStreamWaitEvent(0, c->xfer_ev[ev % CU_XFER_EVENTS], 0));
+}
+static void cu_sync_event(void *ctx, uint64_t ev) {
+    CudaCtx *c = (CudaCtx *)ctx;
+    if (ev == 0) return;
+    if (ev > c->xfer_next) util_fatal(__FILE__, __LINE__, "CUDA: sync_event(%llu): no such transfer (last %llu)",
+                                      (unsigned long long)ev, (unsigned long long)c->xfer_next);
+    CK(cudaEventSynchronize(c->xfer_ev[ev % CU_XFER_EVENTS]));
+}
 
 static unsigned blocks(size_t n);
 
@@ -1017,6 +1076,12 @@ static void cu_destroy(void *ctx) {
     if (c->partial) CK(cudaFree(c->partial));
     if (c->scratch) CK(cudaFree(c->scratch));
     if (c->bf) CK(cudaFree(c->bf));
+    if (c->side) {
+        CK(cudaStreamSynchronize(c->side));
+        for (int i = 0; i < CU_XFER_EVENTS; i++) CK(cudaEventDestroy(c->xfer_ev[i]));
+        CK(cudaEventDestroy(c->compute_ev));
+        CK(cudaStreamDestroy(c->side));
+    }
     CKB(cublasDestroy(c->blas));
     free(c);
 }
@@ -1040,6 +1105,9 @@ static BackendOps make_ops(void) {
     o.route_topk = cu_route_topk; o.route_two_stage = cu_route_two_stage; o.route_count = cu_route_count;
     o.route_keep = cu_route_keep; o.route_pair_keep = cu_route_pair_keep; o.route_backward = cu_route_backward;
     o.dequant_rows = cu_dequant_rows; o.fake_quant = cu_fake_quant;
+    o.host_alloc_pinned = cu_host_alloc_pinned; o.host_free_pinned = cu_host_free_pinned;
+    o.copy_to_device_async = cu_copy_to_device_async; o.copy_to_host_async = cu_copy_to_host_async;
+    o.wait_event = cu_wait_event; o.sync_event = cu_sync_event;
     o.destroy = cu_destroy;
     return o;
 }
@@ -1067,6 +1135,18 @@ extern "C" Status backend_cuda_init(Backend *be, int device) {
         cublasDestroy(c->blas);
         free(c);
         return status_errorf("run.backend=cuda: device %d: cannot allocate the reduction scratch: %s", dev, cudaGetErrorString(e));
+    }
+    /* the side stream and its events (offloading's transfers) */
+    e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_ev, cudaEventDisableTiming);
+    for (int i = 0; i < CU_XFER_EVENTS && e == cudaSuccess; i++)
+        e = cudaEventCreateWithFlags(&c->xfer_ev[i], cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+        cudaFree(c->partial);
+        cublasDestroy(c->blas);
+        free(c);
+        return status_errorf("run.backend=cuda: device %d: cannot create the transfer stream and its events: %s", dev,
+                             cudaGetErrorString(e));
     }
     cuda_ops = make_ops();
     be->ops = &cuda_ops;

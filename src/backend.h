@@ -1,5 +1,7 @@
 /* backend: the one interface through which model code runs numerics (CPU/OpenBLAS reference,
- * CUDA/cuBLAS later). A Backend is a table of function pointers plus a context.
+ * CUDA/cuBLAS). A Backend is a table of function pointers plus a context. Compute runs in
+ * order on one compute stream; host<->device transfers for offloading may run on a side stream
+ * (host_alloc_pinned .. sync_event below) and are ordered against compute by events.
  * Does not: own model tensors (callers allocate through alloc/free and pass views).
  * All tensors are float32, row-major, contiguous unless a leading dimension is given.
  * Every *_backward op ACCUMULATES into its gradient outputs (+=), like llm.c.
@@ -168,6 +170,26 @@ typedef struct BackendOps {
      * group's zero and scale from its min and max). Exact: the bits of the host's quant_fake.
      * INT4 inputs must be finite (CPU: fatal error; CUDA: the group's outputs become NaN) */
     void (*fake_quant)(void *ctx, float *x, int fmt, int rows, int cols, int group);
+
+    /* ---- host <-> device movement on a side stream (offloading, offload.h) ----
+     * A transfer is enqueued on the backend's side stream after every transfer enqueued before
+     * it and after all compute enqueued before the call (so it never overwrites or reads a
+     * buffer that earlier compute still uses), and returns its event: a ticket > 0, or 0 when
+     * the transfer is already complete. Until the event is waited for, src and dst must stay
+     * allocated and src unchanged. CPU: synchronous memcpy, every event 0 (trivially complete).
+     * CUDA: cudaMemcpyAsync on a non-blocking stream, one cudaEvent per transfer (a ring: a
+     * newer transfer's event implies the older ones, so a reused event only waits longer). */
+    /* page-locked host memory (CPU: plain 64-byte aligned host memory), zeroed; host_free_pinned(NULL) is a no-op */
+    void *(*host_alloc_pinned)(void *ctx, size_t bytes);
+    void (*host_free_pinned)(void *ctx, void *p);
+    /* dev_dst[bytes] <- host_src (host_src should be pinned for the copy to be asynchronous) */
+    uint64_t (*copy_to_device_async)(void *ctx, void *dev_dst, const void *host_src, size_t bytes);
+    /* host_dst[bytes] <- dev_src */
+    uint64_t (*copy_to_host_async)(void *ctx, void *host_dst, const void *dev_src, size_t bytes);
+    /* the compute stream's later work waits for transfer ev (the host does not block); 0: no-op */
+    void (*wait_event)(void *ctx, uint64_t ev);
+    /* the host blocks until transfer ev is complete (then its buffers may be reused); 0: no-op */
+    void (*sync_event)(void *ctx, uint64_t ev);
 
     /* release the context (handles, streams); called once by backend_free */
     void (*destroy)(void *ctx);

@@ -1,7 +1,8 @@
 /* backend_cpu: the CPU reference backend (OpenBLAS sgemm plus plain C loops written to
  * auto-vectorise) and the backend-independent helpers backend_check / backend_free.
  * Does not: thread anything itself (only OpenBLAS is threaded) or own model tensors; memory
- * from alloc is plain 64-byte-aligned host memory that the caller frees through ops->free.
+ * from alloc is plain 64-byte-aligned host memory that the caller frees through ops->free;
+ * "pinned" memory is the same, and the side-stream transfers are synchronous memcpys.
  * Every op is deterministic: reductions use a fixed summation order, never atomics.
  *
  * Legend: B T D F V H N = batch, seq, d_model, d_ff, vocab, heads, rows (tokens, B*T);
@@ -150,6 +151,21 @@ static void cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 }
 static void cpu_zero(void *ctx, void *p, size_t bytes) { (void)ctx; if (bytes) memset(p, 0, bytes); }
 static void cpu_sync(void *ctx) { (void)ctx; }
+/* the side stream of a host backend: every transfer is done when it returns (event 0) */
+static void *cpu_host_alloc_pinned(void *ctx, size_t bytes) { (void)ctx; return xcalloc(bytes ? bytes : 1); }
+static void cpu_host_free_pinned(void *ctx, void *p) { (void)ctx; xfree(p); }
+static uint64_t cpu_copy_to_device_async(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    if (bytes && dst != src) memmove(dst, src, bytes);
+    return 0;
+}
+static uint64_t cpu_copy_to_host_async(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    if (bytes && dst != src) memmove(dst, src, bytes);
+    return 0;
+}
+static void cpu_wait_event(void *ctx, uint64_t ev) { (void)ctx; (void)ev; }
+static void cpu_sync_event(void *ctx, uint64_t ev) { (void)ctx; (void)ev; }
 
 /* ---------------------------------------------------------------------------------------
  * gemm: C[M,N] = alpha * op(A)[M,K] op(B)[K,N] + beta * C, row-major, leading dims given.
@@ -733,6 +749,9 @@ static const BackendOps cpu_ops = {
     .route_topk = cpu_route_topk, .route_two_stage = cpu_route_two_stage, .route_count = cpu_route_count,
     .route_keep = cpu_route_keep, .route_pair_keep = cpu_route_pair_keep, .route_backward = cpu_route_backward,
     .dequant_rows = cpu_dequant_rows, .fake_quant = cpu_fake_quant,
+    .host_alloc_pinned = cpu_host_alloc_pinned, .host_free_pinned = cpu_host_free_pinned,
+    .copy_to_device_async = cpu_copy_to_device_async, .copy_to_host_async = cpu_copy_to_host_async,
+    .wait_event = cpu_wait_event, .sync_event = cpu_sync_event,
     .destroy = cpu_destroy,
 };
 
@@ -757,7 +776,9 @@ Status backend_cpu_init(Backend *be, int threads) {
     X(gather_rows) X(scatter_add_rows) X(gather_dot) X(pool_forward) X(pool_backward) \
     X(adamw) X(combine_rows) X(gather_rows_scaled) \
     X(route_topk) X(route_two_stage) X(route_count) X(route_keep) X(route_pair_keep) X(route_backward) \
-    X(dequant_rows) X(fake_quant) X(destroy)
+    X(dequant_rows) X(fake_quant) \
+    X(host_alloc_pinned) X(host_free_pinned) X(copy_to_device_async) X(copy_to_host_async) \
+    X(wait_event) X(sync_event) X(destroy)
 #define SLOT_COUNT(s) + 1
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + (0 BACKEND_SLOTS(SLOT_COUNT)) * sizeof(void (*)(void)),
                "BackendOps gained a slot: add it to BACKEND_SLOTS in backend_cpu.c");

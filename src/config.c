@@ -1180,9 +1180,6 @@ Status config_validate(const Config *c) {
     if (c->parallel.overlap_allreduce && c->run.backend == BACKEND_CUDA && c->parallel.collectives != COLLECTIVES_NCCL)
         return status_errorf("parallel.overlap_allreduce with run.backend=cuda needs parallel.collectives=nccl (MPI would "
                              "read gradients the device may still be writing)");
-    if (c->run.backend == BACKEND_CUDA && c->offload.enabled)
-        return status_errorf("offload.enabled: offloading works on host memory only; run.backend=cuda needs "
-                             "offload.enabled=false");
     bool classify_data = c->data.kind == DATA_GLUE || c->data.kind == DATA_BROWN_GENRE;
     if (classify_data && m->task != TASK_CLASSIFY)
         return status_errorf("data.kind=%s is a classification set: needs model.task=classify, not %s",

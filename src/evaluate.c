@@ -1,6 +1,10 @@
 /* evaluate.c: evaluation on a split (training's periodic and final evaluations, and
  * `dcmoe eval`: a checkpoint, FP32 or the stored FP16/INT4 experts, with or without offloading,
- * and its JSON report). Every rank takes part; rank 0 prints and writes the report. */
+ * and its JSON report) on run.backend. On CUDA the stored experts live in device memory (resident
+ * blobs, or the residency manager's device slots fed from pinned host memory on a side stream)
+ * and are decoded by the dequant_rows slot: compiled with nvcc, checked by
+ * tests/gpu/device-check.sh, not yet run on a GPU. Every rank takes part; rank 0 prints and
+ * writes the report. */
 #include "evaluate.h"
 
 #include <math.h>
@@ -128,11 +132,6 @@ Status eval_run(const Config *cfg, const char *ckpt_dir, const char *split, cons
         if (!ckpt[0]) return status_errorf("%s: no complete checkpoint to evaluate", run_dir);
     }
     if (!file_exists(vocab_path)) return status_errorf("%s: missing (the run's vocabulary)", vocab_path);
-    if (cfg->run.backend == BACKEND_CUDA && stored)
-        /* the resident stored path goes through the dequant_rows slot (precision.c), but no
-         * device run has checked it yet (tests/gpu/device-check.sh does not evaluate) */
-        return status_errorf("--precision stored: the FP16/INT4 stored-format path is not yet checked on a GPU; evaluate a "
-                             "run.backend=cuda run with --precision fp32 (or --set run.backend=cpu)");
     /* the run's backend (run.backend), as dcmoe train chose it */
     Backend be;
     if (cfg->run.backend == BACKEND_CUDA) TRY(comm_agree(comm, backend_cuda_init(&be, comm->local_rank)));

@@ -1,7 +1,10 @@
 /* offload: the residency manager (see offload.h) — slots or in-place units, LRU, idle and cap
  * eviction, EMA prefetch, the host and file backing tiers with the one unit file format (header,
- * CRC32, payload; atomic temp + rename writes, checked reads), codecs, per-step statistics.
- * Does not: overlap transfers with compute, or know what the units mean (hooks do). */
+ * CRC32, payload; atomic temp + rename writes, checked reads), codecs, per-step statistics;
+ * host slots (malloc) or device slots (backend memory, pinned host buffers, transfers on the
+ * backend's side stream ordered by events: dev_load, dev_unload).
+ * Does not: know what the units mean (hooks do), or overlap the file tier's reads or the
+ * codecs' work with anything (they run on the calling thread). */
 #include "offload.h"
 
 #include <errno.h>
@@ -138,12 +141,31 @@ static void unit_ptrs(const OffloadManager *m, int unit, int slot, void **ptrs) 
         ptrs[s] = m->locate ? m->locate(m->ctx, unit, s) : (char *)m->slot_mem[slot] + m->raw_off[s];
 }
 
+/* ---- host buffers of device slots: pinned, reused or freed only after their last transfer ---- */
+static bool dev(const OffloadManager *m) { return m->be != NULL; }
+static void ev_sync(const OffloadManager *m, uint64_t *ev) {
+    if (*ev) m->be->ops->sync_event(m->be->ctx, *ev);
+    *ev = 0;
+}
+static void *host_buf_alloc(const OffloadManager *m, size_t bytes) {
+    return dev(m) ? m->be->ops->host_alloc_pinned(m->be->ctx, bytes ? bytes : 1) : xmalloc(bytes ? bytes : 1);
+}
+static void host_buf_free(const OffloadManager *m, void *p) {
+    if (dev(m)) m->be->ops->host_free_pinned(m->be->ctx, p);
+    else xfree(p);
+}
+static void host_copy_free(OffloadManager *m, int unit) {
+    if (dev(m)) ev_sync(m, &m->host_ev[unit]);
+    host_buf_free(m, m->host[unit]);
+    m->host[unit] = NULL;
+}
+
 /* the resident copy of unit is now newer than its backing copy: a host copy is garbage */
 static void mark_dirty(OffloadManager *m, int unit) {
     m->units[unit].dirty = true;
     if (m->tier != OFFLOAD_HOST || !m->host[unit]) return;
     acct_backing(m, MEM_TIER_HOST, -1);
-    xfree(m->host[unit]);
+    host_copy_free(m, unit);
     m->host[unit] = NULL;
     m->units[unit].backed = false;
 }
@@ -223,11 +245,13 @@ static Status backing_store(OffloadManager *m, int unit, const void *const *src)
     OffloadUnitState *u = &m->units[unit];
     if (m->tier == OFFLOAD_HOST) {
         if (!m->host[unit]) {
-            m->host[unit] = xmalloc(m->enc_bytes ? m->enc_bytes : 1);
+            m->host[unit] = host_buf_alloc(m, m->enc_bytes);
             acct_backing(m, MEM_TIER_HOST, +1);
         }
+        if (dev(m)) ev_sync(m, &m->host_ev[unit]);   /* a fetch may still read the old copy */
         encode_unit(m, m->host[unit], src);
     } else {
+        if (dev(m)) ev_sync(m, &m->stage_ev);
         encode_unit(m, (char *)m->stage + sizeof(OffloadFileHeader), src);
         TRY(file_write_unit(m, unit));
         if (!u->backed) acct_backing(m, MEM_TIER_FILE, +1);
@@ -245,10 +269,88 @@ static Status backing_load(OffloadManager *m, int unit, void *const *dst) {
     if (m->tier == OFFLOAD_HOST) {
         decode_unit(m, dst, m->host[unit]);
     } else {
+        if (dev(m)) ev_sync(m, &m->stage_ev);
         TRY(file_read_unit(m, unit));
         decode_unit(m, dst, (char *)m->stage + sizeof(OffloadFileHeader));
     }
     return status_ok();
+}
+
+/* ---- device slots: the backing tier <-> the slot over the side stream ---- */
+
+static void *xfer_buf(OffloadManager *m) {
+    if (!m->xfer) {
+        m->xfer = host_buf_alloc(m, m->raw_bytes);
+        if (m->acct) memacct_add(m->acct, MEM_TIER_HOST, MEM_KIND_SCRATCH, (int64_t)(m->raw_bytes ? m->raw_bytes : 1));
+    }
+    return m->xfer;
+}
+
+/* device slot s <- unit's backing copy: zeros (on the compute stream) if never stored, else
+ * per span one copy_to_device_async from the pinned host copy or the pinned file staging
+ * buffer (a codec decodes into the pinned transfer buffer first); slot_ev[s] = the last copy */
+static Status dev_load(OffloadManager *m, int unit, int s) {
+    const BackendOps *op = m->be->ops;
+    void *cx = m->be->ctx;
+    char *slot = m->slot_mem[s];
+    if (!m->units[unit].backed) {
+        ev_sync(m, &m->slot_ev[s]);   /* an older copy into this slot must not land after the zeros */
+        for (int q = 0; q < m->n_spans; q++) op->zero(cx, slot + m->raw_off[q], m->spans[q].bytes);
+        return status_ok();
+    }
+    const char *enc;
+    if (m->tier == OFFLOAD_HOST) enc = m->host[unit];
+    else {
+        ev_sync(m, &m->stage_ev);
+        TRY(file_read_unit(m, unit));
+        enc = (const char *)m->stage + sizeof(OffloadFileHeader);
+    }
+    uint64_t ev = 0;
+    bool coded = false;
+    for (int q = 0; q < m->n_spans; q++) {
+        const OffloadSpan *sp = &m->spans[q];
+        const void *src = enc + m->enc_off[q];
+        if (sp->codec.decode) {
+            if (!coded) { xfer_buf(m); ev_sync(m, &m->xfer_ev); coded = true; }
+            sp->codec.decode(sp->codec.ctx, (char *)m->xfer + m->raw_off[q], src, sp->bytes);
+            src = (const char *)m->xfer + m->raw_off[q];
+        }
+        uint64_t e = op->copy_to_device_async(cx, slot + m->raw_off[q], src, sp->bytes);
+        if (e) ev = e;
+    }
+    m->slot_ev[s] = ev;
+    if (m->tier == OFFLOAD_HOST) m->host_ev[unit] = ev;
+    else m->stage_ev = ev;
+    if (coded) m->xfer_ev = ev;
+    return status_ok();
+}
+
+/* the raw content of device slot s in the pinned transfer buffer (copy_to_host_async after the
+ * compute enqueued so far, then the host waits); ptrs[n_spans] point into it */
+static void dev_unload(OffloadManager *m, int s, void **ptrs) {
+    const BackendOps *op = m->be->ops;
+    void *cx = m->be->ctx;
+    char *x = xfer_buf(m);
+    ev_sync(m, &m->xfer_ev);
+    uint64_t ev = 0;
+    for (int q = 0; q < m->n_spans; q++) {
+        uint64_t e = op->copy_to_host_async(cx, x + m->raw_off[q], (const char *)m->slot_mem[s] + m->raw_off[q],
+                                            m->spans[q].bytes);
+        if (e) ev = e;
+        ptrs[q] = x + m->raw_off[q];
+    }
+    m->xfer_ev = ev;
+    ev_sync(m, &m->xfer_ev);
+}
+
+/* give slot s's memory back (after its last copy: a copy must not land in freed memory) */
+static void slot_release(OffloadManager *m, int s) {
+    if (!m->slot_mem[s]) return;
+    if (dev(m)) {
+        ev_sync(m, &m->slot_ev[s]);
+        m->be->ops->free(m->be->ctx, m->slot_mem[s]);
+    } else xfree(m->slot_mem[s]);
+    m->slot_mem[s] = NULL;
 }
 
 static int64_t backing_io_bytes(const OffloadManager *m) {
@@ -261,7 +363,8 @@ static int64_t backing_io_bytes(const OffloadManager *m) {
 static Status writeback(OffloadManager *m, int unit) {
     OffloadUnitState *u = &m->units[unit];
     void **p = (void **)m->slot_ptrs;
-    unit_ptrs(m, unit, u->slot, p);
+    if (dev(m)) dev_unload(m, u->slot, p);
+    else unit_ptrs(m, unit, u->slot, p);
     TRY(backing_store(m, unit, (const void *const *)p));
     u->dirty = false;
     BUMP(m, writebacks, 1);
@@ -282,7 +385,7 @@ static Status evict_unit(OffloadManager *m, int unit, bool release_mem, bool idl
     m->slot_unit[s] = -1;
     u->slot = -1;
     u->prefetched = false;
-    if (release_mem) { xfree(m->slot_mem[s]); m->slot_mem[s] = NULL; }
+    if (release_mem) slot_release(m, s);
     acct_resident(m, -1);
     BUMP(m, evictions, 1);
     if (idle) BUMP(m, idle_evictions, 1);
@@ -316,15 +419,16 @@ static Status find_slot(OffloadManager *m, int for_unit, int *slot) {
 static Status fetch(OffloadManager *m, int unit) {
     int s = -1;
     TRY(find_slot(m, unit, &s));
-    if (!m->slot_mem[s] && !m->locate) m->slot_mem[s] = xmalloc(m->raw_bytes ? m->raw_bytes : 1);
+    if (!m->slot_mem[s] && !m->locate)
+        m->slot_mem[s] = dev(m) ? m->be->ops->alloc(m->be->ctx, m->raw_bytes ? m->raw_bytes : 1)
+                                : xmalloc(m->raw_bytes ? m->raw_bytes : 1);
     void **p = (void **)m->slot_ptrs;
     unit_ptrs(m, unit, s, p);
-    Status st = backing_load(m, unit, p);
+    Status st = dev(m) ? dev_load(m, unit, s) : backing_load(m, unit, p);
     bool modified = false;
     if (STATUS_OK(st) && m->on_fetch) st = m->on_fetch(m->ctx, unit, p, &modified);
     if (!STATUS_OK(st)) {
-        xfree(m->slot_mem[s]);
-        m->slot_mem[s] = NULL;
+        slot_release(m, s);
         return st;
     }
     if (m->units[unit].backed) BUMP(m, bytes_in, backing_io_bytes(m));
@@ -350,6 +454,9 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
         return status_errorf("offload: prefetch_ema=%g must be in (0, 1]", o->prefetch_ema);
     if (o->locate && o->prefetch != PREFETCH_NONE)
         return status_errorf("offload: in-place units (locate) cannot be prefetched");
+    if (o->be && (o->locate || o->on_fetch || o->on_evict))
+        return status_errorf("offload: device slots (a backend given) cannot be in place (locate) or call on_fetch / "
+                             "on_evict (they would see backend memory)");
     if (o->tier == OFFLOAD_FILE) {
         if (!o->dir || !o->dir[0]) return status_errorf("offload: the file tier needs a folder (offload.dir)");
         if (strlen(o->dir) >= sizeof m->dir) return status_errorf("offload: folder name too long: %s", o->dir);
@@ -379,6 +486,7 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     m->on_fetch = o->on_fetch;
     m->on_evict = o->on_evict;
     m->ctx = o->ctx;
+    m->be = o->be;
     m->spans = xmalloc(sizeof(OffloadSpan) * (size_t)m->n_spans);
     memcpy(m->spans, o->spans, sizeof(OffloadSpan) * (size_t)m->n_spans);
     m->raw_off = xmalloc(sizeof(size_t) * (size_t)m->n_spans);
@@ -410,26 +518,33 @@ Status offload_init(OffloadManager *m, const OffloadOptions *o) {
     m->slot_mem = xcalloc(sizeof(void *) * (size_t)m->n_slots);
     m->host = xcalloc(sizeof(void *) * (size_t)m->n_units);
     m->mark = xcalloc(sizeof(int) * (size_t)m->n_units);
+    m->slot_ev = xcalloc(sizeof(uint64_t) * (size_t)m->n_slots);
+    m->host_ev = xcalloc(sizeof(uint64_t) * (size_t)m->n_units);
     if (m->tier == OFFLOAD_FILE) {
-        m->stage = xmalloc(sizeof(OffloadFileHeader) + m->enc_bytes);
+        m->stage = host_buf_alloc(m, sizeof(OffloadFileHeader) + m->enc_bytes);
         if (m->acct) memacct_add(m->acct, MEM_TIER_HOST, MEM_KIND_SCRATCH, (int64_t)(sizeof(OffloadFileHeader) + m->enc_bytes));
     }
     return status_ok();
 }
 
 void offload_free(OffloadManager *m) {
+    if (dev(m)) m->be->ops->sync(m->be->ctx);   /* the device is idle: no transfer in flight */
     if (m->units) {
         for (int u = 0; u < m->n_units; u++) {
             if (m->units[u].slot >= 0) acct_resident(m, -1);
-            if (m->host && m->host[u]) { acct_backing(m, MEM_TIER_HOST, -1); xfree(m->host[u]); }
+            if (m->host && m->host[u]) { acct_backing(m, MEM_TIER_HOST, -1); host_copy_free(m, u); }
             if (m->tier == OFFLOAD_FILE && m->units[u].backed) acct_backing(m, MEM_TIER_FILE, -1);
         }
     }
     if (m->slot_mem)
-        for (int s = 0; s < m->n_slots; s++) xfree(m->slot_mem[s]);
+        for (int s = 0; s < m->n_slots; s++) slot_release(m, s);
     if (m->stage && m->acct)
         memacct_sub(m->acct, MEM_TIER_HOST, MEM_KIND_SCRATCH, (int64_t)(sizeof(OffloadFileHeader) + m->enc_bytes));
-    xfree(m->stage);
+    if (m->stage) host_buf_free(m, m->stage);
+    if (m->xfer && m->acct) memacct_sub(m->acct, MEM_TIER_HOST, MEM_KIND_SCRATCH, (int64_t)(m->raw_bytes ? m->raw_bytes : 1));
+    if (m->xfer) host_buf_free(m, m->xfer);
+    xfree(m->slot_ev);
+    xfree(m->host_ev);
     xfree(m->spans);
     xfree(m->raw_off);
     xfree(m->enc_off);
@@ -472,8 +587,19 @@ Status offload_acquire(OffloadManager *m, int unit, enum OffloadAccess acc, void
     u->last_step = m->step;
     u->used = true;
     if (acc == OFFLOAD_WRITE) mark_dirty(m, unit);
-    if (spans) unit_ptrs(m, unit, u->slot, spans);
+    if (spans) {
+        unit_ptrs(m, unit, u->slot, spans);
+        offload_wait(m, unit);
+    }
     return status_ok();
+}
+
+void offload_wait(OffloadManager *m, int unit) {
+    ASSERT(unit >= 0 && unit < m->n_units);
+    ASSERTF(m->units[unit].slot >= 0, "offload: unit %d is not resident (acquire or pin it first)", unit);
+    if (!dev(m)) return;
+    uint64_t ev = m->slot_ev[m->units[unit].slot];
+    if (ev) m->be->ops->wait_event(m->be->ctx, ev);
 }
 
 Status offload_pin(OffloadManager *m, const int *units, int n, enum OffloadAccess acc) {
@@ -590,7 +716,11 @@ Status offload_read_unit(OffloadManager *m, int unit, void *const *dst) {
     ASSERT(unit >= 0 && unit < m->n_units);
     const OffloadUnitState *u = &m->units[unit];
     if (u->slot >= 0) {
-        for (int s = 0; s < m->n_spans; s++) memcpy(dst[s], offload_span(m, unit, s), m->spans[s].bytes);
+        if (dev(m)) offload_wait(m, unit);
+        for (int s = 0; s < m->n_spans; s++) {
+            if (dev(m)) m->be->ops->to_host(m->be->ctx, dst[s], offload_span(m, unit, s), m->spans[s].bytes);
+            else memcpy(dst[s], offload_span(m, unit, s), m->spans[s].bytes);
+        }
         return status_ok();
     }
     return backing_load(m, unit, dst);
@@ -600,7 +730,11 @@ Status offload_write_unit(OffloadManager *m, int unit, const void *const *src) {
     ASSERT(unit >= 0 && unit < m->n_units);
     OffloadUnitState *u = &m->units[unit];
     if (u->slot >= 0) {
-        for (int s = 0; s < m->n_spans; s++) memcpy(offload_span(m, unit, s), src[s], m->spans[s].bytes);
+        if (dev(m)) offload_wait(m, unit);
+        for (int s = 0; s < m->n_spans; s++) {
+            if (dev(m)) m->be->ops->from_host(m->be->ctx, offload_span(m, unit, s), src[s], m->spans[s].bytes);
+            else memcpy(offload_span(m, unit, s), src[s], m->spans[s].bytes);
+        }
         mark_dirty(m, unit);
         return status_ok();
     }

@@ -8,9 +8,19 @@
  * optionally in a smaller encoded form (a per-span codec, e.g. FP16/INT4 from quant.h). LRU
  * eviction of unpinned units, idle eviction after idle_steps, optional EMA predictive prefetch,
  * hooks on fetch and eviction, per-step statistics.
- * Does not: run asynchronously (fetches are synchronous; the GPU path will overlap them later),
- * allocate device memory (slots are host memory; the CPU backend computes on them directly),
- * talk to other ranks, or decide what a unit contains. The file tier is this manager's scratch
+ * Device slots (OffloadOptions.be): the slot pool is the backend's memory (be->alloc), the host
+ * tier, the file staging buffer and a transfer buffer are pinned host memory
+ * (host_alloc_pinned); a fetch is copy_to_device_async on the backend's side stream (the file
+ * tier reads the file into the pinned staging buffer first: file -> pinned -> device), whose
+ * event the compute stream waits for (wait_event) only when the unit's pointers are handed out
+ * (offload_acquire with spans, offload_wait), so the EMA prefetch's copies issued at end_step
+ * overlap the next step's compute; a writeback copies the slot to the pinned transfer buffer and
+ * waits (sync_event). A host buffer is reused or freed only after its last transfer's
+ * sync_event. With the CPU backend the same code runs with synchronous memcpys: the bytes and
+ * statistics are those of host slots.
+ * Does not: talk to other ranks, decide what a unit contains, or (device slots) keep units in
+ * place (locate) or call hooks (on_fetch, on_evict would see device pointers; refused).
+ * The file tier is this manager's scratch
  * (files are rewritten freely and not a checkpoint; use offload_read_unit to save units).
  * Memory: the manager owns the slots, the host copies and a staging buffer; pointers from
  * offload_acquire / offload_span are valid until the unit is evicted, i.e. until the next
@@ -38,6 +48,7 @@
 #include "config.h"
 #include "memacct.h"
 #include "quant.h"
+#include "backend.h"
 
 /* ---- codecs: how a span is stored outside the resident tier ---- */
 typedef struct OffloadCodec {
@@ -97,6 +108,9 @@ typedef struct OffloadOptions {
      * backing tier), with its span pointers; e.g. giving the pages of an in-place unit back */
     void (*on_evict)(void *ctx, int unit, void *const *spans);
     void *ctx;                   /* for locate, on_fetch, on_evict */
+    /* optional: device slots in this backend's memory (see the top of this file); NULL = host
+     * slots (malloc). Not with locate, on_fetch or on_evict. Must outlive the manager. */
+    const Backend *be;
 } OffloadOptions;
 
 /* fill max_resident, idle_steps, tier, dir, prefetch, prefetch_ema from the config section;
@@ -157,6 +171,12 @@ typedef struct OffloadManager {
     Status (*on_fetch)(void *ctx, int unit, void *const *spans, bool *modified);
     void (*on_evict)(void *ctx, int unit, void *const *spans);
     void *ctx;
+    const Backend *be;           /* device slots (NULL: host slots) */
+    uint64_t *slot_ev;           /* [n_slots] device slots: the event of the last copy into the slot */
+    uint64_t *host_ev;           /* [n_units] device slots: the last transfer reading the unit's host copy */
+    uint64_t stage_ev;           /* the last transfer reading the file staging buffer */
+    void *xfer;                  /* device slots: pinned [raw_bytes] for codecs and writebacks (lazy) */
+    uint64_t xfer_ev;            /* the last transfer reading or writing xfer */
     long step;
     int64_t clock;
     OffloadStats step_stats, total_stats;
@@ -172,10 +192,16 @@ void offload_begin_step(OffloadManager *m, long step);
 Status offload_pin(OffloadManager *m, const int *units, int n, enum OffloadAccess acc);
 void offload_unpin(OffloadManager *m, int unit);
 /* make unit resident (fetching, evicting the LRU unpinned unit if no slot is free);
- * spans (may be NULL) receives the n_spans pointers. OFFLOAD_WRITE marks the unit dirty. */
+ * spans (may be NULL) receives the n_spans pointers (device slots: then ordered after the
+ * unit's arrival, as by offload_wait). OFFLOAD_WRITE marks the unit dirty. */
 Status offload_acquire(OffloadManager *m, int unit, enum OffloadAccess acc, void **spans);
-/* pointer to span s of a RESIDENT unit (ASSERT otherwise); no stats, no LRU update */
+/* pointer to span s of a RESIDENT unit (ASSERT otherwise); no stats, no LRU update. Device
+ * slots: backend memory whose content may still be in flight: call offload_wait before use */
 void *offload_span(const OffloadManager *m, int unit, int span);
+/* device slots: the compute stream's later work waits for the resident unit's arrival (its
+ * fetch's event only; the host does not block). offload_acquire with spans does this itself;
+ * offload_pin does not (wait per unit when it is used). Host slots: a no-op */
+void offload_wait(OffloadManager *m, int unit);
 /* EMA update, idle eviction, eviction down to max_resident (LRU; in place), prefetch */
 Status offload_end_step(OffloadManager *m);
 /* make every unit resident (before checkpoints, re-clustering, migration); needs a slot per

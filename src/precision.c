@@ -369,6 +369,7 @@ static int st_get(void *ctx, int g, MoeQGroup *out) {
         return views_of(pl, spans, out);
     }
     if (pl->pinned && offload_is_resident(&pl->om, g)) {
+        offload_wait(&pl->om, g);   /* the decode below waits for this group's copy only */
         for (int s = 0; s < 6; s++) spans[s] = offload_span(&pl->om, g, s);
         return views_of(pl, spans, out);
     }
@@ -443,9 +444,13 @@ Status prec_attach_stored(Precision *pr, const void *q, size_t n, const OffloadC
             str_fmt(name, sizeof name, "r%04d_layer%02d", m->comm->rank, l);
             o.n_units = pl->Gl; o.n_spans = 6; o.spans = spans;
             o.dir = dir; o.name = name; o.no_fsync = true; o.acct = acct;
+            /* device slots in the backend's memory (pinned host tier, side-stream fetches);
+             * the kernels decode the slots through the dequant_rows slot, as the resident blobs */
+            o.be = m->be;
             Status s = offload_init(&pl->om, &o);
             if (!STATUS_OK(s)) { xfree(blob); return s; }
             pl->offload = 1;
+            pl->dev = 1;
             for (int g = 0; g < pl->Gl; g++) {
                 const void *src[6];
                 const unsigned char *u = blob + (size_t)g * pl->unit_bytes;

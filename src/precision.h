@@ -8,11 +8,15 @@
  *   inference: the clustered layers compute from FP16/INT4 tensors (clustered.c's stored
  *   path), optionally under a residency manager per layer (offload.h) with LRU, a host or
  *   file tier and EMA prefetch.
- * Backend memory: the QAT shadow and the resident stored blobs are backend memory, built and
- * read through the backend's slots (copy, fake_quant, dequant_rows via quant.c's kernels); the
- * offloaded groups (offload.h) and prec_measure's copies are host memory.
- * Does not: train in reduced precision, offload during training (train.c refuses
- * offload.enabled), or offload to a device (the residency manager's tiers are host memory).
+ * Backend memory: the QAT shadow, the resident stored blobs and the offloaded groups' resident
+ * slots are backend memory, built and read through the backend's slots (copy, fake_quant,
+ * dequant_rows via quant.c's kernels). Offloading: the residency manager runs with device slots
+ * (offload.h: OffloadOptions.be): the host tier and the file staging are pinned host memory, a
+ * fetch is an asynchronous copy on the backend's side stream that the compute waits for just
+ * before the group's decode (offload_wait), the EMA prefetch's copies overlap the next batch.
+ * prec_measure's copies are host memory.
+ * Does not: train in reduced precision, or offload during training (train.c refuses
+ * offload.enabled with qat; residency.c offloads host arrays in place).
  * Memory: Precision owns the shadow, the stored blobs, the managers and the MoeParams views
  * it points the model at (m->ffn_view); prec_free detaches them.
  *
@@ -43,7 +47,7 @@ typedef struct PrecLayer {
     size_t sp[6];              /* span bytes of a group: base1, base2, a1 x K, b1 x K, a2 x K, b2 x K */
     size_t unit_bytes;
     unsigned char *blob;       /* [Gl, unit_bytes] stored groups, backend memory (NULL under offloading) */
-    int dev;                   /* blob is backend memory (its views have QTensor.dev set) */
+    int dev;                   /* blob / the manager's slots are backend memory (views have QTensor.dev set) */
     int offload;               /* om is in use */
     OffloadManager om;
     int pinned;                /* this batch's groups were pinned by prepare */

@@ -1,6 +1,9 @@
 /* residency.c: training-time offloading of idle expert units (see residency.h) — what is
  * training-specific: the unit's spans in the model's arrays, giving their pages back, the AdamW
- * catch-up, the step clock. Tiers, eviction order, the file format and counting are offload.c's. */
+ * catch-up, the step clock. Tiers, eviction order, the file format and counting are offload.c's.
+ * Does not: work on a device backend (train.c refuses offload.enabled with run.backend=cuda):
+ * the units are in place (locate) in host arrays and the AdamW catch-up hook (on_fetch) runs
+ * on host pointers; offload.c's device slots allow neither. */
 #include "residency.h"
 
 #include <string.h>

@@ -3,7 +3,9 @@
  * after each event; pending ones travel in the checkpoint).
  * Data parallelism: the global batch of B sequences is the same for every rank count
  * (data.h draws sequence j of step s from (seed, s, j)); rank r runs sequences
- * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks. */
+ * [r*B/P, (r+1)*B/P), gradients carry the 1/n_global scale and are summed over ranks.
+ * Does not: offload during training on run.backend=cuda (refused at start: residency.c keeps
+ * the model's own expert arrays in place in host memory; dcmoe eval may offload on cuda). */
 #include "train.h"
 #include "gradsync.h"
 
@@ -1205,6 +1207,13 @@ static Status train_run_locked(const Config *cfg, const TrainOptions *opt, Comm 
     memset(res, 0, sizeof *res);
     if (cfg->train.batch_size % comm->size != 0)
         return status_errorf("train.batch_size=%d is not divisible by the %d ranks", cfg->train.batch_size, comm->size);
+    if (cfg->offload.enabled && cfg->run.backend == BACKEND_CUDA)
+        /* residency.c offloads the model's own expert arrays in place (host memory, locate) with
+         * on_fetch / on_evict hooks that replay AdamW on host pointers: device slots would need
+         * the hooks' catch-up on the device and the in-place units' pages moved by copies */
+        return status_errorf("offload.enabled with run.backend=cuda: training-time offloading works on host memory "
+                             "only (dcmoe eval --precision stored may offload on cuda); set "
+                             "offload.enabled=false or run.backend=cpu");
     if (cfg->offload.enabled && cfg->precision.mode == PRECISION_QAT)
         return status_errorf("offload.enabled with precision.mode=qat: training-time offloading needs fp32 or "
                              "storage (the QAT shadow weights are rebuilt from every master each step)");

@@ -65,6 +65,8 @@
  *                                                  the routing loss with the selections held fixed
  *   dequant_rows           dst (FP16 / INT4 rows)  bitwise (exact: one conversion, or q*s then + z in FP32)
  *   fake_quant             x (FP16 / INT4)         bitwise (exact: quant.h's quantiser; FP16 rounding by table search)
+ *   host_alloc_pinned .. sync_event (offloading's transfers)   bytes   bitwise (ordering checked through
+ *                                                  axpy before / scale after a transfer)
  *   gemm_bf16 (CUDA)       C                       |alpha| (2^-7 + 2^-16 + g(K)) sum|a||b| + g(2)|beta c|;
  *                                                  the CPU backend must refuse bf16 naming run.gemm_dtype
  *   finite differences of the reference (double, h = 1e-5): atol 1e-6, rtol 1e-6
@@ -2608,6 +2610,136 @@ static void check_fake_quant(Check *c) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * offloading's transfers (host_alloc_pinned .. sync_event): bytes, bitwise. The ordering
+ * contracts are checked through their effects: a transfer sees the compute enqueued before it
+ * (an axpy just before a copy_to_host_async), compute after wait_event sees the transfer (a
+ * scale just after), and a pinned source may be reused after sync_event. */
+static void check_host_alloc_pinned(Check *c) {
+    const Backend *be = c->be;
+    for (size_t k = 0; k < COUNT(BYTE_SIZES); k++) {
+        size_t n = BYTE_SIZES[k];
+        unsigned char *p = be->ops->host_alloc_pinned(be->ctx, n), *zero = xcalloc(n ? n : 1);
+        report(c, p != NULL && ((uintptr_t)p % 16) == 0, "host_alloc_pinned: %zu bytes: pointer %p 16-byte aligned", n, (void *)p);
+        if (!p) { xfree(zero); continue; }
+        char what[64];
+        snprintf(what, sizeof what, "%zu pinned bytes start zeroed", n);
+        bytes_equal(c, what, p, zero, n);
+        unsigned char *r = rand_bytes(c, n);
+        if (n) memcpy(p, r, n);   /* host memory: the host writes and reads it */
+        snprintf(what, sizeof what, "%zu pinned bytes written and read by the host", n);
+        bytes_equal(c, what, p, r, n);
+        be->ops->host_free_pinned(be->ctx, p);
+        xfree(zero); xfree(r);
+    }
+}
+
+static void check_host_free_pinned(Check *c) {
+    const Backend *be = c->be;
+    be->ops->host_free_pinned(be->ctx, NULL);   /* a no-op */
+    size_t n = 4096;
+    unsigned char *want = rand_bytes(c, n);
+    for (int i = 0; i < 50; i++) {            /* alloc / free cycles reuse memory cleanly */
+        unsigned char *p = be->ops->host_alloc_pinned(be->ctx, n);
+        memcpy(p, want, n);
+        if (i == 49) bytes_equal(c, "50th alloc/free cycle holds what was written", p, want, n);
+        be->ops->host_free_pinned(be->ctx, p);
+    }
+    xfree(want);
+}
+
+static void check_copy_to_device_async(Check *c) {
+    const Backend *be = c->be;
+    for (size_t k = 0; k < COUNT(BYTE_SIZES); k++) {
+        size_t n = BYTE_SIZES[k], off = (size_t)rng_below(&c->rng, 9), total = n + off + 7;
+        unsigned char *src = be->ops->host_alloc_pinned(be->ctx, n), *r = rand_bytes(c, n);
+        unsigned char *want = rand_bytes(c, total), *got = xmalloc(total);
+        if (n) memcpy(src, r, n);
+        unsigned char *d = be->ops->alloc(be->ctx, total);
+        be->ops->from_host(be->ctx, d, want, total);
+        uint64_t ev = be->ops->copy_to_device_async(be->ctx, d + off, src, n);
+        be->ops->sync_event(be->ctx, ev);
+        if (n) memset(src, 0xA5, n);            /* reusing the source after sync_event is safe */
+        if (n) memcpy(want + off, r, n);
+        be->ops->wait_event(be->ctx, ev);
+        be->ops->to_host(be->ctx, got, d, total);
+        char what[80];
+        snprintf(what, sizeof what, "%zu bytes at offset %zu (guards kept)", n, off);
+        bytes_equal(c, what, got, want, total);
+        be->ops->free(be->ctx, d);
+        be->ops->host_free_pinned(be->ctx, src);
+        xfree(r); xfree(want); xfree(got);
+    }
+}
+
+static void check_copy_to_host_async(Check *c) {
+    const Backend *be = c->be;
+    size_t n = 100003;
+    float *x = randn(c, n, 0, 1), *y = randn(c, n, 0, 1);
+    float *dx = be->ops->alloc(be->ctx, F4(n)), *dy = be->ops->alloc(be->ctx, F4(n));
+    be->ops->from_host(be->ctx, dx, x, F4(n));
+    be->ops->from_host(be->ctx, dy, y, F4(n));
+    float *got = be->ops->host_alloc_pinned(be->ctx, F4(n + 2));
+    got[0] = got[n + 1] = 7.0f;
+    for (int r = 0; r < 4; r++) {
+        be->ops->axpy(be->ctx, dy, dx, 0.5f, n);   /* enqueued compute: the copy must see it */
+        for (size_t i = 0; i < n; i++) y[i] += 0.5f * x[i];
+    }
+    uint64_t ev = be->ops->copy_to_host_async(be->ctx, got + 1, dy, F4(n));
+    be->ops->sync_event(be->ctx, ev);
+    be->ops->sync_event(be->ctx, ev);               /* twice is fine */
+    cmp_exact(c, "4 queued axpy, then the copy, then sync_event", got + 1, y, n);
+    report(c, got[0] == 7.0f && got[n + 1] == 7.0f, "copy_to_host_async: guards kept");
+    be->ops->free(be->ctx, dx);
+    be->ops->free(be->ctx, dy);
+    be->ops->host_free_pinned(be->ctx, got);
+    xfree(x); xfree(y);
+}
+
+/* several transfers into parts of one buffer; compute after each part's wait_event */
+static void check_wait_event(Check *c) {
+    const Backend *be = c->be;
+    be->ops->wait_event(be->ctx, 0);   /* event 0: a no-op */
+    size_t n = 4 * 25013;
+    float *x = randn(c, n, 0, 1), *want = fdup(x, n), *got = falloc(n);
+    float *src = be->ops->host_alloc_pinned(be->ctx, F4(n));
+    memcpy(src, x, F4(n));
+    float *d = be->ops->alloc(be->ctx, F4(n));
+    uint64_t ev[4];
+    for (int p = 0; p < 4; p++)
+        ev[p] = be->ops->copy_to_device_async(be->ctx, d + p * (n / 4), src + p * (n / 4), F4(n / 4));
+    for (int p = 3; p >= 0; p--) {            /* waits out of order: each part's own event */
+        be->ops->wait_event(be->ctx, ev[p]);
+        be->ops->scale(be->ctx, d + p * (n / 4), (float)(p + 2), n / 4);
+        for (size_t i = p * (n / 4); i < (p + 1) * (n / 4); i++) want[i] *= (float)(p + 2);
+    }
+    be->ops->to_host(be->ctx, got, d, F4(n));
+    cmp_exact(c, "4 transfers, each part scaled after its wait_event", got, want, n);
+    for (int p = 0; p < 4; p++) be->ops->sync_event(be->ctx, ev[p]);
+    be->ops->free(be->ctx, d);
+    be->ops->host_free_pinned(be->ctx, src);
+    xfree(x); xfree(want); xfree(got);
+}
+
+/* the host waits for a transfer, then reuses its pinned source for the next one */
+static void check_sync_event(Check *c) {
+    const Backend *be = c->be;
+    be->ops->sync_event(be->ctx, 0);   /* event 0: a no-op */
+    size_t n = 65537;
+    unsigned char *stage = be->ops->host_alloc_pinned(be->ctx, n), *want = rand_bytes(c, 3 * n);
+    unsigned char *got = xmalloc(3 * n), *d = be->ops->alloc(be->ctx, 3 * n);
+    for (int p = 0; p < 3; p++) {
+        memcpy(stage, want + p * n, n);
+        uint64_t ev = be->ops->copy_to_device_async(be->ctx, d + p * n, stage, n);
+        be->ops->sync_event(be->ctx, ev);
+    }
+    be->ops->to_host(be->ctx, got, d, 3 * n);
+    bytes_equal(c, "one pinned stage reused for 3 transfers after sync_event", got, want, 3 * n);
+    be->ops->free(be->ctx, d);
+    be->ops->host_free_pinned(be->ctx, stage);
+    xfree(want); xfree(got);
+}
+
+/* ---------------------------------------------------------------------------------------
  * the table: every BackendOps slot (by offset, so a misspelt slot does not compile and a
  * missing one is caught at start-up), then the kernels_common.h checks */
 typedef struct OpCheck { const char *name; size_t offset; void (*fn)(Check *); } OpCheck;
@@ -2621,12 +2753,14 @@ static const OpCheck OPS[] = {
     SLOT(gather_rows), SLOT(scatter_add_rows), SLOT(gather_dot), SLOT(pool_forward), SLOT(pool_backward),
     SLOT(adamw), SLOT(combine_rows), SLOT(gather_rows_scaled),
     SLOT(route_topk), SLOT(route_two_stage), SLOT(route_count), SLOT(route_keep), SLOT(route_pair_keep),
-    SLOT(route_backward), SLOT(dequant_rows), SLOT(fake_quant), SLOT(destroy),
+    SLOT(route_backward), SLOT(dequant_rows), SLOT(fake_quant),
+    SLOT(host_alloc_pinned), SLOT(host_free_pinned), SLOT(copy_to_device_async), SLOT(copy_to_host_async),
+    SLOT(wait_event), SLOT(sync_event), SLOT(destroy),
     {"kc_exp", NOT_A_SLOT, check_kc_exp}, {"kc_gelu", NOT_A_SLOT, check_kc_gelu},
     {"kc_swiglu", NOT_A_SLOT, check_kc_swiglu}, {"kc_adamw", NOT_A_SLOT, check_kc_adamw},
     {"gemm_bf16", NOT_A_SLOT, check_gemm_bf16},
 };
-#define N_SLOTS 38
+#define N_SLOTS 44
 _Static_assert(sizeof(BackendOps) == sizeof(const char *) + N_SLOTS * sizeof(void (*)(void)),
                "BackendOps gained or lost a slot: add its check to OPS in tests/checkbackend.c");
 

@@ -94,13 +94,17 @@ if p.returncode == 0:
     expect_error(["train", base], ["already holds a run", "--resume"], "refuses to overwrite a run")
     check(sha(h5) == h_before, "metrics.h5 untouched by the refused start")
     # dcmoe eval runs on the run's backend: without a GPU, run.backend=cuda is an error naming
-    # CUDA (an eval that ignored the key would succeed on the CPU); stored formats stay host-only
+    # CUDA (an eval that ignored the key would succeed on the CPU), the stored formats with
+    # offloading included (they run on the device: no refusal before the backend starts)
     if shutil.which("nvidia-smi") is None:
         expect_error(["eval", base, "--set", "run.backend=cuda"], ["cuda"], "eval honours run.backend=cuda")
-    expect_error(["eval", base, "--set", "run.backend=cuda", "--precision", "stored"],
-                 ["--precision stored", "host only"], "eval: stored formats refused on cuda")
-    expect_error(["train", base, "--set", "run.backend=cuda", "--set", "precision.mode=storage"],
-                 ["precision.mode=storage", "run.backend=cuda"], "train: storage precision refused on cuda")
+        p = expect_error(["eval", base, "--set", "run.backend=cuda", "--precision", "stored", "--set",
+                          "offload.enabled=true"], ["run.backend=cuda"], "eval --precision stored with offloading starts cuda")
+        check("--precision stored" not in p.stderr and "offload" not in p.stderr,
+              "eval: stored formats and offloading are not refused on cuda")
+    # training-time offloading stays host-only (a new run name: the good run must not be touched)
+    expect_error(["train", base, "--set", "run.name=cuda-offload", "--set", "run.backend=cuda", "--set", "offload.enabled=true"],
+                 ["offload.enabled", "run.backend=cuda"], "train: offloading refused on cuda")
     ck = os.path.join(run_dir, "ckpt", "step_00000012")
     mb = os.path.join(ck, "model.bin")
     data = bytearray(open(mb, "rb").read())

@@ -4,7 +4,12 @@
  * truncated, foreign file, unusable folder) give clear errors; codecs (quant FP16/INT4 and a
  * custom one); memory accounting (memacct) including the measured process peak; in-place units
  * (the trainer's mode: caller-owned memory, cap at end_step, eviction/fetch hooks, fetch_all).
- * Does not: test the trainer integration (test_offload_train.py does). */
+ * Device slots (OffloadOptions.be) on two host backends: the CPU backend (synchronous copies:
+ * statistics and contents must equal host slots') and a deferring backend built on it whose
+ * side-stream copies run only when their event (or a later one) is waited for, the worst
+ * order a real side stream may take: every unit handed out must already hold its content, and
+ * no buffer may be freed or reused while a pending transfer still reads or writes it.
+ * Does not: test the trainer integration (test_offload_train.py does) or a real GPU. */
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +20,7 @@
 #include "memacct.h"
 #include "quant.h"
 #include "harness.h"
+#include "backend.h"
 
 static char tmpdir[256];
 
@@ -53,23 +59,99 @@ static void remove_dir_files(const char *dir, const char *name, int n_units) {
     rmdir(dir);
 }
 
+/* ---- the deferring backend: the CPU backend whose side-stream copies wait in a queue until
+ * wait_event / sync_event of their ticket or a later one (or sync) runs them in order ---- */
+typedef struct Pending { uint64_t t; char *dst; const char *src; size_t n; char *snap; } Pending;
+static struct {
+    Pending q[4096];
+    int n;
+    uint64_t next;
+    struct { void *p; size_t n; } buf[4096];   /* live buffers of alloc / host_alloc_pinned */
+    int n_buf;
+    long hazards;        /* a buffer freed, or a source changed, while a copy of it is pending */
+    long copies, waits, syncs, pinned_allocs;
+} DQ;
+static BackendOps defer_ops;
+static void dq_run(uint64_t upto) {
+    int k = 0;
+    for (; k < DQ.n && DQ.q[k].t <= upto; k++) {
+        if (memcmp(DQ.q[k].src, DQ.q[k].snap, DQ.q[k].n) != 0) DQ.hazards++;
+        memmove(DQ.q[k].dst, DQ.q[k].src, DQ.q[k].n);
+        xfree(DQ.q[k].snap);
+    }
+    memmove(DQ.q, DQ.q + k, sizeof(Pending) * (size_t)(DQ.n - k));
+    DQ.n -= k;
+}
+static uint64_t dq_push(void *dst, const void *src, size_t n) {
+    ASSERT(DQ.n < (int)(sizeof DQ.q / sizeof DQ.q[0]));
+    char *snap = xmalloc(n ? n : 1);
+    memcpy(snap, src, n);
+    DQ.q[DQ.n++] = (Pending){++DQ.next, dst, src, n, snap};
+    DQ.copies++;
+    return DQ.next;
+}
+static void *dq_track(void *p, size_t n) {
+    ASSERT(DQ.n_buf < (int)(sizeof DQ.buf / sizeof DQ.buf[0]));
+    DQ.buf[DQ.n_buf].p = p;
+    DQ.buf[DQ.n_buf++].n = n;
+    return p;
+}
+/* a buffer is freed: a pending copy into or out of it is a hazard */
+static void dq_untrack(void *p) {
+    if (!p) return;
+    for (int b = 0; b < DQ.n_buf; b++) {
+        if (DQ.buf[b].p != p) continue;
+        const char *lo = p, *hi = lo + DQ.buf[b].n;
+        for (int k = 0; k < DQ.n; k++)
+            if ((DQ.q[k].dst < hi && DQ.q[k].dst + DQ.q[k].n > lo) || (DQ.q[k].src < hi && DQ.q[k].src + DQ.q[k].n > lo))
+                DQ.hazards++;
+        DQ.buf[b] = DQ.buf[--DQ.n_buf];
+        return;
+    }
+}
+static uint64_t d_to_dev(void *ctx, void *dst, const void *src, size_t n) { (void)ctx; return dq_push(dst, src, n); }
+static uint64_t d_to_host(void *ctx, void *dst, const void *src, size_t n) { (void)ctx; return dq_push(dst, src, n); }
+static void d_wait(void *ctx, uint64_t ev) { (void)ctx; if (ev) { DQ.waits++; dq_run(ev); } }
+static void d_sync_ev(void *ctx, uint64_t ev) { (void)ctx; if (ev) { DQ.syncs++; dq_run(ev); } }
+static void d_sync(void *ctx) { (void)ctx; dq_run(UINT64_MAX); }
+static void *d_pinned(void *ctx, size_t n) { (void)ctx; DQ.pinned_allocs++; return dq_track(xcalloc(n ? n : 1), n); }
+static void *d_alloc(void *ctx, size_t n) { (void)ctx; return dq_track(xcalloc(n ? n : 1), n); }
+static void d_free_pinned(void *ctx, void *p) { (void)ctx; dq_untrack(p); xfree(p); }
+static void d_free(void *ctx, void *p) { (void)ctx; dq_untrack(p); xfree(p); }
+static Backend defer_backend(void) {
+    Backend cpu;
+    Status s = backend_cpu_init(&cpu, 1);
+    ASSERTF(STATUS_OK(s), "%s", s.msg);
+    defer_ops = *cpu.ops;
+    defer_ops.name = "cpu-deferred";
+    defer_ops.copy_to_device_async = d_to_dev; defer_ops.copy_to_host_async = d_to_host;
+    defer_ops.wait_event = d_wait; defer_ops.sync_event = d_sync_ev; defer_ops.sync = d_sync;
+    defer_ops.host_alloc_pinned = d_pinned; defer_ops.host_free_pinned = d_free_pinned; defer_ops.free = d_free;
+    defer_ops.alloc = d_alloc;
+    cpu.ops = &defer_ops;
+    return cpu;
+}
+
 /* random access sequences; the shadow copy is the truth */
-static void test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchKind pf, uint64_t seed) {
+static OffloadStats test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchKind pf, uint64_t seed,
+                                const Backend *be) {
     enum { NU = 7, STEPS = 80 };
     Rng rng;
     rng_init(&rng, seed, 0, RNG_TEST);
     OffloadSpan sp[N_SPANS];
     make_spans(sp);
     char dir[512];
-    str_fmt(dir, sizeof dir, "%s/rand_%d_%d_%d_%d", tmpdir, (int)tier, cap, idle, (int)pf);
+    str_fmt(dir, sizeof dir, "%s/rand_%d_%d_%d_%d%s", tmpdir, (int)tier, cap, idle, (int)pf, be ? be->ops->name : "");
     MemAcct acct;
     memacct_init(&acct);
     OffloadOptions o = {.n_units = NU, .n_spans = N_SPANS, .spans = sp, .max_resident = cap, .idle_steps = idle,
                         .tier = tier, .dir = dir, .name = "L00", .prefetch = pf, .prefetch_ema = 0.3, .acct = &acct,
-                        .no_fsync = cap != 1};   /* both write paths; fsync is slow on a busy disk */
+                        .no_fsync = cap != 1,    /* both write paths; fsync is slow on a busy disk */
+                        .be = be};
     OffloadManager m;
     Status s = offload_init(&m, &o);
-    ok(STATUS_OK(s), "init tier=%d cap=%d idle=%d prefetch=%d: %s", (int)tier, cap, idle, (int)pf, s.msg);
+    ok(STATUS_OK(s), "init tier=%d cap=%d idle=%d prefetch=%d slots=%s: %s", (int)tier, cap, idle, (int)pf,
+       be ? be->ops->name : "host", s.msg);
     uint8_t *shadow[NU][N_SPANS];
     for (int u = 0; u < NU; u++) {
         for (int k = 0; k < N_SPANS; k++) {
@@ -127,6 +209,7 @@ static void test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchK
             }
             if (offload_step_stats(&m)->resident_units > n_slots) bad_cap++;
         }
+        for (int i = 0; i < n_pin; i++) offload_wait(&m, pinned[i]);   /* device slots: pinned, not yet waited for */
         for (int i = 0; i < n_pin; i++)
             if (!offload_is_resident(&m, pinned[i]) || offload_span(&m, pinned[i], 1) != pin_ptr[i] ||
                 !unit_equals(&m, pinned[i], shadow[pinned[i]]))
@@ -138,6 +221,7 @@ static void test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchK
         if (memacct_tier_current(&acct, MEM_TIER_DEVICE) != offload_step_stats(&m)->resident_bytes) bad_cap++;
     }
     const OffloadStats *t = offload_total_stats(&m);
+    OffloadStats ret = *t;
     ok(bad_content == 0, "tier=%d cap=%d idle=%d pf=%d: every acquire returns the unit's own content (%ld wrong)",
        (int)tier, cap, idle, (int)pf, bad_content);
     ok(bad_ptr == 0, "pinned units stay put for the whole step; span pointers agree (%ld wrong)", bad_ptr);
@@ -182,6 +266,28 @@ static void test_random(enum OffloadTier tier, int cap, int idle, enum PrefetchK
     for (int u = 0; u < NU; u++)
         for (int k = 0; k < N_SPANS; k++) xfree(shadow[u][k]);
     if (tier == OFFLOAD_FILE) remove_dir_files(dir, "L00", NU);
+    return ret;
+}
+
+/* the same random sequences with device slots: the CPU backend and the deferring one give the
+ * host slots' statistics exactly (the time fields aside) and every check of test_random */
+static void test_device_slots(enum OffloadTier tier, int cap, int idle, enum PrefetchKind pf, uint64_t seed) {
+    Backend cpu, dfr = defer_backend();
+    Status s = backend_cpu_init(&cpu, 1);
+    ASSERTF(STATUS_OK(s), "%s", s.msg);
+    OffloadStats h = test_random(tier, cap, idle, pf, seed, NULL);
+    OffloadStats c = test_random(tier, cap, idle, pf, seed, &cpu);
+    memset(&DQ, 0, sizeof DQ);
+    OffloadStats d = test_random(tier, cap, idle, pf, seed, &dfr);
+    h.stall_s = c.stall_s = d.stall_s = h.background_s = c.background_s = d.background_s = 0;
+    ok(memcmp(&h, &c, sizeof h) == 0 && memcmp(&h, &d, sizeof h) == 0,
+       "device slots tier=%d cap=%d pf=%d: statistics equal host slots' (acquires %lld misses %lld prefetches %lld "
+       "writebacks %lld bytes in %lld out %lld)", (int)tier, cap, (int)pf, (long long)h.acquires, (long long)h.misses,
+       (long long)h.prefetches, (long long)h.writebacks, (long long)h.bytes_in, (long long)h.bytes_out);
+    ok(DQ.copies >= h.misses - 1 && DQ.waits > 0 && DQ.pinned_allocs > 0 && DQ.hazards == 0 && DQ.n == 0,
+       "deferred side stream: %ld copies, %ld compute waits, %ld host syncs, %ld pinned buffers, %ld buffers freed "
+       "under a pending copy (0), %d left pending at the end (0)", DQ.copies, DQ.waits, DQ.syncs, DQ.pinned_allocs,
+       DQ.hazards, DQ.n);
 }
 
 static OffloadManager small_mgr(int cap, int idle, enum OffloadTier tier, const char *dir, OffloadSpan *sp) {
@@ -529,7 +635,7 @@ static void xor_dec(const void *ctx, void *dst, const void *src, size_t raw) {
     for (size_t i = 0; i < raw; i++) ((uint8_t *)dst)[i] = ((const uint8_t *)src)[raw - 1 - i] ^ 0xA5;
 }
 
-static void test_codecs(enum OffloadTier tier) {
+static void test_codecs(enum OffloadTier tier, const Backend *be) {
     enum { D = 96, R = 8, CNT = 2 };
     OffloadQuantSpec q16 = {QFORMAT_F16, CNT, D, R, 0}, q4 = {QFORMAT_INT4, CNT, D, R, 64};
     OffloadSpan sp[3];
@@ -545,10 +651,10 @@ static void test_codecs(enum OffloadTier tier) {
     MemAcct acct;
     memacct_init(&acct);
     OffloadOptions o = {.n_units = 3, .n_spans = 3, .spans = sp, .max_resident = 1, .tier = tier, .dir = dir,
-                        .name = "q", .acct = &acct};
+                        .name = "q", .acct = &acct, .be = be};
     OffloadManager m;
     Status s = offload_init(&m, &o);
-    ok(STATUS_OK(s), "codec manager init: %s", s.msg);
+    ok(STATUS_OK(s), "codec manager init (slots: %s): %s", be ? be->ops->name : "host", s.msg);
     Rng rng;
     rng_init(&rng, 11, 0, RNG_TEST);
     float *w16 = xmalloc(sp[0].bytes), *w4 = xmalloc(sp[1].bytes), *e16 = xmalloc(sp[0].bytes), *e4 = xmalloc(sp[1].bytes);
@@ -669,11 +775,16 @@ int main(void) {
     test_lru_pins_idle();
     test_fetch_hook();
     for (int tier = 0; tier < 2; tier++) {
-        test_random((enum OffloadTier)tier, 1, 0, PREFETCH_NONE, 100 + tier);
-        test_random((enum OffloadTier)tier, 2, 0, PREFETCH_NONE, 200 + tier);
-        test_random((enum OffloadTier)tier, 2, 3, PREFETCH_EMA, 300 + tier);
-        test_random((enum OffloadTier)tier, 0, 2, PREFETCH_NONE, 400 + tier);
-        test_codecs((enum OffloadTier)tier);
+        test_random((enum OffloadTier)tier, 1, 0, PREFETCH_NONE, 100 + tier, NULL);
+        test_device_slots((enum OffloadTier)tier, 2, 0, PREFETCH_NONE, 200 + tier);
+        test_device_slots((enum OffloadTier)tier, 2, 3, PREFETCH_EMA, 300 + tier);
+        test_random((enum OffloadTier)tier, 0, 2, PREFETCH_NONE, 400 + tier, NULL);
+        test_codecs((enum OffloadTier)tier, NULL);
+        Backend dfr = defer_backend();
+        memset(&DQ, 0, sizeof DQ);
+        test_codecs((enum OffloadTier)tier, &dfr);
+        ok(DQ.hazards == 0 && DQ.n == 0 && DQ.copies > 0, "codecs with deferred device slots: %ld copies, no hazard",
+           DQ.copies);
         test_in_place((enum OffloadTier)tier);
     }
     test_file_errors();

@@ -2,7 +2,8 @@
 model, a few steps): QAT changes training and is rank-count independent; its quantisation
 error is logged; a storage run's checkpoint evaluates with the stored FP16/INT4 experts close
 to FP32; offloaded evaluation under a one-group cap (host and file tier) gives exactly the
-same loss; memory series exist; unsupported combinations fail with clear errors."""
+same loss; memory series exist; unsupported combinations fail with clear errors (training with
+offloading on cuda among them: the stored-format evaluation may offload on cuda, training may not)."""
 import json
 import os
 import sys
@@ -94,6 +95,11 @@ p = run(["train", cfg(d, "offtrain", "qat", extra="offload:\n  enabled: true\n")
 err = [ln for ln in p.stderr.splitlines() if "error" in ln]
 check(p.returncode != 0 and "needs fp32 or storage" in p.stderr, "train with offload.enabled and qat fails clearly: "
       + (err[0][:160] if err else p.stderr[-200:]))
+p = run(["train", cfg(d, "offcuda", "storage", extra="offload:\n  enabled: true\n"), "--set", "run.backend=cuda"],
+        check_rc=False)
+check(p.returncode != 0 and "training-time offloading works on host memory only" in p.stderr,
+      "train with offload.enabled and run.backend=cuda fails clearly (eval may offload on cuda): "
+      + next((ln for ln in p.stderr.splitlines() if "offloading" in ln), p.stderr[-160:])[:200])
 run(["train", cfg(d, "f32", "fp32", steps=2), "--quiet"])
 p = run(["eval", os.path.join(d, "f32.yaml"), "--precision", "stored"], check_rc=False)
 check(p.returncode != 0 and "experts.q" in p.stderr, "stored eval of an fp32 run fails clearly: " + p.stderr.strip()[:160])

