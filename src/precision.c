@@ -102,6 +102,34 @@ void prec_free(Precision *pr) {
 
 /* ---- QAT ---- */
 
+/* one stored-format block of the expert category: group q of tensor w (bases 0-1 FP16, factors
+ * 2-5 INT4) of the ci-th clustered layer, at offset off, [rows, cols] */
+typedef struct QBlock { size_t off; int rows, cols, w, ci; } QBlock;
+
+/* every block, in (layer, tensor, group) order; returns the count (*out: xmalloc'd) */
+static int qblocks(const Precision *pr, QBlock **out) {
+    const Model *m = pr->m;
+    int n = 0, ci = 0;
+    for (int l = 0; l < m->L; l++)
+        if (m->ffn[l].kind == MOE_KIND_CLUSTERED)
+            for (int w = 0; w < 6; w++) n += layer_tensor(m, l, w)->dims[0];
+    QBlock *b = xmalloc(sizeof(QBlock) * (size_t)(n ? n : 1));
+    n = 0;
+    for (int l = 0; l < m->L; l++) {
+        const MoeLayer *f = &m->ffn[l];
+        if (f->kind != MOE_KIND_CLUSTERED) continue;
+        for (int w = 0; w < 6; w++) {
+            const ParamTensor *t = layer_tensor(m, l, w);
+            int rows, cols;
+            tshape(f, w, &rows, &cols);
+            for (int q = 0; q < t->dims[0]; q++) b[n++] = (QBlock){t->offset + (size_t)q * rows * cols, rows, cols, w, ci};
+        }
+        ci++;
+    }
+    *out = b;
+    return n;
+}
+
 /* QAT: shadow = fake_quant(masters) on the backend: one copy of the expert category (the
  * non-clustered layers' experts stay as they are), then the fake_quant slot on every
  * clustered tensor (bases FP16, factors INT4). No host traffic. */
@@ -110,18 +138,11 @@ static void shadow_build(Precision *pr) {
     const Backend *be = m->be;
     size_t n = m->n_cat[PCAT_EXPERT];
     be->ops->copy(be->ctx, pr->shadow, m->params[PCAT_EXPERT], sizeof(float) * n);
-    for (int l = 0; l < m->L; l++) {
-        const MoeLayer *f = &m->ffn[l];
-        if (f->kind != MOE_KIND_CLUSTERED) continue;
-        for (int w = 0; w < 6; w++) {
-            const ParamTensor *t = layer_tensor(m, l, w);
-            int rows, cols;
-            tshape(f, w, &rows, &cols);
-            size_t per = (size_t)rows * cols;
-            for (int q = 0; q < t->dims[0]; q++)
-                quant_fake_dev(be, pr->shadow + t->offset + (size_t)q * per, rows, cols, tfmt(w), w < 2 ? 0 : pr->group);
-        }
-    }
+    QBlock *b;
+    int nb = qblocks(pr, &b);
+    for (int i = 0; i < nb; i++)
+        quant_fake_dev(be, pr->shadow + b[i].off, b[i].rows, b[i].cols, tfmt(b[i].w), b[i].w < 2 ? 0 : pr->group);
+    xfree(b);
 }
 
 /* the relative errors of the stored formats: host copies of the masters and of their
@@ -145,31 +166,27 @@ static void measure(Precision *pr) {
                 if (b > scratch_max) scratch_max = b;
             }
     void *scratch = pr->shadow ? NULL : xmalloc(scratch_max + 16);
-    int ci = 0;
-    for (int l = 0; l < m->L; l++) {
-        const MoeLayer *f = &m->ffn[l];
-        if (f->kind != MOE_KIND_CLUSTERED) continue;
-        for (int w = 0; w < 6; w++) {
-            const ParamTensor *t = layer_tensor(m, l, w);
-            int rows, cols;
-            tshape(f, w, &rows, &cols);
-            size_t per = (size_t)rows * cols;
-            double e2 = 0, r2 = 0;
-            for (int q = 0; q < t->dims[0]; q++) {
-                float *xq = pr->host + t->offset + (size_t)q * per;
-                const float *ref = master + t->offset + (size_t)q * per;
-                if (!pr->shadow) quant_fake(xq, rows, cols, tfmt(w), w < 2 ? 0 : pr->group, scratch);
-                for (size_t j = 0; j < per; j++) {
-                    double d = (double)xq[j] - ref[j];
-                    e2 += d * d;
-                    r2 += (double)ref[j] * ref[j];
-                }
-            }
-            acc[4 * ci + (w < 2 ? 0 : 2)] += e2;
-            acc[4 * ci + (w < 2 ? 1 : 3)] += r2;
+    QBlock *b;
+    int nb = qblocks(pr, &b);
+    double e2 = 0, r2 = 0;   /* one tensor's sums over its groups, then into its layer's slots */
+    for (int i = 0; i < nb; i++) {
+        const QBlock *k = &b[i];
+        size_t per = (size_t)k->rows * k->cols;
+        float *xq = pr->host + k->off;
+        const float *ref = master + k->off;
+        if (!pr->shadow) quant_fake(xq, k->rows, k->cols, tfmt(k->w), k->w < 2 ? 0 : pr->group, scratch);
+        for (size_t j = 0; j < per; j++) {
+            double d = (double)xq[j] - ref[j];
+            e2 += d * d;
+            r2 += (double)ref[j] * ref[j];
         }
-        ci++;
+        if (i + 1 == nb || b[i + 1].w != k->w || b[i + 1].ci != k->ci) {
+            acc[4 * k->ci + (k->w < 2 ? 0 : 2)] += e2;
+            acc[4 * k->ci + (k->w < 2 ? 1 : 3)] += r2;
+            e2 = r2 = 0;
+        }
     }
+    xfree(b);
     xfree(scratch);
     xfree(master);
     comm_allreduce_sum_f64(m->comm, acc, 4 * (size_t)pr->n_clustered);

@@ -84,6 +84,7 @@
 
 #include "backend.h"
 #include "config.h"
+#include "half_ref.h"
 #include "harness.h"
 #include "kernels_common.h"
 #include "router.h"
@@ -2416,32 +2417,6 @@ static void check_gemm_bf16(Check *c) {
  * cuda/quant_common.h's bit trick: a binary search in the table of every finite half (nearest,
  * ties to the even code; toward -inf / +inf for the INT4 zero and scale); the FP32 operations
  * of the quantiser (range / 15, (w - z) / s + 0.5, q s + z) are the contract's own. */
-static double half_val(uint16_t h) {
-    int sg = h >> 15, e = (h >> 10) & 31, m = h & 1023;
-    double v = e == 0 ? ldexp((double)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp((double)(1024 + m), e - 25);
-    return sg ? -v : v;
-}
-/* largest code c in 0..0x7BFF with half_val(c) <= a (a >= 0 finite) */
-static int half_floor_code(double a) {
-    int lo = 0, hi = 0x7BFF;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (half_val((uint16_t)mid) <= a) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-/* nearest half, ties to the even code; |x| >= 65520 -> inf; NaN -> 0x7E00 with the sign */
-static uint16_t ref_f16_rn(float x) {
-    uint16_t sg = signbit(x) ? 0x8000 : 0;
-    if (isnan(x)) return (uint16_t)(sg | 0x7E00);
-    double a = fabs((double)x);
-    if (a >= 65520.0) return (uint16_t)(sg | 0x7C00);
-    int c = half_floor_code(a);
-    double lo = half_val((uint16_t)c), hi = c == 0x7BFF ? 65536.0 : half_val((uint16_t)(c + 1));
-    if (a == lo) return (uint16_t)(sg | c);
-    int up = a - lo > hi - a || (a - lo == hi - a && (c & 1));
-    return (uint16_t)(sg | (c + up));
-}
 /* the half rounded toward -inf of finite x in [-65504, 65504] (x = -0 gives -0, else 0 is +0) */
 static uint16_t ref_f16_down(float x) {
     if (x == 0.0f) return signbit(x) ? 0x8000 : 0x0000;

@@ -10,37 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "half_ref.h"
 #include "harness.h"
 #include "quant.h"
 #include "quant_common.h"
 #include "util.h"
 
-static double half_val(uint16_t h) {
-    int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
-    double v = e == 0 ? ldexp((double)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp((double)(1024 + m), e - 25);
-    return s ? -v : v;
-}
 static uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-/* largest code 0..0x7BFF with value <= a (a >= 0) */
-static int floor_code(double a) {
-    int lo = 0, hi = 0x7BFF;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (half_val((uint16_t)mid) <= a) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-static uint16_t rn_ref(float x) {
-    uint16_t sg = signbit(x) ? 0x8000 : 0;
-    if (isnan(x)) return (uint16_t)(sg | 0x7E00);
-    double a = fabs((double)x);
-    if (a >= 65520.0) return (uint16_t)(sg | 0x7C00);
-    int c = floor_code(a);
-    double lo = half_val((uint16_t)c), hi = c == 0x7BFF ? 65536.0 : half_val((uint16_t)(c + 1));
-    if (a == lo) return (uint16_t)(sg | c);
-    return (uint16_t)(sg | (c + (a - lo > hi - a || (a - lo == hi - a && (c & 1)))));
-}
 
 static void test_f16(void) {
     long bad_dec = 0, bad_rt = 0;
@@ -62,7 +38,7 @@ static void test_f16(void) {
             float xs[3] = {(float)mid, nextafterf((float)mid, 0), nextafterf((float)mid, INFINITY)};
             for (int k = 0; k < 3; k++) {
                 float x = sign ? -xs[k] : xs[k];
-                bad += qc_f32_to_f16(x) != rn_ref(x);
+                bad += qc_f32_to_f16(x) != ref_f16_rn(x);
                 n++;
             }
         }
