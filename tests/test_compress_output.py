@@ -11,7 +11,7 @@ tolerance (the output-space error's sample is rank 0's share of the batch, so it
 rank count) and an output-space error below the 1-rank weight-space run's. Bad input: svd_space output without compress_at is refused naming the key."""
 import os
 import numpy as np
-from testlib import rel_err, train_tiny, check, finish, run, series, tiny_config, tmpdir
+from testlib import rel_err, train_tiny, check, finish, run, series, stop_and_resume, tiny_config, tmpdir
 
 d = tmpdir("dcmoe-compress-out-")
 COMP = ["--set", "moe.kind=clustered", "--set", "moe.n_groups=4", "--set", "moe.rank=4",
@@ -36,12 +36,8 @@ if os.path.exists(hw) and os.path.exists(ho):
         check(np.array_equal(co[0, :, 6], cw[0, :, 6]), "the same partition statistics (co-selection fraction)")
     # ---- bitwise resume across the event ----
     for stop in (3, 7):
-        name = f"split{stop}"
-        p1 = run(["train", cfg, "--quiet", "--set", f"run.name={name}", "--stop-at", str(stop)] + OUT)
-        p2 = run(["train", cfg, "--quiet", "--set", f"run.name={name}", "--resume"] + OUT)
-        check(p1.returncode == 0 and p2.returncode == 0 and "resumed from" in p2.stdout, f"stop at {stop}, resume")
-        hb = os.path.join(d, name, "metrics.h5")
-        if not os.path.exists(hb):
+        hb = stop_and_resume(cfg, d, f"split{stop}", stop, OUT)
+        if hb is None:
             continue
         _, lb = series(hb, "train/loss")
         _, cb = series(hb, "cluster/compress")

@@ -19,7 +19,7 @@ standard, compress_at >= train.steps are refused naming the key."""
 import os
 import sys
 import numpy as np
-from testlib import partition_jaccards, rel_err, train_tiny, SRC, check, finish, run, series, tiny_config, tmpdir
+from testlib import partition_jaccards, rel_err, train_tiny, SRC, check, finish, run, series, stop_and_resume, tiny_config, tmpdir
 
 sys.path.insert(0, os.path.join(SRC, "analysis"))
 import dcmoe_logs  # noqa: E402
@@ -71,12 +71,8 @@ if os.path.exists(h) and os.path.exists(hs):
 
     # ---- bitwise resume across the event ----
     for stop in (3, 5, 7):
-        name = f"split{stop}"
-        p1 = run(["train", cfg, "--quiet", "--set", f"run.name={name}", "--stop-at", str(stop)] + COMP)
-        p2 = run(["train", cfg, "--quiet", "--set", f"run.name={name}", "--resume"] + COMP)
-        check(p1.returncode == 0 and p2.returncode == 0 and "resumed from" in p2.stdout, f"stop at {stop}, resume")
-        hb = os.path.join(d, name, "metrics.h5")
-        if not os.path.exists(hb):
+        hb = stop_and_resume(cfg, d, f"split{stop}", stop, COMP)
+        if hb is None:
             continue
         _, lb = series(hb, "train/loss")
         _, eb = series(hb, "eval/loss")

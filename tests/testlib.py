@@ -181,3 +181,14 @@ def train_tiny(d, name, ranks, args):
     p = run(["train", cfg, "--quiet"] + list(args), ranks=ranks)
     check(p.returncode == 0, f"{name}: {ranks}-rank run exits 0")
     return os.path.join(d, name, "metrics.h5"), cfg, p
+
+
+def stop_and_resume(cfg, out_dir, name, stop, sets=(), ranks=1):
+    """dcmoe train of cfg as run `name`, stopped after step `stop` (--stop-at), then resumed to
+    the end (--resume), both checked; the run's metrics.h5, or None when it was not written"""
+    base = ["train", cfg, "--quiet", "--set", f"run.name={name}"]
+    p1 = run(base + ["--stop-at", str(stop)] + list(sets), ranks=ranks)
+    p2 = run(base + ["--resume"] + list(sets), ranks=ranks)
+    check(p1.returncode == 0 and p2.returncode == 0 and "resumed from" in p2.stdout, f"stop at {stop}, resume")
+    h = os.path.join(out_dir, name, "metrics.h5")
+    return h if os.path.exists(h) else None
