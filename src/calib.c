@@ -357,6 +357,19 @@ static void gemm_fn(void *p) {
     g->be->ops->gemm(g->be->ctx, g->ta, g->tb, g->M, g->N, g->K, 1.0f, g->a, lda, g->b, ldb, 0.0f, g->c, g->N);
 }
 
+/* the straggling test's unit of work: one sgemm, then the next chunk of a streamed buffer
+ * (one of STRAG_BLOCKS) */
+#define STRAG_BLOCKS 5
+typedef struct StragArg { GemmArg *g; float *set[STRAG_BLOCKS], *x; size_t n, chunk, pos; } StragArg;
+static void strag_fn(void *p) {
+    StragArg *a = p;
+    gemm_fn(a->g);
+    if (a->pos + a->chunk > a->n) a->pos = 0;
+    float *x = a->x + a->pos;
+    for (size_t i = 0; i < a->chunk; i++) x[i] = x[i] * 0.5f + 0.5f;
+    a->pos += a->chunk;
+}
+
 typedef struct OpArg {
     const Backend *be;
     int op, B, T, D, H, F, V, E, k, n;
@@ -432,13 +445,19 @@ static void evict(Evict *e) {
     for (size_t i = 0; i < e->n; i += 64) e->buf[i]++;
 }
 
+/* one GEMM call as the trainer meets it (see the GEMM grid in calib_run): median seconds of
+ * COLL_SAMPLES calls, each after an eviction and a rewrite of the first operand */
+#define GEMM_COLD_S 2e-3
+static double time_gemm_cold(GemmArg *g, Evict *ev, double *spread);
+
 /* one call of a collective as the trainer makes it, in lockstep (a barrier); this rank's
  * seconds. The caches are evicted by the compute before it. An all-to-all's payload was then
  * just written by the gather that packs the rows (modified lines in this core's cache); an
  * allreduce's payload, the gradients, was written over the whole backward and is mostly out of
- * the caches when the sum starts (measured inside a 2-rank quickstart run: the gradient buffer
- * sums 1.2-1.3x slower, in the median over steps, than a copy of it written just before) */
+ * the caches when the sum starts. The payload buffers are the ones calib_run allocated first
+ * (the memory a buffer lands on matters more than its cache state: see there) */
 #define COLL_SAMPLES 15
+#define COLL_BUFS 5
 static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd,
                              size_t *rc, size_t *rd) {
     int P = comm->size;
@@ -449,6 +468,8 @@ static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void
         sd[d] = rd[d] = off;
         off += per;
     }
+    if (kind == 1)   /* the gradients: written by the backward, then evicted by the rest of it */
+        for (size_t i = 0; i < bytes / sizeof(float); i++) ((float *)sb)[i] = (float)(i % 97) * 1e-3f;
     evict(ev);
     if (kind == 0) memset(sb, 0, bytes);
     comm_barrier(comm);
@@ -456,6 +477,19 @@ static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void
     if (kind == 0) comm_alltoallv_bytes(comm, sb, sc, sd, rb, rc, rd, COMM_PHASE_OTHER);
     else comm_allreduce_sum_f32(comm, sb, bytes / sizeof(float), COMM_PHASE_OTHER);
     return time_now() - t0;
+}
+
+static double time_gemm_cold(GemmArg *g, Evict *ev, double *spread) {
+    double s[COLL_SAMPLES];
+    size_t na = (size_t)g->M * g->K;
+    for (int r = -2; r < COLL_SAMPLES; r++) {
+        evict(ev);
+        for (size_t i = 0; i < na; i++) g->a[i] = (float)((i * 37 % 101) - 50) * 0.01f;
+        double t0 = time_now();
+        gemm_fn(g);
+        if (r >= 0) s[r] = time_now() - t0;
+    }
+    return median_spread(s, COLL_SAMPLES, spread);
 }
 
 static int shape_seen(const HwGemm *g, int n, int ta, int tb, int M, int N, int K) {
@@ -473,6 +507,19 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     h.threads = be.threads > 0 ? be.threads : 1;
     double target = o->quick ? 0.002 : 0.02;
     int rank0 = comm->rank == 0;
+    /* the collectives' payload buffers, allocated and written first, as the trainer's are at
+     * its start: on this virtual machine a buffer's speed in a collective between processes
+     * depends on the memory it landed on, and the first memory a new process gets is the slow
+     * kind (a 5.7 MB allreduce: 1.6-2.0 ms on the first buffers a process allocated, 0.9-1.0 ms
+     * on ones allocated after a few hundred MB; consecutive buffers share the draw). Used in
+     * turn, COLL_BUFS of each: the median over them */
+    size_t top = (size_t)64 << 18;
+    int n_buf = comm->size < 2 ? 0 : o->quick ? 2 : COLL_BUFS;
+    char *sbv[COLL_BUFS], *rbv[COLL_BUFS], *gbv[COLL_BUFS];
+    for (int b = 0; b < n_buf; b++) {
+        gbv[b] = xmalloc(top + 64); sbv[b] = xmalloc(top + 64); rbv[b] = xmalloc(top + 64);
+        memset(gbv[b], 0, top + 64); memset(sbv[b], 0, top + 64); memset(rbv[b], 0, top + 64);
+    }
     /* -- GEMM grid: the three transpositions the trainer uses, rows from expert-sized to a
      *    batch, widths around the model's; plus the config's exact shapes -- */
     int cap = 4096;
@@ -506,12 +553,21 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     ga.b = be.ops->alloc(be.ctx, sizeof(float) * big);
     ga.c = be.ops->alloc(be.ctx, sizeof(float) * big);
     for (size_t i = 0; i < big; i++) { ga.a[i] = (float)((i * 37 % 101) - 50) * 0.01f; ga.b[i] = ga.a[i]; }
+    /* a call shorter than GEMM_COLD_S is timed as the trainer meets it, one call at a time:
+     * the caches evicted by the compute before it and the first operand just written (the
+     * activation a layer has just produced; the weights and the output cold). In a loop the
+     * operands stay in the caches: the quickstart's expert GEMMs ran 8-25% slower in a
+     * training run than in a loop, its rank-4 ones 2x */
+    Evict gev;
+    evict_init(&gev);
     for (int i = 0; i < ng; i++) {
         ga.ta = grid[i].ta; ga.tb = grid[i].tb; ga.M = grid[i].M; ga.N = grid[i].N; ga.K = grid[i].K;
         double sp, t = time_fn(gemm_fn, &ga, target, &sp);
+        if (t < GEMM_COLD_S && !o->quick) t = time_gemm_cold(&ga, &gev, &sp);
         grid[i].gflops = 2.0 * ga.M * ga.N * (double)ga.K / t / 1e9;
         grid[i].spread = sp;
     }
+    xfree(gev.buf);
     be.ops->free(be.ctx, ga.a); be.ops->free(be.ctx, ga.b); be.ops->free(be.ctx, ga.c);
     h.gemm = malloc(sizeof(HwGemm) * (size_t)ng);
     memcpy(h.gemm, grid, sizeof(HwGemm) * (size_t)ng);
@@ -604,8 +660,6 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     /* -- collectives between the ranks: bytes per rank 64 B .. 16 MiB, two sizes per octave -- */
     if (comm->size > 1) {
         int P = comm->size, nmax = o->quick ? 6 : 37;
-        size_t top = (size_t)64 << 18;
-        char *sb = xcalloc(top + 64), *rb = xcalloc(top + 64);
         size_t *sc = xcalloc(sizeof(size_t) * P), *sd = xcalloc(sizeof(size_t) * P), *rc = xcalloc(sizeof(size_t) * P),
                *rd = xcalloc(sizeof(size_t) * P);
         h.alltoall = calloc((size_t)nmax, sizeof(HwPoint));
@@ -622,7 +676,8 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
             for (int i = 0; i < n_sz; i++)
                 for (int kind = 0; kind < 2; kind++) {
                     size_t bytes = kind == 0 ? ab_of[i] / (size_t)(P - 1) * (size_t)(P - 1) : ab_of[i];
-                    double t = time_coll_once(comm, &ev, kind, bytes, sb, rb, sc, sd, rc, rd);
+                    int b = ((r + 2) + i) % n_buf;
+                    double t = time_coll_once(comm, &ev, kind, bytes, kind == 0 ? sbv[b] : gbv[b], rbv[b], sc, sd, rc, rd);
                     if (r >= 0) samp[((size_t)kind * n_sz + i) * COLL_SAMPLES + r] = t;
                 }
         comm_allreduce_max_f64(comm, samp, 2 * (size_t)n_sz * COLL_SAMPLES);   /* the slowest rank, call by call */
@@ -633,30 +688,42 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
             h.allreduce[h.n_allreduce++] = (HwPoint){(double)ab_of[i], t, sp};
         }
         xfree(samp);
-        xfree(sb); xfree(rb); xfree(sc); xfree(sd); xfree(rc); xfree(rd); xfree(ev.buf);
-        /* straggling: the same count of 128^3 sgemms on every rank, then a max-allreduce of
-         * the rank's own time (the synchronisation), for intervals of ~0.5 to 32 ms */
+        for (int b = 0; b < n_buf; b++) { xfree(sbv[b]); xfree(rbv[b]); xfree(gbv[b]); }
+        xfree(sc); xfree(sd); xfree(rc); xfree(rd); xfree(ev.buf);
+        /* straggling: the same work on every rank, then a max-allreduce of the rank's own time
+         * (the synchronisation), for intervals of ~0.5 to 32 ms. The unit of work is the
+         * trainer's mix: a 128^3 sgemm and a read-modify-write pass over the next 512 KiB of a
+         * buffer beyond the caches (the trainer's step is about half GEMMs, half memory-bound
+         * ops; a GEMM-only unit measured a third of the straggling this mix does, in a 2-rank
+         * test of both a minute apart). Each block of syncs streams its own buffer */
         int n = 128;
         GemmArg g = {.be = &be, .M = n, .N = n, .K = n};
         g.a = be.ops->alloc(be.ctx, sizeof(float) * n * n);
         g.b = be.ops->alloc(be.ctx, sizeof(float) * n * n);
         g.c = be.ops->alloc(be.ctx, sizeof(float) * n * n);
-        double sp, unit = time_fn(gemm_fn, &g, target, &sp);
+        StragArg sa = {.g = &g, .n = o->quick ? (size_t)1 << 20 : (size_t)8 << 20, .chunk = (size_t)128 << 10};
+        for (int b = 0; b < STRAG_BLOCKS; b++) {
+            sa.set[b] = xmalloc(sizeof(float) * sa.n);
+            for (size_t i = 0; i < sa.n; i++) sa.set[b][i] = 1.0f;
+        }
+        sa.x = sa.set[0];
+        double sp, unit = time_fn(strag_fn, &sa, target, &sp);
         comm_allreduce_max_f64(comm, &unit, 1);
         static const double ints[] = {0.5e-3, 2e-3, 8e-3, 32e-3};
-        int n_int = o->quick ? 2 : 4, blocks = 5, per = o->quick ? 2 : 8;
+        int n_int = o->quick ? 2 : 4, blocks = STRAG_BLOCKS, per = o->quick ? 2 : 8;
         h.straggle = calloc((size_t)n_int, sizeof(HwStrag));
         for (int q = 0; q < n_int; q++) {
             double reps_d = ints[q] / unit;
             comm_allreduce_max_f64(comm, &reps_d, 1);
             int reps = reps_d < 1 ? 1 : (int)reps_d;
-            double ov[5], t_sum = 0;
+            double ov[STRAG_BLOCKS], t_sum = 0;
             for (int b = 0; b < blocks; b++) {
                 double mx = 0, mean = 0;
+                sa.x = sa.set[(b + q) % STRAG_BLOCKS];
                 comm_barrier(comm);
                 for (int i = 0; i < per; i++) {
                     double t0 = time_now();
-                    for (int r = 0; r < reps; r++) gemm_fn(&g);
+                    for (int r = 0; r < reps; r++) strag_fn(&sa);
                     double t[2] = {time_now() - t0, 0};
                     t[1] = t[0];
                     comm_allreduce_max_f64(comm, t, 1);
@@ -672,6 +739,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
             double med = median_spread(ov, blocks, &sp);
             h.straggle[h.n_straggle++] = (HwStrag){t_sum / (blocks * per), med, hi - lo};
         }
+        for (int b = 0; b < STRAG_BLOCKS; b++) xfree(sa.set[b]);
         be.ops->free(be.ctx, g.a); be.ops->free(be.ctx, g.b); be.ops->free(be.ctx, g.c);
         /* by increasing interval (a change of the machine's load can reorder them); equal ones merged */
         for (int i = 1; i < h.n_straggle; i++)
