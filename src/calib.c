@@ -562,6 +562,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     evict_init(&gev);
     for (int i = 0; i < ng; i++) {
         ga.ta = grid[i].ta; ga.tb = grid[i].tb; ga.M = grid[i].M; ga.N = grid[i].N; ga.K = grid[i].K;
+        comm_barrier(comm);   /* every rank runs the shape at once, as in a step */
         double sp, t = time_fn(gemm_fn, &ga, target, &sp);
         if (t < GEMM_COLD_S && !o->quick) t = time_gemm_cold(&ga, &gev, &sp);
         grid[i].gflops = 2.0 * ga.M * ga.N * (double)ga.K / t / 1e9;
@@ -620,7 +621,10 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
         if ((size_t)N * a.F > nx) nx = (size_t)N * a.F;
         size_t natt = (size_t)a.B * a.H * a.T * a.T;
         a.n = o->quick ? 1 << 16 : 1 << 20;
+        /* AdamW and the gradient norm over the parameters one rank of the model holds */
+        int n_opt = o->cfg && !o->quick ? (int)sim_local_params(o->cfg, comm->size) : a.n;
         if ((size_t)a.n > nx) nx = (size_t)a.n;
+        if ((size_t)n_opt > nx) nx = (size_t)n_opt;
         float **bufs[] = {&a.x, &a.y, &a.z, &a.m1, &a.m2};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) *bufs[i] = be.ops->alloc(be.ctx, sizeof(float) * nx);
         for (size_t i = 0; i < nx; i++) a.x[i] = (float)((i * 37 % 101) - 50) * 0.01f;
@@ -646,6 +650,8 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
             a.op = op;
             int n_keep = a.n;
             if (op == HW_OP_ROWS) a.n = nrows;   /* rows gathered */
+            if (op == HW_OP_ADAMW || op == HW_OP_SUMSQ) a.n = n_opt;
+            comm_barrier(comm);   /* every rank runs the op at once, as in a step */
             double sp, t = time_fn(op_fn, &a, target, &sp);
             h.op_ns[op] = t / op_units(&a) * 1e9;
             h.op_spread[op] = sp;

@@ -65,6 +65,9 @@ void sim_traffic_free(SimTraffic *tr);
  * routing's expert rows): `dcmoe bench calibrate` measures them; returns the count (<= cap) */
 typedef struct SimGemmShape { int ta, tb, M, N, K; } SimGemmShape;
 int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap);
+/* the parameters one rank of cfg's model holds at P ranks (the replicated part and its share
+ * of the expert units): what its optimizer steps over */
+double sim_local_params(const Config *cfg, int P);
 
 /* `dcmoe simulate`: the run described by cfg (its sim: section), written to
  * run.out_dir/run.name; prints a summary line per step */
