@@ -621,8 +621,10 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
         if ((size_t)N * a.F > nx) nx = (size_t)N * a.F;
         size_t natt = (size_t)a.B * a.H * a.T * a.T;
         a.n = o->quick ? 1 << 16 : 1 << 20;
-        /* AdamW and the gradient norm over the parameters one rank of the model holds */
-        int n_opt = o->cfg && !o->quick ? (int)sim_local_params(o->cfg, comm->size) : a.n;
+        /* AdamW and the gradient norm over the parameters one rank of the model holds (up to
+         * 16M: beyond every cache, the rate per parameter no longer changes) */
+        double n_local = o->cfg && !o->quick ? sim_local_params(o->cfg, comm->size) : a.n;
+        int n_opt = n_local > (double)(1 << 24) ? 1 << 24 : n_local < 1 ? 1 : (int)n_local;
         if ((size_t)a.n > nx) nx = (size_t)a.n;
         if ((size_t)n_opt > nx) nx = (size_t)n_opt;
         float **bufs[] = {&a.x, &a.y, &a.z, &a.m1, &a.m2};
@@ -700,8 +702,8 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
          * (the synchronisation), for intervals of ~0.5 to 32 ms. The unit of work is the
          * trainer's mix: a 128^3 sgemm and a read-modify-write pass over the next 512 KiB of a
          * buffer beyond the caches (the trainer's step is about half GEMMs, half memory-bound
-         * ops; a GEMM-only unit measured a third of the straggling this mix does, in a 2-rank
-         * test of both a minute apart). Each block of syncs streams its own buffer */
+         * ops; a GEMM-only unit measured a third to a half of the straggling this mix does, in
+         * two 2-rank tests of both a minute apart). Each block of syncs streams its own buffer */
         int n = 128;
         GemmArg g = {.be = &be, .M = n, .N = n, .K = n};
         g.a = be.ops->alloc(be.ctx, sizeof(float) * n * n);

@@ -546,7 +546,7 @@ int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap) {
 double sim_local_params(const Config *cfg, int P) {
     Shape s = shape_of(cfg);
     int S = cfg->parallel.ep_size > 0 ? cfg->parallel.ep_size : (P > 0 ? P : 1);
-    return s.dense_params + (s.n_moe > 0 ? (double)(s.U / S) * s.unit_params * s.n_moe : 0);
+    return s.dense_params + (double)s.U / S * s.unit_params * s.n_moe;   /* as simulate_step's local_params */
 }
 
 /* ---- one simulated step ---- */
