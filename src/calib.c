@@ -445,11 +445,6 @@ static void evict(Evict *e) {
     for (size_t i = 0; i < e->n; i += 64) e->buf[i]++;
 }
 
-/* one GEMM call as the trainer meets it (see the GEMM grid in calib_run): median seconds of
- * COLL_SAMPLES calls, each after an eviction and a rewrite of the first operand */
-#define GEMM_COLD_S 2e-3
-static double time_gemm_cold(GemmArg *g, Evict *ev, double *spread);
-
 /* one call of a collective as the trainer makes it, in lockstep (a barrier); this rank's
  * seconds. The caches are evicted by the compute before it. An all-to-all's payload was then
  * just written by the gather that packs the rows (modified lines in this core's cache); an
@@ -458,6 +453,20 @@ static double time_gemm_cold(GemmArg *g, Evict *ev, double *spread);
  * (the memory a buffer lands on matters more than its cache state: see there) */
 #define COLL_SAMPLES 15
 #define COLL_BUFS 5
+
+/* one call of fn as the trainer meets it: median seconds of COLL_SAMPLES calls (after two
+ * untimed ones), each after an eviction of the caches and prep(arg), which is not timed */
+static double time_cold(TimedFn prep, TimedFn fn, void *arg, Evict *ev, double *spread) {
+    double s[COLL_SAMPLES];
+    for (int r = -2; r < COLL_SAMPLES; r++) {
+        evict(ev);
+        if (prep) prep(arg);
+        double t0 = time_now();
+        fn(arg);
+        if (r >= 0) s[r] = time_now() - t0;
+    }
+    return median_spread(s, COLL_SAMPLES, spread);
+}
 static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void *sb, void *rb, size_t *sc, size_t *sd,
                              size_t *rc, size_t *rd) {
     int P = comm->size;
@@ -479,17 +488,19 @@ static double time_coll_once(Comm *comm, Evict *ev, int kind, size_t bytes, void
     return time_now() - t0;
 }
 
-static double time_gemm_cold(GemmArg *g, Evict *ev, double *spread) {
-    double s[COLL_SAMPLES];
+/* a GEMM's first operand written, as the activation a layer has just produced */
+static void gemm_write_a(void *p) {
+    GemmArg *g = p;
     size_t na = (size_t)g->M * g->K;
-    for (int r = -2; r < COLL_SAMPLES; r++) {
-        evict(ev);
-        for (size_t i = 0; i < na; i++) g->a[i] = (float)((i * 37 % 101) - 50) * 0.01f;
-        double t0 = time_now();
-        gemm_fn(g);
-        if (r >= 0) s[r] = time_now() - t0;
-    }
-    return median_spread(s, COLL_SAMPLES, spread);
+    for (size_t i = 0; i < na; i++) g->a[i] = (float)((i * 37 % 101) - 50) * 0.01f;
+}
+
+/* a copy of the exchange's rows to self */
+typedef struct CopyArg { char *src, *dst; size_t n; } CopyArg;
+static void copy_fn(void *p) {
+    CopyArg *c = p;
+    memmove(c->dst, c->src, c->n);
+    c->src[c->n / 2] += c->dst[c->n / 3];   /* the copy is used */
 }
 
 static int shape_seen(const HwGemm *g, int n, int ta, int tb, int M, int N, int K) {
@@ -553,7 +564,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
     ga.b = be.ops->alloc(be.ctx, sizeof(float) * big);
     ga.c = be.ops->alloc(be.ctx, sizeof(float) * big);
     for (size_t i = 0; i < big; i++) { ga.a[i] = (float)((i * 37 % 101) - 50) * 0.01f; ga.b[i] = ga.a[i]; }
-    /* a call shorter than GEMM_COLD_S is timed as the trainer meets it, one call at a time:
+    /* a call shorter than 2 ms is timed as the trainer meets it, one call at a time:
      * the caches evicted by the compute before it and the first operand just written (the
      * activation a layer has just produced; the weights and the output cold). In a loop the
      * operands stay in the caches: the quickstart's expert GEMMs ran 8-25% slower in a
@@ -564,7 +575,7 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
         ga.ta = grid[i].ta; ga.tb = grid[i].tb; ga.M = grid[i].M; ga.N = grid[i].N; ga.K = grid[i].K;
         comm_barrier(comm);   /* every rank runs the shape at once, as in a step */
         double sp, t = time_fn(gemm_fn, &ga, target, &sp);
-        if (t < GEMM_COLD_S && !o->quick) t = time_gemm_cold(&ga, &gev, &sp);
+        if (t < 2e-3 && !o->quick) t = time_cold(gemm_write_a, gemm_fn, &ga, &gev, &sp);
         grid[i].gflops = 2.0 * ga.M * ga.N * (double)ga.K / t / 1e9;
         grid[i].spread = sp;
     }
@@ -588,18 +599,11 @@ Status calib_run(Comm *comm, const CalibOptions *o) {
         /* a copy of 512 KiB (an exchange's rows to self) after compute evicted the caches */
         Evict ev;
         evict_init(&ev);
-        size_t nc = (size_t)512 << 10;
-        char *src = xcalloc(nc), *dst = xcalloc(nc);
-        double s[COLL_SAMPLES];
-        for (int r = -2; r < COLL_SAMPLES; r++) {
-            evict(&ev);
-            double t0 = time_now();
-            memmove(dst, src, nc);
-            if (r >= 0) s[r] = time_now() - t0;
-            src[r & 1023] += dst[(r * 7) & 1023];   /* the copy is used */
-        }
-        h.copy_cold_gbs = 2.0 * nc / median_spread(s, COLL_SAMPLES, &sp) / 1e9;
-        xfree(src); xfree(dst); xfree(ev.buf);
+        CopyArg cp = {.n = (size_t)512 << 10};
+        cp.src = xcalloc(cp.n);
+        cp.dst = xcalloc(cp.n);
+        h.copy_cold_gbs = 2.0 * cp.n / time_cold(NULL, copy_fn, &cp, &ev, &sp) / 1e9;
+        xfree(cp.src); xfree(cp.dst); xfree(ev.buf);
     }
     /* -- the trainer's non-GEMM ops at the model's sizes (or a small default model) -- */
     {

@@ -543,10 +543,12 @@ int sim_gemm_shapes(const Config *cfg, int P, SimGemmShape *out, int cap) {
     return k.n_shapes;
 }
 
+/* the replicated parameters plus this rank's share of the expert units in an EP group of S */
+static double local_params_of(const Shape *s, int S) { return s->dense_params + (double)s->U / S * s->unit_params * s->n_moe; }
+
 double sim_local_params(const Config *cfg, int P) {
     Shape s = shape_of(cfg);
-    int S = cfg->parallel.ep_size > 0 ? cfg->parallel.ep_size : (P > 0 ? P : 1);
-    return s.dense_params + (double)s.U / S * s.unit_params * s.n_moe;   /* as simulate_step's local_params */
+    return local_params_of(&s, cfg->parallel.ep_size > 0 ? cfg->parallel.ep_size : (P > 0 ? P : 1));
 }
 
 /* ---- one simulated step ---- */
@@ -1105,7 +1107,7 @@ static void simulate_step(const SimCtx *c, long step, int sample, StepSim *out) 
     xfree(tsel);
     /* the replicated part of every layer (attention, router, dense FFN, head) */
     double local_units = (double)sh->U / S;
-    double local_params = sh->dense_params + local_units * sh->unit_params * sh->n_moe;
+    double local_params = local_params_of(sh, S);
     double bwd_dense = 2 * fwd_dense;
     if (c->has_hwf) {
         OpSink k = {.hw = &c->hwf};
