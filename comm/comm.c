@@ -79,12 +79,12 @@ static void sync_wait(Comm *c, int phase) {
     Comm *root = root_of(c);
     if (!root->sync_wait || c->size < 2) return;
     if (phase < 0 || phase >= COMM_N_PHASES) phase = COMM_PHASE_OTHER;
-    if (phase == COMM_PHASE_OTHER && !traffic_of(c)) return;
+    struct Traffic *tr = traffic_of(c);
+    if (phase == COMM_PHASE_OTHER && !tr) return;
     double t0 = time_now();
     c->ops->barrier(c->ctx);
     double w = time_now() - t0;
     root->stats.wait[phase] += w;
-    struct Traffic *tr = traffic_of(c);
     if (tr) traffic_add_wait(tr, phase, w);
 }
 
